@@ -1,0 +1,249 @@
+"""The ``ipfacediff`` command line.
+
+A user's mistake (missing file, bad model folder, empty prompt, ...) is a :class:`UserError`:
+it is printed as one ``error:`` line on stderr and the command exits with code 2, never with a
+traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from ipfacediff.editing import (
+    DEFAULT_GUIDANCE,
+    DEFAULT_INJECT_ATTENTION_UNTIL,
+    DEFAULT_INJECT_FEATURE_UNTIL,
+    DEFAULT_STEPS,
+)
+from ipfacediff.errors import UserError
+
+app = typer.Typer(
+    name="ipfacediff",
+    help="Edit the faces in a video from a text prompt, keeping the person recognisable and the video flicker-free.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (weight-loading bars, torchvision notices) would bury our progress bars."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+
+
+@contextmanager
+def progress_bars() -> Iterator:
+    """A rich progress display; yields progress(stage, done, total) for the library's callbacks."""
+    columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bars:
+        tasks: dict[str, int] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bars.add_task(stage, total=total)
+            bars.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:WEIGHT``."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path and not weight.startswith(("/", "\\")):
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+ModelOption = typer.Option(None, "--model", "-m", help="SD-1.x model: diffusers folder, hub id (from the local cache when offline) or single .safetensors file. Default: the embedded model set.")
+IdentityModelOption = typer.Option(None, "--identity-model", help="ε1 as a separate UNet (diffusers model or UNet folder, or hub id). Default: the base UNet.")
+IdentityLoraOption = typer.Option(None, "--identity-lora", help="ε1 as a LoRA adapter (.safetensors, diffusers format) over the base UNet.")
+EditLoraOption = typer.Option(None, "--edit-lora", help="ε2 LoRA adapter, PATH or PATH:WEIGHT; repeat for multi-attribute edits.")
+ConfigOption = typer.Option(None, "--config", help="Architecture (diffusers folder or cached hub id) for a single-file checkpoint.")
+DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
+DtypeOption = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
+AllowPickleOption = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.ckpt weights (they can run code: only for files you trust).")
+CacheOption = typer.Option(None, "--cache-dir", help="Inversion cache folder. Default: $IPFACEDIFF_CACHE or ~/.cache/ipfacediff.")
+
+
+def _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle):
+    from ipfacediff.job import load_pipeline
+
+    return load_pipeline(model, identity_model=identity_model, identity_lora=identity_lora,
+                         edit_loras=[_parse_lora(s) for s in edit_lora or []], config=config,
+                         device=device, dtype=dtype, allow_pickle=allow_pickle)
+
+
+def _cache(cache_dir: Optional[Path]):
+    from ipfacediff.diffusion import InversionCache
+
+    return InversionCache(cache_dir / "inversion" if cache_dir else None)
+
+
+@app.command()
+def edit(
+    input: Path = typer.Argument(..., help="Video to edit (any format ffmpeg reads)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Edited video to write (.mp4); never the input."),
+    prompt: str = typer.Option(..., "--prompt", "-p", help='What the face should show, e.g. "a face with eyeglasses".'),
+    source_prompt: str = typer.Option("", "--source-prompt", help="What the input shows; used for inversion and ε1 features."),
+    model: Optional[str] = ModelOption,
+    identity_model: Optional[str] = IdentityModelOption,
+    identity_lora: Optional[str] = IdentityLoraOption,
+    edit_lora: Optional[list[str]] = EditLoraOption,
+    config: Optional[str] = ConfigOption,
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Side of the aligned face crop. Default: the model's (512 for SD-1.5)."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="DDIM steps for inversion and editing."),
+    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", help="Classifier-free guidance scale."),
+    keyframes: Optional[int] = typer.Option(None, "--keyframes", help="Keyframes edited jointly per step. Default: one per 8 frames."),
+    inject_feature_until: int = typer.Option(DEFAULT_INJECT_FEATURE_UNTIL, "--inject-feature-until", help="Inject ε1's residual features while the timestep is above this (0-1000)."),
+    inject_attention_until: int = typer.Option(DEFAULT_INJECT_ATTENTION_UNTIL, "--inject-attention-until", help="Inject ε1's self-attention Q/K while the timestep is above this (0-1000)."),
+    strength: float = typer.Option(1.0, "--strength", help="Fraction of the schedule re-generated (1 = from full noise)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the keyframe choice."),
+    no_identity_guidance: bool = typer.Option(False, "--no-identity-guidance", help="Ablation: ε2 guides itself (TokenFlow-like)."),
+    every_frame: bool = typer.Option(False, "--every-frame", help="Ablation: edit each frame on its own (the naive baseline)."),
+    faces: str = typer.Option("all", "--faces", help='Faces to edit: "all", "largest" or track ids "0,2".'),
+    tracks: Optional[Path] = typer.Option(None, "--tracks", help="Face tracks JSON (the `faces` schema) to use instead of detection."),
+    require_face: bool = typer.Option(False, "--require-face", help="Exit with an error when no face is found."),
+    whole_frame: bool = typer.Option(False, "--whole-frame", help="Edit the whole frame (resized to the model's size) instead of face crops."),
+    hair: bool = typer.Option(False, "--hair", help="Blend forehead and hair back too (for hair edits)."),
+    device: str = DeviceOption,
+    dtype: str = DtypeOption,
+    allow_pickle: bool = AllowPickleOption,
+    cache_dir: Optional[Path] = CacheOption,
+) -> None:
+    """Edit the faces of INPUT so they show PROMPT; writes OUTPUT and OUTPUT's .run.json."""
+    from ipfacediff.job import EditSettings, check_paths, edit_video, run_metadata_path
+
+    settings = EditSettings(
+        prompt=prompt, source_prompt=source_prompt, steps=steps, guidance=guidance, keyframes=keyframes,
+        inject_feature_until=inject_feature_until, inject_attention_until=inject_attention_until, strength=strength,
+        seed=seed, identity_guidance=not no_identity_guidance, every_frame=every_frame, resolution=resolution,
+        faces=faces, require_face=require_face, whole_frame=whole_frame, hair=hair,
+    )
+    settings.validate()
+    check_paths(input, output)  # before the slow model load
+    pipe = _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle)
+    with progress_bars() as progress:
+        report = edit_video(input, output, settings, pipeline=pipe, tracks_path=tracks, cache=_cache(cache_dir),
+                            progress=progress, log=lambda m: console.print(m))
+    reused = " (inversion reused from the cache)" if report.inversion_reused else ""
+    console.print(f"{report.message}{reused} in {report.seconds['total']:.1f} s")
+    typer.echo(f"wrote {output} and {run_metadata_path(output)}")
+
+
+@app.command()
+def invert(
+    input: Path = typer.Argument(..., help="Video whose faces to invert."),
+    model: Optional[str] = ModelOption,
+    identity_model: Optional[str] = IdentityModelOption,
+    identity_lora: Optional[str] = IdentityLoraOption,
+    config: Optional[str] = ConfigOption,
+    source_prompt: str = typer.Option("", "--source-prompt", help="Inversion prompt."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Side of the aligned face crop."),
+    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="DDIM inversion steps."),
+    faces: str = typer.Option("all", "--faces", help='Faces to invert: "all", "largest" or ids.'),
+    tracks: Optional[Path] = typer.Option(None, "--tracks", help="Face tracks JSON to use instead of detection."),
+    whole_frame: bool = typer.Option(False, "--whole-frame", help="Invert the whole frame instead of face crops."),
+    device: str = DeviceOption,
+    dtype: str = DtypeOption,
+    allow_pickle: bool = AllowPickleOption,
+    cache_dir: Optional[Path] = CacheOption,
+) -> None:
+    """DDIM-invert the faces of INPUT into the cache, so later edits of it start at once."""
+    from ipfacediff.job import invert_video
+
+    pipe = _pipeline(model, identity_model, identity_lora, None, config, device, dtype, allow_pickle)
+    with progress_bars() as progress:
+        summary = invert_video(input, pipeline=pipe, source_prompt=source_prompt, resolution=resolution, steps=steps,
+                               faces=faces, tracks_path=tracks, whole_frame=whole_frame, cache=_cache(cache_dir),
+                               progress=progress)
+    for line in summary:
+        typer.echo(line)
+
+
+@app.command("build-tiny-models")
+def build_tiny_models_command(
+    directory: Path = typer.Argument(..., help="Folder to write (created)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random weights."),
+) -> None:
+    """Write a tiny random SD-1.x model set (and a tiny CLIP in DIRECTORY/clip) for tests and trials."""
+    from ipfacediff.models import build_tiny_models
+
+    if directory.exists() and any(directory.iterdir()):
+        raise UserError(f"{directory} exists and is not empty; choose a new folder")
+    build_tiny_models(directory, seed=seed)
+    typer.echo(f"wrote a tiny model set to {directory}")
+
+
+@app.command()
+def faces(
+    input: Path = typer.Argument(..., help="Video to look at."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the face tracks here (JSON)."),
+    preview: Optional[Path] = typer.Option(None, "--preview", help="Write a debug preview video (boxes, ids, landmarks, mask)."),
+) -> None:
+    """Find, track and list the faces of INPUT."""
+    from ipfacediff.face import faces_report
+
+    tracks = faces_report(input, json_path, preview)
+    if not tracks.tracks:
+        typer.echo(f"no face found in {input}")
+    for track in tracks.tracks:
+        typer.echo(f"face {track.id}: frames {track.frames[0]}-{track.frames[-1]} ({len(track.frames)} of {tracks.frames})")
+
+
+@app.command()
+def demo(
+    output_dir: Path = typer.Option(Path("outputs/demo"), "--output-dir", help="Where the demo clip and its edit go."),
+    prompt: str = typer.Option("a face with eyeglasses", "--prompt", help="The edit to show."),
+    steps: int = typer.Option(20, "--steps", help="DDIM steps."),
+) -> None:
+    """Offline demo on the embedded default: make a sample clip, edit it, say where the result is."""
+    from ipfacediff.demo import run_demo
+
+    with progress_bars() as progress:
+        lines = run_demo(output_dir, prompt=prompt, steps=steps, progress=progress)
+    for line in lines:
+        typer.echo(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user mistakes into one line and exit code 2."""
+    _quiet_libraries()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as error:
+        console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        console.print("aborted", markup=False)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+
+
+if __name__ == "__main__":
+    main()

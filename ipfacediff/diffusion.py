@@ -1,0 +1,309 @@
+"""Latent encoding, DDIM steps and cached DDIM inversion of video frames.
+
+Inversion is the expensive, edit-independent part of every edit, so it runs once per clip and
+model and is cached on disk step by step (safetensors): a second edit of the same clip makes no
+UNet call, and an interrupted inversion resumes at the last finished step. While inverting, the
+guiding UNet's decoder features are projected to a few dozen channels and cached too; the editing
+stage finds its frame-to-keyframe correspondences in them without running the UNet again.
+
+DDIM is written out here rather than through ``DDIMInverseScheduler`` because editing needs the
+exact algebraic inverse of the sampling step on the sampler's own timesteps: with it the noise
+each inversion step used can be recovered from two cached latents (:func:`eps_between`), and
+sampling from the inverted latents with those recovered noises gives back the input exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors.torch import load_file, save_file
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as work advances, e.g. to drive a progress bar."""
+
+FEATURE_DIM = 64
+
+
+def default_cache_dir() -> Path:
+    """$IPFACEDIFF_CACHE, else ~/.cache/ipfacediff: shared by every run of the same user."""
+    return Path(os.environ.get("IPFACEDIFF_CACHE", Path.home() / ".cache" / "ipfacediff"))
+
+
+# ---------------------------------------------------------------------------------------------
+# VAE and text encoder
+
+
+@torch.no_grad()
+def encode_frames(vae: AutoencoderKL, frames: np.ndarray | torch.Tensor, *, batch_size: int = 8) -> torch.Tensor:
+    """RGB uint8 frames (N, H, W, 3) -> scaled latents (N, 4, H/f, W/f), float32 on the CPU.
+
+    The latent mean is used, not a sample, so the same frames always give the same latents.
+    """
+    frames = torch.as_tensor(np.asarray(frames))
+    device, dtype = vae.device, vae.dtype
+    out = []
+    for start in range(0, len(frames), batch_size):
+        chunk = frames[start : start + batch_size].to(device).permute(0, 3, 1, 2).to(dtype) / 127.5 - 1.0
+        out.append(vae.encode(chunk).latent_dist.mean.float().cpu() * vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, batch_size: int = 8) -> np.ndarray:
+    """Scaled latents -> RGB uint8 frames (N, H, W, 3)."""
+    out = []
+    for start in range(0, len(latents), batch_size):
+        chunk = latents[start : start + batch_size].to(vae.device, vae.dtype) / vae.config.scaling_factor
+        image = vae.decode(chunk).sample.float().clamp(-1, 1)
+        out.append(((image + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> CLIP hidden states (B, 77, D), as SD-1.x conditions on them."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    return text_encoder(ids.to(text_encoder.device))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# DDIM
+
+
+def sampling_timesteps(scheduler: DDIMScheduler, steps: int) -> torch.Tensor:
+    """The sampler's timesteps for ``steps`` steps, noisiest first."""
+    scheduler.set_timesteps(steps)
+    return scheduler.timesteps.clone()
+
+
+def alpha_pairs(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> list[tuple[float, float]]:
+    """(ᾱ_t, ᾱ_prev) for every sampling timestep: the DDIM step goes from level t to level prev."""
+    cumprod = scheduler.alphas_cumprod
+    final = float(scheduler.final_alpha_cumprod)
+    pairs = []
+    for index, t in enumerate(timesteps.tolist()):
+        prev = timesteps[index + 1].item() if index + 1 < len(timesteps) else None
+        pairs.append((float(cumprod[t]), float(cumprod[prev]) if prev is not None else final))
+    return pairs
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_prev: float) -> torch.Tensor:
+    """Deterministic DDIM step (η = 0) from level ᾱ_t to the less noisy ᾱ_prev."""
+    x0 = (x_t - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
+    return alpha_prev**0.5 * x0 + (1 - alpha_prev) ** 0.5 * eps
+
+
+def ddim_inverse_step(x_prev: torch.Tensor, eps: torch.Tensor, alpha_prev: float, alpha_t: float) -> torch.Tensor:
+    """Exact inverse of :func:`ddim_step` for the same ``eps``: from ᾱ_prev up to ᾱ_t."""
+    x0 = (x_prev - (1 - alpha_prev) ** 0.5 * eps) / alpha_prev**0.5
+    return alpha_t**0.5 * x0 + (1 - alpha_t) ** 0.5 * eps
+
+
+def eps_between(x_prev: torch.Tensor, x_t: torch.Tensor, alpha_prev: float, alpha_t: float) -> torch.Tensor:
+    """The noise that maps ``x_prev`` to ``x_t`` in :func:`ddim_inverse_step` (and back)."""
+    a, b = (alpha_t / alpha_prev) ** 0.5, (1 - alpha_t) ** 0.5 - (alpha_t * (1 - alpha_prev) / alpha_prev) ** 0.5
+    return (x_t - a * x_prev) / b
+
+
+# ---------------------------------------------------------------------------------------------
+# Cached inversion
+
+
+@dataclass
+class InvertedVideo:
+    """Per-step latents of an inverted clip, and the guiding UNet's projected decoder features.
+
+    ``latents[i]`` is at the noise level of ``timesteps[i]`` (noisiest first); ``clean`` is the
+    encoded clip. ``features`` maps a step index to (N, tokens, FEATURE_DIM) float16.
+    """
+
+    timesteps: torch.Tensor
+    latents: list[torch.Tensor]
+    clean: torch.Tensor
+    alphas: list[tuple[float, float]]
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+    unet_calls: int = 0
+
+    def source_eps(self, step: int) -> torch.Tensor:
+        """The noise that takes the source latents from step ``step`` to the next, less noisy one."""
+        alpha_t, alpha_prev = self.alphas[step]
+        lower = self.latents[step + 1] if step + 1 < len(self.latents) else self.clean
+        return eps_between(lower, self.latents[step], alpha_prev, alpha_t)
+
+    def features_at(self, step: int) -> torch.Tensor:
+        """Correspondence features of the captured step nearest to ``step``."""
+        nearest = min(self.features, key=lambda captured: (abs(captured - step), captured))
+        return self.features[nearest]
+
+
+class InversionCache:
+    """One folder per (clip, model, resolution, steps, prompt) of named safetensors files:
+    ``clean`` (the encoded clip) and ``step_XXXX`` (latents, and features where captured).
+
+    Files are written to a temporary name and renamed, so a killed run leaves only whole steps.
+    """
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_cache_dir() / "inversion"
+
+    @staticmethod
+    def key(**parts: object) -> str:
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+    def folder(self, key: str) -> Path:
+        return self.root / key
+
+    def load(self, key: str, name: str) -> dict[str, torch.Tensor] | None:
+        path = self.folder(key) / f"{name}.safetensors"
+        # Cloned: memory-mapped tensors can be unaligned, and CPU kernels then round differently.
+        return {k: v.clone() for k, v in load_file(str(path)).items()} if path.is_file() else None
+
+    def save(self, key: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        folder = self.folder(key)
+        folder.mkdir(parents=True, exist_ok=True)
+        temporary = folder / f".{name}.{os.getpid()}.tmp"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
+        os.replace(temporary, folder / f"{name}.safetensors")
+
+
+def frames_digest(frames: np.ndarray) -> str:
+    """Content hash of the exact pixels that get inverted."""
+    frames = np.ascontiguousarray(frames)
+    digest = hashlib.sha256(str(frames.shape).encode())
+    digest.update(frames.tobytes())
+    return digest.hexdigest()[:24]
+
+
+def feature_projection(channels: int, dim: int = FEATURE_DIM, seed: int = 0) -> torch.Tensor:
+    """A fixed random orthonormal map channels -> dim: keeps cosine similarities, shrinks the cache."""
+    if channels <= dim:
+        return torch.eye(channels)
+    gaussian = torch.randn(channels, dim, generator=torch.Generator().manual_seed(seed))
+    return torch.linalg.qr(gaussian).Q
+
+
+@contextmanager
+def capture_output(module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the outputs of ``module`` while the context is open; the hook is always removed."""
+    outputs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def default_feature_steps(steps: int, count: int = 10) -> list[int]:
+    """Which inversion steps keep correspondence features: about ``count``, spread evenly."""
+    return sorted({round(i * (steps - 1) / max(count - 1, 1)) for i in range(min(count, steps))})
+
+
+@torch.no_grad()
+def invert_frames(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    clean: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    steps: int,
+    cache: InversionCache | None = None,
+    cache_key: str | None = None,
+    batch_size: int = 8,
+    feature_steps: list[int] | None = None,
+    progress: Progress | None = None,
+) -> InvertedVideo:
+    """DDIM-invert clean latents (N, 4, h, w) through every sampling step, cached and resumable.
+
+    ``prompt_embeds`` is (1, 77, D): the inversion prompt, usually the empty one. Features of the
+    UNet's last decoder block are kept at ``feature_steps`` (indices into the noisiest-first
+    timesteps; default: about ten, evenly spread).
+    """
+    timesteps = sampling_timesteps(scheduler, steps)
+    alphas = alpha_pairs(scheduler, timesteps)
+    feature_steps = default_feature_steps(steps) if feature_steps is None else feature_steps
+    projection = feature_projection(unet.config.block_out_channels[0]).to(unet.device, unet.dtype)
+    count = len(clean)
+    # Ascending order: inversion step j produces the latents of timesteps[steps - 1 - j].
+    latents_by_step: dict[int, torch.Tensor] = {}
+    features: dict[int, torch.Tensor] = {}
+    current = clean
+    calls = 0
+    for j in range(steps):
+        step = steps - 1 - j
+        cached = cache.load(cache_key, f"step_{step:04d}") if cache is not None and cache_key else None
+        if cached is not None:
+            current = cached["latents"]
+            latents_by_step[step] = current
+            if "features" in cached:
+                features[step] = cached["features"]
+            if progress:
+                progress("invert", j + 1, steps)
+            continue
+        alpha_t, alpha_prev = alphas[step]
+        t = timesteps[step]
+        next_latents, step_features = [], []
+        with capture_output(unet.up_blocks[-1]) as captured:
+            for start in range(0, count, batch_size):
+                batch = current[start : start + batch_size].to(unet.device, unet.dtype)
+                emb = prompt_embeds.to(unet.device, unet.dtype).expand(len(batch), -1, -1)
+                eps = unet(batch, t, encoder_hidden_states=emb).sample
+                calls += 1
+                next_latents.append(ddim_inverse_step(batch.float(), eps.float(), alpha_prev, alpha_t).cpu())
+                if step in feature_steps:
+                    hidden = captured.pop()
+                    tokens = hidden.flatten(2).transpose(1, 2) @ projection
+                    step_features.append(tokens.to(torch.float16).cpu())
+                captured.clear()
+        # Row-major like the cached copy: CPU kernels round differently on channels-last inputs,
+        # and a re-edit from the cache must match the first edit bit for bit.
+        current = torch.cat(next_latents).contiguous()
+        latents_by_step[step] = current
+        tensors = {"latents": current}
+        if step_features:
+            features[step] = tensors["features"] = torch.cat(step_features)
+        if cache is not None and cache_key:
+            cache.save(cache_key, f"step_{step:04d}", tensors)
+        if progress:
+            progress("invert", j + 1, steps)
+    return InvertedVideo(
+        timesteps=timesteps,
+        latents=[latents_by_step[i] for i in range(steps)],
+        clean=clean,
+        alphas=alphas,
+        features=features,
+        unet_calls=calls,
+    )
+
+
+@torch.no_grad()
+def sample_from_inverted(
+    unet: UNet2DConditionModel,
+    inverted: InvertedVideo,
+    prompt_embeds: torch.Tensor,
+    *,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Plain DDIM sampling from the noisiest inverted latents, no guidance: the reconstruction."""
+    current = inverted.latents[0]
+    for step, t in enumerate(inverted.timesteps):
+        alpha_t, alpha_prev = inverted.alphas[step]
+        out = []
+        for start in range(0, len(current), batch_size):
+            batch = current[start : start + batch_size].to(unet.device, unet.dtype)
+            emb = prompt_embeds.to(unet.device, unet.dtype).expand(len(batch), -1, -1)
+            eps = unet(batch, t, encoder_hidden_states=emb).sample
+            out.append(ddim_step(batch.float(), eps.float(), alpha_t, alpha_prev).cpu())
+        current = torch.cat(out)
+    return current

@@ -1,0 +1,447 @@
+"""The IP-FaceDiff editing core: ε1 features, joint keyframe editing with ε2, propagation.
+
+At every denoising step a few keyframes are edited jointly by ε2 (the edit model) under the
+target prompt, their self-attention extended across the keyframes of the batch so they agree
+with each other, while ε1 (the identity model) run on the *source* latents supplies decoder
+residual features and self-attention queries/keys (plug-and-play injection) that hold the face's
+identity and layout. Every other frame receives the keyframes' edit through nearest-neighbour
+correspondences found in ε1's features of the source video.
+
+Why the non-keyframes cost no UNet pass: TokenFlow runs the UNet on every frame at every step
+and replaces only the self-attention outputs, so it saves little over editing each frame. Here
+the thing propagated is the keyframes' *edit of the denoiser output*, Δ = ε_edit − ε_source, and
+each frame keeps its own source noise ε_source (recovered from the cached inversion, no UNet
+call). A frame without edit (Δ = 0) therefore reconstructs exactly, every frame keeps its own
+motion and expression, and the keyframes' edit reaches it at the positions its features match.
+The correspondences use the guiding model's decoder features captured once during inversion.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ipfacediff.diffusion import (
+    InversionCache,
+    InvertedVideo,
+    Progress,
+    ddim_step,
+    decode_latents,
+    default_feature_steps,
+    encode_frames,
+    encode_prompt,
+    frames_digest,
+    invert_frames,
+)
+from ipfacediff.models import ModelSet, activate_role, module_fingerprint
+
+# Defaults from plug-and-play / TokenFlow: features injected over the first 80 % of a 1000-step
+# schedule, attention over the first 50 %; CFG 7.5; one keyframe every 8 frames.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_INJECT_FEATURE_UNTIL = 200
+DEFAULT_INJECT_ATTENTION_UNTIL = 500
+DEFAULT_KEYFRAME_SPACING = 8
+DEFAULT_KEYFRAME_BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention processors and feature hooks
+
+
+@dataclass
+class FeatureController:
+    """What the hooked UNet does on its next forward pass; shared by all processors and hooks.
+
+    mode "plain": ordinary attention. "capture": record Q/K of decoder self-attention and the
+    injection block's output (ε1 on source latents). "edit": attention extended over groups of
+    ``group`` consecutive frames of each half of the CFG batch, with the captured Q/K and residual
+    features injected when the flags say so.
+    """
+
+    mode: str = "plain"
+    group: int = 1
+    inject_attention: bool = False
+    inject_features: bool = False
+    queries_keys: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    residual: torch.Tensor | None = None
+
+
+class IPFaceDiffAttnProcessor:
+    """Self-attention with capture, Q/K injection and attention extended across frames."""
+
+    def __init__(self, name: str, controller: FeatureController, injectable: bool):
+        self.name = name
+        self.controller = controller
+        self.injectable = injectable
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states=None,
+                 attention_mask=None, temb=None, *args, **kwargs) -> torch.Tensor:
+        c = self.controller
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if c.mode == "capture" and self.injectable:
+            c.queries_keys[self.name] = (query, key)
+        elif c.mode == "edit" and self.injectable and c.inject_attention and self.name in c.queries_keys:
+            source_q, source_k = c.queries_keys[self.name]
+            repeats = len(query) // len(source_q)  # the source serves both halves of the CFG batch
+            query, key = source_q.repeat(repeats, 1, 1), source_k.repeat(repeats, 1, 1)
+        group = c.group if c.mode == "edit" else 1
+        out = extended_attention(query, key, value, attn.heads, group)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+
+def extended_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: int,
+                       group: int) -> torch.Tensor:
+    """Attention in which each frame's queries see the keys/values of all ``group`` frames.
+
+    (B, L, C) tensors, B a multiple of ``group``; group 1 is plain self-attention.
+    """
+    batch, length, channels = query.shape
+    head_dim = channels // heads
+
+    def split(x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(batch // group, group * length, heads, head_dim).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(split(query), split(key), split(value))
+    return out.transpose(1, 2).reshape(batch, length, channels)
+
+
+def residual_injection_block(unet: UNet2DConditionModel) -> torch.nn.Module:
+    """The decoder block whose output plug-and-play injects (SD: up_blocks[1].resnets[1])."""
+    block = unet.up_blocks[min(1, len(unet.up_blocks) - 1)]
+    return block.resnets[min(1, len(block.resnets) - 1)]
+
+
+@contextmanager
+def feature_hooks(unets: list[UNet2DConditionModel], controller: FeatureController) -> Iterator[None]:
+    """Install our processors and the residual hook on each UNet; restore them on exit."""
+    saved, handles = [], []
+
+    def residual_hook(_module, _inputs, output):
+        if controller.mode == "capture":
+            controller.residual = output
+        elif controller.mode == "edit" and controller.inject_features and controller.residual is not None:
+            return controller.residual.repeat(len(output) // len(controller.residual), 1, 1, 1)
+        return None
+
+    try:
+        for unet in {id(u): u for u in unets}.values():
+            original = dict(unet.attn_processors)
+            saved.append((unet, original))
+            processors = {}
+            for name, processor in original.items():
+                if name.endswith("attn1.processor"):
+                    processors[name] = IPFaceDiffAttnProcessor(name, controller, injectable=name.startswith("up_blocks"))
+                else:
+                    processors[name] = processor
+            unet.set_attn_processor(processors)
+            handles.append(residual_injection_block(unet).register_forward_hook(residual_hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for unet, original in saved:
+            unet.set_attn_processor(original)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keyframes and propagation
+
+
+def select_keyframes(frame_count: int, count: int, *, generator: torch.Generator | None = None) -> list[int]:
+    """``count`` evenly spaced keyframes; with a generator the grid gets a random offset.
+
+    TokenFlow draws new keyframes at every step so no frame is only ever a follower; one shared
+    random offset keeps the spacing even, so no frame is ever far from a keyframe.
+    """
+    count = max(1, min(count, frame_count))
+    spacing = frame_count / count
+    offset = spacing / 2 if generator is None else torch.rand(1, generator=generator).item() * spacing
+    return sorted({min(frame_count - 1, int(offset + spacing * i)) for i in range(count)})
+
+
+def two_nearest(frame: int, keyframes: list[int]) -> list[tuple[int, float]]:
+    """The (at most) two keyframes closest in time, with weights falling with temporal distance."""
+    nearest = sorted(keyframes, key=lambda k: (abs(k - frame), k))[:2]
+    if len(nearest) == 1:
+        return [(nearest[0], 1.0)]
+    d1, d2 = abs(nearest[0] - frame), abs(nearest[1] - frame)
+    return [(nearest[0], d2 / (d1 + d2)), (nearest[1], d1 / (d1 + d2))]
+
+
+def nearest_neighbour_field(frame_features: torch.Tensor, key_features: torch.Tensor, *,
+                            side: int, locality: float = 0.05) -> torch.Tensor:
+    """For each token of a frame, the index of its most similar keyframe token (cosine).
+
+    features: (..., L, D) with L = side²; a small locality prior settles ties in flat regions
+    (smooth skin) in favour of nearby tokens, as aligned face crops move little.
+    Returns (..., L) int64.
+    """
+    a = F.normalize(frame_features.float(), dim=-1)
+    b = F.normalize(key_features.float(), dim=-1)
+    similarity = a @ b.transpose(-1, -2)
+    if locality:
+        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], -1).float().to(similarity.device)
+        similarity = similarity - locality * torch.cdist(grid, grid).pow(2) / side**2
+    return similarity.argmax(-1)
+
+
+def propagate_by_nearest_neighbour(
+    deltas: dict[int, torch.Tensor],
+    features: torch.Tensor,
+    frame_count: int,
+    *,
+    device: torch.device | str = "cpu",
+    chunk: int = 16,
+) -> torch.Tensor:
+    """Every frame's edit from the keyframes' edits ``deltas`` {keyframe: (C, h, w)}.
+
+    features: (N, L, D) source features of all frames. A keyframe keeps its own edit; another
+    frame takes, token by token, the edits at its nearest neighbours in its two closest
+    keyframes, blended by temporal distance. Returns (N, C, h, w) on the CPU.
+    """
+    keyframes = sorted(deltas)
+    channels, height, width = deltas[keyframes[0]].shape
+    out = torch.empty(frame_count, channels, height, width)
+    for k in keyframes:
+        out[k] = deltas[k]
+    followers = [f for f in range(frame_count) if f not in deltas]
+    key_features = {k: features[k].to(device) for k in keyframes}
+    key_deltas = {k: deltas[k].reshape(channels, -1).to(device) for k in keyframes}
+    for start in range(0, len(followers), chunk):
+        batch = followers[start : start + chunk]
+        frame_features = features[batch].to(device)
+        for row, frame in enumerate(batch):
+            pairs = two_nearest(frame, keyframes)
+            gathered = []
+            for k, _ in pairs:
+                index = nearest_neighbour_field(frame_features[row], key_features[k], side=height)
+                gathered.append(key_deltas[k][:, index])
+            blended = gathered[0]
+            if len(pairs) == 2:  # written as a correction so equal edits stay bit-identical
+                blended = gathered[0] + pairs[1][1] * (gathered[1] - gathered[0])
+            out[frame] = blended.reshape(channels, height, width).cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+@dataclass
+class EditResult:
+    """Edited frames (N, H, W, 3) uint8, per-stage seconds and what was reused."""
+
+    frames: np.ndarray
+    timings: dict[str, float]
+    inversion_reused: bool
+    keyframes_per_step: list[list[int]]
+    unet_calls: dict[str, int]
+
+
+class IPFaceDiffPipeline(DiffusionPipeline):
+    """Identity-preserving face video editing (IP-FaceDiff), as a diffusers pipeline.
+
+    ``unet`` is ε2 (the edit model), ``identity_unet`` ε1 (the identity model); they may be the
+    same module with LoRA adapters, switched by ``edit_adapter_weights`` (adapter "identity" is ε1).
+    """
+
+    model_cpu_offload_seq = "text_encoder->identity_unet->unet->vae"
+
+    def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
+                 unet: UNet2DConditionModel, identity_unet: UNet2DConditionModel, scheduler: DDIMScheduler,
+                 edit_adapter_weights: dict[str, float] | None = None, model_source: str | None = None):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                              identity_unet=identity_unet, scheduler=scheduler)
+        self.register_to_config(edit_adapter_weights=dict(edit_adapter_weights or {}), model_source=model_source)
+
+    @classmethod
+    def from_model_set(cls, models: ModelSet) -> "IPFaceDiffPipeline":
+        return cls(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                   unet=models.unet, identity_unet=models.identity_unet,
+                   scheduler=DDIMScheduler.from_config(models.scheduler.config),
+                   edit_adapter_weights=models.edit_adapter_weights, model_source=models.source)
+
+    def _role(self, role: str) -> UNet2DConditionModel:
+        unet = self.identity_unet if role == "identity" else self.unet
+        activate_role(unet, role, self.config.edit_adapter_weights)
+        return unet
+
+    def _sync(self) -> None:
+        if self.unet.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.no_grad()
+    def invert(self, frames: np.ndarray, *, source_prompt: str = "", steps: int = DEFAULT_STEPS,
+               identity_guidance: bool = True, cache: InversionCache | None = None,
+               batch_size: int = 8, progress: Progress | None = None,
+               timings: dict[str, float] | None = None) -> tuple[InvertedVideo, torch.Tensor]:
+        """Encode and DDIM-invert the frames with the guiding model (ε1, or ε2 when ablated).
+
+        Both results are cached under a key of the pixels, models, steps and prompt, so a second
+        edit of the same clip neither encodes nor runs a UNet.
+        """
+        timings = timings if timings is not None else {}
+        role = "identity" if identity_guidance else "edit"
+        guide = self._role(role)
+        feature_steps = default_feature_steps(steps)
+        key = InversionCache.key(
+            frames=frames_digest(frames), vae=module_fingerprint(self.vae), unet=module_fingerprint(guide),
+            role=role, adapters=self.config.edit_adapter_weights if role == "edit" else None,
+            steps=steps, prompt=source_prompt, scheduler=dict(self.scheduler.config),
+            features=feature_steps, dtype=str(guide.dtype),
+        )
+        tick = time.perf_counter()
+        stored = cache.load(key, "clean") if cache is not None else None
+        if stored is not None:
+            clean = stored["latents"]
+        else:
+            clean = encode_frames(self.vae, frames, batch_size=batch_size)
+            if cache is not None:
+                cache.save(key, "clean", {"latents": clean})
+        self._sync()
+        timings["encode"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        source = encode_prompt(self.tokenizer, self.text_encoder, [source_prompt])
+        inverted = invert_frames(guide, self.scheduler, clean, source, steps=steps, cache=cache, cache_key=key,
+                                 batch_size=batch_size, feature_steps=feature_steps, progress=progress)
+        self._sync()
+        timings["invert"] = time.perf_counter() - tick
+        return inverted, source
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        frames: np.ndarray,
+        prompt: str,
+        *,
+        source_prompt: str = "",
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        keyframes: int | None = None,
+        keyframe_batch: int = DEFAULT_KEYFRAME_BATCH,
+        random_keyframes: bool = True,
+        inject_feature_until: int = DEFAULT_INJECT_FEATURE_UNTIL,
+        inject_attention_until: int = DEFAULT_INJECT_ATTENTION_UNTIL,
+        strength: float = 1.0,
+        seed: int = 0,
+        identity_guidance: bool = True,
+        every_frame: bool = False,
+        cache: InversionCache | None = None,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> EditResult:
+        """Edit aligned face crops (N, H, W, 3) uint8 so they show ``prompt``.
+
+        keyframes: how many (default one per 8 frames); strength: the fraction of the schedule that
+        is re-generated (1.0 = from the fully inverted noise); identity_guidance=False lets ε2
+        guide itself (TokenFlow-like); every_frame=True edits each frame on its own (naive).
+        """
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise ValueError("frames must be a non-empty (N, H, W, 3) uint8 array")
+        count = len(frames)
+        timings = dict.fromkeys(("encode", "invert", "identity_features", "keyframe_edit", "propagation", "decode"), 0.0)
+        calls = {"invert": 0, "identity": 0, "edit": 0}
+
+        if not 0 < strength <= 1:
+            raise ValueError("strength must be in (0, 1]")
+        inverted, source_embeds = self.invert(frames, source_prompt=source_prompt, steps=steps,
+                                              identity_guidance=identity_guidance, cache=cache,
+                                              batch_size=batch_size, progress=progress, timings=timings)
+        calls["invert"] = inverted.unet_calls
+        texts = encode_prompt(self.tokenizer, self.text_encoder, ["", prompt])
+        uncond, cond = texts[:1], texts[1:]
+
+        generator = torch.Generator().manual_seed(seed)
+        keyframe_count = count if every_frame else (keyframes or math.ceil(count / DEFAULT_KEYFRAME_SPACING))
+        start = min(steps - 1, steps - round(strength * steps))
+        edited = inverted.latents[start].clone()
+        history: list[list[int]] = []
+        controller = FeatureController()
+        guide_role = "identity" if identity_guidance else "edit"
+        device, dtype = self.unet.device, self.unet.dtype
+
+        with feature_hooks([self.unet, self.identity_unet], controller):
+            for step in range(start, steps):
+                t = inverted.timesteps[step]
+                alpha_t, alpha_prev = inverted.alphas[step]
+                inject_attention = int(t) > inject_attention_until
+                inject_features = int(t) > inject_feature_until
+                source_eps = inverted.source_eps(step)
+                chosen = list(range(count)) if every_frame else select_keyframes(
+                    count, keyframe_count, generator=generator if random_keyframes else None)
+                history.append(chosen)
+                deltas: dict[int, torch.Tensor] = {}
+                for batch in keyframe_batches(chosen, keyframe_batch, anchored=not every_frame):
+                    x_edit = edited[batch].to(device, dtype)
+                    if inject_attention or inject_features:
+                        tick = time.perf_counter()
+                        controller.mode, controller.queries_keys, controller.residual = "capture", {}, None
+                        guide = self._role(guide_role)
+                        guide(inverted.latents[step][batch].to(device, dtype), t,
+                              encoder_hidden_states=source_embeds.to(device, dtype).expand(len(batch), -1, -1))
+                        calls["identity"] += 1
+                        self._sync()
+                        timings["identity_features"] += time.perf_counter() - tick
+                    tick = time.perf_counter()
+                    controller.mode = "edit"
+                    controller.group = 1 if every_frame else len(batch)
+                    controller.inject_attention, controller.inject_features = inject_attention, inject_features
+                    editor = self._role("edit")
+                    embeds = torch.cat([uncond.expand(len(batch), -1, -1), cond.expand(len(batch), -1, -1)])
+                    eps_uncond, eps_cond = editor(torch.cat([x_edit, x_edit]), t,
+                                                  encoder_hidden_states=embeds.to(device, dtype)).sample.chunk(2)
+                    calls["edit"] += 1
+                    eps = (eps_uncond + guidance * (eps_cond - eps_uncond)).float().cpu()
+                    for row, frame in enumerate(batch):
+                        deltas.setdefault(frame, eps[row] - source_eps[frame])
+                    controller.mode = "plain"
+                    self._sync()
+                    timings["keyframe_edit"] += time.perf_counter() - tick
+                tick = time.perf_counter()
+                if len(deltas) == count:
+                    delta = torch.stack([deltas[f] for f in range(count)])
+                else:
+                    delta = propagate_by_nearest_neighbour(deltas, inverted.features_at(step), count, device=device)
+                edited = ddim_step(edited, source_eps + delta, alpha_t, alpha_prev)
+                timings["propagation"] += time.perf_counter() - tick
+                if progress:
+                    progress("edit", step - start + 1, steps - start)
+
+        tick = time.perf_counter()
+        output = decode_latents(self.vae, edited, batch_size=batch_size)
+        self._sync()
+        timings["decode"] = time.perf_counter() - tick
+        return EditResult(frames=output, timings=timings, inversion_reused=inverted.unet_calls == 0,
+                          keyframes_per_step=history, unet_calls=calls)
+
+
+def keyframe_batches(keyframes: list[int], size: int, *, anchored: bool) -> list[list[int]]:
+    """Split keyframes into batches of at most ``size``; with ``anchored`` every later batch also
+    carries the first keyframe, so all batches attend to one shared frame and agree.
+
+    This keeps memory flat in the number of keyframes (and so in the video's length).
+    """
+    if len(keyframes) <= size or not anchored:
+        return [keyframes[i : i + size] for i in range(0, len(keyframes), size)]
+    anchor, rest = keyframes[0], keyframes[1:]
+    first = keyframes[:size]
+    batches = [first]
+    remaining = rest[size - 1 :]
+    for i in range(0, len(remaining), size - 1):
+        batches.append([anchor] + remaining[i : i + size - 1])
+    return batches

@@ -1,0 +1,771 @@
+"""Faces in the wild: detection, tracking, alignment, masks and paste-back.
+
+The editing model works on aligned, fixed-size face crops. This module finds the faces of a video
+(mediapipe's detector, then its face mesh at full resolution), links them into tracks with stable
+ids, turns each frame's five alignment points into a temporally smoothed similarity transform, cuts
+the crop, and pastes an edited crop back with a feathered face mask and colour matching at the seam.
+
+mediapipe and the video reader are imported where they are used, so that modules that only need
+:data:`CANONICAL_FIVE_POINTS` (the identity network) do not load them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from ipfacediff.errors import UserError
+
+# Canonical FFHQ-like positions of the five alignment points (left eye centre, right eye centre,
+# nose tip, left mouth corner, right mouth corner) in a crop of side 1.0, "left" meaning image left.
+# Every aligned crop in the project (diffusion input, identity networks, FaceWorld) uses them.
+CANONICAL_FIVE_POINTS = np.array(
+    [
+        [0.37692, 0.46865],
+        [0.62286, 0.46913],
+        [0.50124, 0.61332],
+        [0.39309, 0.72541],
+        [0.61150, 0.72490],
+    ],
+    dtype=np.float64,
+)
+
+# The face box (x0, y0, x1, y1) in canonical crop coordinates. Boxes are always derived from the
+# five points through it, so every box in a track file has one convention whether the points came
+# from the mesh, the detector or interpolation, and a box alone gives back plausible points.
+# Measured: mediapipe's detector box on a frontal face, mapped into the aligned crop.
+CANONICAL_FACE_BOX = (0.20, 0.30, 0.80, 0.90)
+
+# The face ellipse (centre x, centre y, half-width, half-height) in canonical crop coordinates: the
+# mask when a frame has no mesh outline (detector-only frames, track files without outlines).
+# Measured: the extent of the mesh silhouette of a frontal face in the aligned crop.
+CANONICAL_FACE_ELLIPSE = (0.50, 0.62, 0.28, 0.30)
+
+# Weights of the five points in the alignment fit. The eyes weigh most: mouth corners move with
+# expression and the nose tip with head pitch, and letting them pull the fit as much as the eyes
+# moves the whole crop when the subject smiles (on closeup.mp4 the eyes' spread in the crop drops
+# from 1.9 to 1.2 px with these weights).
+ALIGNMENT_WEIGHTS = np.array([4.0, 4.0, 2.0, 1.0, 1.0])
+
+# Face-mesh landmark indices. "Left" is image left, i.e. the subject's right side.
+_MESH_EYE_CORNERS = ((33, 133), (362, 263))
+_MESH_NOSE_TIP = 1
+_MESH_MOUTH_CORNERS = (61, 291)
+# The face silhouette, in order around the face (mediapipe's FACEMESH_FACE_OVAL as a polygon).
+_MESH_FACE_OVAL = (
+    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
+    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
+)  # fmt: skip
+_MESH_INDICES = np.array(
+    [*_MESH_EYE_CORNERS[0], *_MESH_EYE_CORNERS[1], _MESH_NOSE_TIP, *_MESH_MOUTH_CORNERS,
+     *_MESH_FACE_OVAL]
+)  # fmt: skip
+
+# Detection runs on a copy whose long side is at most this (mediapipe's detector looks at 192 px
+# anyway); landmarks always come from the full-resolution frame.
+DETECT_MAX_SIDE = 1280
+# Smallest detection tile, in pixels of that copy: finer tiles cost more calls than they find faces.
+DETECT_MIN_TILE = 320
+# Tile detections per frame: tiles are visited round-robin so large frames cost a bounded time per
+# frame; a face once found is followed by the face mesh whatever its size.
+DETECT_TILES_PER_FRAME = 2
+# The face mesh runs on a square this many times the face box, resized to at most MESH_MAX_SIDE.
+MESH_CONTEXT = 2.0
+MESH_MAX_SIDE = 512
+
+
+@dataclass
+class FaceTrack:
+    """One face over time: everything indexed like ``frames`` (sorted, gaps already bridged)."""
+
+    id: int
+    frames: list[int]  # frame indices where the face is present
+    boxes: list[list[float]]  # [x0, y0, x1, y1] per entry of frames, in frame pixels
+    points: list[np.ndarray]  # (5, 2) alignment points per entry of frames (CANONICAL order)
+    # (36, 2) face silhouette from the mesh per entry of frames; None where unknown.
+    outlines: list[np.ndarray | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.outlines:
+            self.outlines = [None] * len(self.frames)
+
+    def position(self, frame_index: int) -> int | None:
+        """Where ``frame_index`` is in this track's lists; None when the face is not in that frame."""
+        i = bisect_left(self.frames, frame_index)
+        return i if i < len(self.frames) and self.frames[i] == frame_index else None
+
+    @property
+    def median_area(self) -> float:
+        b = np.asarray(self.boxes, dtype=np.float64).reshape(-1, 4)
+        return float(np.median((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))) if len(b) else 0.0
+
+
+@dataclass
+class FaceTracks:
+    """All face tracks of one video, with the video geometry they refer to."""
+
+    frames: int
+    width: int
+    height: int
+    fps: float
+    tracks: list[FaceTrack]
+
+    def to_json(self) -> dict[str, Any]:
+        """The track-file schema; points and outlines are included so a file round-trips."""
+        return {
+            "frames": self.frames,
+            "width": self.width,
+            "height": self.height,
+            "fps": self.fps,
+            "tracks": [
+                {
+                    "id": t.id,
+                    "frames": [int(f) for f in t.frames],
+                    "boxes": [[round(float(v), 2) for v in b] for b in t.boxes],
+                    "points": [np.round(p, 2).tolist() for p in t.points],
+                    "outlines": [None if o is None else np.round(o, 1).tolist() for o in t.outlines],
+                }
+                for t in self.tracks
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FaceTracks:
+        """Read a track file: ours, or a user-given / ground-truth one with boxes only.
+
+        Without "points" the alignment points are placed in each box as on an upright frontal face.
+        Anything malformed is the user's to fix, hence UserError.
+        """
+        try:
+            header = (int(data["frames"]), int(data["width"]), int(data["height"]))
+            fps = float(data["fps"])
+            raw_tracks = list(data["tracks"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UserError(f"bad face tracks: need frames, width, height, fps and tracks ({exc!r})") from None
+        tracks = []
+        for raw in raw_tracks:
+            try:
+                track_id = int(raw["id"])
+                frames = [int(f) for f in raw["frames"]]
+                boxes = [[float(v) for v in b] for b in raw["boxes"]]
+                points = [np.asarray(p, dtype=np.float64) for p in raw.get("points") or []]
+                outlines = [None if o is None else np.asarray(o, dtype=np.float64) for o in raw.get("outlines") or []]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise UserError(f"bad face tracks: a track needs id, frames and boxes ({exc!r})") from None
+            where = f"bad face tracks: track {track_id}"
+            if frames != sorted(set(frames)) or any(f < 0 for f in frames):
+                raise UserError(f"{where}: frames must be increasing, non-negative frame indices")
+            if len(boxes) != len(frames) or any(len(b) != 4 or b[2] <= b[0] or b[3] <= b[1] for b in boxes):
+                raise UserError(f"{where}: needs one [x0, y0, x1, y1] box with x1 > x0, y1 > y0 per frame")
+            if not points:
+                points = [_points_from_box(b) for b in boxes]
+            if len(points) != len(frames) or any(p.shape != (5, 2) for p in points):
+                raise UserError(f"{where}: needs five [x, y] points per frame")
+            if outlines and (len(outlines) != len(frames) or any(o is not None and o.ndim != 2 for o in outlines)):
+                raise UserError(f"{where}: needs one outline (or null) per frame")
+            tracks.append(FaceTrack(track_id, frames, boxes, points, outlines))
+        if len({t.id for t in tracks}) != len(tracks):
+            raise UserError("bad face tracks: track ids must be unique")
+        return cls(*header, fps, tracks)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the track file atomically (a reader never sees half a file)."""
+        return _write_atomic(Path(path), json.dumps(self.to_json()).encode())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FaceTracks:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except OSError as exc:
+            raise UserError(f"cannot read face tracks {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"face tracks {path} are not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"face tracks {path} must hold a JSON object")
+        return cls.from_json(data)
+
+    def select(self, spec: str) -> FaceTracks:
+        """Keep the faces to edit: "all", "largest" (largest median box) or ids such as "3,5"."""
+        spec = spec.strip()
+        if spec == "all":
+            chosen = list(self.tracks)
+        elif spec == "largest":
+            chosen = sorted(self.tracks, key=lambda t: (-t.median_area, t.id))[:1]
+        else:
+            try:
+                ids = [int(part) for part in spec.split(",")]
+            except ValueError:
+                raise UserError(f'bad face selection "{spec}": use "all", "largest" or ids like "0,2"') from None
+            known = {t.id: t for t in self.tracks}
+            missing = [i for i in ids if i not in known]
+            if missing:
+                have = ", ".join(str(i) for i in known) or "none"
+                raise UserError(f"no face track with id {missing[0]} (ids in this video: {have})")
+            chosen = [known[i] for i in sorted(set(ids))]
+        return FaceTracks(self.frames, self.width, self.height, self.fps, chosen)
+
+    def in_frame(self, frame_index: int) -> list[FaceTrack]:
+        """The tracks present in one frame."""
+        return [t for t in self.tracks if t.position(frame_index) is not None]
+
+
+def require_face(tracks: FaceTracks, source: str | os.PathLike) -> FaceTracks:
+    """For --require-face: no face is the user's problem (wrong file, face too small or hidden)."""
+    if not tracks.tracks:
+        raise UserError(
+            f"no face found in {source}: the video needs a visible face at least about "
+            f"{_min_face_pixels(tracks.width, tracks.height)} px tall, or pass a face track file"
+        )
+    return tracks
+
+
+def _min_face_pixels(width: int, height: int) -> int:
+    """Rough smallest face the tiled detector finds (about 1/12 of the smallest tile)."""
+    scale = min(1.0, DETECT_MAX_SIDE / max(width, height, 1))
+    short = min(width, height) * scale
+    tile = short / 2 if short / 2 >= DETECT_MIN_TILE else short
+    return max(20, round(tile / 12 / scale))
+
+
+# --- geometry ---------------------------------------------------------------------------------
+
+
+def similarity_transform(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Weighted least-squares similarity (rotation, uniform scale, shift) taking src to dst, 2x3.
+
+    Closed form in complex numbers: no reflection can sneak in, no RANSAC randomness.
+    """
+    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    s = src[:, 0] + 1j * src[:, 1]
+    d = dst[:, 0] + 1j * dst[:, 1]
+    s_mean, d_mean = (w * s).sum(), (w * d).sum()
+    s0, d0 = s - s_mean, d - d_mean
+    a = (w * d0 * s0.conj()).sum() / (w * np.abs(s0) ** 2).sum()
+    b = d_mean - a * s_mean
+    return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
+
+
+def align_points(points: np.ndarray) -> np.ndarray:
+    """The unsmoothed transform taking five frame points to the aligned crop of side 1."""
+    return similarity_transform(points, CANONICAL_FIVE_POINTS, ALIGNMENT_WEIGHTS)
+
+
+def _apply(M: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ M[:, :2].T + M[:, 2]
+
+
+def _invert(M: np.ndarray) -> np.ndarray:
+    return cv2.invertAffineTransform(M)
+
+
+def _box_from_points(points: np.ndarray) -> list[float]:
+    """The face box implied by the five points (CANONICAL_FACE_BOX mapped back into the frame)."""
+    inv = _invert(align_points(points))
+    x0, y0, x1, y1 = CANONICAL_FACE_BOX
+    corners = _apply(inv, np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]))
+    return [*corners.min(0).tolist(), *corners.max(0).tolist()]
+
+
+def _points_from_box(box: list[float]) -> np.ndarray:
+    """Five points for a box alone, as on an upright frontal face (inverse of _box_from_points)."""
+    x0, y0, x1, y1 = CANONICAL_FACE_BOX
+    rel = (CANONICAL_FIVE_POINTS - [x0, y0]) / [x1 - x0, y1 - y0]
+    return rel * [box[2] - box[0], box[3] - box[1]] + box[:2]
+
+
+def _box_overlaps(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
+    """For every box in a (n, 4) and in b (m, 4): IoU, and intersection over the smaller box
+    (which flags a partial detection of a face, e.g. cut by a tile edge, as that face)."""
+    a, b = np.asarray(a, float).reshape(-1, 4), np.asarray(b, float).reshape(-1, 4)
+    w = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    h = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = w * h
+    area_a = ((a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1]))[:, None]
+    area_b = ((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1]))[None, :]
+    return inter / np.maximum(area_a + area_b - inter, 1e-9), inter / np.maximum(np.minimum(area_a, area_b), 1e-9)
+
+
+def _iou(a: Any, b: Any) -> np.ndarray:
+    return _box_overlaps(a, b)[0]
+
+
+def _is_duplicate(box: list[float], others: list[list[float]]) -> bool:
+    """Whether ``box`` is (mostly) the same face as one of ``others``."""
+    return bool(others) and bool((_box_overlaps(box, others)[1] > 0.6).any())
+
+
+# --- detection and landmarks ------------------------------------------------------------------
+
+
+@dataclass
+class _Face:
+    """One face in one frame."""
+
+    points: np.ndarray  # (5, 2) frame pixels
+    outline: np.ndarray | None  # (36, 2) frame pixels, from the mesh
+    score: float = 1.0
+
+    @property
+    def box(self) -> list[float]:
+        return _box_from_points(self.points)
+
+
+def _tiles(width: int, height: int) -> list[tuple[int, int, int]]:
+    """Square detection tiles (x, y, side) overlapping by half, for faces too small for the whole
+    frame at the detector's 192 px: tiles of the short side (only if the frame is not square) and
+    of half of it (only if not smaller than DETECT_MIN_TILE)."""
+    short = min(width, height)
+    tiles = []
+    for side in (short, short // 2):
+        if side < DETECT_MIN_TILE or (side == short and width == height):
+            continue
+        step = side // 2
+        xs = sorted({*range(0, width - side + 1, step), width - side})
+        ys = sorted({*range(0, height - side + 1, step), height - side})
+        tiles += [(x, y, side) for y in ys for x in xs]
+    return tiles
+
+
+class _FaceFinder:
+    """mediapipe's full-range detector and face mesh for one pass over a video of one size."""
+
+    def __init__(self, width: int, height: int) -> None:
+        from mediapipe.python.solutions import face_detection, face_mesh
+
+        self.width, self.height = width, height
+        self.scale = min(1.0, DETECT_MAX_SIDE / max(width, height))
+        self.tiles = _tiles(round(width * self.scale), round(height * self.scale))
+        self.next_tile = 0
+        self.detector = face_detection.FaceDetection(model_selection=1, min_detection_confidence=0.5)
+        self.mesh = face_mesh.FaceMesh(
+            static_image_mode=True, max_num_faces=2, refine_landmarks=True, min_detection_confidence=0.5
+        )
+
+    def close(self) -> None:
+        self.detector.close()
+        self.mesh.close()
+
+    def detect(self, frame: np.ndarray) -> list[_Face]:
+        """Faces in the whole (downscaled) frame plus the next tiles, duplicates removed."""
+        small = frame
+        if self.scale < 1.0:
+            size = (round(self.width * self.scale), round(self.height * self.scale))
+            small = cv2.resize(frame, size, interpolation=cv2.INTER_AREA)
+        regions = [(0, 0, small.shape[1], small.shape[0])]
+        for _ in range(min(DETECT_TILES_PER_FRAME, len(self.tiles))):
+            x, y, side = self.tiles[self.next_tile]
+            regions.append((x, y, side, side))
+            self.next_tile = (self.next_tile + 1) % len(self.tiles)
+        faces = []
+        for x, y, w, h in regions:
+            result = self.detector.process(np.ascontiguousarray(small[y : y + h, x : x + w]))
+            for det in result.detections or []:
+                kp = np.array([(k.x, k.y) for k in det.location_data.relative_keypoints[:4]])
+                kp = (kp * [w, h] + [x, y]) / self.scale
+                faces.append(_Face(_points_from_keypoints(kp), None, float(det.score[0])))
+        faces.sort(key=lambda f: -f.score)
+        kept: list[_Face] = []
+        for face in faces:
+            if not _is_duplicate(face.box, [k.box for k in kept]):
+                kept.append(face)
+        return kept
+
+    def landmarks(self, frame: np.ndarray, box: list[float]) -> _Face | None:
+        """The face mesh on a full-resolution square around ``box``: points and outline of the face
+        nearest the box centre, or None when the mesh finds no face overlapping the box."""
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        half = MESH_CONTEXT * max(box[2] - box[0], box[3] - box[1]) / 2
+        x0, y0 = max(0, round(cx - half)), max(0, round(cy - half))
+        x1, y1 = min(self.width, round(cx + half)), min(self.height, round(cy + half))
+        if x1 - x0 < 8 or y1 - y0 < 8:
+            return None
+        crop = frame[y0:y1, x0:x1]
+        shrink = min(1.0, MESH_MAX_SIDE / max(crop.shape[:2]))
+        if shrink < 1.0:
+            crop = cv2.resize(crop, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
+        result = self.mesh.process(np.ascontiguousarray(crop))
+        best, best_dist = None, math.inf
+        for face in result.multi_face_landmarks or []:
+            lm = face.landmark
+            xy = np.array([(lm[i].x, lm[i].y) for i in _MESH_INDICES]) * [crop.shape[1], crop.shape[0]]
+            xy = xy / shrink + [x0, y0]
+            dist = math.dist(xy[4], (cx, cy))
+            if dist < best_dist:
+                best, best_dist = xy, dist
+        if best is None:
+            return None
+        points = np.stack(
+            [(best[0] + best[1]) / 2, (best[2] + best[3]) / 2, best[4], best[5], best[6]]
+        )
+        found = _Face(points, best[7:])
+        return found if _iou(found.box, box)[0, 0] >= 0.2 else None
+
+
+def _points_from_keypoints(kp: np.ndarray) -> np.ndarray:
+    """Five points from the detector's eyes, nose tip and mouth centre: the mouth corners sit on
+    the eye direction around the mouth centre, as far apart as in CANONICAL_FIVE_POINTS."""
+    c = CANONICAL_FIVE_POINTS
+    ratio = (c[4, 0] - c[3, 0]) / (c[1, 0] - c[0, 0])
+    half_mouth = (kp[1] - kp[0]) * ratio / 2
+    return np.stack([kp[0], kp[1], kp[2], kp[3] - half_mouth, kp[3] + half_mouth])
+
+
+# --- tracking ---------------------------------------------------------------------------------
+
+
+@dataclass
+class _LiveTrack:
+    frames: list[int] = field(default_factory=list)
+    faces: list[_Face] = field(default_factory=list)
+
+    def predict(self, t: int) -> list[float]:
+        """Box at frame t, moving at the velocity of the last two observations."""
+        last = np.array(self.faces[-1].box)
+        if len(self.frames) < 2:
+            return last.tolist()
+        velocity = (last - self.faces[-2].box) / (self.frames[-1] - self.frames[-2])
+        return (last + velocity * (t - self.frames[-1])).tolist()
+
+    def to_track(self) -> FaceTrack:
+        """Bridge the gaps between observations by linear interpolation."""
+        frames, points, outlines = [], [], []
+        for k, (t, face) in enumerate(zip(self.frames, self.faces)):
+            if k:
+                t0, prev = self.frames[k - 1], self.faces[k - 1]
+                for g in range(t0 + 1, t):
+                    w = (g - t0) / (t - t0)
+                    frames.append(g)
+                    points.append((1 - w) * prev.points + w * face.points)
+                    both = prev.outline is not None and face.outline is not None
+                    outlines.append((1 - w) * prev.outline + w * face.outline if both else None)
+            frames.append(t)
+            points.append(face.points)
+            outlines.append(face.outline)
+        return FaceTrack(-1, frames, [_box_from_points(p) for p in points], points, outlines)
+
+
+def track_faces(
+    frames: Iterable[np.ndarray],
+    *,
+    fps: float,
+    progress: Callable[[int], None] | None = None,
+    max_gap: int = 5,
+    min_track_frames: int = 5,
+) -> FaceTracks:
+    """Find and track every face in a stream of RGB uint8 frames (held one at a time).
+
+    Per frame: detection (whole frame plus rotating tiles) proposes faces; detections are assigned
+    to the live tracks by box IoU against each track's constant-velocity prediction (Hungarian);
+    every track, matched or not, then gets its landmarks from the face mesh around its box, so a
+    face the detector misses for a moment (head turn, motion blur) is still followed. A track
+    unseen for more than ``max_gap`` frames ends; gaps up to that are interpolated. Tracks shorter
+    than ``min_track_frames`` (or than the video) are dropped as flukes. Ids are 0, 1, ... by first
+    frame, then by left edge. ``progress`` is called with the number of frames done.
+    """
+    finder: _FaceFinder | None = None
+    live: list[_LiveTrack] = []
+    done: list[_LiveTrack] = []
+    width = height = count = 0
+    try:
+        for t, frame in enumerate(frames):
+            if finder is None:
+                height, width = frame.shape[:2]
+                finder = _FaceFinder(width, height)
+            _track_frame(finder, frame, t, live)
+            done += [tr for tr in live if t - tr.frames[-1] >= max_gap]
+            live = [tr for tr in live if t - tr.frames[-1] < max_gap]
+            count = t + 1
+            if progress is not None:
+                progress(count)
+    finally:
+        if finder is not None:
+            finder.close()
+    tracks = [tr.to_track() for tr in done + live]
+    tracks = [tr for tr in tracks if len(tr.frames) >= min(min_track_frames, count)]
+    tracks.sort(key=lambda tr: (tr.frames[0], tr.boxes[0][0]))
+    for i, tr in enumerate(tracks):
+        tr.id = i
+    return FaceTracks(count, width, height, float(fps), tracks)
+
+
+def _track_frame(finder: _FaceFinder, frame: np.ndarray, t: int, live: list[_LiveTrack]) -> None:
+    """One frame of track_faces: extends ``live`` in place and appends new tracks to it."""
+    detections = finder.detect(frame)
+    matched: dict[int, int] = {}  # live track -> detection
+    if live and detections:
+        iou = _iou([tr.predict(t) for tr in live], [d.box for d in detections])
+        rows, cols = linear_sum_assignment(-iou)
+        matched = {r: c for r, c in zip(rows, cols) if iou[r, c] >= 0.15}
+    claimed: list[list[float]] = []
+    # Tracks with a detection go first: their boxes are the most trustworthy claims on a face.
+    for r in sorted(range(len(live)), key=lambda r: r not in matched):
+        det = detections[matched[r]] if r in matched else None
+        face = finder.landmarks(frame, det.box if det else live[r].predict(t)) or det
+        if face is not None and not _is_duplicate(face.box, claimed):
+            live[r].frames.append(t)
+            live[r].faces.append(face)
+            claimed.append(face.box)
+    used = set(matched.values())
+    for c, det in enumerate(detections):
+        if c in used or _is_duplicate(det.box, claimed):
+            continue
+        face = finder.landmarks(frame, det.box) or det
+        if not _is_duplicate(face.box, claimed):
+            live.append(_LiveTrack([t], [face]))
+            claimed.append(face.box)
+
+
+def detect_video_faces(path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> FaceTracks:
+    """track_faces over a video file, streamed."""
+    from ipfacediff.video import iter_frames, probe_video
+
+    info = probe_video(path)
+    return track_faces(iter_frames(path), fps=info.fps, progress=progress)
+
+
+def faces_report(
+    input_path: str | os.PathLike,
+    json_path: str | os.PathLike | None = None,
+    preview_path: str | os.PathLike | None = None,
+) -> FaceTracks:
+    """The whole ``ipfacediff faces`` command: detect, write the track file and the preview."""
+    tracks = detect_video_faces(input_path)
+    if json_path is not None:
+        tracks.save(json_path)
+    if preview_path is not None:
+        from ipfacediff.video import iter_frames
+
+        write_preview(preview_path, iter_frames(input_path), tracks, tracks.fps)
+    return tracks
+
+
+# --- alignment --------------------------------------------------------------------------------
+
+# One-euro filter on the alignment parameters (face centre in crop widths, log scale, angle in
+# radians), in units of frames: the noise to remove is per-frame landmark noise whatever the frame
+# rate. Cutoff in cycles per frame, rising with the parameter's speed (per frame) times beta.
+SMOOTH_MIN_CUTOFF = 0.2
+SMOOTH_BETA = 10.0
+SMOOTH_D_CUTOFF = 0.1
+SMOOTH_PAD = 10  # frames
+
+
+def alignment_transforms(track: FaceTrack, size: int, *, smooth: bool = True) -> dict[int, np.ndarray]:
+    """Frame index -> 2x3 similarity taking frame pixels to the aligned crop of side ``size``.
+
+    The per-frame least-squares fit of the five points follows landmark noise, which makes the
+    crop shake; with ``smooth`` the transform parameters (face centre, log scale, angle) go through
+    a one-euro filter run forwards and backwards and averaged, which removes the shake without the
+    lag a causal filter would add (the whole track is known).
+    """
+    unit = [align_points(p) for p in track.points]
+    if smooth and len(unit) > 2:
+        unit = _smooth_transforms(unit)
+    return {f: M * size for f, M in zip(track.frames, unit)}
+
+
+def _smooth_transforms(transforms: list[np.ndarray]) -> list[np.ndarray]:
+    a = np.array([M[0, 0] + 1j * M[1, 0] for M in transforms])  # scale * e^(i angle)
+    b = np.array([M[0, 2] + 1j * M[1, 2] for M in transforms])
+    centre = (0.5 + 0.5j - b) / a  # the frame point at the crop centre
+    unit = np.median(np.abs(a))  # frame pixels -> crop widths, so one setting fits any face size
+    params = np.stack(
+        [centre.real * unit, centre.imag * unit, np.log(np.abs(a)), np.unwrap(np.angle(a))], axis=1
+    )
+    # Odd reflection at both ends (as scipy's filtfilt pads) lets each pass reach the first and
+    # last frames already moving with the face, so the ends do not lag either.
+    pad = min(len(params) - 1, SMOOTH_PAD)
+    padded = np.concatenate([2 * params[0] - params[pad:0:-1], params, 2 * params[-1] - params[-2 : -pad - 2 : -1]])
+    smooth = ((_one_euro(padded) + _one_euro(padded[::-1])[::-1]) / 2)[pad : pad + len(params)]
+    a = np.exp(smooth[:, 2] + 1j * smooth[:, 3])
+    centre = (smooth[:, 0] + 1j * smooth[:, 1]) / unit
+    b = 0.5 + 0.5j - a * centre
+    return [np.array([[x.real, -x.imag, y.real], [x.imag, x.real, y.imag]]) for x, y in zip(a, b)]
+
+
+def _one_euro(x: np.ndarray) -> np.ndarray:
+    """One-euro filter (Casiez et al. 2012) over axis 0, each column on its own, frame units."""
+
+    def alpha(cutoff: np.ndarray | float) -> np.ndarray | float:
+        return 1.0 / (1.0 + 1.0 / (2 * math.pi * cutoff))
+
+    out = np.empty_like(x)
+    out[0] = x[0]
+    speed = np.zeros(x.shape[1])
+    for t in range(1, len(x)):
+        speed += alpha(SMOOTH_D_CUTOFF) * ((x[t] - out[t - 1]) - speed)
+        out[t] = out[t - 1] + alpha(SMOOTH_MIN_CUTOFF + SMOOTH_BETA * np.abs(speed)) * (x[t] - out[t - 1])
+    return out
+
+
+def crop_face(frame: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
+    """The aligned crop. A face much larger than the crop is first shrunk with area averaging so
+    that the crop does not alias; outside the frame the image is mirrored, which the diffusion
+    model takes better than black."""
+    scale = math.sqrt(abs(np.linalg.det(M[:, :2])))
+    factor = int(1 / scale)  # integer shrink first, the warp does the rest
+    if factor >= 2:
+        inv = _invert(M)
+        corners = _apply(inv, np.array([[0, 0], [size, 0], [size, size], [0, size]], float))
+        x0, y0 = np.floor(corners.min(0)).astype(int) - factor
+        x1, y1 = np.ceil(corners.max(0)).astype(int) + factor
+        # Blocks on a fixed grid of the frame: a still background shrinks the same in every frame.
+        x0, y0 = max(x0, 0) // factor * factor, max(y0, 0) // factor * factor
+        w, h = (min(x1, frame.shape[1]) - x0) // factor, (min(y1, frame.shape[0]) - y0) // factor
+        if w >= 2 and h >= 2:
+            roi = frame[y0 : y0 + h * factor, x0 : x0 + w * factor]
+            small = cv2.resize(roi, (w, h), interpolation=cv2.INTER_AREA)
+            # small pixel (u, v) covers roi pixels factor*u .. factor*u+factor-1 (centre +(factor-1)/2)
+            to_frame = np.array([[factor, 0, x0 + (factor - 1) / 2], [0, factor, y0 + (factor - 1) / 2]])
+            M = M @ np.vstack([to_frame, [0, 0, 1]])
+            frame = small
+    return cv2.warpAffine(frame, M, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+# --- mask and paste-back ----------------------------------------------------------------------
+
+# Feather width of the mask edge and blur radius of the seam colour correction, in crop sides.
+MASK_FEATHER = 0.05
+SEAM_SIGMA = 0.06
+
+
+def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, hair: bool = False) -> np.ndarray:
+    """Soft face mask (float32, size x size, 1 inside) in the crop of transform ``M``.
+
+    The mesh silhouette (or the canonical ellipse where the frame has none) filled, then ramped
+    from 0 at its edge to 1 at MASK_FEATHER inside, so the pasted face fades in within the face
+    rather than spilling onto the background. ``hair`` stretches the part above the eyes upwards
+    to take in forehead and hair, for edits that change them.
+    """
+    i = track.position(frame_index)
+    if i is None:
+        raise KeyError(f"face {track.id} is not in frame {frame_index}")
+    outline = track.outlines[i]
+    if outline is None:
+        cx, cy, rx, ry = CANONICAL_FACE_ELLIPSE
+        angles = np.linspace(0, 2 * np.pi, 48, endpoint=False)
+        polygon = np.stack([cx + rx * np.cos(angles), cy + ry * np.sin(angles)], axis=1) * size
+    else:
+        polygon = _apply(M, np.asarray(outline, dtype=np.float64))
+    if hair:
+        eye_y = CANONICAL_FIVE_POINTS[:2, 1].mean() * size
+        centre_x = CANONICAL_FIVE_POINTS[2, 0] * size
+        above = polygon[:, 1] < eye_y
+        polygon[above, 1] = eye_y - (eye_y - polygon[above, 1]) * 1.6
+        polygon[above, 0] = centre_x + (polygon[above, 0] - centre_x) * 1.1
+    hull = cv2.convexHull(np.round(polygon * 16).astype(np.int32))
+    filled = np.zeros((size + 2, size + 2), np.uint8)  # 1 px frame so the crop edge counts as outside
+    cv2.fillPoly(filled[1:-1, 1:-1], [hull], 1, lineType=cv2.LINE_8, shift=4)
+    depth = cv2.distanceTransform(filled, cv2.DIST_L2, 5)[1:-1, 1:-1]
+    ramp = np.clip(depth / max(1.0, MASK_FEATHER * size), 0.0, 1.0)
+    return (ramp * ramp * (3 - 2 * ramp)).astype(np.float32)
+
+
+def paste_face(
+    frame: np.ndarray, edited_crop: np.ndarray, M: np.ndarray, mask: np.ndarray, *, match_colour: bool = True
+) -> np.ndarray:
+    """A copy of ``frame`` with ``edited_crop`` (the crop of transform M, edited) blended back in.
+
+    With ``match_colour``, the low-frequency colour difference between the original and edited
+    crop, measured where the mask is partial (the seam), is added back to the edited crop near the
+    seam, fading out towards the face interior: a global tint or local shading change that the
+    edit introduced then cannot draw a visible border.
+    """
+    size = edited_crop.shape[0]
+    edited = edited_crop.astype(np.float32)
+    if match_colour:
+        edited += _seam_correction(crop_face(frame, M, size).astype(np.float32) - edited, mask)
+    inv = _invert(M)
+    corners = _apply(inv, np.array([[0, 0], [size, 0], [size, size], [0, size]], float))
+    x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
+    x1, y1 = np.minimum(np.ceil(corners.max(0)).astype(int) + 1, [frame.shape[1], frame.shape[0]])
+    out = frame.copy()
+    if x1 <= x0 or y1 <= y0:
+        return out
+    # Frame pixel (x0 + u, y0 + v) sits at crop point M @ (x0 + u, y0 + v, 1).
+    M_roi = M.copy()
+    M_roi[:, 2] += M[:, :2] @ [x0, y0]
+    flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    face = cv2.warpAffine(edited, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+    alpha = cv2.warpAffine(mask, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT)
+    roi = out[y0:y1, x0:x1].astype(np.float32)
+    roi += alpha[..., None] * (face - roi)
+    out[y0:y1, x0:x1] = np.clip(np.round(roi), 0, 255).astype(np.uint8)
+    return out
+
+
+def _seam_correction(diff: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Low-pass of ``diff`` weighted by the seam band (normalised convolution), at quarter
+    resolution since only low frequencies are kept."""
+    size = mask.shape[0]
+    band = 4 * mask * (1 - mask)
+    small = max(8, size // 4)
+    sigma = SEAM_SIGMA * small
+    w = cv2.GaussianBlur(cv2.resize(band, (small, small), interpolation=cv2.INTER_AREA), (0, 0), sigma)
+    weighted = cv2.resize(diff * band[..., None], (small, small), interpolation=cv2.INTER_AREA)
+    num = cv2.GaussianBlur(weighted, (0, 0), sigma)
+    low = num / (w[..., None] + 1e-3)
+    return cv2.resize(low, (size, size), interpolation=cv2.INTER_LINEAR)
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def write_preview(
+    path: str | os.PathLike, frames: Iterable[np.ndarray], tracks: FaceTracks, fps: float
+) -> Path:
+    """Debug video: each face's box and id, alignment points, outline and mask tinted green."""
+    from ipfacediff.video import write_video
+
+    size = 128
+    transforms = {t.id: alignment_transforms(t, size) for t in tracks.tracks}
+    return write_video(path, _preview_frames(frames, tracks, transforms, size), fps)
+
+
+def _preview_frames(
+    frames: Iterable[np.ndarray], tracks: FaceTracks, transforms: dict[int, dict[int, np.ndarray]], size: int
+) -> Iterator[np.ndarray]:
+    green = np.zeros((size, size, 3), np.uint8)
+    green[..., 1] = 255
+    for t, frame in enumerate(frames):
+        out = frame.copy()
+        for track in tracks.in_frame(t):
+            M = transforms[track.id][t]
+            out = paste_face(out, green, M, 0.35 * face_mask(track, t, M, size), match_colour=False)
+        for track in tracks.in_frame(t):
+            i = track.position(t)
+            x0, y0, x1, y1 = (round(v) for v in track.boxes[i])
+            cv2.rectangle(out, (x0, y0), (x1, y1), (255, 200, 0), 2)
+            cv2.putText(out, str(track.id), (x0, max(12, y0 - 4)), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 200, 0), 2)
+            if track.outlines[i] is not None:
+                cv2.polylines(out, [np.round(track.outlines[i]).astype(np.int32)], True, (0, 160, 255), 1)
+            for x, y in track.points[i]:
+                cv2.circle(out, (round(x), round(y)), 2, (255, 0, 0), -1)
+        yield out
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    """Write to a temporary file beside ``path`` and rename it over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path

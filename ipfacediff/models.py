@@ -1,0 +1,363 @@
+"""Loading the SD-1.x model set: VAE, text encoder, tokenizer, ε2 (edit UNet), ε1 (identity UNet).
+
+A model set comes from a diffusers folder, a hub id (resolved from the local Hugging Face cache;
+``local_files_only`` whenever the hub is offline) or a single ``.safetensors`` checkpoint. ε1 and
+ε2 are either two UNets or LoRA adapters over one shared base, so the usual case costs one UNet of
+memory. Weights are read as safetensors only; pickled checkpoints run arbitrary code when loaded,
+so they need an explicit ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ipfacediff.errors import UserError
+
+Role = Literal["identity", "edit"]
+
+IDENTITY_ADAPTER = "identity"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+# Stable Diffusion 1.x noise schedule: every SD-1.x checkpoint was trained with it.
+SD1_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+@dataclass
+class ModelSet:
+    """Everything the pipeline needs; ``identity_unet`` may be the very object ``unet`` is."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    identity_unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+    source: str
+    edit_adapter_weights: dict[str, float] = field(default_factory=dict)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelSet":
+        for module in {id(m): m for m in (self.vae, self.text_encoder, self.unet, self.identity_unet)}.values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be contacted (HF_HUB_OFFLINE), as on CI and air-gapped GPUs."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def activate_role(unet: UNet2DConditionModel, role: Role, edit_adapter_weights: dict[str, float]) -> None:
+    """Switch LoRA adapters of a shared base UNet to ε1 ("identity") or ε2 ("edit").
+
+    A UNet without adapters is left alone: then each role has its own UNet (or both are the base).
+    """
+    loaded = set(getattr(unet, "peft_config", {}) or {})
+    if not loaded:
+        return
+    if role == "identity":
+        names, weights = ([IDENTITY_ADAPTER], [1.0]) if IDENTITY_ADAPTER in loaded else ([], [])
+    else:
+        names = [n for n in edit_adapter_weights if n in loaded]
+        weights = [edit_adapter_weights[n] for n in names]
+    if names:
+        unet.enable_adapters()
+        unet.set_adapters(names, weights)
+    else:
+        unet.disable_adapters()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's config and weights, for cache keys.
+
+    It samples at most 256 values of each tensor, so it costs milliseconds even for SD-1.5 while any
+    fine-tune, LoRA or reinitialisation still changes it.
+    """
+    digest = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # not _name_or_path
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(flat[::step][:256].to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
+
+
+def _resolve_repo(source: str, local_files_only: bool) -> str:
+    """Turn a hub id into a local snapshot folder, or explain in one line why that is impossible."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(
+            source,
+            local_files_only=local_files_only,
+            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
+        )
+    except Exception as error:  # hub errors come in many classes; all mean "not available"
+        where = "in the local Hugging Face cache" if local_files_only else "on the hub"
+        raise UserError(
+            f"model {source!r} is not a folder, a .safetensors file or a model {where} "
+            f"({type(error).__name__}); pass a diffusers folder or download it first with "
+            f"`huggingface-cli download {source}`"
+        ) from None
+
+
+def _load_components(folder: str, dtype: torch.dtype, allow_pickle: bool) -> dict:
+    kwargs = dict(torch_dtype=dtype, use_safetensors=None if allow_pickle else True)
+    try:
+        return dict(
+            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs),
+            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs),
+            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs),
+            scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        )
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        hint = "" if allow_pickle else " (only .safetensors weights are read; --allow-pickle reads .bin/.ckpt)"
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserError(f"cannot read the model folder {folder}: {first_line[:200]}{hint}") from None
+
+
+def _load_single_file(path: Path, config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=config,
+            torch_dtype=dtype,
+            local_files_only=local_files_only,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except Exception as error:  # conversion and hub errors alike: the user must supply a config
+        raise UserError(
+            f"cannot load the checkpoint {path.name} ({type(error).__name__}); pass --config with a "
+            "diffusers SD-1.x folder or cached hub id describing its architecture"
+        ) from None
+    return dict(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+    )
+
+
+def _load_set(source: str, *, config: str | None, dtype: torch.dtype, allow_pickle: bool,
+              local_files_only: bool) -> dict:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not _is_diffusers_folder(path):
+            raise UserError(
+                f"{source} is a folder but not a diffusers model (no model_index.json or unet/config.json); "
+                "point --model at a folder written by save_pretrained or `ipfacediff build-tiny-models`"
+            )
+        return _load_components(str(path), dtype, allow_pickle)
+    if path.is_file():
+        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(
+                f"{path.name} is a pickled checkpoint, which can run code when loaded; convert it to "
+                ".safetensors or pass --allow-pickle if you trust it"
+            )
+        if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+            raise UserError(f"{source} is neither a model folder nor a .safetensors checkpoint")
+        return _load_single_file(path, config, dtype, local_files_only)
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return _load_components(_resolve_repo(source, local_files_only), dtype, allow_pickle)
+    raise UserError(f"model {source!r} does not exist: pass a diffusers folder, a .safetensors file or a hub id")
+
+
+def _load_identity_unet(source: str, dtype: torch.dtype, allow_pickle: bool, local_files_only: bool):
+    path = Path(source).expanduser()
+    if not path.exists() and source.count("/") == 1:
+        path = Path(_resolve_repo(source, local_files_only))
+    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
+    if not (folder / "config.json").is_file():
+        raise UserError(
+            f"identity model {source!r} is not a diffusers UNet folder (no config.json); pass a model folder, "
+            "a UNet folder, or a LoRA file with --identity-lora"
+        )
+    try:
+        return UNet2DConditionModel.from_pretrained(
+            str(folder), torch_dtype=dtype, use_safetensors=None if allow_pickle else True
+        )
+    except (OSError, ValueError) as error:
+        raise UserError(f"cannot read the identity UNet in {folder}: {str(error).splitlines()[0][:200]}") from None
+
+
+def _load_adapter(unet: UNet2DConditionModel, path: str, name: str) -> None:
+    file = Path(path).expanduser()
+    if file.is_dir():
+        candidates = sorted(file.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise UserError(f"LoRA folder {path} must hold exactly one .safetensors file, found {len(candidates)}")
+        file = candidates[0]
+    if not file.is_file():
+        raise UserError(f"LoRA file {path} does not exist")
+    if file.suffix != ".safetensors":
+        raise UserError(f"LoRA {file.name} is not a .safetensors file; only safetensors adapters are read")
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    prefix = "unet" if any(k.startswith("unet.") for k in state) else None
+    try:
+        unet.load_lora_adapter(state, adapter_name=name, prefix=prefix)
+    except Exception as error:  # peft raises several types for a mismatched adapter
+        raise UserError(f"LoRA {file.name} does not fit this UNet: {str(error).splitlines()[0][:200]}") from None
+
+
+def load_model_set(
+    model: str,
+    *,
+    identity_model: str | None = None,
+    identity_lora: str | None = None,
+    edit_loras: list[tuple[str, float]] | None = None,
+    config: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    allow_pickle: bool = False,
+    local_files_only: bool | None = None,
+) -> ModelSet:
+    """Load the full set; ε1 defaults to the base UNet when neither identity option is given."""
+    if local_files_only is None:
+        local_files_only = hub_offline()
+    if identity_model and identity_lora:
+        raise UserError("give either --identity-model or --identity-lora, not both")
+    parts = _load_set(model, config=config, dtype=dtype, allow_pickle=allow_pickle, local_files_only=local_files_only)
+    unet = parts["unet"]
+    weights: dict[str, float] = {}
+    for index, (path, weight) in enumerate(edit_loras or []):
+        name = f"edit_{index}"
+        _load_adapter(unet, path, name)
+        weights[name] = float(weight)
+    if identity_model:
+        identity_unet = _load_identity_unet(identity_model, dtype, allow_pickle, local_files_only)
+    else:
+        identity_unet = unet
+        if identity_lora:
+            _load_adapter(unet, identity_lora, IDENTITY_ADAPTER)
+    models = ModelSet(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=unet,
+        identity_unet=identity_unet,
+        scheduler=parts["scheduler"],
+        source=model,
+        edit_adapter_weights=weights,
+    )
+    for module in (models.vae, models.text_encoder, models.unet, models.identity_unet):
+        module.eval().requires_grad_(False)
+    return models.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models: the real classes at toy size, so tests and the offline demo run the real loader.
+
+
+def clip_bpe_tokenizer() -> CLIPTokenizer:
+    """CLIP's real BPE vocabulary (49,408 tokens), read from the file open_clip_torch ships.
+
+    open_clip is not imported (it needs torchvision); only its vocabulary file is read.
+    """
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("open_clip_torch is not installed: it ships CLIP's BPE vocabulary (pip install --no-deps open_clip_torch)")
+    bpe_path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    byte_symbols = _byte_symbols()
+    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {token: index for index, token in enumerate(tokens)}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _byte_symbols() -> list[str]:
+    """The byte-level alphabet of GPT-2/CLIP BPE, in vocabulary order.
+
+    Printable bytes stand for themselves; the other bytes get characters from 256 upwards.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(others))]
+
+
+def build_tiny_models(directory: str | Path, *, seed: int = 0) -> Path:
+    """Write a tiny random SD-1.x-layout model set (plus ``clip/``, a tiny CLIPModel) to ``directory``.
+
+    Same classes, same folder layout and same scheduler as SD-1.5 (64x64 images, f=4 latents of
+    16x16, self- and cross-attention at two resolutions), small enough for CPU tests.
+    """
+    from diffusers import StableDiffusionPipeline
+    from transformers import CLIPConfig, CLIPModel, CLIPTextConfig
+
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=32, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        sample_size=64,
+    )
+    with torch.no_grad():  # unit-variance latents, as SD's scaling factor gives its real VAE
+        probe = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+        std = vae.encode(probe).latent_dist.mean.std().item()
+    vae.register_to_config(scaling_factor=1.0 / max(std, 1e-6))
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_bpe_tokenizer(), unet=unet,
+        scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(directory, safe_serialization=True)
+
+    clip = CLIPModel(CLIPConfig(
+        text_config=text_config.to_dict(),
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+        projection_dim=32,
+    ))
+    clip.save_pretrained(directory / "clip", safe_serialization=True)
+    pipe.tokenizer.save_pretrained(directory / "clip")
+    return directory

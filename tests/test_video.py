@@ -1,0 +1,420 @@
+"""Video I/O: round trips, VFR resampling, rotation, audio, atomic writes and user errors.
+
+Test clips are made here with PyAV directly (not with write_video), so reading is checked against
+files this module did not produce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from ipfacediff.errors import UserError
+from ipfacediff.video import (
+    VideoInfo,
+    iter_frames,
+    probe_video,
+    read_frames,
+    rotate_upright,
+    write_video,
+)
+
+W, H = 64, 48
+
+
+def moving_pattern(count: int, width: int = W, height: int = H) -> list[np.ndarray]:
+    """Smooth gradient with a bright square moving right: easy for H.264, distinct per frame."""
+    y, x = np.mgrid[0:height, 0:width]
+    frames = []
+    for i in range(count):
+        image = np.stack([x * 255 // width, y * 255 // height, np.full_like(x, 80)], axis=-1)
+        image[10:22, 4 + 3 * i : 16 + 3 * i] = [250, 250, 40]
+        frames.append(image.astype(np.uint8))
+    return frames
+
+
+def gray(level: int) -> np.ndarray:
+    return np.full((H, W, 3), level, dtype=np.uint8)
+
+
+def make_clip(
+    path: Path,
+    images: list[np.ndarray],
+    *,
+    rate: int = 10,
+    times_ms: list[int] | None = None,
+    ccw_rotation: int | None = None,
+    audio_codec: str | None = None,
+    audio_seconds: float = 2.0,
+    options: dict[str, str] | None = None,
+) -> Path:
+    """Write ``images`` with libx264; ``times_ms`` gives explicit (e.g. irregular) timestamps."""
+    with av.open(str(path), "w") as out:
+        video = out.add_stream("libx264", rate=rate, options=options or {})
+        video.height, video.width = images[0].shape[:2]
+        video.pix_fmt = "yuv420p"
+        if times_ms is not None:
+            video.codec_context.time_base = Fraction(1, 1000)
+        if ccw_rotation is not None:
+            video.set_display_rotation(ccw_rotation)
+        if audio_codec is not None:
+            sample_rate = 48_000
+            audio = out.add_stream(audio_codec, rate=sample_rate, layout="stereo")
+            t = np.arange(int(sample_rate * audio_seconds)) / sample_rate
+            tone = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+            stereo = np.stack([tone, tone])
+            frame = av.AudioFrame.from_ndarray(stereo, format="fltp", layout="stereo")
+            frame.sample_rate = sample_rate
+            frame.pts = 0
+            out.mux(audio.encode(frame))
+            out.mux(audio.encode())
+        for i, image in enumerate(images):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if times_ms is not None:
+                frame.pts = times_ms[i]
+                frame.time_base = Fraction(1, 1000)
+            out.mux(video.encode(frame))
+        out.mux(video.encode())
+    return path
+
+
+def stream_seconds(path: Path) -> dict[str, float]:
+    with av.open(str(path)) as container:
+        return {s.type: float(s.duration * s.time_base) for s in container.streams}
+
+
+def source_indices(frames: np.ndarray, step: int = 20) -> list[int]:
+    """Which gray level ``i * step`` each (uniform gray) decoded frame shows."""
+    return [round(float(frame.mean()) / step) for frame in frames]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_count_fps_size_and_pixels(tmp_path):
+    source = moving_pattern(12)
+    out = write_video(tmp_path / "out.mp4", iter(source), 10)
+
+    assert out == tmp_path / "out.mp4"
+    info = probe_video(out)
+    expected = VideoInfo(
+        path=out,
+        width=W,
+        height=H,
+        fps=10.0,
+        frame_count=12,
+        duration=1.2,
+        rotation=0,
+        has_audio=False,
+    )
+    assert info == expected
+    before = sha256(out)
+    frames = read_frames(out)
+    assert sha256(out) == before  # reading never touches the file
+    assert frames.shape == (12, H, W, 3) and frames.dtype == np.uint8
+    errors = np.abs(frames.astype(int) - np.stack(source)).mean(axis=(1, 2, 3))
+    assert errors.max() < 4, errors
+    # Frames are in order: each decoded frame is nearest to its own source frame.
+    for i, frame in enumerate(frames):
+        distances = [np.abs(frame.astype(int) - s).mean() for s in source]
+        assert int(np.argmin(distances)) == i
+    assert [p.name for p in tmp_path.iterdir()] == ["out.mp4"]
+
+
+def test_saturated_colours_survive_a_round_trip(tmp_path):
+    image = np.zeros((H, W, 3), np.uint8)
+    image[:16, :, 0] = image[16:32, :, 1] = image[32:, :, 2] = 255
+    out = write_video(tmp_path / "colours.mp4", [image] * 3, 10)
+    frame = read_frames(out)[1].astype(int)
+    # Away from the band edges, where 4:2:0 chroma blurs: a wrong BT.601/709 matrix is off by ~20.
+    bands = {(3, 13): [255, 0, 0], (19, 29): [0, 255, 0], (35, 45): [0, 0, 255]}
+    for (top, bottom), colour in bands.items():
+        assert np.abs(frame[top:bottom] - colour).max() <= 6
+
+
+def test_fractional_fps_is_kept_exactly(tmp_path):
+    out = write_video(tmp_path / "ntsc.mp4", moving_pattern(9), 30000 / 1001)
+    info = probe_video(out)
+    assert info.fps == pytest.approx(30000 / 1001, abs=1e-9)
+    assert info.frame_count == 9
+
+
+def test_write_streams_the_generator(tmp_path):
+    """Frames are encoded as they arrive: the temp file is being written before the last frame.
+
+    x264 holds about 40 frames of lookahead before its first packet, hence 60 frames.
+    """
+    seen_temp = []
+
+    def frames():
+        for i in range(60):
+            if i == 59:
+                seen_temp.extend(tmp_path.glob(".out.mp4.tmp-*.mp4"))
+            yield gray(i * 4)
+
+    out = write_video(tmp_path / "out.mp4", frames(), 10)
+    assert len(seen_temp) == 1
+    assert not seen_temp[0].exists()
+    assert probe_video(out).frame_count == 60
+
+
+def test_real_clip(shared_clip):
+    clip = shared_clip("closeup.mp4")
+    before = sha256(clip)
+    info = probe_video(clip)
+    assert (info.frame_count, info.fps, info.width, info.height) == (40, 10.0, 512, 512)
+    assert info.duration == pytest.approx(4.0)
+    frames = read_frames(clip)
+    assert frames.shape == (40, 512, 512, 3)
+    np.testing.assert_array_equal(read_frames(clip, start=17, count=5), frames[17:22])
+    assert sha256(clip) == before
+
+
+def test_start_and_count_match_a_full_read(tmp_path):
+    # Short GOPs with B-frames make the seek land on different keyframes.
+    options = {"g": "5", "keyint_min": "5", "bf": "2", "sc_threshold": "0"}
+    clip = make_clip(tmp_path / "gop.mp4", [gray(8 * i) for i in range(30)], options=options)
+    full = read_frames(clip)
+    assert source_indices(full, step=8) == list(range(30))
+    for start in (0, 1, 4, 5, 6, 13, 27, 29):
+        chunk = read_frames(clip, start=start, count=3)
+        np.testing.assert_array_equal(chunk, full[start : start + 3])
+    assert read_frames(clip, start=31).shape == (0, H, W, 3)
+    assert len(list(iter_frames(clip, start=25))) == 5
+    with pytest.raises(ValueError):
+        iter_frames(clip, start=-1)
+
+
+# --- variable frame rate ------------------------------------------------------------------------
+
+VFR_TIMES_MS = [0, 100, 150, 400, 450, 500, 700, 800, 850, 900]
+
+
+def test_variable_frame_rate_is_resampled_to_constant_rate(tmp_path):
+    # MKV records each frame's time to the millisecond, and 10 fps as the average rate.
+    images = [gray(20 * i) for i in range(len(VFR_TIMES_MS))]
+    clip = make_clip(tmp_path / "vfr.mkv", images, times_ms=VFR_TIMES_MS)
+    info = probe_video(clip)
+    assert (info.fps, info.frame_count) == (10.0, 10)
+    # Output frame k shows the latest source frame at or before k * 100 ms (quarter-frame slack):
+    # source 2 (150 ms) is held over 300 ms, 4 (450 ms) and 8 (850 ms) are dropped.
+    assert source_indices(read_frames(clip)) == [0, 1, 2, 2, 3, 5, 5, 6, 7, 9]
+
+
+def test_variable_frame_rate_mp4_follows_the_documented_rule(tmp_path):
+    images = [gray(20 * i) for i in range(len(VFR_TIMES_MS))]
+    clip = make_clip(tmp_path / "vfr.mp4", images, times_ms=VFR_TIMES_MS)
+    info = probe_video(clip)
+    # mp4 reports its own average rate (frames / total duration); the rule must hold for it too.
+    expected = [
+        max(i for i, t in enumerate(VFR_TIMES_MS) if t / 1000 <= (k + 0.25) / info.fps)
+        for k in range(info.frame_count)
+    ]
+    assert info.frame_count == math.ceil(1.0 * info.fps - 0.25)  # the mp4 lasts 1.0 s
+    assert source_indices(read_frames(clip)) == expected
+
+
+def test_millisecond_rounded_constant_rate_keeps_every_frame(tmp_path):
+    """30 fps stored in ms (0, 33, 67, 100, ...): rounding must not duplicate or drop frames."""
+    times = [round(i * 1000 / 30) for i in range(24)]
+    images = [gray(10 * i) for i in range(24)]
+    clip = make_clip(tmp_path / "ms.mkv", images, rate=30, times_ms=times)
+    info = probe_video(clip)
+    assert (info.fps, info.frame_count) == (30.0, 24)
+    assert source_indices(read_frames(clip), step=10) == list(range(24))
+
+
+# --- rotation -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("ccw", "clockwise"), [(90, 270), (-90, 90), (180, 180)])
+def test_rotation_metadata_is_applied(tmp_path, ccw, clockwise):
+    """PyAV writes display matrices counter-clockwise; players (and we) turn frames upright."""
+    image = moving_pattern(1)[0]
+    clip = make_clip(tmp_path / "rotated.mp4", [image] * 3, ccw_rotation=ccw)
+    info = probe_video(clip)
+    assert info.rotation == clockwise
+    upright = rotate_upright(image, clockwise)
+    assert (info.height, info.width) == upright.shape[:2]
+    frames = read_frames(clip)
+    assert frames.shape == (3, *upright.shape)
+    assert np.abs(frames[0].astype(int) - upright).mean() < 4
+
+
+def test_rotate_upright_turns_clockwise_and_is_contiguous():
+    image = np.arange(6).reshape(2, 3)
+    assert rotate_upright(image, 90).tolist() == [[3, 0], [4, 1], [5, 2]]
+    assert rotate_upright(image, 270).tolist() == [[2, 5], [1, 4], [0, 3]]
+    assert rotate_upright(image, 180).tolist() == [[5, 4, 3], [2, 1, 0]]
+    assert rotate_upright(image, 90).flags.c_contiguous
+    with pytest.raises(ValueError):
+        rotate_upright(image, 45)
+
+
+# --- audio --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("container", "codec", "muxed_as"),
+    [
+        ("mp4", "aac", "aac"),  # copied
+        ("mkv", "mp3", "mp3"),  # copied
+        ("mkv", "libopus", "opus"),  # copied
+        ("mkv", "pcm_s16le", "aac"),  # mp4 cannot hold PCM: re-encoded
+    ],
+)
+def test_audio_is_muxed_and_trimmed_to_the_video(tmp_path, container, codec, muxed_as):
+    source = make_clip(tmp_path / f"talk.{container}", moving_pattern(15), audio_codec=codec)
+    assert probe_video(source).has_audio
+    out = write_video(tmp_path / "out.mp4", moving_pattern(12), 10, audio_from=source)
+
+    info = probe_video(out)
+    assert info.has_audio and info.frame_count == 12
+    seconds = stream_seconds(out)
+    assert seconds["video"] == pytest.approx(1.2)
+    assert abs(seconds["audio"] - seconds["video"]) < 1 / 10  # the source tone lasts 2 s
+    with av.open(str(out)) as result:
+        assert result.streams.audio[0].codec_context.codec.canonical_name == muxed_as
+        samples = np.concatenate([f.to_ndarray()[0] for f in result.decode(audio=0)])
+    assert np.sqrt(np.mean(samples.astype(float) ** 2)) > 0.1  # the tone, not silence
+
+
+def test_no_audio_in_source_means_no_audio_stream(tmp_path):
+    silent = make_clip(tmp_path / "silent.mp4", moving_pattern(5))
+    out = write_video(tmp_path / "out.mp4", moving_pattern(5), 10, audio_from=silent)
+    assert not probe_video(out).has_audio
+    assert set(stream_seconds(out)) == {"video"}
+
+
+# --- odd sizes, atomic writes, bad frames ----------------------------------------------------
+
+
+def test_odd_size_is_padded_by_repeating_the_edge(tmp_path):
+    source = moving_pattern(4, width=65, height=49)
+    out = write_video(tmp_path / "odd.mp4", source, 10)
+    info = probe_video(out)
+    assert (info.width, info.height) == (66, 50)
+    frames = read_frames(out).astype(int)
+    assert np.abs(frames[:, :49, :65] - np.stack(source)).mean() < 4
+    # The padding repeats the last real column/row.
+    assert np.abs(frames[:, :, 65] - frames[:, :, 64]).mean() < 4
+    assert np.abs(frames[:, 49] - frames[:, 48]).mean() < 4
+
+
+def test_failed_write_leaves_no_file_and_keeps_the_old_one(tmp_path):
+    temp_files = []
+
+    def broken():
+        # Past x264's lookahead, so the temp file has really been written to when we crash.
+        for i in range(60):
+            yield gray(i * 4)
+        temp_files.extend(tmp_path.glob(".*.tmp-*.mp4"))
+        raise RuntimeError("model crashed")
+
+    with pytest.raises(RuntimeError, match="model crashed"):
+        write_video(tmp_path / "new.mp4", broken(), 10)
+    assert len(temp_files) == 1
+    assert list(tmp_path.iterdir()) == []
+
+    old = tmp_path / "old.mp4"
+    old.write_bytes(b"previous result")
+    with pytest.raises(RuntimeError):
+        write_video(old, broken(), 10)
+    assert old.read_bytes() == b"previous result"
+    assert list(tmp_path.iterdir()) == [old]
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [],
+        [np.zeros((H, W, 3), np.float32)],
+        [np.zeros((H, W), np.uint8)],
+        [np.zeros((H, W, 4), np.uint8)],
+        [gray(0), gray(0), np.zeros((H + 2, W, 3), np.uint8)],
+    ],
+    ids=["empty", "float", "grey", "rgba", "size-change"],
+)
+def test_bad_frames_raise_value_error_and_leave_nothing(tmp_path, frames):
+    with pytest.raises(ValueError):
+        write_video(tmp_path / "out.mp4", iter(frames), 10)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fps", [0, -5, float("nan"), float("inf")])
+def test_bad_fps_raises_value_error(tmp_path, fps):
+    with pytest.raises(ValueError):
+        write_video(tmp_path / "out.mp4", moving_pattern(2), fps)
+
+
+def test_output_folder_problems_are_user_errors(tmp_path, monkeypatch):
+    with pytest.raises(UserError, match="does not exist"):
+        write_video(tmp_path / "missing" / "out.mp4", moving_pattern(2), 10)
+    with pytest.raises(UserError, match="is a folder"):
+        write_video(tmp_path, moving_pattern(2), 10)
+    # chmod does not stop root (CI containers), so fake the permission check.
+    monkeypatch.setattr(os, "access", lambda *args, **kwargs: False)
+    with pytest.raises(UserError, match="not writable"):
+        write_video(tmp_path / "out.mp4", moving_pattern(2), 10)
+
+
+# --- unreadable inputs ----------------------------------------------------------------------------
+
+
+def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    text = tmp_path / "input.txt"
+    text.write_text("hello, this is not a video\n" * 20)
+    empty = tmp_path / "empty.mp4"
+    empty.touch()
+    truncated = tmp_path / "truncated.mp4"
+    make_clip(tmp_path / "whole.mp4", moving_pattern(5))
+    truncated.write_bytes((tmp_path / "whole.mp4").read_bytes()[:300])
+    audio_only = tmp_path / "tone.m4a"
+    with av.open(str(audio_only), "w", format="mp4") as out:
+        stream = out.add_stream("aac", rate=16_000, layout="mono")
+        silence = np.zeros((1, 4096), np.float32)
+        frame = av.AudioFrame.from_ndarray(silence, format="fltp", layout="mono")
+        frame.sample_rate, frame.pts = 16_000, 0
+        out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return {
+        "missing": (tmp_path / "input.mp4", "input.mp4 does not exist"),
+        "text": (text, "input.txt is not a video ffmpeg can read"),
+        "empty": (empty, "empty.mp4 is empty"),
+        "truncated": (truncated, "truncated.mp4 is not a video ffmpeg can read"),
+        "folder": (tmp_path, "is a folder"),
+        "audio-only": (audio_only, "tone.m4a has no video stream"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "empty", "truncated", "folder", "audio-only"])
+def test_unreadable_inputs_are_one_line_user_errors(tmp_path, kind):
+    path, message = _bad_inputs(tmp_path)[kind]
+    before = sha256(path) if path.is_file() else None
+    for read in (probe_video, iter_frames, read_frames):  # iter_frames fails at the call
+        with pytest.raises(UserError) as caught:
+            read(path)
+        assert message in str(caught.value)
+        assert "\n" not in str(caught.value)
+    if before is not None:
+        assert sha256(path) == before
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "empty", "folder"])
+def test_unreadable_audio_source_is_a_user_error(tmp_path, kind):
+    path, message = _bad_inputs(tmp_path)[kind]
+    out = tmp_path / "out.mp4"
+    with pytest.raises(UserError, match=message):
+        write_video(out, moving_pattern(2), 10, audio_from=path)
+    assert not out.exists()
