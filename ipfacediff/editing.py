@@ -353,6 +353,12 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
             raise ValueError("frames must be a non-empty (N, H, W, 3) uint8 array")
+        # A run of identical frames (a still, or frames repeated by constant-rate resampling) is
+        # one moment: edit it once, so repeats come out identical and cost nothing.
+        starts = np.ones(len(frames), dtype=bool)
+        starts[1:] = (frames[1:] != frames[:-1]).any(axis=(1, 2, 3))
+        first_of_run, run_of = np.flatnonzero(starts).tolist(), np.cumsum(starts) - 1
+        frames = frames[first_of_run]
         count = len(frames)
         timings = dict.fromkeys(("encode", "invert", "identity_features", "keyframe_edit", "propagation", "decode"), 0.0)
         calls = {"invert": 0, "identity": 0, "edit": 0}
@@ -426,7 +432,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         output = decode_latents(self.vae, edited, batch_size=batch_size)
         self._sync()
         timings["decode"] = time.perf_counter() - tick
-        return EditResult(frames=output, timings=timings, inversion_reused=inverted.unet_calls == 0,
+        history = [[first_of_run[k] for k in chosen] for chosen in history]
+        return EditResult(frames=output[run_of], timings=timings, inversion_reused=inverted.unet_calls == 0,
                           keyframes_per_step=history, unet_calls=calls)
 
 

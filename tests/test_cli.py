@@ -1,0 +1,167 @@
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ipfacediff.cli import main
+from ipfacediff.video import probe_video, write_video
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    """A short clip with a sound track and its true face track."""
+    from ipfacediff.demo import sample_clip
+
+    folder = tmp_path_factory.mktemp("sample")
+    tracks = sample_clip(folder / "clip.mp4", frames=12)
+    tracks.save(folder / "clip.tracks.json")
+    return folder / "clip.mp4", folder / "clip.tracks.json"
+
+
+def test_edit_real_clip_keeps_frames_fps_and_size(shared_clip, tiny_dir, tmp_path, capsys):
+    clip = shared_clip("closeup.mp4")
+    before = digest(clip)
+    out = tmp_path / "out.mp4"
+    code, stdout, stderr = run(["edit", str(clip), "-o", str(out), "--prompt", "a face with eyeglasses",
+                                "--model", str(tiny_dir), "--resolution", "64", "--steps", "10"], capsys)
+    assert code == 0, stderr
+    info = probe_video(out)
+    assert (info.frame_count, info.fps, info.width, info.height) == (40, 10.0, 512, 512)
+    assert digest(clip) == before
+    report = json.loads((tmp_path / "out.run.json").read_text())
+    assert report["settings"]["steps"] == 10 and report["faces"] and report["seconds"]["invert"] > 0
+
+
+def test_audio_is_kept_and_a_second_edit_reuses_the_inversion(sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    args = ["--prompt", "blonde hair", "--model", str(tiny_dir), "--steps", "3", "--tracks", str(tracks),
+            "--cache-dir", str(tmp_path / "cache")]
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "a.mp4"), *args], capsys)
+    assert code == 0, stderr
+    source, edited = probe_video(clip), probe_video(tmp_path / "a.mp4")
+    assert source.has_audio and edited.has_audio
+    assert abs(edited.duration - source.duration) <= 1 / source.fps
+    assert edited.frame_count == source.frame_count
+
+    import av
+
+    with av.open(str(tmp_path / "a.mp4")) as container:
+        audio = container.streams.audio[0]
+        audio_seconds = float(audio.duration * audio.time_base)
+    assert abs(audio_seconds - edited.duration) <= 1 / source.fps
+
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "b.mp4"), *args], capsys)
+    assert code == 0
+    assert "inversion reused" in stderr
+    assert json.loads((tmp_path / "b.run.json").read_text())["inversion_reused"] is True
+
+
+def _mistakes(tmp_path: Path, clip: Path, tiny_dir: Path) -> list[tuple[str, list[str], str]]:
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n")
+    broken_model = tmp_path / "broken-model"
+    broken_model.mkdir()
+    (broken_model / "unet").mkdir()
+    (broken_model / "unet" / "config.json").write_text("{not json")
+    locked = tmp_path / "no-such-folder" / "out.mp4"
+    ok = ["--model", str(tiny_dir), "--steps", "2"]
+    return [
+        ("missing input", ["edit", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o.mp4"), "-p", "x", *ok], "does not exist"),
+        ("not a video", ["edit", str(text), "-o", str(tmp_path / "o.mp4"), "-p", "x", *ok], "not a video"),
+        ("unreadable model", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--model", str(broken_model)], "model"),
+        ("unwritable output", ["edit", str(clip), "-o", str(locked), "-p", "x", *ok], "does not exist"),
+        ("output is input", ["edit", str(clip), "-o", str(clip), "-p", "x", *ok], "input path"),
+        ("empty prompt", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "  ", *ok], "prompt is empty"),
+        ("bad face selection", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--faces", "x", *ok], "face selection"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_user_mistakes_give_one_line_and_exit_2(case, sample, tiny_dir, tmp_path, capsys):
+    clip, _ = sample
+    before = digest(clip)
+    name, argv, expected = _mistakes(tmp_path, clip, tiny_dir)[case]
+    code, stdout, stderr = run(argv, capsys)
+    assert code == 2, (name, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), (name, stderr)
+    assert expected in lines[0], (name, lines[0])
+    assert "Traceback" not in stderr + stdout
+    assert digest(clip) == before
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_mistake_from_the_installed_command_has_no_traceback(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ipfacediff.cli", "edit", str(tmp_path / "missing.mp4"), "-o",
+                           str(tmp_path / "o.mp4"), "-p", "x"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: ")
+
+
+@pytest.mark.parametrize("command", ["edit", "invert", "build-tiny-models", "faces", "demo"])
+def test_every_command_has_help(command, capsys):
+    code, stdout, _ = run([command, "--help"], capsys)
+    assert code == 0 and "Usage" in stdout
+
+
+def test_build_tiny_models_command(tmp_path, capsys):
+    code, stdout, _ = run(["build-tiny-models", str(tmp_path / "m"), "--seed", "2"], capsys)
+    assert code == 0 and (tmp_path / "m" / "model_index.json").is_file() and (tmp_path / "m" / "clip").is_dir()
+    code, _, stderr = run(["build-tiny-models", str(tmp_path / "m")], capsys)
+    assert code == 2 and "not empty" in stderr
+
+
+def test_invert_command_fills_the_cache(sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    argv = ["invert", str(clip), "--model", str(tiny_dir), "--steps", "3", "--tracks", str(tracks),
+            "--cache-dir", str(tmp_path / "cache")]
+    code, stdout, _ = run(argv, capsys)
+    assert code == 0 and "UNet calls" in stdout
+    code, stdout, _ = run(argv, capsys)
+    assert code == 0 and "already cached" in stdout
+
+
+def test_whole_frame_mode_and_no_face(tiny_dir, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(5)]
+    clip = write_video(tmp_path / "noise.mp4", noise, 5)
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "pass.mp4"), "-p", "x", "--model", str(tiny_dir),
+                           "--steps", "2"], capsys)
+    assert code == 0 and "no face found" in stderr
+    assert probe_video(tmp_path / "pass.mp4").frame_count == 5
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "req.mp4"), "-p", "x", "--model", str(tiny_dir),
+                           "--steps", "2", "--require-face"], capsys)
+    assert code == 2 and "no face found" in stderr
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "whole.mp4"), "-p", "x", "--model", str(tiny_dir),
+                           "--steps", "2", "--whole-frame"], capsys)
+    assert code == 0, stderr
+    info = probe_video(tmp_path / "whole.mp4")
+    assert (info.width, info.height, info.frame_count) == (64, 48, 5)
+
+
+def test_demo_runs_offline(tmp_path, capsys):
+    code, stdout, stderr = run(["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "2"], capsys)
+    assert code == 0, stderr
+    for name in ("sample.mp4", "edited.mp4", "side_by_side.mp4", "edited.run.json"):
+        assert (tmp_path / "demo" / name).is_file()
+        assert str(tmp_path / "demo" / name) in stdout

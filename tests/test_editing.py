@@ -1,0 +1,151 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from ipfacediff.diffusion import InversionCache, ddim_step, encode_prompt
+from ipfacediff.editing import (
+    DEFAULT_KEYFRAME_SPACING,
+    FeatureController,
+    IPFaceDiffAttnProcessor,
+    IPFaceDiffPipeline,
+    extended_attention,
+    keyframe_batches,
+    nearest_neighbour_field,
+    select_keyframes,
+    two_nearest,
+)
+
+from conftest import moving_texture
+
+PROMPT = "a face with eyeglasses"
+
+
+def test_same_seed_gives_bit_identical_output(tiny_pipe, tmp_path):
+    frames = moving_texture(6)
+    a = tiny_pipe(frames, PROMPT, steps=4, seed=3, cache=InversionCache(tmp_path / "a"))
+    b = tiny_pipe(frames, PROMPT, steps=4, seed=3, cache=InversionCache(tmp_path / "b"))
+    assert np.array_equal(a.frames, b.frames)
+    # and a re-edit from the cache is the same edit, made without inverting again
+    c = tiny_pipe(frames, PROMPT, steps=4, seed=3, cache=InversionCache(tmp_path / "a"))
+    assert c.inversion_reused and c.unet_calls["invert"] == 0
+    assert np.array_equal(a.frames, c.frames)
+    d = tiny_pipe(frames, PROMPT, steps=4, seed=4, cache=InversionCache(tmp_path / "a"))
+    assert a.keyframes_per_step != d.keyframes_per_step
+
+
+def test_single_keyframe_extended_attention_is_plain_self_attention(tiny_pipe):
+    name, attn = next((n, m) for n, m in tiny_pipe.unet.named_modules() if n.endswith("attn1"))
+    hidden = torch.randn(2, 64, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
+    controller = FeatureController(mode="edit", group=1)
+    ours = IPFaceDiffAttnProcessor(name, controller, injectable=True)(attn, hidden)
+    plain = AttnProcessor2_0()(attn, hidden)
+    torch.testing.assert_close(ours, plain)
+    # With two keyframes each frame attends to both: differs from plain unless the frames agree.
+    controller.group = 2
+    assert not torch.allclose(IPFaceDiffAttnProcessor(name, controller, True)(attn, hidden), plain)
+    same = hidden[:1].repeat(2, 1, 1)
+    torch.testing.assert_close(IPFaceDiffAttnProcessor(name, controller, True)(attn, same), AttnProcessor2_0()(attn, same))
+
+
+def test_extended_attention_attends_across_the_group():
+    q = torch.randn(4, 5, 8)
+    k = torch.randn(4, 5, 8)
+    v = torch.randn(4, 5, 8)
+    joint = extended_attention(q, k, v, heads=2, group=2)
+    reference = torch.nn.functional.scaled_dot_product_attention(
+        q.reshape(2, 10, 2, 4).transpose(1, 2), k.reshape(2, 10, 2, 4).transpose(1, 2), v.reshape(2, 10, 2, 4).transpose(1, 2)
+    ).transpose(1, 2).reshape(4, 5, 8)
+    torch.testing.assert_close(joint, reference)
+
+
+def test_correspondence_recovers_a_known_shift(tiny_pipe):
+    """One texture shifted 8 px (2 latent tokens) per frame: nearest neighbours must undo the shift."""
+    frames = moving_texture(3, size=128, shift=(8, 0))
+    inverted, _ = tiny_pipe.invert(frames, steps=10)
+    side, offset = 128 // 4, 2 * 2  # frame 2 is shifted by 4 tokens from frame 0
+    ys, xs = np.divmod(np.arange(side * side), side)
+    target = ys * side + xs + offset
+    # Tokens whose match exists in the keyframe, away from the zero-padded border ring, where a
+    # random conv net's features are dominated by the padding.
+    inner = (xs >= 1) & (ys >= 1) & (ys < side - 1) & (xs + offset < side - 1)
+    for step in (3, 9):
+        field = nearest_neighbour_field(inverted.features_at(step)[2], inverted.features_at(step)[0], side=side).numpy()
+        accuracy = (field[inner] == target[inner]).mean()
+        assert accuracy >= 0.9, (step, accuracy)
+
+
+def test_repeated_frame_gives_identical_frames(tiny_pipe):
+    frame = moving_texture(1)[0]
+    result = tiny_pipe(np.stack([frame] * 10), PROMPT, steps=3, keyframes=3)
+    assert all(np.array_equal(result.frames[0], f) for f in result.frames[1:])
+
+
+def test_every_length_up_to_twice_the_keyframe_spacing(tiny_pipe):
+    frames = moving_texture(2 * DEFAULT_KEYFRAME_SPACING)
+    for length in range(1, 2 * DEFAULT_KEYFRAME_SPACING + 1):
+        result = tiny_pipe(frames[:length], PROMPT, steps=2, seed=length)
+        assert result.frames.shape == (length, 64, 64, 3)
+        assert all(max(k) < length for k in result.keyframes_per_step)
+
+
+def test_without_injection_every_frame_editing_is_independent_sampling(tiny_pipe):
+    """Injection off and every frame a keyframe: plain CFG DDIM sampling with ε2 from the inversion."""
+    frames = moving_texture(3)
+    steps, guidance = 4, 5.0
+    result = tiny_pipe(frames, PROMPT, steps=steps, guidance=guidance, every_frame=True,
+                       inject_feature_until=1000, inject_attention_until=1000)
+    inverted, _ = tiny_pipe.invert(frames, steps=steps)
+    texts = encode_prompt(tiny_pipe.tokenizer, tiny_pipe.text_encoder, ["", PROMPT])
+    latents = inverted.latents[0].clone()
+    with torch.no_grad():
+        for step, t in enumerate(inverted.timesteps):
+            for i in range(len(latents)):  # one frame at a time: truly independent
+                x = latents[i : i + 1].repeat(2, 1, 1, 1)
+                uncond, cond = tiny_pipe.unet(x, t, encoder_hidden_states=texts).sample.chunk(2)
+                latents[i] = ddim_step(latents[i], (uncond + guidance * (cond - uncond))[0], *inverted.alphas[step])
+    reference = tiny_pipe.vae.decode(latents / tiny_pipe.vae.config.scaling_factor).sample
+    reference = ((reference.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(result.frames.astype(int) - reference.astype(int)).max() <= 1
+
+
+def test_identity_features_change_the_edit(tiny_pipe):
+    frames = moving_texture(4)
+    with_injection = tiny_pipe(frames, PROMPT, steps=4)
+    without = tiny_pipe(frames, PROMPT, steps=4, inject_feature_until=1000, inject_attention_until=1000)
+    ablated = tiny_pipe(frames, PROMPT, steps=4, identity_guidance=False)
+    assert with_injection.unet_calls["identity"] > 0 and without.unet_calls["identity"] == 0
+    assert not np.array_equal(with_injection.frames, without.frames)
+    assert ablated.frames.shape == with_injection.frames.shape
+
+
+def test_keyframes_are_spread_and_batches_share_an_anchor():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        chosen = select_keyframes(40, 5, generator=generator)
+        assert len(chosen) == 5 and np.all(np.diff(chosen) >= 7)
+    assert select_keyframes(40, 5) == [4, 12, 20, 28, 36]
+    batches = keyframe_batches(list(range(0, 160, 8)), 8, anchored=True)
+    assert max(len(b) for b in batches) <= 8
+    assert all(b[0] == 0 for b in batches)
+    assert sorted({k for b in batches for k in b}) == list(range(0, 160, 8))
+    assert two_nearest(5, [0, 8, 16]) == [(8, 5 / 8), (0, 3 / 8)]
+    assert two_nearest(3, [3]) == [(3, 1.0)]
+
+
+def test_pipeline_saves_and_loads(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    loaded = IPFaceDiffPipeline.from_pretrained(tmp_path / "pipe")
+    frames = moving_texture(3)
+    a = tiny_pipe(frames, PROMPT, steps=2)
+    b = loaded(frames, PROMPT, steps=2)
+    assert np.array_equal(a.frames, b.frames)
+
+
+def test_bad_frames_are_rejected(tiny_pipe):
+    with pytest.raises(ValueError):
+        tiny_pipe(np.zeros((0, 64, 64, 3), np.uint8), PROMPT)
+    with pytest.raises(ValueError):
+        tiny_pipe(np.zeros((2, 64, 64, 3), np.float32), PROMPT)
