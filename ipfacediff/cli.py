@@ -127,6 +127,8 @@ def edit(
     require_face: bool = typer.Option(False, "--require-face", help="Exit with an error when no face is found."),
     whole_frame: bool = typer.Option(False, "--whole-frame", help="Edit the whole frame (resized to the model's size) instead of face crops."),
     hair: bool = typer.Option(False, "--hair", help="Blend forehead and hair back too (for hair edits)."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Score the result right after: OUTPUT's .metrics.json and .report.html."),
+    clip: Optional[str] = typer.Option(None, "--clip", help="With --evaluate: CLIPModel folder or hub id for clip_direction/clip_score."),
     device: str = DeviceOption,
     dtype: str = DtypeOption,
     allow_pickle: bool = AllowPickleOption,
@@ -150,6 +152,124 @@ def edit(
     reused = " (inversion reused from the cache)" if report.inversion_reused else ""
     console.print(f"{report.message}{reused} in {report.seconds['total']:.1f} s")
     typer.echo(f"wrote {output} and {run_metadata_path(output)}")
+    if evaluate:
+        _evaluate(input, output, prompt=prompt, source_prompt=source_prompt or None, clip=clip,
+                  json_path=output.with_name(output.stem + ".metrics.json"),
+                  html_path=output.with_name(output.stem + ".report.html"))
+
+
+def _evaluate(original: Path, edited: Path, *, prompt, source_prompt, clip, json_path, html_path) -> dict:
+    from ipfacediff.evaluation import evaluate_videos, write_html_report, write_metrics_json
+
+    with progress_bars() as progress:
+        metrics = evaluate_videos(original, edited, prompt=prompt, source_prompt=source_prompt, clip=clip,
+                                  progress=progress)
+    summary = ", ".join(f"{key} {metrics[key]:.3f}" for key in ("id_sim", "id_drift", "tl_id", "tg_id",
+                        "warp_error_ratio", "flicker", "clip_direction") if isinstance(metrics.get(key), float))
+    typer.echo(summary or "no face to score")
+    if json_path:
+        typer.echo(f"wrote {write_metrics_json(metrics, json_path)}")
+    if html_path:
+        typer.echo(f"wrote {write_html_report(metrics, original, edited, html_path)}")
+    return metrics
+
+
+@app.command("evaluate")
+def evaluate_command(
+    original: Path = typer.Argument(..., help="The video before the edit."),
+    edited: Path = typer.Argument(..., help="The edited video (same frames and size)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The edit's prompt (default: from the edit's .run.json)."),
+    source_prompt: Optional[str] = typer.Option(None, "--source-prompt", help='What the input shows (default "a face").'),
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIPModel folder or hub id, for clip_direction and clip_score."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the metrics here (JSON)."),
+    html_path: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
+) -> None:
+    """Score an edit: identity kept (id_sim, id_drift, tl_id, tg_id), edit made (CLIP), flicker (warp error)."""
+    _evaluate(original, edited, prompt=prompt, source_prompt=source_prompt, clip=clip, json_path=json_path,
+              html_path=html_path)
+
+
+train_app = typer.Typer(help="Fine-tune ε1 (identity) or ε2 (edit) as LoRA adapters.", no_args_is_help=True)
+app.add_typer(train_app, name="train")
+
+
+def _loss_progress(progress):
+    """The trainers report (stage, done, total, loss); the bars take the first three."""
+    return lambda stage, done, total, loss=None: progress(stage, done, total)
+
+
+@train_app.command("identity")
+def train_identity_command(
+    model: str = typer.Option(..., "--model", "-m", help="Base SD-1.x model (folder, hub id or .safetensors)."),
+    data: Path = typer.Option(..., "--data", help="Folder of aligned face images, or video(s) to take faces from."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the adapter, checkpoints and training.json."),
+    max_steps: int = typer.Option(500, "--max-steps"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the model's."),
+    rank: int = typer.Option(4, "--rank", help="LoRA rank."),
+    batch_size: int = typer.Option(4, "--batch-size"),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate"),
+    lambda_id: float = typer.Option(0.1, "--lambda-id", help="Weight of the identity loss."),
+    full: bool = typer.Option(False, "--full", help="Fine-tune the whole UNet instead of a LoRA."),
+    checkpoint_every: int = typer.Option(100, "--checkpoint-every"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUTPUT."),
+    seed: int = typer.Option(0, "--seed"),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
+    gradient_accumulation: int = typer.Option(1, "--gradient-accumulation"),
+    max_images: Optional[int] = typer.Option(None, "--max-images"),
+) -> None:
+    """Fine-tune ε1 with MSE + λ_id·(1 − cos(ID(x̂0), ID(x0))), prompt ""."""
+    from ipfacediff.training import train_identity
+
+    with progress_bars() as progress:
+        result = train_identity(model, data, output, max_steps=max_steps, resolution=resolution, rank=rank,
+                                batch_size=batch_size, learning_rate=learning_rate, lambda_id=lambda_id, full=full,
+                                checkpoint_every=checkpoint_every, resume=resume, seed=seed,
+                                mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation,
+                                max_images=max_images, progress=_loss_progress(progress))
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
+               f"(use it with --identity-lora)")
+
+
+@train_app.command("edit")
+def train_edit_command(
+    model: str = typer.Option(..., "--model", "-m", help="Base SD-1.x model (folder, hub id or .safetensors)."),
+    source: str = typer.Option(..., "--source", help='What the training faces show, e.g. "a face".'),
+    target: str = typer.Option(..., "--target", help='What they should show, e.g. "a face with eyeglasses".'),
+    data: Path = typer.Option(..., "--data", help="Folder of aligned face images, or video(s) to take faces from."),
+    clip: str = typer.Option(..., "--clip", help="CLIPModel folder or hub id for the directional loss."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the adapter, checkpoints and training.json."),
+    max_steps: int = typer.Option(200, "--max-steps"),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Default: the model's."),
+    rank: int = typer.Option(4, "--rank", help="LoRA rank."),
+    batch_size: int = typer.Option(2, "--batch-size"),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate"),
+    lambda_dir: float = typer.Option(1.0, "--lambda-dir"),
+    lambda_id: float = typer.Option(0.1, "--lambda-id"),
+    lambda_l1: float = typer.Option(0.1, "--lambda-l1"),
+    t0: int = typer.Option(500, "--t0", help="Timestep the faces are inverted to before regeneration."),
+    inversion_steps: int = typer.Option(40, "--inversion-steps"),
+    generation_steps: int = typer.Option(6, "--generation-steps"),
+    full: bool = typer.Option(False, "--full", help="Fine-tune the whole UNet instead of a LoRA."),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in OUTPUT."),
+    seed: int = typer.Option(0, "--seed"),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
+    gradient_accumulation: int = typer.Option(1, "--gradient-accumulation"),
+    max_images: Optional[int] = typer.Option(None, "--max-images"),
+) -> None:
+    """Fine-tune ε2 with the directional CLIP loss (DiffusionCLIP-style), plus identity and L1 terms."""
+    from ipfacediff.training import train_edit
+
+    with progress_bars() as progress:
+        result = train_edit(model, source, target, data, clip, output, max_steps=max_steps, resolution=resolution,
+                            rank=rank, batch_size=batch_size, learning_rate=learning_rate, lambda_dir=lambda_dir,
+                            lambda_id=lambda_id, lambda_l1=lambda_l1, t0=t0, inversion_steps=inversion_steps,
+                            generation_steps=generation_steps, full=full, checkpoint_every=checkpoint_every,
+                            resume=resume, seed=seed, mixed_precision=mixed_precision,
+                            gradient_accumulation=gradient_accumulation, max_images=max_images,
+                            progress=_loss_progress(progress))
+    typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
+               f"(use it with --edit-lora {result.adapter}:1.0)")
 
 
 @app.command()

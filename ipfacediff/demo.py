@@ -94,10 +94,17 @@ def run_demo(output_dir: Path, *, prompt: str = "a face with eyeglasses", steps:
     report = edit_video(clip, edited, EditSettings(prompt=prompt, steps=steps), pipeline=pipe,
                         tracks_path=tracks_path, progress=progress)
     preview = side_by_side(clip, edited, output_dir / "side_by_side.mp4")
+    from ipfacediff.evaluation import evaluate_videos, write_html_report, write_metrics_json
+
+    metrics = evaluate_videos(clip, edited, tracks=tracks, progress=progress)
+    metrics_path = write_metrics_json(metrics, output_dir / "metrics.json")
+    report_path = write_html_report(metrics, clip, edited, output_dir / "report.html")
     return [
         f"{report.message} in {report.seconds['total']:.1f} s",
         f"input:        {clip}",
         f"edited:       {edited}",
         f"side by side: {preview}",
         f"run metadata: {run_metadata_path(edited)}",
+        f"metrics:      {metrics_path}",
+        f"report:       {report_path}",
     ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import lru_cache
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -192,10 +193,16 @@ def nearest_neighbour_field(frame_features: torch.Tensor, key_features: torch.Te
     b = F.normalize(key_features.float(), dim=-1)
     similarity = a @ b.transpose(-1, -2)
     if locality:
-        ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-        grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], -1).float().to(similarity.device)
-        similarity = similarity - locality * torch.cdist(grid, grid).pow(2) / side**2
+        similarity = similarity - locality * squared_distances(side, str(similarity.device))
     return similarity.argmax(-1)
+
+
+@lru_cache(maxsize=8)
+def squared_distances(side: int, device: str) -> torch.Tensor:
+    """(L, L) squared distances between token positions of a side x side grid, over side²."""
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], -1).float()
+    return (torch.cdist(grid, grid).pow(2) / side**2).to(device)
 
 
 def propagate_by_nearest_neighbour(
@@ -204,7 +211,6 @@ def propagate_by_nearest_neighbour(
     frame_count: int,
     *,
     device: torch.device | str = "cpu",
-    chunk: int = 16,
 ) -> torch.Tensor:
     """Every frame's edit from the keyframes' edits ``deltas`` {keyframe: (C, h, w)}.
 
@@ -218,21 +224,27 @@ def propagate_by_nearest_neighbour(
     for k in keyframes:
         out[k] = deltas[k]
     followers = [f for f in range(frame_count) if f not in deltas]
-    key_features = {k: features[k].to(device) for k in keyframes}
-    key_deltas = {k: deltas[k].reshape(channels, -1).to(device) for k in keyframes}
+    if not followers:
+        return out
+    position = {k: i for i, k in enumerate(keyframes)}
+    key_features = features[keyframes].to(device)
+    key_deltas = torch.stack([deltas[k] for k in keyframes]).reshape(len(keyframes), channels, -1).to(device)
+    tokens = key_features.shape[1]
+    chunk = max(1, 2**28 // (tokens * tokens * 4))  # two (chunk, L, L) float32 similarity maps
     for start in range(0, len(followers), chunk):
         batch = followers[start : start + chunk]
+        pairs = [two_nearest(f, keyframes) for f in batch]
+        first = torch.tensor([position[p[0][0]] for p in pairs], device=device)
+        second = torch.tensor([position[p[-1][0]] for p in pairs], device=device)
+        weight = torch.tensor([p[1][1] if len(p) == 2 else 0.0 for p in pairs], device=device)
         frame_features = features[batch].to(device)
-        for row, frame in enumerate(batch):
-            pairs = two_nearest(frame, keyframes)
-            gathered = []
-            for k, _ in pairs:
-                index = nearest_neighbour_field(frame_features[row], key_features[k], side=height)
-                gathered.append(key_deltas[k][:, index])
-            blended = gathered[0]
-            if len(pairs) == 2:  # written as a correction so equal edits stay bit-identical
-                blended = gathered[0] + pairs[1][1] * (gathered[1] - gathered[0])
-            out[frame] = blended.reshape(channels, height, width).cpu()
+        gathered = []
+        for which in (first, second):
+            index = nearest_neighbour_field(frame_features, key_features[which], side=height)
+            gathered.append(torch.gather(key_deltas[which], 2, index[:, None, :].expand(-1, channels, -1)))
+        # Written as a correction so that equal edits (and single keyframes) stay bit-identical.
+        blended = gathered[0] + weight[:, None, None] * (gathered[1] - gathered[0])
+        out[batch] = blended.reshape(len(batch), channels, height, width).cpu()
     return out
 
 

@@ -118,9 +118,10 @@ def test_a_mistake_from_the_installed_command_has_no_traceback(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: ")
 
 
-@pytest.mark.parametrize("command", ["edit", "invert", "build-tiny-models", "faces", "demo"])
+@pytest.mark.parametrize("command", ["edit", "invert", "build-tiny-models", "faces", "demo", "evaluate",
+                                     "train identity", "train edit"])
 def test_every_command_has_help(command, capsys):
-    code, stdout, _ = run([command, "--help"], capsys)
+    code, stdout, _ = run([*command.split(), "--help"], capsys)
     assert code == 0 and "Usage" in stdout
 
 
@@ -162,6 +163,54 @@ def test_whole_frame_mode_and_no_face(tiny_dir, tmp_path, capsys):
 def test_demo_runs_offline(tmp_path, capsys):
     code, stdout, stderr = run(["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "2"], capsys)
     assert code == 0, stderr
-    for name in ("sample.mp4", "edited.mp4", "side_by_side.mp4", "edited.run.json"):
+    for name in ("sample.mp4", "edited.mp4", "side_by_side.mp4", "edited.run.json", "metrics.json", "report.html"):
         assert (tmp_path / "demo" / name).is_file()
         assert str(tmp_path / "demo" / name) in stdout
+
+
+def test_edit_with_evaluate_and_the_evaluate_command(sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    out = tmp_path / "e.mp4"
+    code, stdout, stderr = run(["edit", str(clip), "-o", str(out), "-p", "a smiling face", "--model", str(tiny_dir),
+                                "--steps", "2", "--tracks", str(tracks), "--evaluate", "--clip", str(tiny_dir / "clip")],
+                               capsys)
+    assert code == 0, stderr
+    metrics = json.loads((tmp_path / "e.metrics.json").read_text())
+    assert metrics["frames"] == 12 and metrics["clip_score"] is not None
+    assert (tmp_path / "e.report.html").read_text().count("data:image") >= 2
+    code, stdout, stderr = run(["evaluate", str(clip), str(clip), "--json", str(tmp_path / "self.json")], capsys)
+    assert code == 0, stderr
+    self_metrics = json.loads((tmp_path / "self.json").read_text())
+    assert self_metrics["warp_error_ratio"] == pytest.approx(1.0, abs=0.05)
+    code, _, stderr = run(["evaluate", str(clip), str(tmp_path / "missing.mp4")], capsys)
+    assert code == 2 and stderr.startswith("error: ")
+
+
+def test_train_commands_write_adapters_that_edit_loads(sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    import cv2
+
+    from conftest import moving_texture
+
+    for i, image in enumerate(moving_texture(4)):
+        cv2.imwrite(str(faces / f"{i}.png"), image[..., ::-1])
+    code, stdout, stderr = run(["train", "identity", "--model", str(tiny_dir), "--data", str(faces), "--output",
+                                str(tmp_path / "id"), "--max-steps", "2", "--batch-size", "2"], capsys)
+    assert code == 0, stderr
+    identity = tmp_path / "id" / "pytorch_lora_weights.safetensors"
+    assert identity.is_file()
+    code, stdout, stderr = run(["train", "edit", "--model", str(tiny_dir), "--source", "a face", "--target",
+                                "a face with eyeglasses", "--data", str(faces), "--clip", str(tiny_dir / "clip"),
+                                "--output", str(tmp_path / "glasses"), "--max-steps", "1", "--batch-size", "2",
+                                "--inversion-steps", "2", "--generation-steps", "1"], capsys)
+    assert code == 0, stderr
+    edit_adapter = tmp_path / "glasses" / "pytorch_lora_weights.safetensors"
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "lora.mp4"), "-p", "a face with eyeglasses",
+                           "--model", str(tiny_dir), "--steps", "2", "--tracks", str(tracks),
+                           "--identity-lora", str(identity), "--edit-lora", f"{edit_adapter}:0.8"], capsys)
+    assert code == 0, stderr
+    code, _, stderr = run(["train", "identity", "--model", str(tiny_dir), "--data", str(tmp_path / "none"),
+                           "--output", str(tmp_path / "x")], capsys)
+    assert code == 2 and stderr.startswith("error: ")

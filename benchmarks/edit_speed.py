@@ -1,0 +1,190 @@
+"""Seconds per stage and peak memory of an edit: the full method, --every-frame, and a re-edit.
+
+    python benchmarks/edit_speed.py --json OUT.json                       # tiny models, CPU
+    python benchmarks/edit_speed.py --full-size --device cuda --json OUT.json   # SD-1.5 architecture, fp16, 512²
+
+--full-size builds the real SD-1.5 configurations with random weights (no download: timing does
+not depend on the weights); ε1 and ε2 are two separate UNets, as with two fine-tuned models.
+Prints a table and writes JSON with a top-level "ratios" object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ipfacediff.diffusion import InversionCache  # noqa: E402
+from ipfacediff.editing import IPFaceDiffPipeline  # noqa: E402
+from ipfacediff.models import SD1_SCHEDULER_CONFIG, build_tiny_models, clip_bpe_tokenizer, load_model_set  # noqa: E402
+
+STAGES = ("encode", "invert", "identity_features", "keyframe_edit", "propagation", "decode")
+
+
+def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> IPFaceDiffPipeline:
+    """SD-1.5's published architecture with random weights, built directly on the device."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet_config = dict(
+        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    with torch.device(device):
+        torch.manual_seed(0)
+        unet = UNet2DConditionModel(**unet_config)
+        identity_unet = UNet2DConditionModel(**unet_config)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+        )
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+        ))
+    for module in (unet, identity_unet, vae, text_encoder):
+        module.to(dtype=dtype).eval().requires_grad_(False)
+    return IPFaceDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_bpe_tokenizer(), unet=unet,
+                              identity_unet=identity_unet, scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG))
+
+
+def tiny_pipeline() -> IPFaceDiffPipeline:
+    folder = build_tiny_models(Path(tempfile.mkdtemp()) / "tiny")
+    return IPFaceDiffPipeline.from_model_set(load_model_set(str(folder)))
+
+
+def clip_frames(count: int, size: int, seed: int = 0) -> np.ndarray:
+    """A smooth texture drifting a pixel per frame: content that changes, as a real clip does."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    base = cv2.GaussianBlur(rng.integers(0, 256, (size + count + 8, size + count + 8, 3)).astype(np.uint8), (0, 0), 3)
+    return np.stack([base[4 : 4 + size, i : i + size] for i in range(count)])
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak on a GPU, sampled RSS growth on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import psutil
+
+            process = psutil.Process()
+            self.base = process.memory_info().rss
+            self.running = True
+
+            def sample():
+                while self.running:
+                    self.peak = max(self.peak, process.memory_info().rss - self.base)
+                    time.sleep(0.02)
+
+            self.thread = threading.Thread(target=sample, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+        else:
+            self.running = False
+            self.thread.join()
+
+
+def measure(pipe, frames, cache, device, **kwargs) -> dict:
+    with PeakMemory(device) as memory:
+        started = time.perf_counter()
+        result = pipe(frames, "a face with eyeglasses", cache=cache, **kwargs)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        total = time.perf_counter() - started
+    return {"seconds": round(total, 3), "stages": {k: round(result.timings[k], 3) for k in STAGES},
+            "peak_memory_mb": round(memory.peak / 2**20, 1), "unet_calls": result.unet_calls,
+            "inversion_reused": result.inversion_reused}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--full-size", action="store_true", help="SD-1.5 architecture at 512² (random weights)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--plan", default="full:40,reedit:40,full:160,every_frame:40,full:16,reedit:16",
+                        help="runs in order, METHOD:FRAMES; METHOD is full, reedit (from full's cache) or every_frame")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=None, help="frames per UNet batch (default 16 on CUDA, 8 on CPU)")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    dtype = torch.float16 if args.full_size else torch.float32
+    pipe = full_size_pipeline(device, dtype) if args.full_size else tiny_pipeline().to(device)
+    size = 512 if args.full_size else 64
+    batch = args.batch_size or (16 if device.type == "cuda" else 8)
+    common = dict(steps=args.steps, batch_size=batch)
+    plan = [(method, int(n)) for method, n in (item.split(":") for item in args.plan.split(","))]
+    scratch = Path(tempfile.mkdtemp(prefix="edit-speed-"))
+
+    # Warm-up, not measured: kernels, the allocator and every batch shape the runs below use.
+    warm = clip_frames(min(16, max(n for _, n in plan)), size, seed=99)
+    pipe(warm, "warm up", steps=2, batch_size=batch)
+    pipe(warm, "warm up", steps=2, batch_size=batch, every_frame=True)
+
+    rows: dict[str, dict] = {}
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "full_size": args.full_size, "resolution": size, "steps": args.steps, "batch_size": batch, "runs": rows}
+
+    def save():
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+
+    for method, n in plan:
+        frames = clip_frames(n, size, seed=n)
+        folder = scratch / ("every" if method == "every_frame" else "full") / str(n)
+        rows[f"{method}/{n}"] = measure(pipe, frames, InversionCache(folder), device,
+                                        every_frame=method == "every_frame", **common)
+        print(f"{method}/{n}: {rows[f'{method}/{n}']['seconds']:.2f} s", flush=True)
+        save()
+
+    def ratio(a, b, key="seconds"):
+        return round(rows[a][key] / rows[b][key], 3) if a in rows and b in rows and rows[b][key] else None
+
+    ref = 40 if "full/40" in rows else plan[0][1]
+    results["ratios"] = {
+        "every_frame_over_full": ratio(f"every_frame/{ref}", f"full/{ref}"),
+        "reedit_over_full": ratio(f"reedit/{ref}", f"full/{ref}"),
+        "time_160_over_40": ratio("full/160", "full/40"),
+        "memory_160_over_40": ratio("full/160", "full/40", "peak_memory_mb"),
+    }
+    save()
+
+    header = f"{'run':<16}{'total s':>9}" + "".join(f"{s:>19}" for s in STAGES) + f"{'peak MB':>10}"
+    print(f"device: {results['device']}, {size}², {args.steps} steps, batch {batch}")
+    print(header)
+    for name, row in rows.items():
+        print(f"{name:<16}{row['seconds']:>9.2f}" + "".join(f"{row['stages'][s]:>19.2f}" for s in STAGES)
+              + f"{row['peak_memory_mb']:>10.0f}")
+    print("ratios:", json.dumps(results["ratios"]))
+
+
+if __name__ == "__main__":
+    main()
