@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from ipfacediff.errors import UserError
+from ipfacediff.files import write_atomic
 
 # Canonical FFHQ-like positions of the five alignment points (left eye centre, right eye centre,
 # nose tip, left mouth corner, right mouth corner) in a crop of side 1.0, "left" meaning image left.
@@ -174,7 +174,9 @@ class FaceTracks:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the track file atomically (a reader never sees half a file)."""
-        return _write_atomic(Path(path), json.dumps(self.to_json()).encode())
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return write_atomic(path, json.dumps(self.to_json()))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FaceTracks:
@@ -766,15 +768,3 @@ def _preview_frames(
                 cv2.circle(out, (round(x), round(y)), 2, (255, 0, 0), -1)
         yield out
 
-
-def _write_atomic(path: Path, data: bytes) -> Path:
-    """Write to a temporary file beside ``path`` and rename it over: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path

@@ -5,9 +5,7 @@ This is what ``ipfacediff edit`` runs and what the Python API exposes as :func:`
 
 from __future__ import annotations
 
-import json
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +14,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ipfacediff import __version__
 from ipfacediff.diffusion import InversionCache, Progress
 from ipfacediff.editing import (
     DEFAULT_GUIDANCE,
@@ -26,7 +23,8 @@ from ipfacediff.editing import (
     IPFaceDiffPipeline,
 )
 from ipfacediff.errors import UserError
-from ipfacediff.models import build_tiny_models, load_model_set
+from ipfacediff.files import write_json
+from ipfacediff.models import build_tiny_models, library_versions, load_model_set, model_resolution
 from ipfacediff.video import VideoInfo, iter_frames, probe_video, write_video
 
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
@@ -114,12 +112,6 @@ def load_pipeline(
     return IPFaceDiffPipeline.from_model_set(models)
 
 
-def model_resolution(pipe: IPFaceDiffPipeline) -> int:
-    """The image size the model was trained at: latent sample size × VAE downscale factor."""
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    return int(pipe.unet.config.sample_size) * factor
-
-
 def check_paths(input_path: Path, output_path: Path) -> VideoInfo:
     """Catch the user's path mistakes before any work is done."""
     info = probe_video(input_path)
@@ -151,22 +143,11 @@ class RunReport:
     message: str = ""
 
     def save(self, path: Path) -> Path:
-        temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        temporary.write_text(json.dumps(asdict(self), indent=2))
-        os.replace(temporary, path)
-        return path
+        return write_json(path, asdict(self))
 
 
 def run_metadata_path(output: Path) -> Path:
     return output.with_name(output.stem + ".run.json")
-
-
-def _versions() -> dict[str, str]:
-    import diffusers
-    import transformers
-
-    return {"ipfacediff": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version()}
 
 
 def _whole_frame_track(info: VideoInfo):
@@ -226,7 +207,7 @@ def invert_video(input_path: str | Path, *, pipeline: IPFaceDiffPipeline, source
     """Fill the inversion cache for every selected face; returns lines describing what was done."""
     input_path = Path(input_path)
     info = probe_video(input_path)
-    size = resolution or model_resolution(pipeline)
+    size = resolution or model_resolution(pipeline.vae, pipeline.unet)
     cache = cache if cache is not None else InversionCache()
     found = face_crops(input_path, info, size, faces=faces, tracks_path=tracks_path, whole_frame=whole_frame,
                        progress=progress)
@@ -262,7 +243,7 @@ def edit_video(
     settings.validate()
     input_path, output_path = Path(input_path), Path(output_path)
     info = check_paths(input_path, output_path)
-    size = settings.resolution or model_resolution(pipeline)
+    size = settings.resolution or model_resolution(pipeline.vae, pipeline.unet)
     cache = cache if cache is not None else InversionCache()
     seconds: dict[str, float] = {}
     started = time.perf_counter()
@@ -328,7 +309,7 @@ def edit_video(
         video={"frames": info.frame_count, "width": info.width, "height": info.height, "fps": info.fps,
                "has_audio": info.has_audio},
         faces=face_reports, seconds={k: round(v, 4) for k, v in seconds.items()},
-        inversion_reused=reused and bool(face_reports), versions=_versions(), message=message,
+        inversion_reused=reused and bool(face_reports), versions=library_versions(), message=message,
     )
     report.save(run_metadata_path(output_path))
     return report

@@ -5,20 +5,26 @@ A model set comes from a diffusers folder, a hub id (resolved from the local Hug
 ε2 are either two UNets or LoRA adapters over one shared base, so the usual case costs one UNet of
 memory. Weights are read as safetensors only; pickled checkpoints run arbitrary code when loaded,
 so they need an explicit ``allow_pickle=True``.
+
+:func:`load_clip` loads the CLIP model that training (the directional loss) and evaluation (the
+edit-strength scores) share, from a folder or a hub id resolved the same way.
 """
 
 from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
+import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -28,6 +34,11 @@ Role = Literal["identity", "edit"]
 
 IDENTITY_ADAPTER = "identity"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
+
+# OpenAI CLIP's image normalisation; a model folder's preprocessor_config.json overrides it.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Stable Diffusion 1.x noise schedule: every SD-1.x checkpoint was trained with it.
 SD1_SCHEDULER_CONFIG = dict(
@@ -64,6 +75,27 @@ class ModelSet:
 def hub_offline() -> bool:
     """True when the hub must not be contacted (HF_HUB_OFFLINE), as on CI and air-gapped GPUs."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def model_resolution(vae: AutoencoderKL, unet: UNet2DConditionModel) -> int:
+    """The image side the model was trained at: latent sample size × VAE downscale factor."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return int(unet.config.sample_size) * factor
+
+
+def library_versions(*extra: str) -> dict[str, str]:
+    """Versions of ipfacediff and the libraries that decide what a model computes (plus ``extra``
+    importable packages), for run metadata."""
+    import diffusers
+    import transformers
+
+    from ipfacediff import __version__
+
+    versions = {"ipfacediff": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__}
+    versions.update({name: importlib.import_module(name).__version__ for name in extra})
+    versions["python"] = platform.python_version()
+    return versions
 
 
 def activate_role(unet: UNet2DConditionModel, role: Role, edit_adapter_weights: dict[str, float]) -> None:
@@ -110,16 +142,23 @@ def _is_diffusers_folder(path: Path) -> bool:
     return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
 
 
-def _resolve_repo(source: str, local_files_only: bool) -> str:
-    """Turn a hub id into a local snapshot folder, or explain in one line why that is impossible."""
+def _is_hub_id(source: str) -> bool:
+    """``owner/name``, as opposed to a relative or absolute path."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def _snapshot(source: str, local_files_only: bool) -> str:
+    """A hub id's local snapshot folder (from the cache only with ``local_files_only``); hub
+    errors propagate."""
     from huggingface_hub import snapshot_download
 
+    return snapshot_download(source, local_files_only=local_files_only, allow_patterns=HUB_FILE_PATTERNS)
+
+
+def _resolve_repo(source: str, local_files_only: bool) -> str:
+    """Turn a hub id into a local snapshot folder, or explain in one line why that is impossible."""
     try:
-        return snapshot_download(
-            source,
-            local_files_only=local_files_only,
-            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model"],
-        )
+        return _snapshot(source, local_files_only)
     except Exception as error:  # hub errors come in many classes; all mean "not available"
         where = "in the local Hugging Face cache" if local_files_only else "on the hub"
         raise UserError(
@@ -190,14 +229,14 @@ def _load_set(source: str, *, config: str | None, dtype: torch.dtype, allow_pick
         if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
             raise UserError(f"{source} is neither a model folder nor a .safetensors checkpoint")
         return _load_single_file(path, config, dtype, local_files_only)
-    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+    if _is_hub_id(source):
         return _load_components(_resolve_repo(source, local_files_only), dtype, allow_pickle)
     raise UserError(f"model {source!r} does not exist: pass a diffusers folder, a .safetensors file or a hub id")
 
 
 def _load_identity_unet(source: str, dtype: torch.dtype, allow_pickle: bool, local_files_only: bool):
     path = Path(source).expanduser()
-    if not path.exists() and source.count("/") == 1:
+    if not path.exists() and _is_hub_id(source):
         path = Path(_resolve_repo(source, local_files_only))
     folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
     if not (folder / "config.json").is_file():
@@ -277,6 +316,102 @@ def load_model_set(
     for module in (models.vae, models.text_encoder, models.unet, models.identity_unet):
         module.eval().requires_grad_(False)
     return models.to(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP: image and text embeddings for the edit model's directional loss and the evaluation.
+
+
+@dataclass
+class ClipScorer:
+    """A frozen CLIPModel with its tokenizer and the image normalisation, all in torch."""
+
+    model: torch.nn.Module
+    tokenizer: CLIPTokenizer
+    image_size: int
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ClipScorer":
+        self.model.to(device=device, dtype=dtype)
+        return self
+
+    def pixels(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) images in [-1, 1] -> CLIP's input: resized (bicubic, antialiased), clamped
+        to [0, 1] and normalised. Differentiable; the faces are square, so no crop is needed."""
+        x = (images.float().clamp(-1, 1) + 1) / 2
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bicubic",
+                              align_corners=False, antialias=True).clamp(0, 1)
+        mean, std = self.mean.to(x.device).view(1, 3, 1, 1), self.std.to(x.device).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.model.dtype)
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised float32 embeddings (B, D) of images in [-1, 1], on the model's device;
+        differentiable."""
+        device = next(self.model.parameters()).device
+        features = self.model.get_image_features(pixel_values=self.pixels(images.to(device)))
+        return F.normalize(_pooled(features).float(), dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """Normalised float32 embeddings (len(texts), D), on the model's device."""
+        limit = int(getattr(self.model.config.text_config, "max_position_embeddings", 77))
+        tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        features = self.model.get_text_features(input_ids=tokens["input_ids"].to(device),
+                                                attention_mask=tokens["attention_mask"].to(device))
+        return F.normalize(_pooled(features).float(), dim=-1)
+
+    def text_direction(self, source: str, target: str) -> torch.Tensor:
+        """Unit vector E_T(target) − E_T(source), (1, D)."""
+        source_embedding, target_embedding = self.text_embeddings([source, target])
+        return F.normalize((target_embedding - source_embedding)[None], dim=-1)
+
+
+def _pooled(output) -> torch.Tensor:
+    """transformers 5 returns a model output from get_*_features; older versions a tensor."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def load_clip(source: str, *, local_files_only: bool | None = None) -> ClipScorer:
+    """A frozen CLIPModel and its tokenizer from a folder or a hub id (from the local Hugging Face
+    cache only whenever the hub is offline), on the CPU. Weights are read as safetensors only."""
+    from transformers import CLIPModel
+
+    if local_files_only is None:
+        local_files_only = hub_offline()
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"CLIP model folder {source} has no config.json: pass a folder written by "
+                            "CLIPModel.save_pretrained (with its tokenizer files) or a hub id")
+    elif path.exists():
+        raise UserError(f"CLIP model {source} is a file: pass a CLIPModel folder or a hub id such as "
+                        "openai/clip-vit-base-patch32")
+    elif not _is_hub_id(source):
+        raise UserError(f"CLIP model {source} does not exist: pass a CLIPModel folder or a hub id such as "
+                        "openai/clip-vit-base-patch32")
+    try:
+        folder = path if path.is_dir() else Path(_snapshot(source, local_files_only))
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as error:  # hub, config and weight errors come in many classes; all mean "unusable"
+        text = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        hint = ("it must hold a CLIPModel (config.json, model.safetensors) and its tokenizer files" if path.is_dir()
+                else f"download it first with `huggingface-cli download {source}`")
+        raise UserError(f"cannot load the CLIP model {source} ({type(error).__name__}: {text}); {hint}") from None
+    mean, std = CLIP_MEAN, CLIP_STD
+    config_file = folder / "preprocessor_config.json"
+    if config_file.is_file():
+        try:
+            preprocessor = json.loads(config_file.read_text())
+            mean, std = preprocessor.get("image_mean", mean), preprocessor.get("image_std", std)
+        except (OSError, json.JSONDecodeError):
+            pass
+    model.eval().requires_grad_(False)
+    return ClipScorer(model, tokenizer, int(model.config.vision_config.image_size),
+                      torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,875 @@
+"""Fine-tuning the two models of IP-FaceDiff: ε1 (identity model) and ε2 (edit model).
+
+Both start from the same SD-1.x UNet and are trained once per model (ε1) or per model and
+attribute (ε2), by default as LoRA adapters (peft) over the frozen base, saved in diffusers' LoRA
+format so that ``load_model_set(model, identity_lora=...)`` / ``edit_loras=[(path, w)]`` and the
+CLI's ``--identity-lora`` / ``--edit-lora`` read them; ``full=True`` fine-tunes the whole UNet.
+
+ε1, :func:`train_identity`: the ordinary denoising loss on the subject's faces with the empty
+prompt, plus an identity term on the one-step estimate of the clean image,
+
+    L = ‖ε̂ − ε‖² + λ_id · (1 − cos(ID(D(x̂0)), ID(x0))),   x̂0 = (x_t − √(1−ᾱ_t) ε̂) / √ᾱ_t,
+
+D the VAE decoder (frozen, gradients pass through it), ID the identity network. Timesteps: t is
+uniform over the whole schedule for the denoising term, so ε1 stays a valid denoiser everywhere
+(the editor inverts with it and reads its features at every level), but the identity term is
+applied only to the samples of a batch with t ≤ ``ID_MAX_TIMESTEP`` = 400. Above that, x̂0 is a
+blur of the face (ᾱ_400 ≈ 0.42 for SD's schedule; at t = 600 the noise carries 84 % of the
+variance) on which an identity network says nothing useful; below it, x̂0 is a recognisable face.
+The term is averaged over the whole batch (zero for noisier samples), so its weight does not jump
+with how many samples of a batch happen to be below the threshold.
+
+ε2, :func:`train_edit`, as DiffusionCLIP: every training face is DDIM-inverted with the frozen
+base model (source prompt) to level t0 once, before training; each step regenerates a batch from
+there with ε2 under the target prompt in a few DDIM steps, with gradients through every step
+(gradient checkpointing in the UNet and VAE), and scores the result against the input:
+
+    L = λ_dir · (1 − cos(E_I(x_gen) − E_I(x_ref), E_T(target) − E_T(source)))
+      + λ_id · (1 − cos(ID(x_gen), ID(x_ref))) + λ_l1 · |x_gen − x_ref|₁,
+
+E_I / E_T the (normalised) image and text embeddings of a CLIP model, x_ref the training face.
+
+Training runs through accelerate (mixed precision, gradient accumulation) and is seeded. Every
+``checkpoint_every`` optimizer steps, ``OUTPUT/checkpoints/step_XXXXXX/`` receives the trained
+weights, the optimizer state, the RNG states and the losses so far, written to a temporary folder
+and renamed, so a killed run leaves only whole checkpoints; ``resume=True`` continues from the
+last one and gives the run an uninterrupted run would have given. Everything is written as
+safetensors and JSON: nothing in an output folder is unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save, save_file
+
+from ipfacediff.diffusion import ddim_inverse_step, ddim_step, encode_frames, encode_prompt, frames_digest
+from ipfacediff.errors import UserError
+from ipfacediff.files import write_atomic, write_json
+from ipfacediff.models import library_versions, load_clip, load_model_set, model_resolution, module_fingerprint
+
+TrainingProgress = Callable[[str, int, int, "float | None"], None]
+"""progress(stage, done, total, loss): stages "faces", "invert" and "train"; loss is None except
+for "train", where it is the mean loss of the optimizer step just taken."""
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm")
+# A video gives at most this many face crops, evenly spread over its (frame, face) pairs:
+# neighbouring frames are near-duplicates, and memory stays bounded for long videos.
+VIDEO_MAX_FACES = 300
+
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"
+ADAPTER_NAME = "default"
+LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
+CHECKPOINT_PREFIX = "step_"
+MIXED_PRECISION = ("no", "fp16", "bf16")
+MAX_GRAD_NORM = 1.0
+WEIGHT_DECAY = 1e-2
+
+ID_MAX_TIMESTEP = 400
+# DiffusionCLIP's settings for face attributes: invert to t0 = 500 in 40 steps, regenerate in 6.
+DEFAULT_T0 = 500
+DEFAULT_INVERSION_STEPS = 40
+DEFAULT_GENERATION_STEPS = 6
+VALIDATION_FACES = 4
+
+
+@dataclass
+class TrainingResult:
+    """What a training run produced.
+
+    ``adapter``: the LoRA file (OUTPUT/pytorch_lora_weights.safetensors), or with ``full=True`` the
+    diffusers UNet folder OUTPUT/unet. ``losses``: one per optimizer step, from step 1 (including
+    the steps of an earlier, resumed run). ``steps``: optimizer steps done in all. ``seconds``: wall
+    time of this call. ``validation_before`` / ``validation_after``: the loss on a fixed batch
+    (fixed faces, noise and timesteps) before the first step and after the last.
+    """
+
+    output: Path
+    adapter: Path
+    losses: list[float]
+    steps: int
+    seconds: float
+    validation_before: float | None = None
+    validation_after: float | None = None
+    resumed_from: int | None = None
+    faces: int = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training faces
+
+
+def load_training_faces(data: str | Path, resolution: int, *, max_images: int | None = None,
+                        progress: TrainingProgress | None = None) -> np.ndarray:
+    """The training faces as (N, R, R, 3) RGB uint8, R = ``resolution``.
+
+    ``data``: a folder of images (png/jpg/webp/bmp, taken as already aligned face crops; centre
+    cropped to a square and resized), a video, or a folder mixing both; every face of a video
+    goes through the face module's detection, tracking and aligned crops (at most
+    VIDEO_MAX_FACES per video, evenly spread). Only the folder's own files are read, in name
+    order. ``max_images`` keeps that many, evenly spread. Unreadable images are skipped.
+    """
+    if resolution < 8 or resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
+    if max_images is not None and max_images < 1:
+        raise UserError(f"--max-images must be at least 1, got {max_images}")
+    files = training_files(data)
+    cap = VIDEO_MAX_FACES if max_images is None else min(VIDEO_MAX_FACES, max_images)
+    faces: list[np.ndarray] = []
+    unreadable, videos = 0, 0
+    for index, file in enumerate(files):
+        if file.suffix.lower() in IMAGE_SUFFIXES:
+            face = _read_face_image(file, resolution)
+            if face is None:
+                unreadable += 1
+            else:
+                faces.append(face)
+        else:
+            videos += 1
+            faces.extend(_video_faces(file, resolution, cap))
+        if progress:
+            progress("faces", index + 1, len(files), None)
+    if not faces:
+        reasons = []
+        if unreadable:
+            reasons.append(f"{unreadable} unreadable image(s)")
+        if videos:
+            reasons.append(f"no face found in {videos} video(s)")
+        raise UserError(f"no usable faces in {data} ({', '.join(reasons)}): give aligned face crops or videos "
+                        "with a clearly visible face")
+    stacked = np.stack(faces)
+    if max_images is not None and len(stacked) > max_images:
+        stacked = stacked[evenly_spaced(len(stacked), max_images)]
+    return stacked
+
+
+def training_files(data: str | Path) -> list[Path]:
+    """The image and video files :func:`load_training_faces` reads; UserError when there are none."""
+    path = Path(data).expanduser()
+    kinds = f"images ({', '.join(IMAGE_SUFFIXES)}) or videos ({', '.join(VIDEO_SUFFIXES)})"
+    if not path.exists():
+        raise UserError(f"training data {data} does not exist: pass a folder of aligned face {kinds}, or a video")
+    if path.is_file():
+        if path.suffix.lower() not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
+            raise UserError(f"training data {path.name} is not one of the {kinds} that can be trained on")
+        return [path]
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    if not files:
+        raise UserError(f"training data folder {data} holds no {kinds}")
+    return files
+
+
+def evenly_spaced(count: int, keep: int) -> np.ndarray:
+    """``keep`` indices spread evenly over range(count), first and last included."""
+    return np.unique(np.linspace(0, count - 1, keep).round().astype(int))
+
+
+def _read_face_image(path: Path, resolution: int) -> np.ndarray | None:
+    try:
+        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except (OSError, cv2.error):
+        return None
+    if image is None or image.size == 0:
+        return None
+    height, width = image.shape[:2]
+    side = min(height, width)
+    y, x = (height - side) // 2, (width - side) // 2
+    square = image[y : y + side, x : x + side]
+    interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_CUBIC
+    resized = cv2.resize(square, (resolution, resolution), interpolation=interpolation)
+    return np.ascontiguousarray(cv2.cvtColor(resized, cv2.COLOR_BGR2RGB))
+
+
+def _video_faces(path: Path, resolution: int, cap: int) -> list[np.ndarray]:
+    """Aligned crops of every tracked face of a video, at most ``cap``, evenly spread."""
+    from ipfacediff.face import alignment_transforms, crop_face, detect_video_faces
+    from ipfacediff.video import iter_frames
+
+    tracks = detect_video_faces(path)
+    pairs = sorted((frame, track.id) for track in tracks.tracks for frame in track.frames)
+    if not pairs:
+        return []
+    if len(pairs) > cap:
+        pairs = [pairs[i] for i in evenly_spaced(len(pairs), cap)]
+    transforms = {t.id: alignment_transforms(t, resolution) for t in tracks.tracks}
+    wanted: dict[int, list[int]] = {}
+    for frame, track_id in pairs:
+        wanted.setdefault(frame, []).append(track_id)
+    last = max(wanted)
+    crops = []
+    for index, frame in enumerate(iter_frames(path)):
+        for track_id in wanted.get(index, []):
+            crops.append(crop_face(frame, transforms[track_id][index], resolution))
+        if index >= last:
+            break
+    return crops
+
+
+def faces_to_tensor(faces: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(faces)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared machinery
+
+
+def _checkpoints(output: Path) -> list[tuple[int, Path]]:
+    folder = output / "checkpoints"
+    found = []
+    if folder.is_dir():
+        for child in folder.iterdir():
+            if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX) and (child / "state.json").is_file():
+                try:
+                    found.append((int(child.name[len(CHECKPOINT_PREFIX):]), child))
+                except ValueError:
+                    continue
+    return sorted(found)
+
+
+def _check_output(output: Path, resume: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"output {output} is a file: --output names the folder the trained model goes to")
+    if not resume and ((output / "training.json").is_file() or _checkpoints(output)):
+        raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose "
+                        "another --output")
+
+
+def _check_common(max_steps: int, rank: int, batch_size: int, learning_rate: float, checkpoint_every: int,
+                  mixed_precision: str, gradient_accumulation: int, resolution: int | None,
+                  max_images: int | None) -> None:
+    if max_steps < 1:
+        raise UserError(f"--max-steps must be at least 1, got {max_steps}")
+    if rank < 1:
+        raise UserError(f"--rank must be at least 1, got {rank}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    if not learning_rate > 0:
+        raise UserError(f"--learning-rate must be positive, got {learning_rate}")
+    if checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be 0 (never) or positive, got {checkpoint_every}")
+    if mixed_precision not in MIXED_PRECISION:
+        raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
+    if gradient_accumulation < 1:
+        raise UserError(f"--gradient-accumulation must be at least 1, got {gradient_accumulation}")
+    if resolution is not None and (resolution < 8 or resolution % 8):
+        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
+    if max_images is not None and max_images < 1:
+        raise UserError(f"--max-images must be at least 1, got {max_images}")
+
+
+def _accelerator(mixed_precision: str, gradient_accumulation: int):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # AcceleratorState is process-wide and refuses a second, different precision; a new training
+    # run in the same process (the tests, a notebook) may ask for one.
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state()
+    try:
+        return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation)
+    except (ValueError, RuntimeError) as error:
+        raise UserError(f"--mixed-precision {mixed_precision} is not available here: "
+                        f"{str(error).strip().splitlines()[0][:200]}") from None
+
+
+def _identity_encoder(identity):
+    from ipfacediff.identity import IdentityEncoder
+
+    if isinstance(identity, IdentityEncoder):
+        return identity
+    return IdentityEncoder.from_pretrained(identity)
+
+
+@dataclass
+class _Run:
+    """One training run: models, trainable parameters, optimizer, RNG, losses and the files."""
+
+    mode: str
+    output: Path
+    settings: dict
+    accelerator: object
+    models: object
+    unet: torch.nn.Module  # as prepared by accelerate (call it)
+    raw_unet: torch.nn.Module  # the module itself (save it)
+    full: bool
+    params: dict[str, torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    raw_optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    faces: int
+    losses: list[float] = field(default_factory=list)
+    step: int = 0
+    validation_before: float | None = None
+    previous_seconds: float = 0.0
+    resumed_from: int | None = None
+    keep_checkpoints: int | None = 3
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def save_checkpoint(self, seconds: float) -> Path:
+        folder = self.output / "checkpoints"
+        folder.mkdir(parents=True, exist_ok=True)
+        final = folder / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        temporary = folder / f".{final.name}.tmp{os.getpid()}"
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir()
+        save_file({n: p.detach().to("cpu").contiguous() for n, p in self.params.items()},
+                  str(temporary / "trainable.safetensors"))
+        if not self.full:
+            self.write_adapter(temporary / ADAPTER_FILE)
+        optimizer_tensors, optimizer_rest = _flatten_optimizer(self.raw_optimizer.state_dict())
+        save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
+        rng = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for index, state in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"cuda_{index}"] = state
+        save_file(rng, str(temporary / "rng.safetensors"))
+        scaler = getattr(self.accelerator, "scaler", None)
+        write_json(temporary / "state.json", {
+            "step": self.step, "mode": self.mode, "settings": self.settings, "losses": self.losses,
+            "validation_before": self.validation_before, "seconds": self.previous_seconds + seconds,
+            "optimizer": optimizer_rest, "scaler": scaler.state_dict() if scaler is not None else None,
+        })
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        if self.keep_checkpoints:
+            for _, old in _checkpoints(self.output)[: -self.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def resume(self) -> None:
+        found = _checkpoints(self.output)
+        if not found:
+            return
+        step, folder = found[-1]
+        state = json.loads((folder / "state.json").read_text())
+        if state.get("mode") != self.mode:
+            raise UserError(f"{self.output} holds a {state.get('mode')} training run, not {self.mode}: "
+                            "choose another --output")
+        differing = [k for k in self.settings if k not in ("max_steps",) and state["settings"].get(k) != self.settings[k]]
+        if differing:
+            key = differing[0]
+            raise UserError(f"cannot resume: the checkpoint in {self.output} was trained with {key}="
+                            f"{state['settings'].get(key)!r}, now {self.settings[key]!r}; use the same settings "
+                            "or another --output")
+        if step > self.settings["max_steps"]:
+            raise UserError(f"cannot resume: the last checkpoint is at step {step}, past --max-steps "
+                            f"{self.settings['max_steps']}; raise --max-steps")
+        trained = load_file(str(folder / "trainable.safetensors"))
+        if set(trained) != set(self.params):
+            raise UserError(f"checkpoint {folder} does not match this model: choose another --output")
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(trained[name].to(param.device, param.dtype))
+        self.raw_optimizer.load_state_dict(
+            _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"]))
+        rng = load_file(str(folder / "rng.safetensors"))
+        self.generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if torch.cuda.is_available():
+            cuda = [rng[f"cuda_{i}"] for i in range(torch.cuda.device_count()) if f"cuda_{i}" in rng]
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(cuda)
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        self.step = step
+        self.losses = list(state["losses"])
+        self.validation_before = state.get("validation_before")
+        self.previous_seconds = float(state.get("seconds", 0.0))
+        self.resumed_from = step
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def write_adapter(self, path: Path) -> None:
+        """The LoRA in diffusers' format: keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight``."""
+        from peft import get_peft_model_state_dict
+
+        state = get_peft_model_state_dict(self.raw_unet, adapter_name=ADAPTER_NAME)
+        tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+        # The adapter's LoraConfig as diffusers' save_lora_weights records it (keys "unet.<field>"),
+        # so that diffusers' own loaders rebuild the same config rather than infer one.
+        config = {f"unet.{k}": sorted(v) if isinstance(v, set) else v
+                  for k, v in self.raw_unet.peft_config[ADAPTER_NAME].to_dict().items()}
+        metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
+        write_atomic(path, save(tensors, metadata=metadata))
+
+    def write_outputs(self, extra_components: dict | None) -> Path:
+        """The adapter (or full UNet / model folder) and nothing else; returns its path."""
+        self.output.mkdir(parents=True, exist_ok=True)
+        if not self.full:
+            path = self.output / ADAPTER_FILE
+            self.write_adapter(path)
+            return path
+        temporary = self.output / f".model.tmp{os.getpid()}"
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        unet = self.raw_unet
+        if extra_components is None:  # ε1: a UNet folder, read by --identity-model
+            unet.save_pretrained(temporary / "unet", safe_serialization=True)
+        else:  # ε2: a whole model folder, read by --model
+            from diffusers import StableDiffusionPipeline
+
+            StableDiffusionPipeline(unet=unet, safety_checker=None, feature_extractor=None,
+                                    requires_safety_checker=False, **extra_components).save_pretrained(
+                temporary, safe_serialization=True)
+        for child in temporary.iterdir():
+            target = self.output / child.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            os.replace(child, target)
+        temporary.rmdir()
+        return self.output / "unet"
+
+    def write_report(self, adapter: Path, seconds: float, validation_after: float | None) -> None:
+        write_json(self.output / "training.json", {
+            "mode": self.mode, "adapter": str(adapter), "settings": self.settings, "faces": self.faces,
+            "steps": self.step, "losses": self.losses, "validation_loss": {
+                "before": self.validation_before, "after": validation_after},
+            "seconds": self.previous_seconds + seconds, "seconds_this_run": seconds,
+            "resumed_from": self.resumed_from, "device": str(self.accelerator.device),
+            "versions": library_versions("peft", "accelerate"),
+        })
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            key = f"{index}.{name}"
+            if isinstance(value, torch.Tensor):
+                tensors[key] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _setup_run(mode: str, *, output: Path, settings: dict, accelerator, models, full: bool, rank: int,
+               learning_rate: float, seed: int, gradient_checkpointing: bool,
+               faces: int) -> _Run:
+    """Make the UNet trainable (LoRA or whole), prepare it and its optimizer with accelerate."""
+    unet = models.unet
+    torch.manual_seed(seed)
+    if full:
+        unet.to(dtype=torch.float32).requires_grad_(True)
+    else:
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=list(LORA_TARGET_MODULES)), adapter_name=ADAPTER_NAME)
+    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+    for param in params.values():  # trained weights stay float32 whatever the base's precision
+        param.data = param.data.float()
+    if gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        models.vae.enable_gradient_checkpointing()
+    unet.train()
+    raw_optimizer = torch.optim.AdamW(list(params.values()), lr=learning_rate, weight_decay=WEIGHT_DECAY)
+    prepared_unet, optimizer = accelerator.prepare(unet, raw_optimizer)
+    return _Run(mode=mode, output=output, settings=settings, accelerator=accelerator, models=models,
+                unet=prepared_unet, raw_unet=accelerator.unwrap_model(prepared_unet), full=full, params=params,
+                optimizer=optimizer, raw_optimizer=raw_optimizer,
+                generator=torch.Generator().manual_seed(seed), faces=faces)
+
+
+def _train_loop(run: _Run, *, max_steps: int, batch_size: int, gradient_accumulation: int, checkpoint_every: int,
+                step_loss: Callable[[list[int]], torch.Tensor], started: float,
+                progress: TrainingProgress | None) -> None:
+    """Optimizer steps from run.step to max_steps; each draws ``gradient_accumulation`` batches."""
+    accelerator = run.accelerator
+    count = run.faces
+    take = min(batch_size, count)
+    while run.step < max_steps:
+        total = 0.0
+        for _ in range(gradient_accumulation):
+            batch = torch.randperm(count, generator=run.generator)[:take].tolist()
+            with accelerator.accumulate(run.unet):
+                with accelerator.autocast():
+                    loss = step_loss(batch)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(list(run.params.values()), MAX_GRAD_NORM)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
+            total += float(loss.detach()) / gradient_accumulation
+        if not math.isfinite(total):
+            raise UserError(f"training diverged at step {run.step + 1} (loss {total}): lower --learning-rate"
+                            + (" or use --mixed-precision bf16/no" if run.settings.get("mixed_precision") == "fp16" else ""))
+        run.step += 1
+        run.losses.append(total)
+        if progress:
+            progress("train", run.step, max_steps, total)
+        if run.step == max_steps or (checkpoint_every and run.step % checkpoint_every == 0):
+            run.save_checkpoint(time.perf_counter() - started)
+
+
+def _finish(run: _Run, *, started: float, validate: Callable[[], float], extra_components: dict | None) -> TrainingResult:
+    run.unet.eval()
+    with torch.no_grad(), run.accelerator.autocast():
+        validation_after = validate()
+    adapter = run.write_outputs(extra_components)
+    seconds = time.perf_counter() - started
+    run.write_report(adapter, seconds, validation_after)
+    return TrainingResult(output=run.output, adapter=adapter, losses=list(run.losses), steps=run.step,
+                          seconds=seconds, validation_before=run.validation_before,
+                          validation_after=validation_after, resumed_from=run.resumed_from, faces=run.faces)
+
+
+def _load_models(model: str, accelerator, weight_dtype: torch.dtype, full: bool):
+    models = load_model_set(model)
+    device = accelerator.device
+    # The frozen parts run in the training precision; in full mode the VAE and text encoder stay
+    # float32 so that the saved model folder is exact.
+    frozen_dtype = torch.float32 if full else weight_dtype
+    models.vae.to(device, frozen_dtype)
+    models.text_encoder.to(device, frozen_dtype)
+    models.unet.to(device, frozen_dtype)
+    return models
+
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+@torch.no_grad()
+def _identity_embeddings(encoder, images: torch.Tensor, device, chunk: int = 16) -> torch.Tensor:
+    return torch.cat([encoder(images[i : i + chunk].to(device)).float() for i in range(0, len(images), chunk)])
+
+
+def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1], differentiable."""
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# ε1: the identity model
+
+
+def train_identity(
+    model: str,
+    data: str | Path,
+    output: str | Path,
+    *,
+    max_steps: int = 500,
+    resolution: int | None = None,
+    rank: int = 4,
+    batch_size: int = 4,
+    learning_rate: float = 1e-4,
+    lambda_id: float = 0.1,
+    id_max_timestep: int = ID_MAX_TIMESTEP,
+    full: bool = False,
+    checkpoint_every: int = 100,
+    keep_checkpoints: int | None = 3,
+    resume: bool = False,
+    seed: int = 0,
+    mixed_precision: str = "no",
+    gradient_accumulation: int = 1,
+    gradient_checkpointing: bool = True,
+    max_images: int | None = None,
+    identity=None,
+    progress: TrainingProgress | None = None,
+) -> TrainingResult:
+    """Fine-tune ε1 on one subject's faces (``data``: image folder or video(s)); see the module doc.
+
+    ``identity``: an IdentityEncoder, a path for IdentityEncoder.from_pretrained, or None (dlib's
+    net). ``full``: fine-tune the whole UNet and save it as OUTPUT/unet (``--identity-model OUTPUT``).
+    """
+    started = time.perf_counter()
+    _check_common(max_steps, rank, batch_size, learning_rate, checkpoint_every, mixed_precision,
+                  gradient_accumulation, resolution, max_images)
+    if not 0 <= id_max_timestep < 1000:
+        raise UserError(f"--id-max-timestep must be in 0..999, got {id_max_timestep}")
+    training_files(data)  # a missing or empty data folder fails before any model is loaded
+    output = Path(output).expanduser()
+    _check_output(output, resume)
+    accelerator = _accelerator(mixed_precision, gradient_accumulation)
+    device, weight_dtype = accelerator.device, _weight_dtype(mixed_precision)
+    models = _load_models(model, accelerator, weight_dtype, full)
+    size = resolution or model_resolution(models.vae, models.unet)
+    faces = load_training_faces(data, size, max_images=max_images, progress=progress)
+    encoder = _identity_encoder(identity).to(device) if lambda_id > 0 else None
+
+    images = faces_to_tensor(faces)
+    latents = encode_frames(models.vae, faces)
+    references = _identity_embeddings(encoder, images, device) if encoder is not None else None
+    empty = encode_prompt(models.tokenizer, models.text_encoder, [""]).to(device, weight_dtype)
+    alphas = models.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    settings = dict(model=str(model), data=str(Path(data).expanduser().resolve()), faces_digest=frames_digest(faces),
+                    resolution=size, rank=rank, full=full, batch_size=batch_size, learning_rate=learning_rate,
+                    lambda_id=lambda_id, id_max_timestep=id_max_timestep, seed=seed, mixed_precision=mixed_precision,
+                    gradient_accumulation=gradient_accumulation, max_images=max_images, max_steps=max_steps)
+    run = _setup_run("identity", output=output, settings=settings, accelerator=accelerator, models=models,
+                     full=full, rank=rank, learning_rate=learning_rate, seed=seed,
+                     gradient_checkpointing=gradient_checkpointing, faces=len(faces))
+    run.keep_checkpoints = keep_checkpoints
+
+    def loss_of(batch: list[int], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        z0 = latents[batch].to(device)
+        noise, timesteps = noise.to(device), timesteps.to(device)
+        a = alphas[timesteps].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
+        eps = run.unet(x_t.to(weight_dtype), timesteps, encoder_hidden_states=empty.expand(len(batch), -1, -1)).sample.float()
+        loss = F.mse_loss(eps, noise)
+        near = (timesteps <= id_max_timestep).nonzero().flatten()
+        if encoder is not None and len(near):
+            x0 = (x_t[near] - (1 - a[near]).sqrt() * eps[near]) / a[near].sqrt()
+            similarity = F.cosine_similarity(encoder(_decode(models.vae, x0)).float(), references[batch][near], dim=-1)
+            loss = loss + lambda_id * (1 - similarity).sum() / len(batch)
+        return loss
+
+    def step_loss(batch: list[int]) -> torch.Tensor:
+        noise = torch.randn((len(batch), *latents.shape[1:]), generator=run.generator)
+        timesteps = torch.randint(0, len(alphas), (len(batch),), generator=run.generator)
+        return loss_of(batch, noise, timesteps)
+
+    # The fixed validation batch: the first faces, one noise each, timesteps spread evenly so that
+    # both terms are measured.
+    fixed = torch.Generator().manual_seed(seed + 1)
+    val_faces = evenly_spaced(len(faces), min(VALIDATION_FACES, len(faces))).tolist()
+    val_noise = torch.randn((len(val_faces), *latents.shape[1:]), generator=fixed)
+    val_t = torch.tensor([int((i + 0.5) * len(alphas) / len(val_faces)) for i in range(len(val_faces))])
+
+    def validate() -> float:
+        return float(loss_of(val_faces, val_noise, val_t))
+
+    return _run_training(run, resume=resume, validate=validate, step_loss=step_loss, max_steps=max_steps,
+                         batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                         checkpoint_every=checkpoint_every, started=started, progress=progress,
+                         extra_components=None)
+
+
+def _run_training(run: _Run, *, resume: bool, validate, step_loss, max_steps, batch_size, gradient_accumulation,
+                  checkpoint_every, started, progress, extra_components) -> TrainingResult:
+    if resume:
+        run.resume()
+    if run.validation_before is None:
+        with torch.no_grad(), run.accelerator.autocast():
+            run.validation_before = validate()
+    run.output.mkdir(parents=True, exist_ok=True)
+    _train_loop(run, max_steps=max_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                checkpoint_every=checkpoint_every, step_loss=step_loss, started=started, progress=progress)
+    return _finish(run, started=started, validate=validate, extra_components=extra_components)
+
+
+# ---------------------------------------------------------------------------------------------
+# ε2: the edit model
+
+
+def edit_levels(t0: int, inversion_steps: int, generation_steps: int) -> tuple[list[int], list[int]]:
+    """Timesteps of the partial inversion (0 → t0, ascending) and of the regeneration (t0 → 0)."""
+    inversion = sorted({round(t0 * i / inversion_steps) for i in range(inversion_steps + 1)})
+    generation = sorted({round(t0 * i / generation_steps) for i in range(generation_steps + 1)}, reverse=True)
+    return inversion, generation
+
+
+@torch.no_grad()
+def invert_to(unet, alphas: torch.Tensor, clean: torch.Tensor, embeds: torch.Tensor, levels: list[int], *,
+              batch_size: int = 8, progress: TrainingProgress | None = None) -> torch.Tensor:
+    """Deterministic DDIM inversion of clean latents up to ``levels[-1]`` (levels ascending, from 0).
+
+    The first step leaves the clean image itself (ᾱ = 1) with the noise predicted at t = 0; the
+    regeneration's last step (:func:`generate_from`) lands on ᾱ = 1 likewise.
+    """
+    out = []
+    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
+    batches = range(0, len(clean), batch_size)
+    for done, start in enumerate(batches):
+        x = clean[start : start + batch_size].to(device)
+        emb = embeds.to(device, dtype).expand(len(x), -1, -1)
+        for index, t in enumerate(levels[:-1]):
+            alpha_prev = 1.0 if index == 0 else float(alphas[t])
+            eps = unet(x.to(dtype), t, encoder_hidden_states=emb).sample.float()
+            x = ddim_inverse_step(x, eps, alpha_prev, float(alphas[levels[index + 1]]))
+        out.append(x.cpu())
+        if progress:
+            progress("invert", done + 1, len(batches), None)
+    return torch.cat(out)
+
+
+def generate_from(unet, alphas: torch.Tensor, x: torch.Tensor, embeds: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    """DDIM sampling down ``levels`` (descending, ending at 0 = the clean image); differentiable."""
+    dtype = embeds.dtype
+    for index, t in enumerate(levels[:-1]):
+        following = levels[index + 1]
+        alpha_prev = 1.0 if following == 0 else float(alphas[following])
+        eps = unet(x.to(dtype), t, encoder_hidden_states=embeds).sample.float()
+        x = ddim_step(x, eps, float(alphas[t]), alpha_prev)
+    return x
+
+
+def train_edit(
+    model: str,
+    source: str,
+    target: str,
+    data: str | Path,
+    clip: str,
+    output: str | Path,
+    *,
+    max_steps: int = 200,
+    resolution: int | None = None,
+    rank: int = 4,
+    batch_size: int = 2,
+    learning_rate: float = 1e-4,
+    lambda_dir: float = 1.0,
+    lambda_id: float = 0.1,
+    lambda_l1: float = 0.1,
+    t0: int = DEFAULT_T0,
+    inversion_steps: int = DEFAULT_INVERSION_STEPS,
+    generation_steps: int = DEFAULT_GENERATION_STEPS,
+    full: bool = False,
+    checkpoint_every: int = 50,
+    keep_checkpoints: int | None = 3,
+    resume: bool = False,
+    seed: int = 0,
+    mixed_precision: str = "no",
+    gradient_accumulation: int = 1,
+    gradient_checkpointing: bool = True,
+    max_images: int | None = None,
+    identity=None,
+    progress: TrainingProgress | None = None,
+) -> TrainingResult:
+    """Fine-tune ε2 to turn ``source`` faces into ``target`` ones (DiffusionCLIP); see the module doc.
+
+    ``clip``: a CLIPModel folder or hub id (the directional loss). ``full``: fine-tune the whole
+    UNet and save a complete model folder in OUTPUT (``--model OUTPUT``).
+    """
+    started = time.perf_counter()
+    _check_common(max_steps, rank, batch_size, learning_rate, checkpoint_every, mixed_precision,
+                  gradient_accumulation, resolution, max_images)
+    if not source.strip() or not target.strip():
+        raise UserError("--source and --target must both describe the face, e.g. \"a face\" and "
+                        "\"a face with eyeglasses\"")
+    if source.strip() == target.strip():
+        raise UserError("--source and --target are the same text: the target must describe the edit")
+    if not 0 < t0 < 1000:
+        raise UserError(f"--t0 must be in 1..999, got {t0}")
+    if inversion_steps < 1 or generation_steps < 1 or generation_steps > t0 or inversion_steps > t0:
+        raise UserError(f"--inversion-steps and --generation-steps must be between 1 and --t0 ({t0}), got "
+                        f"{inversion_steps} and {generation_steps}")
+    training_files(data)  # a missing or empty data folder fails before any model is loaded
+    output = Path(output).expanduser()
+    _check_output(output, resume)
+    scorer = load_clip(clip)
+    accelerator = _accelerator(mixed_precision, gradient_accumulation)
+    device, weight_dtype = accelerator.device, _weight_dtype(mixed_precision)
+    models = _load_models(model, accelerator, weight_dtype, full)
+    scorer.to(device, weight_dtype)
+    size = resolution or model_resolution(models.vae, models.unet)
+    faces = load_training_faces(data, size, max_images=max_images, progress=progress)
+    encoder = _identity_encoder(identity).to(device) if lambda_id > 0 else None
+
+    images = faces_to_tensor(faces)
+    with torch.no_grad():
+        direction = scorer.text_direction(source, target).to(device)
+        reference_clip = torch.cat([scorer.image_embeddings(images[i : i + 16].to(device))
+                                    for i in range(0, len(images), 16)])
+    reference_id = _identity_embeddings(encoder, images, device) if encoder is not None else None
+    source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, weight_dtype)
+    target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, weight_dtype)
+    alphas = models.scheduler.alphas_cumprod.to(torch.float32)
+    inversion_levels, generation_levels = edit_levels(t0, inversion_steps, generation_steps)
+    settings = dict(model=str(model), source=source, target=target, data=str(Path(data).expanduser().resolve()),
+                    clip=str(clip), faces_digest=frames_digest(faces), resolution=size, rank=rank, full=full,
+                    batch_size=batch_size, learning_rate=learning_rate, lambda_dir=lambda_dir, lambda_id=lambda_id,
+                    lambda_l1=lambda_l1, t0=t0, inversion_steps=inversion_steps, generation_steps=generation_steps,
+                    seed=seed, mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation,
+                    max_images=max_images, max_steps=max_steps)
+
+    # The base model is frozen: every face is inverted once, before the adapter exists.
+    latents = encode_frames(models.vae, faces)
+    inverted = _cached_inversion(output, models, alphas, latents, source_embeds, inversion_levels, settings, progress)
+
+    run = _setup_run("edit", output=output, settings=settings, accelerator=accelerator, models=models, full=full,
+                     rank=rank, learning_rate=learning_rate, seed=seed,
+                     gradient_checkpointing=gradient_checkpointing, faces=len(faces))
+    run.keep_checkpoints = keep_checkpoints
+
+    def loss_of(batch: list[int]) -> torch.Tensor:
+        x = inverted[batch].to(device)
+        clean = generate_from(run.unet, alphas, x, target_embeds.expand(len(batch), -1, -1), generation_levels)
+        generated = _decode(models.vae, clean)
+        reference = images[batch].to(device)
+        change = scorer.image_embeddings(generated) - reference_clip[batch]
+        loss = lambda_dir * (1 - F.cosine_similarity(change, direction, dim=-1)).mean()
+        if encoder is not None:
+            similarity = F.cosine_similarity(encoder(generated).float(), reference_id[batch], dim=-1)
+            loss = loss + lambda_id * (1 - similarity).mean()
+        if lambda_l1:
+            loss = loss + lambda_l1 * (generated - reference).abs().mean()
+        return loss
+
+    val_faces = evenly_spaced(len(faces), min(VALIDATION_FACES, len(faces))).tolist()
+
+    def validate() -> float:
+        return float(loss_of(val_faces))
+
+    extra = None
+    if full:
+        extra = dict(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
+                     scheduler=models.scheduler)
+    return _run_training(run, resume=resume, validate=validate, step_loss=loss_of, max_steps=max_steps,
+                         batch_size=batch_size, gradient_accumulation=gradient_accumulation,
+                         checkpoint_every=checkpoint_every, started=started, progress=progress,
+                         extra_components=extra)
+
+
+def _cached_inversion(output: Path, models, alphas, latents, embeds, levels, settings, progress) -> torch.Tensor:
+    """Inverted training faces, kept in OUTPUT/cache so that a resumed run does not invert again."""
+    key = hashlib.sha256(json.dumps(dict(
+        faces=settings["faces_digest"], unet=module_fingerprint(models.unet), vae=module_fingerprint(models.vae),
+        source=settings["source"], levels=levels, dtype=str(models.unet.dtype),
+    ), sort_keys=True).encode()).hexdigest()[:24]
+    path = output / "cache" / f"inversion-{key}.safetensors"
+    if path.is_file():
+        try:
+            return load_file(str(path))["latents"].clone()
+        except Exception:  # a damaged cache is recomputed
+            pass
+    inverted = invert_to(models.unet, alphas, latents, embeds, levels, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, save({"latents": inverted.contiguous()}))
+    return inverted
+
+
+__all__ = [
+    "TrainingProgress",
+    "TrainingResult",
+    "edit_levels",
+    "evenly_spaced",
+    "generate_from",
+    "invert_to",
+    "load_training_faces",
+    "training_files",
+    "train_edit",
+    "train_identity",
+]
+
