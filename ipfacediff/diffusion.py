@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ipfacediff.files import write_atomic
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances, e.g. to drive a progress bar."""
@@ -151,7 +153,7 @@ class InversionCache:
     """One folder per (clip, model, resolution, steps, prompt) of named safetensors files:
     ``clean`` (the encoded clip) and ``step_XXXX`` (latents, and features where captured).
 
-    Files are written to a temporary name and renamed, so a killed run leaves only whole steps.
+    Files are written whole (temporary name, then renamed), so a killed run leaves only whole steps.
     """
 
     def __init__(self, root: str | Path | None = None):
@@ -173,9 +175,7 @@ class InversionCache:
     def save(self, key: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
         folder = self.folder(key)
         folder.mkdir(parents=True, exist_ok=True)
-        temporary = folder / f".{name}.{os.getpid()}.tmp"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
-        os.replace(temporary, folder / f"{name}.safetensors")
+        write_atomic(folder / f"{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
 
 
 def frames_digest(frames: np.ndarray) -> str:

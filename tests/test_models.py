@@ -100,3 +100,14 @@ def test_broken_weights_are_a_user_error(tiny_dir, tmp_path):
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(UserError, match="cannot read the model folder"):
         load_model_set(str(broken))
+
+
+def test_single_file_checkpoint_that_is_not_sd_is_a_user_error(tiny_dir, tmp_path):
+    """The single-file path goes through diffusers' converter; a file it cannot read is the user's to fix."""
+    from safetensors.torch import save_file
+
+    bogus = tmp_path / "model.safetensors"
+    save_file({"not_a_unet": torch.zeros(2)}, str(bogus))
+    with pytest.raises(UserError, match="cannot load the checkpoint model.safetensors") as error:
+        load_model_set(str(bogus), config=str(tiny_dir))
+    assert "\n" not in str(error.value)
