@@ -302,6 +302,48 @@ def invert(
         typer.echo(line)
 
 
+@app.command()
+def batch(
+    manifest: Path = typer.Argument(..., help="CSV or JSONL: one row per clip (input, prompt or prompts, settings)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the edited videos and results.jsonl."),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster: auto or ray://HOST:10001. Default: a local Ray instance."),
+    gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="GPU share of each worker (0: CPU)."),
+    evaluate: bool = typer.Option(False, "--evaluate", help="Also score every output (metrics next to it)."),
+    model: Optional[str] = ModelOption,
+    workers: Optional[int] = typer.Option(None, "--workers", help="At most this many workers."),
+    retries: int = typer.Option(2, "--retries", help="Times a clip is resent after its worker died."),
+    dtype: str = DtypeOption,
+) -> None:
+    """Edit many clips with many prompts on Ray: models loaded once per worker, each clip inverted once."""
+    from ipfacediff.batch import run_batch
+
+    with progress_bars() as progress:
+        summary = run_batch(manifest, output, address=address, gpus_per_task=gpus_per_task, evaluate=evaluate,
+                            model=model, num_workers=workers, retries=retries, dtype=dtype, progress=progress,
+                            console=console)
+    typer.echo(f"{summary.done} done, {summary.failed} failed, {summary.skipped} skipped; results: {summary.results}")
+    if summary.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (localhost by default)."),
+    port: int = typer.Option(7860, "--port", help="Port to serve on."),
+    model: Optional[str] = ModelOption,
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where uploads and results go (one folder per session)."),
+    max_upload_mb: float = typer.Option(200, "--max-upload-mb", help="Largest upload accepted."),
+    max_seconds: float = typer.Option(120, "--max-seconds", help="Longest video accepted."),
+    device: str = DeviceOption,
+    dtype: str = DtypeOption,
+) -> None:
+    """Serve the web page: upload, pick faces, prompt, preview, download."""
+    from ipfacediff.ui import launch
+
+    launch(host, port, model=model, work_dir=work_dir, max_upload_mb=max_upload_mb, max_seconds=max_seconds,
+           device=device, dtype=dtype)
+
+
 @app.command("build-tiny-models")
 def build_tiny_models_command(
     directory: Path = typer.Argument(..., help="Folder to write (created)."),

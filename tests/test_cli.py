@@ -119,7 +119,7 @@ def test_a_mistake_from_the_installed_command_has_no_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("command", ["edit", "invert", "build-tiny-models", "faces", "demo", "evaluate",
-                                     "train identity", "train edit"])
+                                     "train identity", "train edit", "batch", "ui"])
 def test_every_command_has_help(command, capsys):
     code, stdout, _ = run([*command.split(), "--help"], capsys)
     assert code == 0 and "Usage" in stdout

@@ -1,0 +1,180 @@
+"""Batch editing on a local Ray instance with the tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ipfacediff.batch import BatchWorker, job_state, read_manifest, run_batch
+from ipfacediff.errors import UserError
+
+pytest.importorskip("ray")
+
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from ipfacediff.demo import sample_clip
+
+    folder = tmp_path_factory.mktemp("clips")
+    sample_clip(folder / "a.mp4", frames=10).save(folder / "a.tracks.json")
+    sample_clip(folder / "b.mp4", frames=8).save(folder / "b.tracks.json")  # other pixels: its own inversion
+    (folder / "broken.mp4").write_bytes(b"this is not a video")
+    return folder
+
+
+def quiet_console():
+    from rich.console import Console
+
+    return Console(file=open(os.devnull, "w"), width=120)
+
+
+def test_batch_edits_shares_inversion_records_failure_and_resumes(clips, tiny_dir, tmp_path):
+    manifest = clips / "manifest.csv"
+    manifest.write_text(
+        "input,prompts,output,steps,whole_frame,seed\n"
+        f'a.mp4,"a face with eyeglasses|a smiling face",,{STEPS},true,0\n'
+        f"b.mp4,a face with blonde hair,b-edit.mp4,{STEPS},yes,1\n"
+        f"broken.mp4,a face,,{STEPS},true,\n"
+    )
+    out = tmp_path / "out"
+    seen: list[tuple[str, int, int]] = []
+    summary = run_batch(manifest, out, model=str(tiny_dir), num_workers=2, console=quiet_console(),
+                        progress=lambda stage, done, total: seen.append((stage, done, total)))
+    assert (summary.done, summary.failed, summary.skipped) == (3, 1, 0)
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and rows == summary.rows
+    by_prompt = {r["prompt"]: r for r in rows}
+    glasses, smile = by_prompt["a face with eyeglasses"], by_prompt["a smiling face"]
+    # invert once, edit many: the second prompt of clip a found every inversion step cached
+    assert glasses["inversion_reused"] is False and smile["inversion_reused"] is True
+    assert by_prompt["a face with blonde hair"]["inversion_reused"] is False
+    assert glasses["worker"] == smile["worker"]
+    assert len([p for p in (out / ".cache" / "inversion").iterdir() if p.is_dir()]) == 2  # clips a and b
+    broken = by_prompt["a face"]
+    assert broken["status"] == "failed" and "\n" not in broken["error"] and broken["error"]
+    assert not Path(broken["output"]).exists()
+    for row in rows:
+        if row["status"] == "done":
+            output = Path(row["output"])
+            assert output.is_file() and output.with_name(output.stem + ".run.json").is_file()
+    assert (out / "b-edit.mp4").is_file()
+    assert ("outputs", 4, 4) in seen and ("clips", 3, 3) in seen
+
+    # the same command again: nothing to do (no Ray is even started)
+    tick = time.perf_counter()
+    again = run_batch(manifest, out, model=str(tiny_dir), console=quiet_console())
+    assert (again.done, again.failed, again.skipped) == (0, 1, 3)
+    assert time.perf_counter() - tick < 20
+    assert {r["status"] for r in again.rows if r["prompt"] != "a face"} == {"skipped"}
+
+
+def test_killed_worker_is_replaced_and_every_clip_completes(clips, tiny_dir, tmp_path):
+    manifest = tmp_path / "manifest.jsonl"
+    rows = [
+        {"input": str(clips / "a.mp4"), "prompts": ["a face with eyeglasses", "a smiling face"],
+         "tracks": str(clips / "a.tracks.json"), "steps": STEPS, "faces": "all"},
+        {"input": str(clips / "b.mp4"), "prompt": "blonde hair", "whole_frame": True, "steps": STEPS},
+    ]
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "out"
+    running = out / ".cache" / "running"
+    killed: list[dict] = []
+    stop = threading.Event()
+
+    def assassin():  # kill the first worker that starts a clip, once, mid-clip
+        while not stop.is_set() and not killed:
+            for marker in running.glob("*.json") if running.is_dir() else []:
+                info = json.loads(marker.read_text())
+                os.kill(info["pid"], signal.SIGKILL)
+                killed.append(info)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=assassin, daemon=True)
+    thread.start()
+    try:
+        summary = run_batch(manifest, out, model=str(tiny_dir), num_workers=2, evaluate=True,
+                            console=quiet_console())
+    finally:
+        stop.set()
+        thread.join()
+    assert killed, "no worker was killed"
+    assert (summary.done, summary.failed) == (3, 0), summary.rows
+    retried = [r for r in summary.rows if r["input"] == killed[0]["input"]]
+    assert retried and all(r["attempts"] == 2 for r in retried)
+    assert all(str(killed[0]["pid"]) not in r["worker"] for r in retried)
+    for row in summary.rows:
+        output = Path(row["output"])
+        assert output.is_file() and output.with_name(output.stem + ".metrics.json").is_file()
+        assert row["metrics"] and "id_sim" in row["metrics"]
+    assert "id_sim" in summary.mean_metrics
+
+
+def test_manifest_mistakes_are_one_line_user_errors(tmp_path):
+    cases = {
+        "m.csv": "input,prompt\n,a face\n",
+        "n.csv": "input,prompt\nx.mp4,\n",
+        "o.csv": "input,prompt,colour\nx.mp4,a face,red\n",
+        "p.csv": "input,prompt,steps\nx.mp4,a face,many\n",
+        "q.jsonl": '{"input": "x.mp4", "prompt": "a face"}\n[1, 2]\n',
+        "r.jsonl": "{not json\n",
+        "s.txt": "input,prompt\n",
+        "t.csv": "input,prompts,output\nx.mp4,a|b|c,one.mp4|two.mp4\n",
+        "u.csv": "input,prompt,output\nx.mp4,a,../escape.mp4\n",
+        "v.csv": "input,prompt,strength\nx.mp4,a,2\n",
+        "w.csv": "input,prompt,output\nx.mp4,a,same.mp4\ny.mp4,b,same.mp4\n",
+    }
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(UserError) as caught:
+            read_manifest(tmp_path / name, tmp_path / "out")
+        assert "\n" not in str(caught.value), name
+    with pytest.raises(UserError):
+        read_manifest(tmp_path / "missing.csv", tmp_path / "out")
+
+
+def test_manifest_paths_names_and_settings(tmp_path):
+    (tmp_path / "sub").mkdir()
+    manifest = tmp_path / "sub" / "m.csv"
+    manifest.write_text(
+        "input,prompts,output,edit_lora,keyframes,whole_frame,faces\n"
+        'clip.mp4,"Eye glasses!|smile",,g.safetensors:0.5;s.safetensors,2,1,"0,2"\n'
+        "clip.mp4,smile,,,,no,\n"
+    )
+    jobs = read_manifest(manifest, tmp_path / "out")
+    assert [j.prompt for j in jobs] == ["Eye glasses!", "smile", "smile"]
+    assert jobs[0].input == str((tmp_path / "sub" / "clip.mp4").resolve())
+    assert Path(jobs[0].output).name == "clip-eye-glasses.mp4"
+    assert Path(jobs[1].output).name == "clip-smile-line2.mp4" and Path(jobs[2].output).name == "clip-smile-line3.mp4"
+    assert jobs[0].edit_loras == [(str((tmp_path / "sub" / "g.safetensors").resolve()), 0.5),
+                                  (str((tmp_path / "sub" / "s.safetensors").resolve()), 1.0)]
+    assert jobs[0].settings["keyframes"] == 2 and jobs[0].settings["whole_frame"] is True
+    assert jobs[0].settings["faces"] == "0,2" and jobs[2].settings["whole_frame"] is False
+    assert job_state(jobs[0], evaluate=False) == "todo"
+
+
+def test_worker_loads_models_once_and_records_failures(clips, tmp_path, tiny_dir):
+    """Outside Ray: one worker, two clips, one model load; a failing output is a row, not an exception."""
+    from ipfacediff.batch import BatchJob
+
+    worker = BatchWorker(str(tiny_dir), "cpu", "float32", str(tmp_path / "inv"), str(tmp_path / "run"), False)
+    settings = {"steps": 2, "whole_frame": True}
+    missing = BatchJob(line=2, index=0, input=str(tmp_path / "nope.mp4"), output=str(tmp_path / "o.mp4"),
+                       settings={"prompt": "a face", **settings})
+    [row] = worker.run_clip("c", [missing], 1)
+    assert row["status"] == "failed" and row["error"] and "\n" not in row["error"]
+    for index, prompt in enumerate(["glasses", "smile"]):
+        job = BatchJob(line=3, index=index, input=str(clips / "b.mp4"), output=str(tmp_path / f"{prompt}.mp4"),
+                       settings={"prompt": prompt, **settings})
+        [row] = worker.run_clip(f"b{index}", [job], 1)
+        assert row["status"] == "done" and row["inversion_reused"] is (index == 1)
+    assert worker.info()["loads"] == 1
+    assert not list((tmp_path / "run").iterdir())
