@@ -394,7 +394,8 @@ def load_clip(source: str, *, local_files_only: bool | None = None) -> ClipScore
                         "openai/clip-vit-base-patch32")
     try:
         folder = path if path.is_dir() else Path(_snapshot(source, local_files_only))
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
+                                          dtype=torch.float32)  # FaceWorld ships fp16 weights
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # hub, config and weight errors come in many classes; all mean "unusable"
         text = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
