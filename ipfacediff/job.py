@@ -6,6 +6,7 @@ This is what ``ipfacediff edit`` runs and what the Python API exposes as :func:`
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ipfacediff.diffusion import InversionCache, Progress
+from ipfacediff.diffusion import InversionCache, Progress, default_cache_dir
 from ipfacediff.editing import (
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
@@ -64,13 +65,22 @@ class EditSettings:
             raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}")
 
 
+SHIPPED_MODELS = Path(__file__).resolve().parent / "assets" / "faceworld"
+
+
 def default_model_dir() -> Path:
-    """The embedded default model set, made on first use (no download): the tiny random set."""
-    folder = Path(os.environ.get("IPFACEDIFF_CACHE", Path.home() / ".cache" / "ipfacediff")) / "models" / "tiny-seed0"
+    """The embedded default, no download either way: FaceWorld's trained mini models when the
+    package ships them, else the tiny random set, built into the cache on first use."""
+    if (SHIPPED_MODELS / "model_index.json").is_file():
+        return SHIPPED_MODELS
+    folder = default_cache_dir() / "models" / "tiny-seed0"
     if not (folder / "model_index.json").is_file():
-        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        staging = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
         build_tiny_models(staging, seed=0)
-        staging.replace(folder) if not folder.exists() else None
+        if folder.exists():  # another process got there first
+            shutil.rmtree(staging)
+        else:
+            staging.replace(folder)
     return folder
 
 
