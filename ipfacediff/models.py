@@ -66,9 +66,10 @@ class ModelSet:
     source: str
     edit_adapter_weights: dict[str, float] = field(default_factory=dict)
 
-    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> "ModelSet":
+    def to(self, device: torch.device | str) -> "ModelSet":
+        """Move every module (once, though ε1 may be ε2); dtypes are chosen at loading."""
         for module in {id(m): m for m in (self.vae, self.text_encoder, self.unet, self.identity_unet)}.values():
-            module.to(device=device, dtype=dtype)
+            module.to(device)
         return self
 
 
