@@ -365,6 +365,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
             raise ValueError("frames must be a non-empty (N, H, W, 3) uint8 array")
+        if not 0 < strength <= 1:
+            raise ValueError("strength must be in (0, 1]")
         # A run of identical frames (a still, or frames repeated by constant-rate resampling) is
         # one moment: edit it once, so repeats come out identical and cost nothing.
         starts = np.ones(len(frames), dtype=bool)
@@ -374,9 +376,6 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         count = len(frames)
         timings = dict.fromkeys(("encode", "invert", "identity_features", "keyframe_edit", "propagation", "decode"), 0.0)
         calls = {"invert": 0, "identity": 0, "edit": 0}
-
-        if not 0 < strength <= 1:
-            raise ValueError("strength must be in (0, 1]")
         inverted, source_embeds = self.invert(frames, source_prompt=source_prompt, steps=steps,
                                               identity_guidance=identity_guidance, cache=cache,
                                               batch_size=batch_size, progress=progress, timings=timings)
@@ -457,10 +456,5 @@ def keyframe_batches(keyframes: list[int], size: int, *, anchored: bool) -> list
     """
     if len(keyframes) <= size or not anchored:
         return [keyframes[i : i + size] for i in range(0, len(keyframes), size)]
-    anchor, rest = keyframes[0], keyframes[1:]
-    first = keyframes[:size]
-    batches = [first]
-    remaining = rest[size - 1 :]
-    for i in range(0, len(remaining), size - 1):
-        batches.append([anchor] + remaining[i : i + size - 1])
-    return batches
+    anchor, rest = keyframes[0], keyframes[size:]
+    return [keyframes[:size]] + [[anchor] + rest[i : i + size - 1] for i in range(0, len(rest), size - 1)]
