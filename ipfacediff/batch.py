@@ -30,6 +30,7 @@ from typing import Any, Callable
 
 from ipfacediff.errors import UserError
 from ipfacediff.files import write_atomic, write_json
+from ipfacediff.models import parse_lora_spec
 
 Progress = Callable[[str, int, int], None]
 
@@ -100,15 +101,6 @@ def _convert(value: Any, kind: type, name: str, where: str) -> Any:
         raise UserError(f"{where}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
 
 
-def parse_lora(spec: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT`` (as ``--edit-lora`` reads it)."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path and not weight.startswith(("/", "\\")):
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def _split(value: Any, sep: str) -> list:
@@ -200,7 +192,7 @@ def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) ->
         identity_lora = record.get("identity_lora") or None
         loras = []
         for spec in _split(record.get("edit_lora"), ";"):
-            path, weight = (spec[0], float(spec[1])) if isinstance(spec, list) and len(spec) == 2 else parse_lora(str(spec))
+            path, weight = (spec[0], float(spec[1])) if isinstance(spec, list) and len(spec) == 2 else parse_lora_spec(str(spec))
             loras.append((str((base / path).resolve()), weight))
         for index, prompt in enumerate(prompts):
             job_settings = EditSettings(prompt=prompt.strip(), **settings)

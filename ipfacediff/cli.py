@@ -65,15 +65,6 @@ def progress_bars() -> Iterator:
         yield update
 
 
-def _parse_lora(spec: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT``."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path and not weight.startswith(("/", "\\")):
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 ModelOption = typer.Option(None, "--model", "-m", help="SD-1.x model: diffusers folder, hub id (from the local cache when offline) or single .safetensors file. Default: the embedded model set.")
@@ -89,9 +80,10 @@ CacheOption = typer.Option(None, "--cache-dir", help="Inversion cache folder. De
 
 def _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle):
     from ipfacediff.job import load_pipeline
+    from ipfacediff.models import parse_lora_spec
 
     return load_pipeline(model, identity_model=identity_model, identity_lora=identity_lora,
-                         edit_loras=[_parse_lora(s) for s in edit_lora or []], config=config,
+                         edit_loras=[parse_lora_spec(s) for s in edit_lora or []], config=config,
                          device=device, dtype=dtype, allow_pickle=allow_pickle)
 
 

@@ -274,6 +274,17 @@ def _load_adapter(unet: UNet2DConditionModel, path: str, name: str) -> None:
         raise UserError(f"LoRA {file.name} does not fit this UNet: {str(error).splitlines()[0][:200]}") from None
 
 
+def parse_lora_spec(spec: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:WEIGHT``, as ``--edit-lora`` and manifests write an adapter."""
+    path, sep, weight = spec.rpartition(":")
+    if sep and path and not weight.startswith(("/", "\\")):
+        try:
+            return path, float(weight)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def load_model_set(
     model: str,
     *,

@@ -33,15 +33,6 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_CACHED_PIPELINES = 2  # the base model set and the last adapter combination
 
 
-def parse_adapter(spec: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT`` (as ``--edit-lora``)."""
-    path, sep, weight = spec.rpartition(":")
-    if sep and path and not weight.startswith(("/", "\\")):
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def face_thumbnail(frame: np.ndarray, tracks, frame_index: int) -> np.ndarray:
@@ -289,9 +280,11 @@ def build(server: Server):
             keyframes = int(keyframes) if keyframes else None
             settings = EditSettings(prompt=prompt or "", source_prompt=source_prompt or "", steps=int(steps),
                                     keyframes=keyframes, strength=float(strength), seed=int(seed or 0), faces=spec)
+            from ipfacediff.models import parse_lora_spec
+
             specs = [line.strip() for line in (adapters_text or "").splitlines() if line.strip()]
             specs += [str(f) for f in adapter_files or []]
-            edit_loras = tuple(parse_adapter(s) for s in specs)
+            edit_loras = tuple(parse_lora_spec(s) for s in specs)
             for path, _ in edit_loras + (((identity_lora.strip(), 1.0),) if identity_lora and identity_lora.strip() else ()):
                 if not Path(path).is_file():
                     raise UserError(f"adapter {path} does not exist; give the path of a .safetensors file")

@@ -21,7 +21,8 @@ pytest.importorskip("gradio", reason="gradio is not installed: pip install gradi
 def test_limits_and_adapter_specs(tmp_path):
     from ipfacediff.demo import sample_clip
     from ipfacediff.errors import UserError
-    from ipfacediff.ui import Server, parse_adapter
+    from ipfacediff.models import parse_lora_spec as parse_adapter
+    from ipfacediff.ui import Server
 
     clip = tmp_path / "clip.mp4"
     sample_clip(clip, frames=12)
