@@ -108,7 +108,7 @@ def main() -> None:
         print(f"identity {person}: done", flush=True)
 
     results = {
-        "identities": people, "frames": args.frames, "steps": args.steps, "model": str(args.model or SHIPPED_MODELS),
+        "identities": people, "frames": args.frames, "steps": args.steps, "model": args.model or "embedded FaceWorld default",
         "methods": {
             method: {
                 "attribute_success": round(float(np.mean(s["success"])), 4),

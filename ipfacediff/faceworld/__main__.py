@@ -1,6 +1,6 @@
 """Look at FaceWorld.
 
-    python -m ipfacediff.faceworld sheet [--out /tmp/faceworld_sheet.png] [--size 64] [--ids 0,1,1000]
+    python -m ipfacediff.faceworld sheet [--out faceworld_sheet.png] [--size 64] [--ids 0,1,1000]
     python -m ipfacediff.faceworld clip OUT.mp4 [--ids 3,14] [--seed 1] [--frames 24] [--size 256]
            [--edit beard] [--tracks OUT.json]
 
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m ipfacediff.faceworld")
     sub = parser.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sheet")
-    s.add_argument("--out", default="/tmp/faceworld_sheet.png")
+    s.add_argument("--out", default="faceworld_sheet.png")
     s.add_argument("--size", type=int, default=64)
     s.add_argument("--ids", default="0,1,2,3,4,5,6,7,1000,1001")
     s.add_argument("--upscale", type=int, default=3)
