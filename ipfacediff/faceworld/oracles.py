@@ -64,7 +64,7 @@ from torch import nn
 from ipfacediff.faceworld.attributes import EDITS, OLD_AGE, SMILING, Attributes
 from ipfacediff.faceworld.identity import HAIR_COLOURS, HELD_OUT_IDS, TRAIN_IDS, Identity, identity, is_held_out
 from ipfacediff.faceworld.render import Lighting, Pose, hair_rgb, render_scene
-from ipfacediff.faceworld.scene import DatasetItem, align_pose, random_attributes
+from ipfacediff.faceworld.scene import DatasetItem, align_pose, misaligned, random_attributes
 
 __all__ = [
     "ATTRIBUTE_NAMES",
@@ -178,12 +178,7 @@ def _scene(identity_id: int, rng: np.random.Generator) -> DatasetItem:
     )
     light = Lighting(float(rng.uniform(0, 360)), float(rng.uniform(40, 80)), float(rng.uniform(0.12, 0.5)),
                      float(rng.uniform(0.8, 1.2)), float(rng.uniform(-0.5, 0.5)))  # fmt: skip
-    aligned = align_pose(identity(identity_id), pose)
-    tx, ty, rot, zoom = float(j[2] * 0.01), float(j[3] * 0.01), float(j[4] * 2.0), float(1 + j[5] * 0.025)
-    c, s = math.cos(math.radians(rot)) * zoom, math.sin(math.radians(rot)) * zoom
-    dx, dy = aligned.x - 0.5, aligned.y - 0.5
-    final = aligned.replace(x=0.5 + c * dx - s * dy + tx, y=0.5 + s * dx + c * dy + ty, roll=aligned.roll + rot,
-                            scale=aligned.scale * zoom)  # fmt: skip
+    final = misaligned(align_pose(identity(identity_id), pose), j[2:6], shift=0.01, degrees=2.0, zoom=0.025)
     return DatasetItem(int(identity_id), attrs, final, light, int(rng.integers(0, 2**31 - 1)))
 
 

@@ -373,6 +373,18 @@ class DatasetItem(NamedTuple):
         return region_mask(edit.region, None, (size, size), dilate_px, warp=warp)
 
 
+def misaligned(aligned: Pose, noise: np.ndarray, *, shift: float, degrees: float, zoom: float) -> Pose:
+    """``aligned`` with the residual misalignment a real detector leaves: a small similarity about
+    the crop centre, from four standard-normal draws scaled to a shift (crop sides), a rotation
+    (degrees) and a zoom."""
+    tx, ty = float(noise[0] * shift), float(noise[1] * shift)
+    rot, scale = float(noise[2] * degrees), float(1 + noise[3] * zoom)
+    c, s = math.cos(math.radians(rot)) * scale, math.sin(math.radians(rot)) * scale
+    dx, dy = aligned.x - 0.5, aligned.y - 0.5
+    return aligned.replace(x=0.5 + c * dx - s * dy + tx, y=0.5 + s * dx + c * dy + ty, roll=aligned.roll + rot,
+                           scale=aligned.scale * scale)
+
+
 def dataset_item(split: str, index: int, seed: int = 0) -> DatasetItem:
     """The ``index``-th item of ``dataset(split, ..., seed=seed)``."""
     ids = split_ids(split)
@@ -388,14 +400,7 @@ def dataset_item(split: str, index: int, seed: int = 0) -> DatasetItem:
     )
     light = Lighting(float(rng.uniform(0, 360)), float(rng.uniform(40, 80)), float(rng.uniform(0.12, 0.5)),
                      float(rng.uniform(0.85, 1.15)), float(rng.uniform(-0.5, 0.5)))  # fmt: skip
-    aligned = align_pose(identity(idt_id), pose)
-    # Residual misalignment, as a real detector leaves: a small similarity about the crop centre
-    # (shift in crop sides, rotation in degrees, scale).
-    tx, ty, rot, zoom = float(j[2] * 0.008), float(j[3] * 0.008), float(j[4] * 1.5), float(1 + j[5] * 0.02)
-    c, s = math.cos(math.radians(rot)) * zoom, math.sin(math.radians(rot)) * zoom
-    dx, dy = aligned.x - 0.5, aligned.y - 0.5
-    final = aligned.replace(x=0.5 + c * dx - s * dy + tx, y=0.5 + s * dx + c * dy + ty, roll=aligned.roll + rot,
-                            scale=aligned.scale * zoom)  # fmt: skip
+    final = misaligned(align_pose(identity(idt_id), pose), j[2:6], shift=0.008, degrees=1.5, zoom=0.02)
     return DatasetItem(idt_id, attrs, final, light, int(rng.integers(0, 2**31 - 1)))
 
 
