@@ -1,10 +1,15 @@
 """Oracle scoring on FaceWorld: held-out people × the four edits, for the full method and its ablations.
 
-    python benchmarks/faceworld_quality.py --json OUT.json [--identities 20] [--frames 12] [--steps 20]
-        [--model DIR] [--oracles DIR]
+    python benchmarks/faceworld_quality.py --json OUT.json [--identities 20] [--offset 0] [--frames 12] [--steps 20]
+        [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters]
+        [--guidance G] [--strength S] [--hair auto|on|off] [--source-prompt caption|empty] [--no-detail-transfer]
+        [--no-local-blend] [--blend-threshold T]
 
 Every edit has a ground truth: FaceWorld re-renders the same clip with only the attribute changed.
-Per method (full, --no-identity-guidance, --every-frame) it reports
+The prompt is the caption of the edited attributes ("a smiling face with brown hair and eyeglasses"),
+the source prompt by default the input's caption, and the edit runs with that edit's ε2 adapter of
+the model's library (when it has one). Per method (full, --no-identity-guidance, --every-frame,
+and no_adapters: the full method with the library's adapters off, ε1 = ε2 = base) it reports
 - attribute_success: share of (person, edit) whose edited face crops the attribute oracle calls
   positive for the target attribute (mean probability > 0.5) with every other attribute's call
   unchanged from the input;
@@ -13,6 +18,10 @@ Per method (full, --no-identity-guidance, --every-frame) it reports
 - warp_error: mean |Δ_t edited − Δ_t truth|, Δ_t the change from frame t to t+1 (0–255): the
   flicker the edit adds that the true edit does not have (the renderer knows the motion exactly);
 - seconds: mean time of one edit (inversion shared through the cache, as in real use).
+
+The JSON also holds every method's scores per edit (``by_edit``) and an ``unedited`` row: the
+input itself scored the same way, the reference a method must move away from (attribute success
+0 by construction) while keeping its identity similarity and PSNR.
 """
 
 from __future__ import annotations
@@ -30,13 +39,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ipfacediff.diffusion import InversionCache  # noqa: E402
-from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, render_clip  # noqa: E402
+from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, caption, render_clip  # noqa: E402
 from ipfacediff.faceworld.oracles import ATTRIBUTE_NAMES, AttributeOracle, FaceWorldIdentity  # noqa: E402
 from ipfacediff.face import alignment_transforms, crop_face  # noqa: E402
 from ipfacediff.job import SHIPPED_MODELS, EditSettings, edit_video, load_pipeline  # noqa: E402
 from ipfacediff.video import read_frames, write_video  # noqa: E402
 
-METHODS = {"full": {}, "no_identity_guidance": {"identity_guidance": False}, "every_frame": {"every_frame": True}}
+METHODS = {"full": {}, "no_identity_guidance": {"identity_guidance": False}, "every_frame": {"every_frame": True},
+           "no_adapters": {}}  # no_adapters: the full method on the base model (the library's ε1/ε2 off)
+HAIR_EDITS = ("blonde_hair",)  # edits whose region reaches beyond the inner face: pasted with hair=True
 
 
 def crops_of(frames: np.ndarray, tracks, size: int = 64) -> np.ndarray:
@@ -51,80 +62,131 @@ def psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
     return 100.0 if mse == 0 else 10 * np.log10(255.0**2 / mse)
 
 
+def summary(rows: dict[str, list[float]]) -> dict:
+    return {
+        "attribute_success": round(float(np.mean(rows["success"])), 4),
+        "id_sim_to_truth": round(float(np.mean(rows["id"])), 4),
+        "psnr_outside_edit": round(float(np.mean(rows["psnr"])), 3),
+        "warp_error": round(float(np.mean(rows["warp"])), 4),
+        "seconds": round(float(np.mean(rows["seconds"])), 3),
+        "edits": len(rows["success"]),
+        "target_shown": round(float(np.mean(rows["target"])), 4),  # the two halves of attribute_success
+        "others_kept": round(float(np.mean(rows["kept"])), 4),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--identities", type=int, default=20)
+    parser.add_argument("--offset", type=int, default=0,
+                        help="skip this many held-out people (tune settings on people the report does not use)")
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", default=None, help="default: the shipped FaceWorld models")
     parser.add_argument("--oracles", type=Path, default=SHIPPED_MODELS / "oracles")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--edits", default=",".join(EDITS), help="comma-separated subset of " + ", ".join(EDITS))
+    parser.add_argument("--guidance", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--strength", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--hair", choices=("auto", "on", "off"), default="auto",
+                        help="paste with the hair-extended mask: auto = for edits of the hair only")
+    parser.add_argument("--source-prompt", choices=("caption", "empty"), default="caption",
+                        help="what the edit is told the input shows: its caption, or nothing")
+    parser.add_argument("--no-detail-transfer", action="store_true", help="edit without putting the VAE's lost detail back")
+    parser.add_argument("--no-local-blend", action="store_true", help="let the edit change the whole face")
+    parser.add_argument("--blend-threshold", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
+    methods = {m: METHODS[m] for m in args.methods.split(",")}
+    edits = [EDITS[e] for e in args.edits.split(",")]
+    overrides = {k: v for k, v in (("guidance", args.guidance), ("strength", args.strength)) if v is not None}
+    if args.no_detail_transfer:
+        overrides["detail_transfer"] = False
+    if args.no_local_blend:
+        overrides["local_blend"] = False
+    if args.blend_threshold is not None:
+        overrides["blend_threshold"] = args.blend_threshold
 
     pipe = load_pipeline(args.model, device=args.device)
+    has_library = bool(pipe.config.adapter_words)
+    if not has_library:
+        methods.pop("no_adapters", None)  # the same as full
+    base = load_pipeline(args.model, device=args.device, adapter_library=False) if "no_adapters" in methods else None
     identity_net = FaceWorldIdentity.from_pretrained(args.oracles / "identity")
     oracle = AttributeOracle.from_pretrained(args.oracles / "attributes")
     work = Path(tempfile.mkdtemp(prefix="faceworld-quality-"))
     cache = InversionCache(work / "cache")
-    scores: dict[str, dict[str, list[float]]] = {m: {k: [] for k in ("success", "id", "psnr", "warp", "seconds")}
-                                                 for m in METHODS}
-    people = list(HELD_OUT_IDS)[: args.identities]
+    rows = ("success", "id", "psnr", "warp", "seconds", "target", "kept")
+    scores = {m: {e.name: {k: [] for k in rows} for e in edits} for m in ["unedited", *methods]}
+
+    def to_tensor(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def score(s: dict, frames: np.ndarray, truth_frames: np.ndarray, truth_crops: np.ndarray, outside: np.ndarray,
+              target: str, source_calls: dict, tracks, seconds: float) -> None:
+        crops = crops_of(frames, tracks)
+        calls = {k: v.mean() > 0.5 for k, v in oracle.predict_proba(crops).items()}
+        others_kept = all(calls[a] == source_calls[a] for a in ATTRIBUTE_NAMES if a != target)
+        with torch.no_grad():
+            sim = identity_net.similarity(identity_net(to_tensor(crops)), identity_net(to_tensor(truth_crops)))
+        change = np.diff(frames.astype(np.float64), axis=0) - np.diff(truth_frames.astype(np.float64), axis=0)
+        s["success"].append(float(calls[target] and others_kept))
+        s["target"].append(float(calls[target]))
+        s["kept"].append(float(others_kept))
+        s["id"].append(float(sim.mean()))
+        s["psnr"].append(psnr(frames, truth_frames, np.repeat(outside[..., None], 3, axis=-1)))
+        s["warp"].append(float(np.abs(change).mean()) if len(frames) > 1 else 0.0)
+        s["seconds"].append(seconds)
+
+    people = list(HELD_OUT_IDS)[args.offset : args.offset + args.identities]
     for person in people:
         clip = render_clip(person, seed=person, frames=args.frames, size=128, fps=12.0)
         source = write_video(work / f"{person}.mp4", iter(clip), clip.fps)
         tracks_path = clip.tracks.save(work / f"{person}.tracks.json")
-        source_crops = crops_of(clip.array(), clip.tracks)
-        source_calls = {k: v.mean() > 0.5 for k, v in oracle.predict_proba(source_crops).items()}
-        for edit in EDITS.values():
-            truth = clip.with_edit(edit)
+        source_frames = read_frames(source)  # as the editor sees it: through the video codec
+        source_calls = {k: v.mean() > 0.5 for k, v in oracle.predict_proba(crops_of(source_frames, clip.tracks)).items()}
+        for edit in edits:
             if edit.is_noop(clip.attributes[0]):
                 continue
+            truth = clip.with_edit(edit)
             truth_frames = truth.array()
             truth_crops = crops_of(truth_frames, truth.tracks)
             outside = ~np.stack([truth.edit_mask(edit, i, dilate_px=3.0) for i in range(len(truth_frames))])
             prompt = edit.target_caption(clip.attributes[0])
-            for method, switches in METHODS.items():
+            source_prompt = caption(clip.attributes[0]) if args.source_prompt == "caption" else ""
+            hair = args.hair == "on" or (args.hair == "auto" and edit.name in HAIR_EDITS)
+            common = (truth_frames, truth_crops, outside, edit.name, source_calls, clip.tracks)
+            score(scores["unedited"][edit.name], source_frames, *common, 0.0)
+            for method, switches in methods.items():
                 out = work / f"{person}-{edit.name}-{method}.mp4"
                 started = time.perf_counter()
-                edit_video(source, out, EditSettings(prompt=prompt, steps=args.steps, **switches), pipeline=pipe,
+                adapters = edit.name if has_library and method != "no_adapters" else "none"
+                settings = EditSettings(prompt=prompt, source_prompt=source_prompt, steps=args.steps, hair=hair,
+                                        adapters=adapters, **switches, **overrides)
+                edit_video(source, out, settings, pipeline=base if method == "no_adapters" else pipe,
                            tracks_path=tracks_path, cache=cache, log=lambda _m: None)
-                seconds = time.perf_counter() - started
-                edited = read_frames(out)
-                edited_crops = crops_of(edited, clip.tracks)
-                calls = {k: v.mean() > 0.5 for k, v in oracle.predict_proba(edited_crops).items()}
-                target = edit.name
-                others_kept = all(calls[a] == source_calls[a] for a in ATTRIBUTE_NAMES if a != target)
-                with torch.no_grad():
-                    to_tensor = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1  # noqa: E731
-                    sim = identity_net.similarity(identity_net(to_tensor(edited_crops)), identity_net(to_tensor(truth_crops)))
-                change = np.diff(edited.astype(np.float64), axis=0) - np.diff(truth_frames.astype(np.float64), axis=0)
-                s = scores[method]
-                s["success"].append(float(calls[target] and others_kept))
-                s["id"].append(float(sim.mean()))
-                s["psnr"].append(psnr(edited, truth_frames, np.repeat(outside[..., None], 3, axis=-1)))
-                s["warp"].append(float(np.abs(change).mean()) if len(edited) > 1 else 0.0)
-                s["seconds"].append(seconds)
+                score(scores[method][edit.name], read_frames(out), *common, time.perf_counter() - started)
         print(f"identity {person}: done", flush=True)
 
+    def merged(by_edit: dict) -> dict[str, list[float]]:
+        return {k: [v for e in by_edit.values() for v in e[k]] for k in rows}
+
     results = {
-        "identities": people, "frames": args.frames, "steps": args.steps, "model": args.model or "embedded FaceWorld default",
-        "methods": {
-            method: {
-                "attribute_success": round(float(np.mean(s["success"])), 4),
-                "id_sim_to_truth": round(float(np.mean(s["id"])), 4),
-                "psnr_outside_edit": round(float(np.mean(s["psnr"])), 3),
-                "warp_error": round(float(np.mean(s["warp"])), 4),
-                "seconds": round(float(np.mean(s["seconds"])), 3),
-                "edits": len(s["success"]),
-            }
-            for method, s in scores.items()
-        },
+        "identities": people, "frames": args.frames, "steps": args.steps,
+        "model": args.model or "embedded FaceWorld default",
+        "settings": overrides | {"hair": args.hair, "source_prompt": args.source_prompt},
+        "methods": {m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
+                    for m, by_edit in scores.items() if m != "unedited"},
+        "unedited": summary(merged(scores["unedited"])),
     }
-    print(f"{'method':<22}{'attr success':>14}{'id sim':>10}{'psnr out':>10}{'warp err':>10}{'s/edit':>9}")
-    for method, row in results["methods"].items():
-        print(f"{method:<22}{row['attribute_success']:>14.3f}{row['id_sim_to_truth']:>10.3f}"
-              f"{row['psnr_outside_edit']:>10.2f}{row['warp_error']:>10.3f}{row['seconds']:>9.2f}")
+    print(f"{'method':<22}{'attr success':>14}{'id sim':>10}{'psnr out':>10}{'warp err':>10}{'s/edit':>9}"
+          f"{'shown':>8}{'kept':>8}")
+    for method, row in [*results["methods"].items(), ("unedited", results["unedited"])]:
+        for name, sub in [(method, row), *((f"  {k}", v) for k, v in row.get("by_edit", {}).items())]:
+            print(f"{name:<22}{sub['attribute_success']:>14.3f}{sub['id_sim_to_truth']:>10.3f}"
+                  f"{sub['psnr_outside_edit']:>10.2f}{sub['warp_error']:>10.3f}{sub['seconds']:>9.2f}"
+                  f"{sub['target_shown']:>8.3f}{sub['others_kept']:>8.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

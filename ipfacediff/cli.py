@@ -15,10 +15,12 @@ from typing import Iterator, Optional
 
 import click
 import typer
+from typer._click import exceptions as typer_click_exceptions
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ipfacediff.editing import (
+    DEFAULT_BLEND_THRESHOLD,
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
     DEFAULT_INJECT_FEATURE_UNTIL,
@@ -34,6 +36,8 @@ app = typer.Typer(
     add_completion=False,
 )
 console = Console(stderr=True)
+# typer (0.2x) parses with its own copy of click, whose errors are not click's classes.
+CLICK_ERRORS = (click.ClickException, typer_click_exceptions.ClickException)
 
 
 def _quiet_libraries() -> None:
@@ -75,16 +79,18 @@ ConfigOption = typer.Option(None, "--config", help="Architecture (diffusers fold
 DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
 DtypeOption = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.ckpt weights (they can run code: only for files you trust).")
+NoAdapterLibraryOption = typer.Option(False, "--no-adapter-library", help="Ignore the ε1/ε2 adapters the model folder ships (ε1 = ε2 = base unless --identity-lora/--edit-lora).")
 CacheOption = typer.Option(None, "--cache-dir", help="Inversion cache folder. Default: $IPFACEDIFF_CACHE or ~/.cache/ipfacediff.")
 
 
-def _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle):
+def _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle,
+              adapter_library=True):
     from ipfacediff.job import load_pipeline
     from ipfacediff.models import parse_lora_spec
 
     return load_pipeline(model, identity_model=identity_model, identity_lora=identity_lora,
                          edit_loras=[parse_lora_spec(s) for s in edit_lora or []], config=config,
-                         device=device, dtype=dtype, allow_pickle=allow_pickle)
+                         device=device, dtype=dtype, allow_pickle=allow_pickle, adapter_library=adapter_library)
 
 
 def _cache(cache_dir: Optional[Path]):
@@ -103,6 +109,8 @@ def edit(
     identity_model: Optional[str] = IdentityModelOption,
     identity_lora: Optional[str] = IdentityLoraOption,
     edit_lora: Optional[list[str]] = EditLoraOption,
+    adapters: str = typer.Option("auto", "--adapters", help='ε2 adapters of the model\'s library: "auto" (picked by the prompt\'s words), "none", or names "eyeglasses" / "eyeglasses:0.8,smile".'),
+    no_adapter_library: bool = NoAdapterLibraryOption,
     config: Optional[str] = ConfigOption,
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Side of the aligned face crop. Default: the model's (512 for SD-1.5)."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="DDIM steps for inversion and editing."),
@@ -118,7 +126,10 @@ def edit(
     tracks: Optional[Path] = typer.Option(None, "--tracks", help="Face tracks JSON (the `faces` schema) to use instead of detection."),
     require_face: bool = typer.Option(False, "--require-face", help="Exit with an error when no face is found."),
     whole_frame: bool = typer.Option(False, "--whole-frame", help="Edit the whole frame (resized to the model's size) instead of face crops."),
-    hair: bool = typer.Option(False, "--hair", help="Blend forehead and hair back too (for hair edits)."),
+    hair: bool = typer.Option(False, "--hair", help="Blend the whole crop back, not just the face (for hair edits; on for a hair adapter)."),
+    no_local_blend: bool = typer.Option(False, "--no-local-blend", help="Let the edit change the whole face, not only where the UNet attends to the words the prompt adds."),
+    blend_threshold: float = typer.Option(DEFAULT_BLEND_THRESHOLD, "--blend-threshold", help="Share of the peak attention to the edit's words above which latents may change (0-1)."),
+    no_detail_transfer: bool = typer.Option(False, "--no-detail-transfer", help="Do not put the detail the VAE loses back where the edit changed nothing."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Score the result right after: OUTPUT's .metrics.json and .report.html."),
     clip: Optional[str] = typer.Option(None, "--clip", help="With --evaluate: CLIPModel folder or hub id for clip_direction/clip_score."),
     device: str = DeviceOption,
@@ -133,11 +144,14 @@ def edit(
         prompt=prompt, source_prompt=source_prompt, steps=steps, guidance=guidance, keyframes=keyframes,
         inject_feature_until=inject_feature_until, inject_attention_until=inject_attention_until, strength=strength,
         seed=seed, identity_guidance=not no_identity_guidance, every_frame=every_frame, resolution=resolution,
-        faces=faces, require_face=require_face, whole_frame=whole_frame, hair=hair,
+        faces=faces, require_face=require_face, whole_frame=whole_frame, hair=hair, adapters=adapters,
+        detail_transfer=not no_detail_transfer, local_blend=not no_local_blend, blend_threshold=blend_threshold,
     )
     settings.validate()
     check_paths(input, output)  # before the slow model load
-    pipe = _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle)
+    pipe = _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle,
+                     adapter_library=not no_adapter_library)
+    pipe.edit_weights(prompt, source_prompt, adapters)  # an unknown adapter name fails before any work
     with progress_bars() as progress:
         report = edit_video(input, output, settings, pipeline=pipe, tracks_path=tracks, cache=_cache(cache_dir),
                             progress=progress, log=lambda m: console.print(m))
@@ -185,6 +199,9 @@ train_app = typer.Typer(help="Fine-tune ε1 (identity) or ε2 (edit) as LoRA ada
 app.add_typer(train_app, name="train")
 
 
+IdentityNetOption = typer.Option(None, "--identity-net", help="Identity network of the identity loss: dlib .dat, ArcFace IResNet .pth, or a FaceWorld identity folder. Default: dlib's face net.")
+
+
 def _loss_progress(progress):
     """The trainers report (stage, done, total, loss); the bars take the first three."""
     return lambda stage, done, total, loss=None: progress(stage, done, total)
@@ -208,6 +225,7 @@ def train_identity_command(
     mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
     gradient_accumulation: int = typer.Option(1, "--gradient-accumulation"),
     max_images: Optional[int] = typer.Option(None, "--max-images"),
+    identity_net: Optional[Path] = IdentityNetOption,
 ) -> None:
     """Fine-tune ε1 with MSE + λ_id·(1 − cos(ID(x̂0), ID(x0))), prompt ""."""
     from ipfacediff.training import train_identity
@@ -217,7 +235,7 @@ def train_identity_command(
                                 batch_size=batch_size, learning_rate=learning_rate, lambda_id=lambda_id, full=full,
                                 checkpoint_every=checkpoint_every, resume=resume, seed=seed,
                                 mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation,
-                                max_images=max_images, progress=_loss_progress(progress))
+                                max_images=max_images, identity=identity_net, progress=_loss_progress(progress))
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
                f"(use it with --identity-lora)")
 
@@ -248,6 +266,7 @@ def train_edit_command(
     mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
     gradient_accumulation: int = typer.Option(1, "--gradient-accumulation"),
     max_images: Optional[int] = typer.Option(None, "--max-images"),
+    identity_net: Optional[Path] = IdentityNetOption,
 ) -> None:
     """Fine-tune ε2 with the directional CLIP loss (DiffusionCLIP-style), plus identity and L1 terms."""
     from ipfacediff.training import train_edit
@@ -259,9 +278,48 @@ def train_edit_command(
                             generation_steps=generation_steps, full=full, checkpoint_every=checkpoint_every,
                             resume=resume, seed=seed, mixed_precision=mixed_precision,
                             gradient_accumulation=gradient_accumulation, max_images=max_images,
-                            progress=_loss_progress(progress))
+                            identity=identity_net, progress=_loss_progress(progress))
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
                f"(use it with --edit-lora {result.adapter}:1.0)")
+
+
+faceworld_app = typer.Typer(help="FaceWorld: look at it, and train the embedded default models on it.",
+                            no_args_is_help=True)
+app.add_typer(faceworld_app, name="faceworld")
+# Each command hands its arguments to the module's own parser (so `--help` is the module's).
+_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+
+
+@faceworld_app.command("train", context_settings=_FORWARD, add_help_option=False)
+def faceworld_train(ctx: typer.Context) -> None:
+    """Train the SD-1.x model set from scratch: OUTPUT [--preset smoke|cpu-1h|cpu|gpu] [--resume]."""
+    from ipfacediff.faceworld.train import main as run
+
+    run(list(ctx.args))
+
+
+@faceworld_app.command("oracles", context_settings=_FORWARD, add_help_option=False)
+def faceworld_oracles(ctx: typer.Context) -> None:
+    """Train the identity net and attribute oracle the benchmark scores with: OUTPUT [--preset]."""
+    from ipfacediff.faceworld.oracles import main as run
+
+    run(list(ctx.args))
+
+
+@faceworld_app.command("adapters", context_settings=_FORWARD, add_help_option=False)
+def faceworld_adapters(ctx: typer.Context) -> None:
+    """Train ε1 and the four ε2 adapters into MODEL/adapters: MODEL [--preset smoke|cpu|gpu] [--resume]."""
+    from ipfacediff.faceworld.adapters import main as run
+
+    run(list(ctx.args))
+
+
+@faceworld_app.command("render", context_settings=_FORWARD, add_help_option=False)
+def faceworld_render(ctx: typer.Context) -> None:
+    """A contact sheet (`sheet`) or a scene clip with its ground-truth tracks (`clip OUT.mp4 [--edit E]`)."""
+    from ipfacediff.faceworld.__main__ import main as run
+
+    run(list(ctx.args))
 
 
 @app.command()
@@ -277,6 +335,7 @@ def invert(
     faces: str = typer.Option("all", "--faces", help='Faces to invert: "all", "largest" or ids.'),
     tracks: Optional[Path] = typer.Option(None, "--tracks", help="Face tracks JSON to use instead of detection."),
     whole_frame: bool = typer.Option(False, "--whole-frame", help="Invert the whole frame instead of face crops."),
+    no_adapter_library: bool = NoAdapterLibraryOption,
     device: str = DeviceOption,
     dtype: str = DtypeOption,
     allow_pickle: bool = AllowPickleOption,
@@ -285,7 +344,8 @@ def invert(
     """DDIM-invert the faces of INPUT into the cache, so later edits of it start at once."""
     from ipfacediff.job import invert_video
 
-    pipe = _pipeline(model, identity_model, identity_lora, None, config, device, dtype, allow_pickle)
+    pipe = _pipeline(model, identity_model, identity_lora, None, config, device, dtype, allow_pickle,
+                     adapter_library=not no_adapter_library)
     with progress_bars() as progress:
         summary = invert_video(input, pipeline=pipe, source_prompt=source_prompt, resolution=resolution, steps=steps,
                                faces=faces, tracks_path=tracks, whole_frame=whole_frame, cache=_cache(cache_dir),
@@ -389,13 +449,13 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as error:
         console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Abort:
+    except (click.exceptions.Abort, typer.Abort):
         console.print("aborted", markup=False)
         sys.exit(130)
-    except click.ClickException as error:
+    except CLICK_ERRORS as error:  # usage errors: click's own message, no traceback
         error.show()
         sys.exit(error.exit_code)
-    except click.exceptions.Exit as done:
+    except (click.exceptions.Exit, typer.Exit) as done:
         sys.exit(done.exit_code)
 
 

@@ -136,6 +136,7 @@ class InvertedVideo:
     alphas: list[tuple[float, float]]
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     unet_calls: int = 0
+    cache_key: str | None = None  # its folder in the InversionCache, when it has one
 
     def source_eps(self, step: int) -> torch.Tensor:
         """The noise that takes the source latents from step ``step`` to the next, less noisy one."""
@@ -284,6 +285,7 @@ def invert_frames(
         alphas=alphas,
         features=features,
         unet_calls=calls,
+        cache_key=cache_key if cache is not None else None,
     )
 
 

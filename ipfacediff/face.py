@@ -658,8 +658,9 @@ def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, h
 
     The mesh silhouette (or the canonical ellipse where the frame has none) filled, then ramped
     from 0 at its edge to 1 at MASK_FEATHER inside, so the pasted face fades in within the face
-    rather than spilling onto the background. ``hair`` stretches the part above the eyes upwards
-    to take in forehead and hair, for edits that change them.
+    rather than spilling onto the background. ``hair``: the whole crop, feathered at its edges:
+    hair reaches past any face outline (long hair falls to the shoulders), so an edit that
+    changes it is blended back wherever the crop sees.
     """
     i = track.position(frame_index)
     if i is None:
@@ -672,11 +673,9 @@ def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, h
     else:
         polygon = _apply(M, np.asarray(outline, dtype=np.float64))
     if hair:
-        eye_y = CANONICAL_FIVE_POINTS[:2, 1].mean() * size
-        centre_x = CANONICAL_FIVE_POINTS[2, 0] * size
-        above = polygon[:, 1] < eye_y
-        polygon[above, 1] = eye_y - (eye_y - polygon[above, 1]) * 1.6
-        polygon[above, 0] = centre_x + (polygon[above, 0] - centre_x) * 1.1
+        inset = 1.0  # the crop's outermost pixels stay outside: 0 at the edge, as for any mask
+        polygon = np.array([[inset, inset], [size - 1 - inset, inset], [size - 1 - inset, size - 1 - inset],
+                            [inset, size - 1 - inset]])
     hull = cv2.convexHull(np.round(polygon * 16).astype(np.int32))
     filled = np.zeros((size, size), np.uint8)
     cv2.fillPoly(filled, [hull], 1, lineType=cv2.LINE_8, shift=4)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -810,11 +811,17 @@ class IdentityEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> "IdentityEncoder":
         """``None``: dlib's net from face_recognition_models; a ``.dat``: another dlib ``anet_type``
-        file; a ``.pth``/``.pt``: an insightface ArcFace IResNet state dict. ``.onnx`` is refused
+        file; a ``.pth``/``.pt``: an insightface ArcFace IResNet state dict; a FaceWorld identity
+        net's folder: that net (a :class:`~ipfacediff.faceworld.oracles.FaceWorldIdentity`). ``.onnx`` is refused
         (no ONNX tooling in the environment)."""
         if path is None:
             return cls()
         path = Path(path)
+        if path.is_dir() and (path / "config.json").is_file():
+            from ipfacediff.faceworld.oracles import IDENTITY_KIND, FaceWorldIdentity
+
+            if json.loads((path / "config.json").read_text()).get("kind") == IDENTITY_KIND:
+                return FaceWorldIdentity.from_pretrained(path)  # same interface, for FaceWorld's cartoons
         if not path.is_file():
             raise UserError(f"identity model {path} does not exist")
         suffix = path.suffix.lower()

@@ -17,6 +17,7 @@ import torch
 
 from ipfacediff.diffusion import InversionCache, Progress, default_cache_dir
 from ipfacediff.editing import (
+    DEFAULT_BLEND_THRESHOLD,
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
     DEFAULT_INJECT_FEATURE_UNTIL,
@@ -51,6 +52,10 @@ class EditSettings:
     require_face: bool = False
     whole_frame: bool = False
     hair: bool = False
+    adapters: str = "auto"  # the model library's ε2 adapters: auto (by prompt words), none, or names
+    detail_transfer: bool = True  # the VAE's lost detail put back where the edit changed nothing
+    local_blend: bool = True  # the edit confined to where the UNet attends to the words it adds
+    blend_threshold: float = DEFAULT_BLEND_THRESHOLD
 
     def validate(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -61,6 +66,8 @@ class EditSettings:
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
         if self.keyframes is not None and self.keyframes < 1:
             raise UserError(f"--keyframes must be at least 1, got {self.keyframes}")
+        if not 0 <= self.blend_threshold < 1:
+            raise UserError(f"--blend-threshold must be in [0, 1), got {self.blend_threshold}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}")
 
@@ -111,13 +118,15 @@ def load_pipeline(
     device: str = "auto",
     dtype: str = "auto",
     allow_pickle: bool = False,
+    adapter_library: bool = True,
 ) -> IPFaceDiffPipeline:
-    """Load a model set (default: the embedded one) as an :class:`IPFaceDiffPipeline`."""
+    """Load a model set (default: the embedded one) as an :class:`IPFaceDiffPipeline`;
+    ``adapter_library=False`` ignores the ε1/ε2 adapters a model folder ships."""
     torch_device = pick_device(device)
     models = load_model_set(
         model or str(default_model_dir()), identity_model=identity_model, identity_lora=identity_lora,
         edit_loras=edit_loras, config=config, dtype=pick_dtype(dtype, torch_device), device=torch_device,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, adapters=adapter_library,
     )
     return IPFaceDiffPipeline.from_model_set(models)
 
@@ -265,6 +274,7 @@ def edit_video(
     seconds["faces"] = time.perf_counter() - tick
 
     edited: dict[int, dict[int, np.ndarray]] = {}
+    hair_by_track: dict[int, bool] = {}  # pasted with the hair mask: asked for, or a hair adapter edited
     face_reports = []
     reused = True
     seconds_by_stage: dict[str, float] = {}
@@ -277,13 +287,17 @@ def edit_video(
             steps=settings.steps, guidance=settings.guidance, keyframes=settings.keyframes,
             inject_feature_until=settings.inject_feature_until, inject_attention_until=settings.inject_attention_until,
             strength=settings.strength, seed=settings.seed, identity_guidance=settings.identity_guidance,
-            every_frame=settings.every_frame, cache=cache, progress=progress,
+            every_frame=settings.every_frame, adapters=settings.adapters, local_blend=settings.local_blend,
+            blend_threshold=settings.blend_threshold, detail_transfer=settings.detail_transfer,
+            cache=cache, progress=progress,
         )
         edited[track.id] = dict(zip(order, result.frames))
+        hair_by_track[track.id] = settings.hair or any(n in pipeline.config.hair_adapters for n in result.edit_adapters)
         reused = reused and result.inversion_reused
         for stage, value in result.timings.items():
             seconds_by_stage[stage] = seconds_by_stage.get(stage, 0.0) + value
-        face_reports.append({"id": track.id, "frames": len(order), "unet_calls": result.unet_calls})
+        face_reports.append({"id": track.id, "frames": len(order), "unet_calls": result.unet_calls,
+                             "edit_adapters": result.edit_adapters})
     seconds.update(seconds_by_stage)
 
     if not tracks.tracks:
@@ -304,7 +318,7 @@ def edit_video(
                 if settings.whole_frame:
                     frame = _resize(crop, (info.width, info.height))
                 else:
-                    frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=settings.hair))
+                    frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=hair_by_track[track.id]))
             if progress:
                 progress("write", index + 1, info.frame_count)
             yield frame

@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -53,6 +54,75 @@ SD1_SCHEDULER_CONFIG = dict(
 )
 
 
+ADAPTER_LIBRARY = Path("adapters") / "adapters.json"
+
+
+@dataclass(frozen=True)
+class EditAdapter:
+    """One ε2 adapter of a model folder's library: the attribute it adds and the prompt words
+    that ask for it."""
+
+    name: str
+    path: Path
+    words: tuple[str, ...]
+    target: str = ""  # the caption it was trained towards, for the record
+    hair: bool = False  # it changes hair: its edits are pasted back with the hair-extended mask
+
+
+@dataclass(frozen=True)
+class AdapterLibrary:
+    """``MODEL/adapters/adapters.json``: ε1 and per-attribute ε2 LoRA adapters shipped with a model.
+
+    Fine-tuning happens once per model (ε1) and once per model and attribute (ε2); a model folder
+    that carries its adapters edits with them without any flag: ε1 is always on, and the ε2
+    adapters an edit uses are picked from its prompt (:meth:`pick`)::
+
+        {"identity": "identity/pytorch_lora_weights.safetensors",
+         "edits": {"eyeglasses": {"path": "eyeglasses/pytorch_lora_weights.safetensors",
+                                  "words": ["eyeglasses", "glasses"], "target": "a face with eyeglasses"},
+                   "blonde_hair": {..., "hair": true}}}
+
+    ``hair``: the adapter changes the hair, so its edits are blended back with the hair mask.
+    """
+
+    identity: Path | None
+    edits: tuple[EditAdapter, ...]
+
+    @classmethod
+    def read(cls, model_folder: str | Path) -> "AdapterLibrary | None":
+        file = Path(model_folder).expanduser() / ADAPTER_LIBRARY
+        if not file.is_file():
+            return None
+        try:
+            spec = json.loads(file.read_text())
+            identity = file.parent / spec["identity"] if spec.get("identity") else None
+            edits = tuple(EditAdapter(name, file.parent / entry["path"], tuple(w.lower() for w in entry["words"]),
+                                      entry.get("target", ""), bool(entry.get("hair", False)))
+                          for name, entry in spec.get("edits", {}).items())
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error})") from None
+        return cls(identity, edits)
+
+    def words(self) -> dict[str, list[str]]:
+        return {e.name: list(e.words) for e in self.edits}
+
+
+def pick_edit_adapters(words: dict[str, list[str]], prompt: str, source_prompt: str = "") -> list[str]:
+    """Library adapters an edit asks for: those whose words the prompt has and the source prompt
+    has not ("a face with a beard and eyeglasses" from "a face with a beard" picks eyeglasses)."""
+    asked, there = _words(prompt), _words(source_prompt)
+    return [name for name, names in words.items() if asked & set(names) and not there & set(names)]
+
+
+def _words(text: str) -> set[str]:
+    return set("".join(c if c.isalnum() else " " for c in text.lower()).split())
+
+
+def edit_adapter_name(name: str) -> str:
+    """The peft adapter name of library adapter ``name`` in the UNet."""
+    return f"edit:{name}"
+
+
 @dataclass
 class ModelSet:
     """Everything the pipeline needs; ``identity_unet`` may be the very object ``unet`` is."""
@@ -65,6 +135,7 @@ class ModelSet:
     scheduler: DDIMScheduler
     source: str
     edit_adapter_weights: dict[str, float] = field(default_factory=dict)
+    library: AdapterLibrary | None = None  # the model folder's adapters, when loaded
 
     def to(self, device: torch.device | str) -> "ModelSet":
         """Move every module (once, though ε1 may be ε2); dtypes are chosen at loading."""
@@ -269,7 +340,9 @@ def _load_adapter(unet: UNet2DConditionModel, path: str, name: str) -> None:
     state = load_file(str(file))
     prefix = "unet" if any(k.startswith("unet.") for k in state) else None
     try:
-        unet.load_lora_adapter(state, adapter_name=name, prefix=prefix)
+        with warnings.catch_warnings():  # several adapters in one UNet is the design (ε1 and ε2s)
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.load_lora_adapter(state, adapter_name=name, prefix=prefix)
     except Exception as error:  # peft raises several types for a mismatched adapter
         raise UserError(f"LoRA {file.name} does not fit this UNet: {str(error).splitlines()[0][:200]}") from None
 
@@ -296,25 +369,37 @@ def load_model_set(
     device: torch.device | str = "cpu",
     allow_pickle: bool = False,
     local_files_only: bool | None = None,
+    adapters: bool = True,
 ) -> ModelSet:
-    """Load the full set; ε1 defaults to the base UNet when neither identity option is given."""
+    """Load the full set; ε1 defaults to the base UNet when neither identity option is given.
+
+    A model folder with an :class:`AdapterLibrary` (``adapters=True``) brings its own ε1 and ε2
+    adapters: its ε1 unless ``identity_model``/``identity_lora`` is given, its ε2 adapters (picked
+    per prompt at edit time) unless ``edit_loras`` is given.
+    """
     if local_files_only is None:
         local_files_only = hub_offline()
     if identity_model and identity_lora:
         raise UserError("give either --identity-model or --identity-lora, not both")
     parts = _load_set(model, config=config, dtype=dtype, allow_pickle=allow_pickle, local_files_only=local_files_only)
+    library = AdapterLibrary.read(model) if adapters and Path(model).expanduser().is_dir() else None
     unet = parts["unet"]
     weights: dict[str, float] = {}
     for index, (path, weight) in enumerate(edit_loras or []):
         name = f"edit_{index}"
         _load_adapter(unet, path, name)
         weights[name] = float(weight)
+    if library is not None and not edit_loras:
+        for entry in library.edits:
+            _load_adapter(unet, str(entry.path), edit_adapter_name(entry.name))
+    elif library is not None:
+        library = AdapterLibrary(library.identity, ())
     if identity_model:
         identity_unet = _load_identity_unet(identity_model, dtype, allow_pickle, local_files_only)
     else:
         identity_unet = unet
-        if identity_lora:
-            _load_adapter(unet, identity_lora, IDENTITY_ADAPTER)
+        if identity_lora or (library is not None and library.identity is not None):
+            _load_adapter(unet, identity_lora or str(library.identity), IDENTITY_ADAPTER)
     models = ModelSet(
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
@@ -324,6 +409,7 @@ def load_model_set(
         scheduler=parts["scheduler"],
         source=model,
         edit_adapter_weights=weights,
+        library=library,
     )
     for module in (models.vae, models.text_encoder, models.unet, models.identity_unet):
         module.eval().requires_grad_(False)

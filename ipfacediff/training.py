@@ -291,7 +291,7 @@ def _accelerator(mixed_precision: str, gradient_accumulation: int):
 def _identity_encoder(identity):
     from ipfacediff.identity import IdentityEncoder
 
-    if isinstance(identity, IdentityEncoder):
+    if isinstance(identity, torch.nn.Module):  # IdentityEncoder or one with its interface
         return identity
     return IdentityEncoder.from_pretrained(identity)
 
@@ -545,7 +545,7 @@ def _finish(run: _Run, *, started: float, validate: Callable[[], float], extra_c
 
 
 def _load_models(model: str, accelerator, weight_dtype: torch.dtype, full: bool):
-    models = load_model_set(model)
+    models = load_model_set(model, adapters=False)  # adapters are trained from the base model
     device = accelerator.device
     # The frozen parts run in the training precision; in full mode the VAE and text encoder stay
     # float32 so that the saved model folder is exact.

@@ -214,3 +214,20 @@ def test_train_commands_write_adapters_that_edit_loads(sample, tiny_dir, tmp_pat
     code, _, stderr = run(["train", "identity", "--model", str(tiny_dir), "--data", str(tmp_path / "none"),
                            "--output", str(tmp_path / "x")], capsys)
     assert code == 2 and stderr.startswith("error: ")
+
+
+def test_faceworld_commands_forward_to_their_modules(tmp_path, capsys):
+    from ipfacediff.face import FaceTracks
+
+    code, out, _ = run(["faceworld", "render", "clip", str(tmp_path / "c.mp4"), "--frames", "3", "--size", "96"], capsys)
+    assert code == 0 and probe_video(tmp_path / "c.mp4").frame_count == 3
+    assert len(FaceTracks.load(tmp_path / "c.json").tracks) == 2
+    code, _, err = run(["faceworld", "adapters", str(tmp_path / "nothing"), "--preset", "smoke"], capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and "FaceWorld model folder" in err
+
+
+def test_usage_mistakes_print_clicks_message_not_a_traceback(capsys):
+    for argv in (["demo", "an-extra-argument"], ["edit", "--no-such-option"]):
+        code, out, err = run(argv, capsys)
+        assert code == 2, argv
+        assert "Traceback" not in out + err and "Error:" in err, (argv, err)

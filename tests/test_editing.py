@@ -12,6 +12,9 @@ from ipfacediff.editing import (
     IPFaceDiffAttnProcessor,
     IPFaceDiffPipeline,
     extended_attention,
+    local_blend_mask,
+    mask_reference_prompt,
+    transfer_detail,
     keyframe_batches,
     nearest_neighbour_field,
     select_keyframes,
@@ -96,7 +99,8 @@ def test_without_injection_every_frame_editing_is_independent_sampling(tiny_pipe
     frames = moving_texture(3)
     steps, guidance = 4, 5.0
     result = tiny_pipe(frames, PROMPT, steps=steps, guidance=guidance, every_frame=True,
-                       inject_feature_until=1000, inject_attention_until=1000)
+                       inject_feature_until=1000, inject_attention_until=1000, local_blend=False,
+                       detail_transfer=False)
     inverted, _ = tiny_pipe.invert(frames, steps=steps)
     texts = encode_prompt(tiny_pipe.tokenizer, tiny_pipe.text_encoder, ["", PROMPT])
     latents = inverted.latents[0].clone()
@@ -149,3 +153,55 @@ def test_bad_frames_are_rejected(tiny_pipe):
         tiny_pipe(np.zeros((0, 64, 64, 3), np.uint8), PROMPT)
     with pytest.raises(ValueError):
         tiny_pipe(np.zeros((2, 64, 64, 3), np.float32), PROMPT)
+
+
+def test_detail_transfer_restores_the_source_where_the_edit_changed_nothing():
+    rng = np.random.default_rng(0)
+    source = rng.integers(0, 256, (2, 64, 64, 3), dtype=np.uint8)
+    reconstruction = np.clip(source.astype(int) + rng.integers(-6, 7, source.shape), 0, 255).astype(np.uint8)
+    edited = reconstruction.copy()
+    edited[:, 20:44, 20:44] = 255 - edited[:, 20:44, 20:44] // 4  # a strong edit in the middle
+    out = transfer_detail(source, edited, reconstruction)
+    assert np.array_equal(out[:, :12], source[:, :12])  # far from the edit: the source, exactly
+    assert np.array_equal(out[:, 26:38, 26:38], edited[:, 26:38, 26:38])  # inside it: the edit alone
+    assert np.array_equal(transfer_detail(source, reconstruction, reconstruction), source)
+
+
+def test_mask_reference_is_the_source_prompt_or_the_subject():
+    assert mask_reference_prompt("a face with eyeglasses") == "a face with"
+    assert mask_reference_prompt("A smiling face!") == "a face"
+    assert mask_reference_prompt("a face with a beard and eyeglasses", "a face with a beard") == "a face with a beard"
+
+
+def test_local_blend_mask_covers_the_peak_and_spares_the_rest():
+    difference = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 0.2
+    difference[:, :, 6:9, 6:9] += 1.0
+    mask = local_blend_mask(difference, 0.5)
+    assert mask.shape == difference.shape and mask.min() >= 0 and mask.max() <= 1
+    assert (mask[:, :, 6:9, 6:9] == 1).all()  # the region, then its one-token dilation, softened
+    assert (mask[:, :, 5:10, 5:10] > 0.4).all()
+    assert mask[:, :, :3].sum() == 0 and mask[:, :, :, 13:].sum() == 0
+
+
+class HalfMaskPipeline(IPFaceDiffPipeline):
+    """The tiny pipeline with the edit's region fixed to the left half of the latent grid."""
+
+    def edit_region_masks(self, inverted, *args, **kwargs):
+        mask = torch.zeros(len(inverted.clean), 1, *inverted.clean.shape[-2:])
+        mask[..., : mask.shape[-1] // 2] = 1
+        return mask
+
+
+def test_local_blend_keeps_the_edit_inside_its_region(tiny_pipe):
+    frames = moving_texture(3)
+    inverted, _ = tiny_pipe.invert(frames, steps=4)
+    masks = tiny_pipe.edit_region_masks(inverted, PROMPT, "a face", {})
+    assert masks.shape == (3, 1, 16, 16) and 0 <= masks.min() and masks.max() <= 1
+    half = HalfMaskPipeline(**tiny_pipe.components, edit_adapter_weights={}, model_source="tiny")
+    blended = half(frames, PROMPT, steps=4)
+    free = tiny_pipe(frames, PROMPT, steps=4, local_blend=False)
+    assert blended.unet_calls["mask"] > 0 and free.unet_calls["mask"] == 0
+    # Outside the region the latents are the source's own, exactly; inside they are edited.
+    assert torch.equal(blended.latents[..., 8:], inverted.clean[..., 8:])
+    assert not torch.allclose(blended.latents[..., :8], inverted.clean[..., :8], atol=1e-3)
+    assert not torch.allclose(free.latents[..., 8:], inverted.clean[..., 8:], atol=1e-3)

@@ -27,6 +27,20 @@ def test_shipped_models_load_through_the_normal_loader():
     assert total <= 30 * 2**20
 
 
+def test_shipped_models_bring_their_identity_and_edit_adapters():
+    from ipfacediff.faceworld import EDITS, Attributes
+    from ipfacediff.job import load_pipeline
+    from ipfacediff.models import AdapterLibrary
+
+    library = AdapterLibrary.read(SHIPPED_MODELS)
+    assert library is not None and library.identity.is_file()
+    assert {e.name for e in library.edits} == set(EDITS)
+    pipe = load_pipeline()
+    assert "identity" in pipe.unet.peft_config
+    for name, edit in EDITS.items():
+        assert pipe.edit_weights(edit.target_caption(Attributes())) == {f"edit:{name}": 1.0}
+
+
 def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
     from ipfacediff.faceworld import EDITS, render_clip
     from ipfacediff.faceworld.oracles import AttributeOracle
@@ -38,8 +52,9 @@ def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
     source = write_video(tmp_path / "in.mp4", iter(clip), clip.fps)
     tracks = clip.tracks.save(tmp_path / "in.tracks.json")
     out = tmp_path / "out.mp4"
-    edit_video(source, out, EditSettings(prompt=EDITS["eyeglasses"].target_caption(clip.attributes[0]), steps=20),
-               pipeline=load_pipeline(), tracks_path=tracks, log=lambda _m: None)
+    report = edit_video(source, out, EditSettings(prompt="a face with eyeglasses", steps=20),
+                        pipeline=load_pipeline(), tracks_path=tracks, log=lambda _m: None)
+    assert report.faces[0]["edit_adapters"] == {"eyeglasses": 1.0}
     oracle = AttributeOracle.from_pretrained(SHIPPED_MODELS / "oracles" / "attributes")
     transforms = alignment_transforms(clip.tracks.tracks[0], 64)
 

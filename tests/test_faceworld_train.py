@@ -137,3 +137,43 @@ def test_report_and_sizes(run):
         assert report["seconds"][name] > 0 and report["stages"][name]["loss_curve"]
     assert report["stages"]["vae"]["held_out_psnr_db"] > 0
     assert report["versions"]["diffusers"] and report["seed"] == 0 and report["preset"] == "smoke"
+
+
+def test_decoder_stage_moves_the_decoder_only(run):
+    output, report, _ = run
+    assert report["stages"]["decoder"]["steps"] == PRESETS["smoke"].decoder.steps
+    assert report["stages"]["decoder"]["held_out_face_psnr_db"] > 0
+
+
+def test_a_finished_run_without_the_decoder_stage_gets_it_on_resume(run, tmp_path):
+    """A model set finished by a version without the decoder stage: --resume adds the stage,
+    rewrites vae/ only, and leaves the encoder (so the UNet's latent space) as it was."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    output, report, _ = run
+    older = tmp_path / "older"
+    shutil.copytree(output, older)
+    stripped = json.loads((older / "training.json").read_text())
+    del stripped["stages"]["decoder"]
+    (older / "training.json").write_text(json.dumps(stripped))
+    unet_before = (older / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+    before = AutoencoderKL.from_pretrained(older / "vae")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        completed = train_faceworld_models(older, preset="smoke", resume=True)
+    finally:
+        torch.set_num_threads(threads)
+    after = AutoencoderKL.from_pretrained(older / "vae")
+    assert completed["stages"]["decoder"]["added_to_finished_run"] is True
+    assert completed["stages"]["decoder"]["steps"] == PRESETS["smoke"].decoder.steps
+    assert not (older / STATE_DIR).exists()
+    trained = ("decoder.", "post_quant_conv.")
+    changed = {name for name, tensor in before.state_dict().items() if not torch.equal(tensor, after.state_dict()[name])}
+    assert changed and all(name.startswith(trained) for name in changed)
+    # Nearly all of the decoder moved (a key bias, which softmax ignores, gets no gradient).
+    decoder = [name for name in before.state_dict() if name.startswith(trained)]
+    assert len(changed) >= 0.9 * len(decoder)
+    assert (older / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == unet_before

@@ -1,7 +1,7 @@
 """Look at FaceWorld.
 
-    python -m ipfacediff.faceworld sheet [--out faceworld_sheet.png] [--size 64] [--ids 0,1,1000]
-    python -m ipfacediff.faceworld clip OUT.mp4 [--ids 3,14] [--seed 1] [--frames 24] [--size 256]
+    ipfacediff faceworld render sheet [--out faceworld_sheet.png] [--size 64] [--ids 0,1,1000]
+    ipfacediff faceworld render clip OUT.mp4 [--ids 3,14] [--seed 1] [--frames 24] [--size 256]
            [--edit beard] [--tracks OUT.json]
 
 ``sheet``: rows are identities, columns the plain face, each scored edit, then (old + hat) and

@@ -27,7 +27,8 @@ measured on the held-out ones (ids >= 1000):
 held-out identities and writes ``OUTPUT/identity/``, ``OUTPUT/attributes/`` (``config.json`` +
 ``model.safetensors``, fp16) and ``OUTPUT/oracles.json``::
 
-    python -m ipfacediff.faceworld.oracles OUTPUT --preset smoke|cpu|gpu [--device auto] [--seed 0]
+    ipfacediff faceworld oracles OUTPUT --preset smoke|cpu|gpu [--device auto] [--seed 0]
+    (the same as python -m ipfacediff.faceworld.oracles ...)
 
 Presets: ``smoke`` (seconds; the tests), ``cpu`` (about 13 minutes on two busy cores: 16k renders,
 8 minutes for the identity net, 2 for the oracle), ``gpu`` (about 85 s on one H100 with 16 cores:

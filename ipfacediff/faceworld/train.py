@@ -7,7 +7,8 @@ which :func:`ipfacediff.models.load_model_set` reads like any other, plus ``OUTP
 whole CLIPModel with its tokenizer, for the directional CLIP loss and the evaluation) and
 ``OUTPUT/training.json`` (what was trained, for how long, how well, with which versions).
 
-    python -m ipfacediff.faceworld.train OUTPUT [--preset smoke|cpu|gpu] [--device auto] [--resume]
+    ipfacediff faceworld train OUTPUT [--preset smoke|cpu-1h|cpu|gpu] [--device auto] [--resume]
+    (the same as python -m ipfacediff.faceworld.train ...)
 
 The stages run in order, each on the last one's result:
 
@@ -23,7 +24,12 @@ The stages run in order, each on the last one's result:
    ``scaling_factor`` makes the training latents unit-variance, as SD's does;
 5. encode: the training latents, once, for the UNet;
 6. unet: a UNet2DConditionModel, DDPM ε-prediction on SD-1's noise schedule, cross-attending to
-   the frozen text encoder, with 10 % of the captions dropped for classifier-free guidance.
+   the frozen text encoder, with 10 % of the captions dropped for classifier-free guidance;
+7. decoder: the VAE's decoder alone fine-tuned on the frozen encoder's latents (as SD's "ft-MSE"
+   decoder was), with the face weighted above the backdrop and an edge term. The latent space
+   does not move, so the UNet stays valid; what it buys is the face: after the joint VAE stage
+   the backdrop dominates the loss, and the decoder blurs the eyes, nose and mouth an identity
+   net looks at (a round trip through the cpu-1h VAE kept identity similarity at 0.41-0.90).
 
 Every stage writes its state to ``OUTPUT/train_state/`` (safetensors and JSON: nothing is
 unpickled) at the end and every ``checkpoint_seconds`` during training, so ``--resume`` carries
@@ -124,6 +130,7 @@ class Preset:
     clip: Stage
     vae: Stage
     unet: Stage
+    decoder: Stage | None = None  # the decoder-only fine-tune; None skips it
     architecture: Architecture = field(default_factory=Architecture)
     checkpoint_seconds: float = 120.0
     evaluate_seconds: float = 120.0  # held-out scores during training, for the trend
@@ -137,24 +144,27 @@ PRESETS: dict[str, Preset] = {
         clip=Stage(4, 8, 1e-3, MINUTE, warmup=1),
         vae=Stage(3, 4, 2e-3, MINUTE, warmup=1),
         unet=Stage(4, 8, 1e-3, MINUTE, warmup=1),
+        decoder=Stage(3, 4, 5e-4, MINUTE, warmup=1),
         checkpoint_seconds=0.0, evaluate_seconds=math.inf,
     ),
-    # About 100 minutes on two CPU cores. The VAE limits quality first (PSNR 19 dB after 4
-    # minutes, 21.5 after 10 and still rising), so it gets the largest share; the UNet needs
-    # thousands of steps before attributes appear (2,500 drew faint eyeglasses).
+    # About 130 minutes on two CPU cores (100 before the decoder stage). The VAE limits quality
+    # first (PSNR 19 dB after 4 minutes, 21.5 after 10 and still rising), so it gets the largest
+    # share; the UNet needs thousands of steps before attributes appear (2,500 drew faint eyeglasses).
     "cpu": Preset(
         pairs=8000, held_out_pairs=32,
         clip=Stage(2000, 32, 1e-3, 8 * MINUTE),
         vae=Stage(5000, 8, 2e-3, 45 * MINUTE),
         unet=Stage(6500, 32, 1e-3, 38 * MINUTE, warmup=200),
+        decoder=Stage(6000, 8, 5e-4, 30 * MINUTE),
     ),
-    # The cpu schedule cut to about an hour, for a session that cannot wait 100 minutes: the
-    # shipped default until a full cpu or gpu run replaces it.
+    # The cpu schedule's first stages cut to about an hour, plus the decoder stage (30 min), for
+    # a session that cannot wait two hours: the shipped default.
     "cpu-1h": Preset(
         pairs=4000, held_out_pairs=32,
         clip=Stage(1200, 32, 1e-3, 5 * MINUTE),
         vae=Stage(2500, 8, 2e-3, 22 * MINUTE),
         unet=Stage(3500, 32, 1e-3, 25 * MINUTE, warmup=200),
+        decoder=Stage(6000, 8, 5e-4, 30 * MINUTE),
     ),
     # At most ~4.5 minutes on one H100 with 16 CPU cores (rendering ~30 s of it): batches large
     # enough to fill the GPU, bf16 autocast, and a wider UNet (still under 30 MB in fp16).
@@ -163,6 +173,7 @@ PRESETS: dict[str, Preset] = {
         clip=Stage(4000, 256, 2e-3, 25),
         vae=Stage(10000, 64, 2e-3, 80, warmup=200),
         unet=Stage(8000, 256, 1e-3, 90, warmup=200),
+        decoder=Stage(4000, 64, 5e-4, 30, warmup=100),
         architecture=Architecture(unet_channels=(48, 96, 192)),
         checkpoint_seconds=30.0, evaluate_seconds=30.0,
     ),
@@ -651,6 +662,60 @@ def train_unet(ctx: _Context, data: Data, latents: torch.Tensor, held_out_latent
     return unet.requires_grad_(False).eval(), log
 
 
+FACE_WEIGHT = 4.0  # the decoder stage's loss weight inside the canonical face ellipse (1 outside)
+
+
+def face_weights(size: int = SIZE) -> torch.Tensor:
+    """(1, 1, size, size): FACE_WEIGHT inside the aligned crop's canonical face ellipse, 1 outside,
+    normalised to mean 1 so the loss keeps its scale."""
+    from ipfacediff.face import CANONICAL_FACE_ELLIPSE
+
+    cx, cy, rx, ry = CANONICAL_FACE_ELLIPSE
+    y, x = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    inside = ((x / size - cx) / rx) ** 2 + ((y / size - cy) / ry) ** 2 <= 1
+    weights = torch.where(inside, FACE_WEIGHT, 1.0)
+    return (weights / weights.mean()).view(1, 1, size, size)
+
+
+def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+
+
+def _face_psnr(vae: AutoencoderKL, images: torch.Tensor) -> float:
+    """Mean PSNR (dB) inside the canonical face ellipse after a round trip through ``vae``."""
+    inside = (face_weights(images.shape[-1]) > 1).to(images.device)
+    with torch.no_grad():
+        x = images.float() / 127.5 - 1
+        out = ((vae.decode(vae.encode(x).latent_dist.mean).sample.float().clamp(-1, 1) + 1) * 127.5).round()
+        mse = ((out - images.float()).square() * inside).sum(dim=(1, 2, 3)) / (inside.sum() * 3)
+    return (10 * torch.log10(255.0**2 / mse.clamp_min(1e-10))).mean().item()
+
+
+def train_decoder(ctx: _Context, data: Data, vae: AutoencoderKL) -> tuple[AutoencoderKL, StageLog]:
+    """Fine-tune ``post_quant_conv`` and the decoder on the frozen encoder's latent means (what
+    the pipeline decodes): face-weighted L1 + L2 plus L1 on the image gradients, which the
+    plain losses under-weight and the eye's and the identity net's attention over-weight."""
+    stage = ctx.preset.decoder
+    torch.manual_seed(ctx.seed + 3)
+    vae.requires_grad_(False)
+    vae.post_quant_conv.requires_grad_(True)
+    vae.decoder.requires_grad_(True)
+    weights = face_weights().to(ctx.device)
+
+    def loss_at(step: int) -> torch.Tensor:
+        rng = ctx.rng("decoder", step)
+        x = _batch(data.images, rng.integers(0, len(data.images), stage.batch), ctx.device)
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.mean
+        recon = vae.decode(latents).sample.float()
+        error = ((recon - x).abs() + (recon - x).square()) * weights
+        edges = sum(((a - b).abs()).mean() for a, b in zip(_gradients(recon), _gradients(x)))
+        return error.mean() + edges
+
+    log = _train_stage(ctx, "decoder", vae, stage, loss_at, lambda: _face_psnr(vae, data.held_out))
+    return vae.requires_grad_(False).eval(), log
+
+
 # ---------------------------------------------------------------------------------------------
 # The whole run
 
@@ -669,7 +734,7 @@ def _start(output: Path, preset: str, seed: int, resume: bool) -> dict | None:
         if output.exists() and any(output.iterdir()):
             raise UserError(f"{output} is not empty: pass --resume to continue a run there, or choose a new folder")
         return None
-    if report.is_file() and not state.exists():
+    if report.is_file():  # complete (a state folder beside it: a later stage being added)
         return json.loads(report.read_text())
     run = state / "run.json"
     if run.is_file():
@@ -693,10 +758,12 @@ def train_faceworld_models(output: Path, *, preset: str = "cpu", device: str = "
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     output = Path(output)
     finished = _start(output, preset, seed, resume)
-    if finished is not None:
-        return finished
     chosen = PRESETS[preset]
     target = resolve_device(device)
+    if finished is not None:
+        if chosen.decoder is None or "decoder" in finished["stages"]:
+            return finished
+        return _add_decoder_stage(output, finished, chosen, target, progress)
     state = _State(output / STATE_DIR)
     state.folder.mkdir(parents=True, exist_ok=True)
     write_json(state.folder / "run.json", {"preset": preset, "seed": seed})
@@ -717,16 +784,22 @@ def train_faceworld_models(output: Path, *, preset: str = "cpu", device: str = "
     text_encoder.load_state_dict(clip.text_model.state_dict())
     text_encoder.requires_grad_(False).eval()
     unet, unet_log = train_unet(ctx, data, latents, held_out_latents, tokenizer, text_encoder)
+    logs = {"clip": clip_log, "vae": vae_log, "unet": unet_log}
+    decoder_scores = {}
+    if chosen.decoder is not None:
+        vae, logs["decoder"] = train_decoder(ctx, data, vae)
+        decoder_scores = _decoder_scores(vae, data)
 
     tick = time.perf_counter()
     weights = save_model_set(output, vae=vae, text_encoder=text_encoder, unet=unet, clip=clip, tokenizer=tokenizer)
     seconds["save"] = time.perf_counter() - tick
-    logs = {"clip": clip_log, "vae": vae_log, "unet": unet_log}
     seconds |= {name: log.seconds for name, log in logs.items()}
     stages = {name: {"stage": asdict(getattr(chosen, name)), **asdict(log)} for name, log in logs.items()}
     stages["clip"]["held_out_pair_accuracy"] = clip_log.evaluations[-1][2]
     stages["vae"]["held_out_psnr_db"] = vae_log.evaluations[-1][2]
     stages["unet"]["held_out_eps_mse"] = unet_log.evaluations[-1][2]
+    if "decoder" in stages:
+        stages["decoder"] |= decoder_scores
     report = {
         "preset": preset, "seed": seed, "device": str(target),
         "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
@@ -743,6 +816,49 @@ def train_faceworld_models(output: Path, *, preset: str = "cpu", device: str = "
     write_json(output / "training.json", report)
     shutil.rmtree(state.folder)
     return json.loads((output / "training.json").read_text())  # as a resumed call would return it
+
+
+def _decoder_scores(vae: AutoencoderKL, data: Data) -> dict[str, float]:
+    return {"held_out_psnr_db": round(_psnr(vae, data.held_out), 4),
+            "held_out_face_psnr_db": round(_face_psnr(vae, data.held_out), 4)}
+
+
+def _add_decoder_stage(output: Path, report: dict, chosen: Preset, target: torch.device,
+                       progress: Progress | None) -> dict:
+    """Run the decoder stage on a model set that an earlier version of this script finished
+    without it: the same renders (they follow from the seed), the saved VAE as the start, only
+    ``vae/`` rewritten. The result differs from a run that had the stage from the start only
+    in that the stage starts from the fp16-rounded VAE."""
+    state = _State(output / STATE_DIR)
+    state.folder.mkdir(parents=True, exist_ok=True)
+    write_json(state.folder / "run.json", {"preset": report["preset"], "seed": report["seed"]})
+    ctx = _Context(target, report["seed"], state, chosen, progress)
+    tick = time.perf_counter()
+    data = _load_data(state, chosen, report["seed"], target, progress)
+    render_seconds = time.perf_counter() - tick
+    vae = AutoencoderKL.from_pretrained(output / "vae", torch_dtype=torch.float32).to(target)
+    before = _decoder_scores(vae, data)
+    vae, log = train_decoder(ctx, data, vae)
+    staging = output / f".vae.{os.getpid()}.tmp"
+    vae.to(device="cpu", dtype=torch.float16).save_pretrained(staging, safe_serialization=True)
+    config = json.loads((staging / "config.json").read_text())
+    config.pop("_name_or_path", None)  # where it was loaded from: a path of this machine
+    write_json(staging / "config.json", config)
+    shutil.rmtree(output / "vae")
+    os.replace(staging, output / "vae")
+    report["stages"]["decoder"] = {"stage": asdict(chosen.decoder), **asdict(log), "before": before,
+                                   **_decoder_scores(vae.to(target, torch.float32), data),
+                                   "added_to_finished_run": True}
+    seconds = report["seconds"]
+    seconds["render"] = round(seconds["render"] + render_seconds, 1)
+    seconds["decoder"] = round(log.seconds, 1)
+    seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
+    weights = {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*.safetensors"))
+               if STATE_DIR not in p.parts}
+    report |= {"weights_bytes": weights, "weights_total_bytes": sum(weights.values()), "versions": library_versions()}
+    write_json(output / "training.json", report)
+    shutil.rmtree(state.folder)
+    return json.loads((output / "training.json").read_text())
 
 
 def save_model_set(output: Path, *, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
@@ -787,10 +903,11 @@ def main(argv: list[str] | None = None) -> None:
                                      description="Train the FaceWorld SD-1.x model set (and its CLIP) from scratch.")
     parser.add_argument("output", type=Path, help="folder for the model set (empty or new, unless --resume)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="smoke: seconds (tests); cpu: ~100 min on 2 cores; gpu: ~4.5 min on one H100")
+                        help="smoke: seconds (tests); cpu-1h: ~84 min and cpu: ~130 min on 2 cores; gpu: ~5 min on one H100")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue the run a killed process left in OUTPUT")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run a killed process left in OUTPUT, or add the stages a finished run lacks")
     args = parser.parse_args(argv)
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -807,7 +924,8 @@ def main(argv: list[str] | None = None) -> None:
           f"CLIP pair accuracy {stages['clip']['held_out_pair_accuracy']:.3f}, "
           f"VAE PSNR {stages['vae']['held_out_psnr_db']:.2f} dB, "
           f"UNet held-out ε-MSE {stages['unet']['held_out_eps_mse']:.4f}, "
-          f"{report['weights_total_bytes'] / 1e6:.1f} MB of weights")
+          + (f"decoder face PSNR {stages['decoder']['held_out_face_psnr_db']:.2f} dB, " if "decoder" in stages else "")
+          + f"{report['weights_total_bytes'] / 1e6:.1f} MB of weights")
 
 
 if __name__ == "__main__":

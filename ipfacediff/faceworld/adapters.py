@@ -1,0 +1,220 @@
+"""Train the FaceWorld model set's ε1 and ε2 adapters and write its adapter library.
+
+IP-FaceDiff fine-tunes two copies of the base model once: ε1 with an identity loss, ε2 once per
+attribute with a directional CLIP loss. This runs the project's own trainers
+(:func:`ipfacediff.training.train_identity`, :func:`ipfacediff.training.train_edit`) on FaceWorld
+renders of *training* identities, and writes ``MODEL/adapters/`` so that the normal loader uses
+them without flags (:class:`ipfacediff.models.AdapterLibrary`)::
+
+    ipfacediff faceworld adapters MODEL [--preset smoke|cpu|gpu] [--identity-net DIR] [--resume]
+    (the same as python -m ipfacediff.faceworld.adapters ...)
+
+1. identity net: the trainers' identity loss needs an ArcFace stand-in. It is *not* the identity
+   net the benchmark scores with (``MODEL/oracles/identity``): unless ``--identity-net`` is given,
+   a second one is trained here (:func:`ipfacediff.faceworld.oracles.train_oracles`, seed + 1), so
+   the adapters are not fitted to their judge;
+2. ε1 (``adapters/identity``): the denoising loss on FaceWorld faces with the empty prompt plus the
+   identity term on one-step estimates;
+3. ε2 per edit (``adapters/<edit>``): faces without the attribute, DDIM-inverted to t0 with the
+   base model, regenerated with the adapter under "a face with eyeglasses" (etc.); the loss is
+   CLIP's direction from "a face" to that caption (``MODEL/clip``), plus identity and L1 terms.
+
+Each step's output folder holds the trainer's checkpoints, so ``--resume`` continues a killed run;
+finished steps are skipped. ``MODEL/adapters/training.json`` records settings, seconds and the
+validation losses; ``MODEL/adapters/adapters.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+
+from ipfacediff.errors import UserError
+from ipfacediff.faceworld.attributes import EDITS, Attributes, caption
+from ipfacediff.faceworld.scene import dataset_item
+from ipfacediff.files import write_json
+from ipfacediff.models import ADAPTER_LIBRARY, library_versions
+from ipfacediff.training import ADAPTER_FILE, train_edit, train_identity
+
+# Words of a prompt that ask for each edit (see AdapterLibrary.pick).
+EDIT_WORDS = {
+    "eyeglasses": ["eyeglasses", "glasses", "spectacles"],
+    "blonde_hair": ["blonde", "blond"],
+    "beard": ["beard", "bearded"],
+    "smile": ["smile", "smiling", "smiles", "smiley"],
+}
+HAIR_EDITS = ("blonde_hair",)
+SOURCE = caption(Attributes())  # "a face"
+
+
+@dataclass(frozen=True)
+class Preset:
+    identity_faces: int
+    identity_steps: int
+    identity_batch: int
+    edit_faces: int
+    edit_steps: int
+    edit_batch: int
+    lr: float = 5e-4
+    rank: int = 8
+    lambda_id: float = 0.1  # both trainers' identity weight
+    t0: int = 500
+    inversion_steps: int = 20
+    generation_steps: int = 4
+    oracles_preset: str = "cpu"  # the trainers' own identity net (when --identity-net is not given)
+
+
+PRESETS = {
+    "smoke": Preset(identity_faces=8, identity_steps=2, identity_batch=2, edit_faces=4, edit_steps=2, edit_batch=2,
+                    inversion_steps=4, generation_steps=2, oracles_preset="smoke"),
+    # About 40 minutes on two CPU cores (plus ~13 for the trainers' identity net).
+    "cpu": Preset(identity_faces=512, identity_steps=600, identity_batch=16, edit_faces=192, edit_steps=240,
+                  edit_batch=4),
+    "gpu": Preset(identity_faces=2048, identity_steps=2000, identity_batch=64, edit_faces=512, edit_steps=600,
+                  edit_batch=16, generation_steps=6, inversion_steps=40, oracles_preset="gpu"),
+}  # fmt: skip
+
+
+def edit_target(edit: str) -> str:
+    """The caption an edit adapter is trained towards: "a face with eyeglasses", "a smiling face"."""
+    return caption(EDITS[edit].apply(Attributes()))
+
+
+def write_faces(folder: Path, count: int, seed: int, *, without: str | None = None) -> Path:
+    """``count`` aligned 64x64 training-identity renders as PNGs (random attributes; with
+    ``without``, that edit undone on each, so every face can receive it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        item = dataset_item("train", index, seed)
+        attributes = item.attributes
+        if without is not None:
+            undone = {name: getattr(Attributes(), name) for name, _ in EDITS[without].changes}
+            attributes = attributes.replace(**undone)
+        cv2.imwrite(str(folder / f"{index:05d}.png"), item.render(64, attributes)[..., ::-1])
+    return folder
+
+
+def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str | Path | None = None,
+                   edits: list[str] | None = None, seed: int = 0, resume: bool = False,
+                   log=print) -> dict:
+    """Train ε1 and the edit adapters for ``model`` (a FaceWorld model folder) into
+    ``model/adapters``; returns the report written to ``adapters/training.json``."""
+    if preset not in PRESETS:
+        raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    model = Path(model)
+    if not (model / "model_index.json").is_file() or not (model / "clip").is_dir():
+        raise UserError(f"{model} is not a FaceWorld model folder (model_index.json and clip/ are needed)")
+    root = model / "adapters"
+    if root.exists() and not resume:
+        raise UserError(f"{root} exists: pass --resume to continue or complete it, or remove it")
+    edits = edits or list(EDITS)
+    work = root / "work"
+    started = time.perf_counter()
+    report_path = root / "training.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {
+        "preset": preset, "settings": asdict(chosen), "seed": seed, "steps": {}}
+
+    def done(name: str) -> bool:
+        return name in report["steps"] and (root / name / ADAPTER_FILE).is_file()
+
+    if all(done(name) for name in ["identity", *edits]) and (model / ADAPTER_LIBRARY).is_file():
+        return report
+    if identity_net is None:
+        identity_net = work / "identity_net" / "identity"
+        if not (identity_net / "config.json").is_file():
+            from ipfacediff.faceworld.oracles import train_oracles
+
+            log(f"identity net for the trainers: oracles preset {chosen.oracles_preset}, seed {seed + 1}")
+            tick = time.perf_counter()
+            made = train_oracles(identity_net.parent, preset=chosen.oracles_preset, seed=seed + 1, progress=log)
+            report["steps"]["identity_net"] = {
+                "seconds": round(time.perf_counter() - tick, 1), "seed": seed + 1,
+                "held_out_verification_accuracy": made["identity"]["held_out"]["verification_accuracy"]}
+            write_json(report_path, report)
+    from ipfacediff.identity import IdentityEncoder
+
+    encoder = IdentityEncoder.from_pretrained(identity_net)
+
+    if not done("identity"):
+        log("ε1 (identity adapter)")
+        data = write_faces(work / "faces" / "identity", chosen.identity_faces, seed)
+        result = train_identity(str(model), data, root / "identity", max_steps=chosen.identity_steps,
+                                batch_size=chosen.identity_batch, learning_rate=chosen.lr, rank=chosen.rank,
+                                lambda_id=chosen.lambda_id, checkpoint_every=100, keep_checkpoints=1,
+                                resume=resume, seed=seed, identity=encoder)
+        report["steps"]["identity"] = _summary(result)
+        write_json(report_path, report)
+    for edit in edits:
+        if done(edit):
+            continue
+        log(f"ε2 for {edit}: {SOURCE!r} -> {edit_target(edit)!r}")
+        data = write_faces(work / "faces" / edit, chosen.edit_faces, seed + 7, without=edit)
+        result = train_edit(str(model), SOURCE, edit_target(edit), data, str(model / "clip"), root / edit,
+                            max_steps=chosen.edit_steps, batch_size=chosen.edit_batch, learning_rate=chosen.lr,
+                            rank=chosen.rank, lambda_id=chosen.lambda_id, t0=chosen.t0,
+                            inversion_steps=chosen.inversion_steps, generation_steps=chosen.generation_steps,
+                            checkpoint_every=50, keep_checkpoints=1, resume=resume, seed=seed, identity=encoder)
+        report["steps"][edit] = _summary(result)
+        write_json(report_path, report)
+
+    for name in ["identity", *edits]:  # keep the adapters and their reports, not the checkpoints
+        shutil.rmtree(root / name / "checkpoints", ignore_errors=True)
+        shutil.rmtree(root / name / "cache", ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    for report_file in root.glob("*/training.json"):  # the trainers' reports: paths relative to MODEL
+        text = report_file.read_text()
+        for prefix in {str(model.resolve()), str(model)}:
+            text = text.replace(json.dumps(prefix)[1:-1], "MODEL")
+        report_file.write_text(text)
+    library = {
+        "identity": f"identity/{ADAPTER_FILE}",
+        "edits": {e: {"path": f"{e}/{ADAPTER_FILE}", "words": EDIT_WORDS[e], "target": edit_target(e),
+                      "hair": e in HAIR_EDITS} for e in edits},
+    }
+    report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
+    report["versions"] = library_versions()
+    report["weights_bytes"] = sum(p.stat().st_size for p in root.rglob("*.safetensors"))
+    write_json(report_path, report)
+    write_json(model / ADAPTER_LIBRARY, library)
+    return report
+
+
+def _summary(result) -> dict:
+    return {"steps": result.steps, "seconds": round(result.seconds, 1), "faces": result.faces,
+            "validation_before": result.validation_before, "validation_after": result.validation_after,
+            "loss_first": result.losses[0] if result.losses else None,
+            "loss_last": result.losses[-1] if result.losses else None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m ipfacediff.faceworld.adapters",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path, help="FaceWorld model folder (from ipfacediff.faceworld.train)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--identity-net", type=Path, default=None,
+                        help="identity net for the trainers' identity loss (default: train one, seed + 1)")
+    parser.add_argument("--edits", default=",".join(EDITS), help="comma-separated subset of " + ", ".join(EDITS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="continue or complete MODEL/adapters")
+    args = parser.parse_args(argv)
+    try:
+        edits = [e.strip() for e in args.edits.split(",") if e.strip()]
+        unknown = [e for e in edits if e not in EDITS]
+        if unknown:
+            raise UserError(f"unknown edit(s) {', '.join(unknown)}: choose from {', '.join(EDITS)}")
+        report = train_adapters(args.model, preset=args.preset, identity_net=args.identity_net, edits=edits,
+                                seed=args.seed, resume=args.resume)
+    except UserError as error:
+        parser.exit(2, f"error: {error}\n")
+    print(f"{args.model / ADAPTER_LIBRARY}: {report['seconds']:.0f} s, {report['weights_bytes'] / 1e6:.2f} MB of adapters")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""FaceWorld's ε1/ε2 adapters: the smoke preset trains them into a model's adapter library, which
+the normal loader then uses without flags; prompts pick the edit adapters."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ipfacediff.errors import UserError
+from ipfacediff.faceworld.adapters import EDIT_WORDS, train_adapters
+from ipfacediff.faceworld.train import train_faceworld_models
+from ipfacediff.models import ADAPTER_LIBRARY, AdapterLibrary, pick_edit_adapters
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small models on a shared CPU: one thread is faster
+    try:
+        folder = tmp_path_factory.mktemp("faceworld-adapters") / "model"
+        train_faceworld_models(folder, preset="smoke")
+        report = train_adapters(folder, preset="smoke", log=lambda _m: None)
+    finally:
+        torch.set_num_threads(threads)
+    return folder, report
+
+
+def test_the_library_lists_every_adapter_and_they_exist(model):
+    folder, report = model
+    library = AdapterLibrary.read(folder)
+    assert library is not None and library.identity.is_file()
+    assert {e.name for e in library.edits} == set(EDIT_WORDS)
+    assert all(e.path.is_file() for e in library.edits)
+    assert [e.name for e in library.edits if e.hair] == ["blonde_hair"]
+    assert {e.name: e.target for e in library.edits}["smile"] == "a smiling face"
+    # The trainers' identity net is their own (seed + 1), not the benchmark's judge.
+    assert report["steps"]["identity_net"]["seed"] == 1
+    for name in ["identity", *EDIT_WORDS]:
+        assert report["steps"][name]["steps"] > 0
+    assert not (folder / "adapters" / "work").exists()
+    assert not any((folder / "adapters").rglob("checkpoints"))
+
+
+def test_a_finished_library_is_not_retrained_and_is_not_overwritten(model):
+    folder, report = model
+    library_file = folder / ADAPTER_LIBRARY
+    stamp = library_file.stat().st_mtime_ns
+    again = train_adapters(folder, preset="smoke", resume=True, log=lambda _m: None)
+    assert again["steps"] == report["steps"]
+    with pytest.raises(UserError, match="--resume"):
+        train_adapters(folder, preset="smoke", log=lambda _m: None)
+    assert library_file.stat().st_mtime_ns >= stamp
+
+
+def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
+    from ipfacediff.job import load_pipeline
+
+    folder, _ = model
+    pipe = load_pipeline(str(folder), device="cpu")
+    assert set(pipe.unet.peft_config) == {"identity", *(f"edit:{n}" for n in EDIT_WORDS)}
+    assert pipe.edit_weights("a face with eyeglasses") == {"edit:eyeglasses": 1.0}
+    assert pipe.edit_weights("a smiling face with a beard", "a face with a beard") == {"edit:smile": 1.0}
+    assert pipe.edit_weights("a face with eyeglasses", adapters="none") == {}
+    assert pipe.edit_weights("a face", adapters="beard:0.5, smile") == {"edit:beard": 0.5, "edit:smile": 1.0}
+    with pytest.raises(UserError, match="unknown edit adapter 'hat'.*eyeglasses"):
+        pipe.edit_weights("a face", adapters="hat")
+
+    frames = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with_adapter = pipe(frames, "a face with eyeglasses", steps=3)
+        without = pipe(frames, "a face with eyeglasses", steps=3, adapters="none")
+        base = load_pipeline(str(folder), device="cpu", adapter_library=False)
+        plain = base(frames, "a face with eyeglasses", steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    assert with_adapter.edit_adapters == {"eyeglasses": 1.0} and without.edit_adapters == {}
+    assert not np.array_equal(with_adapter.frames, without.frames)
+    assert base.config.adapter_words == {} and not getattr(base.unet, "peft_config", None)
+    # Without edit adapters the library's ε1 is still on: it guides, so the result is not the base's.
+    assert not np.array_equal(without.frames, plain.frames)
+
+
+def test_explicit_edit_loras_replace_the_library_edits(model):
+    from ipfacediff.job import load_pipeline
+
+    folder, _ = model
+    lora = folder / "adapters" / "smile" / "pytorch_lora_weights.safetensors"
+    pipe = load_pipeline(str(folder), device="cpu", edit_loras=[(str(lora), 0.7)])
+    assert set(pipe.unet.peft_config) == {"identity", "edit_0"}
+    assert pipe.edit_weights("a face with eyeglasses") == {"edit_0": 0.7}
+
+
+def test_prompt_words_pick_adapters():
+    words = {"eyeglasses": ["eyeglasses", "glasses"], "beard": ["beard"]}
+    assert pick_edit_adapters(words, "A face with GLASSES.") == ["eyeglasses"]
+    assert pick_edit_adapters(words, "a face with a beard and eyeglasses", "a face with a beard") == ["eyeglasses"]
+    assert pick_edit_adapters(words, "a face with sunglasses") == []  # whole words only
+    assert pick_edit_adapters(words, "a bearded face") == []
+
+
+def test_a_broken_library_is_one_clear_error(tmp_path):
+    (tmp_path / "adapters").mkdir()
+    (tmp_path / ADAPTER_LIBRARY).write_text(json.dumps({"edits": {"x": {"words": ["x"]}}}))
+    with pytest.raises(UserError, match="not a valid adapter library"):
+        AdapterLibrary.read(tmp_path)
+
+
+def test_cli_rejects_an_unknown_adapter_in_one_line(model, tmp_path, capsys):
+    from ipfacediff.cli import main
+    from ipfacediff.faceworld import render_clip
+    from ipfacediff.video import write_video
+
+    folder, _ = model
+    clip = render_clip(1003, seed=1, frames=2, size=96)
+    source = write_video(tmp_path / "in.mp4", iter(clip), clip.fps)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["edit", str(source), "-o", str(tmp_path / "out.mp4"), "-p", "a face", "--model", str(folder),
+              "--adapters", "hat", "--whole-frame"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: unknown edit adapter 'hat'; this model offers: eyeglasses, blonde_hair, beard, smile"]
+    assert not (tmp_path / "out.mp4").exists()
