@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from contextlib import contextmanager
@@ -287,39 +288,28 @@ faceworld_app = typer.Typer(help="FaceWorld: look at it, and train the embedded 
                             no_args_is_help=True)
 app.add_typer(faceworld_app, name="faceworld")
 # Each command hands its arguments to the module's own parser (so `--help` is the module's).
-_FORWARD = {"allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []}
+FACEWORLD_COMMANDS = {
+    "train": ("ipfacediff.faceworld.train",
+              "Train the SD-1.x model set from scratch: OUTPUT [--preset smoke|cpu-1h|cpu|gpu] [--resume]."),
+    "oracles": ("ipfacediff.faceworld.oracles",
+                "Train the identity net and attribute oracle the benchmark scores with: OUTPUT [--preset]."),
+    "adapters": ("ipfacediff.faceworld.adapters",
+                 "Train ε1 and the four ε2 adapters into MODEL/adapters: MODEL [--preset smoke|cpu|gpu] [--resume]."),
+    "render": ("ipfacediff.faceworld.__main__",
+               "A contact sheet (`sheet`) or a scene clip with its ground-truth tracks (`clip OUT.mp4 [--edit E]`)."),
+}
 
 
-@faceworld_app.command("train", context_settings=_FORWARD, add_help_option=False)
-def faceworld_train(ctx: typer.Context) -> None:
-    """Train the SD-1.x model set from scratch: OUTPUT [--preset smoke|cpu-1h|cpu|gpu] [--resume]."""
-    from ipfacediff.faceworld.train import main as run
+def _forward_to(module: str):
+    def command(ctx: typer.Context) -> None:
+        importlib.import_module(module).main(list(ctx.args))
 
-    run(list(ctx.args))
-
-
-@faceworld_app.command("oracles", context_settings=_FORWARD, add_help_option=False)
-def faceworld_oracles(ctx: typer.Context) -> None:
-    """Train the identity net and attribute oracle the benchmark scores with: OUTPUT [--preset]."""
-    from ipfacediff.faceworld.oracles import main as run
-
-    run(list(ctx.args))
+    return command
 
 
-@faceworld_app.command("adapters", context_settings=_FORWARD, add_help_option=False)
-def faceworld_adapters(ctx: typer.Context) -> None:
-    """Train ε1 and the four ε2 adapters into MODEL/adapters: MODEL [--preset smoke|cpu|gpu] [--resume]."""
-    from ipfacediff.faceworld.adapters import main as run
-
-    run(list(ctx.args))
-
-
-@faceworld_app.command("render", context_settings=_FORWARD, add_help_option=False)
-def faceworld_render(ctx: typer.Context) -> None:
-    """A contact sheet (`sheet`) or a scene clip with its ground-truth tracks (`clip OUT.mp4 [--edit E]`)."""
-    from ipfacediff.faceworld.__main__ import main as run
-
-    run(list(ctx.args))
+for _name, (_module, _help) in FACEWORLD_COMMANDS.items():
+    faceworld_app.command(_name, help=_help, add_help_option=False, context_settings={
+        "allow_extra_args": True, "ignore_unknown_options": True, "help_option_names": []})(_forward_to(_module))
 
 
 @app.command()

@@ -72,7 +72,8 @@ DEFAULT_BLEND_THRESHOLD = 0.5
 BLEND_TIMESTEPS = (300, 500, 700)
 # Words that name the subject or join words rather than say what changes.
 FRAME_WORDS = frozenset(
-    "a an the of and or with without in on to into add make turn give wearing has have is are his her their "
+    "a an the of and or with without in on to into add make turn give wearing has have is are "
+    "he she they him her them his their "
     "face faces person people photo picture portrait image man woman boy girl head".split()
 )
 

@@ -40,7 +40,7 @@ def test_the_library_lists_every_adapter_and_they_exist(model):
     assert report["steps"]["identity_net"]["seed"] == 1
     for name in ["identity", *EDIT_WORDS]:
         assert report["steps"][name]["steps"] > 0
-    assert not (folder / "adapters" / "work").exists()
+    assert not (folder / "adapters" / "train_data").exists()
     assert not any((folder / "adapters").rglob("checkpoints"))
 
 

@@ -115,7 +115,7 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
     if root.exists() and not resume:
         raise UserError(f"{root} exists: pass --resume to continue or complete it, or remove it")
     edits = edits or list(EDITS)
-    work = root / "work"
+    work = root / "train_data"  # renders and the trainers' identity net; removed at the end
     started = time.perf_counter()
     report_path = root / "training.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {
