@@ -567,20 +567,10 @@ def _progress_display(progress: Progress | None, console) -> Iterator[Progress]:
     if progress is not None:
         yield progress
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-    from rich.progress import Progress as Bars
+    from ipfacediff.progress import progress_bars
 
-    columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TimeRemainingColumn())
-    with Bars(*columns, console=console, transient=False, disable=not console.is_terminal) as bars:
-        tasks: dict[str, Any] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=total)
-            bars.update(tasks[stage], completed=done, total=total)
-
-        yield update
+    with progress_bars(console) as bars:
+        yield bars
 
 
 def _start_ray(address: str | None, num_cpus: int) -> bool:

@@ -10,15 +10,13 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import click
 import typer
 from typer._click import exceptions as typer_click_exceptions
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from ipfacediff.editing import (
     DEFAULT_BLEND_THRESHOLD,
@@ -28,6 +26,7 @@ from ipfacediff.editing import (
     DEFAULT_STEPS,
 )
 from ipfacediff.errors import UserError
+from ipfacediff.progress import progress_bars as rich_progress_bars
 
 app = typer.Typer(
     name="ipfacediff",
@@ -54,20 +53,9 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
-@contextmanager
-def progress_bars() -> Iterator:
-    """A rich progress display; yields progress(stage, done, total) for the library's callbacks."""
-    columns = (TextColumn("{task.description:>10}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False, disable=not console.is_terminal) as bars:
-        tasks: dict[str, int] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bars.add_task(stage, total=total)
-            bars.update(tasks[stage], completed=done, total=total)
-
-        yield update
+def progress_bars():
+    """A rich progress display on stderr; yields progress(stage, done, total) for the library's callbacks."""
+    return rich_progress_bars(console)
 
 
 

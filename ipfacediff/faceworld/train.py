@@ -853,8 +853,7 @@ def _add_decoder_stage(output: Path, report: dict, chosen: Preset, target: torch
     seconds["render"] = round(seconds["render"] + render_seconds, 1)
     seconds["decoder"] = round(log.seconds, 1)
     seconds["total"] = round(sum(v for k, v in seconds.items() if k != "total"), 1)
-    weights = {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*.safetensors"))
-               if STATE_DIR not in p.parts}
+    weights = weight_files(output)
     report |= {"weights_bytes": weights, "weights_total_bytes": sum(weights.values()), "versions": library_versions()}
     write_json(output / "training.json", report)
     shutil.rmtree(state.folder)
@@ -877,6 +876,11 @@ def save_model_set(output: Path, *, vae: AutoencoderKL, text_encoder: CLIPTextMo
     pipe.save_pretrained(output, safe_serialization=True)
     clip.to(**half).save_pretrained(output / "clip", safe_serialization=True)
     tokenizer.save_pretrained(output / "clip")
+    return weight_files(output)
+
+
+def weight_files(output: Path) -> dict[str, int]:
+    """Bytes of each weight file of the model set in ``output`` (training state excluded)."""
     return {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*.safetensors"))
             if STATE_DIR not in p.parts}
 
