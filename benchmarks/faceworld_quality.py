@@ -2,7 +2,7 @@
 
     python benchmarks/faceworld_quality.py --json OUT.json [--identities 20] [--offset 0] [--frames 12] [--steps 20]
         [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters]
-        [--guidance G] [--strength S] [--hair auto|on|off] [--source-prompt caption|empty] [--no-detail-transfer]
+        [--guidance G] [--strength S] [--adapter-weight W] [--hair auto|on|off] [--source-prompt caption|empty] [--no-detail-transfer]
         [--no-local-blend] [--blend-threshold T]
 
 Every edit has a ground truth: FaceWorld re-renders the same clip with only the attribute changed.
@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--edits", default=",".join(EDITS), help="comma-separated subset of " + ", ".join(EDITS))
     parser.add_argument("--guidance", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--strength", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--adapter-weight", type=float, default=1.0, help="weight of each edit's ε2 adapter")
     parser.add_argument("--hair", choices=("auto", "on", "off"), default="auto",
                         help="paste with the hair-extended mask: auto = for edits of the hair only")
     parser.add_argument("--source-prompt", choices=("caption", "empty"), default="caption",
@@ -161,7 +162,7 @@ def main() -> None:
             for method, switches in methods.items():
                 out = work / f"{person}-{edit.name}-{method}.mp4"
                 started = time.perf_counter()
-                adapters = edit.name if has_library and method != "no_adapters" else "none"
+                adapters = f"{edit.name}:{args.adapter_weight:g}" if has_library and method != "no_adapters" else "none"
                 settings = EditSettings(prompt=prompt, source_prompt=source_prompt, steps=args.steps, hair=hair,
                                         adapters=adapters, **switches, **overrides)
                 edit_video(source, out, settings, pipeline=base if method == "no_adapters" else pipe,
@@ -175,7 +176,8 @@ def main() -> None:
     results = {
         "identities": people, "frames": args.frames, "steps": args.steps,
         "model": args.model or "embedded FaceWorld default",
-        "settings": overrides | {"hair": args.hair, "source_prompt": args.source_prompt},
+        "settings": overrides | {"hair": args.hair, "source_prompt": args.source_prompt,
+                                 "adapter_weight": args.adapter_weight},
         "methods": {m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
                     for m, by_edit in scores.items() if m != "unedited"},
         "unedited": summary(merged(scores["unedited"])),

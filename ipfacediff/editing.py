@@ -46,6 +46,7 @@ from ipfacediff.diffusion import (
     invert_frames,
 )
 from ipfacediff.errors import UserError
+from ipfacediff.face import inner_face_share
 from ipfacediff.models import (
     ModelSet,
     activate_role,
@@ -305,6 +306,7 @@ class EditResult:
     unet_calls: dict[str, int]
     edit_adapters: dict[str, float] = field(default_factory=dict)  # the ε2 adapters used, by name
     latents: torch.Tensor | None = None  # the edited latents (N, 4, h, w), before decoding
+    hair: bool = False  # an edit of the hair (asked for, or by a hair adapter): paste with the hair mask
 
 
 class IPFaceDiffPipeline(DiffusionPipeline):
@@ -468,6 +470,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         local_blend: bool = True,
         blend_threshold: float = DEFAULT_BLEND_THRESHOLD,
         detail_transfer: bool = True,
+        hair: bool = False,
+        aligned: bool = True,
         cache: InversionCache | None = None,
         batch_size: int = 8,
         progress: Progress | None = None,
@@ -483,7 +487,11 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         latents follow the source's own inversion trajectory, so the face, hair and background
         the prompt does not ask to change stay as they were; blend_threshold: its threshold;
         detail_transfer: put the detail the VAE loses back where the edit changed nothing
-        (:func:`transfer_detail`).
+        (:func:`transfer_detail`); hair: the edit is of the hair (also implied by a hair adapter of
+        the library): its region leaves out the inner face (:func:`~ipfacediff.face.inner_face_share`),
+        and the result says so (``EditResult.hair``) so the crop is pasted back with the hair mask;
+        aligned: the frames are face crops aligned to the canonical five points (False: whole
+        frames, where the inner face is nowhere in particular).
         """
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
@@ -501,6 +509,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                                  "decode"), 0.0)
         calls = {"invert": 0, "mask": 0, "identity": 0, "edit": 0}
         edit_weights = self.edit_weights(prompt, source_prompt, adapters)
+        hair_edit = hair or any(n.removeprefix("edit:") in self.config.hair_adapters for n in edit_weights)
         inverted, source_embeds = self.invert(frames, source_prompt=source_prompt, steps=steps,
                                               identity_guidance=identity_guidance, cache=cache,
                                               batch_size=batch_size, progress=progress, timings=timings,
@@ -521,6 +530,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             blend = self.edit_region_masks(inverted, prompt, mask_reference_prompt(prompt, source_prompt),
                                            edit_weights, threshold=blend_threshold, batch_size=batch_size)
             calls["mask"] = len(BLEND_TIMESTEPS) * math.ceil(count / batch_size)
+            if hair_edit and aligned:  # hair colour or style does not move the brows, eyes, nose or mouth
+                blend = blend * (1 - torch.from_numpy(inner_face_share(blend.shape[-1])))
             timings["mask"] = time.perf_counter() - tick
         guide_role = "identity" if identity_guidance else "edit"
         device, dtype = self.unet.device, self.unet.dtype
@@ -585,7 +596,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         return EditResult(frames=output[run_of], timings=timings, inversion_reused=inverted.unet_calls == 0,
                           keyframes_per_step=history, unet_calls=calls,
                           edit_adapters={n.removeprefix("edit:"): w for n, w in edit_weights.items()},
-                          latents=edited[run_of])
+                          latents=edited[run_of], hair=hair_edit)
 
 
 def transfer_detail(source: np.ndarray, edited: np.ndarray, reconstruction: np.ndarray, *,

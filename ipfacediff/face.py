@@ -53,6 +53,13 @@ CANONICAL_FACE_BOX = (0.20, 0.30, 0.80, 0.90)
 # Measured: the extent of the mesh silhouette of a frontal face in the aligned crop.
 CANONICAL_FACE_ELLIPSE = (0.50, 0.62, 0.28, 0.30)
 
+# The inner face (brows, eyes, nose, mouth) in canonical crop coordinates: what a hair edit must
+# leave alone. The five points' hull grown to take in the brows above the eyes, the eye corners and
+# the lips of a broad smile; it stays inside the hairline and the side locks of any frontal face.
+CANONICAL_INNER_FACE = np.array(
+    [[0.29, 0.37], [0.71, 0.37], [0.71, 0.64], [0.64, 0.80], [0.36, 0.80], [0.29, 0.64]], dtype=np.float64
+)
+
 # Weights of the five points in the alignment fit. The eyes weigh most: mouth corners move with
 # expression and the nose tip with head pitch, and letting them pull the fit as much as the eyes
 # moves the whole crop when the subject smiles (on closeup.mp4 the eyes' spread in the 512 px crop
@@ -683,6 +690,16 @@ def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, h
     depth = cv2.distanceTransform(filled, cv2.DIST_L2, 5)[1:-1, 1:-1]
     ramp = np.clip(depth / max(1.0, MASK_FEATHER * size), 0.0, 1.0)
     return (ramp * ramp * (3 - 2 * ramp)).astype(np.float32)
+
+
+def inner_face_share(side: int) -> np.ndarray:
+    """(side, side) float32: the share of each cell of a side x side grid over an aligned crop that
+    lies inside :data:`CANONICAL_INNER_FACE` (1 inside, 0 outside, fractions on its border)."""
+    fine = side * 8
+    filled = np.zeros((fine, fine), np.float32)
+    cv2.fillPoly(filled, [np.round(CANONICAL_INNER_FACE * fine * 16).astype(np.int32)], 1.0, lineType=cv2.LINE_8,
+                 shift=4)
+    return filled.reshape(side, 8, side, 8).mean(axis=(1, 3))
 
 
 def paste_face(

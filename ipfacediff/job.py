@@ -288,11 +288,11 @@ def edit_video(
             inject_feature_until=settings.inject_feature_until, inject_attention_until=settings.inject_attention_until,
             strength=settings.strength, seed=settings.seed, identity_guidance=settings.identity_guidance,
             every_frame=settings.every_frame, adapters=settings.adapters, local_blend=settings.local_blend,
-            blend_threshold=settings.blend_threshold, detail_transfer=settings.detail_transfer,
-            cache=cache, progress=progress,
+            blend_threshold=settings.blend_threshold, detail_transfer=settings.detail_transfer, hair=settings.hair,
+            aligned=not settings.whole_frame, cache=cache, progress=progress,
         )
         edited[track.id] = dict(zip(order, result.frames))
-        hair_by_track[track.id] = settings.hair or any(n in pipeline.config.hair_adapters for n in result.edit_adapters)
+        hair_by_track[track.id] = result.hair
         reused = reused and result.inversion_reused
         for stage, value in result.timings.items():
             seconds_by_stage[stage] = seconds_by_stage.get(stage, 0.0) + value

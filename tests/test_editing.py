@@ -6,6 +6,7 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ipfacediff.diffusion import InversionCache, ddim_step, encode_prompt
+from ipfacediff.face import inner_face_share
 from ipfacediff.editing import (
     DEFAULT_KEYFRAME_SPACING,
     FeatureController,
@@ -205,3 +206,26 @@ def test_local_blend_keeps_the_edit_inside_its_region(tiny_pipe):
     assert torch.equal(blended.latents[..., 8:], inverted.clean[..., 8:])
     assert not torch.allclose(blended.latents[..., :8], inverted.clean[..., :8], atol=1e-3)
     assert not torch.allclose(free.latents[..., 8:], inverted.clean[..., 8:], atol=1e-3)
+
+
+class WholeMaskPipeline(IPFaceDiffPipeline):
+    """The tiny pipeline with the edit's region the whole latent grid."""
+
+    def edit_region_masks(self, inverted, *args, **kwargs):
+        return torch.ones(len(inverted.clean), 1, *inverted.clean.shape[-2:])
+
+
+def test_a_hair_edit_keeps_the_inner_face(tiny_pipe):
+    frames = moving_texture(3)
+    whole = WholeMaskPipeline(**tiny_pipe.components, edit_adapter_weights={}, model_source="tiny")
+    inverted, _ = whole.invert(frames, steps=4)
+    inner = torch.from_numpy(inner_face_share(16)) == 1
+    hair = whole(frames, "a face with blonde hair", steps=4, hair=True)
+    plain = whole(frames, "a face with blonde hair", steps=4)
+    assert hair.hair and not plain.hair
+    assert inner.sum() > 30
+    assert torch.equal(hair.latents[..., inner], inverted.clean[..., inner])  # brows to mouth: the source's
+    assert not torch.allclose(hair.latents[..., ~inner], inverted.clean[..., ~inner], atol=1e-3)
+    assert not torch.allclose(plain.latents[..., inner], inverted.clean[..., inner], atol=1e-3)
+    whole_frame = whole(frames, "a face with blonde hair", steps=4, hair=True, aligned=False)
+    assert whole_frame.hair and torch.equal(whole_frame.latents, plain.latents)  # no face layout to lean on
