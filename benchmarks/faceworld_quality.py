@@ -2,8 +2,8 @@
 
     python benchmarks/faceworld_quality.py --json OUT.json [--identities 20] [--offset 0] [--frames 12] [--steps 20]
         [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters]
-        [--guidance G] [--strength S] [--adapter-weight W] [--hair auto|on|off] [--source-prompt caption|empty] [--no-detail-transfer]
-        [--no-local-blend] [--blend-threshold T]
+        [--guidance G] [--strength S] [--adapter-weight W] [--hair auto|on|off] [--source-prompt caption|empty]
+        [--no-detail-transfer] [--no-local-blend] [--blend-threshold T]
 
 Every edit has a ground truth: FaceWorld re-renders the same clip with only the attribute changed.
 The prompt is the caption of the edited attributes ("a smiling face with brown hair and eyeglasses"),

@@ -116,7 +116,7 @@ def edit(
     require_face: bool = typer.Option(False, "--require-face", help="Exit with an error when no face is found."),
     whole_frame: bool = typer.Option(False, "--whole-frame", help="Edit the whole frame (resized to the model's size) instead of face crops."),
     hair: bool = typer.Option(False, "--hair", help="An edit of the hair: keep the inner face (brows to mouth) and blend the whole crop back, not just the face (on for a hair adapter)."),
-    no_local_blend: bool = typer.Option(False, "--no-local-blend", help="Let the edit change the whole face, not only where the UNet attends to the words the prompt adds."),
+    no_local_blend: bool = typer.Option(False, "--no-local-blend", help="Let the edit change the whole face, not only where ε2's prediction under the prompt differs from that under the source prompt."),
     blend_threshold: float = typer.Option(DEFAULT_BLEND_THRESHOLD, "--blend-threshold", help="Where the edit may change the latents: above this share (0-1) of the frame's largest prompt-vs-source difference of ε2's prediction."),
     no_detail_transfer: bool = typer.Option(False, "--no-detail-transfer", help="Do not put the detail the VAE loses back where the edit changed nothing."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Score the result right after: OUTPUT's .metrics.json and .report.html."),
