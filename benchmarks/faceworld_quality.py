@@ -3,7 +3,8 @@
     python benchmarks/faceworld_quality.py --json OUT.json [--identities 20] [--offset 0] [--frames 12] [--steps 20]
         [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters]
         [--guidance G] [--strength S] [--adapter-weight W] [--hair auto|on|off] [--source-prompt caption|empty]
-        [--no-detail-transfer] [--no-local-blend] [--blend-threshold T]
+        [--no-detail-transfer] [--no-local-blend] [--blend-threshold T] [--propagation-temperature T]
+        [--temporal-smoothing W] [--keyframes K] [--inject-feature-until T] [--inject-attention-until T]
 
 Every edit has a ground truth: FaceWorld re-renders the same clip with only the attribute changed.
 The prompt is the caption of the edited attributes ("a smiling face with brown hair and eyeglasses"),
@@ -97,11 +98,18 @@ def main() -> None:
     parser.add_argument("--no-detail-transfer", action="store_true", help="edit without putting the VAE's lost detail back")
     parser.add_argument("--no-local-blend", action="store_true", help="let the edit change the whole face")
     parser.add_argument("--blend-threshold", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--propagation-temperature", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--temporal-smoothing", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--keyframes", type=int, default=None, help="default: the edit command's")
+    parser.add_argument("--inject-feature-until", type=int, default=None, help="default: the edit command's")
+    parser.add_argument("--inject-attention-until", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     methods = {m: METHODS[m] for m in args.methods.split(",")}
     edits = [EDITS[e] for e in args.edits.split(",")]
-    overrides = {k: v for k, v in (("guidance", args.guidance), ("strength", args.strength)) if v is not None}
+    overrides = {k: getattr(args, k) for k in ("guidance", "strength", "propagation_temperature", "temporal_smoothing", "keyframes",
+                                                "inject_feature_until", "inject_attention_until")
+                 if getattr(args, k) is not None}
     if args.no_detail_transfer:
         overrides["detail_transfer"] = False
     if args.no_local_blend:

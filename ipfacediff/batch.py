@@ -70,7 +70,7 @@ class BatchJob:
 def _setting_types() -> dict[str, type]:
     from ipfacediff.job import EditSettings
 
-    table = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int}
+    table = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int, "float | None": float}
     return {f.name: table.get(str(f.type), str) for f in fields(EditSettings) if f.name != "prompt"}
 
 

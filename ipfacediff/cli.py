@@ -23,6 +23,8 @@ from ipfacediff.editing import (
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
     DEFAULT_INJECT_FEATURE_UNTIL,
+    DEFAULT_PROPAGATION_TEMPERATURE,
+    DEFAULT_TEMPORAL_SMOOTHING,
     DEFAULT_STEPS,
 )
 from ipfacediff.errors import UserError
@@ -105,6 +107,8 @@ def edit(
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="DDIM steps for inversion and editing."),
     guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", help="Classifier-free guidance scale."),
     keyframes: Optional[int] = typer.Option(None, "--keyframes", help="Keyframes edited jointly per step. Default: one per 8 frames."),
+    propagation_temperature: float = typer.Option(DEFAULT_PROPAGATION_TEMPERATURE, "--propagation-temperature", help="How softly keyframe edits reach the other frames: 0 = each token takes its single nearest keyframe token (TokenFlow); above 0, a softmax of feature similarities over this temperature."),
+    temporal_smoothing: float = typer.Option(DEFAULT_TEMPORAL_SMOOTHING, "--temporal-smoothing", help="Each frame's edit takes this share (0-0.5) from each neighbouring frame's at every step, against flicker; 0 = off."),
     inject_feature_until: int = typer.Option(DEFAULT_INJECT_FEATURE_UNTIL, "--inject-feature-until", help="Inject ε1's residual features while the timestep is above this (0-1000)."),
     inject_attention_until: int = typer.Option(DEFAULT_INJECT_ATTENTION_UNTIL, "--inject-attention-until", help="Inject ε1's self-attention Q/K while the timestep is above this (0-1000)."),
     strength: float = typer.Option(1.0, "--strength", help="Fraction of the schedule re-generated (1 = from full noise)."),
@@ -117,7 +121,7 @@ def edit(
     whole_frame: bool = typer.Option(False, "--whole-frame", help="Edit the whole frame (resized to the model's size) instead of face crops."),
     hair: bool = typer.Option(False, "--hair", help="An edit of the hair: keep the inner face (brows to mouth) and blend the whole crop back, not just the face (on for a hair adapter)."),
     no_local_blend: bool = typer.Option(False, "--no-local-blend", help="Let the edit change the whole face, not only where ε2's prediction under the prompt differs from that under the source prompt."),
-    blend_threshold: float = typer.Option(DEFAULT_BLEND_THRESHOLD, "--blend-threshold", help="Where the edit may change the latents: above this share (0-1) of the frame's largest prompt-vs-source difference of ε2's prediction."),
+    blend_threshold: Optional[float] = typer.Option(None, "--blend-threshold", help=f"Where the edit may change the latents: above this share (0-1) of the frame's largest prompt-vs-source difference of ε2's prediction. Default: the value the edit's adapter was tuned with, else {DEFAULT_BLEND_THRESHOLD}."),
     no_detail_transfer: bool = typer.Option(False, "--no-detail-transfer", help="Do not put the detail the VAE loses back where the edit changed nothing."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Score the result right after: OUTPUT's .metrics.json and .report.html."),
     clip: Optional[str] = typer.Option(None, "--clip", help="With --evaluate: CLIPModel folder or hub id for clip_direction/clip_score."),
@@ -131,6 +135,7 @@ def edit(
 
     settings = EditSettings(
         prompt=prompt, source_prompt=source_prompt, steps=steps, guidance=guidance, keyframes=keyframes,
+        propagation_temperature=propagation_temperature, temporal_smoothing=temporal_smoothing,
         inject_feature_until=inject_feature_until, inject_attention_until=inject_attention_until, strength=strength,
         seed=seed, identity_guidance=not no_identity_guidance, every_frame=every_frame, resolution=resolution,
         faces=faces, require_face=require_face, whole_frame=whole_frame, hair=hair, adapters=adapters,

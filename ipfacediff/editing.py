@@ -64,6 +64,8 @@ DEFAULT_INJECT_FEATURE_UNTIL = 200
 DEFAULT_INJECT_ATTENTION_UNTIL = 500
 DEFAULT_KEYFRAME_SPACING = 8
 DEFAULT_KEYFRAME_BATCH = 8
+DEFAULT_PROPAGATION_TEMPERATURE = 0.02
+DEFAULT_TEMPORAL_SMOOTHING = 0.25
 # Pixels the edit changed by more than this (0-255, blurred) take none of the source's detail.
 DETAIL_TOLERANCE = 24.0
 # Local blend: latent tokens where the edit model's prediction under the prompt differs from that
@@ -224,20 +226,23 @@ def two_nearest(frame: int, keyframes: list[int]) -> list[tuple[int, float]]:
     return [(nearest[0], d2 / (d1 + d2)), (nearest[1], d1 / (d1 + d2))]
 
 
-def nearest_neighbour_field(frame_features: torch.Tensor, key_features: torch.Tensor, *,
-                            side: int, locality: float = 0.05) -> torch.Tensor:
-    """For each token of a frame, the index of its most similar keyframe token (cosine).
-
-    features: (..., L, D) with L = side²; a small locality prior settles ties in flat regions
-    (smooth skin) in favour of nearby tokens, as aligned face crops move little.
-    Returns (..., L) int64.
-    """
+def token_similarity(frame_features: torch.Tensor, key_features: torch.Tensor, *,
+                     side: int, locality: float = 0.05) -> torch.Tensor:
+    """Cosine similarity of every token of a frame to every keyframe token, less a small
+    locality prior that settles ties in flat regions (smooth skin) in favour of nearby tokens,
+    as aligned face crops move little. features: (..., L, D), L = side²; returns (..., L, L)."""
     a = F.normalize(frame_features.float(), dim=-1)
     b = F.normalize(key_features.float(), dim=-1)
     similarity = a @ b.transpose(-1, -2)
     if locality:
         similarity = similarity - locality * squared_distances(side, str(similarity.device))
-    return similarity.argmax(-1)
+    return similarity
+
+
+def nearest_neighbour_field(frame_features: torch.Tensor, key_features: torch.Tensor, *,
+                            side: int, locality: float = 0.05) -> torch.Tensor:
+    """For each token of a frame, the index of its most similar keyframe token: (..., L) int64."""
+    return token_similarity(frame_features, key_features, side=side, locality=locality).argmax(-1)
 
 
 @lru_cache(maxsize=8)
@@ -253,13 +258,18 @@ def propagate_by_nearest_neighbour(
     features: torch.Tensor,
     frame_count: int,
     *,
+    temperature: float = 0.0,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """Every frame's edit from the keyframes' edits ``deltas`` {keyframe: (C, h, w)}.
 
     features: (N, L, D) source features of all frames. A keyframe keeps its own edit; another
     frame takes, token by token, the edits at its nearest neighbours in its two closest
-    keyframes, blended by temporal distance. Returns (N, C, h, w) on the CPU.
+    keyframes, blended by temporal distance. temperature 0 takes the single nearest token
+    (TokenFlow); above 0, a softmax of the similarities over that temperature weighs the
+    keyframe's tokens, so a token whose best match is a near tie between neighbours does not
+    flip from one to the other between frames (flicker on the coarse latent grid).
+    Returns (N, C, h, w) on the CPU.
     """
     keyframes = sorted(deltas)
     channels, height, width = deltas[keyframes[0]].shape
@@ -283,8 +293,13 @@ def propagate_by_nearest_neighbour(
         frame_features = features[batch].to(device)
         gathered = []
         for which in (first, second):
-            index = nearest_neighbour_field(frame_features, key_features[which], side=height)
-            gathered.append(torch.gather(key_deltas[which], 2, index[:, None, :].expand(-1, channels, -1)))
+            similarity = token_similarity(frame_features, key_features[which], side=height)
+            if temperature > 0:
+                gathered.append(key_deltas[which] @ torch.softmax(similarity / temperature, -1).transpose(1, 2))
+            else:
+                index = similarity.argmax(-1)
+                gathered.append(torch.gather(key_deltas[which], 2, index[:, None, :].expand(-1, channels, -1)))
+            del similarity
         # Written as a correction so that equal edits (and single keyframes) stay bit-identical.
         blended = gathered[0] + weight[:, None, None] * (gathered[1] - gathered[0])
         out[batch] = blended.reshape(len(batch), channels, height, width).cpu()
@@ -321,12 +336,14 @@ class IPFaceDiffPipeline(DiffusionPipeline):
     def __init__(self, vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer,
                  unet: UNet2DConditionModel, identity_unet: UNet2DConditionModel, scheduler: DDIMScheduler,
                  edit_adapter_weights: dict[str, float] | None = None, model_source: str | None = None,
-                 adapter_words: dict[str, list[str]] | None = None, hair_adapters: list[str] | None = None):
+                 adapter_words: dict[str, list[str]] | None = None, hair_adapters: list[str] | None = None,
+                 adapter_blend_thresholds: dict[str, float] | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               identity_unet=identity_unet, scheduler=scheduler)
         self.register_to_config(edit_adapter_weights=dict(edit_adapter_weights or {}), model_source=model_source,
-                                adapter_words=dict(adapter_words or {}), hair_adapters=list(hair_adapters or []))
+                                adapter_words=dict(adapter_words or {}), hair_adapters=list(hair_adapters or []),
+                                adapter_blend_thresholds=dict(adapter_blend_thresholds or {}))
 
     @classmethod
     def from_model_set(cls, models: ModelSet) -> "IPFaceDiffPipeline":
@@ -335,7 +352,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                    scheduler=DDIMScheduler.from_config(models.scheduler.config),
                    edit_adapter_weights=models.edit_adapter_weights, model_source=models.source,
                    adapter_words=models.library.words() if models.library else None,
-                   hair_adapters=[e.name for e in models.library.edits if e.hair] if models.library else None)
+                   hair_adapters=[e.name for e in models.library.edits if e.hair] if models.library else None,
+                   adapter_blend_thresholds=models.library.blend_thresholds() if models.library else None)
 
     def edit_weights(self, prompt: str, source_prompt: str = "", adapters: str = "auto") -> dict[str, float]:
         """The ε2 adapters (peft name → weight) an edit runs with.
@@ -460,6 +478,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         keyframes: int | None = None,
         keyframe_batch: int = DEFAULT_KEYFRAME_BATCH,
         random_keyframes: bool = True,
+        propagation_temperature: float = DEFAULT_PROPAGATION_TEMPERATURE,
+        temporal_smoothing: float = DEFAULT_TEMPORAL_SMOOTHING,
         inject_feature_until: int = DEFAULT_INJECT_FEATURE_UNTIL,
         inject_attention_until: int = DEFAULT_INJECT_ATTENTION_UNTIL,
         strength: float = 1.0,
@@ -468,7 +488,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         every_frame: bool = False,
         adapters: str = "auto",
         local_blend: bool = True,
-        blend_threshold: float = DEFAULT_BLEND_THRESHOLD,
+        blend_threshold: float | None = None,
         detail_transfer: bool = True,
         hair: bool = False,
         aligned: bool = True,
@@ -478,14 +498,19 @@ class IPFaceDiffPipeline(DiffusionPipeline):
     ) -> EditResult:
         """Edit aligned face crops (N, H, W, 3) uint8 so they show ``prompt``.
 
-        keyframes: how many (default one per 8 frames); strength: the fraction of the schedule that
+        keyframes: how many (default one per 8 frames); propagation_temperature: how softly the
+        keyframes' edits are carried to the other frames (:func:`propagate_by_nearest_neighbour`);
+        temporal_smoothing: how much each frame's edit takes from its neighbours' at every step
+        (:func:`smooth_over_time`; not for ``every_frame``, the naive baseline); strength: the fraction of the schedule that
         is re-generated (1.0 = from the fully inverted noise); identity_guidance=False lets ε2
         guide itself (TokenFlow-like); every_frame=True edits each frame on its own (naive);
         adapters: which ε2 adapters of the model's library edit (see :meth:`edit_weights`);
         local_blend: confine the edit to where it acts (:meth:`edit_region_masks`; the reference
         is the source prompt, or the prompt's subject words when there is none): elsewhere the
         latents follow the source's own inversion trajectory, so the face, hair and background
-        the prompt does not ask to change stay as they were; blend_threshold: its threshold;
+        the prompt does not ask to change stay as they were; blend_threshold: its threshold (None:
+        the lowest that the picked adapters of the library were tuned with, else
+        :data:`DEFAULT_BLEND_THRESHOLD`);
         detail_transfer: put the detail the VAE loses back where the edit changed nothing
         (:func:`transfer_detail`); hair: the edit is of the hair (also implied by a hair adapter of
         the library): its region leaves out the inner face (:func:`~ipfacediff.face.inner_face_share`),
@@ -498,6 +523,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             raise ValueError("frames must be a non-empty (N, H, W, 3) uint8 array")
         if not 0 < strength <= 1:
             raise ValueError("strength must be in (0, 1]")
+        if not 0 <= temporal_smoothing < 0.5:
+            raise ValueError("temporal_smoothing must be in [0, 0.5)")
         # A run of identical frames (a still, or frames repeated by constant-rate resampling) is
         # one moment: edit it once, so repeats come out identical and cost nothing.
         starts = np.ones(len(frames), dtype=bool)
@@ -510,6 +537,10 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         calls = {"invert": 0, "mask": 0, "identity": 0, "edit": 0}
         edit_weights = self.edit_weights(prompt, source_prompt, adapters)
         hair_edit = hair or any(n.removeprefix("edit:") in self.config.hair_adapters for n in edit_weights)
+        if blend_threshold is None:
+            tuned = self.config.adapter_blend_thresholds
+            picked = [tuned[n.removeprefix("edit:")] for n in edit_weights if n.removeprefix("edit:") in tuned]
+            blend_threshold = min(picked, default=DEFAULT_BLEND_THRESHOLD)
         inverted, source_embeds = self.invert(frames, source_prompt=source_prompt, steps=steps,
                                               identity_guidance=identity_guidance, cache=cache,
                                               batch_size=batch_size, progress=progress, timings=timings,
@@ -577,7 +608,10 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                 if len(deltas) == count:
                     delta = torch.stack([deltas[f] for f in range(count)])
                 else:
-                    delta = propagate_by_nearest_neighbour(deltas, inverted.features_at(step), count, device=device)
+                    delta = propagate_by_nearest_neighbour(deltas, inverted.features_at(step), count,
+                                                           temperature=propagation_temperature, device=device)
+                if not every_frame:
+                    delta = smooth_over_time(delta, temporal_smoothing)
                 edited = ddim_step(edited, source_eps + delta, alpha_t, alpha_prev)
                 if blend is not None:  # outside the edit's region, the source's own trajectory
                     lower = inverted.latents[step + 1] if step + 1 < len(inverted.latents) else inverted.clean
@@ -597,6 +631,20 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                           keyframes_per_step=history, unet_calls=calls,
                           edit_adapters={n.removeprefix("edit:"): w for n, w in edit_weights.items()},
                           latents=edited[run_of], hair=hair_edit)
+
+
+def smooth_over_time(delta: torch.Tensor, weight: float) -> torch.Tensor:
+    """(N, C, h, w) per-frame edits filtered over time with [weight, 1 − 2·weight, weight].
+
+    The crops are aligned, so one token is one place on the face in every frame; the true edit
+    moves with the face, so what changes of the edit from one frame to the next beyond that is
+    flicker (a keyframe's own edit against its followers' propagated one, keyframes drawn anew
+    every step). The ends repeat their frame; with weight 0 or fewer than 3 frames it is the input.
+    """
+    if weight == 0 or len(delta) < 3:
+        return delta
+    padded = torch.cat([delta[:1], delta, delta[-1:]])
+    return (1 - 2 * weight) * delta + weight * (padded[:-2] + padded[2:])
 
 
 def transfer_detail(source: np.ndarray, edited: np.ndarray, reconstruction: np.ndarray, *,

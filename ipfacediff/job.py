@@ -17,10 +17,11 @@ import torch
 
 from ipfacediff.diffusion import InversionCache, Progress, default_cache_dir
 from ipfacediff.editing import (
-    DEFAULT_BLEND_THRESHOLD,
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
     DEFAULT_INJECT_FEATURE_UNTIL,
+    DEFAULT_PROPAGATION_TEMPERATURE,
+    DEFAULT_TEMPORAL_SMOOTHING,
     DEFAULT_STEPS,
     IPFaceDiffPipeline,
 )
@@ -41,6 +42,8 @@ class EditSettings:
     steps: int = DEFAULT_STEPS
     guidance: float = DEFAULT_GUIDANCE
     keyframes: int | None = None
+    propagation_temperature: float = DEFAULT_PROPAGATION_TEMPERATURE
+    temporal_smoothing: float = DEFAULT_TEMPORAL_SMOOTHING
     inject_feature_until: int = DEFAULT_INJECT_FEATURE_UNTIL
     inject_attention_until: int = DEFAULT_INJECT_ATTENTION_UNTIL
     strength: float = 1.0
@@ -55,7 +58,7 @@ class EditSettings:
     adapters: str = "auto"  # the model library's ε2 adapters: auto (by prompt words), none, or names
     detail_transfer: bool = True  # the VAE's lost detail put back where the edit changed nothing
     local_blend: bool = True  # the edit confined to where the UNet attends to the words it adds
-    blend_threshold: float = DEFAULT_BLEND_THRESHOLD
+    blend_threshold: float | None = None  # None: the edit adapter's tuned value, else DEFAULT_BLEND_THRESHOLD
 
     def validate(self) -> None:
         if not self.prompt or not self.prompt.strip():
@@ -66,7 +69,11 @@ class EditSettings:
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
         if self.keyframes is not None and self.keyframes < 1:
             raise UserError(f"--keyframes must be at least 1, got {self.keyframes}")
-        if not 0 <= self.blend_threshold < 1:
+        if self.propagation_temperature < 0:
+            raise UserError(f"--propagation-temperature must be 0 or more, got {self.propagation_temperature}")
+        if not 0 <= self.temporal_smoothing < 0.5:
+            raise UserError(f"--temporal-smoothing must be in [0, 0.5), got {self.temporal_smoothing}")
+        if self.blend_threshold is not None and not 0 <= self.blend_threshold < 1:
             raise UserError(f"--blend-threshold must be in [0, 1), got {self.blend_threshold}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}")
@@ -285,6 +292,7 @@ def edit_video(
         result = pipeline(
             np.stack([crops[track.id][f] for f in order]), settings.prompt, source_prompt=settings.source_prompt,
             steps=settings.steps, guidance=settings.guidance, keyframes=settings.keyframes,
+            propagation_temperature=settings.propagation_temperature, temporal_smoothing=settings.temporal_smoothing,
             inject_feature_until=settings.inject_feature_until, inject_attention_until=settings.inject_attention_until,
             strength=settings.strength, seed=settings.seed, identity_guidance=settings.identity_guidance,
             every_frame=settings.every_frame, adapters=settings.adapters, local_blend=settings.local_blend,

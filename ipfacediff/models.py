@@ -67,6 +67,7 @@ class EditAdapter:
     words: tuple[str, ...]
     target: str = ""  # the caption it was trained towards, for the record
     hair: bool = False  # it changes hair: its edits are pasted back with the hair-extended mask
+    blend_threshold: float | None = None  # the local blend's threshold its edits were tuned with
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,9 @@ class AdapterLibrary:
                    "blonde_hair": {..., "hair": true}}}
 
     ``hair``: the adapter changes the hair, so its edits are blended back with the hair mask.
+    ``blend_threshold`` (optional): the local blend's threshold its edits were tuned with, used
+    unless the edit sets one; an edit of a shape (a smile widens the mouth) needs more room than
+    where the prompt changes the prediction most.
     """
 
     identity: Path | None
@@ -97,7 +101,8 @@ class AdapterLibrary:
             spec = json.loads(file.read_text())
             identity = file.parent / spec["identity"] if spec.get("identity") else None
             edits = tuple(EditAdapter(name, file.parent / entry["path"], tuple(w.lower() for w in entry["words"]),
-                                      entry.get("target", ""), bool(entry.get("hair", False)))
+                                      entry.get("target", ""), bool(entry.get("hair", False)),
+                                      _threshold(entry.get("blend_threshold")))
                           for name, entry in spec.get("edits", {}).items())
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error})") from None
@@ -105,6 +110,17 @@ class AdapterLibrary:
 
     def words(self) -> dict[str, list[str]]:
         return {e.name: list(e.words) for e in self.edits}
+
+    def blend_thresholds(self) -> dict[str, float]:
+        return {e.name: e.blend_threshold for e in self.edits if e.blend_threshold is not None}
+
+
+def _threshold(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f"blend_threshold must be a number in [0, 1), got {value!r}")
+    return float(value)
 
 
 def pick_edit_adapters(words: dict[str, list[str]], prompt: str, source_prompt: str = "") -> list[str]:

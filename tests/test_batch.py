@@ -145,9 +145,9 @@ def test_manifest_paths_names_and_settings(tmp_path):
     (tmp_path / "sub").mkdir()
     manifest = tmp_path / "sub" / "m.csv"
     manifest.write_text(
-        "input,prompts,output,edit_lora,keyframes,whole_frame,faces\n"
-        'clip.mp4,"Eye glasses!|smile",,g.safetensors:0.5;s.safetensors,2,1,"0,2"\n'
-        "clip.mp4,smile,,,,no,\n"
+        "input,prompts,output,edit_lora,keyframes,whole_frame,faces,blend_threshold\n"
+        'clip.mp4,"Eye glasses!|smile",,g.safetensors:0.5;s.safetensors,2,1,"0,2",0.4\n'
+        "clip.mp4,smile,,,,no,,\n"
     )
     jobs = read_manifest(manifest, tmp_path / "out")
     assert [j.prompt for j in jobs] == ["Eye glasses!", "smile", "smile"]
@@ -158,6 +158,7 @@ def test_manifest_paths_names_and_settings(tmp_path):
                                   (str((tmp_path / "sub" / "s.safetensors").resolve()), 1.0)]
     assert jobs[0].settings["keyframes"] == 2 and jobs[0].settings["whole_frame"] is True
     assert jobs[0].settings["faces"] == "0,2" and jobs[2].settings["whole_frame"] is False
+    assert jobs[0].settings["blend_threshold"] == 0.4 and jobs[2].settings.get("blend_threshold") is None
     assert job_state(jobs[0], evaluate=False) == "todo"
 
 

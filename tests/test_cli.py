@@ -93,10 +93,14 @@ def _mistakes(tmp_path: Path, clip: Path, tiny_dir: Path) -> list[tuple[str, lis
         ("output is input", ["edit", str(clip), "-o", str(clip), "-p", "x", *ok], "input path"),
         ("empty prompt", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "  ", *ok], "prompt is empty"),
         ("bad face selection", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--faces", "x", *ok], "face selection"),
+        ("smoothing too strong", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--temporal-smoothing", "0.6", *ok],
+         "--temporal-smoothing"),
+        ("negative temperature", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x",
+                                  "--propagation-temperature", "-1", *ok], "--propagation-temperature"),
     ]
 
 
-@pytest.mark.parametrize("case", range(7))
+@pytest.mark.parametrize("case", range(9))
 def test_user_mistakes_give_one_line_and_exit_2(case, sample, tiny_dir, tmp_path, capsys):
     clip, _ = sample
     before = digest(clip)

@@ -18,6 +18,8 @@ from ipfacediff.editing import (
     transfer_detail,
     keyframe_batches,
     nearest_neighbour_field,
+    propagate_by_nearest_neighbour,
+    smooth_over_time,
     select_keyframes,
     two_nearest,
 )
@@ -79,6 +81,38 @@ def test_correspondence_recovers_a_known_shift(tiny_pipe):
         field = nearest_neighbour_field(inverted.features_at(step)[2], inverted.features_at(step)[0], side=side).numpy()
         accuracy = (field[inner] == target[inner]).mean()
         assert accuracy >= 0.9, (step, accuracy)
+
+
+def test_soft_propagation_blends_near_ties_and_sharpens_to_the_nearest_token():
+    """A follower token whose features lie between two keyframe tokens takes a blend of their
+    edits under a temperature, the nearer one's as the temperature falls, exactly it at 0."""
+    side, dim = 4, 8
+    generator = torch.Generator().manual_seed(0)
+    key = torch.randn(side * side, dim, generator=generator)
+    follower = key.clone()
+    follower[5] = 0.55 * key[5] + 0.45 * key[6]  # nearer token 5, but close to a tie with token 6
+    features = torch.stack([key, follower])
+    edit = torch.arange(side * side, dtype=torch.float32).reshape(1, side, side).repeat(2, 1, 1)
+    hard = propagate_by_nearest_neighbour({0: edit}, features, 2)[1]
+    assert torch.equal(hard, edit)  # the follower's own tokens match their keyframe twins
+    soft = propagate_by_nearest_neighbour({0: edit}, features, 2, temperature=0.05)[1, 0]
+    sharp = propagate_by_nearest_neighbour({0: edit}, features, 2, temperature=0.002)[1, 0]
+    token = soft.reshape(-1)[5]
+    assert 5.0 < token < 6.0  # a convex blend, tilted to neither extreme alone
+    assert abs(sharp.reshape(-1)[5] - 5.0) < abs(token - 5.0)
+    assert soft.min() >= 0 and soft.max() <= side * side - 1  # never outside the keyframe's edits
+
+
+def test_smoothing_over_time_damps_flicker_and_keeps_a_steady_edit():
+    steady = torch.full((6, 4, 2, 2), 0.7)
+    assert torch.equal(smooth_over_time(steady, 0.25), steady)
+    flicker = steady + 0.1 * torch.tensor([1.0, -1, 1, -1, 1, -1]).reshape(6, 1, 1, 1)
+    smoothed = smooth_over_time(flicker, 0.25)
+    frame_to_frame = lambda x: (x[1:] - x[:-1]).abs().mean()  # noqa: E731
+    assert frame_to_frame(smoothed) < 0.5 * frame_to_frame(flicker)
+    assert torch.allclose(smoothed[1:-1].mean(), steady.mean())  # the edit is spread, not lost
+    assert torch.equal(smooth_over_time(flicker, 0.0), flicker)
+    assert torch.equal(smooth_over_time(flicker[:2], 0.25), flicker[:2])
 
 
 def test_repeated_frame_gives_identical_frames(tiny_pipe):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ipfacediff.errors import UserError
-from ipfacediff.faceworld.adapters import EDIT_WORDS, train_adapters
+from ipfacediff.faceworld.adapters import BLEND_THRESHOLDS, EDIT_WORDS, train_adapters
 from ipfacediff.faceworld.train import train_faceworld_models
 from ipfacediff.models import ADAPTER_LIBRARY, AdapterLibrary, pick_edit_adapters
 
@@ -36,6 +36,7 @@ def test_the_library_lists_every_adapter_and_they_exist(model):
     assert all(e.path.is_file() for e in library.edits)
     assert [e.name for e in library.edits if e.hair] == ["blonde_hair"]
     assert {e.name: e.target for e in library.edits}["smile"] == "a smiling face"
+    assert library.blend_thresholds() == BLEND_THRESHOLDS
     # The trainers' identity net is their own (seed + 1), not the benchmark's judge.
     assert report["steps"]["identity_net"]["seed"] == 1
     for name in ["identity", *EDIT_WORDS]:
@@ -85,6 +86,26 @@ def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
     assert not np.array_equal(without.frames, plain.frames)
 
 
+def test_an_adapters_tuned_blend_threshold_is_the_default_an_edit_can_override(model):
+    from ipfacediff.job import load_pipeline
+
+    folder, _ = model
+    pipe = load_pipeline(str(folder), device="cpu")
+    tuned = BLEND_THRESHOLDS["smile"]
+    assert pipe.config.adapter_blend_thresholds == BLEND_THRESHOLDS
+    frames = (np.random.default_rng(1).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        default = pipe(frames, "a smiling face", steps=3)
+        same = pipe(frames, "a smiling face", steps=3, blend_threshold=tuned)
+        stricter = pipe(frames, "a smiling face", steps=3, blend_threshold=0.9)
+    finally:
+        torch.set_num_threads(threads)
+    assert np.array_equal(default.frames, same.frames)
+    assert not np.array_equal(default.frames, stricter.frames)
+
+
 def test_explicit_edit_loras_replace_the_library_edits(model):
     from ipfacediff.job import load_pipeline
 
@@ -103,9 +124,11 @@ def test_prompt_words_pick_adapters():
     assert pick_edit_adapters(words, "a bearded face") == []
 
 
-def test_a_broken_library_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("edit", [{"words": ["x"]}, {"path": "x.safetensors", "words": ["x"], "blend_threshold": 1.5},
+                                  {"path": "x.safetensors", "words": ["x"], "blend_threshold": "low"}])
+def test_a_broken_library_is_one_clear_error(tmp_path, edit):
     (tmp_path / "adapters").mkdir()
-    (tmp_path / ADAPTER_LIBRARY).write_text(json.dumps({"edits": {"x": {"words": ["x"]}}}))
+    (tmp_path / ADAPTER_LIBRARY).write_text(json.dumps({"edits": {"x": edit}}))
     with pytest.raises(UserError, match="not a valid adapter library"):
         AdapterLibrary.read(tmp_path)
 
