@@ -293,13 +293,12 @@ def propagate_by_nearest_neighbour(
         frame_features = features[batch].to(device)
         gathered = []
         for which in (first, second):
-            similarity = token_similarity(frame_features, key_features[which], side=height)
             if temperature > 0:
+                similarity = token_similarity(frame_features, key_features[which], side=height)
                 gathered.append(key_deltas[which] @ torch.softmax(similarity / temperature, -1).transpose(1, 2))
             else:
-                index = similarity.argmax(-1)
+                index = nearest_neighbour_field(frame_features, key_features[which], side=height)
                 gathered.append(torch.gather(key_deltas[which], 2, index[:, None, :].expand(-1, channels, -1)))
-            del similarity
         # Written as a correction so that equal edits (and single keyframes) stay bit-identical.
         blended = gathered[0] + weight[:, None, None] * (gathered[1] - gathered[0])
         out[batch] = blended.reshape(len(batch), channels, height, width).cpu()
@@ -501,7 +500,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         keyframes: how many (default one per 8 frames); propagation_temperature: how softly the
         keyframes' edits are carried to the other frames (:func:`propagate_by_nearest_neighbour`);
         temporal_smoothing: how much each frame's edit takes from its neighbours' at every step
-        (:func:`smooth_over_time`; not for ``every_frame``, the naive baseline); strength: the fraction of the schedule that
+        (:func:`smooth_over_time`; aligned crops only, and not for ``every_frame``, the naive
+        baseline); strength: the fraction of the schedule that
         is re-generated (1.0 = from the fully inverted noise); identity_guidance=False lets ε2
         guide itself (TokenFlow-like); every_frame=True edits each frame on its own (naive);
         adapters: which ε2 adapters of the model's library edit (see :meth:`edit_weights`);
@@ -516,7 +516,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         the library): its region leaves out the inner face (:func:`~ipfacediff.face.inner_face_share`),
         and the result says so (``EditResult.hair``) so the crop is pasted back with the hair mask;
         aligned: the frames are face crops aligned to the canonical five points (False: whole
-        frames, where the inner face is nowhere in particular).
+        frames, where the inner face is nowhere in particular and a token is not one place on
+        the face from frame to frame, so neither the hair rule nor temporal smoothing applies).
         """
         frames = np.asarray(frames)
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
@@ -610,7 +611,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                 else:
                     delta = propagate_by_nearest_neighbour(deltas, inverted.features_at(step), count,
                                                            temperature=propagation_temperature, device=device)
-                if not every_frame:
+                if aligned and not every_frame:  # one token, one place on the face, in every frame
                     delta = smooth_over_time(delta, temporal_smoothing)
                 edited = ddim_step(edited, source_eps + delta, alpha_t, alpha_prev)
                 if blend is not None:  # outside the edit's region, the source's own trajectory

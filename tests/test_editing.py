@@ -262,4 +262,16 @@ def test_a_hair_edit_keeps_the_inner_face(tiny_pipe):
     assert not torch.allclose(hair.latents[..., ~inner], inverted.clean[..., ~inner], atol=1e-3)
     assert not torch.allclose(plain.latents[..., inner], inverted.clean[..., inner], atol=1e-3)
     whole_frame = whole(frames, "a face with blonde hair", steps=4, hair=True, aligned=False)
-    assert whole_frame.hair and torch.equal(whole_frame.latents, plain.latents)  # no face layout to lean on
+    plain_whole_frame = whole(frames, "a face with blonde hair", steps=4, aligned=False)
+    assert whole_frame.hair and torch.equal(whole_frame.latents, plain_whole_frame.latents)  # no face layout to lean on
+
+
+def test_temporal_smoothing_changes_aligned_keyframe_edits_only(tiny_pipe):
+    frames = moving_texture(5)
+    run = lambda **kw: tiny_pipe(frames, PROMPT, steps=3, local_blend=False, **kw).latents  # noqa: E731
+    smoothed, raw = run(temporal_smoothing=0.25), run(temporal_smoothing=0.0)
+    assert not torch.allclose(smoothed, raw, atol=1e-4)
+    assert torch.equal(run(temporal_smoothing=0.25, aligned=False), run(temporal_smoothing=0.0, aligned=False))
+    assert torch.equal(run(temporal_smoothing=0.25, every_frame=True), run(temporal_smoothing=0.0, every_frame=True))
+    with pytest.raises(ValueError, match="temporal_smoothing"):
+        run(temporal_smoothing=0.5)
