@@ -57,7 +57,7 @@ class EditSettings:
     hair: bool = False
     adapters: str = "auto"  # the model library's ε2 adapters: auto (by prompt words), none, or names
     detail_transfer: bool = True  # the VAE's lost detail put back where the edit changed nothing
-    local_blend: bool = True  # the edit confined to where the UNet attends to the words it adds
+    local_blend: bool = True  # the edit confined to where the prompt changes ε2's prediction
     blend_threshold: float | None = None  # None: the edit adapter's tuned value, else DEFAULT_BLEND_THRESHOLD
 
     def validate(self) -> None:
