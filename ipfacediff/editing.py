@@ -537,11 +537,11 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                                  "decode"), 0.0)
         calls = {"invert": 0, "mask": 0, "identity": 0, "edit": 0}
         edit_weights = self.edit_weights(prompt, source_prompt, adapters)
-        hair_edit = hair or any(n.removeprefix("edit:") in self.config.hair_adapters for n in edit_weights)
+        library_edits = [n.removeprefix("edit:") for n in edit_weights]
+        hair_edit = hair or any(n in self.config.hair_adapters for n in library_edits)
         if blend_threshold is None:
             tuned = self.config.adapter_blend_thresholds
-            picked = [tuned[n.removeprefix("edit:")] for n in edit_weights if n.removeprefix("edit:") in tuned]
-            blend_threshold = min(picked, default=DEFAULT_BLEND_THRESHOLD)
+            blend_threshold = min((tuned[n] for n in library_edits if n in tuned), default=DEFAULT_BLEND_THRESHOLD)
         inverted, source_embeds = self.invert(frames, source_prompt=source_prompt, steps=steps,
                                               identity_guidance=identity_guidance, cache=cache,
                                               batch_size=batch_size, progress=progress, timings=timings,
