@@ -90,7 +90,8 @@ def main() -> None:
     parser.add_argument("--edits", default=",".join(EDITS), help="comma-separated subset of " + ", ".join(EDITS))
     parser.add_argument("--guidance", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--strength", type=float, default=None, help="default: the edit command's")
-    parser.add_argument("--adapter-weight", type=float, default=1.0, help="weight of each edit's ε2 adapter")
+    parser.add_argument("--adapter-weight", type=float, default=None,
+                        help="weight of each edit's ε2 adapter (default: the library's tuned weight)")
     parser.add_argument("--hair", choices=("auto", "on", "off"), default="auto",
                         help="paste with the hair-extended mask: auto = for edits of the hair only")
     parser.add_argument("--source-prompt", choices=("caption", "empty"), default="caption",
@@ -170,7 +171,8 @@ def main() -> None:
             for method, switches in methods.items():
                 out = work / f"{person}-{edit.name}-{method}.mp4"
                 started = time.perf_counter()
-                adapters = f"{edit.name}:{args.adapter_weight:g}" if has_library and method != "no_adapters" else "none"
+                weight = "" if args.adapter_weight is None else f":{args.adapter_weight:g}"
+                adapters = f"{edit.name}{weight}" if has_library and method != "no_adapters" else "none"
                 settings = EditSettings(prompt=prompt, source_prompt=source_prompt, steps=args.steps, hair=hair,
                                         adapters=adapters, **switches, **overrides)
                 edit_video(source, out, settings, pipeline=base if method == "no_adapters" else pipe,

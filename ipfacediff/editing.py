@@ -336,13 +336,15 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                  unet: UNet2DConditionModel, identity_unet: UNet2DConditionModel, scheduler: DDIMScheduler,
                  edit_adapter_weights: dict[str, float] | None = None, model_source: str | None = None,
                  adapter_words: dict[str, list[str]] | None = None, hair_adapters: list[str] | None = None,
-                 adapter_blend_thresholds: dict[str, float] | None = None):
+                 adapter_blend_thresholds: dict[str, float] | None = None,
+                 adapter_weights: dict[str, float] | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               identity_unet=identity_unet, scheduler=scheduler)
         self.register_to_config(edit_adapter_weights=dict(edit_adapter_weights or {}), model_source=model_source,
                                 adapter_words=dict(adapter_words or {}), hair_adapters=list(hair_adapters or []),
-                                adapter_blend_thresholds=dict(adapter_blend_thresholds or {}))
+                                adapter_blend_thresholds=dict(adapter_blend_thresholds or {}),
+                                adapter_weights=dict(adapter_weights or {}))
 
     @classmethod
     def from_model_set(cls, models: ModelSet) -> "IPFaceDiffPipeline":
@@ -352,20 +354,22 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                    edit_adapter_weights=models.edit_adapter_weights, model_source=models.source,
                    adapter_words=models.library.words() if models.library else None,
                    hair_adapters=[e.name for e in models.library.edits if e.hair] if models.library else None,
-                   adapter_blend_thresholds=models.library.blend_thresholds() if models.library else None)
+                   adapter_blend_thresholds=models.library.blend_thresholds() if models.library else None,
+                   adapter_weights=models.library.weights() if models.library else None)
 
     def edit_weights(self, prompt: str, source_prompt: str = "", adapters: str = "auto") -> dict[str, float]:
         """The ε2 adapters (peft name → weight) an edit runs with.
 
         Adapters given at loading (``--edit-lora``) always apply. Otherwise the model's adapter
         library decides: ``adapters`` "auto" picks by the prompt's words, "none" edits with the
-        base model, or names them: "eyeglasses", "eyeglasses:0.8,smile".
+        base model, or names them: "eyeglasses", "eyeglasses:0.8,smile". An adapter picked or
+        named without a weight edits at the library's tuned weight for it (1 unless tuned).
         """
         if self.config.edit_adapter_weights:
             return dict(self.config.edit_adapter_weights)
-        known = self.config.adapter_words
+        known, tuned = self.config.adapter_words, self.config.adapter_weights
         if adapters == "auto":
-            return {edit_adapter_name(n): 1.0 for n in pick_edit_adapters(known, prompt, source_prompt)}
+            return {edit_adapter_name(n): tuned.get(n, 1.0) for n in pick_edit_adapters(known, prompt, source_prompt)}
         if adapters == "none":
             return {}
         chosen = {}
@@ -374,7 +378,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             if name not in known:
                 offered = ", ".join(known) if known else "none: this model has no adapter library"
                 raise UserError(f"unknown edit adapter {name!r}; this model offers: {offered}")
-            chosen[edit_adapter_name(name)] = weight
+            chosen[edit_adapter_name(name)] = weight if name != spec else tuned.get(name, 1.0)
         return chosen
 
     def _role(self, role: str, edit_weights: dict[str, float] | None = None) -> UNet2DConditionModel:

@@ -68,6 +68,7 @@ class EditAdapter:
     target: str = ""  # the caption it was trained towards, for the record
     hair: bool = False  # it changes hair: its edits are pasted back with the hair-extended mask
     blend_threshold: float | None = None  # the local blend's threshold its edits were tuned with
+    weight: float = 1.0  # the weight it edits at unless the edit names one (tuned like the threshold)
 
 
 @dataclass(frozen=True)
@@ -86,7 +87,9 @@ class AdapterLibrary:
     ``hair``: the adapter changes the hair, so its edits are blended back with the hair mask.
     ``blend_threshold`` (optional): the local blend's threshold its edits were tuned with, used
     unless the edit sets one; an edit of a shape (a smile widens the mouth) needs more room than
-    where the prompt changes the prediction most.
+    where the prompt changes the prediction most. ``weight`` (optional, default 1): the weight the
+    adapter edits at when the edit does not name one; tuned on held-out people, it can be below 1
+    (or 0) where the base model already draws the attribute better than the adapter does.
     """
 
     identity: Path | None
@@ -102,7 +105,7 @@ class AdapterLibrary:
             identity = file.parent / spec["identity"] if spec.get("identity") else None
             edits = tuple(EditAdapter(name, file.parent / entry["path"], tuple(w.lower() for w in entry["words"]),
                                       entry.get("target", ""), bool(entry.get("hair", False)),
-                                      _threshold(entry.get("blend_threshold")))
+                                      _threshold(entry.get("blend_threshold")), _weight(entry.get("weight", 1.0)))
                           for name, entry in spec.get("edits", {}).items())
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error})") from None
@@ -114,12 +117,22 @@ class AdapterLibrary:
     def blend_thresholds(self) -> dict[str, float]:
         return {e.name: e.blend_threshold for e in self.edits if e.blend_threshold is not None}
 
+    def weights(self) -> dict[str, float]:
+        """The tuned weights that differ from 1."""
+        return {e.name: e.weight for e in self.edits if e.weight != 1.0}
+
 
 def _threshold(value: object) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise ValueError(f"blend_threshold must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _weight(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
+        raise ValueError(f"weight must be a number in [0, 4], got {value!r}")
     return float(value)
 
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ipfacediff.errors import UserError
-from ipfacediff.faceworld.adapters import BLEND_THRESHOLDS, EDIT_WORDS, train_adapters
+from ipfacediff.faceworld.adapters import ADAPTER_WEIGHTS, BLEND_THRESHOLDS, EDIT_WORDS, train_adapters
 from ipfacediff.faceworld.train import train_faceworld_models
 from ipfacediff.models import ADAPTER_LIBRARY, AdapterLibrary, pick_edit_adapters
 
@@ -37,6 +37,7 @@ def test_the_library_lists_every_adapter_and_they_exist(model):
     assert [e.name for e in library.edits if e.hair] == ["blonde_hair"]
     assert {e.name: e.target for e in library.edits}["smile"] == "a smiling face"
     assert library.blend_thresholds() == BLEND_THRESHOLDS
+    assert library.weights() == ADAPTER_WEIGHTS
     # The trainers' identity net is their own (seed + 1), not the benchmark's judge.
     assert report["steps"]["identity_net"]["seed"] == 1
     for name in ["identity", *EDIT_WORDS]:
@@ -62,9 +63,9 @@ def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
     folder, _ = model
     pipe = load_pipeline(str(folder), device="cpu")
     assert set(pipe.unet.peft_config) == {"identity", *(f"edit:{n}" for n in EDIT_WORDS)}
-    assert pipe.edit_weights("a face with eyeglasses") == {"edit:eyeglasses": 1.0}
+    assert pipe.edit_weights("a face with a beard") == {"edit:beard": 1.0}
     assert pipe.edit_weights("a smiling face with a beard", "a face with a beard") == {"edit:smile": 1.0}
-    assert pipe.edit_weights("a face with eyeglasses", adapters="none") == {}
+    assert pipe.edit_weights("a face with a beard", adapters="none") == {}
     assert pipe.edit_weights("a face", adapters="beard:0.5, smile") == {"edit:beard": 0.5, "edit:smile": 1.0}
     with pytest.raises(UserError, match="unknown edit adapter 'hat'.*eyeglasses"):
         pipe.edit_weights("a face", adapters="hat")
@@ -73,13 +74,13 @@ def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with_adapter = pipe(frames, "a face with eyeglasses", steps=3)
-        without = pipe(frames, "a face with eyeglasses", steps=3, adapters="none")
+        with_adapter = pipe(frames, "a face with a beard", steps=3)
+        without = pipe(frames, "a face with a beard", steps=3, adapters="none")
         base = load_pipeline(str(folder), device="cpu", adapter_library=False)
-        plain = base(frames, "a face with eyeglasses", steps=3)
+        plain = base(frames, "a face with a beard", steps=3)
     finally:
         torch.set_num_threads(threads)
-    assert with_adapter.edit_adapters == {"eyeglasses": 1.0} and without.edit_adapters == {}
+    assert with_adapter.edit_adapters == {"beard": 1.0} and without.edit_adapters == {}
     assert not np.array_equal(with_adapter.frames, without.frames)
     assert base.config.adapter_words == {} and not getattr(base.unet, "peft_config", None)
     # Without edit adapters the library's ε1 is still on: it guides, so the result is not the base's.
@@ -106,6 +107,31 @@ def test_an_adapters_tuned_blend_threshold_is_the_default_an_edit_can_override(m
     assert not np.array_equal(default.frames, stricter.frames)
 
 
+def test_an_adapters_tuned_weight_is_the_default_an_edit_can_override(model):
+    from ipfacediff.job import load_pipeline
+
+    folder, _ = model
+    pipe = load_pipeline(str(folder), device="cpu")
+    tuned = ADAPTER_WEIGHTS["eyeglasses"]
+    assert pipe.config.adapter_weights == ADAPTER_WEIGHTS
+    assert pipe.edit_weights("a face with eyeglasses") == {"edit:eyeglasses": tuned}
+    assert pipe.edit_weights("a face", adapters="eyeglasses, beard") == {"edit:eyeglasses": tuned, "edit:beard": 1.0}
+    assert pipe.edit_weights("a face", adapters="eyeglasses:1") == {"edit:eyeglasses": 1.0}
+    frames = (np.random.default_rng(2).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        default = pipe(frames, "a face with eyeglasses", steps=3)
+        base_edit = pipe(frames, "a face with eyeglasses", steps=3, adapters="none")
+        full_weight = pipe(frames, "a face with eyeglasses", steps=3, adapters="eyeglasses:1")
+    finally:
+        torch.set_num_threads(threads)
+    assert default.edit_adapters == {"eyeglasses": tuned} and full_weight.edit_adapters == {"eyeglasses": 1.0}
+    assert not np.array_equal(default.frames, full_weight.frames)
+    if tuned == 0:  # at weight 0 the adapter is off: ε2 is the base model, as with adapters "none"
+        assert np.abs(default.frames.astype(int) - base_edit.frames.astype(int)).max() <= 1
+
+
 def test_explicit_edit_loras_replace_the_library_edits(model):
     from ipfacediff.job import load_pipeline
 
@@ -125,7 +151,9 @@ def test_prompt_words_pick_adapters():
 
 
 @pytest.mark.parametrize("edit", [{"words": ["x"]}, {"path": "x.safetensors", "words": ["x"], "blend_threshold": 1.5},
-                                  {"path": "x.safetensors", "words": ["x"], "blend_threshold": "low"}])
+                                  {"path": "x.safetensors", "words": ["x"], "blend_threshold": "low"},
+                                  {"path": "x.safetensors", "words": ["x"], "weight": -1},
+                                  {"path": "x.safetensors", "words": ["x"], "weight": "high"}])
 def test_a_broken_library_is_one_clear_error(tmp_path, edit):
     (tmp_path / "adapters").mkdir()
     (tmp_path / ADAPTER_LIBRARY).write_text(json.dumps({"edits": {"x": edit}}))

@@ -37,8 +37,9 @@ def test_shipped_models_bring_their_identity_and_edit_adapters():
     assert {e.name for e in library.edits} == set(EDITS)
     pipe = load_pipeline()
     assert "identity" in pipe.unet.peft_config
+    tuned = library.weights()
     for name, edit in EDITS.items():
-        assert pipe.edit_weights(edit.target_caption(Attributes())) == {f"edit:{name}": 1.0}
+        assert pipe.edit_weights(edit.target_caption(Attributes())) == {f"edit:{name}": tuned.get(name, 1.0)}
 
 
 def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
@@ -46,6 +47,7 @@ def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
     from ipfacediff.faceworld.oracles import AttributeOracle
     from ipfacediff.face import alignment_transforms, crop_face
     from ipfacediff.job import EditSettings, edit_video, load_pipeline
+    from ipfacediff.models import AdapterLibrary
     from ipfacediff.video import read_frames, write_video
 
     clip = render_clip(1011, seed=5, frames=6, size=128)
@@ -54,7 +56,8 @@ def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
     out = tmp_path / "out.mp4"
     report = edit_video(source, out, EditSettings(prompt="a face with eyeglasses", steps=20),
                         pipeline=load_pipeline(), tracks_path=tracks, log=lambda _m: None)
-    assert report.faces[0]["edit_adapters"] == {"eyeglasses": 1.0}
+    shipped = AdapterLibrary.read(SHIPPED_MODELS).weights().get("eyeglasses", 1.0)
+    assert report.faces[0]["edit_adapters"] == {"eyeglasses": shipped}
     oracle = AttributeOracle.from_pretrained(SHIPPED_MODELS / "oracles" / "attributes")
     transforms = alignment_transforms(clip.tracks.tracks[0], 64)
 
