@@ -4,7 +4,8 @@
         [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters]
         [--guidance G] [--strength S] [--adapter-weight W] [--hair auto|on|off] [--source-prompt caption|empty]
         [--no-detail-transfer] [--no-local-blend] [--blend-threshold T] [--propagation-temperature T]
-        [--temporal-smoothing W] [--keyframes K] [--inject-feature-until T] [--inject-attention-until T]
+        [--temporal-smoothing W] [--keyframes K] [--all-keyframes-below T] [--inject-feature-until T]
+        [--inject-attention-until T]
 
 Every edit has a ground truth: FaceWorld re-renders the same clip with only the attribute changed.
 The prompt is the caption of the edited attributes ("a smiling face with brown hair and eyeglasses"),
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--blend-threshold", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--propagation-temperature", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--temporal-smoothing", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--all-keyframes-below", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--keyframes", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--inject-feature-until", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--inject-attention-until", type=int, default=None, help="default: the edit command's")
@@ -109,6 +111,7 @@ def main() -> None:
     methods = {m: METHODS[m] for m in args.methods.split(",")}
     edits = [EDITS[e] for e in args.edits.split(",")]
     overrides = {k: getattr(args, k) for k in ("guidance", "strength", "propagation_temperature", "temporal_smoothing", "keyframes",
+                                                "all_keyframes_below",
                                                 "inject_feature_until", "inject_attention_until")
                  if getattr(args, k) is not None}
     if args.no_detail_transfer:

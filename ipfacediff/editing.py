@@ -66,6 +66,7 @@ DEFAULT_KEYFRAME_SPACING = 8
 DEFAULT_KEYFRAME_BATCH = 8
 DEFAULT_PROPAGATION_TEMPERATURE = 0.0
 DEFAULT_TEMPORAL_SMOOTHING = 0.25
+DEFAULT_ALL_KEYFRAMES_BELOW = 0  # off
 # Pixels the edit changed by more than this (0-255, blurred) take none of the source's detail.
 DETAIL_TOLERANCE = 24.0
 # Local blend: latent tokens where the edit model's prediction under the prompt differs from that
@@ -483,6 +484,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         random_keyframes: bool = True,
         propagation_temperature: float = DEFAULT_PROPAGATION_TEMPERATURE,
         temporal_smoothing: float = DEFAULT_TEMPORAL_SMOOTHING,
+        all_keyframes_below: int = DEFAULT_ALL_KEYFRAMES_BELOW,
         inject_feature_until: int = DEFAULT_INJECT_FEATURE_UNTIL,
         inject_attention_until: int = DEFAULT_INJECT_ATTENTION_UNTIL,
         strength: float = 1.0,
@@ -505,7 +507,10 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         keyframes' edits are carried to the other frames (:func:`propagate_by_nearest_neighbour`);
         temporal_smoothing: how much each frame's edit takes from its neighbours' at every step
         (:func:`smooth_over_time`; aligned crops only, and not for ``every_frame``, the naive
-        baseline); strength: the fraction of the schedule that
+        baseline); all_keyframes_below: at steps whose timestep is below it, every frame is a
+        keyframe (its own ε2 pass on its own latents, nothing propagated): a follower's edit is
+        computed on a keyframe's latents, so its trajectory never corrects itself, and the last,
+        detail-setting steps are where that flickers; strength: the fraction of the schedule that
         is re-generated (1.0 = from the fully inverted noise); identity_guidance=False lets ε2
         guide itself (TokenFlow-like); every_frame=True edits each frame on its own (naive);
         adapters: which ε2 adapters of the model's library edit (see :meth:`edit_weights`);
@@ -579,7 +584,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                 inject_attention = int(t) > inject_attention_until
                 inject_features = int(t) > inject_feature_until
                 source_eps = inverted.source_eps(step)
-                chosen = list(range(count)) if every_frame else select_keyframes(
+                own_pass = every_frame or int(t) < all_keyframes_below
+                chosen = list(range(count)) if own_pass else select_keyframes(
                     count, keyframe_count, generator=generator if random_keyframes else None)
                 history.append(chosen)
                 deltas: dict[int, torch.Tensor] = {}

@@ -19,6 +19,7 @@ from ipfacediff.diffusion import InversionCache, Progress, default_cache_dir
 from ipfacediff.editing import (
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
+    DEFAULT_ALL_KEYFRAMES_BELOW,
     DEFAULT_INJECT_FEATURE_UNTIL,
     DEFAULT_PROPAGATION_TEMPERATURE,
     DEFAULT_TEMPORAL_SMOOTHING,
@@ -46,6 +47,7 @@ class EditSettings:
     temporal_smoothing: float = DEFAULT_TEMPORAL_SMOOTHING
     inject_feature_until: int = DEFAULT_INJECT_FEATURE_UNTIL
     inject_attention_until: int = DEFAULT_INJECT_ATTENTION_UNTIL
+    all_keyframes_below: int = DEFAULT_ALL_KEYFRAMES_BELOW
     strength: float = 1.0
     seed: int = 0
     identity_guidance: bool = True
@@ -71,6 +73,8 @@ class EditSettings:
             raise UserError(f"--keyframes must be at least 1, got {self.keyframes}")
         if self.propagation_temperature < 0:
             raise UserError(f"--propagation-temperature must be 0 or more, got {self.propagation_temperature}")
+        if not 0 <= self.all_keyframes_below <= 1000:
+            raise UserError(f"--all-keyframes-below must be a timestep in 0..1000, got {self.all_keyframes_below}")
         if not 0 <= self.temporal_smoothing < 0.5:
             raise UserError(f"--temporal-smoothing must be in [0, 0.5), got {self.temporal_smoothing}")
         if self.blend_threshold is not None and not 0 <= self.blend_threshold < 1:
@@ -294,6 +298,7 @@ def edit_video(
             steps=settings.steps, guidance=settings.guidance, keyframes=settings.keyframes,
             propagation_temperature=settings.propagation_temperature, temporal_smoothing=settings.temporal_smoothing,
             inject_feature_until=settings.inject_feature_until, inject_attention_until=settings.inject_attention_until,
+            all_keyframes_below=settings.all_keyframes_below,
             strength=settings.strength, seed=settings.seed, identity_guidance=settings.identity_guidance,
             every_frame=settings.every_frame, adapters=settings.adapters, local_blend=settings.local_blend,
             blend_threshold=settings.blend_threshold, detail_transfer=settings.detail_transfer, hair=settings.hair,

@@ -97,6 +97,8 @@ def _mistakes(tmp_path: Path, clip: Path, tiny_dir: Path) -> list[tuple[str, lis
          "--temporal-smoothing"),
         ("negative temperature", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x",
                                   "--propagation-temperature", "-1", *ok], "--propagation-temperature"),
+        ("timestep out of range", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x",
+                                   "--all-keyframes-below", "2000", *ok], "--all-keyframes-below"),
     ]
 
 

@@ -266,6 +266,16 @@ def test_a_hair_edit_keeps_the_inner_face(tiny_pipe):
     assert whole_frame.hair and torch.equal(whole_frame.latents, plain_whole_frame.latents)  # no face layout to lean on
 
 
+def test_steps_below_all_keyframes_below_edit_every_frame_on_its_own_latents(tiny_pipe):
+    frames = moving_texture(6)
+    run = lambda keyframes=2, **kw: tiny_pipe(frames, PROMPT, steps=4, keyframes=keyframes, **kw)  # noqa: E731
+    # the timesteps are 751, 501, 251 and 1
+    late = run(all_keyframes_below=500)
+    assert [len(k) for k in late.keyframes_per_step] == [2, 2, 6, 6]
+    assert not np.array_equal(late.frames, run().frames)
+    assert np.array_equal(run(all_keyframes_below=1000).frames, run(keyframes=6).frames)  # every step: all keyframes
+
+
 def test_temporal_smoothing_changes_aligned_keyframe_edits_only(tiny_pipe):
     frames = moving_texture(5)
     run = lambda **kw: tiny_pipe(frames, PROMPT, steps=3, local_blend=False, **kw).latents  # noqa: E731
