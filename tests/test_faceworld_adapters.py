@@ -4,6 +4,7 @@ the normal loader then uses without flags; prompts pick the edit adapters."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -15,16 +16,23 @@ from ipfacediff.faceworld.train import train_faceworld_models
 from ipfacediff.models import ADAPTER_LIBRARY, AdapterLibrary, pick_edit_adapters
 
 
+@contextmanager
+def one_thread():
+    """Small models on a shared CPU: one thread is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # small models on a shared CPU: one thread is faster
-    try:
+    with one_thread():
         folder = tmp_path_factory.mktemp("faceworld-adapters") / "model"
         train_faceworld_models(folder, preset="smoke")
         report = train_adapters(folder, preset="smoke", log=lambda _m: None)
-    finally:
-        torch.set_num_threads(threads)
     return folder, report
 
 
@@ -71,15 +79,11 @@ def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
         pipe.edit_weights("a face", adapters="hat")
 
     frames = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         with_adapter = pipe(frames, "a face with a beard", steps=3)
         without = pipe(frames, "a face with a beard", steps=3, adapters="none")
         base = load_pipeline(str(folder), device="cpu", adapter_library=False)
         plain = base(frames, "a face with a beard", steps=3)
-    finally:
-        torch.set_num_threads(threads)
     assert with_adapter.edit_adapters == {"beard": 1.0} and without.edit_adapters == {}
     assert not np.array_equal(with_adapter.frames, without.frames)
     assert base.config.adapter_words == {} and not getattr(base.unet, "peft_config", None)
@@ -95,14 +99,10 @@ def test_an_adapters_tuned_blend_threshold_is_the_default_an_edit_can_override(m
     tuned = BLEND_THRESHOLDS["smile"]
     assert pipe.config.adapter_blend_thresholds == BLEND_THRESHOLDS
     frames = (np.random.default_rng(1).random((2, 64, 64, 3)) * 255).astype(np.uint8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         default = pipe(frames, "a smiling face", steps=3)
         same = pipe(frames, "a smiling face", steps=3, blend_threshold=tuned)
         stricter = pipe(frames, "a smiling face", steps=3, blend_threshold=0.9)
-    finally:
-        torch.set_num_threads(threads)
     assert np.array_equal(default.frames, same.frames)
     assert not np.array_equal(default.frames, stricter.frames)
 
@@ -118,14 +118,10 @@ def test_an_adapters_tuned_weight_is_the_default_an_edit_can_override(model):
     assert pipe.edit_weights("a face", adapters="eyeglasses, beard") == {"edit:eyeglasses": tuned, "edit:beard": 1.0}
     assert pipe.edit_weights("a face", adapters="eyeglasses:1") == {"edit:eyeglasses": 1.0}
     frames = (np.random.default_rng(2).random((2, 64, 64, 3)) * 255).astype(np.uint8)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         default = pipe(frames, "a face with eyeglasses", steps=3)
         base_edit = pipe(frames, "a face with eyeglasses", steps=3, adapters="none")
         full_weight = pipe(frames, "a face with eyeglasses", steps=3, adapters="eyeglasses:1")
-    finally:
-        torch.set_num_threads(threads)
     assert default.edit_adapters == {"eyeglasses": tuned} and full_weight.edit_adapters == {"eyeglasses": 1.0}
     assert not np.array_equal(default.frames, full_weight.frames)
     if tuned == 0:  # at weight 0 the adapter is off: ε2 is the base model, as with adapters "none"
