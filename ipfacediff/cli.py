@@ -19,10 +19,10 @@ from typer._click import exceptions as typer_click_exceptions
 from rich.console import Console
 
 from ipfacediff.editing import (
+    DEFAULT_ALL_KEYFRAMES_BELOW,
     DEFAULT_BLEND_THRESHOLD,
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
-    DEFAULT_ALL_KEYFRAMES_BELOW,
     DEFAULT_INJECT_FEATURE_UNTIL,
     DEFAULT_PROPAGATION_TEMPERATURE,
     DEFAULT_TEMPORAL_SMOOTHING,

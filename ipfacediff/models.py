@@ -105,7 +105,9 @@ class AdapterLibrary:
             identity = file.parent / spec["identity"] if spec.get("identity") else None
             edits = tuple(EditAdapter(name, file.parent / entry["path"], tuple(w.lower() for w in entry["words"]),
                                       entry.get("target", ""), bool(entry.get("hair", False)),
-                                      _threshold(entry.get("blend_threshold")), _weight(entry.get("weight", 1.0)))
+                                      None if entry.get("blend_threshold") is None else
+                                      _number("blend_threshold", entry["blend_threshold"], lambda v: 0 <= v < 1, "[0, 1)"),
+                                      _number("weight", entry.get("weight", 1.0), lambda v: 0 <= v <= 4, "[0, 4]"))
                           for name, entry in spec.get("edits", {}).items())
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error})") from None
@@ -122,17 +124,10 @@ class AdapterLibrary:
         return {e.name: e.weight for e in self.edits if e.weight != 1.0}
 
 
-def _threshold(value: object) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise ValueError(f"blend_threshold must be a number in [0, 1), got {value!r}")
-    return float(value)
-
-
-def _weight(value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
-        raise ValueError(f"weight must be a number in [0, 4], got {value!r}")
+def _number(name: str, value: object, ok, interval: str) -> float:
+    """A library entry's number, checked: ``ok(value)`` must hold (``interval`` says it in words)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
+        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
     return float(value)
 
 
