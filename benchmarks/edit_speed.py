@@ -28,7 +28,7 @@ from ipfacediff.diffusion import InversionCache  # noqa: E402
 from ipfacediff.editing import IPFaceDiffPipeline  # noqa: E402
 from ipfacediff.models import SD1_SCHEDULER_CONFIG, build_tiny_models, clip_bpe_tokenizer, load_model_set  # noqa: E402
 
-STAGES = ("encode", "invert", "identity_features", "keyframe_edit", "propagation", "decode")
+STAGES = ("encode", "invert", "mask", "identity_features", "keyframe_edit", "propagation", "decode")
 
 
 def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> IPFaceDiffPipeline:

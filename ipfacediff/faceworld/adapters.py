@@ -52,7 +52,8 @@ EDIT_WORDS = {
 HAIR_EDITS = ("blonde_hair",)
 # Local-blend thresholds tuned per edit on held-out people the quality report does not use
 # (benchmarks/faceworld_quality.py --offset 20): a smile reshapes the mouth and needs more room
-# than where the prompt changes ε2's prediction most (success 0.81 → 0.94 on 16 people at 0.3).
+# than where the prompt changes ε2's prediction most (success 0.81 → 0.94 on 16 people at 0.3,
+# tuned on the previous, CPU-trained model set).
 BLEND_THRESHOLDS = {"smile": 0.3}
 # Adapter weights tuned the same way (16 tuning people, the GPU-trained model set): the base model,
 # taught eyeglasses by FaceWorld's captions, draws them on 11 of 16 at identity 0.795; the
