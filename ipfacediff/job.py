@@ -17,9 +17,9 @@ import torch
 
 from ipfacediff.diffusion import InversionCache, Progress, default_cache_dir
 from ipfacediff.editing import (
+    DEFAULT_ALL_KEYFRAMES_BELOW,
     DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
-    DEFAULT_ALL_KEYFRAMES_BELOW,
     DEFAULT_INJECT_FEATURE_UNTIL,
     DEFAULT_PROPAGATION_TEMPERATURE,
     DEFAULT_TEMPORAL_SMOOTHING,
