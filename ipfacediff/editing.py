@@ -74,6 +74,11 @@ DETAIL_TOLERANCE = 24.0
 DEFAULT_BLEND_THRESHOLD = 0.5
 # Timesteps at which that difference is measured (on the inverted latents), averaged.
 BLEND_TIMESTEPS = (300, 500, 700)
+# How often the region's per-frame level is filtered over time with the temporal smoothing's
+# [w, 1 − 2w, w] (w = 0.25: 8 passes ≈ a Gaussian of σ = 2 frames). Tuned on 16 held-out people the
+# quality report does not use, blonde hair (the largest region): warp error 1.74 unfiltered, 1.61 /
+# 1.57 / 1.53 / 1.51 at 1 / 3 / 8 / 16 passes, success and identity unchanged.
+MASK_SMOOTHING_PASSES = 8
 # Words that name the subject or join words rather than say what changes.
 FRAME_WORDS = frozenset(
     "a an the of and or with without in on to into add make turn give wearing has have is are "
@@ -137,13 +142,22 @@ def mask_reference_prompt(prompt: str, source_prompt: str = "") -> str:
     return " ".join(w for w in words if w in FRAME_WORDS)
 
 
-def local_blend_mask(difference: torch.Tensor, threshold: float) -> torch.Tensor:
+def local_blend_mask(difference: torch.Tensor, threshold: float, *, temporal_smoothing: float = 0.0,
+                     passes: int = MASK_SMOOTHING_PASSES) -> torch.Tensor:
     """(N, 1, h, w) mean |ε(prompt) − ε(reference)| → (N, 1, h, w) float mask: 1 where the edit
     may change the latents (above ``threshold`` of the frame's range), dilated by one token so
-    that the edit's border lies inside, its edge softened over one more."""
+    that the edit's border lies inside, its edge softened over one more.
+
+    With ``temporal_smoothing`` (aligned crops: one token, one place on the face) each frame's
+    normalised difference is first filtered over time (:func:`smooth_over_time`, ``passes``
+    times): a token near the threshold would otherwise fall in and out of the region from one
+    frame to the next, and on the coarse latent grid that is a 4-8 px block of the edit blinking."""
     low = difference.amin(dim=(2, 3), keepdim=True)
     high = difference.amax(dim=(2, 3), keepdim=True)
-    mask = ((difference - low) / (high - low).clamp_min(1e-8) > threshold).float()
+    level = (difference - low) / (high - low).clamp_min(1e-8)
+    for _ in range(passes):
+        level = smooth_over_time(level, temporal_smoothing)
+    mask = (level > threshold).float()
     mask = F.max_pool2d(mask, 3, stride=1, padding=1)
     return F.avg_pool2d(F.pad(mask, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
@@ -447,7 +461,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def edit_region_masks(self, inverted: InvertedVideo, prompt: str, reference: str, edit_weights: dict[str, float],
-                          *, threshold: float = DEFAULT_BLEND_THRESHOLD, batch_size: int = 8) -> torch.Tensor:
+                          *, threshold: float = DEFAULT_BLEND_THRESHOLD, temporal_smoothing: float = 0.0,
+                          batch_size: int = 8) -> torch.Tensor:
         """(N, 1, h, w) masks of where the edit acts, DiffEdit's way: the edit model's noise
         prediction under ``prompt`` and under ``reference`` differ where the prompt asks for a
         change (the eye band for eyeglasses, the mouth for a smile, the hair for a colour). The
@@ -468,7 +483,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                 embeds = torch.cat([texts[:1].expand(n, -1, -1), texts[1:].expand(n, -1, -1)])
                 eps_reference, eps_prompt = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample.chunk(2)
                 difference[start : start + n] += (eps_prompt - eps_reference).float().abs().mean(1, keepdim=True).cpu()
-        return local_blend_mask(difference, threshold)
+        return local_blend_mask(difference, threshold, temporal_smoothing=temporal_smoothing)
 
     @torch.no_grad()
     def __call__(
@@ -506,8 +521,9 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         keyframes: how many (default one per 8 frames); propagation_temperature: how softly the
         keyframes' edits are carried to the other frames (:func:`propagate_by_nearest_neighbour`);
         temporal_smoothing: how much each frame's edit takes from its neighbours' at every step
-        (:func:`smooth_over_time`; aligned crops only, and not for ``every_frame``, the naive
-        baseline); all_keyframes_below: at steps whose timestep is below it, every frame is a
+        (:func:`smooth_over_time`), and how the local blend's region is filtered over time
+        (:func:`local_blend_mask`); aligned crops only, and not for ``every_frame``, the naive
+        baseline; all_keyframes_below: at steps whose timestep is below it, every frame is a
         keyframe (its own ε2 pass on its own latents, nothing propagated): a follower's edit is
         computed on a keyframe's latents, so its trajectory never corrects itself, and the last,
         detail-setting steps are where that flickers; strength: the fraction of the schedule that
@@ -566,10 +582,14 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         history: list[list[int]] = []
         controller = FeatureController()
         blend = None
+        # One token is one place on the face in every frame of aligned crops; the naive baseline
+        # edits each frame on its own.
+        over_time = temporal_smoothing if aligned and not every_frame else 0.0
         if local_blend:
             tick = time.perf_counter()
             blend = self.edit_region_masks(inverted, prompt, mask_reference_prompt(prompt, source_prompt),
-                                           edit_weights, threshold=blend_threshold, batch_size=batch_size)
+                                           edit_weights, threshold=blend_threshold, batch_size=batch_size,
+                                           temporal_smoothing=over_time)
             calls["mask"] = len(BLEND_TIMESTEPS) * math.ceil(count / batch_size)
             if hair_edit and aligned:  # hair colour or style does not move the brows, eyes, nose or mouth
                 blend = blend * (1 - torch.from_numpy(inner_face_share(blend.shape[-1])))
@@ -621,8 +641,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                 else:
                     delta = propagate_by_nearest_neighbour(deltas, inverted.features_at(step), count,
                                                            temperature=propagation_temperature, device=device)
-                if aligned and not every_frame:  # one token, one place on the face, in every frame
-                    delta = smooth_over_time(delta, temporal_smoothing)
+                delta = smooth_over_time(delta, over_time)
                 edited = ddim_step(edited, source_eps + delta, alpha_t, alpha_prev)
                 if blend is not None:  # outside the edit's region, the source's own trajectory
                     lower = inverted.latents[step + 1] if step + 1 < len(inverted.latents) else inverted.clean
@@ -634,7 +653,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         tick = time.perf_counter()
         output = decode_latents(self.vae, edited, batch_size=batch_size)
         if detail_transfer:
-            output = transfer_detail(frames, output, self.reconstruction(inverted, cache, batch_size=batch_size))
+            output = transfer_detail(frames, output, self.reconstruction(inverted, cache, batch_size=batch_size),
+                                     device=self.vae.device, batch_size=batch_size)
         self._sync()
         timings["decode"] = time.perf_counter() - tick
         history = [[first_of_run[k] for k in chosen] for chosen in history]
@@ -659,7 +679,8 @@ def smooth_over_time(delta: torch.Tensor, weight: float) -> torch.Tensor:
 
 
 def transfer_detail(source: np.ndarray, edited: np.ndarray, reconstruction: np.ndarray, *,
-                    tolerance: float = DETAIL_TOLERANCE) -> np.ndarray:
+                    tolerance: float = DETAIL_TOLERANCE, device: torch.device | str = "cpu",
+                    batch_size: int = 8) -> np.ndarray:
     """``edited`` with the detail the VAE loses put back where the edit left the picture alone.
 
     Every output pixel goes through the VAE decoder, which loses fine detail (skin texture, an
@@ -668,13 +689,25 @@ def transfer_detail(source: np.ndarray, edited: np.ndarray, reconstruction: np.n
     loss; it is added back with weight 1 where the edit did not change the decoded picture,
     fading to 0 where it changed it by ``tolerance`` or more (new glasses, a new hair colour must
     not show the old detail through). Unedited regions come out as the source, bit for bit.
-    All arrays (N, H, W, 3) uint8.
+    All arrays (N, H, W, 3) uint8; the arithmetic runs on ``device`` (on a GPU it costs nothing
+    next to the decoder, where on one CPU core 40 frames of 512² took a second).
     """
-    src, out, rec = (np.asarray(a, dtype=np.float32) for a in (source, edited, reconstruction))
     sigma = max(0.5, source.shape[1] / 64)
-    change = np.stack([cv2.GaussianBlur(np.abs(o - r).max(axis=-1), (0, 0), sigma) for o, r in zip(out, rec)])
-    keep = np.clip(1.0 - change / tolerance, 0.0, 1.0)[..., None]
-    return np.clip(out + keep * (src - rec), 0, 255).round().astype(np.uint8)
+    radius = int(round(sigma * 4))  # OpenCV's kernel size for float images: 2·round(4σ) + 1
+    taps = torch.arange(-radius, radius + 1, dtype=torch.float32, device=device)
+    kernel = torch.exp(-(taps**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = np.empty_like(np.asarray(edited))
+    for start in range(0, len(source), batch_size):
+        src, new, rec = (torch.from_numpy(np.ascontiguousarray(a[start : start + batch_size])).to(device).float()
+                         for a in (source, edited, reconstruction))
+        change = (new - rec).abs().amax(-1, keepdim=True).permute(0, 3, 1, 2)
+        pad = "reflect" if radius < min(change.shape[-2:]) else "replicate"  # reflect = OpenCV's default border
+        change = F.conv2d(F.pad(change, (radius, radius, 0, 0), mode=pad), kernel.view(1, 1, 1, -1))
+        change = F.conv2d(F.pad(change, (0, 0, radius, radius), mode=pad), kernel.view(1, 1, -1, 1))
+        keep = (1.0 - change / tolerance).clamp(0.0, 1.0).permute(0, 2, 3, 1)
+        out[start : start + batch_size] = (new + keep * (src - rec)).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
+    return out
 
 
 def keyframe_batches(keyframes: list[int], size: int, *, anchored: bool) -> list[list[int]]:

@@ -202,6 +202,28 @@ def test_detail_transfer_restores_the_source_where_the_edit_changed_nothing():
     assert np.array_equal(transfer_detail(source, reconstruction, reconstruction), source)
 
 
+@pytest.mark.parametrize("size", [16, 64, 200])
+def test_detail_transfer_matches_a_blur_done_with_opencv(size):
+    """The torch arithmetic (run on the pipeline's device) against the same rule written with
+    OpenCV's Gaussian blur, on a picture with a soft-edged edit so the fade is exercised."""
+    import cv2
+
+    rng = np.random.default_rng(size)
+    source = rng.integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    reconstruction = np.clip(source.astype(int) + rng.integers(-8, 9, source.shape), 0, 255).astype(np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    bump = 60 * np.exp(-((yy - size / 2) ** 2 + (xx - size / 3) ** 2) / (2 * (size / 6) ** 2))
+    edited = np.clip(reconstruction + bump[None, ..., None], 0, 255).astype(np.uint8)
+    src, out, rec = (a.astype(np.float32) for a in (source, edited, reconstruction))
+    sigma = max(0.5, size / 64)
+    change = np.stack([cv2.GaussianBlur(np.abs(o - r).max(axis=-1), (0, 0), sigma) for o, r in zip(out, rec)])
+    keep = np.clip(1.0 - change / 24.0, 0.0, 1.0)[..., None]
+    expected = np.clip(out + keep * (src - rec), 0, 255).round().astype(np.uint8)
+    got = transfer_detail(source, edited, reconstruction, batch_size=2)
+    assert np.abs(got.astype(int) - expected).max() <= 1
+    assert np.mean(got != expected) < 0.01
+
+
 def test_mask_reference_is_the_source_prompt_or_the_subject():
     assert mask_reference_prompt("a face with eyeglasses") == "a face with"
     assert mask_reference_prompt("A smiling face!") == "a face"
@@ -216,6 +238,18 @@ def test_local_blend_mask_covers_the_peak_and_spares_the_rest():
     assert (mask[:, :, 6:9, 6:9] == 1).all()  # the region, then its one-token dilation, softened
     assert (mask[:, :, 5:10, 5:10] > 0.4).all()
     assert mask[:, :, :3].sum() == 0 and mask[:, :, :, 13:].sum() == 0
+
+
+def test_local_blend_mask_filtered_over_time_stops_a_border_token_blinking():
+    difference = torch.rand(8, 1, 16, 16, generator=torch.Generator().manual_seed(1)) * 0.2
+    difference[:, :, 6:9, 6:9] += 1.0  # the edit's core, every frame
+    difference[::2, :, 3, 12] = 0.7  # a token just above the threshold in every other frame
+    difference[1::2, :, 3, 12] = 0.2  # and well below it in the rest
+    alone = local_blend_mask(difference, 0.5)[:, 0, 3, 12]
+    filtered = local_blend_mask(difference, 0.5, temporal_smoothing=0.25)[:, 0, 3, 12]
+    assert alone[::2].min() == 1 and alone[1::2].max() < 1  # blinks frame by frame
+    assert filtered[1:-1].max() - filtered[1:-1].min() < 0.1  # steady between the ends
+    assert (local_blend_mask(difference, 0.5, temporal_smoothing=0.25)[:, :, 6:9, 6:9] == 1).all()
 
 
 class HalfMaskPipeline(IPFaceDiffPipeline):
