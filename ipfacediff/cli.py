@@ -109,7 +109,7 @@ def edit(
     guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", help="Classifier-free guidance scale."),
     keyframes: Optional[int] = typer.Option(None, "--keyframes", help="Keyframes edited jointly per step. Default: one per 8 frames."),
     propagation_temperature: float = typer.Option(DEFAULT_PROPAGATION_TEMPERATURE, "--propagation-temperature", help="How softly keyframe edits reach the other frames: 0 = each token takes its single nearest keyframe token (TokenFlow); above 0, a softmax of feature similarities over this temperature."),
-    temporal_smoothing: float = typer.Option(DEFAULT_TEMPORAL_SMOOTHING, "--temporal-smoothing", help="Each frame's edit takes this share (0-0.5) from each neighbouring frame's at every step, against flicker; 0 = off."),
+    temporal_smoothing: float = typer.Option(DEFAULT_TEMPORAL_SMOOTHING, "--temporal-smoothing", help="Each frame's edit takes this share (0-0.5) from each neighbouring frame's at every step, and the local blend's region is filtered over time the same way, against flicker; 0 = off."),
     inject_feature_until: int = typer.Option(DEFAULT_INJECT_FEATURE_UNTIL, "--inject-feature-until", help="Inject ε1's residual features while the timestep is above this (0-1000)."),
     all_keyframes_below: int = typer.Option(DEFAULT_ALL_KEYFRAMES_BELOW, "--all-keyframes-below", help="At steps whose timestep is below this (0-1000), every frame gets its own ε2 pass instead of a propagated edit (less flicker, more time); 0 = off."),
     inject_attention_until: int = typer.Option(DEFAULT_INJECT_ATTENTION_UNTIL, "--inject-attention-until", help="Inject ε1's self-attention Q/K while the timestep is above this (0-1000)."),
