@@ -703,9 +703,17 @@ def inner_face_share(side: int) -> np.ndarray:
 
 
 def paste_face(
-    frame: np.ndarray, edited_crop: np.ndarray, M: np.ndarray, mask: np.ndarray, *, match_colour: bool = True
+    frame: np.ndarray, edited_crop: np.ndarray, M: np.ndarray, mask: np.ndarray, *, match_colour: bool = True,
+    overlay: bool = False,
 ) -> np.ndarray:
     """A copy of ``frame`` with ``edited_crop`` (the crop of transform M, edited) blended back in.
+
+    What is pasted is the edit's *change* to the frame's own crop, warped back and added under the
+    mask: a crop is usually smaller than the face it was cut from (a 512² crop of a face that is
+    700 px tall in a 4K frame, FaceWorld's 64² crop of a 100 px face), so pasting the crop itself
+    would blur every pixel under the mask, where adding its change leaves the frame's own detail
+    wherever the edit changed nothing (the pipeline's detail transfer makes those crop pixels the
+    input's, bit for bit). ``overlay`` pastes the crop itself (a debug tint).
 
     With ``match_colour``, the low-frequency colour difference between the original and edited
     crop, measured where the mask is partial (the seam), is added back to the edited crop near the
@@ -714,8 +722,9 @@ def paste_face(
     """
     size = edited_crop.shape[0]
     edited = edited_crop.astype(np.float32)
+    original = None if overlay and not match_colour else crop_face(frame, M, size).astype(np.float32)
     if match_colour:
-        edited += _seam_correction(crop_face(frame, M, size).astype(np.float32) - edited, mask)
+        edited += _seam_correction(original - edited, mask)
     inv = _invert(M)
     corners = _apply(inv, np.array([[0, 0], [size, 0], [size, size], [0, size]], float))
     x0, y0 = np.maximum(np.floor(corners.min(0)).astype(int), 0)
@@ -727,10 +736,15 @@ def paste_face(
     M_roi = M.copy()
     M_roi[:, 2] += M[:, :2] @ [x0, y0]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
-    face = cv2.warpAffine(edited, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
     alpha = cv2.warpAffine(mask, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT)
     roi = out[y0:y1, x0:x1].astype(np.float32)
-    roi += alpha[..., None] * (face - roi)
+    if overlay:
+        face = cv2.warpAffine(edited, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
+        roi += alpha[..., None] * (face - roi)
+    else:
+        change = cv2.warpAffine(edited - original, M_roi, (x1 - x0, y1 - y0), flags=flags,
+                                borderMode=cv2.BORDER_CONSTANT)
+        roi += alpha[..., None] * change
     out[y0:y1, x0:x1] = np.clip(np.round(roi), 0, 255).astype(np.uint8)
     return out
 
@@ -772,7 +786,7 @@ def _preview_frames(
         out = frame.copy()
         for track in tracks.in_frame(t):
             M = transforms[track.id][t]
-            out = paste_face(out, green, M, 0.35 * face_mask(track, t, M, size), match_colour=False)
+            out = paste_face(out, green, M, 0.35 * face_mask(track, t, M, size), match_colour=False, overlay=True)
         for track in tracks.in_frame(t):
             i = track.position(t)
             x0, y0, x1, y1 = (round(v) for v in track.boxes[i])

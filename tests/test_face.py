@@ -368,6 +368,34 @@ def test_paste_near_the_frame_edge():
     assert out.shape == frame.shape and psnr(out, frame) >= 40.0
 
 
+def test_paste_keeps_the_frames_detail_where_the_edit_changed_nothing():
+    """A 64² crop of a 200-px face with fine texture, edited in one patch: the frame's own pixels
+    survive everywhere else, where pasting the crop itself (overlay) blurs the whole face."""
+    rng = np.random.default_rng(5)
+    frame = rng.integers(0, 256, (320, 320, 3), dtype=np.uint8)
+    points = CANONICAL_FIVE_POINTS * 200 + 60
+    track = FaceTrack(0, [0], [[60, 60, 260, 260]], [points])
+    M = alignment_transforms(track, 64)[0]
+    mask = face_mask(track, 0, M, 64)
+    edited = crop_face(frame, M, 64).astype(np.int16)
+    x, y = np.round(CANONICAL_FIVE_POINTS[2] * 64).astype(int)
+    edited[y - 6 : y + 6, x - 6 : x + 6] = 0  # a dark patch on the nose
+    edited = edited.astype(np.uint8)
+    out = paste_face(frame, edited, M, mask)
+    inner = cv2.warpAffine(mask, M, (320, 320), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.99
+    patch = np.zeros((64, 64), np.float32)
+    patch[y - 8 : y + 8, x - 8 : x + 8] = 1
+    near_patch = cv2.warpAffine(patch, M, (320, 320), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0
+    kept = inner & ~near_patch
+    assert kept.sum() > 3000 and np.array_equal(out[kept], frame[kept])
+    core = np.zeros((64, 64), np.float32)
+    core[y - 5 : y + 5, x - 5 : x + 5] = 1
+    core = cv2.warpAffine(core, M, (320, 320), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP) > 0.99
+    assert out[core].mean() < frame[core].mean() - 60  # the edit itself is there
+    overlay = paste_face(frame, edited, M, mask, overlay=True)
+    assert psnr(overlay[kept], frame[kept]) < 20  # the crop's blur, everywhere under the mask
+
+
 def test_large_face_crop_is_area_averaged():
     """A face far larger than the crop: the crop equals that of a 4x smaller copy of the frame,
     and fine detail averages out instead of aliasing."""
