@@ -329,7 +329,7 @@ def edit_video(
                     continue
                 M = transforms[track.id][index]
                 if settings.whole_frame:
-                    frame = _resize(crop, (info.width, info.height))
+                    frame = paste_whole_frame(frame, crop)
                 else:
                     frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=hair_by_track[track.id]))
             if progress:
@@ -350,6 +350,15 @@ def edit_video(
     )
     report.save(run_metadata_path(output_path))
     return report
+
+
+def paste_whole_frame(frame: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    """``frame`` plus the change a whole-frame edit made to its resized copy, scaled back up: as
+    :func:`~ipfacediff.face.paste_face` does for a face, so the frame keeps its own resolution
+    wherever the edit changed nothing (scaling the edited copy up would blur all of it)."""
+    height, width = frame.shape[:2]
+    change = edited.astype(np.float32) - _resize(frame, edited.shape[1::-1]).astype(np.float32)
+    return np.clip(frame + _resize(change, (width, height)), 0, 255).round().astype(np.uint8)
 
 
 def _resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -166,6 +166,19 @@ def test_whole_frame_mode_and_no_face(tiny_dir, tmp_path, capsys):
     assert (info.width, info.height, info.frame_count) == (64, 48, 5)
 
 
+def test_whole_frame_paste_keeps_the_frame_where_the_edit_changed_nothing():
+    from ipfacediff.job import _resize, paste_whole_frame
+
+    frame = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    small = _resize(frame, (32, 32))  # what a whole-frame edit sees
+    assert np.array_equal(paste_whole_frame(frame, small), frame)
+    edited = small.copy()
+    edited[:8, :8] = 255
+    out = paste_whole_frame(frame, edited)
+    assert np.array_equal(out[24:], frame[24:]) and np.array_equal(out[:, 32:], frame[:, 32:])
+    assert out[:10, :14].mean() > frame[:10, :14].mean() + 50
+
+
 def test_demo_runs_offline(tmp_path, capsys):
     code, stdout, stderr = run(["demo", "--output-dir", str(tmp_path / "demo"), "--steps", "2"], capsys)
     assert code == 0, stderr
