@@ -263,6 +263,10 @@ def train_edit_command(
     mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
     gradient_accumulation: int = typer.Option(1, "--gradient-accumulation"),
     max_images: Optional[int] = typer.Option(None, "--max-images"),
+    target_images: Optional[Path] = typer.Option(
+        None, "--target-images",
+        help="Example faces showing the target (any people): CLIP's direction is taken from the data's "
+             "images to these instead of from --source to --target text."),
     identity_net: Optional[Path] = IdentityNetOption,
 ) -> None:
     """Fine-tune ε2 with the directional CLIP loss (DiffusionCLIP-style), plus identity and L1 terms."""
@@ -275,7 +279,8 @@ def train_edit_command(
                             generation_steps=generation_steps, full=full, checkpoint_every=checkpoint_every,
                             resume=resume, seed=seed, mixed_precision=mixed_precision,
                             gradient_accumulation=gradient_accumulation, max_images=max_images,
-                            identity=identity_net, progress=_loss_progress(progress))
+                            target_images=target_images, identity=identity_net,
+                            progress=_loss_progress(progress))
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
                f"(use it with --edit-lora {result.adapter}:1.0)")
 

@@ -754,13 +754,19 @@ def train_edit(
     gradient_accumulation: int = 1,
     gradient_checkpointing: bool = True,
     max_images: int | None = None,
+    target_images: str | Path | None = None,
     identity=None,
     progress: TrainingProgress | None = None,
 ) -> TrainingResult:
     """Fine-tune ε2 to turn ``source`` faces into ``target`` ones (DiffusionCLIP); see the module doc.
 
     ``clip``: a CLIPModel folder or hub id (the directional loss). ``full``: fine-tune the whole
-    UNet and save a complete model folder in OUTPUT (``--model OUTPUT``).
+    UNet and save a complete model folder in OUTPUT (``--model OUTPUT``). ``target_images``:
+    example faces that show the target (other people will do; read as ``data``): the direction
+    becomes the one from the training faces' mean CLIP image embedding to the examples' instead
+    of the captions' text direction. A caption says what the attribute is called; examples show
+    what it looks like, and a text direction can be met by a change that only CLIP reads as the
+    attribute (a tinted patch for "blonde", a glow for "beard").
     """
     started = time.perf_counter()
     _check_common(max_steps, rank, batch_size, learning_rate, checkpoint_every, mixed_precision,
@@ -776,6 +782,11 @@ def train_edit(
         raise UserError(f"--inversion-steps and --generation-steps must be between 1 and --t0 ({t0}), got "
                         f"{inversion_steps} and {generation_steps}")
     training_files(data)  # a missing or empty data folder fails before any model is loaded
+    if target_images is not None:
+        try:
+            training_files(target_images)
+        except UserError as error:
+            raise UserError(f"--target-images: {error}") from None
     output = Path(output).expanduser()
     _check_output(output, resume)
     scorer = load_clip(clip)
@@ -788,10 +799,13 @@ def train_edit(
     encoder = _identity_encoder(identity).to(device) if lambda_id > 0 else None
 
     images = faces_to_tensor(faces)
+    examples = None if target_images is None else load_training_faces(target_images, size, max_images=max_images)
     with torch.no_grad():
-        direction = scorer.text_direction(source, target).to(device)
-        reference_clip = torch.cat([scorer.image_embeddings(images[i : i + 16].to(device))
-                                    for i in range(0, len(images), 16)])
+        reference_clip = _clip_embeddings(scorer, images, device)
+        if examples is None:
+            direction = scorer.text_direction(source, target).to(device)
+        else:
+            direction = image_direction(reference_clip, _clip_embeddings(scorer, faces_to_tensor(examples), device))
     reference_id = _identity_embeddings(encoder, images, device) if encoder is not None else None
     source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, weight_dtype)
     target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, weight_dtype)
@@ -803,6 +817,9 @@ def train_edit(
                     lambda_l1=lambda_l1, t0=t0, inversion_steps=inversion_steps, generation_steps=generation_steps,
                     seed=seed, mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation,
                     max_images=max_images, max_steps=max_steps)
+    if examples is not None:  # recorded only when used, so earlier runs still resume
+        settings.update(target_images=str(Path(target_images).expanduser().resolve()),
+                        target_images_digest=frames_digest(examples))
 
     # The base model is frozen: every face is inverted once, before the adapter exists.
     latents = encode_frames(models.vae, faces)
@@ -840,6 +857,16 @@ def train_edit(
                          batch_size=batch_size, gradient_accumulation=gradient_accumulation,
                          checkpoint_every=checkpoint_every, started=started, progress=progress,
                          extra_components=extra)
+
+
+def image_direction(reference: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
+    """Unit vector (1, D) from the mean of the ``reference`` CLIP image embeddings (N, D) to the
+    mean of the ``examples`` (M, D): what the people have in common cancels, the attribute stays."""
+    return F.normalize((examples.mean(0) - reference.mean(0))[None], dim=-1)
+
+
+def _clip_embeddings(scorer, images: torch.Tensor, device, chunk: int = 16) -> torch.Tensor:
+    return torch.cat([scorer.image_embeddings(images[i : i + chunk].to(device)) for i in range(0, len(images), chunk)])
 
 
 def _cached_inversion(output: Path, models, alphas, latents, embeds, levels, settings, progress) -> torch.Tensor:

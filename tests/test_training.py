@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ipfacediff.errors import UserError
@@ -172,6 +173,44 @@ def test_edit_adapter_reloads_and_changes_the_edit(edit_run, tiny_dir, frames, b
     check_loaded(models.unet, result, "edit_0")
     edited = IPFaceDiffPipeline.from_model_set(models)(frames, EDIT["target"], steps=3).frames
     assert not np.array_equal(edited, base_output)
+
+
+def test_image_direction_keeps_the_attribute_and_cancels_the_people():
+    from ipfacediff.training import image_direction
+
+    generator = torch.Generator().manual_seed(0)
+    people = torch.randn(64, 32, generator=generator)
+    attribute = torch.zeros(32)
+    attribute[3] = 1.0
+    reference = F.normalize(people[:32] + 2.0, dim=-1)  # two sets of different people who share a look
+    examples = F.normalize(people[32:] + 2.0 + attribute, dim=-1)
+    direction = image_direction(reference, examples)
+    assert direction.shape == (1, 32) and torch.linalg.vector_norm(direction) == pytest.approx(1.0)
+    assert F.cosine_similarity(direction[0], attribute, dim=0) > 0.5
+    assert F.cosine_similarity(direction[0], attribute, dim=0) > F.cosine_similarity(
+        F.normalize(examples[:1] - reference[:1], dim=-1)[0], attribute, dim=0)  # one pair alone: mostly people
+
+
+def test_edit_training_towards_example_images(edit_run, tiny_dir, faces_dir, identity, tmp_path):
+    """--target-images: the loss follows the examples' direction (another loss than the text
+    direction's on the same faces and steps), and the run records which examples it used."""
+    examples = tmp_path / "examples"
+    examples.mkdir()
+    for index, face in enumerate(drawn_faces(count=3, seed=5)):
+        face[26:34, 18:46] = (20, 20, 20)  # a dark band over the eyes
+        cv2.imwrite(str(examples / f"{index}.png"), cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
+    result = train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
+                        tmp_path / "out", max_steps=2, batch_size=2, learning_rate=2e-3, checkpoint_every=10,
+                        identity=identity, target_images=examples, **TINY_EDIT)
+    assert result.steps == 2 and all(np.isfinite(result.losses))
+    text_run, _ = edit_run
+    assert abs(result.validation_before - text_run.validation_before) > 1e-4
+    settings = json.loads((result.output / "training.json").read_text())["settings"]
+    assert settings["target_images"] == str(examples.resolve()) and len(settings["target_images_digest"]) > 8
+    assert "target_images" not in json.loads((text_run.output / "training.json").read_text())["settings"]
+    with pytest.raises(UserError, match="^--target-images: .* does not exist"):
+        train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
+                   tmp_path / "out2", max_steps=2, target_images=tmp_path / "missing", **TINY_EDIT)
 
 
 # --- checkpoints and resume -------------------------------------------------------------------
