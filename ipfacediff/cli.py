@@ -106,7 +106,7 @@ def edit(
     config: Optional[str] = ConfigOption,
     resolution: Optional[int] = typer.Option(None, "--resolution", help="Side of the aligned face crop. Default: the model's (512 for SD-1.5)."),
     steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="DDIM steps for inversion and editing."),
-    guidance: float = typer.Option(DEFAULT_GUIDANCE, "--guidance", help="Classifier-free guidance scale."),
+    guidance: Optional[float] = typer.Option(None, "--guidance", help=f"Classifier-free guidance scale. Default: the value the edit's adapter was tuned with, else {DEFAULT_GUIDANCE}."),
     keyframes: Optional[int] = typer.Option(None, "--keyframes", help="Keyframes edited jointly per step. Default: one per 8 frames."),
     propagation_temperature: float = typer.Option(DEFAULT_PROPAGATION_TEMPERATURE, "--propagation-temperature", help="How softly keyframe edits reach the other frames: 0 = each token takes its single nearest keyframe token (TokenFlow); above 0, a softmax of feature similarities over this temperature."),
     temporal_smoothing: float = typer.Option(DEFAULT_TEMPORAL_SMOOTHING, "--temporal-smoothing", help="Each frame's edit takes this share (0-0.5) from each neighbouring frame's at every step, and the local blend's region is filtered over time the same way, against flicker; 0 = off."),

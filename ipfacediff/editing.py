@@ -335,6 +335,7 @@ class EditResult:
     edit_adapters: dict[str, float] = field(default_factory=dict)  # the ε2 adapters used, by name
     latents: torch.Tensor | None = None  # the edited latents (N, 4, h, w), before decoding
     hair: bool = False  # an edit of the hair (asked for, or by a hair adapter): paste with the hair mask
+    guidance: float | None = None  # the classifier-free guidance it was edited with
 
 
 class IPFaceDiffPipeline(DiffusionPipeline):
@@ -351,14 +352,16 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                  edit_adapter_weights: dict[str, float] | None = None, model_source: str | None = None,
                  adapter_words: dict[str, list[str]] | None = None, hair_adapters: list[str] | None = None,
                  adapter_blend_thresholds: dict[str, float] | None = None,
-                 adapter_weights: dict[str, float] | None = None):
+                 adapter_weights: dict[str, float] | None = None,
+                 adapter_guidances: dict[str, float] | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               identity_unet=identity_unet, scheduler=scheduler)
         self.register_to_config(edit_adapter_weights=dict(edit_adapter_weights or {}), model_source=model_source,
                                 adapter_words=dict(adapter_words or {}), hair_adapters=list(hair_adapters or []),
                                 adapter_blend_thresholds=dict(adapter_blend_thresholds or {}),
-                                adapter_weights=dict(adapter_weights or {}))
+                                adapter_weights=dict(adapter_weights or {}),
+                                adapter_guidances=dict(adapter_guidances or {}))
 
     @classmethod
     def from_model_set(cls, models: ModelSet) -> "IPFaceDiffPipeline":
@@ -369,7 +372,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                    adapter_words=models.library.words() if models.library else None,
                    hair_adapters=[e.name for e in models.library.edits if e.hair] if models.library else None,
                    adapter_blend_thresholds=models.library.blend_thresholds() if models.library else None,
-                   adapter_weights=models.library.weights() if models.library else None)
+                   adapter_weights=models.library.weights() if models.library else None,
+                   adapter_guidances=models.library.guidances() if models.library else None)
 
     def edit_weights(self, prompt: str, source_prompt: str = "", adapters: str = "auto") -> dict[str, float]:
         """The ε2 adapters (peft name → weight) an edit runs with.
@@ -492,7 +496,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         *,
         source_prompt: str = "",
         steps: int = DEFAULT_STEPS,
-        guidance: float = DEFAULT_GUIDANCE,
+        guidance: float | None = None,
         keyframes: int | None = None,
         keyframe_batch: int = DEFAULT_KEYFRAME_BATCH,
         random_keyframes: bool = True,
@@ -517,6 +521,9 @@ class IPFaceDiffPipeline(DiffusionPipeline):
     ) -> EditResult:
         """Edit aligned face crops (N, H, W, 3) uint8 so they show ``prompt``.
 
+        guidance: ε2's classifier-free guidance (None: the highest that the picked adapters of the
+        library were tuned with, an adapter without a tuned value counting as
+        :data:`DEFAULT_GUIDANCE`, so that none of their attributes is drawn weaker than tuned);
         keyframes: how many (default one per 8 frames); propagation_temperature: how softly the
         keyframes' edits are carried to the other frames (:func:`propagate_by_nearest_neighbour`);
         temporal_smoothing: how much each frame's edit takes from its neighbours' at every step
@@ -563,6 +570,9 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         edit_weights = self.edit_weights(prompt, source_prompt, adapters)
         library_edits = [n.removeprefix("edit:") for n in edit_weights]
         hair_edit = hair or any(n in self.config.hair_adapters for n in library_edits)
+        if guidance is None:
+            tuned = self.config.adapter_guidances
+            guidance = max((tuned.get(n, DEFAULT_GUIDANCE) for n in library_edits), default=DEFAULT_GUIDANCE)
         if blend_threshold is None:
             tuned = self.config.adapter_blend_thresholds
             blend_threshold = min((tuned[n] for n in library_edits if n in tuned), default=DEFAULT_BLEND_THRESHOLD)
@@ -660,7 +670,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         return EditResult(frames=output[run_of], timings=timings, inversion_reused=inverted.unet_calls == 0,
                           keyframes_per_step=history, unet_calls=calls,
                           edit_adapters={n.removeprefix("edit:"): w for n, w in edit_weights.items()},
-                          latents=edited[run_of], hair=hair_edit)
+                          latents=edited[run_of], hair=hair_edit, guidance=guidance)
 
 
 def smooth_over_time(delta: torch.Tensor, weight: float) -> torch.Tensor:

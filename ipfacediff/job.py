@@ -18,7 +18,6 @@ import torch
 from ipfacediff.diffusion import InversionCache, Progress, default_cache_dir
 from ipfacediff.editing import (
     DEFAULT_ALL_KEYFRAMES_BELOW,
-    DEFAULT_GUIDANCE,
     DEFAULT_INJECT_ATTENTION_UNTIL,
     DEFAULT_INJECT_FEATURE_UNTIL,
     DEFAULT_PROPAGATION_TEMPERATURE,
@@ -41,7 +40,7 @@ class EditSettings:
     prompt: str
     source_prompt: str = ""
     steps: int = DEFAULT_STEPS
-    guidance: float = DEFAULT_GUIDANCE
+    guidance: float | None = None  # None: the edit adapter's tuned value, else DEFAULT_GUIDANCE
     keyframes: int | None = None
     propagation_temperature: float = DEFAULT_PROPAGATION_TEMPERATURE
     temporal_smoothing: float = DEFAULT_TEMPORAL_SMOOTHING
@@ -69,6 +68,8 @@ class EditSettings:
             raise UserError(f"--steps must be between 1 and 1000, got {self.steps}")
         if not 0 < self.strength <= 1:
             raise UserError(f"--strength must be in (0, 1], got {self.strength}")
+        if self.guidance is not None and self.guidance < 0:
+            raise UserError(f"--guidance must be 0 or more, got {self.guidance}")
         if self.keyframes is not None and self.keyframes < 1:
             raise UserError(f"--keyframes must be at least 1, got {self.keyframes}")
         if self.propagation_temperature < 0:
@@ -310,7 +311,7 @@ def edit_video(
         for stage, value in result.timings.items():
             seconds_by_stage[stage] = seconds_by_stage.get(stage, 0.0) + value
         face_reports.append({"id": track.id, "frames": len(order), "unet_calls": result.unet_calls,
-                             "edit_adapters": result.edit_adapters})
+                             "edit_adapters": result.edit_adapters, "guidance": result.guidance})
     seconds.update(seconds_by_stage)
 
     if not tracks.tracks:

@@ -69,6 +69,7 @@ class EditAdapter:
     hair: bool = False  # it changes hair: its edits are pasted back with the hair-extended mask
     blend_threshold: float | None = None  # the local blend's threshold its edits were tuned with
     weight: float = 1.0  # the weight it edits at unless the edit names one (tuned like the threshold)
+    guidance: float | None = None  # the classifier-free guidance its edits were tuned with
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ class AdapterLibrary:
     where the prompt changes the prediction most. ``weight`` (optional, default 1): the weight the
     adapter edits at when the edit does not name one; tuned on held-out people, it can be below 1
     (or 0) where the base model already draws the attribute better than the adapter does.
+    ``guidance`` (optional): the classifier-free guidance its edits were tuned with, used unless
+    the edit sets one; an attribute that the adapter draws readily needs less push, and less
+    push leaves more of the face.
     """
 
     identity: Path | None
@@ -107,7 +111,9 @@ class AdapterLibrary:
                                       entry.get("target", ""), bool(entry.get("hair", False)),
                                       None if entry.get("blend_threshold") is None else
                                       _number("blend_threshold", entry["blend_threshold"], lambda v: 0 <= v < 1, "[0, 1)"),
-                                      _number("weight", entry.get("weight", 1.0), lambda v: 0 <= v <= 4, "[0, 4]"))
+                                      _number("weight", entry.get("weight", 1.0), lambda v: 0 <= v <= 4, "[0, 4]"),
+                                      None if entry.get("guidance") is None else
+                                      _number("guidance", entry["guidance"], lambda v: 0 <= v <= 50, "[0, 50]"))
                           for name, entry in spec.get("edits", {}).items())
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error})") from None
@@ -118,6 +124,9 @@ class AdapterLibrary:
 
     def blend_thresholds(self) -> dict[str, float]:
         return {e.name: e.blend_threshold for e in self.edits if e.blend_threshold is not None}
+
+    def guidances(self) -> dict[str, float]:
+        return {e.name: e.guidance for e in self.edits if e.guidance is not None}
 
     def weights(self) -> dict[str, float]:
         """The tuned weights that differ from 1."""

@@ -95,6 +95,8 @@ def _mistakes(tmp_path: Path, clip: Path, tiny_dir: Path) -> list[tuple[str, lis
         ("bad face selection", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--faces", "x", *ok], "face selection"),
         ("smoothing too strong", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--temporal-smoothing", "0.6", *ok],
          "--temporal-smoothing"),
+        ("negative guidance", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--guidance", "-1", *ok],
+         "--guidance"),
         ("negative temperature", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x",
                                   "--propagation-temperature", "-1", *ok], "--propagation-temperature"),
         ("timestep out of range", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x",

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from ipfacediff.errors import UserError
-from ipfacediff.faceworld.adapters import ADAPTER_WEIGHTS, BLEND_THRESHOLDS, EDIT_WORDS, train_adapters
+from ipfacediff.faceworld.adapters import (
+    ADAPTER_GUIDANCES,
+    ADAPTER_WEIGHTS,
+    BLEND_THRESHOLDS,
+    EDIT_WORDS,
+    train_adapters,
+)
+from ipfacediff.faceworld.attributes import EDITS, Attributes, caption
 from ipfacediff.faceworld.train import train_faceworld_models
 from ipfacediff.models import ADAPTER_LIBRARY, AdapterLibrary, pick_edit_adapters
 
@@ -46,6 +53,7 @@ def test_the_library_lists_every_adapter_and_they_exist(model):
     assert {e.name: e.target for e in library.edits}["smile"] == "a smiling face"
     assert library.blend_thresholds() == BLEND_THRESHOLDS
     assert library.weights() == ADAPTER_WEIGHTS
+    assert library.guidances() == ADAPTER_GUIDANCES
     # The trainers' identity net is their own (seed + 1), not the benchmark's judge.
     assert report["steps"]["identity_net"]["seed"] == 1
     for name in ["identity", *EDIT_WORDS]:
@@ -107,6 +115,29 @@ def test_an_adapters_tuned_blend_threshold_is_the_default_an_edit_can_override(m
     assert not np.array_equal(default.frames, stricter.frames)
 
 
+def test_an_adapters_tuned_guidance_is_the_default_an_edit_can_override(model):
+    from ipfacediff.editing import DEFAULT_GUIDANCE
+    from ipfacediff.job import load_pipeline
+
+    folder, _ = model
+    pipe = load_pipeline(str(folder), device="cpu")
+    assert pipe.config.adapter_guidances == ADAPTER_GUIDANCES
+    name, tuned = next(iter(ADAPTER_GUIDANCES.items()))
+    prompt = caption(EDITS[name].apply(Attributes()))
+    untuned = next(e for e in EDIT_WORDS if e not in ADAPTER_GUIDANCES)
+    frames = (np.random.default_rng(3).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    with one_thread():
+        default = pipe(frames, prompt, steps=3)
+        same = pipe(frames, prompt, steps=3, guidance=tuned)
+        other = pipe(frames, prompt, steps=3, guidance=DEFAULT_GUIDANCE)
+        mixed = pipe(frames, "a face", steps=3, adapters=f"{name},{untuned}")
+    assert default.guidance == tuned and other.guidance == DEFAULT_GUIDANCE
+    assert np.array_equal(default.frames, same.frames)
+    assert not np.array_equal(default.frames, other.frames)
+    # With several adapters the highest tuned guidance wins, so no attribute is pushed less than tuned.
+    assert mixed.guidance == max(tuned, DEFAULT_GUIDANCE)
+
+
 def test_an_adapters_tuned_weight_is_the_default_an_edit_can_override(model):
     from ipfacediff.job import load_pipeline
 
@@ -149,7 +180,8 @@ def test_prompt_words_pick_adapters():
 @pytest.mark.parametrize("edit", [{"words": ["x"]}, {"path": "x.safetensors", "words": ["x"], "blend_threshold": 1.5},
                                   {"path": "x.safetensors", "words": ["x"], "blend_threshold": "low"},
                                   {"path": "x.safetensors", "words": ["x"], "weight": -1},
-                                  {"path": "x.safetensors", "words": ["x"], "weight": "high"}])
+                                  {"path": "x.safetensors", "words": ["x"], "weight": "high"},
+                                  {"path": "x.safetensors", "words": ["x"], "guidance": -1}])
 def test_a_broken_library_is_one_clear_error(tmp_path, edit):
     (tmp_path / "adapters").mkdir()
     (tmp_path / ADAPTER_LIBRARY).write_text(json.dumps({"edits": {"x": edit}}))

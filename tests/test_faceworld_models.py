@@ -58,6 +58,9 @@ def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
                         pipeline=load_pipeline(), tracks_path=tracks, log=lambda _m: None)
     shipped = AdapterLibrary.read(SHIPPED_MODELS).weights().get("eyeglasses", 1.0)
     assert report.faces[0]["edit_adapters"] == {"eyeglasses": shipped}
+    from ipfacediff.editing import DEFAULT_GUIDANCE
+
+    assert report.faces[0]["guidance"] == AdapterLibrary.read(SHIPPED_MODELS).guidances().get("eyeglasses", DEFAULT_GUIDANCE)
     oracle = AttributeOracle.from_pretrained(SHIPPED_MODELS / "oracles" / "attributes")
     transforms = alignment_transforms(clip.tracks.tracks[0], 64)
 

@@ -55,13 +55,22 @@ HAIR_EDITS = ("blonde_hair",)
 # than where the prompt changes ε2's prediction most (success 0.81 → 0.94 on 16 people at 0.3,
 # tuned on the previous, CPU-trained model set). Blonde hair on the GPU-trained set, 16 tuning
 # people: 0.5 / 0.55 / 0.6 gave success 0.94 / 0.88 / 0.88, identity 0.588 / 0.618 / 0.635, warp
-# error 1.87 / 1.76 / 1.74: a tighter region keeps more of the face and flickers less.
+# error 1.87 / 1.76 / 1.74: a tighter region keeps more of the face and flickers less. Beard, same
+# people, region filtered over time: 0.5 / 0.6 / 0.7 gave success 0.69 / 0.69 / 0.62, identity
+# 0.681 / 0.690 / 0.728, warp error 1.389 / 1.377 / 1.357, but on the report's people 0.6 lost
+# three beards of 17 (success 0.85 → 0.70), so beard stays at the default 0.5.
 BLEND_THRESHOLDS = {"smile": 0.3, "blonde_hair": 0.6}
 # Adapter weights tuned the same way (16 tuning people, the GPU-trained model set): the base model,
 # taught eyeglasses by FaceWorld's captions, draws them on 11 of 16 at identity 0.795; the
 # eyeglasses adapter at full weight draws them on all 16 but, pushed along CLIP's direction, darkens
 # the lenses and ages the face (0.667); at 0.5 / 0.3 all 16 at 0.737 / 0.764.
 ADAPTER_WEIGHTS = {"eyeglasses": 0.3}
+# Classifier-free guidance tuned the same way (16 tuning people, all four edits, region filtered;
+# success / identity at 7.5 / 5 / 3): eyeglasses 1.00 / 0.773, 1.00 / 0.788, 0.56 / 0.823; smile
+# 1.00 / 0.846, 1.00 / 0.864, 0.94 / 0.876; blonde hair 0.81 / 0.649, 0.62 / 0.706; beard 0.69 /
+# 0.681, 0.50 / 0.722. Eyeglasses and smile show on every face with less push than the edit
+# command's default, and less push leaves more of the face; the other two need the default.
+ADAPTER_GUIDANCES = {"eyeglasses": 5.0, "smile": 5.0}
 SOURCE = caption(Attributes())  # "a face"
 
 
@@ -191,6 +200,7 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
                       "hair": e in HAIR_EDITS}
                   | ({"blend_threshold": BLEND_THRESHOLDS[e]} if e in BLEND_THRESHOLDS else {})
                   | ({"weight": ADAPTER_WEIGHTS[e]} if e in ADAPTER_WEIGHTS else {})
+                  | ({"guidance": ADAPTER_GUIDANCES[e]} if e in ADAPTER_GUIDANCES else {})
                   for e in edits},
     }
     report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
