@@ -21,7 +21,10 @@ and no_adapters: the full method with the library's adapters off, ε1 = ε2 = ba
   flicker the edit adds that the true edit does not have (the renderer knows the motion exactly);
 - seconds: mean time of one edit (inversion shared through the cache, as in real use).
 
-The JSON also holds every method's scores per edit (``by_edit``) and two reference rows:
+The JSON also holds every method's scores per edit (``by_edit``), paired comparisons of the full
+method with each other method (``comparisons``: the mean per-(person, edit) difference in identity
+similarity and warp error, full minus the other, with a 95 % interval from the spread of those
+differences: the same people and edits, so their own variation cancels), and two reference rows:
 - ``unedited``: the input itself scored the same way, the reference a method must move away from
   (attribute success 0 by construction) while keeping its identity similarity and PSNR;
 - ``truth_through_vae``: the ground truth as this model set can deliver it at best — each true
@@ -97,6 +100,15 @@ def crop_summary(rows: dict[str, list[float]]) -> dict:
             "id_sim_to_truth": round(float(np.mean(rows["id"])), 4), "edits": len(rows["success"]),
             "target_shown": round(float(np.mean(rows["target"])), 4),
             "others_kept": round(float(np.mean(rows["kept"])), 4)}
+
+
+def paired_difference(ours: list[float], theirs: list[float]) -> dict:
+    """Mean of ours − theirs over paired items, with a normal 95 % interval of that mean."""
+    diff = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
+    mean = float(diff.mean())
+    half = 1.96 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return {"mean_difference": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
+            "items": len(diff)}
 
 
 def main() -> None:
@@ -221,6 +233,9 @@ def main() -> None:
                                  "adapter_weight": args.adapter_weight},
         "methods": {m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
                     for m, by_edit in scores.items() if m != "unedited"},
+        "comparisons": {f"full_vs_{m}": {metric: paired_difference(merged(scores["full"])[key], merged(scores[m])[key])
+                                          for metric, key in (("id_sim_to_truth", "id"), ("warp_error", "warp"))}
+                        for m in methods if m != "full" and "full" in methods},
         "unedited": summary(merged(scores["unedited"])),
         "truth_through_vae": crop_summary(merged(through_vae)) | {
             "by_edit": {e: crop_summary(r) for e, r in through_vae.items() if r["success"]}},
@@ -236,6 +251,9 @@ def main() -> None:
                       *((f"  {k}", v) for k, v in results["truth_through_vae"]["by_edit"].items())]:
         print(f"{name:<22}{sub['attribute_success']:>14.3f}{sub['id_sim_to_truth']:>10.3f}{'(crops)':>39}"
               f"{sub['target_shown']:>8.3f}{sub['others_kept']:>8.3f}")
+    for name, pair in results["comparisons"].items():
+        print(name + ": " + ", ".join(f"{metric} {d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+                                      for metric, d in pair.items()))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
