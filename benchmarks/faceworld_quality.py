@@ -1,7 +1,7 @@
 """Oracle scoring on FaceWorld: held-out people × the four edits, for the full method and its ablations.
 
     python benchmarks/faceworld_quality.py --json OUT.json [--identities 20] [--offset 0] [--frames 12] [--steps 20]
-        [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters]
+        [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters ('': the reference rows only)]
         [--guidance G] [--strength S] [--adapter-weight W] [--hair auto|on|off] [--source-prompt caption|empty]
         [--no-detail-transfer] [--no-local-blend] [--blend-threshold T] [--propagation-temperature T]
         [--temporal-smoothing W] [--keyframes K] [--all-keyframes-below T] [--inject-feature-until T]

@@ -78,7 +78,7 @@ def main() -> None:
             truth = clip.with_edit(edit)
             reference = embed(truth.array(), truth.tracks)
             sims = []
-            for other in rng.choice(500, args.others, replace=False):  # training identities
+            for other in rng.choice(500, args.others, replace=False):  # among the first 500 training identities
                 restyled = RestyledClip(truth.identity_ids, truth.attributes, truth.seed, truth.frames, truth.size,
                                         truth.fps, style_of=int(other), fields=fields)
                 with torch.no_grad():
