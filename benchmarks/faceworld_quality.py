@@ -74,11 +74,16 @@ def psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def truth_through_vae(vae, source_crops: np.ndarray, truth_crops: np.ndarray) -> np.ndarray:
-    """The true edited crops after the model's VAE, with the pipeline's detail transfer."""
-    decoded = decode_latents(vae, encode_frames(vae, truth_crops))
-    reconstruction = decode_latents(vae, encode_frames(vae, source_crops))
-    return transfer_detail(source_crops, decoded, reconstruction, device=vae.device)
+def through_vae(vae, crops: np.ndarray) -> np.ndarray:
+    """Crops encoded and decoded by the model's VAE."""
+    return decode_latents(vae, encode_frames(vae, crops))
+
+
+def truth_through_vae(vae, source_crops: np.ndarray, source_reconstruction: np.ndarray,
+                      truth_crops: np.ndarray) -> np.ndarray:
+    """The true edited crops after the model's VAE, with the pipeline's detail transfer
+    (``source_reconstruction``: :func:`through_vae` of the source crops)."""
+    return transfer_detail(source_crops, through_vae(vae, truth_crops), source_reconstruction, device=vae.device)
 
 
 def summary(rows: dict[str, list[float]]) -> dict:
@@ -166,7 +171,7 @@ def main() -> None:
     cache = InversionCache(work / "cache")
     rows = ("success", "id", "psnr", "warp", "seconds", "target", "kept")
     scores = {m: {e.name: {k: [] for k in rows} for e in edits} for m in ["unedited", *methods]}
-    through_vae = {e.name: {k: [] for k in ("success", "id", "target", "kept")} for e in edits}
+    reference_scores = {e.name: {k: [] for k in ("success", "id", "target", "kept")} for e in edits}
 
     def to_tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -196,6 +201,7 @@ def main() -> None:
         tracks_path = clip.tracks.save(work / f"{person}.tracks.json")
         source_frames = read_frames(source)  # as the editor sees it: through the video codec
         source_crops = crops_of(source_frames, clip.tracks)
+        source_reconstruction = through_vae(pipe.vae, source_crops)  # shared by the person's edits
         source_calls = {k: v.mean() > 0.5 for k, v in oracle.predict_proba(source_crops).items()}
         for edit in edits:
             if edit.is_noop(clip.attributes[0]):
@@ -209,7 +215,8 @@ def main() -> None:
             hair = args.hair == "on" or (args.hair == "auto" and edit.name in HAIR_EDITS)
             common = (truth_frames, truth_crops, outside, edit.name, source_calls, clip.tracks)
             score(scores["unedited"][edit.name], source_frames, *common, 0.0)
-            score_crops(through_vae[edit.name], truth_through_vae(pipe.vae, source_crops, truth_crops), truth_crops,
+            score_crops(reference_scores[edit.name],
+                        truth_through_vae(pipe.vae, source_crops, source_reconstruction, truth_crops), truth_crops,
                         edit.name, source_calls)
             for method, switches in methods.items():
                 out = work / f"{person}-{edit.name}-{method}.mp4"
@@ -226,6 +233,7 @@ def main() -> None:
     def merged(by_edit: dict) -> dict[str, list[float]]:
         return {k: [v for e in by_edit.values() for v in e[k]] for k in next(iter(by_edit.values()))}
 
+    full = merged(scores["full"]) if "full" in scores else None
     results = {
         "identities": people, "frames": args.frames, "steps": args.steps,
         "model": args.model or "embedded FaceWorld default",
@@ -233,12 +241,12 @@ def main() -> None:
                                  "adapter_weight": args.adapter_weight},
         "methods": {m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
                     for m, by_edit in scores.items() if m != "unedited"},
-        "comparisons": {f"full_vs_{m}": {metric: paired_difference(merged(scores["full"])[key], merged(scores[m])[key])
+        "comparisons": {f"full_vs_{m}": {metric: paired_difference(full[key], merged(scores[m])[key])
                                           for metric, key in (("id_sim_to_truth", "id"), ("warp_error", "warp"))}
-                        for m in methods if m != "full" and "full" in methods},
+                        for m in methods if m != "full" and full is not None},
         "unedited": summary(merged(scores["unedited"])),
-        "truth_through_vae": crop_summary(merged(through_vae)) | {
-            "by_edit": {e: crop_summary(r) for e, r in through_vae.items() if r["success"]}},
+        "truth_through_vae": crop_summary(merged(reference_scores)) | {
+            "by_edit": {e: crop_summary(r) for e, r in reference_scores.items() if r["success"]}},
     }
     print(f"{'method':<22}{'attr success':>14}{'id sim':>10}{'psnr out':>10}{'warp err':>10}{'s/edit':>9}"
           f"{'shown':>8}{'kept':>8}")
