@@ -267,6 +267,10 @@ def train_edit_command(
         None, "--target-images",
         help="Example faces showing the target (any people): CLIP's direction is taken from the data's "
              "images to these instead of from --source to --target text."),
+    paired_targets: Optional[Path] = typer.Option(
+        None, "--paired-targets",
+        help="The --data images edited, under the same file names (before/after pairs): each result is "
+             "compared with its edited face, and each pair gives CLIP's direction."),
     identity_net: Optional[Path] = IdentityNetOption,
 ) -> None:
     """Fine-tune ε2 with the directional CLIP loss (DiffusionCLIP-style), plus identity and L1 terms."""
@@ -279,7 +283,7 @@ def train_edit_command(
                             generation_steps=generation_steps, full=full, checkpoint_every=checkpoint_every,
                             resume=resume, seed=seed, mixed_precision=mixed_precision,
                             gradient_accumulation=gradient_accumulation, max_images=max_images,
-                            target_images=target_images, identity=identity_net,
+                            target_images=target_images, paired_targets=paired_targets, identity=identity_net,
                             progress=_loss_progress(progress))
     typer.echo(f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
                f"(use it with --edit-lora {result.adapter}:1.0)")

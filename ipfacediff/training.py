@@ -28,6 +28,15 @@ there with ε2 under the target prompt in a few DDIM steps, with gradients throu
       + λ_id · (1 − cos(ID(x_gen), ID(x_ref))) + λ_l1 · |x_gen − x_ref|₁,
 
 E_I / E_T the (normalised) image and text embeddings of a CLIP model, x_ref the training face.
+With before/after pairs (``paired_targets``: each training face also shown edited), the edited
+face y takes x_ref's place where the result is compared with an image, and each pair gives its
+own direction:
+
+    L = λ_dir · (1 − cos(E_I(x_gen) − E_I(x_ref), E_I(y) − E_I(x_ref)))
+      + λ_id · (1 − cos(ID(x_gen), ID(y))) + λ_l1 · |x_gen − y|₁.
+
+A caption's direction can be met by a change that only CLIP reads as the attribute (a smudge for
+"beard", a tinted patch for "blonde"); a pair says what the attribute looks like on this face.
 
 Training runs through accelerate (mixed precision, gradient accumulation) and is seeded. Every
 ``checkpoint_every`` optimizer steps, ``OUTPUT/checkpoints/step_XXXXXX/`` receives the trained
@@ -154,6 +163,42 @@ def load_training_faces(data: str | Path, resolution: int, *, max_images: int | 
     if max_images is not None and len(stacked) > max_images:
         stacked = stacked[evenly_spaced(len(stacked), max_images)]
     return stacked
+
+
+def load_training_pairs(data: str | Path, targets: str | Path, resolution: int, *,
+                        max_images: int | None = None,
+                        progress: TrainingProgress | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Before/after faces as two (N, R, R, 3) RGB uint8 arrays: every image of the folder
+    ``data`` with the image of the same file name in ``targets`` (both read as aligned crops,
+    like :func:`load_training_faces`). A pair is all or nothing, so a missing or unreadable
+    partner is an error rather than a skipped face that would shift every later pair."""
+    if resolution < 8 or resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
+    if max_images is not None and max_images < 1:
+        raise UserError(f"--max-images must be at least 1, got {max_images}")
+    files = training_files(data)
+    try:
+        partners = {p.name: p for p in training_files(targets)}
+    except UserError as error:
+        raise UserError(f"--paired-targets: {error}") from None
+    if any(f.suffix.lower() not in IMAGE_SUFFIXES for f in files):
+        raise UserError(f"--paired-targets needs a folder of face images as training data, not videos: {data}")
+    missing = [f.name for f in files if f.name not in partners]
+    if missing:
+        raise UserError(f"--paired-targets: {len(missing)} training image(s) have no edited partner of the same "
+                        f"name in {targets} (first: {missing[0]})")
+    if max_images is not None and len(files) > max_images:
+        files = [files[i] for i in evenly_spaced(len(files), max_images)]
+    before, after = [], []
+    for index, file in enumerate(files):
+        pair = _read_face_image(file, resolution), _read_face_image(partners[file.name], resolution)
+        if pair[0] is None or pair[1] is None:
+            raise UserError(f"--paired-targets: cannot read the pair {file.name} (training data or its partner)")
+        before.append(pair[0])
+        after.append(pair[1])
+        if progress:
+            progress("faces", index + 1, len(files), None)
+    return np.stack(before), np.stack(after)
 
 
 def training_files(data: str | Path) -> list[Path]:
@@ -755,6 +800,7 @@ def train_edit(
     gradient_checkpointing: bool = True,
     max_images: int | None = None,
     target_images: str | Path | None = None,
+    paired_targets: str | Path | None = None,
     identity=None,
     progress: TrainingProgress | None = None,
 ) -> TrainingResult:
@@ -766,7 +812,9 @@ def train_edit(
     becomes the one from the training faces' mean CLIP image embedding to the examples' instead
     of the captions' text direction. A caption says what the attribute is called; examples show
     what it looks like, and a text direction can be met by a change that only CLIP reads as the
-    attribute (a tinted patch for "blonde", a glow for "beard").
+    attribute (a tinted patch for "blonde", a glow for "beard"). ``paired_targets``: a folder
+    holding each training image (``data``, a folder of images) edited, under the same file name;
+    the loss then compares the result with the edited face (module doc). Not with ``target_images``.
     """
     started = time.perf_counter()
     _check_common(max_steps, rank, batch_size, learning_rate, checkpoint_every, mixed_precision,
@@ -787,6 +835,13 @@ def train_edit(
             training_files(target_images)
         except UserError as error:
             raise UserError(f"--target-images: {error}") from None
+    if target_images is not None and paired_targets is not None:
+        raise UserError("--target-images and --paired-targets both say what the edit looks like: give one")
+    if paired_targets is not None:
+        try:
+            training_files(paired_targets)
+        except UserError as error:
+            raise UserError(f"--paired-targets: {error}") from None
     output = Path(output).expanduser()
     _check_output(output, resume)
     scorer = load_clip(clip)
@@ -795,18 +850,25 @@ def train_edit(
     models = _load_models(model, accelerator, weight_dtype, full)
     scorer.to(device, weight_dtype)
     size = resolution or model_resolution(models.vae, models.unet)
-    faces = load_training_faces(data, size, max_images=max_images, progress=progress)
+    if paired_targets is None:
+        faces, edited = load_training_faces(data, size, max_images=max_images, progress=progress), None
+    else:
+        faces, edited = load_training_pairs(data, paired_targets, size, max_images=max_images, progress=progress)
     encoder = _identity_encoder(identity).to(device) if lambda_id > 0 else None
 
     images = faces_to_tensor(faces)
+    wanted = images if edited is None else faces_to_tensor(edited)  # what a result is compared with
     examples = None if target_images is None else load_training_faces(target_images, size, max_images=max_images)
     with torch.no_grad():
         reference_clip = _clip_embeddings(scorer, images, device)
-        if examples is None:
-            direction = scorer.text_direction(source, target).to(device)
+        if edited is not None:
+            direction = F.normalize(_clip_embeddings(scorer, wanted, device) - reference_clip, dim=-1)
+        elif examples is None:
+            direction = scorer.text_direction(source, target).to(device).expand(len(images), -1)
         else:
             direction = image_direction(reference_clip, _clip_embeddings(scorer, faces_to_tensor(examples), device))
-    reference_id = _identity_embeddings(encoder, images, device) if encoder is not None else None
+            direction = direction.expand(len(images), -1)
+    reference_id = _identity_embeddings(encoder, wanted, device) if encoder is not None else None
     source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, weight_dtype)
     target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, weight_dtype)
     alphas = models.scheduler.alphas_cumprod.to(torch.float32)
@@ -820,6 +882,9 @@ def train_edit(
     if examples is not None:  # recorded only when used, so earlier runs still resume
         settings.update(target_images=str(Path(target_images).expanduser().resolve()),
                         target_images_digest=frames_digest(examples))
+    if edited is not None:
+        settings.update(paired_targets=str(Path(paired_targets).expanduser().resolve()),
+                        paired_targets_digest=frames_digest(edited))
 
     # The base model is frozen: every face is inverted once, before the adapter exists.
     latents = encode_frames(models.vae, faces)
@@ -834,14 +899,13 @@ def train_edit(
         x = inverted[batch].to(device)
         clean = generate_from(run.unet, alphas, x, target_embeds.expand(len(batch), -1, -1), generation_levels)
         generated = _decode(models.vae, clean)
-        reference = images[batch].to(device)
         change = scorer.image_embeddings(generated) - reference_clip[batch]
-        loss = lambda_dir * (1 - F.cosine_similarity(change, direction, dim=-1)).mean()
+        loss = lambda_dir * (1 - F.cosine_similarity(change, direction[batch], dim=-1)).mean()
         if encoder is not None:
             similarity = F.cosine_similarity(encoder(generated).float(), reference_id[batch], dim=-1)
             loss = loss + lambda_id * (1 - similarity).mean()
         if lambda_l1:
-            loss = loss + lambda_l1 * (generated - reference).abs().mean()
+            loss = loss + lambda_l1 * (generated - wanted[batch].to(device)).abs().mean()
         return loss
 
     val_faces = evenly_spaced(len(faces), min(VALIDATION_FACES, len(faces))).tolist()
@@ -895,6 +959,7 @@ __all__ = [
     "generate_from",
     "invert_to",
     "load_training_faces",
+    "load_training_pairs",
     "training_files",
     "train_edit",
     "train_identity",

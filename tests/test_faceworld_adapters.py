@@ -204,3 +204,38 @@ def test_cli_rejects_an_unknown_adapter_in_one_line(model, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: unknown edit adapter 'hat'; this model offers: eyeglasses, blonde_hair, beard, smile"]
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_edit_pairs_are_the_same_render_with_the_edit_made(tmp_path):
+    """ε2's before/after pairs: same names, same person, pose and background; only the edit differs."""
+    import cv2
+
+    from ipfacediff.faceworld.adapters import write_faces
+
+    before = write_faces(tmp_path / "before", 4, seed=3, without="eyeglasses", edited=tmp_path / "after")
+    names = sorted(p.name for p in before.glob("*.png"))
+    assert names == sorted(p.name for p in (tmp_path / "after").glob("*.png")) and len(names) == 4
+    assert write_faces(tmp_path / "again", 4, seed=3, without="eyeglasses").is_dir()
+    for name in names:
+        source, edited = (cv2.imread(str(folder / name)).astype(int) for folder in (before, tmp_path / "after"))
+        assert np.array_equal(source, cv2.imread(str(tmp_path / "again" / name)))  # pairs change no input
+        changed = np.abs(source - edited).max(-1) > 24
+        assert 0.01 < changed.mean() < 0.25, name  # the glasses, not the face or the background
+        assert not changed[:, :8].any() and not changed[-10:].any()  # the frame's edges and the neck stay
+
+
+def test_paired_training_uses_the_rendered_truth_and_resumes_only_the_same_way(model, tmp_path):
+    import shutil
+
+    folder, _ = model
+    copy = tmp_path / "model"
+    shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("adapters"))
+    with one_thread():
+        report = train_adapters(copy, preset="smoke", edits=["smile"], paired=True, log=lambda _m: None)
+    assert report["paired"] is True and report["steps"]["smile"]["steps"] > 0
+    settings = json.loads((copy / "adapters" / "smile" / "training.json").read_text())["settings"]
+    assert settings["paired_targets"].endswith("smile_edited") and settings["lambda_l1"] == 1.0
+    unpaired = json.loads((folder / "adapters" / "smile" / "training.json").read_text())["settings"]
+    assert "paired_targets" not in unpaired and unpaired["lambda_l1"] == 0.1
+    with pytest.raises(UserError, match="trained with --paired"):
+        train_adapters(copy, preset="smoke", edits=["smile"], resume=True, log=lambda _m: None)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ipfacediff.errors import UserError
-from ipfacediff.training import load_training_faces, train_edit, train_identity
+from ipfacediff.training import load_training_faces, load_training_pairs, train_edit, train_identity
 
 EDIT = dict(source="a face", target="a face with eyeglasses")
 TINY_EDIT = dict(inversion_steps=4, generation_steps=2)
@@ -211,6 +211,62 @@ def test_edit_training_towards_example_images(edit_run, tiny_dir, faces_dir, ide
     with pytest.raises(UserError, match="^--target-images: .* does not exist"):
         train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
                    tmp_path / "out2", max_steps=2, target_images=tmp_path / "missing", **TINY_EDIT)
+
+
+def with_band(face: np.ndarray) -> np.ndarray:
+    """The face 'edited': a dark band over the eyes."""
+    edited = face.copy()
+    edited[26:34, 18:46] = (20, 20, 20)
+    return edited
+
+
+@pytest.fixture(scope="module")
+def edited_dir(tmp_path_factory, faces_dir):
+    """faces_dir's images edited, under the same names (before/after pairs)."""
+    folder = tmp_path_factory.mktemp("edited")
+    for path in sorted(faces_dir.glob("*.png")):
+        cv2.imwrite(str(folder / path.name), with_band(cv2.imread(str(path))))
+    return folder
+
+
+def test_training_pairs_are_matched_by_file_name(faces_dir, edited_dir, tmp_path):
+    before, after = load_training_pairs(faces_dir, edited_dir, 64)
+    assert before.shape == after.shape == (4, 64, 64, 3)
+    assert np.array_equal(before, load_training_faces(faces_dir, 64))
+    for face, edited in zip(before, after):  # each partner is its own face edited, not another's
+        assert np.abs(with_band(face).astype(int) - edited).mean() < 1.0
+    kept = load_training_pairs(faces_dir, edited_dir, 64, max_images=2)
+    assert len(kept[0]) == 2 and all(np.abs(with_band(f).astype(int) - e).mean() < 1.0 for f, e in zip(*kept))
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for path in sorted(edited_dir.glob("*.png"))[:3]:
+        (partial / path.name).write_bytes(path.read_bytes())
+    with pytest.raises(UserError, match=r"^--paired-targets: 1 training image\(s\) have no edited partner"):
+        load_training_pairs(faces_dir, partial, 64)
+    (partial / "face_3.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="cannot read the pair face_3.png"):
+        load_training_pairs(faces_dir, partial, 64)
+
+
+def test_edit_training_towards_paired_targets(edit_run, tiny_dir, faces_dir, edited_dir, identity, tmp_path):
+    """--paired-targets: with only the L1 term, training pulls the results towards the edited
+    faces (the validation loss is the mean distance to them); the run records the pairs."""
+    result = train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
+                        tmp_path / "out", max_steps=6, batch_size=4, learning_rate=5e-3, checkpoint_every=10,
+                        lambda_dir=0.0, lambda_id=0.0, lambda_l1=1.0, paired_targets=edited_dir, **TINY_EDIT)
+    assert result.steps == 6 and all(np.isfinite(result.losses))
+    assert result.validation_after < result.validation_before
+    settings = json.loads((result.output / "training.json").read_text())["settings"]
+    assert settings["paired_targets"] == str(edited_dir.resolve()) and len(settings["paired_targets_digest"]) > 8
+    text_run, _ = edit_run
+    assert "paired_targets" not in json.loads((text_run.output / "training.json").read_text())["settings"]
+    paired = train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
+                        tmp_path / "full", max_steps=1, batch_size=2, checkpoint_every=10, identity=identity,
+                        paired_targets=edited_dir, **TINY_EDIT)  # all three terms, each pair its own direction
+    assert np.isfinite(paired.validation_before) and abs(paired.validation_before - text_run.validation_before) > 1e-4
+    with pytest.raises(UserError, match="give one"):
+        train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
+                   tmp_path / "both", max_steps=1, paired_targets=edited_dir, target_images=edited_dir, **TINY_EDIT)
 
 
 # --- checkpoints and resume -------------------------------------------------------------------

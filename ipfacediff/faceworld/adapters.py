@@ -102,15 +102,24 @@ PRESETS = {
 }  # fmt: skip
 
 
+# ε2's L1 weight with --paired (to the true edit, where unpaired it is train_edit's 0.1 to the
+# input face): tried at 1.0 on the 16 tuning people, level with the unpaired adapters (README).
+PAIRED_LAMBDA_L1 = 1.0
+
+
 def edit_target(edit: str) -> str:
     """The caption an edit adapter is trained towards: "a face with eyeglasses", "a smiling face"."""
     return caption(EDITS[edit].apply(Attributes()))
 
 
-def write_faces(folder: Path, count: int, seed: int, *, without: str | None = None) -> Path:
+def write_faces(folder: Path, count: int, seed: int, *, without: str | None = None,
+                edited: Path | None = None) -> Path:
     """``count`` aligned 64x64 training-identity renders as PNGs (random attributes; with
-    ``without``, that edit undone on each, so every face can receive it)."""
+    ``without``, that edit undone on each, so every face can receive it; with ``edited`` too,
+    the same faces with the edit made, under the same names in that folder: the edit's truth)."""
     folder.mkdir(parents=True, exist_ok=True)
+    if edited is not None:
+        edited.mkdir(parents=True, exist_ok=True)
     for index in range(count):
         item = dataset_item("train", index, seed)
         attributes = item.attributes
@@ -118,14 +127,21 @@ def write_faces(folder: Path, count: int, seed: int, *, without: str | None = No
             undone = {name: getattr(Attributes(), name) for name, _ in EDITS[without].changes}
             attributes = attributes.replace(**undone)
         cv2.imwrite(str(folder / f"{index:05d}.png"), item.render(64, attributes)[..., ::-1])
+        if edited is not None and without is not None:
+            truth = item.render(64, EDITS[without].apply(attributes))
+            cv2.imwrite(str(edited / f"{index:05d}.png"), truth[..., ::-1])
     return folder
 
 
 def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str | Path | None = None,
-                   edits: list[str] | None = None, seed: int = 0, resume: bool = False,
+                   edits: list[str] | None = None, seed: int = 0, resume: bool = False, paired: bool = False,
                    log=print) -> dict:
     """Train ε1 and the edit adapters for ``model`` (a FaceWorld model folder) into
-    ``model/adapters``; returns the report written to ``adapters/training.json``."""
+    ``model/adapters``; returns the report written to ``adapters/training.json``.
+
+    ``paired``: ε2 also sees each training face with its edit rendered (the world's truth for
+    training identities) and learns from the pairs (train_edit's ``paired_targets``) instead of
+    CLIP's text direction alone."""
     if preset not in PRESETS:
         raise UserError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
     chosen = PRESETS[preset]
@@ -140,7 +156,10 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
     started = time.perf_counter()
     report_path = root / "training.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {
-        "preset": preset, "settings": asdict(chosen), "seed": seed, "steps": {}}
+        "preset": preset, "settings": asdict(chosen), "seed": seed, "steps": {}, "paired": paired}
+    if report.get("paired", False) != paired:
+        raise UserError(f"cannot resume {root}: its edit adapters were trained {'with' if not paired else 'without'} "
+                        "--paired; resume it the same way, or remove it")
 
     def done(name: str) -> bool:
         return name in report["steps"] and (root / name / ADAPTER_FILE).is_file()
@@ -176,10 +195,12 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
         if done(edit):
             continue
         log(f"ε2 for {edit}: {SOURCE!r} -> {edit_target(edit)!r}")
-        data = write_faces(work / "faces" / edit, chosen.edit_faces, seed + 7, without=edit)
+        truth = work / "faces" / f"{edit}_edited" if paired else None
+        data = write_faces(work / "faces" / edit, chosen.edit_faces, seed + 7, without=edit, edited=truth)
         result = train_edit(str(model), SOURCE, edit_target(edit), data, str(model / "clip"), root / edit,
                             max_steps=chosen.edit_steps, batch_size=chosen.edit_batch, learning_rate=chosen.lr,
-                            rank=chosen.rank, lambda_id=chosen.lambda_id, t0=chosen.t0,
+                            rank=chosen.rank, lambda_id=chosen.lambda_id, paired_targets=truth, t0=chosen.t0,
+                            **({"lambda_l1": PAIRED_LAMBDA_L1} if paired else {}),
                             inversion_steps=chosen.inversion_steps, generation_steps=chosen.generation_steps,
                             checkpoint_every=50, keep_checkpoints=1, resume=resume, seed=seed, identity=encoder)
         report["steps"][edit] = _summary(result)
@@ -228,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edits", default=",".join(EDITS), help="comma-separated subset of " + ", ".join(EDITS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="continue or complete MODEL/adapters")
+    parser.add_argument("--paired", action="store_true",
+                        help="train each ε2 on before/after renders as well (not the shipped adapters' way)")
     args = parser.parse_args(argv)
     try:
         edits = [e.strip() for e in args.edits.split(",") if e.strip()]
@@ -235,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         if unknown:
             raise UserError(f"unknown edit(s) {', '.join(unknown)}: choose from {', '.join(EDITS)}")
         report = train_adapters(args.model, preset=args.preset, identity_net=args.identity_net, edits=edits,
-                                seed=args.seed, resume=args.resume)
+                                seed=args.seed, resume=args.resume, paired=args.paired)
     except UserError as error:
         parser.exit(2, f"error: {error}\n")
     print(f"{args.model / ADAPTER_LIBRARY}: {report['seconds']:.0f} s, {report['weights_bytes'] / 1e6:.2f} MB of adapters")
