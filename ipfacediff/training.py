@@ -131,10 +131,7 @@ def load_training_faces(data: str | Path, resolution: int, *, max_images: int | 
     VIDEO_MAX_FACES per video, evenly spread). Only the folder's own files are read, in name
     order. ``max_images`` keeps that many, evenly spread. Unreadable images are skipped.
     """
-    if resolution < 8 or resolution % 8:
-        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
-    if max_images is not None and max_images < 1:
-        raise UserError(f"--max-images must be at least 1, got {max_images}")
+    _check_face_reading(resolution, max_images)
     files = training_files(data)
     cap = VIDEO_MAX_FACES if max_images is None else min(VIDEO_MAX_FACES, max_images)
     faces: list[np.ndarray] = []
@@ -172,15 +169,9 @@ def load_training_pairs(data: str | Path, targets: str | Path, resolution: int, 
     ``data`` with the image of the same file name in ``targets`` (both read as aligned crops,
     like :func:`load_training_faces`). A pair is all or nothing, so a missing or unreadable
     partner is an error rather than a skipped face that would shift every later pair."""
-    if resolution < 8 or resolution % 8:
-        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
-    if max_images is not None and max_images < 1:
-        raise UserError(f"--max-images must be at least 1, got {max_images}")
+    _check_face_reading(resolution, max_images)
     files = training_files(data)
-    try:
-        partners = {p.name: p for p in training_files(targets)}
-    except UserError as error:
-        raise UserError(f"--paired-targets: {error}") from None
+    partners = {p.name: p for p in _option_files("--paired-targets", targets)}
     if any(f.suffix.lower() not in IMAGE_SUFFIXES for f in files):
         raise UserError(f"--paired-targets needs a folder of face images as training data, not videos: {data}")
     missing = [f.name for f in files if f.name not in partners]
@@ -199,6 +190,21 @@ def load_training_pairs(data: str | Path, targets: str | Path, resolution: int, 
         if progress:
             progress("faces", index + 1, len(files), None)
     return np.stack(before), np.stack(after)
+
+
+def _check_face_reading(resolution: int, max_images: int | None) -> None:
+    if resolution < 8 or resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
+    if max_images is not None and max_images < 1:
+        raise UserError(f"--max-images must be at least 1, got {max_images}")
+
+
+def _option_files(flag: str, folder: str | Path) -> list[Path]:
+    """:func:`training_files` of a folder an option names, its errors prefixed with the option."""
+    try:
+        return training_files(folder)
+    except UserError as error:
+        raise UserError(f"{flag}: {error}") from None
 
 
 def training_files(data: str | Path) -> list[Path]:
@@ -830,18 +836,12 @@ def train_edit(
         raise UserError(f"--inversion-steps and --generation-steps must be between 1 and --t0 ({t0}), got "
                         f"{inversion_steps} and {generation_steps}")
     training_files(data)  # a missing or empty data folder fails before any model is loaded
-    if target_images is not None:
-        try:
-            training_files(target_images)
-        except UserError as error:
-            raise UserError(f"--target-images: {error}") from None
     if target_images is not None and paired_targets is not None:
         raise UserError("--target-images and --paired-targets both say what the edit looks like: give one")
+    if target_images is not None:
+        _option_files("--target-images", target_images)
     if paired_targets is not None:
-        try:
-            training_files(paired_targets)
-        except UserError as error:
-            raise UserError(f"--paired-targets: {error}") from None
+        _option_files("--paired-targets", paired_targets)
     output = Path(output).expanduser()
     _check_output(output, resume)
     scorer = load_clip(clip)

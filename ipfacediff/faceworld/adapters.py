@@ -117,6 +117,8 @@ def write_faces(folder: Path, count: int, seed: int, *, without: str | None = No
     """``count`` aligned 64x64 training-identity renders as PNGs (random attributes; with
     ``without``, that edit undone on each, so every face can receive it; with ``edited`` too,
     the same faces with the edit made, under the same names in that folder: the edit's truth)."""
+    if edited is not None and without is None:
+        raise ValueError("edited renders need the edit: pass without= as well")
     folder.mkdir(parents=True, exist_ok=True)
     if edited is not None:
         edited.mkdir(parents=True, exist_ok=True)
@@ -127,7 +129,7 @@ def write_faces(folder: Path, count: int, seed: int, *, without: str | None = No
             undone = {name: getattr(Attributes(), name) for name, _ in EDITS[without].changes}
             attributes = attributes.replace(**undone)
         cv2.imwrite(str(folder / f"{index:05d}.png"), item.render(64, attributes)[..., ::-1])
-        if edited is not None and without is not None:
+        if edited is not None:
             truth = item.render(64, EDITS[without].apply(attributes))
             cv2.imwrite(str(edited / f"{index:05d}.png"), truth[..., ::-1])
     return folder
