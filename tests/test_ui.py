@@ -130,9 +130,17 @@ def test_bad_uploads_show_errors_and_server_keeps_serving(server, browser, tmp_p
     text = status_shows(page, "error:")
     assert "notes.mp4 is not a video" in text and "\n" not in text.strip() and "sessions" not in text
 
+    # The rejected file stays in the player until cleared, and the player (with its Clear button)
+    # may render a moment after the status: clear it whenever the button is there, until the
+    # upload input is back. Dispatched, not clicked: the player's own icon can lie over the button.
+    upload = page.locator("#input-video input[type=file]")
     clear = page.locator("#input-video button[aria-label='Clear']")
-    if clear.count():  # dispatched, not clicked: the player's own icon can lie over the button
-        clear.first.dispatch_event("click")
+    for _ in range(120):
+        if upload.count():
+            break
+        if clear.count():
+            clear.first.dispatch_event("click")
+        page.wait_for_timeout(250)
     page.set_input_files("#input-video input[type=file]", str(no_face))
     assert "no face found" in status_shows(page, "no face found")
 
