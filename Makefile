@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	# mediapipe's own pins clash with numpy 2; its run-time needs are in pyproject.toml.
-	# open_clip_torch is only read for CLIP's BPE vocabulary (it would pull torchvision).
-	$(BIN)/python -m pip install --quiet --no-deps mediapipe==0.10.21 open_clip_torch==3.3.0
+	$(BIN)/python -m pip install --quiet -e '.[test,ui,batch]'
+	# open_clip_torch is only read for CLIP's BPE vocabulary (the tiny test and demo models);
+	# its dependencies would pull torchvision.
+	$(BIN)/python -m pip install --quiet --no-deps open_clip_torch==3.3.0
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/ipfacediff demo
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
 clean:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import threading
@@ -25,10 +24,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ipfacediff.diffusion import InversionCache  # noqa: E402
-from ipfacediff.editing import IPFaceDiffPipeline  # noqa: E402
+from ipfacediff.editing import STAGES, IPFaceDiffPipeline  # noqa: E402
 from ipfacediff.models import SD1_SCHEDULER_CONFIG, build_tiny_models, clip_bpe_tokenizer, load_model_set  # noqa: E402
+from ipfacediff.settings import EditSettings  # noqa: E402
 
-STAGES = ("encode", "invert", "mask", "identity_features", "keyframe_edit", "propagation", "decode")
 
 
 def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> IPFaceDiffPipeline:
@@ -111,10 +110,11 @@ class PeakMemory:
             self.thread.join()
 
 
-def measure(pipe, frames, cache, device, **kwargs) -> dict:
+def measure(pipe, frames, cache, device, *, batch_size: int, **kwargs) -> dict:
     with PeakMemory(device) as memory:
         started = time.perf_counter()
-        result = pipe(frames, "a face with eyeglasses", cache=cache, **kwargs)
+        result = pipe(frames, EditSettings(prompt="a face with eyeglasses", **kwargs), cache=cache,
+                      batch_size=batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - started
@@ -145,8 +145,8 @@ def main() -> None:
 
     # Warm-up, not measured: kernels, the allocator and every batch shape the runs below use.
     warm = clip_frames(min(16, max(n for _, n in plan)), size, seed=99)
-    pipe(warm, "warm up", steps=2, batch_size=batch)
-    pipe(warm, "warm up", steps=2, batch_size=batch, every_frame=True)
+    pipe(warm, EditSettings(prompt="warm up", steps=2), batch_size=batch)
+    pipe(warm, EditSettings(prompt="warm up", steps=2, every_frame=True), batch_size=batch)
 
     rows: dict[str, dict] = {}
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -22,16 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ipfacediff.face import detect_video_faces  # noqa: E402
+from ipfacediff.face import box_iou, detect_video_faces  # noqa: E402
 from ipfacediff.faceworld import HELD_OUT_IDS, render_clip  # noqa: E402
 from ipfacediff.video import write_video  # noqa: E402
-
-
-def iou(a, b) -> float:
-    x0, y0, x1, y1 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
-    inter = max(0.0, x1 - x0) * max(0.0, y1 - y0)
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def main() -> None:
@@ -58,7 +51,7 @@ def main() -> None:
                 best, best_iou = None, 0.0
                 for track in detected.tracks:
                     at = track.position(frame)
-                    if at is not None and (overlap := iou(box, track.boxes[at])) > best_iou:
+                    if at is not None and (overlap := float(box_iou(box, track.boxes[at])[0, 0])) > best_iou:
                         best, best_iou = (track, at), overlap
                 hit = best is not None and best_iou >= 0.5
                 found.append(hit)

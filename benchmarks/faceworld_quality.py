@@ -53,7 +53,8 @@ from ipfacediff.editing import transfer_detail  # noqa: E402
 from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, caption, render_clip  # noqa: E402
 from ipfacediff.faceworld.oracles import ATTRIBUTE_NAMES, AttributeOracle, FaceWorldIdentity  # noqa: E402
 from ipfacediff.face import alignment_transforms, crop_face  # noqa: E402
-from ipfacediff.job import SHIPPED_MODELS, EditSettings, edit_video, load_pipeline  # noqa: E402
+from ipfacediff.job import SHIPPED_MODELS, edit_video, load_pipeline  # noqa: E402
+from ipfacediff.settings import EditSettings  # noqa: E402
 from ipfacediff.video import read_frames, write_video  # noqa: E402
 
 METHODS = {"full": {}, "no_identity_guidance": {"identity_guidance": False}, "every_frame": {"every_frame": True},

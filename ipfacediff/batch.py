@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,9 +39,7 @@ CACHE_NAME = ".cache"
 SUMMARY_METRICS = ("id_sim", "id_drift", "tl_id", "tg_id", "clip_direction", "clip_score", "warp_error_ratio",
                    "flicker", "background_psnr", "face_detection_rate")
 DEFAULT_RETRIES = 2  # a clip whose worker dies is tried this many more times on a fresh worker
-_BOOL_WORDS = {"1": True, "true": True, "yes": True, "y": True, "on": True,
-               "0": False, "false": False, "no": False, "n": False, "off": False, "": False}
-_COLUMNS = ("input", "prompt", "prompts", "output", "tracks", "identity_lora", "edit_lora")
+_COLUMNS = ("input", "prompt", "prompts", "output", "tracks", "identity_lora", "edit_lora", "adapters_dir")
 _VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
 
 
@@ -61,46 +59,21 @@ class BatchJob:
     tracks: str | None = None
     identity_lora: str | None = None
     edit_loras: list[tuple[str, float]] = field(default_factory=list)
+    adapters_dir: str | None = None  # an adapter library outside the model folder (load_pipeline's)
 
     @property
     def prompt(self) -> str:
         return self.settings["prompt"]
 
 
-def _setting_types() -> dict[str, type]:
-    from ipfacediff.job import EditSettings
+def _setting_names() -> list[str]:
+    from ipfacediff.settings import EditSettings
 
-    table = {"int": int, "float": float, "bool": bool, "str": str, "int | None": int, "float | None": float}
-    return {f.name: table.get(str(f.type), str) for f in fields(EditSettings) if f.name != "prompt"}
-
-
-def _convert(value: Any, kind: type, name: str, where: str) -> Any:
-    if value is None or (isinstance(value, str) and value.strip() == "" and kind is not str):
-        return None
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        word = str(value).strip().lower()
-        if word not in _BOOL_WORDS:
-            raise UserError(f"{where}: {name} must be true or false, got {value!r}")
-        return _BOOL_WORDS[word]
-    if kind is str:
-        if isinstance(value, list) and name == "faces":
-            return ",".join(str(v) for v in value)
-        return str(value)
-    try:
-        number = float(value) if not isinstance(value, bool) else None
-        if number is None:
-            raise ValueError
-        if kind is int:
-            if number != int(number):
-                raise ValueError
-            return int(number)
-        return number
-    except (TypeError, ValueError):
-        raise UserError(f"{where}: {name} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    return [f.name for f in fields(EditSettings) if f.name != "prompt"]
 
 
+def _blank(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _split(value: Any, sep: str) -> list:
@@ -159,12 +132,12 @@ def _read_rows(manifest: Path) -> list[tuple[int, dict]]:
 
 def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) -> list[BatchJob]:
     """Read a CSV/JSONL manifest into jobs, one per output; any mistake is one :class:`UserError` line."""
-    from ipfacediff.job import EditSettings
+    from ipfacediff.settings import EditSettings
 
     manifest, output_dir = Path(manifest), Path(output_dir).resolve()
     base = manifest.resolve().parent
-    types = _setting_types()
-    known = set(_COLUMNS) | set(types)
+    setting_names = _setting_names()
+    known = set(_COLUMNS) | set(setting_names)
     jobs: list[BatchJob] = []
     explicit: dict[str, int] = {}
     for line, record in _read_rows(manifest):
@@ -179,27 +152,28 @@ def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) ->
         prompts = _split(record.get("prompts"), "|") + _split(record.get("prompt"), "|")
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise UserError(f'{where}: no prompt: fill prompt (or prompts, "|"-separated) with the edit to make')
-        settings: dict[str, Any] = {}
-        for name, kind in types.items():
-            if name in record:
-                value = _convert(record[name], kind, name, where)
-                if value is not None:
-                    settings[name] = value
+        # An empty cell takes the setting's default.
+        settings = {name: record[name] for name in setting_names if name in record and not _blank(record[name])}
         names = _split(record.get("output"), "|")
         if names and len(names) not in (1, len(prompts)):
             raise UserError(f"{where}: {len(names)} output names for {len(prompts)} prompts: give one, or one per prompt")
         tracks = record.get("tracks") or None
         identity_lora = record.get("identity_lora") or None
+        adapters_dir = record.get("adapters_dir") or None
+        if adapters_dir:  # a bad library is this line's one error, before any worker starts
+            from ipfacediff.models import AdapterLibrary
+
+            adapters_dir = str((base / str(adapters_dir).strip()).resolve())
+            try:
+                AdapterLibrary.read_dir(adapters_dir)
+            except UserError as error:
+                raise UserError(f"{where}: {error}") from None
         loras = []
         for spec in _split(record.get("edit_lora"), ";"):
             path, weight = (spec[0], float(spec[1])) if isinstance(spec, list) and len(spec) == 2 else parse_lora_spec(str(spec))
             loras.append((str((base / path).resolve()), weight))
         for index, prompt in enumerate(prompts):
-            job_settings = EditSettings(prompt=prompt.strip(), **settings)
-            try:
-                job_settings.validate()
-            except UserError as exc:
-                raise UserError(f"{where}: {exc}") from None
+            job_settings = EditSettings.from_mapping({**settings, "prompt": prompt.strip()}, where=where)
             if names:
                 name = names[index] if len(names) == len(prompts) else names[0]
                 if len(names) != len(prompts) and len(prompts) > 1:
@@ -217,9 +191,10 @@ def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) ->
                 output = output_dir / f"{input_path.stem}-{_slug(prompt)}.mp4"
             jobs.append(BatchJob(
                 line=line, index=index, input=str(input_path), output=str(output),
-                settings=_jsonable(asdict(job_settings)),
+                settings=_jsonable(job_settings.to_dict()),
                 tracks=str((base / tracks).resolve()) if tracks else None,
                 identity_lora=str((base / identity_lora).resolve()) if identity_lora else None, edit_loras=loras,
+                adapters_dir=adapters_dir,
             ))
     # Default names that collide (same input and prompt on two rows) get the manifest line.
     seen: dict[str, int] = {}
@@ -332,13 +307,14 @@ class BatchWorker:
         return {"worker": self.name, "pid": os.getpid(), "loads": self.loads}
 
     def _get_pipeline(self, job: BatchJob):
-        key = (job.identity_lora, tuple(map(tuple, job.edit_loras)))
+        key = (job.identity_lora, tuple(map(tuple, job.edit_loras)), job.adapters_dir)
         if self._pipeline is None or self._pipeline_key != key:
             from ipfacediff.job import load_pipeline
 
             self._pipeline = None  # one model set in memory at a time
             self._pipeline = load_pipeline(self.model, identity_lora=job.identity_lora,
                                            edit_loras=[tuple(x) for x in job.edit_loras] or None,
+                                           adapters_dir=job.adapters_dir,
                                            device=self.device, dtype=self.dtype)
             self._pipeline_key = key
             self.loads += 1
@@ -357,7 +333,8 @@ class BatchWorker:
 
     def _run_job(self, job: BatchJob, attempt: int) -> dict:
         from ipfacediff.diffusion import InversionCache
-        from ipfacediff.job import EditSettings, edit_video
+        from ipfacediff.job import edit_video
+        from ipfacediff.settings import EditSettings
 
         started = time.perf_counter()
         state = job_state(job, self.evaluate)
@@ -492,6 +469,10 @@ def run_batch(
     replaces the built-in rich progress display (stages ``clips`` and ``outputs``). A clip whose
     worker dies is retried ``retries`` times on a fresh worker.
     """
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # an optional extra: say how to get it
+        raise UserError('ray is not installed: pip install "ipfacediff[batch]"')
     from rich.console import Console
 
     console = console or Console()
@@ -519,7 +500,7 @@ def run_batch(
         else:
             clips.setdefault(job.input, []).append(job)
     for clip_jobs in clips.values():  # jobs with the same adapters together: one model load
-        clip_jobs.sort(key=lambda j: (j.identity_lora or "", str(j.edit_loras)))
+        clip_jobs.sort(key=lambda j: (j.identity_lora or "", str(j.edit_loras), j.adapters_dir or ""))
 
     total_clips = len({j.input for j in jobs})
     with _progress_display(progress, console) as report:

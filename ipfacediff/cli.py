@@ -7,29 +7,24 @@ traceback.
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
 import sys
+from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import click
 import typer
 from typer._click import exceptions as typer_click_exceptions
 from rich.console import Console
 
-from ipfacediff.editing import (
-    DEFAULT_ALL_KEYFRAMES_BELOW,
-    DEFAULT_BLEND_THRESHOLD,
-    DEFAULT_GUIDANCE,
-    DEFAULT_INJECT_ATTENTION_UNTIL,
-    DEFAULT_INJECT_FEATURE_UNTIL,
-    DEFAULT_PROPAGATION_TEMPERATURE,
-    DEFAULT_TEMPORAL_SMOOTHING,
-    DEFAULT_STEPS,
-)
 from ipfacediff.errors import UserError
+from ipfacediff.files import check_writable
 from ipfacediff.progress import progress_bars as rich_progress_bars
+from ipfacediff.settings import EditSettings, Settings, field_type, flag_of
 
 app = typer.Typer(
     name="ipfacediff",
@@ -45,6 +40,10 @@ CLICK_ERRORS = (click.ClickException, typer_click_exceptions.ClickException)
 
 def _quiet_libraries() -> None:
     """Library chatter (weight-loading bars, torchvision notices) would bury our progress bars."""
+    import warnings
+
+    # mediapipe 0.10.14 calls a protobuf API that protobuf 4 deprecates, once per graph.
+    warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     from diffusers.utils import logging as diffusers_logging
@@ -56,11 +55,69 @@ def _quiet_libraries() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def _silence_native_logging() -> None:
+    """mediapipe's and TensorFlow Lite's C++ code log to file descriptor 2 from their own threads,
+    up to six lines before an ``error:`` line and a dozen in a normal run, and no flag or variable
+    stops all of it (absl writes "All log messages before absl::InitializeLog()" regardless). So
+    descriptor 2 is pointed at /dev/null and Python's own stderr (our messages, progress bars,
+    tracebacks of real bugs) keeps writing to a copy of the original."""
+    import logging
+
+    sys.stderr.flush()
+    original = os.dup(2)
+    quiet = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(quiet, 2)
+    os.close(quiet)
+    sys.stderr = os.fdopen(original, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                           errors="backslashreplace")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+@app.callback()
+def root(verbose: bool = typer.Option(False, "--verbose", help="Let the libraries' own logging through (mediapipe, TensorFlow Lite).")) -> None:
+    """Edit the faces in a video from a text prompt, keeping the person recognisable and the video flicker-free."""
+    # --verbose is acted on in main(), before any library is imported.
+
+
 def progress_bars():
     """A rich progress display on stderr; yields progress(stage, done, total) for the library's callbacks."""
     return rich_progress_bars(console)
 
 
+
+
+def setting_option(cls: type[Settings], name: str, **overrides: Any) -> Any:
+    """The typer option of one setting, from its declaration (default, flag, help)."""
+    f = next(f for f in fields(cls) if f.name == name)
+    meta = f.metadata
+    names = [flag_of(name, meta) + (f"/{meta['negative']}" if meta.get("negative") else "")]
+    if meta.get("short"):
+        names.append(meta["short"])
+    default = ... if f.default is MISSING else f.default
+    return typer.Option(overrides.pop("default", default), *names, help=overrides.pop("help", meta["help"]))
+
+
+def with_settings(cls: type[Settings]) -> Callable:
+    """Give a command every option of ``cls``; the command receives them built into one
+    ``settings`` object, checked before the command's body runs."""
+
+    def decorate(command: Callable) -> Callable:
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != "settings"]
+        names = [f.name for f in fields(cls)]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=setting_option(cls, n),
+                                   annotation=field_type(cls, n)) for n in names]
+
+        @functools.wraps(command)
+        def run(**values: Any) -> Any:
+            settings = cls(**{n: values.pop(n) for n in names})
+            return command(settings=settings, **values)
+
+        run.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+        run.__annotations__ = {**{k: v for k, v in command.__annotations__.items() if k != "settings"},
+                               **{p.name: p.annotation for p in added}}
+        return run
+
+    return decorate
 
 
 ModelOption = typer.Option(None, "--model", "-m", help="SD-1.x model: diffusers folder, hub id (from the local cache when offline) or single .safetensors file. Default: the embedded model set.")
@@ -72,17 +129,26 @@ DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available)
 DtypeOption = typer.Option("auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
 AllowPickleOption = typer.Option(False, "--allow-pickle", help="Also read pickled .bin/.ckpt weights (they can run code: only for files you trust).")
 NoAdapterLibraryOption = typer.Option(False, "--no-adapter-library", help="Ignore the ε1/ε2 adapters the model folder ships (ε1 = ε2 = base unless --identity-lora/--edit-lora).")
+AdaptersDirOption = typer.Option(None, "--adapters-dir", help="An adapter library kept outside the model folder (what `ipfacediff train library --output LIB` wrote), used instead of the model folder's own.")
 CacheOption = typer.Option(None, "--cache-dir", help="Inversion cache folder. Default: $IPFACEDIFF_CACHE or ~/.cache/ipfacediff.")
 
 
 def _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle,
-              adapter_library=True):
+              adapter_library=True, adapters_dir=None):
     from ipfacediff.job import load_pipeline
     from ipfacediff.models import parse_lora_spec
 
     return load_pipeline(model, identity_model=identity_model, identity_lora=identity_lora,
                          edit_loras=[parse_lora_spec(s) for s in edit_lora or []], config=config,
-                         device=device, dtype=dtype, allow_pickle=allow_pickle, adapter_library=adapter_library)
+                         device=device, dtype=dtype, allow_pickle=allow_pickle, adapter_library=adapter_library,
+                         adapters_dir=adapters_dir)
+
+
+def _check_outputs(*paths: Optional[Path]) -> None:
+    """Every output a command will write, checked before its work (one line if one cannot be)."""
+    for path in paths:
+        if path is not None:
+            check_writable(path)
 
 
 def _cache(cache_dir: Optional[Path]):
@@ -92,84 +158,57 @@ def _cache(cache_dir: Optional[Path]):
 
 
 @app.command()
+@with_settings(EditSettings)
 def edit(
     input: Path = typer.Argument(..., help="Video to edit (any format ffmpeg reads)."),
     output: Path = typer.Option(..., "--output", "-o", help="Edited video to write (.mp4); never the input."),
-    prompt: str = typer.Option(..., "--prompt", "-p", help='What the face should show, e.g. "a face with eyeglasses".'),
-    source_prompt: str = typer.Option("", "--source-prompt", help="What the input shows; used for inversion and ε1 features."),
     model: Optional[str] = ModelOption,
     identity_model: Optional[str] = IdentityModelOption,
     identity_lora: Optional[str] = IdentityLoraOption,
     edit_lora: Optional[list[str]] = EditLoraOption,
-    adapters: str = typer.Option("auto", "--adapters", help='ε2 adapters of the model\'s library: "auto" (picked by the prompt\'s words), "none", or names "eyeglasses" / "eyeglasses:0.8,smile".'),
     no_adapter_library: bool = NoAdapterLibraryOption,
+    adapters_dir: Optional[Path] = AdaptersDirOption,
     config: Optional[str] = ConfigOption,
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Side of the aligned face crop. Default: the model's (512 for SD-1.5)."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="DDIM steps for inversion and editing."),
-    guidance: Optional[float] = typer.Option(None, "--guidance", help=f"Classifier-free guidance scale. Default: the value the edit's adapter was tuned with, else {DEFAULT_GUIDANCE}."),
-    keyframes: Optional[int] = typer.Option(None, "--keyframes", help="Keyframes edited jointly per step. Default: one per 8 frames."),
-    propagation_temperature: float = typer.Option(DEFAULT_PROPAGATION_TEMPERATURE, "--propagation-temperature", help="How softly keyframe edits reach the other frames: 0 = each token takes its single nearest keyframe token (TokenFlow); above 0, a softmax of feature similarities over this temperature."),
-    temporal_smoothing: float = typer.Option(DEFAULT_TEMPORAL_SMOOTHING, "--temporal-smoothing", help="Each frame's edit takes this share (0-0.5) from each neighbouring frame's at every step, and the local blend's region is filtered over time the same way, against flicker; 0 = off."),
-    inject_feature_until: int = typer.Option(DEFAULT_INJECT_FEATURE_UNTIL, "--inject-feature-until", help="Inject ε1's residual features while the timestep is above this (0-1000)."),
-    all_keyframes_below: int = typer.Option(DEFAULT_ALL_KEYFRAMES_BELOW, "--all-keyframes-below", help="At steps whose timestep is below this (0-1000), every frame gets its own ε2 pass instead of a propagated edit (less flicker, more time); 0 = off."),
-    inject_attention_until: int = typer.Option(DEFAULT_INJECT_ATTENTION_UNTIL, "--inject-attention-until", help="Inject ε1's self-attention Q/K while the timestep is above this (0-1000)."),
-    strength: float = typer.Option(1.0, "--strength", help="Fraction of the schedule re-generated (1 = from full noise)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the keyframe choice."),
-    no_identity_guidance: bool = typer.Option(False, "--no-identity-guidance", help="Ablation: ε2 guides itself (TokenFlow-like)."),
-    every_frame: bool = typer.Option(False, "--every-frame", help="Ablation: edit each frame on its own (the naive baseline)."),
-    faces: str = typer.Option("all", "--faces", help='Faces to edit: "all", "largest" or track ids "0,2".'),
     tracks: Optional[Path] = typer.Option(None, "--tracks", help="Face tracks JSON (the `faces` schema) to use instead of detection."),
-    require_face: bool = typer.Option(False, "--require-face", help="Exit with an error when no face is found."),
-    whole_frame: bool = typer.Option(False, "--whole-frame", help="Edit the whole frame (resized to the model's size) instead of face crops."),
-    hair: bool = typer.Option(False, "--hair", help="An edit of the hair: keep the inner face (brows to mouth) and blend the whole crop back, not just the face (on for a hair adapter)."),
-    no_local_blend: bool = typer.Option(False, "--no-local-blend", help="Let the edit change the whole face, not only where ε2's prediction under the prompt differs from that under the source prompt."),
-    blend_threshold: Optional[float] = typer.Option(None, "--blend-threshold", help=f"Where the edit may change the latents: above this share (0-1) of the frame's largest prompt-vs-source difference of ε2's prediction. Default: the value the edit's adapter was tuned with, else {DEFAULT_BLEND_THRESHOLD}."),
-    no_detail_transfer: bool = typer.Option(False, "--no-detail-transfer", help="Do not put the detail the VAE loses back where the edit changed nothing."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Score the result right after: OUTPUT's .metrics.json and .report.html."),
     clip: Optional[str] = typer.Option(None, "--clip", help="With --evaluate: CLIPModel folder or hub id for clip_direction/clip_score."),
     device: str = DeviceOption,
     dtype: str = DtypeOption,
     allow_pickle: bool = AllowPickleOption,
     cache_dir: Optional[Path] = CacheOption,
+    *,
+    settings: EditSettings,
 ) -> None:
     """Edit the faces of INPUT so they show PROMPT; writes OUTPUT and OUTPUT's .run.json."""
-    from ipfacediff.job import EditSettings, check_paths, edit_video, run_metadata_path
+    from ipfacediff.job import check_paths, edit_video, run_metadata_path
 
-    settings = EditSettings(
-        prompt=prompt, source_prompt=source_prompt, steps=steps, guidance=guidance, keyframes=keyframes,
-        propagation_temperature=propagation_temperature, temporal_smoothing=temporal_smoothing,
-        inject_feature_until=inject_feature_until, inject_attention_until=inject_attention_until,
-        all_keyframes_below=all_keyframes_below, strength=strength,
-        seed=seed, identity_guidance=not no_identity_guidance, every_frame=every_frame, resolution=resolution,
-        faces=faces, require_face=require_face, whole_frame=whole_frame, hair=hair, adapters=adapters,
-        detail_transfer=not no_detail_transfer, local_blend=not no_local_blend, blend_threshold=blend_threshold,
-    )
-    settings.validate()
     check_paths(input, output)  # before the slow model load
+    metrics_path, html_path = output.with_name(output.stem + ".metrics.json"), output.with_name(output.stem + ".report.html")
+    if evaluate:
+        check_writable(metrics_path, what="metrics")
+        check_writable(html_path, what="report")
     pipe = _pipeline(model, identity_model, identity_lora, edit_lora, config, device, dtype, allow_pickle,
-                     adapter_library=not no_adapter_library)
-    pipe.edit_weights(prompt, source_prompt, adapters)  # an unknown adapter name fails before any work
+                     adapter_library=not no_adapter_library, adapters_dir=adapters_dir)
     with progress_bars() as progress:
         report = edit_video(input, output, settings, pipeline=pipe, tracks_path=tracks, cache=_cache(cache_dir),
                             progress=progress, log=lambda m: console.print(m))
-    reused = " (inversion reused from the cache)" if report.inversion_reused else ""
+    share = report.inversion_reused_share
+    reused = (" (inversion reused from the cache)" if report.inversion_reused
+              else f" ({share:.0%} of the inversion reused from the cache)" if share else "")
     console.print(f"{report.message}{reused} in {report.seconds['total']:.1f} s")
     typer.echo(f"wrote {output} and {run_metadata_path(output)}")
     if evaluate:
-        _evaluate(input, output, prompt=prompt, source_prompt=source_prompt or None, clip=clip,
-                  json_path=output.with_name(output.stem + ".metrics.json"),
-                  html_path=output.with_name(output.stem + ".report.html"))
+        _evaluate(input, output, prompt=settings.prompt, source_prompt=settings.source_prompt or None, clip=clip,
+                  json_path=metrics_path, html_path=html_path)
 
 
 def _evaluate(original: Path, edited: Path, *, prompt, source_prompt, clip, json_path, html_path) -> dict:
-    from ipfacediff.evaluation import evaluate_videos, write_html_report, write_metrics_json
+    from ipfacediff.evaluation import evaluate_videos, summary_line, write_html_report, write_metrics_json
 
     with progress_bars() as progress:
         metrics = evaluate_videos(original, edited, prompt=prompt, source_prompt=source_prompt, clip=clip,
                                   progress=progress)
-    summary = ", ".join(f"{key} {metrics[key]:.3f}" for key in ("id_sim", "id_drift", "tl_id", "tg_id",
-                        "warp_error_ratio", "flicker", "clip_direction") if isinstance(metrics.get(key), float))
-    typer.echo(summary or "no face to score")
+    typer.echo(summary_line(metrics))
     if json_path:
         typer.echo(f"wrote {write_metrics_json(metrics, json_path)}")
     if html_path:
@@ -188,6 +227,7 @@ def evaluate_command(
     html_path: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
 ) -> None:
     """Score an edit: identity kept (id_sim, id_drift, tl_id, tg_id), edit made (CLIP), flicker (warp error)."""
+    _check_outputs(json_path, html_path)
     _evaluate(original, edited, prompt=prompt, source_prompt=source_prompt, clip=clip, json_path=json_path,
               html_path=html_path)
 
@@ -289,6 +329,45 @@ def train_edit_command(
                f"(use it with --edit-lora {result.adapter}:1.0)")
 
 
+@train_app.command("library")
+def train_library_command(
+    model: str = typer.Option(..., "--model", "-m", help="Base SD-1.x model (folder, hub id or .safetensors)."),
+    data: list[Path] = typer.Option(..., "--data", help="A video, a photo, or a folder of them (repeatable): every face is detected, aligned and cropped at the model's resolution."),
+    edits: list[str] = typer.Option(..., "--edits", help='Edits, comma-separated (repeatable): built-in eyeglasses, blonde_hair, beard, smile, or NAME="target prompt".'),
+    output: Path = typer.Option(..., "--output", "-o", help="The library folder: adapters.json, identity/, one folder per edit (use it with --adapters-dir)."),
+    identity_net: Optional[Path] = IdentityNetOption,
+    clip: Optional[str] = typer.Option(None, "--clip", help="CLIPModel folder or hub id for ε2's directional loss. Default: MODEL/clip when the model folder has one, else openai/clip-vit-base-patch32."),
+    source: str = typer.Option("a face", "--source", help="What the training faces show; each ε2 goes from it to its target prompt."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Optimizer steps of each adapter. Default: 500 for ε1, 200 for each ε2."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", help="Side of the face crops. Default: the model's."),
+    rank: int = typer.Option(4, "--rank", help="LoRA rank."),
+    learning_rate: float = typer.Option(1e-4, "--learning-rate"),
+    max_images: Optional[int] = typer.Option(None, "--max-images", help="At most this many faces, evenly spread over all --data."),
+    inversion_steps: int = typer.Option(40, "--inversion-steps", help="ε2: DDIM steps inverting each face (to t = 500) once."),
+    generation_steps: int = typer.Option(6, "--generation-steps", help="ε2: DDIM steps regenerating it in each training step."),
+    mixed_precision: str = typer.Option("no", "--mixed-precision", help="no, fp16 or bf16."),
+    aligned: bool = typer.Option(False, "--aligned", help="The images in --data are aligned face crops already (no detection)."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in OUTPUT (finished adapters are kept), or add edits to it."),
+) -> None:
+    """Train ε1 and one ε2 per edit for MODEL into the adapter library OUTPUT (edit with --adapters-dir OUTPUT)."""
+    from ipfacediff.library import build_library, parse_edits
+
+    steps = {} if max_steps is None else {"max_steps": max_steps}
+    common = dict(rank=rank, learning_rate=learning_rate, mixed_precision=mixed_precision, **steps)
+    with progress_bars() as progress:
+        report = build_library(model, data, parse_edits(edits, source), output, clip=clip, identity_net=identity_net,
+                               source=source, aligned=aligned, resolution=resolution, max_images=max_images,
+                               identity_options=common,
+                               edit_options=dict(common, inversion_steps=inversion_steps,
+                                                 generation_steps=generation_steps),
+                               seed=seed, resume=resume, progress=progress,
+                               log=lambda m: console.print(m, markup=False, highlight=False))
+    names = ", ".join(report.get("edits", {}))
+    typer.echo(f"wrote {output / 'adapters.json'}: ε1 and {len(report.get('edits', {}))} edit adapter(s) ({names}) "
+               f"in {report.get('seconds', 0):.0f} s; edit with --adapters-dir {output}")
+
+
 faceworld_app = typer.Typer(help="FaceWorld: look at it, and train the embedded default models on it.",
                             no_args_is_help=True)
 app.add_typer(faceworld_app, name="faceworld")
@@ -324,13 +403,15 @@ def invert(
     identity_model: Optional[str] = IdentityModelOption,
     identity_lora: Optional[str] = IdentityLoraOption,
     config: Optional[str] = ConfigOption,
-    source_prompt: str = typer.Option("", "--source-prompt", help="Inversion prompt."),
-    resolution: Optional[int] = typer.Option(None, "--resolution", help="Side of the aligned face crop."),
-    steps: int = typer.Option(DEFAULT_STEPS, "--steps", help="DDIM inversion steps."),
-    faces: str = typer.Option("all", "--faces", help='Faces to invert: "all", "largest" or ids.'),
+    source_prompt: str = setting_option(EditSettings, "source_prompt", help="Inversion prompt."),
+    resolution: Optional[int] = setting_option(EditSettings, "resolution"),
+    steps: int = setting_option(EditSettings, "steps", help="DDIM inversion steps."),
+    faces: str = setting_option(EditSettings, "faces", help='Faces to invert: "all", "largest" or ids.'),
     tracks: Optional[Path] = typer.Option(None, "--tracks", help="Face tracks JSON to use instead of detection."),
-    whole_frame: bool = typer.Option(False, "--whole-frame", help="Invert the whole frame instead of face crops."),
+    whole_frame: bool = setting_option(EditSettings, "whole_frame", help="Invert the whole frame instead of face crops."),
+    allow_out_of_domain: bool = setting_option(EditSettings, "allow_out_of_domain"),
     no_adapter_library: bool = NoAdapterLibraryOption,
+    adapters_dir: Optional[Path] = AdaptersDirOption,
     device: str = DeviceOption,
     dtype: str = DtypeOption,
     allow_pickle: bool = AllowPickleOption,
@@ -339,12 +420,16 @@ def invert(
     """DDIM-invert the faces of INPUT into the cache, so later edits of it start at once."""
     from ipfacediff.job import invert_video
 
+    # The edit's own checks of the numbers and the face selection; the prompt is the edit's.
+    EditSettings(prompt="-", source_prompt=source_prompt, resolution=resolution, steps=steps, faces=faces,
+                 whole_frame=whole_frame)
+
     pipe = _pipeline(model, identity_model, identity_lora, None, config, device, dtype, allow_pickle,
-                     adapter_library=not no_adapter_library)
+                     adapter_library=not no_adapter_library, adapters_dir=adapters_dir)
     with progress_bars() as progress:
         summary = invert_video(input, pipeline=pipe, source_prompt=source_prompt, resolution=resolution, steps=steps,
                                faces=faces, tracks_path=tracks, whole_frame=whole_frame, cache=_cache(cache_dir),
-                               progress=progress)
+                               progress=progress, allow_out_of_domain=allow_out_of_domain)
     for line in summary:
         typer.echo(line)
 
@@ -381,6 +466,7 @@ def ui(
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Where uploads and results go (one folder per session)."),
     max_upload_mb: float = typer.Option(200, "--max-upload-mb", help="Largest upload accepted."),
     max_seconds: float = typer.Option(120, "--max-seconds", help="Longest video accepted."),
+    keep_minutes: float = typer.Option(60, "--keep-minutes", help="Remove a session's videos and results after this many idle minutes (they are also removed when its tab closes and when the server stops)."),
     device: str = DeviceOption,
     dtype: str = DtypeOption,
 ) -> None:
@@ -388,7 +474,7 @@ def ui(
     from ipfacediff.ui import launch
 
     launch(host, port, model=model, work_dir=work_dir, max_upload_mb=max_upload_mb, max_seconds=max_seconds,
-           device=device, dtype=dtype)
+           device=device, dtype=dtype, keep_minutes=keep_minutes)
 
 
 @app.command("build-tiny-models")
@@ -399,8 +485,12 @@ def build_tiny_models_command(
     """Write a tiny random SD-1.x model set (and a tiny CLIP in DIRECTORY/clip) for tests and trials."""
     from ipfacediff.models import build_tiny_models
 
+    if directory.exists() and not directory.is_dir():
+        raise UserError(f"{directory} is a file, not a folder; choose a new folder")
     if directory.exists() and any(directory.iterdir()):
         raise UserError(f"{directory} exists and is not empty; choose a new folder")
+    # Where the folder can be made (or written into when it exists empty).
+    check_writable(directory / "model_index.json" if directory.exists() else directory, what="model folder")
     build_tiny_models(directory, seed=seed)
     typer.echo(f"wrote a tiny model set to {directory}")
 
@@ -413,6 +503,8 @@ def faces(
 ) -> None:
     """Find, track and list the faces of INPUT."""
     from ipfacediff.face import faces_report
+
+    _check_outputs(json_path, preview)
 
     tracks = faces_report(input, json_path, preview)
     if not tracks.tracks:
@@ -439,8 +531,14 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user mistakes into one line and exit code 2."""
     _quiet_libraries()
+    # Only the installed command owns the process's stderr; a caller of main(argv) keeps its own.
+    if argv is None and "--verbose" not in sys.argv[1:] and os.environ.get("IPFACEDIFF_VERBOSE", "0") == "0":
+        _silence_native_logging()
     try:
-        app(args=argv, standalone_mode=False)
+        # Without standalone mode click returns an ``Exit``'s code instead of exiting with it.
+        code = app(args=argv, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as error:
         console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -97,7 +97,8 @@ def faceworld_clip(path: Path, *, identity_id: int = DEMO_IDENTITY, frames: int 
 def run_demo(output_dir: Path, *, prompt: str = "a face with eyeglasses", steps: int = 20,
              progress: Progress | None = None) -> list[str]:
     """Render the demo clip, edit it with the default models; return lines saying where things are."""
-    from ipfacediff.job import EditSettings, edit_video, load_pipeline, run_metadata_path
+    from ipfacediff.job import edit_video, load_pipeline, run_metadata_path
+    from ipfacediff.settings import EditSettings
 
     output_dir.mkdir(parents=True, exist_ok=True)
     clip = output_dir / "sample.mp4"

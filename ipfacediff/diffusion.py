@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,6 +34,27 @@ Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances, e.g. to drive a progress bar."""
 
 FEATURE_DIM = 64
+
+
+class StageTimer:
+    """Seconds per named stage, summed over the stage's repeats.
+
+    On a GPU the clock is read after the device has finished what the stage queued, so each stage
+    is charged with its own kernels rather than the next stage's."""
+
+    def __init__(self, device: torch.device | str | None = None, stages: tuple[str, ...] = ()):
+        self.device = torch.device(device) if device is not None else None
+        self.seconds: dict[str, float] = dict.fromkeys(stages, 0.0)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device is not None and self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
 
 
 def default_cache_dir() -> Path:
@@ -137,6 +159,13 @@ class InvertedVideo:
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     unet_calls: int = 0
     cache_key: str | None = None  # its folder in the InversionCache, when it has one
+    reused_steps: int = 0  # steps read from the cache rather than computed (a resumed run reuses some)
+
+    @property
+    def reused_share(self) -> float:
+        """Share of the inversion's steps that came from the cache: 1 for a re-edit, in between
+        for a run resumed after a kill."""
+        return self.reused_steps / len(self.latents) if self.latents else 0.0
 
     def source_eps(self, step: int) -> torch.Tensor:
         """The noise that takes the source latents from step ``step`` to the next, less noisy one."""
@@ -240,7 +269,7 @@ def invert_frames(
     latents_by_step: dict[int, torch.Tensor] = {}
     features: dict[int, torch.Tensor] = {}
     current = clean
-    calls = 0
+    calls = reused = 0
     for j in range(steps):
         step = steps - 1 - j
         cached = cache.load(cache_key, f"step_{step:04d}") if cache is not None and cache_key else None
@@ -249,6 +278,7 @@ def invert_frames(
             latents_by_step[step] = current
             if "features" in cached:
                 features[step] = cached["features"]
+            reused += 1
             if progress:
                 progress("invert", j + 1, steps)
             continue
@@ -286,6 +316,7 @@ def invert_frames(
         features=features,
         unet_calls=calls,
         cache_key=cache_key if cache is not None else None,
+        reused_steps=reused,
     )
 
 

@@ -19,7 +19,6 @@ The correspondences use the guiding model's decoder features captured once durin
 from __future__ import annotations
 
 import math
-import time
 from functools import lru_cache
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,6 +35,7 @@ from ipfacediff.diffusion import (
     InversionCache,
     InvertedVideo,
     Progress,
+    StageTimer,
     ddim_step,
     decode_latents,
     default_feature_steps,
@@ -46,6 +46,13 @@ from ipfacediff.diffusion import (
 )
 from ipfacediff.errors import UserError
 from ipfacediff.face import inner_face_share
+from ipfacediff.settings import (
+    DEFAULT_BLEND_THRESHOLD,
+    DEFAULT_GUIDANCE,
+    DEFAULT_KEYFRAME_SPACING,
+    DEFAULT_STEPS,
+    EditSettings,
+)
 from ipfacediff.models import (
     ModelSet,
     activate_role,
@@ -55,22 +62,9 @@ from ipfacediff.models import (
     pick_edit_adapters,
 )
 
-# Defaults from plug-and-play / TokenFlow: features injected over the first 80 % of a 1000-step
-# schedule, attention over the first 50 %; CFG 7.5; one keyframe every 8 frames.
-DEFAULT_STEPS = 50
-DEFAULT_GUIDANCE = 7.5
-DEFAULT_INJECT_FEATURE_UNTIL = 200
-DEFAULT_INJECT_ATTENTION_UNTIL = 500
-DEFAULT_KEYFRAME_SPACING = 8
 DEFAULT_KEYFRAME_BATCH = 8
-DEFAULT_PROPAGATION_TEMPERATURE = 0.0
-DEFAULT_TEMPORAL_SMOOTHING = 0.25
-DEFAULT_ALL_KEYFRAMES_BELOW = 0  # off
 # Pixels the edit changed by more than this (0-255, blurred) take none of the source's detail.
 DETAIL_TOLERANCE = 24.0
-# Local blend: latent tokens where the edit model's prediction under the prompt differs from that
-# under the reference by less than this share of the frame's range follow the source trajectory.
-DEFAULT_BLEND_THRESHOLD = 0.5
 # Timesteps at which that difference is measured (on the inverted latents), averaged.
 BLEND_TIMESTEPS = (300, 500, 700)
 # How often the region's per-frame level is filtered over time with the temporal smoothing's
@@ -323,6 +317,66 @@ def propagate_by_nearest_neighbour(
 # The pipeline
 
 
+STAGES = ("encode", "invert", "mask", "identity_features", "keyframe_edit", "propagation", "decode")
+
+
+@dataclass(frozen=True)
+class EditPlan:
+    """What the adapter library decides for one edit, before any model work: the ε2 adapters
+    (peft name → weight), the guidance and blend threshold they were tuned with, and whether the
+    edit is of the hair. Decided by :func:`plan_edit`, not inside the denoising code, so that a
+    caller can inspect it, log it or set it by hand (as diffusers leaves ``set_adapters`` to the
+    caller)."""
+
+    edit_weights: dict[str, float]
+    guidance: float
+    blend_threshold: float
+    hair: bool
+
+    @property
+    def edit_adapters(self) -> dict[str, float]:
+        """The library adapters by their library names."""
+        return {n.removeprefix("edit:"): w for n, w in self.edit_weights.items()}
+
+
+def plan_edit(settings: EditSettings, *, loaded_edit_weights: dict[str, float], words: dict[str, list[str]],
+              tuned_weights: dict[str, float], tuned_guidances: dict[str, float],
+              tuned_thresholds: dict[str, float], hair_adapters: list[str]) -> EditPlan:
+    """The plan of an edit under an adapter library.
+
+    Adapters given at loading (``--edit-lora``) always apply. Otherwise ``settings.adapters``
+    decides: "auto" picks the library's adapters whose words the prompt has and the source prompt
+    has not, "none" edits with the base model, or names them ("eyeglasses", "eyeglasses:0.8,smile");
+    one picked or named without a weight edits at the library's tuned weight (1 unless tuned).
+    Guidance left unset is the highest the picked adapters were tuned with (an untuned one counts
+    as :data:`DEFAULT_GUIDANCE`), so none of their attributes is drawn weaker than tuned; a blend
+    threshold left unset is the lowest they were tuned with. A hair adapter makes it a hair edit.
+    """
+    if loaded_edit_weights:
+        weights = dict(loaded_edit_weights)
+    elif settings.adapters == "auto":
+        weights = {edit_adapter_name(n): tuned_weights.get(n, 1.0)
+                   for n in pick_edit_adapters(words, settings.prompt, settings.source_prompt)}
+    elif settings.adapters == "none":
+        weights = {}
+    else:
+        weights = {}
+        for spec in filter(None, (part.strip() for part in settings.adapters.split(","))):
+            name, weight = parse_lora_spec(spec)
+            if name not in words:
+                offered = ", ".join(words) if words else "none: this model has no adapter library"
+                raise UserError(f"unknown edit adapter {name!r}; this model offers: {offered}")
+            weights[edit_adapter_name(name)] = weight if name != spec else tuned_weights.get(name, 1.0)
+    names = [n.removeprefix("edit:") for n in weights]
+    guidance = settings.guidance
+    if guidance is None:
+        guidance = max((tuned_guidances.get(n, DEFAULT_GUIDANCE) for n in names), default=DEFAULT_GUIDANCE)
+    threshold = settings.blend_threshold
+    if threshold is None:
+        threshold = min((tuned_thresholds[n] for n in names if n in tuned_thresholds), default=DEFAULT_BLEND_THRESHOLD)
+    return EditPlan(weights, guidance, threshold, settings.hair or any(n in hair_adapters for n in names))
+
+
 @dataclass
 class EditResult:
     """Edited frames (N, H, W, 3) uint8, per-stage seconds and what was reused."""
@@ -336,6 +390,7 @@ class EditResult:
     latents: torch.Tensor | None = None  # the edited latents (N, 4, h, w), before decoding
     hair: bool = False  # an edit of the hair (asked for, or by a hair adapter): paste with the hair mask
     guidance: float | None = None  # the classifier-free guidance it was edited with
+    inversion_reused_share: float = 0.0  # share of the inversion's steps read from the cache
 
 
 class IPFaceDiffPipeline(DiffusionPipeline):
@@ -375,51 +430,29 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                    adapter_weights=models.library.weights() if models.library else None,
                    adapter_guidances=models.library.guidances() if models.library else None)
 
-    def edit_weights(self, prompt: str, source_prompt: str = "", adapters: str = "auto") -> dict[str, float]:
-        """The ε2 adapters (peft name → weight) an edit runs with.
-
-        Adapters given at loading (``--edit-lora``) always apply. Otherwise the model's adapter
-        library decides: ``adapters`` "auto" picks by the prompt's words, "none" edits with the
-        base model, or names them: "eyeglasses", "eyeglasses:0.8,smile". An adapter picked or
-        named without a weight edits at the library's tuned weight for it (1 unless tuned).
-        """
-        if self.config.edit_adapter_weights:
-            return dict(self.config.edit_adapter_weights)
-        known, tuned = self.config.adapter_words, self.config.adapter_weights
-        if adapters == "auto":
-            return {edit_adapter_name(n): tuned.get(n, 1.0) for n in pick_edit_adapters(known, prompt, source_prompt)}
-        if adapters == "none":
-            return {}
-        chosen = {}
-        for spec in filter(None, (part.strip() for part in adapters.split(","))):
-            name, weight = parse_lora_spec(spec)
-            if name not in known:
-                offered = ", ".join(known) if known else "none: this model has no adapter library"
-                raise UserError(f"unknown edit adapter {name!r}; this model offers: {offered}")
-            chosen[edit_adapter_name(name)] = weight if name != spec else tuned.get(name, 1.0)
-        return chosen
+    def plan_edit(self, settings: EditSettings) -> EditPlan:
+        """The plan of ``settings`` under this model's adapter library (:func:`plan_edit`)."""
+        c = self.config
+        return plan_edit(settings, loaded_edit_weights=c.edit_adapter_weights, words=c.adapter_words,
+                         tuned_weights=c.adapter_weights, tuned_guidances=c.adapter_guidances,
+                         tuned_thresholds=c.adapter_blend_thresholds, hair_adapters=c.hair_adapters)
 
     def _role(self, role: str, edit_weights: dict[str, float] | None = None) -> UNet2DConditionModel:
         unet = self.identity_unet if role == "identity" else self.unet
         activate_role(unet, role, self.config.edit_adapter_weights if edit_weights is None else edit_weights)
         return unet
 
-    def _sync(self) -> None:
-        if self.unet.device.type == "cuda":
-            torch.cuda.synchronize()
-
     @torch.no_grad()
     def invert(self, frames: np.ndarray, *, source_prompt: str = "", steps: int = DEFAULT_STEPS,
                identity_guidance: bool = True, cache: InversionCache | None = None,
-               batch_size: int = 8, progress: Progress | None = None,
-               timings: dict[str, float] | None = None,
+               batch_size: int = 8, progress: Progress | None = None, timer: StageTimer | None = None,
                edit_weights: dict[str, float] | None = None) -> tuple[InvertedVideo, torch.Tensor]:
         """Encode and DDIM-invert the frames with the guiding model (ε1, or ε2 when ablated).
 
         Both results are cached under a key of the pixels, models, steps and prompt, so a second
         edit of the same clip neither encodes nor runs a UNet.
         """
-        timings = timings if timings is not None else {}
+        timer = timer or StageTimer(self.unet.device)
         role = "identity" if identity_guidance else "edit"
         edit_weights = self.config.edit_adapter_weights if edit_weights is None else edit_weights
         guide = self._role(role, edit_weights)
@@ -430,23 +463,19 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             steps=steps, prompt=source_prompt, scheduler=dict(self.scheduler.config),
             features=feature_steps, dtype=str(guide.dtype),
         )
-        tick = time.perf_counter()
-        stored = cache.load(key, "clean") if cache is not None else None
-        if stored is not None:
-            clean = stored["latents"]
-        else:
-            # Row-major like the cached copy, so a re-edit decodes it bit for bit the same.
-            clean = encode_frames(self.vae, frames, batch_size=batch_size).contiguous()
-            if cache is not None:
-                cache.save(key, "clean", {"latents": clean})
-        self._sync()
-        timings["encode"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        source = encode_prompt(self.tokenizer, self.text_encoder, [source_prompt])
-        inverted = invert_frames(guide, self.scheduler, clean, source, steps=steps, cache=cache, cache_key=key,
-                                 batch_size=batch_size, feature_steps=feature_steps, progress=progress)
-        self._sync()
-        timings["invert"] = time.perf_counter() - tick
+        with timer("encode"):
+            stored = cache.load(key, "clean") if cache is not None else None
+            if stored is not None:
+                clean = stored["latents"]
+            else:
+                # Row-major like the cached copy, so a re-edit decodes it bit for bit the same.
+                clean = encode_frames(self.vae, frames, batch_size=batch_size).contiguous()
+                if cache is not None:
+                    cache.save(key, "clean", {"latents": clean})
+        with timer("invert"):
+            source = encode_prompt(self.tokenizer, self.text_encoder, [source_prompt])
+            inverted = invert_frames(guide, self.scheduler, clean, source, steps=steps, cache=cache, cache_key=key,
+                                     batch_size=batch_size, feature_steps=feature_steps, progress=progress)
         return inverted, source
 
     @torch.no_grad()
@@ -465,7 +494,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
     @torch.no_grad()
     def edit_region_masks(self, inverted: InvertedVideo, prompt: str, reference: str, edit_weights: dict[str, float],
                           *, threshold: float = DEFAULT_BLEND_THRESHOLD, temporal_smoothing: float = 0.0,
-                          batch_size: int = 8) -> torch.Tensor:
+                          batch_size: int = 8, progress: Progress | None = None) -> torch.Tensor:
         """(N, 1, h, w) masks of where the edit acts, DiffEdit's way: the edit model's noise
         prediction under ``prompt`` and under ``reference`` differ where the prompt asks for a
         change (the eye band for eyeglasses, the mouth for a smile, the hair for a colour). The
@@ -478,199 +507,193 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                          for t in BLEND_TIMESTEPS})
         count = len(inverted.clean)
         difference = torch.zeros(count, 1, *inverted.clean.shape[-2:])
-        for level in levels:
+        batches = math.ceil(count / batch_size)
+        for index, level in enumerate(levels):
             t = inverted.timesteps[level]
             for start in range(0, count, batch_size):
+                if progress:
+                    progress("edit region", index * batches + start // batch_size, len(levels) * batches)
                 x = inverted.latents[level][start : start + batch_size].to(device, dtype)
                 n = len(x)
                 embeds = torch.cat([texts[:1].expand(n, -1, -1), texts[1:].expand(n, -1, -1)])
                 eps_reference, eps_prompt = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample.chunk(2)
                 difference[start : start + n] += (eps_prompt - eps_reference).float().abs().mean(1, keepdim=True).cpu()
+        if progress:
+            progress("edit region", len(levels) * batches, len(levels) * batches)
         return local_blend_mask(difference, threshold, temporal_smoothing=temporal_smoothing)
+
+    @staticmethod
+    def check_inputs(frames: np.ndarray) -> tuple[np.ndarray, list[int], np.ndarray]:
+        """The frames to edit, as (distinct frames, index of each run's first frame, run of each
+        input frame). A run of identical frames (a still, or frames repeated by constant-rate
+        resampling) is one moment: it is edited once, so repeats come out identical and cost nothing."""
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
+            raise ValueError("frames must be a non-empty (N, H, W, 3) uint8 array")
+        starts = np.ones(len(frames), dtype=bool)
+        starts[1:] = (frames[1:] != frames[:-1]).any(axis=(1, 2, 3))
+        first_of_run = np.flatnonzero(starts).tolist()
+        return frames[first_of_run], first_of_run, np.cumsum(starts) - 1
+
+    @staticmethod
+    def over_time(settings: EditSettings) -> float:
+        """The temporal smoothing that applies: one token is one place on the face in every frame
+        of aligned crops only, and the naive baseline edits each frame on its own."""
+        return 0.0 if settings.whole_frame or settings.every_frame else settings.temporal_smoothing
+
+    def find_edit_region(self, inverted: InvertedVideo, settings: EditSettings, plan: EditPlan, *,
+                         batch_size: int = 8, progress: Progress | None = None) -> torch.Tensor:
+        """The local blend's region (:meth:`edit_region_masks`): the reference is the source prompt,
+        or the prompt's subject words when there is none. A hair edit of aligned crops leaves out
+        the inner face: a hair colour or style does not move the brows, eyes, nose or mouth."""
+        blend = self.edit_region_masks(inverted, settings.prompt,
+                                       mask_reference_prompt(settings.prompt, settings.source_prompt),
+                                       plan.edit_weights, threshold=plan.blend_threshold, batch_size=batch_size,
+                                       temporal_smoothing=self.over_time(settings), progress=progress)
+        if plan.hair and not settings.whole_frame:
+            blend = blend * (1 - torch.from_numpy(inner_face_share(blend.shape[-1])))
+        return blend
+
+    def capture_identity_features(self, inverted: InvertedVideo, step: int, batch: list[int],
+                                  source_embeds: torch.Tensor, role: str, plan: EditPlan,
+                                  controller: FeatureController) -> None:
+        """Run the guiding model (ε1) on the keyframes' source latents at this step, keeping its
+        residual features and self-attention queries/keys for injection into ε2."""
+        device, dtype = self.unet.device, self.unet.dtype
+        controller.mode, controller.queries_keys, controller.residual = "capture", {}, None
+        guide = self._role(role, plan.edit_weights)
+        guide(inverted.latents[step][batch].to(device, dtype), inverted.timesteps[step],
+              encoder_hidden_states=source_embeds.to(device, dtype).expand(len(batch), -1, -1))
+
+    def edit_keyframes(self, x_edit: torch.Tensor, t: torch.Tensor, texts: torch.Tensor, guidance: float,
+                       plan: EditPlan, controller: FeatureController, *, group: int) -> torch.Tensor:
+        """ε2's guided noise prediction for a batch of keyframes, self-attention extended across
+        the ``group`` frames of the batch, with ε1's captured features injected."""
+        device, dtype = self.unet.device, self.unet.dtype
+        controller.mode, controller.group = "edit", group
+        editor = self._role("edit", plan.edit_weights)
+        n = len(x_edit)
+        embeds = torch.cat([texts[:1].expand(n, -1, -1), texts[1:].expand(n, -1, -1)])
+        eps_uncond, eps_cond = editor(torch.cat([x_edit, x_edit]), t,
+                                      encoder_hidden_states=embeds.to(device, dtype)).sample.chunk(2)
+        controller.mode = "plain"
+        return (eps_uncond + guidance * (eps_cond - eps_uncond)).float().cpu()
+
+    def denoise(self, inverted: InvertedVideo, source_embeds: torch.Tensor, settings: EditSettings, plan: EditPlan,
+                blend: torch.Tensor | None, timer: StageTimer, calls: dict[str, int], *,
+                keyframe_batch: int = DEFAULT_KEYFRAME_BATCH, progress: Progress | None = None,
+                ) -> tuple[torch.Tensor, list[list[int]]]:
+        """The denoising loop. Each step: choose keyframes, edit them jointly with ε2 under ε1's
+        features, carry their edit Δ = ε_edit − ε_source to every other frame, take the DDIM step
+        with each frame's own source noise plus its Δ, and outside the edit region follow the
+        source's own trajectory. Returns the edited latents and the keyframes of every step."""
+        count, steps = len(inverted.clean), settings.steps
+        device, dtype = self.unet.device, self.unet.dtype
+        texts = encode_prompt(self.tokenizer, self.text_encoder, ["", settings.prompt])
+        generator = torch.Generator().manual_seed(settings.seed)
+        keyframe_count = count if settings.every_frame else (
+            settings.keyframes or math.ceil(count / DEFAULT_KEYFRAME_SPACING))
+        start = min(steps - 1, steps - round(settings.strength * steps))
+        edited = inverted.latents[start].clone()
+        over_time = self.over_time(settings)
+        role = "identity" if settings.identity_guidance else "edit"
+        controller = FeatureController()
+        history: list[list[int]] = []
+        with feature_hooks([self.unet, self.identity_unet], controller):
+            for step in range(start, steps):
+                t = inverted.timesteps[step]
+                alpha_t, alpha_prev = inverted.alphas[step]
+                controller.inject_attention = int(t) > settings.inject_attention_until
+                controller.inject_features = int(t) > settings.inject_feature_until
+                source_eps = inverted.source_eps(step)
+                own_pass = settings.every_frame or int(t) < settings.all_keyframes_below
+                chosen = list(range(count)) if own_pass else select_keyframes(
+                    count, keyframe_count, generator=generator if settings.random_keyframes else None)
+                history.append(chosen)
+                deltas: dict[int, torch.Tensor] = {}
+                for batch in keyframe_batches(chosen, keyframe_batch, anchored=not settings.every_frame):
+                    if controller.inject_attention or controller.inject_features:
+                        with timer("identity_features"):
+                            self.capture_identity_features(inverted, step, batch, source_embeds, role, plan, controller)
+                        calls["identity"] += 1
+                    with timer("keyframe_edit"):
+                        eps = self.edit_keyframes(edited[batch].to(device, dtype), t, texts, plan.guidance, plan,
+                                                  controller, group=1 if settings.every_frame else len(batch))
+                    calls["edit"] += 1
+                    for row, frame in enumerate(batch):
+                        deltas.setdefault(frame, eps[row] - source_eps[frame])
+                with timer("propagation"):
+                    if len(deltas) == count:
+                        delta = torch.stack([deltas[f] for f in range(count)])
+                    else:
+                        delta = propagate_by_nearest_neighbour(deltas, inverted.features_at(step), count,
+                                                               temperature=settings.propagation_temperature,
+                                                               device=device)
+                    delta = smooth_over_time(delta, over_time)
+                    edited = ddim_step(edited, source_eps + delta, alpha_t, alpha_prev)
+                    if blend is not None:  # outside the edit's region, the source's own trajectory
+                        lower = inverted.latents[step + 1] if step + 1 < len(inverted.latents) else inverted.clean
+                        edited = lower + blend * (edited - lower)
+                if progress:
+                    progress("edit", step - start + 1, steps - start)
+        return edited, history
+
+    def decode(self, edited: torch.Tensor, frames: np.ndarray, inverted: InvertedVideo, settings: EditSettings,
+               cache: InversionCache | None, *, batch_size: int = 8) -> np.ndarray:
+        """The edited latents as pictures, with the detail the VAE loses put back where the edit
+        changed nothing (:func:`transfer_detail`)."""
+        output = decode_latents(self.vae, edited, batch_size=batch_size)
+        if settings.detail_transfer:
+            output = transfer_detail(frames, output, self.reconstruction(inverted, cache, batch_size=batch_size),
+                                     device=self.vae.device, batch_size=batch_size)
+        return output
 
     @torch.no_grad()
     def __call__(
         self,
         frames: np.ndarray,
-        prompt: str,
+        settings: EditSettings,
         *,
-        source_prompt: str = "",
-        steps: int = DEFAULT_STEPS,
-        guidance: float | None = None,
-        keyframes: int | None = None,
-        keyframe_batch: int = DEFAULT_KEYFRAME_BATCH,
-        random_keyframes: bool = True,
-        propagation_temperature: float = DEFAULT_PROPAGATION_TEMPERATURE,
-        temporal_smoothing: float = DEFAULT_TEMPORAL_SMOOTHING,
-        all_keyframes_below: int = DEFAULT_ALL_KEYFRAMES_BELOW,
-        inject_feature_until: int = DEFAULT_INJECT_FEATURE_UNTIL,
-        inject_attention_until: int = DEFAULT_INJECT_ATTENTION_UNTIL,
-        strength: float = 1.0,
-        seed: int = 0,
-        identity_guidance: bool = True,
-        every_frame: bool = False,
-        adapters: str = "auto",
-        local_blend: bool = True,
-        blend_threshold: float | None = None,
-        detail_transfer: bool = True,
-        hair: bool = False,
-        aligned: bool = True,
+        plan: EditPlan | None = None,
         cache: InversionCache | None = None,
-        batch_size: int = 8,
         progress: Progress | None = None,
+        batch_size: int = 8,
+        keyframe_batch: int = DEFAULT_KEYFRAME_BATCH,
     ) -> EditResult:
-        """Edit aligned face crops (N, H, W, 3) uint8 so they show ``prompt``.
+        """Edit face crops (N, H, W, 3) uint8 aligned to the canonical five points (whole frames
+        with ``settings.whole_frame``) so they show ``settings.prompt``.
 
-        guidance: ε2's classifier-free guidance (None: the highest that the picked adapters of the
-        library were tuned with, an adapter without a tuned value counting as
-        :data:`DEFAULT_GUIDANCE`, so that none of their attributes is drawn weaker than tuned);
-        keyframes: how many (default one per 8 frames); propagation_temperature: how softly the
-        keyframes' edits are carried to the other frames (:func:`propagate_by_nearest_neighbour`);
-        temporal_smoothing: how much each frame's edit takes from its neighbours' at every step
-        (:func:`smooth_over_time`), and how the local blend's region is filtered over time
-        (:func:`local_blend_mask`); aligned crops only, and not for ``every_frame``, the naive
-        baseline; all_keyframes_below: at steps whose timestep is below it, every frame is a
-        keyframe (its own ε2 pass on its own latents, nothing propagated): a follower's edit is
-        computed on a keyframe's latents, so its trajectory never corrects itself, and the last,
-        detail-setting steps are where that flickers; strength: the fraction of the schedule that
-        is re-generated (1.0 = from the fully inverted noise); identity_guidance=False lets ε2
-        guide itself (TokenFlow-like); every_frame=True edits each frame on its own (naive);
-        adapters: which ε2 adapters of the model's library edit (see :meth:`edit_weights`);
-        local_blend: confine the edit to where it acts (:meth:`edit_region_masks`; the reference
-        is the source prompt, or the prompt's subject words when there is none): elsewhere the
-        latents follow the source's own inversion trajectory, so the face, hair and background
-        the prompt does not ask to change stay as they were; blend_threshold: its threshold (None:
-        the lowest that the picked adapters of the library were tuned with, else
-        :data:`DEFAULT_BLEND_THRESHOLD`);
-        detail_transfer: put the detail the VAE loses back where the edit changed nothing
-        (:func:`transfer_detail`); hair: the edit is of the hair (also implied by a hair adapter of
-        the library): its region leaves out the inner face (:func:`~ipfacediff.face.inner_face_share`),
-        and the result says so (``EditResult.hair``) so the crop is pasted back with the hair mask;
-        aligned: the frames are face crops aligned to the canonical five points (False: whole
-        frames, where the inner face is nowhere in particular and a token is not one place on
-        the face from frame to frame, so neither the hair rule nor temporal smoothing applies).
+        ``plan`` overrides the adapter library's choice (:meth:`plan_edit`); ``batch_size`` and
+        ``keyframe_batch`` bound memory and do not change the result.
         """
-        frames = np.asarray(frames)
-        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or len(frames) == 0:
-            raise ValueError("frames must be a non-empty (N, H, W, 3) uint8 array")
-        if not 0 < strength <= 1:
-            raise ValueError("strength must be in (0, 1]")
-        if not 0 <= temporal_smoothing < 0.5:
-            raise ValueError("temporal_smoothing must be in [0, 0.5)")
-        # A run of identical frames (a still, or frames repeated by constant-rate resampling) is
-        # one moment: edit it once, so repeats come out identical and cost nothing.
-        starts = np.ones(len(frames), dtype=bool)
-        starts[1:] = (frames[1:] != frames[:-1]).any(axis=(1, 2, 3))
-        first_of_run, run_of = np.flatnonzero(starts).tolist(), np.cumsum(starts) - 1
-        frames = frames[first_of_run]
-        count = len(frames)
-        timings = dict.fromkeys(("encode", "invert", "mask", "identity_features", "keyframe_edit", "propagation",
-                                 "decode"), 0.0)
+        timer = StageTimer(self.unet.device, STAGES)
         calls = {"invert": 0, "mask": 0, "identity": 0, "edit": 0}
-        edit_weights = self.edit_weights(prompt, source_prompt, adapters)
-        library_edits = [n.removeprefix("edit:") for n in edit_weights]
-        hair_edit = hair or any(n in self.config.hair_adapters for n in library_edits)
-        if guidance is None:
-            tuned = self.config.adapter_guidances
-            guidance = max((tuned.get(n, DEFAULT_GUIDANCE) for n in library_edits), default=DEFAULT_GUIDANCE)
-        if blend_threshold is None:
-            tuned = self.config.adapter_blend_thresholds
-            blend_threshold = min((tuned[n] for n in library_edits if n in tuned), default=DEFAULT_BLEND_THRESHOLD)
-        inverted, source_embeds = self.invert(frames, source_prompt=source_prompt, steps=steps,
-                                              identity_guidance=identity_guidance, cache=cache,
-                                              batch_size=batch_size, progress=progress, timings=timings,
-                                              edit_weights=edit_weights)
+        # 1. Check the inputs; runs of identical frames are edited once.
+        frames, first_of_run, run_of = self.check_inputs(frames)
+        # 2. Plan the edit: adapters, guidance, blend threshold, hair.
+        plan = plan or self.plan_edit(settings)
+        # 3. Invert every frame with the guiding model (cached per step).
+        inverted, source_embeds = self.invert(frames, source_prompt=settings.source_prompt, steps=settings.steps,
+                                              identity_guidance=settings.identity_guidance, cache=cache,
+                                              batch_size=batch_size, progress=progress, timer=timer,
+                                              edit_weights=plan.edit_weights)
         calls["invert"] = inverted.unet_calls
-        texts = encode_prompt(self.tokenizer, self.text_encoder, ["", prompt])
-        uncond, cond = texts[:1], texts[1:]
-
-        generator = torch.Generator().manual_seed(seed)
-        keyframe_count = count if every_frame else (keyframes or math.ceil(count / DEFAULT_KEYFRAME_SPACING))
-        start = min(steps - 1, steps - round(strength * steps))
-        edited = inverted.latents[start].clone()
-        history: list[list[int]] = []
-        controller = FeatureController()
+        # 4. Find the edit region (the local blend).
         blend = None
-        # One token is one place on the face in every frame of aligned crops; the naive baseline
-        # edits each frame on its own.
-        over_time = temporal_smoothing if aligned and not every_frame else 0.0
-        if local_blend:
-            tick = time.perf_counter()
-            blend = self.edit_region_masks(inverted, prompt, mask_reference_prompt(prompt, source_prompt),
-                                           edit_weights, threshold=blend_threshold, batch_size=batch_size,
-                                           temporal_smoothing=over_time)
-            calls["mask"] = len(BLEND_TIMESTEPS) * math.ceil(count / batch_size)
-            if hair_edit and aligned:  # hair colour or style does not move the brows, eyes, nose or mouth
-                blend = blend * (1 - torch.from_numpy(inner_face_share(blend.shape[-1])))
-            timings["mask"] = time.perf_counter() - tick
-        guide_role = "identity" if identity_guidance else "edit"
-        device, dtype = self.unet.device, self.unet.dtype
-
-        with feature_hooks([self.unet, self.identity_unet], controller):
-            for step in range(start, steps):
-                t = inverted.timesteps[step]
-                alpha_t, alpha_prev = inverted.alphas[step]
-                inject_attention = int(t) > inject_attention_until
-                inject_features = int(t) > inject_feature_until
-                source_eps = inverted.source_eps(step)
-                own_pass = every_frame or int(t) < all_keyframes_below
-                chosen = list(range(count)) if own_pass else select_keyframes(
-                    count, keyframe_count, generator=generator if random_keyframes else None)
-                history.append(chosen)
-                deltas: dict[int, torch.Tensor] = {}
-                for batch in keyframe_batches(chosen, keyframe_batch, anchored=not every_frame):
-                    x_edit = edited[batch].to(device, dtype)
-                    if inject_attention or inject_features:
-                        tick = time.perf_counter()
-                        controller.mode, controller.queries_keys, controller.residual = "capture", {}, None
-                        guide = self._role(guide_role, edit_weights)
-                        guide(inverted.latents[step][batch].to(device, dtype), t,
-                              encoder_hidden_states=source_embeds.to(device, dtype).expand(len(batch), -1, -1))
-                        calls["identity"] += 1
-                        self._sync()
-                        timings["identity_features"] += time.perf_counter() - tick
-                    tick = time.perf_counter()
-                    controller.mode = "edit"
-                    controller.group = 1 if every_frame else len(batch)
-                    controller.inject_attention, controller.inject_features = inject_attention, inject_features
-                    editor = self._role("edit", edit_weights)
-                    embeds = torch.cat([uncond.expand(len(batch), -1, -1), cond.expand(len(batch), -1, -1)])
-                    eps_uncond, eps_cond = editor(torch.cat([x_edit, x_edit]), t,
-                                                  encoder_hidden_states=embeds.to(device, dtype)).sample.chunk(2)
-                    calls["edit"] += 1
-                    eps = (eps_uncond + guidance * (eps_cond - eps_uncond)).float().cpu()
-                    for row, frame in enumerate(batch):
-                        deltas.setdefault(frame, eps[row] - source_eps[frame])
-                    controller.mode = "plain"
-                    self._sync()
-                    timings["keyframe_edit"] += time.perf_counter() - tick
-                tick = time.perf_counter()
-                if len(deltas) == count:
-                    delta = torch.stack([deltas[f] for f in range(count)])
-                else:
-                    delta = propagate_by_nearest_neighbour(deltas, inverted.features_at(step), count,
-                                                           temperature=propagation_temperature, device=device)
-                delta = smooth_over_time(delta, over_time)
-                edited = ddim_step(edited, source_eps + delta, alpha_t, alpha_prev)
-                if blend is not None:  # outside the edit's region, the source's own trajectory
-                    lower = inverted.latents[step + 1] if step + 1 < len(inverted.latents) else inverted.clean
-                    edited = lower + blend * (edited - lower)
-                timings["propagation"] += time.perf_counter() - tick
-                if progress:
-                    progress("edit", step - start + 1, steps - start)
-
-        tick = time.perf_counter()
-        output = decode_latents(self.vae, edited, batch_size=batch_size)
-        if detail_transfer:
-            output = transfer_detail(frames, output, self.reconstruction(inverted, cache, batch_size=batch_size),
-                                     device=self.vae.device, batch_size=batch_size)
-        self._sync()
-        timings["decode"] = time.perf_counter() - tick
-        history = [[first_of_run[k] for k in chosen] for chosen in history]
-        return EditResult(frames=output[run_of], timings=timings, inversion_reused=inverted.unet_calls == 0,
-                          keyframes_per_step=history, unet_calls=calls,
-                          edit_adapters={n.removeprefix("edit:"): w for n, w in edit_weights.items()},
-                          latents=edited[run_of], hair=hair_edit, guidance=guidance)
+        if settings.local_blend:
+            with timer("mask"):
+                blend = self.find_edit_region(inverted, settings, plan, batch_size=batch_size, progress=progress)
+            calls["mask"] = len(BLEND_TIMESTEPS) * math.ceil(len(frames) / batch_size)
+        # 5. Denoise: keyframes edited jointly, their edit propagated, each frame stepped and blended.
+        edited, history = self.denoise(inverted, source_embeds, settings, plan, blend, timer, calls,
+                                       keyframe_batch=keyframe_batch, progress=progress)
+        # 6. Decode and restore the detail the VAE loses.
+        with timer("decode"):
+            output = self.decode(edited, frames, inverted, settings, cache, batch_size=batch_size)
+        return EditResult(frames=output[run_of], timings=timer.seconds, inversion_reused=inverted.unet_calls == 0,
+                          keyframes_per_step=[[first_of_run[k] for k in chosen] for chosen in history],
+                          unet_calls=calls, edit_adapters=plan.edit_adapters, latents=edited[run_of], hair=plan.hair,
+                          guidance=plan.guidance, inversion_reused_share=inverted.reused_share)
 
 
 def smooth_over_time(delta: torch.Tensor, weight: float) -> torch.Tensor:

@@ -64,6 +64,7 @@ import torch
 import torch.nn.functional as F
 
 from ipfacediff.errors import UserError
+from ipfacediff.face import box_iou
 from ipfacediff.files import write_atomic, write_json
 from ipfacediff.identity import DLIB_SAME_PERSON_THRESHOLD
 
@@ -200,6 +201,7 @@ def evaluate_videos(
         prompt=prompt, source_prompt=source_prompt if prompt else None, clip_model=clip if clip_scorer else None,
         thresholds={"id_dist": DLIB_SAME_PERSON_THRESHOLD, "id_sim": ID_SAME_PERSON_COSINE},
         run_metadata=str(meta_path) if meta_path else None, settings=settings,
+        domain=meta.get("domain") if meta else None,
     )
     return metrics
 
@@ -230,6 +232,7 @@ def write_html_report(
         f"<title>ipfacediff evaluation: {_text(Path(edited).name)}</title>",
         f"<style>{_CSS}</style></head><body>",
         "<h1>Face edit evaluation</h1>",
+        _domain_warning(metrics),
         f"<p>original <code>{_text(original)}</code><br>edited <code>{_text(edited)}</code><br>"
         f"{metrics.get('frames', '?')} frames, {metrics.get('width', '?')}x{metrics.get('height', '?')}"
         f"{_verdict(metrics)}</p>",
@@ -515,7 +518,7 @@ def _track_metrics(state: _TrackState, tracks: FaceTracks, edited_tracks: FaceTr
     found = 0
     for f, box in zip(track.frames, track.boxes):
         others = [t.boxes[t.position(f)] for t in edited_tracks.in_frame(f)]
-        found += any(_iou(box, other) >= DETECTION_IOU for other in others)
+        found += bool(others) and bool((box_iou(box, others) >= DETECTION_IOU).any())
     return {
         "id": state.id,
         "frames": n,
@@ -553,14 +556,6 @@ def _flicker(sums: np.ndarray) -> float | None:
 
 def _safe_div(a: float, b: float) -> float | None:
     return float(a / b) if b else None
-
-
-def _iou(a: list[float], b: list[float]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = w * h
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def _read_run_metadata(run_metadata: str | Path | None, edited: Path) -> tuple[Path | None, dict | None]:
@@ -663,13 +658,44 @@ def _fmt(value: Any) -> str:
     return _text(value)
 
 
-def _verdict(metrics: dict) -> str:
-    same = metrics.get("same_person")
-    if same is None:
+def _domain_warning(metrics: dict) -> str:
+    """A banner when the edit ran on faces its model is not made for (``--allow-out-of-domain``)."""
+    domain = metrics.get("domain") or {}
+    refused = [face for face, verdict in (domain.get("faces") or {}).items() if not verdict.get("passed")]
+    if not domain.get("overridden") or not refused:
         return ""
-    if same:
-        return ' — <span class="good">same person</span> (id_dist below the threshold)'
-    return ' — <span class="bad">identity lost</span> (id_dist above the threshold)'
+    return (f'<p class="bad"><strong>Out of domain:</strong> the model is made for {_text(domain.get("description"))}; '
+            f"face(s) {_text(', '.join(refused))} failed its check and were edited anyway "
+            "(--allow-out-of-domain). Expect nonsense; the figures below do not say otherwise.</p>")
+
+
+def edit_judged(metrics: dict) -> bool:
+    """Whether the edit itself was scored (CLIP): without it only identity and flicker were."""
+    return isinstance(metrics.get("clip_direction"), float)
+
+
+def summary_line(metrics: dict) -> str:
+    """One line for a terminal: the figures, and what they do not say."""
+    keys = ("id_sim", "id_drift", "tl_id", "tg_id", "warp_error_ratio", "flicker", "clip_direction")
+    figures = ", ".join(f"{key} {metrics[key]:.3f}" for key in keys if isinstance(metrics.get(key), float))
+    if not figures:
+        return "no face to score"
+    if not edit_judged(metrics):
+        figures += " (identity and flicker only: the edit itself was not judged; pass --clip to judge it)"
+    return figures
+
+
+def _verdict(metrics: dict) -> str:
+    """The headline's words: identity is about the person, never about whether the edit worked."""
+    same = metrics.get("same_person")
+    parts = []
+    if same is not None:
+        parts.append(' — identity: <span class="good">same person</span> (id_dist below the threshold)' if same
+                     else ' — identity: <span class="bad">identity lost</span> (id_dist above the threshold)')
+    if not edit_judged(metrics):
+        parts.append(' — <span class="muted">the edit itself was not judged (no CLIP model: identity and flicker '
+                     "only)</span>")
+    return "".join(parts)
 
 
 def _metrics_table(metrics: dict) -> str:

@@ -91,11 +91,38 @@ DETECT_TILES_PER_FRAME = 2
 # The face mesh runs on a square this many times the face box, resized to at most MESH_MAX_SIDE.
 MESH_CONTEXT = 2.0
 MESH_MAX_SIDE = 512
+# No face, no paint: a frame where a track gets no landmarks is bridged (interpolated, so edited)
+# only on the frame's own evidence of a face where the track predicts it, else it stays out of the
+# track and passes through unedited. Evidence is either of:
+# - the detector, run again on the mesh's context square of the predicted box at full resolution
+#   (the face about half its input, where the per-frame pass saw the whole frame downscaled),
+#   finds a face whose box has at least BRIDGE_MIN_IOU with the prediction. Its threshold stays
+#   mediapipe's 0.5: lower settings find nothing more (its graphs report no face under about 0.6
+#   whatever the setting, measured on ever more blurred faces: 0.69, 0.63, then none). The
+#   full-range model, as per frame: on squares of jogger.mp4 away from the face the short-range one
+#   also fires on the body (IoU up to 0.62 with the square's box) and on the caption, where the
+#   full-range one found nothing but the face itself, at IoU <= 0.38 with boxes a face width off.
+# - the face's own look: the grey face box of the aligned crop at the predicted points correlates
+#   (zero-mean NCC, APPEARANCE_SIDE px crop) with that of the track's last observation by at least
+#   APPEARANCE_MIN_NCC. The mesh is the more sensitive of the two networks, so where it fails the
+#   detector rarely sees a face either (measured on closeup.mp4 and jogger.mp4 faces blurred,
+#   motion-blurred, pixelated, dimmed, turned or half covered until the mesh lost them: the
+#   detector confirmed none); the look does: 0.88-0.99 on closeup blurred by up to 32 px (jogger's
+#   smaller face: 0.80 at 8 px, 0.38 at 16), 0.56-0.99 under 25-41 px motion blur, 0.67-0.78 with
+#   the top or bottom half of the face covered, where the background left at the face's place
+#   (the face inpainted away), a shifted frame or the other clip give at most 0.28.
+BRIDGE_MIN_IOU = 0.3
+APPEARANCE_SIDE = 32
+APPEARANCE_MIN_NCC = 0.6
+# A square whose every channel has less spread than this (a black or faded frame) shows no face,
+# whatever a network or a correlation says. Levels of 0-255; a face square has tens.
+BRIDGE_MIN_STD = 2.0
 
 
 @dataclass
 class FaceTrack:
-    """One face over time: everything indexed like ``frames`` (sorted, gaps already bridged)."""
+    """One face over time: everything indexed like ``frames`` (sorted; the detector's gaps already
+    bridged where the frames confirm the face, so ``frames`` skips the frames without it)."""
 
     id: int
     frames: list[int]  # frame indices where the face is present
@@ -151,8 +178,10 @@ class FaceTracks:
             header = (int(data["frames"]), int(data["width"]), int(data["height"]))
             fps = float(data["fps"])
             raw_tracks = list(data["tracks"])
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise UserError(f"bad face tracks: need frames, width, height, fps and tracks ({exc!r})") from None
+        if min(header) < 1 or not math.isfinite(fps) or fps <= 0:
+            raise UserError("bad face tracks: frames, width and height must be at least 1 and fps a positive number")
         tracks = []
         for raw in raw_tracks:
             try:
@@ -166,6 +195,11 @@ class FaceTracks:
             where = f"bad face tracks: track {track_id}"
             if frames != sorted(set(frames)) or any(f < 0 for f in frames):
                 raise UserError(f"{where}: frames must be increasing, non-negative frame indices")
+            if frames and frames[-1] >= header[0]:
+                raise UserError(f"{where}: frame {frames[-1]} is past the clip's last frame ({header[0] - 1})")
+            numbers = [v for b in boxes for v in b] + [v for p in points for v in p.ravel()]
+            if not all(math.isfinite(v) for v in numbers):
+                raise UserError(f"{where}: boxes and points must be finite numbers (found NaN or infinity)")
             if len(boxes) != len(frames) or any(len(b) != 4 or b[2] <= b[0] or b[3] <= b[1] for b in boxes):
                 raise UserError(f"{where}: needs one [x0, y0, x1, y1] box with x1 > x0, y1 > y0 per frame")
             if not points:
@@ -285,7 +319,7 @@ def _invert(M: np.ndarray) -> np.ndarray:
     return cv2.invertAffineTransform(M)
 
 
-def _box_from_points(points: np.ndarray) -> list[float]:
+def box_from_points(points: np.ndarray) -> list[float]:
     """The face box implied by the five points (CANONICAL_FACE_BOX mapped back into the frame)."""
     inv = _invert(align_points(points))
     x0, y0, x1, y1 = CANONICAL_FACE_BOX
@@ -294,7 +328,7 @@ def _box_from_points(points: np.ndarray) -> list[float]:
 
 
 def _points_from_box(box: list[float]) -> np.ndarray:
-    """Five points for a box alone, as on an upright frontal face (inverse of _box_from_points)."""
+    """Five points for a box alone, as on an upright frontal face (inverse of box_from_points)."""
     x0, y0, x1, y1 = CANONICAL_FACE_BOX
     rel = (CANONICAL_FIVE_POINTS - [x0, y0]) / [x1 - x0, y1 - y0]
     return rel * [box[2] - box[0], box[3] - box[1]] + box[:2]
@@ -312,7 +346,8 @@ def _box_overlaps(a: Any, b: Any) -> tuple[np.ndarray, np.ndarray]:
     return inter / np.maximum(area_a + area_b - inter, 1e-9), inter / np.maximum(np.minimum(area_a, area_b), 1e-9)
 
 
-def _iou(a: Any, b: Any) -> np.ndarray:
+def box_iou(a: Any, b: Any) -> np.ndarray:
+    """IoU of every box in ``a`` (n, 4) with every box in ``b`` (m, 4), as an (n, m) array."""
     return _box_overlaps(a, b)[0]
 
 
@@ -334,7 +369,7 @@ class _Face:
 
     @cached_property
     def box(self) -> list[float]:
-        return _box_from_points(self.points)
+        return box_from_points(self.points)
 
 
 def _tiles(width: int, height: int) -> list[tuple[int, int, int]]:
@@ -397,9 +432,10 @@ class _FaceFinder:
                 kept.append(face)
         return kept
 
-    def landmarks(self, frame: np.ndarray, box: list[float]) -> _Face | None:
-        """The face mesh on a full-resolution square around ``box``: points and outline of the face
-        nearest the box centre, or None when the mesh finds no face overlapping the box."""
+    def _context(self, frame: np.ndarray, box: list[float]) -> tuple[np.ndarray, int, int, float] | None:
+        """The full-resolution square MESH_CONTEXT times ``box`` around its centre, clipped to the
+        frame and shrunk to at most MESH_MAX_SIDE: (crop, its left, its top, the shrink factor), or
+        None when too little of it is in the frame."""
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
         half = MESH_CONTEXT * max(box[2] - box[0], box[3] - box[1]) / 2
         x0, y0 = max(0, round(cx - half)), max(0, round(cy - half))
@@ -410,7 +446,37 @@ class _FaceFinder:
         shrink = min(1.0, MESH_MAX_SIDE / max(crop.shape[:2]))
         if shrink < 1.0:
             crop = cv2.resize(crop, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
-        result = self.mesh.process(np.ascontiguousarray(crop))
+        return np.ascontiguousarray(crop), x0, y0, shrink
+
+    def face_evidence(self, frame: np.ndarray, box: list[float]) -> list[float] | None:
+        """The box of a face the detector finds at ``box`` (a track's prediction where the mesh
+        found no face) when run on the box's context square at full resolution, or None: the
+        evidence a bridged frame needs (see BRIDGE_MIN_IOU). A near-uniform square (a black or
+        faded frame) is None without a detector call."""
+        region = self._context(frame, box)
+        if region is None:
+            return None
+        crop, x0, y0, shrink = region
+        if crop.reshape(-1, crop.shape[-1]).std(axis=0).max() < BRIDGE_MIN_STD:
+            return None
+        best, best_iou = None, BRIDGE_MIN_IOU
+        for det in self.detector.process(crop).detections or []:
+            kp = np.array([(k.x, k.y) for k in det.location_data.relative_keypoints[:4]])
+            found = box_from_points(_points_from_keypoints(kp * [crop.shape[1], crop.shape[0]] / shrink + [x0, y0]))
+            overlap = float(box_iou(found, box)[0, 0])
+            if overlap >= best_iou:
+                best, best_iou = found, overlap
+        return best
+
+    def landmarks(self, frame: np.ndarray, box: list[float]) -> _Face | None:
+        """The face mesh on a full-resolution square around ``box``: points and outline of the face
+        nearest the box centre, or None when the mesh finds no face overlapping the box."""
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        region = self._context(frame, box)
+        if region is None:
+            return None
+        crop, x0, y0, shrink = region
+        result = self.mesh.process(crop)
         best, best_dist = None, math.inf
         for face in result.multi_face_landmarks or []:
             lm = face.landmark
@@ -425,7 +491,7 @@ class _FaceFinder:
         # unlike the lid contour not with blinks.
         points = np.stack([(best[0] + best[1]) / 2, (best[2] + best[3]) / 2, best[4], best[5], best[6]])
         found = _Face(points, best[7:])
-        return found if _iou(found.box, box)[0, 0] >= 0.2 else None
+        return found if box_iou(found.box, box)[0, 0] >= 0.2 else None
 
 
 def _points_from_keypoints(kp: np.ndarray) -> np.ndarray:
@@ -442,8 +508,12 @@ def _points_from_keypoints(kp: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _LiveTrack:
-    frames: list[int] = field(default_factory=list)
+    frames: list[int] = field(default_factory=list)  # frames with landmarks or a detection
     faces: list[_Face] = field(default_factory=list)
+    # Frames without either where the frame still shows the face at the prediction (_gap_has_face):
+    # the only gap frames that to_track bridges.
+    confirmed: set[int] = field(default_factory=set)
+    look: np.ndarray | None = None  # _appearance at the last observation
 
     def predict(self, t: int) -> list[float]:
         """Box at frame t, moving at the velocity of the last two observations."""
@@ -453,13 +523,31 @@ class _LiveTrack:
         velocity = (last - self.faces[-2].box) / (self.frames[-1] - self.frames[-2])
         return (last + velocity * (t - self.frames[-1])).tolist()
 
+    def predict_points(self, t: int) -> np.ndarray:
+        """The five points at frame t, moving as in predict."""
+        last = self.faces[-1].points
+        if len(self.frames) < 2:
+            return last
+        velocity = (last - self.faces[-2].points) / (self.frames[-1] - self.frames[-2])
+        return last + velocity * (t - self.frames[-1])
+
+    def observe(self, t: int, face: _Face, frame: np.ndarray) -> None:
+        """The face found in frame t (landmarks or a detection)."""
+        self.frames.append(t)
+        self.faces.append(face)
+        self.look = _appearance(frame, face.points)
+
     def to_track(self) -> FaceTrack:
-        """Bridge the gaps between observations by linear interpolation."""
+        """Bridge the gaps between observations by linear interpolation, on the confirmed frames
+        only: a gap frame without face evidence stays out of the track, so it is not edited (a face
+        that leaves for a few frames must not leave a ghost of its edit on them)."""
         frames, points, outlines = [], [], []
         for k, (t, face) in enumerate(zip(self.frames, self.faces)):
             if k:
                 t0, prev = self.frames[k - 1], self.faces[k - 1]
                 for g in range(t0 + 1, t):
+                    if g not in self.confirmed:
+                        continue
                     w = (g - t0) / (t - t0)
                     frames.append(g)
                     points.append((1 - w) * prev.points + w * face.points)
@@ -468,7 +556,7 @@ class _LiveTrack:
             frames.append(t)
             points.append(face.points)
             outlines.append(face.outline)
-        return FaceTrack(-1, frames, [_box_from_points(p) for p in points], points, outlines)
+        return FaceTrack(-1, frames, [box_from_points(p) for p in points], points, outlines)
 
 
 def track_faces(
@@ -485,9 +573,14 @@ def track_faces(
     to the live tracks by box IoU against each track's constant-velocity prediction (Hungarian);
     every track, matched or not, then gets its landmarks from the face mesh around its box, so a
     face the detector misses for a moment (head turn, motion blur) is still followed. A track
-    unseen for more than ``max_gap`` frames ends; gaps up to that are interpolated. Tracks shorter
-    than ``min_track_frames`` (or than the video) are dropped as flukes. Ids are 0, 1, ... by first
-    frame, then by left edge. ``progress`` is called with the number of frames done.
+    unseen for more than ``max_gap`` frames ends; the frames of a shorter gap are interpolated
+    where the frame still shows the face at the prediction (_gap_has_face: its look, or the
+    detector there) and left out of the track, hence unedited, where it does not. A track is kept
+    with ``min_track_frames`` frames (or as many as the video has), or with
+    :func:`min_track_length` frames if the face mesh found the face in one of them; shorter ones
+    are dropped as flukes (a detector-only track of 3 frames just below a small face, measured in
+    an 8-frame clip). Ids are 0, 1, ... by first frame, then by left edge. ``progress`` is called
+    with the number of frames done.
     """
     finder: _FaceFinder | None = None
     live: list[_LiveTrack] = []
@@ -508,11 +601,24 @@ def track_faces(
         if finder is not None:
             finder.close()
     tracks = [tr.to_track() for tr in done + live]
-    tracks = [tr for tr in tracks if len(tr.frames) >= min(min_track_frames, count)]
+    shortest = min_track_length(count, min_track_frames)
+    tracks = [
+        tr for tr in tracks
+        if len(tr.frames) >= min(min_track_frames, count)
+        or (len(tr.frames) >= shortest and any(o is not None for o in tr.outlines))
+    ]
     tracks.sort(key=lambda tr: (tr.frames[0], tr.boxes[0][0]))
     for i, tr in enumerate(tracks):
         tr.id = i
     return FaceTracks(count, width, height, float(fps), tracks)
+
+
+def min_track_length(count: int, longest: int = 5) -> int:
+    """The fewest frames a kept track has in a clip of ``count`` frames: a quarter of the clip, at
+    least 2 (one frame alone is a fluke) and at most ``longest`` or the clip itself. A face in 4 of
+    8 frames is kept, a one-frame detection only in a one-frame clip. (track_faces asks a track
+    shorter than ``longest`` for the face mesh's word too.)"""
+    return min(longest, count, max(2, math.ceil(count / 4)))
 
 
 def _track_frame(finder: _FaceFinder, frame: np.ndarray, t: int, live: list[_LiveTrack]) -> None:
@@ -520,26 +626,61 @@ def _track_frame(finder: _FaceFinder, frame: np.ndarray, t: int, live: list[_Liv
     detections = finder.detect(frame)
     matched: dict[int, int] = {}  # live track -> detection
     if live and detections:
-        iou = _iou([tr.predict(t) for tr in live], [d.box for d in detections])
+        iou = box_iou([tr.predict(t) for tr in live], [d.box for d in detections])
         rows, cols = linear_sum_assignment(-iou)
         matched = {r: c for r, c in zip(rows, cols) if iou[r, c] >= 0.15}
     claimed: list[list[float]] = []
+    missed: list[_LiveTrack] = []  # no landmarks at the prediction: a gap frame, if the face is back later
     # Tracks with a detection go first: their boxes are the most trustworthy claims on a face.
     for r in sorted(range(len(live)), key=lambda r: r not in matched):
         det = detections[matched[r]] if r in matched else None
         face = finder.landmarks(frame, det.box if det else live[r].predict(t)) or det
         if face is not None and not _is_duplicate(face.box, claimed):
-            live[r].frames.append(t)
-            live[r].faces.append(face)
+            live[r].observe(t, face, frame)
             claimed.append(face.box)
+        elif face is None:
+            missed.append(live[r])
     used = set(matched.values())
     for c, det in enumerate(detections):
         if c in used or _is_duplicate(det.box, claimed):
             continue
         face = finder.landmarks(frame, det.box) or det
         if not _is_duplicate(face.box, claimed):
-            live.append(_LiveTrack([t], [face]))
+            live.append(track := _LiveTrack())
+            track.observe(t, face, frame)
             claimed.append(face.box)
+    # After every claim: a face that another track holds is that track's, no evidence for this one.
+    for track in missed:
+        if _gap_has_face(finder, frame, t, track, claimed):
+            track.confirmed.add(t)
+
+
+def _gap_has_face(
+    finder: _FaceFinder, frame: np.ndarray, t: int, track: _LiveTrack, claimed: list[list[float]]
+) -> bool:
+    """Whether frame t, where ``track`` got no landmarks, still shows its face where the track
+    predicts it (see BRIDGE_MIN_IOU): its look, or else the detector at the predicted box."""
+    box = track.predict(t)
+    if _is_duplicate(box, claimed):
+        return False
+    look = _appearance(frame, track.predict_points(t))
+    if look is not None and track.look is not None and float((look * track.look).sum()) >= APPEARANCE_MIN_NCC:
+        return True
+    evidence = finder.face_evidence(frame, box)
+    return evidence is not None and not _is_duplicate(evidence, claimed)
+
+
+def _appearance(frame: np.ndarray, points: np.ndarray) -> np.ndarray | None:
+    """The face's look for bridging: the grey face box (CANONICAL_FACE_BOX) of the aligned crop of
+    side APPEARANCE_SIDE at ``points``, zero mean and unit norm (so a dot product of two is their
+    NCC); None where it is near-uniform (BRIDGE_MIN_STD), a black frame for one."""
+    crop = crop_face(frame, align_points(points) * APPEARANCE_SIDE, APPEARANCE_SIDE)
+    x0, y0, x1, y1 = (round(v * APPEARANCE_SIDE) for v in CANONICAL_FACE_BOX)
+    grey = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)[y0:y1, x0:x1].astype(np.float64)
+    grey -= grey.mean()
+    if grey.std() < BRIDGE_MIN_STD:
+        return None
+    return grey / np.linalg.norm(grey)
 
 
 def detect_video_faces(path: str | os.PathLike, *, progress: Callable[[int], None] | None = None) -> FaceTracks:

@@ -19,8 +19,10 @@ import functools
 import importlib.util
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -28,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ipfacediff.errors import UserError
-from ipfacediff.face import CANONICAL_FIVE_POINTS
+from ipfacediff.face import CANONICAL_FIVE_POINTS, similarity_transform
 
 __all__ = [
     "DLIB_CHIP_SIZE",
@@ -42,7 +44,6 @@ __all__ = [
     "canonical_to_arcface_chip_matrix",
     "canonical_to_dlib_chip_matrix",
     "dlib_model_path",
-    "fit_similarity",
     "load_arcface_iresnet",
     "load_dlib_face_net",
     "parse_dlib_face_net",
@@ -581,26 +582,6 @@ _DLIB_MEAN_MOUTH_LEFT = (0.254149, 0.780233)
 _DLIB_MEAN_MOUTH_RIGHT = (0.726104, 0.780233)
 
 
-def fit_similarity(src: np.ndarray, dst: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-    """Weighted least-squares similarity (rotation, uniform scale, translation) ``src`` -> ``dst``.
-
-    Returns the 2x3 matrix ``A`` with ``dst ~= src @ A[:, :2].T + A[:, 2]`` (closed form, no
-    reflection).
-    """
-    src = np.asarray(src, dtype=np.float64)
-    dst = np.asarray(dst, dtype=np.float64)
-    w = np.ones(len(src)) if weights is None else np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    mu_s, mu_d = w @ src, w @ dst
-    s, d = src - mu_s, dst - mu_d
-    # For a similarity [[a, -b], [b, a]] the least-squares solution is closed form.
-    norm = (w * (s**2).sum(1)).sum()
-    a = (w * (s * d).sum(1)).sum() / norm
-    b = (w * (s[:, 0] * d[:, 1] - s[:, 1] * d[:, 0])).sum() / norm
-    rot = np.array([[a, -b], [b, a]])
-    return np.concatenate([rot, (mu_d - rot @ mu_s)[:, None]], axis=1)
-
-
 def canonical_alignment_weights() -> np.ndarray:
     """The per-point weights ipfacediff.face uses when fitting five points to the canonical ones.
 
@@ -633,7 +614,7 @@ def canonical_to_dlib_chip_matrix(padding: float = DLIB_CHIP_PADDING) -> np.ndar
     Both sides are resolution free (a point at ``(x, y)`` in a crop of side 1.0); multiply by the
     chip size (150) for dlib chip pixels with pixel centres at ``i + 1/2``.
     """
-    mean_to_canonical = fit_similarity(
+    mean_to_canonical = similarity_transform(
         _dlib_mean_frame_canonical_points(), CANONICAL_FIVE_POINTS, canonical_alignment_weights()
     )
     canonical_to_mean = _invert_affine(mean_to_canonical)
@@ -751,7 +732,7 @@ def canonical_to_arcface_chip_matrix() -> np.ndarray:
 
     Both templates name the same five points, so this is a direct least-squares fit.
     """
-    return fit_similarity(
+    return similarity_transform(
         CANONICAL_FIVE_POINTS, (ARCFACE_TEMPLATE_112 + 0.5) / 112.0, canonical_alignment_weights()
     )
 
@@ -759,6 +740,41 @@ def canonical_to_arcface_chip_matrix() -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # The encoder the project uses
 # ----------------------------------------------------------------------------------------------
+
+
+class IdentityNet(Protocol):
+    """What the trainers, the evaluation and identity guidance need of an identity network: crops
+    in, unit embeddings out, differentiably. :class:`IdentityEncoder` (dlib's net, ArcFace) is one;
+    a synthetic world brings its own through :func:`register_identity_net_kind`."""
+
+    embedding_dim: int
+
+    def __call__(self, crops: torch.Tensor) -> torch.Tensor: ...
+
+    def descriptor(self, crops: torch.Tensor) -> torch.Tensor: ...
+
+
+IDENTITY_NET_ENTRY_POINTS = "ipfacediff.identity_nets"
+_IDENTITY_NET_KINDS: dict[str, Callable[[Path], IdentityNet]] = {}
+
+
+def register_identity_net_kind(kind: str, loader: Callable[[Path], IdentityNet]) -> None:
+    """Let :meth:`IdentityEncoder.from_pretrained` read a folder whose ``config.json`` says
+    ``"kind": kind``. Installed packages register through the ``ipfacediff.identity_nets`` entry
+    point group instead (FaceWorld does), so the core never imports them."""
+    _IDENTITY_NET_KINDS[kind] = loader
+
+
+def identity_net_kinds() -> dict[str, Callable[[Path], IdentityNet]]:
+    """Folder kinds an identity net can be read from: those registered here and those the
+    installed packages declare as entry points (``kind = "module:Class"``, read with the class's
+    ``from_pretrained``)."""
+    from importlib.metadata import entry_points
+
+    kinds: dict[str, Callable[[Path], IdentityNet]] = {}
+    for point in entry_points(group=IDENTITY_NET_ENTRY_POINTS):
+        kinds[point.name] = lambda path, point=point: point.load().from_pretrained(path)
+    return {**kinds, **_IDENTITY_NET_KINDS}
 
 
 class IdentityEncoder(nn.Module):
@@ -818,10 +834,13 @@ class IdentityEncoder(nn.Module):
             return cls()
         path = Path(path)
         if path.is_dir() and (path / "config.json").is_file():
-            from ipfacediff.faceworld.oracles import IDENTITY_KIND, FaceWorldIdentity
-
-            if json.loads((path / "config.json").read_text()).get("kind") == IDENTITY_KIND:
-                return FaceWorldIdentity.from_pretrained(path)  # same interface, for FaceWorld's cartoons
+            kind = json.loads((path / "config.json").read_text()).get("kind")
+            loader = identity_net_kinds().get(kind)
+            if loader is None:
+                known = ", ".join(identity_net_kinds()) or "none registered"
+                raise UserError(f"identity model {path} is of kind {kind!r}, which no installed package provides "
+                                f"(known: {known})")
+            return loader(path)  # same interface, for faces of another world (FaceWorld's cartoons)
         if not path.is_file():
             raise UserError(f"identity model {path} does not exist")
         suffix = path.suffix.lower()

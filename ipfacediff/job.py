@@ -7,81 +7,26 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 
-from ipfacediff.diffusion import InversionCache, Progress, default_cache_dir
-from ipfacediff.editing import (
-    DEFAULT_ALL_KEYFRAMES_BELOW,
-    DEFAULT_INJECT_ATTENTION_UNTIL,
-    DEFAULT_INJECT_FEATURE_UNTIL,
-    DEFAULT_PROPAGATION_TEMPERATURE,
-    DEFAULT_TEMPORAL_SMOOTHING,
-    DEFAULT_STEPS,
-    IPFaceDiffPipeline,
-)
+from ipfacediff.domain import ModelCard, check_faces
+from ipfacediff.diffusion import InversionCache, Progress, StageTimer, default_cache_dir
+from ipfacediff.editing import IPFaceDiffPipeline
 from ipfacediff.errors import UserError
-from ipfacediff.files import write_json
+from ipfacediff.files import check_writable, write_json
+from ipfacediff.settings import DEFAULT_STEPS, EditSettings
 from ipfacediff.models import build_tiny_models, library_versions, load_model_set, model_resolution
 from ipfacediff.video import VideoInfo, iter_frames, probe_video, write_video
 
+if TYPE_CHECKING:
+    from ipfacediff.face import FaceTracks
+
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
-
-
-@dataclass
-class EditSettings:
-    """Everything that decides the result of an edit; written to the run metadata."""
-
-    prompt: str
-    source_prompt: str = ""
-    steps: int = DEFAULT_STEPS
-    guidance: float | None = None  # None: the edit adapter's tuned value, else DEFAULT_GUIDANCE
-    keyframes: int | None = None
-    propagation_temperature: float = DEFAULT_PROPAGATION_TEMPERATURE
-    temporal_smoothing: float = DEFAULT_TEMPORAL_SMOOTHING
-    inject_feature_until: int = DEFAULT_INJECT_FEATURE_UNTIL
-    inject_attention_until: int = DEFAULT_INJECT_ATTENTION_UNTIL
-    all_keyframes_below: int = DEFAULT_ALL_KEYFRAMES_BELOW
-    strength: float = 1.0
-    seed: int = 0
-    identity_guidance: bool = True
-    every_frame: bool = False
-    resolution: int | None = None
-    faces: str = "all"
-    require_face: bool = False
-    whole_frame: bool = False
-    hair: bool = False
-    adapters: str = "auto"  # the model library's ε2 adapters: auto (by prompt words), none, or names
-    detail_transfer: bool = True  # the VAE's lost detail put back where the edit changed nothing
-    local_blend: bool = True  # the edit confined to where the prompt changes ε2's prediction
-    blend_threshold: float | None = None  # None: the edit adapter's tuned value, else DEFAULT_BLEND_THRESHOLD
-
-    def validate(self) -> None:
-        if not self.prompt or not self.prompt.strip():
-            raise UserError('the prompt is empty: say what to change, e.g. --prompt "a face with eyeglasses"')
-        if not 1 <= self.steps <= 1000:
-            raise UserError(f"--steps must be between 1 and 1000, got {self.steps}")
-        if not 0 < self.strength <= 1:
-            raise UserError(f"--strength must be in (0, 1], got {self.strength}")
-        if self.guidance is not None and self.guidance < 0:
-            raise UserError(f"--guidance must be 0 or more, got {self.guidance}")
-        if self.keyframes is not None and self.keyframes < 1:
-            raise UserError(f"--keyframes must be at least 1, got {self.keyframes}")
-        if self.propagation_temperature < 0:
-            raise UserError(f"--propagation-temperature must be 0 or more, got {self.propagation_temperature}")
-        if not 0 <= self.all_keyframes_below <= 1000:
-            raise UserError(f"--all-keyframes-below must be a timestep in 0..1000, got {self.all_keyframes_below}")
-        if not 0 <= self.temporal_smoothing < 0.5:
-            raise UserError(f"--temporal-smoothing must be in [0, 0.5), got {self.temporal_smoothing}")
-        if self.blend_threshold is not None and not 0 <= self.blend_threshold < 1:
-            raise UserError(f"--blend-threshold must be in [0, 1), got {self.blend_threshold}")
-        if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise UserError(f"--resolution must be a multiple of 8, got {self.resolution}")
 
 
 SHIPPED_MODELS = Path(__file__).resolve().parent / "assets" / "faceworld"
@@ -131,16 +76,45 @@ def load_pipeline(
     dtype: str = "auto",
     allow_pickle: bool = False,
     adapter_library: bool = True,
+    adapters_dir: str | Path | None = None,
 ) -> IPFaceDiffPipeline:
     """Load a model set (default: the embedded one) as an :class:`IPFaceDiffPipeline`;
-    ``adapter_library=False`` ignores the ε1/ε2 adapters a model folder ships."""
+    ``adapter_library=False`` ignores the ε1/ε2 adapters a model folder ships; ``adapters_dir``:
+    an adapter library kept outside the model folder (``ipfacediff train library --output LIB``),
+    used instead of the model folder's own."""
     torch_device = pick_device(device)
     models = load_model_set(
         model or str(default_model_dir()), identity_model=identity_model, identity_lora=identity_lora,
         edit_loras=edit_loras, config=config, dtype=pick_dtype(dtype, torch_device), device=torch_device,
-        allow_pickle=allow_pickle, adapters=adapter_library,
+        allow_pickle=allow_pickle, adapters=adapter_library, adapters_dir=adapters_dir,
     )
-    return IPFaceDiffPipeline.from_model_set(models)
+    pipeline = IPFaceDiffPipeline.from_model_set(models)
+    source = Path(model) if model else default_model_dir()
+    card = ModelCard.read(source) if source.is_dir() else None
+    pipeline.register_to_config(model_card=card.to_dict() if card else None)
+    return pipeline
+
+
+def model_card(pipeline: IPFaceDiffPipeline) -> ModelCard | None:
+    """The card of the model the pipeline was loaded from (None: no card, nothing is checked)."""
+    data = pipeline.config.get("model_card")
+    return ModelCard.from_dict(data) if data else None
+
+
+def check_domain(pipeline: IPFaceDiffPipeline, crops: dict[int, dict[int, np.ndarray]], video_name: str, *,
+                 allow_out_of_domain: bool) -> dict:
+    """Every face to be edited checked against the model's card, before any UNet work; a face the
+    model is not made for stops the run (one line) unless overridden. Returns what .run.json records."""
+    card = model_card(pipeline)
+    if card is None:
+        return {"checked": False}
+    results = check_faces(card, pipeline.vae, crops, video_name)
+    refused = [r for r in results.values() if not r.passed]
+    if refused and not allow_out_of_domain:
+        raise UserError(refused[0].message)
+    return {"checked": True, "domain": card.domain, "description": card.description, "check": card.check,
+            "threshold": card.threshold, "overridden": bool(refused),
+            "faces": {str(i): {"passed": r.passed, "score": round(r.score, 3)} for i, r in results.items()}}
 
 
 def check_paths(input_path: Path, output_path: Path) -> VideoInfo:
@@ -150,11 +124,8 @@ def check_paths(input_path: Path, output_path: Path) -> VideoInfo:
         raise UserError(f"output {output_path.name} must end in .mp4 (the edit is written as H.264 mp4)")
     if output_path.resolve() == input_path.resolve():
         raise UserError("the output path is the input path; inputs are never overwritten, choose another name")
-    folder = output_path.parent
-    if not folder.is_dir():
-        raise UserError(f"output folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {folder} is not writable; choose another output path")
+    check_writable(output_path)
+    check_writable(run_metadata_path(output_path), what="run metadata")
     return info
 
 
@@ -169,7 +140,9 @@ class RunReport:
     video: dict
     faces: list[dict] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
-    inversion_reused: bool = False
+    inversion_reused: bool = False  # every face's inversion came whole from the cache
+    inversion_reused_share: float = 0.0  # share of the inversion steps read from the cache (a resumed run)
+    domain: dict = field(default_factory=dict)  # the model card's check of every edited face, and any override
     versions: dict[str, str] = field(default_factory=dict)
     message: str = ""
 
@@ -194,14 +167,16 @@ def _whole_frame_track(info: VideoInfo):
 class FaceCrops:
     """The faces to edit: their tracks, frame→crop transforms and aligned crops, by track id."""
 
-    tracks: "FaceTracks"
+    tracks: FaceTracks
     transforms: dict[int, dict[int, np.ndarray]]
     crops: dict[int, dict[int, np.ndarray]]
 
 
 def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "all", tracks_path: str | Path | None = None,
-               whole_frame: bool = False, require_face: bool = False, progress: Progress | None = None) -> FaceCrops:
-    """Find (or read) the face tracks and collect every track's aligned crops in one streaming pass."""
+               whole_frame: bool = False, require_face: bool = False, progress: Progress | None = None,
+               frames: range | None = None) -> FaceCrops:
+    """Find (or read) the face tracks and collect every track's aligned crops in one streaming pass
+    (only those of ``frames`` when given: a time range is all that is inverted and edited)."""
     from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, detect_video_faces, require_face as check
 
     if whole_frame:
@@ -210,6 +185,10 @@ def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "al
         tracks = FaceTracks.load(tracks_path)
         if (tracks.width, tracks.height) != (info.width, info.height):
             raise UserError(f"face tracks are for {tracks.width}x{tracks.height} frames but the video is {info.width}x{info.height}")
+        last = max((t.frames[-1] for t in tracks.tracks if t.frames), default=-1)
+        if last >= info.frame_count:
+            raise UserError(f"face tracks reach frame {last} but {input_path.name} has {info.frame_count} frames "
+                            f"(0-{info.frame_count - 1}): they are for another clip")
     else:
         report = (lambda done: progress("faces", done, info.frame_count)) if progress else None
         tracks = detect_video_faces(input_path, progress=report)
@@ -224,6 +203,10 @@ def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "al
     crops: dict[int, dict[int, np.ndarray]] = {t.id: {} for t in tracks.tracks}
     if tracks.tracks:
         for index, frame in enumerate(iter_frames(input_path)):
+            if frames is not None and index >= frames.stop:
+                break
+            if frames is not None and index < frames.start:
+                continue
             for track in tracks.tracks:
                 M = transforms[track.id].get(index)
                 if M is not None:
@@ -234,7 +217,8 @@ def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "al
 def invert_video(input_path: str | Path, *, pipeline: IPFaceDiffPipeline, source_prompt: str = "",
                  resolution: int | None = None, steps: int = DEFAULT_STEPS, faces: str = "all",
                  tracks_path: str | Path | None = None, whole_frame: bool = False,
-                 cache: InversionCache | None = None, progress: Progress | None = None) -> list[str]:
+                 cache: InversionCache | None = None, progress: Progress | None = None,
+                 allow_out_of_domain: bool = False) -> list[str]:
     """Fill the inversion cache for every selected face; returns lines describing what was done."""
     input_path = Path(input_path)
     info = probe_video(input_path)
@@ -244,15 +228,21 @@ def invert_video(input_path: str | Path, *, pipeline: IPFaceDiffPipeline, source
                        progress=progress)
     if not found.tracks.tracks:
         return [f"no face found in {input_path.name}: nothing to invert"]
+    check_domain(pipeline, found.crops, input_path.name, allow_out_of_domain=allow_out_of_domain)
     lines = []
     for track in found.tracks.tracks:
         order = sorted(found.crops[track.id])
-        timings: dict[str, float] = {}
+        timer = StageTimer(pipeline.unet.device)
         inverted, _ = pipeline.invert(np.stack([found.crops[track.id][f] for f in order]), source_prompt=source_prompt,
-                                      steps=steps, cache=cache, progress=progress, timings=timings)
-        state = "already cached" if inverted.unet_calls == 0 else f"{inverted.unet_calls} UNet calls"
+                                      steps=steps, cache=cache, progress=progress, timer=timer)
+        if inverted.unet_calls == 0:
+            state = "already cached"
+        elif inverted.reused_steps:
+            state = f"{inverted.reused_steps} of {steps} steps from the cache, {inverted.unet_calls} UNet calls"
+        else:
+            state = f"{inverted.unet_calls} UNet calls"
         lines.append(f"face {track.id}: {len(order)} frames at {size}px, {steps} steps, {state}, "
-                     f"{timings['encode'] + timings['invert']:.1f} s")
+                     f"{sum(timer.seconds.values()):.1f} s")
     lines.append(f"cache: {cache.root}")
     return lines
 
@@ -271,59 +261,64 @@ def edit_video(
     """Edit every selected face of a video and write the result with the input's audio."""
     from ipfacediff.face import face_mask, paste_face
 
-    settings.validate()
+    from dataclasses import replace
+
     input_path, output_path = Path(input_path), Path(output_path)
     info = check_paths(input_path, output_path)
+    frames_to_edit = settings.frame_range(info.fps, info.frame_count)
+    pipeline.plan_edit(settings)  # an unknown adapter name fails before any work
     size = settings.resolution or model_resolution(pipeline.vae, pipeline.unet)
     cache = cache if cache is not None else InversionCache()
-    seconds: dict[str, float] = {}
-    started = time.perf_counter()
+    timer = StageTimer(pipeline.unet.device)
 
-    tick = time.perf_counter()
-    found = face_crops(input_path, info, size, faces=settings.faces, tracks_path=tracks_path,
-                       whole_frame=settings.whole_frame, require_face=settings.require_face, progress=progress)
+    with timer("faces"):
+        found = face_crops(input_path, info, size, faces=settings.faces, tracks_path=tracks_path,
+                           whole_frame=settings.whole_frame, require_face=settings.require_face, progress=progress,
+                           frames=frames_to_edit)
     tracks, transforms, crops = found.tracks, found.transforms, found.crops
-    seconds["faces"] = time.perf_counter() - tick
+    to_edit = {t.id: crops[t.id] for t in tracks.tracks if settings.prompt_for(t.id) is not None}
+    domain = check_domain(pipeline, to_edit, input_path.name, allow_out_of_domain=settings.allow_out_of_domain)
 
     edited: dict[int, dict[int, np.ndarray]] = {}
     hair_by_track: dict[int, bool] = {}  # pasted with the hair mask: asked for, or a hair adapter edited
     face_reports = []
-    reused = True
-    seconds_by_stage: dict[str, float] = {}
+    reused_steps = total_steps = 0
     for track in tracks.tracks:
-        order = sorted(crops[track.id])
-        if not order:
+        prompt = settings.prompt_for(track.id)
+        order = [f for f in sorted(crops[track.id]) if f in frames_to_edit]
+        if not order or prompt is None:  # outside the range, or left unedited by its own prompt
+            face_reports.append({"id": track.id, "frames": 0, "prompt": prompt})
             continue
-        result = pipeline(
-            np.stack([crops[track.id][f] for f in order]), settings.prompt, source_prompt=settings.source_prompt,
-            steps=settings.steps, guidance=settings.guidance, keyframes=settings.keyframes,
-            propagation_temperature=settings.propagation_temperature, temporal_smoothing=settings.temporal_smoothing,
-            inject_feature_until=settings.inject_feature_until, inject_attention_until=settings.inject_attention_until,
-            all_keyframes_below=settings.all_keyframes_below,
-            strength=settings.strength, seed=settings.seed, identity_guidance=settings.identity_guidance,
-            every_frame=settings.every_frame, adapters=settings.adapters, local_blend=settings.local_blend,
-            blend_threshold=settings.blend_threshold, detail_transfer=settings.detail_transfer, hair=settings.hair,
-            aligned=not settings.whole_frame, cache=cache, progress=progress,
-        )
-        edited[track.id] = dict(zip(order, result.frames))
+        face_settings = replace(settings, prompt=prompt)
+        result = pipeline(np.stack([crops[track.id][f] for f in order]), face_settings,
+                          plan=pipeline.plan_edit(face_settings), cache=cache, progress=progress)
+        edited[track.id] = {f: faded(crops[track.id][f], crop, settings.fade_weight(f, frames_to_edit))
+                            for f, crop in zip(order, result.frames)}
         hair_by_track[track.id] = result.hair
-        reused = reused and result.inversion_reused
+        reused_steps += round(result.inversion_reused_share * settings.steps)
+        total_steps += settings.steps
         for stage, value in result.timings.items():
-            seconds_by_stage[stage] = seconds_by_stage.get(stage, 0.0) + value
-        face_reports.append({"id": track.id, "frames": len(order), "unet_calls": result.unet_calls,
-                             "edit_adapters": result.edit_adapters, "guidance": result.guidance})
-    seconds.update(seconds_by_stage)
+            timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value
+        face_reports.append({"id": track.id, "frames": len(order), "prompt": prompt, "unet_calls": result.unet_calls,
+                             "edit_adapters": result.edit_adapters, "guidance": result.guidance,
+                             "inversion_reused_share": round(result.inversion_reused_share, 4)})
 
     if not tracks.tracks:
         message = f"no face found in {input_path.name}: frames pass through unchanged"
         log(message)
+    elif len(frames_to_edit) < info.frame_count:
+        message = (f"edited {len(edited)} face(s) in frames {frames_to_edit.start}-{frames_to_edit.stop - 1} "
+                   f"of {info.frame_count}")
     else:
         message = f"edited {len(edited)} face(s) in {info.frame_count} frames"
 
-    tick = time.perf_counter()
-
     def output_frames():
-        for index, frame in enumerate(iter_frames(input_path)):
+        # A frame where nothing is pasted goes out as the input's own decoded picture (no RGB round
+        # trip); write_video takes the output's colours from audio_from, the input.
+        from ipfacediff.video import iter_source_frames
+
+        for index, (frame, source) in enumerate(iter_source_frames(input_path)):
+            pasted = False
             for track in tracks.tracks:
                 crop = edited.get(track.id, {}).get(index)
                 if crop is None:
@@ -333,24 +328,36 @@ def edit_video(
                     frame = paste_whole_frame(frame, crop)
                 else:
                     frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=hair_by_track[track.id]))
+                pasted = True
             if progress:
                 progress("write", index + 1, info.frame_count)
-            yield frame
+            yield frame if pasted or source is None else source
 
-    write_video(output_path, output_frames(), info.fps, audio_from=input_path)
-    seconds["paste_and_write"] = time.perf_counter() - tick
-    seconds["total"] = time.perf_counter() - started
+    with timer("paste_and_write"):
+        write_video(output_path, output_frames(), info.fps, audio_from=input_path)
+    seconds = dict(timer.seconds)
+    seconds["total"] = sum(seconds.values())
+    share = reused_steps / total_steps if total_steps else 0.0
     report = RunReport(
-        input=str(input_path), output=str(output_path), settings=asdict(settings),
+        input=str(input_path), output=str(output_path), settings=settings.to_dict(),
         model={"source": pipeline.config.get("model_source"), "resolution": size,
                "dtype": str(pipeline.unet.dtype), "device": str(pipeline.unet.device)},
         video={"frames": info.frame_count, "width": info.width, "height": info.height, "fps": info.fps,
                "has_audio": info.has_audio},
         faces=face_reports, seconds={k: round(v, 4) for k, v in seconds.items()},
-        inversion_reused=reused and bool(face_reports), versions=library_versions(), message=message,
+        inversion_reused=bool(face_reports) and share == 1.0, inversion_reused_share=round(share, 4), domain=domain,
+        versions=library_versions(), message=message,
     )
     report.save(run_metadata_path(output_path))
     return report
+
+
+def faded(source: np.ndarray, edited: np.ndarray, weight: float) -> np.ndarray:
+    """The crop showing ``weight`` of the edit (the range's fade in and out)."""
+    if weight >= 1.0:
+        return edited
+    mixed = source.astype(np.float32) + weight * (edited.astype(np.float32) - source.astype(np.float32))
+    return np.clip(mixed, 0, 255).round().astype(np.uint8)
 
 
 def paste_whole_frame(frame: np.ndarray, edited: np.ndarray) -> np.ndarray:

@@ -17,12 +17,16 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import logging
+import math
 import os
 import platform
+import re
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -30,11 +34,14 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ipfacediff.errors import UserError
+from ipfacediff.files import (FileProblem, check_file, read_json, read_safetensors, reading, safetensors_header,
+                              short_detail)
 
 Role = Literal["identity", "edit"]
 
 IDENTITY_ADAPTER = "identity"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SD_CHECKPOINT_UNET_PREFIX = "model.diffusion_model."  # the UNet's tensors in an original SD-1.x checkpoint
 HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
 
 # OpenAI CLIP's image normalisation; a model folder's preprocessor_config.json overrides it.
@@ -70,6 +77,9 @@ class EditAdapter:
     blend_threshold: float | None = None  # the local blend's threshold its edits were tuned with
     weight: float = 1.0  # the weight it edits at unless the edit names one (tuned like the threshold)
     guidance: float | None = None  # the classifier-free guidance its edits were tuned with
+    # Where the tuned values came from when they were not tuned on this model ("faceworld tuning":
+    # FaceWorld's values, a starting point); None: tuned on it, or no tuned values.
+    defaults_from: str | None = None
 
 
 @dataclass(frozen=True)
@@ -93,7 +103,12 @@ class AdapterLibrary:
     (or 0) where the base model already draws the attribute better than the adapter does.
     ``guidance`` (optional): the classifier-free guidance its edits were tuned with, used unless
     the edit sets one; an attribute that the adapter draws readily needs less push, and less
-    push leaves more of the face.
+    push leaves more of the face. ``defaults_from`` (optional): where those tuned values came
+    from when they were not tuned on this model (``"faceworld tuning"``: FaceWorld's values, written
+    by ``ipfacediff train library`` as starting values); kept, not acted on. Other keys are ignored.
+
+    A library may also live outside the model folder (``ipfacediff train library --output LIB``,
+    read with ``--adapters-dir LIB``: :meth:`read_dir`); its paths are relative to LIB.
     """
 
     identity: Path | None
@@ -101,11 +116,38 @@ class AdapterLibrary:
 
     @classmethod
     def read(cls, model_folder: str | Path) -> "AdapterLibrary | None":
+        """``MODEL/adapters/adapters.json``, or None when the model folder has none."""
         file = Path(model_folder).expanduser() / ADAPTER_LIBRARY
-        if not file.is_file():
+        if not os.path.lexists(file):
             return None
+        return cls._read_file(file, "fix it (see AdapterLibrary in ipfacediff/models.py) or pass --no-adapter-library")
+
+    @classmethod
+    def read_dir(cls, folder: str | Path) -> "AdapterLibrary":
+        """The library in ``folder`` (``LIB/adapters.json``; the file itself is accepted too), every
+        adapter file it names checked to be there: any problem is one UserError line."""
+        path = Path(folder).expanduser()
+        if path.name == ADAPTER_LIBRARY.name and not path.is_dir():
+            path = path.parent
+        check_file(path, "adapter library folder", "give the folder `ipfacediff train library --output LIB` wrote",
+                   folder=True)
+        file = path / ADAPTER_LIBRARY.name
+        if not os.path.lexists(file):
+            raise UserError(f"adapter library folder {path} has no {ADAPTER_LIBRARY.name}: it is not a library, or "
+                            "its build did not finish (the same `ipfacediff train library` command with --resume "
+                            "completes it)")
+        library = cls._read_file(file, "fix it (see AdapterLibrary in ipfacediff/models.py) or build the library "
+                                       "again with `ipfacediff train library`")
+        for name, adapter in [("identity", library.identity), *((e.name, e.path) for e in library.edits)]:
+            if adapter is not None:
+                check_file(adapter, f"the {name!r} adapter of {file},", "the same `ipfacediff train library` "
+                           "command with --resume trains what is missing; or fix its entry")
+        return library
+
+    @classmethod
+    def _read_file(cls, file: Path, fix: str) -> "AdapterLibrary":
+        spec = read_json(file, "adapter library", fix)
         try:
-            spec = json.loads(file.read_text())
             identity = file.parent / spec["identity"] if spec.get("identity") else None
             edits = tuple(EditAdapter(name, file.parent / entry["path"], tuple(w.lower() for w in entry["words"]),
                                       entry.get("target", ""), bool(entry.get("hair", False)),
@@ -113,10 +155,11 @@ class AdapterLibrary:
                                       _number("blend_threshold", entry["blend_threshold"], lambda v: 0 <= v < 1, "[0, 1)"),
                                       _number("weight", entry.get("weight", 1.0), lambda v: 0 <= v <= 4, "[0, 4]"),
                                       None if entry.get("guidance") is None else
-                                      _number("guidance", entry["guidance"], lambda v: 0 <= v <= 50, "[0, 50]"))
+                                      _number("guidance", entry["guidance"], lambda v: 0 <= v <= 50, "[0, 50]"),
+                                      None if entry.get("defaults_from") is None else str(entry["defaults_from"]))
                           for name, entry in spec.get("edits", {}).items())
-        except (ValueError, KeyError, TypeError) as error:
-            raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
+            raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error}); {fix}") from None
         return cls(identity, edits)
 
     def words(self) -> dict[str, list[str]]:
@@ -273,26 +316,110 @@ def _resolve_repo(source: str, local_files_only: bool) -> str:
         ) from None
 
 
-def _load_components(folder: str, dtype: torch.dtype, allow_pickle: bool) -> dict:
-    kwargs = dict(torch_dtype=dtype, use_safetensors=None if allow_pickle else True)
+# What to do about a damaged part of a model folder (or a UNet folder given as the identity model).
+MODEL_FIX = "download the model again or write it again with save_pretrained (`ipfacediff build-tiny-models` for the tiny set)"
+# The loggers that list a checkpoint's missing or unused tensors, or repeat an adapter's error, before
+# the one line that says what is wrong: quiet while a file is read behind reading().
+_LOADING_LOGGERS = ("diffusers.models.modeling_utils", "transformers.modeling_utils",
+                    "transformers.utils.loading_report", "diffusers.loaders.peft")
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weight file names
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _LOADING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
     try:
-        return dict(
-            vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", **kwargs),
-            text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **kwargs),
-            tokenizer=CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer"),
-            unet=UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **kwargs),
-            scheduler=DDIMScheduler.from_pretrained(folder, subfolder="scheduler"),
-        )
-    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
-        hint = "" if allow_pickle else " (only .safetensors weights are read; --allow-pickle reads .bin/.ckpt)"
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UserError(f"cannot read the model folder {folder}: {first_line[:200]}{hint}") from None
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _weight_files(folder: Path, what: str, allow_pickle: bool) -> list[Path]:
+    """The safetensors files ``from_pretrained`` reads in ``folder`` (one, or the shards its index
+    lists); [] for pickled weights with ``allow_pickle``; else one UserError line."""
+    for stem in _WEIGHT_STEMS:
+        single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+        if os.path.lexists(single):
+            return [single]
+        if os.path.lexists(index):
+            table = read_json(index, f"{what} weight index", MODEL_FIX)
+            with reading(index, f"{what} weight index", MODEL_FIX):
+                if not isinstance(table, dict) or not isinstance(table.get("weight_map"), dict):
+                    raise FileProblem("is not a safetensors index (no weight_map)")
+                return [folder / name for name in sorted(set(table["weight_map"].values()))]
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled and allow_pickle:
+        return []
+    if pickled:
+        raise UserError(f"{what} folder {folder} holds only pickled weights ({pickled[0]}), which can run code when "
+                        "loaded; convert them to .safetensors or pass --allow-pickle if you trust them")
+    raise UserError(f"{what} folder {folder} has no weights ({_WEIGHT_STEMS[0]}.safetensors or "
+                    f"{_WEIGHT_STEMS[1]}.safetensors); {MODEL_FIX}")
+
+
+def _load_part(cls, folder: Path, what: str, dtype: torch.dtype, allow_pickle: bool):
+    """A weighted part (UNet, VAE, text encoder) from its folder, every file read behind
+    :func:`~ipfacediff.files.reading`: its config must be JSON, its safetensors complete, and its
+    weights must be this part's (a missing tensor would be left unset)."""
+    read_json(folder / "config.json", f"{what} config", MODEL_FIX)  # also: the folder exists
+    files = _weight_files(folder, what, allow_pickle)
+    for file in files:
+        safetensors_header(file, f"{what} weight file", MODEL_FIX)
+    # A problem of the weights names the weight file (or the folder of the shards).
+    weights = dict(path=files[0], what=f"{what} weight file") if len(files) == 1 else {}
+    with reading(folder, f"{what} folder", MODEL_FIX, folder=True), _quiet_loading():
+        try:
+            module, info = cls.from_pretrained(str(folder), torch_dtype=dtype, output_loading_info=True,
+                                               use_safetensors=None if allow_pickle else True)
+        except (ValueError, RuntimeError) as error:
+            if "size mismatch" not in str(error) and "expected shape" not in str(error):
+                raise
+            raise FileProblem(f"holds weights of other shapes than {folder / 'config.json'} describes "
+                              f"({short_detail(error)})", **weights) from None
+        missing = list(info.get("missing_keys") or [])
+        if missing:
+            total = len(module.state_dict())
+            raise FileProblem(f"does not hold the weights of this {what} ({len(missing)} of its {total} tensors "
+                              f"are missing, such as {sorted(missing)[0]!r})", **weights)
+    return module
+
+
+def _load_components(folder: str, dtype: torch.dtype, allow_pickle: bool) -> dict:
+    root = Path(folder)
+    parts = dict(
+        vae=_load_part(AutoencoderKL, root / "vae", "VAE", dtype, allow_pickle),
+        text_encoder=_load_part(CLIPTextModel, root / "text_encoder", "text encoder", dtype, allow_pickle),
+        unet=_load_part(UNet2DConditionModel, root / "unet", "UNet", dtype, allow_pickle),
+    )
+    for file in sorted((root / "tokenizer").glob("*.json")):
+        read_json(file, "tokenizer file", MODEL_FIX)
+    with reading(root / "tokenizer", "tokenizer folder", MODEL_FIX, folder=True) as tokenizer:
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(tokenizer))
+    read_json(root / "scheduler" / "scheduler_config.json", "scheduler config", MODEL_FIX)
+    with reading(root / "scheduler", "scheduler folder", MODEL_FIX, folder=True) as scheduler:
+        parts["scheduler"] = DDIMScheduler.from_pretrained(str(scheduler))
+    return parts
 
 
 def _load_single_file(path: Path, config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
     from diffusers import StableDiffusionPipeline
 
-    try:
+    fix = "pass a Stable Diffusion 1.x .safetensors checkpoint (download it again if it is damaged) or a diffusers folder"
+    if path.suffix == ".safetensors":  # pickles (--allow-pickle) have no header to check first
+        tensors = safetensors_header(path, "checkpoint", fix)
+        if not any(name.startswith(SD_CHECKPOINT_UNET_PREFIX) for name in tensors):
+            first = f"; its first tensor is {next(iter(sorted(tensors)))!r}" if tensors else ""
+            raise UserError(f"checkpoint {path} is not a Stable Diffusion 1.x checkpoint (it has no "
+                            f"'{SD_CHECKPOINT_UNET_PREFIX}*' UNet tensors{first}); {fix}")
+    if config is None:  # the architecture comes from the hub: the user must supply it when that fails
+        fix = "pass --config with a diffusers SD-1.x folder or cached hub id describing its architecture"
+    else:
+        fix = f"check that --config {config} is a diffusers SD-1.x folder or cached hub id of the same architecture"
+    with reading(path, "checkpoint", fix), _quiet_loading():
         pipe = StableDiffusionPipeline.from_single_file(
             str(path),
             config=config,
@@ -301,11 +428,6 @@ def _load_single_file(path: Path, config: str | None, dtype: torch.dtype, local_
             safety_checker=None,
             requires_safety_checker=False,
         )
-    except Exception as error:  # conversion and hub errors alike: the user must supply a config
-        raise UserError(
-            f"cannot load the checkpoint {path.name} ({type(error).__name__}); pass --config with a "
-            "diffusers SD-1.x folder or cached hub id describing its architecture"
-        ) from None
     return dict(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
@@ -325,10 +447,11 @@ def _load_set(source: str, *, config: str | None, dtype: torch.dtype, allow_pick
                 "point --model at a folder written by save_pretrained or `ipfacediff build-tiny-models`"
             )
         return _load_components(str(path), dtype, allow_pickle)
-    if path.is_file():
+    if os.path.lexists(path):  # a file, or something that is not one (a device, a pipe, a broken link)
+        check_file(path, "model", "pass a diffusers folder, a .safetensors checkpoint or a hub id")
         if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
             raise UserError(
-                f"{path.name} is a pickled checkpoint, which can run code when loaded; convert it to "
+                f"{path} is a pickled checkpoint, which can run code when loaded; convert it to "
                 ".safetensors or pass --allow-pickle if you trust it"
             )
         if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
@@ -340,55 +463,92 @@ def _load_set(source: str, *, config: str | None, dtype: torch.dtype, allow_pick
 
 
 def _load_identity_unet(source: str, dtype: torch.dtype, allow_pickle: bool, local_files_only: bool):
+    fix = "pass a model folder, a UNet folder, or a LoRA file with --identity-lora"
     path = Path(source).expanduser()
-    if not path.exists() and _is_hub_id(source):
+    if not os.path.lexists(path) and _is_hub_id(source):
         path = Path(_resolve_repo(source, local_files_only))
-    folder = path / "unet" if (path / "unet" / "config.json").is_file() else path
-    if not (folder / "config.json").is_file():
+    check_file(path, "identity model", fix, folder=True)
+    folder = path / "unet" if os.path.lexists(path / "unet" / "config.json") else path
+    if not os.path.lexists(folder / "config.json"):
         raise UserError(
             f"identity model {source!r} is not a diffusers UNet folder (no config.json); pass a model folder, "
             "a UNet folder, or a LoRA file with --identity-lora"
         )
-    try:
-        return UNet2DConditionModel.from_pretrained(
-            str(folder), torch_dtype=dtype, use_safetensors=None if allow_pickle else True
-        )
-    except (OSError, ValueError) as error:
-        raise UserError(f"cannot read the identity UNet in {folder}: {str(error).splitlines()[0][:200]}") from None
+    return _load_part(UNet2DConditionModel, folder, "identity UNet", dtype, allow_pickle)
 
 
-def _load_adapter(unet: UNet2DConditionModel, path: str, name: str) -> None:
+LORA_FIX = "pass a LoRA .safetensors file that `ipfacediff train` (or diffusers/peft) wrote for this model"
+# Tensor names of the LoRA formats diffusers' load_lora_adapter reads (peft's lora_A/lora_B and
+# diffusers' older lora.down/lora.up); kohya/A1111 names (lora_unet_..., lora_down) are not read.
+_LORA_TENSOR = re.compile(r"(^|\.)(lora_[AB]|lora\.(down|up)|lora_linear_layer\.(down|up)|lora_magnitude_vector)(\.|$)")
+
+
+def _load_adapter(unet: UNet2DConditionModel, path: str, name: str, what: str = "LoRA file",
+                  fix: str = LORA_FIX) -> None:
+    """Add the LoRA in ``path`` (a .safetensors file, or a folder holding one) to ``unet`` as
+    adapter ``name``; the file is read behind :func:`~ipfacediff.files.reading`: ``what`` and
+    ``fix`` word its error line."""
     file = Path(path).expanduser()
     if file.is_dir():
         candidates = sorted(file.glob("*.safetensors"))
         if len(candidates) != 1:
-            raise UserError(f"LoRA folder {path} must hold exactly one .safetensors file, found {len(candidates)}")
+            raise UserError(f"LoRA folder {file} must hold exactly one .safetensors file, found {len(candidates)}; {fix}")
         file = candidates[0]
-    if not file.is_file():
-        raise UserError(f"LoRA file {path} does not exist")
+    check_file(file, what, fix)
     if file.suffix != ".safetensors":
-        raise UserError(f"LoRA {file.name} is not a .safetensors file; only safetensors adapters are read")
-    from safetensors.torch import load_file
-
-    state = load_file(str(file))
+        raise UserError(f"{what} {file} is not a .safetensors file; only safetensors adapters are read: {fix}")
+    tensors = safetensors_header(file, what, fix)
+    if not any(_LORA_TENSOR.search(key) for key in tensors):
+        first = f"; its first tensor is {next(iter(sorted(tensors)))!r}" if tensors else ", it holds no tensors"
+        raise UserError(f"{what} {file} holds no LoRA weights in the diffusers/peft format (tensors named like "
+                        f"'unet.<layer>.lora_A.weight'{first}); {fix}")
+    state = read_safetensors(file, what, fix)
     prefix = "unet" if any(k.startswith("unet.") for k in state) else None
-    try:
-        with warnings.catch_warnings():  # several adapters in one UNet is the design (ε1 and ε2s)
-            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+    with reading(file, what, fix), _quiet_loading(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # ε1 and ε2s share a UNet
+        try:
             unet.load_lora_adapter(state, adapter_name=name, prefix=prefix)
-    except Exception as error:  # peft raises several types for a mismatched adapter
-        raise UserError(f"LoRA {file.name} does not fit this UNet: {str(error).splitlines()[0][:200]}") from None
+        except Exception as error:  # peft raises several types for a mismatched adapter
+            raise FileProblem(f"does not fit this UNet ({short_detail(error)})") from None
+        if name not in (getattr(unet, "peft_config", None) or {}):
+            raise FileProblem("holds no LoRA weights for this UNet (none of its tensors matched a layer)")
+
+
+LORA_WEIGHT_RANGE = (-10.0, 10.0)  # far past any useful strength; a typo like 80 for 0.8 is caught
+
+
+def lora_weight(value: object, name: str) -> float:
+    """The weight of adapter ``name``, checked: a finite number in :data:`LORA_WEIGHT_RANGE`."""
+    low, high = LORA_WEIGHT_RANGE
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise UserError(f"weight {value!r} of {name} is not a number; give a number from {low:g} to {high:g} "
+                            f"after the colon, such as {name}:0.8") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise UserError(f"weight {value!r} of {name} must be a finite number from {low:g} to {high:g}; "
+                        f"give one after the colon, such as {name}:0.8 (1 is the adapter as trained)")
+    return float(value)
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:WEIGHT``, as ``--edit-lora`` and manifests write an adapter."""
+    """``PATH`` or ``PATH:WEIGHT`` (or ``NAME[:WEIGHT]`` of a library adapter), as ``--edit-lora``,
+    manifests and ``--adapters`` write an adapter. A colon followed by a path (``C:/x``) or in the
+    name of an existing file is part of the path; any other text after the last colon must be a
+    weight (:func:`lora_weight`), so ``x.safetensors:O.8`` is an error, not a missing file."""
     path, sep, weight = spec.rpartition(":")
-    if sep and path and not weight.startswith(("/", "\\")):
-        try:
-            return path, float(weight)
-        except ValueError:
-            pass
-    return spec, 1.0
+    if not sep or not path or any(c in weight for c in "/\\") or _exists(spec):
+        return spec, 1.0
+    return path, lora_weight(weight.strip(), path)
+
+
+def _exists(path: str) -> bool:
+    try:
+        return os.path.lexists(Path(path).expanduser())
+    except (OSError, ValueError):  # a name too long for the file system, a NUL byte
+        return False
 
 
 def load_model_set(
@@ -403,36 +563,55 @@ def load_model_set(
     allow_pickle: bool = False,
     local_files_only: bool | None = None,
     adapters: bool = True,
+    adapters_dir: str | Path | None = None,
 ) -> ModelSet:
     """Load the full set; ε1 defaults to the base UNet when neither identity option is given.
 
     A model folder with an :class:`AdapterLibrary` (``adapters=True``) brings its own ε1 and ε2
     adapters: its ε1 unless ``identity_model``/``identity_lora`` is given, its ε2 adapters (picked
-    per prompt at edit time) unless ``edit_loras`` is given.
+    per prompt at edit time) unless ``edit_loras`` is given. ``adapters_dir``: a library kept
+    outside the model folder (``ipfacediff train library --output LIB``), used instead of the
+    model folder's own; checked before the model loads.
     """
     if local_files_only is None:
         local_files_only = hub_offline()
     if identity_model and identity_lora:
         raise UserError("give either --identity-model or --identity-lora, not both")
+    if adapters_dir is not None and not adapters:
+        raise UserError("--adapters-dir names an adapter library and --no-adapter-library turns libraries off: "
+                        "give one of them")
+    edit_loras = [(path, lora_weight(weight, path)) for path, weight in edit_loras or []]  # before minutes of loading
+    library = AdapterLibrary.read_dir(adapters_dir) if adapters_dir is not None else None
     parts = _load_set(model, config=config, dtype=dtype, allow_pickle=allow_pickle, local_files_only=local_files_only)
-    library = AdapterLibrary.read(model) if adapters and Path(model).expanduser().is_dir() else None
+    if adapters_dir is None:
+        library = AdapterLibrary.read(model) if adapters and Path(model).expanduser().is_dir() else None
     unet = parts["unet"]
     weights: dict[str, float] = {}
-    for index, (path, weight) in enumerate(edit_loras or []):
+    for index, (path, weight) in enumerate(edit_loras):
         name = f"edit_{index}"
-        _load_adapter(unet, path, name)
-        weights[name] = float(weight)
+        _load_adapter(unet, path, name, "edit LoRA")
+        weights[name] = weight
+    if adapters_dir is not None:
+        library_file = Path(adapters_dir).expanduser()
+        library_file = library_file if library_file.name == ADAPTER_LIBRARY.name else library_file / ADAPTER_LIBRARY.name
+        library_fix = (f"fix its entry in {library_file}, or build the library for this model with "
+                       "`ipfacediff train library`")
+    else:
+        library_fix = f"fix its entry in {Path(model).expanduser() / ADAPTER_LIBRARY} or pass --no-adapter-library"
     if library is not None and not edit_loras:
         for entry in library.edits:
-            _load_adapter(unet, str(entry.path), edit_adapter_name(entry.name))
+            _load_adapter(unet, str(entry.path), edit_adapter_name(entry.name), f"LoRA of adapter {entry.name!r}",
+                          library_fix)
     elif library is not None:
         library = AdapterLibrary(library.identity, ())
     if identity_model:
         identity_unet = _load_identity_unet(identity_model, dtype, allow_pickle, local_files_only)
     else:
         identity_unet = unet
-        if identity_lora or (library is not None and library.identity is not None):
-            _load_adapter(unet, identity_lora or str(library.identity), IDENTITY_ADAPTER)
+        if identity_lora:
+            _load_adapter(unet, identity_lora, IDENTITY_ADAPTER, "identity LoRA")
+        elif library is not None and library.identity is not None:
+            _load_adapter(unet, str(library.identity), IDENTITY_ADAPTER, "identity LoRA of the library", library_fix)
     models = ModelSet(
         vae=parts["vae"],
         text_encoder=parts["text_encoder"],
@@ -523,24 +702,29 @@ def load_clip(source: str, *, local_files_only: bool | None = None) -> ClipScore
     elif not _is_hub_id(source):
         raise UserError(f"CLIP model {source} does not exist: pass a CLIPModel folder or a hub id such as "
                         "openai/clip-vit-base-patch32")
+    clip_fix = "pass a folder written by CLIPModel.save_pretrained (with its tokenizer files) or a hub id"
+    if path.is_dir():  # its files read behind reading(): a damaged one is named, not a library's error
+        read_json(path / "config.json", "CLIP config", clip_fix)
+        for file in _weight_files(path, "CLIP model", allow_pickle=False):
+            safetensors_header(file, "CLIP weight file", clip_fix)
     try:
         folder = path if path.is_dir() else Path(_snapshot(source, local_files_only))
         model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True,
                                           dtype=torch.float32)  # FaceWorld ships fp16 weights
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as error:  # hub, config and weight errors come in many classes; all mean "unusable"
-        text = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         hint = ("it must hold a CLIPModel (config.json, model.safetensors) and its tokenizer files" if path.is_dir()
                 else f"download it first with `huggingface-cli download {source}`")
-        raise UserError(f"cannot load the CLIP model {source} ({type(error).__name__}: {text}); {hint}") from None
+        raise UserError(f"cannot load the CLIP model {source} ({short_detail(error)}); {hint}") from None
     mean, std = CLIP_MEAN, CLIP_STD
     config_file = folder / "preprocessor_config.json"
-    if config_file.is_file():
-        try:
-            preprocessor = json.loads(config_file.read_text())
+    if os.path.lexists(config_file):
+        preprocessor = read_json(config_file, "CLIP preprocessor config", clip_fix)
+        with reading(config_file, "CLIP preprocessor config", clip_fix):
             mean, std = preprocessor.get("image_mean", mean), preprocessor.get("image_std", std)
-        except (OSError, json.JSONDecodeError):
-            pass
+            if not all(len(v) == 3 and all(isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                       for v in (mean, std)) or min(std) <= 0:
+                raise FileProblem("has no 3-number image_mean and positive image_std")
     model.eval().requires_grad_(False)
     return ClipScorer(model, tokenizer, int(model.config.vision_config.image_size),
                       torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32))
@@ -561,14 +745,14 @@ def clip_bpe_tokenizer() -> CLIPTokenizer:
     bpe_path = Path(list(spec.submodule_search_locations)[0]) / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(bpe_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
-    byte_symbols = _byte_symbols()
-    tokens = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m) for m in merges]
+    symbols = byte_symbols()
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: index for index, token in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _byte_symbols() -> list[str]:
+def byte_symbols() -> list[str]:
     """The byte-level alphabet of GPT-2/CLIP BPE, in vocabulary order.
 
     Printable bytes stand for themselves; the other bytes get characters from 256 upwards.

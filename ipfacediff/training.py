@@ -122,7 +122,8 @@ class TrainingResult:
 
 
 def load_training_faces(data: str | Path, resolution: int, *, max_images: int | None = None,
-                        progress: TrainingProgress | None = None) -> np.ndarray:
+                        progress: TrainingProgress | None = None, detect_images: bool = False,
+                        strict: bool = False) -> np.ndarray:
     """The training faces as (N, R, R, 3) RGB uint8, R = ``resolution``.
 
     ``data``: a folder of images (png/jpg/webp/bmp, taken as already aligned face crops; centre
@@ -130,31 +131,43 @@ def load_training_faces(data: str | Path, resolution: int, *, max_images: int | 
     goes through the face module's detection, tracking and aligned crops (at most
     VIDEO_MAX_FACES per video, evenly spread). Only the folder's own files are read, in name
     order. ``max_images`` keeps that many, evenly spread. Unreadable images are skipped.
+    ``detect_images``: images are photos, and each of their faces is detected and aligned as a
+    video's are (a photo without a face gives none). ``strict``: an unreadable image is an error.
     """
     _check_face_reading(resolution, max_images)
     files = training_files(data)
     cap = VIDEO_MAX_FACES if max_images is None else min(VIDEO_MAX_FACES, max_images)
     faces: list[np.ndarray] = []
-    unreadable, videos = 0, 0
+    unreadable, faceless, videos = 0, 0, 0
     for index, file in enumerate(files):
         if file.suffix.lower() in IMAGE_SUFFIXES:
-            face = _read_face_image(file, resolution)
-            if face is None:
+            found = _photo_faces(file, resolution) if detect_images else _read_face_image(file, resolution)
+            if found is None and strict:
+                raise UserError(f"cannot read the image {file} (not an image, or damaged): remove it from the "
+                                "training data or replace it")
+            if found is None:
                 unreadable += 1
+            elif not detect_images:
+                faces.append(found)
             else:
-                faces.append(face)
+                faceless += not found
+                faces.extend(found)
         else:
             videos += 1
-            faces.extend(_video_faces(file, resolution, cap))
+            frames = (lambda done, total: progress("faces", done, total, None)) if progress and len(files) == 1 else None
+            faces.extend(_video_faces(file, resolution, cap, progress=frames))
         if progress:
             progress("faces", index + 1, len(files), None)
     if not faces:
         reasons = []
         if unreadable:
             reasons.append(f"{unreadable} unreadable image(s)")
+        if faceless:
+            reasons.append(f"no face found in {faceless} image(s)")
         if videos:
             reasons.append(f"no face found in {videos} video(s)")
-        raise UserError(f"no usable faces in {data} ({', '.join(reasons)}): give aligned face crops or videos "
+        crops = "photos, aligned face crops" if detect_images else "aligned face crops"
+        raise UserError(f"no usable faces in {data} ({', '.join(reasons)}): give {crops} or videos "
                         "with a clearly visible face")
     stacked = np.stack(faces)
     if max_images is not None and len(stacked) > max_images:
@@ -245,12 +258,35 @@ def _read_face_image(path: Path, resolution: int) -> np.ndarray | None:
     return np.ascontiguousarray(cv2.cvtColor(resized, cv2.COLOR_BGR2RGB))
 
 
-def _video_faces(path: Path, resolution: int, cap: int) -> list[np.ndarray]:
-    """Aligned crops of every tracked face of a video, at most ``cap``, evenly spread."""
-    from ipfacediff.face import alignment_transforms, crop_face, detect_video_faces
-    from ipfacediff.video import iter_frames
+def _photo_faces(path: Path, resolution: int) -> list[np.ndarray] | None:
+    """Aligned crops of every face the face module finds in a photo (its detection, landmarks and
+    alignment, as for one video frame); None when the file cannot be read as an image."""
+    from ipfacediff.face import alignment_transforms, crop_face, track_faces
 
-    tracks = detect_video_faces(path)
+    try:
+        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except (OSError, cv2.error):
+        return None
+    if image is None or image.size == 0:
+        return None
+    rgb = np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+    tracks = track_faces([rgb], fps=1.0)
+    return [crop_face(rgb, alignment_transforms(track, resolution, smooth=False)[0], resolution)
+            for track in tracks.tracks]
+
+
+def _video_faces(path: Path, resolution: int, cap: int,
+                 progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """Aligned crops of every tracked face of a video, at most ``cap``, evenly spread;
+    ``progress(frames done, frames)`` during detection."""
+    from ipfacediff.face import alignment_transforms, crop_face, detect_video_faces
+    from ipfacediff.video import iter_frames, probe_video
+
+    if progress is not None:
+        frames = probe_video(path).frame_count
+        tracks = detect_video_faces(path, progress=lambda done: progress(done, frames))
+    else:
+        tracks = detect_video_faces(path)
     pairs = sorted((frame, track.id) for track in tracks.tracks for frame in track.frames)
     if not pairs:
         return []

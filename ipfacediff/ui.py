@@ -6,20 +6,33 @@ download the edited video, the evaluation report (HTML) and the metrics (JSON).
 
 * The server listens on 127.0.0.1 unless told otherwise; ``share`` is off.
 * Everything a session writes lives in its own folder ``WORK_DIR/sessions/<session>``; Gradio's
-  upload cache is ``WORK_DIR/uploads``. ``WORK_DIR`` defaults to a new temporary folder.
-* A user's mistake (a file that is not a video, no face, an empty prompt, a bad adapter path, a
-  video over the size or duration limit) is shown as the same one-line message as the CLI prints.
+  upload cache (uploads, and the copies of the files the page shows) is ``WORK_DIR/uploads``.
+  ``WORK_DIR`` defaults to a new temporary folder.
+* People's videos do not outlive their use: a new input (upload, sample, ×) removes the previous
+  video and results; a session's folder and its cache copies are removed when its browser tab
+  closes, or after ``keep_minutes`` without activity; SIGINT/SIGTERM remove the work folder (all of
+  it when the server made it, else its ``sessions`` and ``uploads``) before the server exits.
+* The page's state follows its input: a new or cleared input clears the faces and the results.
+* A user's mistake (a file that is not a video, no face, an empty prompt, a bad adapter file, a
+  video over the size or duration limit) is shown once, in the status line, as the same one-line
+  message as the CLI prints.
+* Adapters (ε1 identity, ε2 edit) are uploaded .safetensors files; the page takes no server paths.
 * Requests queue one at a time; the model pipeline is loaded once per server, on first use.
 """
 
+import atexit
 import html
 import json
+import math
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +42,11 @@ import numpy as np
 from ipfacediff.errors import UserError
 
 DEFAULT_PROMPT = "a face with eyeglasses"
+START = "upload a video or take the built-in sample"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_CACHED_PIPELINES = 2  # the base model set and the last adapter combination
+FACE_PROMPT_SLOTS = 8  # per-face prompt boxes; faces past these take the main prompt
+DEFAULT_KEEP_MINUTES = 60  # a session idle for longer is removed (its videos, results and cache copies)
 
 
 
@@ -65,6 +81,14 @@ def best_frame(tracks) -> int:
     return int(np.argmax(counts))
 
 
+def _mtime(path: Path) -> float:
+    """When ``path`` last changed (0 when it is gone)."""
+    try:
+        return path.lstat().st_mtime
+    except OSError:
+        return 0.0
+
+
 @dataclass
 class Loaded:
     """The video a session works on: its copy in the session folder and its face tracks."""
@@ -73,21 +97,37 @@ class Loaded:
     tracks: str
     frames: int
     ids: list[int] = field(default_factory=list)
+    fps: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.fps if self.fps else 0.0
 
 
 class Server:
     """What the page's callbacks share: limits, folders, and the lazily loaded models."""
 
     def __init__(self, *, model: str | None, work_dir: Path, max_upload_mb: float, max_seconds: float,
-                 device: str = "auto", dtype: str = "auto"):
+                 device: str = "auto", dtype: str = "auto", keep_minutes: float = DEFAULT_KEEP_MINUTES,
+                 owns_work_dir: bool = False):
         self.model = model
         self.work_dir = work_dir
+        self.uploads = work_dir / "uploads"  # Gradio's upload cache (GRADIO_TEMP_DIR) when launched
         self.max_upload_mb = max_upload_mb
         self.max_seconds = max_seconds
         self.device, self.dtype = device, dtype
+        self.keep_minutes = keep_minutes
+        self.owns_work_dir = owns_work_dir  # made by the server: removed whole when it stops
         self._pipes: dict[tuple, Any] = {}
         self._identity = None
         self._lock = threading.Lock()
+        # per session (key = its folder's name): last activity, running events, ended while running,
+        # and the folders of Gradio's cache holding its files, by kind ("input", "result", "adapters")
+        self._sessions_lock = threading.RLock()
+        self._seen: dict[str, float] = {}
+        self._busy: dict[str, int] = {}
+        self._ended: set[str] = set()
+        self._claims: dict[str, dict[str, set[Path]]] = {}
 
     # --- shared, loaded once ---------------------------------------------------------------
 
@@ -115,11 +155,137 @@ class Server:
 
     # --- per session -----------------------------------------------------------------------
 
+    @staticmethod
+    def session_key(request) -> str:
+        """The name of a session's folder: its Gradio session hash (``request`` or the key itself)."""
+        session = request if isinstance(request, str) else getattr(request, "session_hash", None) or "local"
+        return re.sub(r"[^A-Za-z0-9_-]", "_", session)[:64]
+
     def session_dir(self, request) -> Path:
-        session = getattr(request, "session_hash", None) or "local"
-        folder = self.work_dir / "sessions" / re.sub(r"[^A-Za-z0-9_-]", "_", session)[:64]
+        """The session's folder (made when missing); counts as activity for the idle sweep."""
+        key = self.session_key(request)
+        with self._sessions_lock:
+            self._seen[key] = time.time()
+        folder = self.work_dir / "sessions" / key
         folder.mkdir(parents=True, exist_ok=True)
         return folder
+
+    @contextmanager
+    def busy(self, request):
+        """Around an event: the session is not swept or removed while it runs (a tab closed
+        meanwhile ends the session when the event is done)."""
+        key = self.session_key(request)
+        with self._sessions_lock:
+            self._busy[key] = self._busy.get(key, 0) + 1
+        try:
+            yield self.session_dir(request)
+        finally:
+            with self._sessions_lock:
+                self._busy[key] -= 1
+                done = not self._busy[key]
+                if done:
+                    del self._busy[key]
+            if done and key in self._ended:
+                self.end_session(key)
+
+    def cache_dir_of(self, path: str | Path) -> Path | None:
+        """The folder of Gradio's upload cache that holds ``path``: the upload's own folder for an
+        upload, else the folder (named by the content hash) Gradio copies a shown file into."""
+        path = Path(path).resolve()
+        uploads = self.uploads.resolve()
+        if path.is_relative_to(uploads):
+            parts = path.relative_to(uploads).parts
+            return uploads / parts[0] if parts else None
+        if not path.is_file():
+            return None
+        from gradio.processing_utils import hash_file
+
+        return uploads / hash_file(path)
+
+    def claim(self, request, kind: str, paths) -> None:
+        """Note the cache copies of ``paths`` as the session's ``kind`` files, removed with them."""
+        key = self.session_key(request)
+        folders = {d for d in (self.cache_dir_of(p) for p in paths if p) if d is not None}
+        with self._sessions_lock:
+            self._claims.setdefault(key, {}).setdefault(kind, set()).update(folders)
+
+    def release(self, request, *kinds: str, keep=()) -> None:
+        """Remove the session's cache copies of ``kinds`` (but those of ``keep``, and any another
+        session also shows)."""
+        key = self.session_key(request)
+        kept = {d for d in (self.cache_dir_of(p) for p in keep if p) if d is not None}
+        with self._sessions_lock:
+            claims = self._claims.get(key, {})
+            folders = set().union(*(claims.pop(kind, set()) for kind in kinds))
+            if kept & folders:
+                claims.setdefault(kinds[0], set()).update(kept & folders)
+            held = set().union(*(s for other in self._claims.values() for s in other.values()))
+        for folder in folders - kept - held:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def forget_input(self, request, state, keep=()) -> None:
+        """A new input replaces the old: remove the old video, its results and their cache copies."""
+        session = self.session_dir(request)
+        loaded = (state or {}).get("loaded") if isinstance(state, dict) else None
+        if loaded and Path(loaded["video"]).parent.parent == session / "videos":
+            shutil.rmtree(Path(loaded["video"]).parent, ignore_errors=True)
+        for name in ("runs", "inversion"):  # the inversion cache holds the old video's latents
+            shutil.rmtree(session / name, ignore_errors=True)
+        self.release(request, "input", "result", keep=keep)
+
+    def end_session(self, key: str) -> None:
+        """Remove everything of session ``key`` (later, when one of its events is still running)."""
+        key = self.session_key(key)
+        with self._sessions_lock:
+            if self._busy.get(key):
+                self._ended.add(key)
+                return
+            self._ended.discard(key)
+            kinds = list(self._claims.get(key, {}))
+        self.release(key, *kinds)
+        with self._sessions_lock:
+            self._claims.pop(key, None)
+            self._seen.pop(key, None)
+        shutil.rmtree(self.work_dir / "sessions" / key, ignore_errors=True)
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Remove the sessions idle for over ``keep_minutes`` (activity = their last event, else
+        their folder's time), and cache entries no session holds that are as old; return the
+        sessions removed."""
+        now = time.time() if now is None else now
+        ttl = self.keep_minutes * 60
+        removed = []
+        sessions = self.work_dir / "sessions"
+        keys = {p.name for p in sessions.iterdir()} if sessions.is_dir() else set()
+        with self._sessions_lock:
+            keys |= set(self._seen) | set(self._claims)
+        for key in sorted(keys):
+            with self._sessions_lock:
+                if self._busy.get(key):
+                    continue
+                seen = self._seen.get(key)
+            if seen is None:
+                seen = _mtime(sessions / key)
+            if now - seen > ttl:
+                self.end_session(key)
+                removed.append(key)
+        with self._sessions_lock:
+            held = set().union(*(s for claims in self._claims.values() for s in claims.values()))
+        if self.uploads.is_dir():
+            for entry in self.uploads.iterdir():
+                if entry not in held and now - _mtime(entry) > ttl:
+                    shutil.rmtree(entry, ignore_errors=True) if entry.is_dir() else entry.unlink(missing_ok=True)
+        return removed
+
+    def remove_all(self) -> None:
+        """The server stops: remove every session and the upload cache (and the work folder when
+        the server made it)."""
+        for _ in range(2):  # a running event may still be writing: once more after it
+            if self.owns_work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
+            else:
+                for name in ("sessions", "uploads"):
+                    shutil.rmtree(self.work_dir / name, ignore_errors=True)
 
     def new_folder(self, session: Path, kind: str) -> Path:
         stamp = time.strftime("%H%M%S")
@@ -154,12 +320,16 @@ class Server:
         folder = self.new_folder(self.session_dir(request), "videos")
         name = re.sub(r"[^A-Za-z0-9._-]", "_", source.name)[-80:] or "input"
         video = folder / name
-        shutil.copyfile(source, video)
-        info = self.check_video(video)
-        report = (lambda done: progress("faces", done, info.frame_count)) if progress else None
-        tracks = require_face(detect_video_faces(video, progress=report), video.name)
+        try:
+            shutil.copyfile(source, video)
+            info = self.check_video(video)
+            report = (lambda done: progress("faces", done, info.frame_count)) if progress else None
+            tracks = require_face(detect_video_faces(video, progress=report), video.name)
+        except BaseException:  # a rejected video is not kept
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
         return Loaded(str(video), str(tracks.save(folder / "tracks.json")), info.frame_count,
-                      [t.id for t in tracks.tracks])
+                      [t.id for t in tracks.tracks], float(info.fps or 0.0))
 
     def load_sample(self, request) -> Loaded:
         from ipfacediff.demo import sample_clip
@@ -168,15 +338,21 @@ class Server:
         video = folder / "sample.mp4"
         tracks = sample_clip(video)
         return Loaded(str(video), str(tracks.save(folder / "tracks.json")), tracks.frames,
-                      [t.id for t in tracks.tracks])
+                      [t.id for t in tracks.tracks], float(tracks.fps or 0.0))
 
-    def thumbnail(self, loaded: Loaded) -> np.ndarray:
+    def thumbnail(self, loaded: Loaded) -> Path:
+        """The faces preview, as a PNG next to the video (a file: its cache copy is known and removed)."""
+        import cv2
+
         from ipfacediff.face import FaceTracks
         from ipfacediff.video import read_frames
 
         tracks = FaceTracks.load(loaded.tracks)
         index = best_frame(tracks)
-        return face_thumbnail(read_frames(loaded.video, start=index, count=1)[0], tracks, index)
+        image = face_thumbnail(read_frames(loaded.video, start=index, count=1)[0], tracks, index)
+        path = Path(loaded.video).parent / "faces.png"
+        cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+        return path
 
     def run(self, loaded: Loaded, settings, request, *, identity_lora: str | None,
             edit_loras: tuple[tuple[str, float], ...], progress=None) -> dict:
@@ -187,7 +363,9 @@ class Server:
         from ipfacediff.job import edit_video
 
         session = self.session_dir(request)
-        settings.validate()
+        if not Path(loaded.video).is_file() or not Path(loaded.tracks).is_file():
+            raise UserError(f"the video is no longer on the server (cleared, or idle for over {self.keep_minutes:g} "
+                            "minutes): upload it again or take the built-in sample")
         if progress:
             progress("loading models", 0, 1)
         pipe = self.pipeline(identity_lora, edit_loras)
@@ -195,9 +373,13 @@ class Server:
         edited = folder / "edited.mp4"
         report = edit_video(loaded.video, edited, settings, pipeline=pipe, tracks_path=loaded.tracks,
                             cache=InversionCache(session / "inversion"), progress=progress, log=lambda m: None)
+        if progress:
+            progress("side by side", 0, 1)
         preview = side_by_side(Path(loaded.video), edited, folder / "side_by_side.mp4")
         tracks = FaceTracks.load(loaded.tracks).select(settings.faces)
         metrics = evaluate_videos(loaded.video, edited, tracks=tracks, identity=self.identity(), progress=progress)
+        if progress:
+            progress("report", 0, 1)
         metrics_path = write_metrics_json(metrics, folder / "metrics.json")
         report_path = write_html_report(metrics, loaded.video, edited, folder / "report.html")
         return {"report": report, "edited": edited, "preview": preview, "metrics": metrics,
@@ -211,28 +393,120 @@ CSS = """
 .status-error { border-left: 4px solid #dc2626; padding: 6px 12px; background: rgba(220,38,38,.08); border-radius: 6px; }
 .status-info { border-left: 4px solid #2563eb; padding: 6px 12px; background: rgba(37,99,235,.08); border-radius: 6px; }
 #run-button { min-height: 48px; }
+#status [data-testid="status-tracker"].translucent { background: var(--block-background-fill); }
+#status:has([data-testid="status-tracker"].translucent:not(.hide)) [id^="status-"] { visibility: hidden; }
+.result-line { padding: 4px 2px; line-height: 1.5; }
+.result-line ul { margin: 4px 0 0 1.2em; padding: 0; list-style: disc; }
 footer { display: none !important; }
 """
+
+# The input player cannot play a file that is not a video (or one the browser does not decode) and
+# raises its own "Video not playable" pop-up: the server says what is wrong, once, in the status
+# line, so that pop-up is stopped before it reaches the player (capture phase, input player only).
+HEAD = """<script>
+window.addEventListener("error", (event) => {
+  const target = event.target;
+  if (target instanceof HTMLMediaElement && target.closest("#input-video")) event.stopImmediatePropagation();
+}, true);
+</script>"""
 
 
 def _status(kind: str, text: str) -> str:
     return f'<div class="status-{kind}" id="status-{kind}">{html.escape(text)}</div>'
 
 
-def _fmt_metric(metrics: dict, key: str) -> str | None:
+def _number(metrics: dict, key: str) -> float | None:
     value = metrics.get(key)
-    return f"{key} {value:.3f}" if isinstance(value, float) and np.isfinite(value) else None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def result_summary(metrics: dict) -> tuple[str, list[str]]:
+    """The edit's scores for a person, as a heading and one line per figure: what it is, and what
+    is good (README's "Evaluation output"); says plainly when the edit itself was not judged (no
+    CLIP figures)."""
+    from ipfacediff.evaluation import ID_SAME_PERSON_COSINE
+
+    parts = []
+    if (v := _number(metrics, "id_sim")) is not None:
+        verdict = "the same person" if v >= ID_SAME_PERSON_COSINE else "may not look like the same person"
+        parts.append(f"same person: identity similarity {v:.2f} (1 = unchanged, {ID_SAME_PERSON_COSINE:g} or more = "
+                     f"the same person; {verdict})")
+    if (v := _number(metrics, "tl_id")) is not None:
+        parts.append(f"steady identity: frame-to-frame identity consistency {v:.2f} (1 = as consistent as the input)")
+    if (v := _number(metrics, "warp_error_ratio")) is not None:
+        parts.append(f"flicker: warp error ratio {v:.2f} (1 = as steady as the input, higher = more flicker)")
+    clip = [f"edit direction: CLIP {v:.2f} (0 = unchanged, higher = further towards the prompt)"
+            for v in [_number(metrics, "clip_direction")] if v is not None]
+    clip += [f"prompt match: CLIP score {v:.2f} (higher = closer to the prompt)"
+             for v in [_number(metrics, "clip_score")] if v is not None]
+    if not parts:
+        parts.append("no face found in the edit to score")
+    lead = "Checks" if clip else "Checks: identity and flicker only; the edit itself was not judged"
+    return lead, parts + clip
+
+
+def _result_line(lead: str, lines: list[str], faces: list[str] = ()) -> str:
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    prompts = "".join(f"<li>{html.escape(line)}</li>" for line in faces)
+    head = (f'<div class="result-line" id="result-faces"><strong>Prompts</strong><ul>{prompts}</ul></div>'
+            if faces else "")
+    return head + (f'<div class="result-line" id="result-text"><strong>{html.escape(lead)}</strong>'
+                   f'<ul>{items}</ul></div>')
+
+
+def seconds_text(value: Any, *, clip_seconds: float = 0.0, end: bool = False) -> str:
+    """A range field's number as the seconds EditSettings takes: empty (the clip's own start or
+    end) for an empty field, a start at 0 or an end at (or past) the clip's end."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    value = float(value)
+    if (not end and value == 0) or (end and clip_seconds and value >= clip_seconds - 1e-3):
+        return ""
+    return format(value, "g")
+
+
+def face_prompt_items(ids: list[int], chosen: list[int], texts) -> list[str]:
+    """``ID=TEXT`` for each ticked face whose own prompt box (slot i = face ``ids[i]``) is filled."""
+    return [f"{face}={text.strip()}" for face, text in zip(ids, texts)
+            if face in chosen and isinstance(text, str) and text.strip()]
+
+
+def face_summary(faces: list[dict], settings) -> list[str]:
+    """Which prompt each edited face got (a run report's ``faces``), in words."""
+    own = {int(item.partition("=")[0]) for item in settings.face_prompts}
+    lines = []
+    for face in faces:
+        prompt = face.get("prompt")
+        if prompt is None:
+            lines.append(f"face {face['id']}: not edited")
+            continue
+        whose = "its own prompt" if face["id"] in own else "the main prompt"
+        line = f"face {face['id']}: \u201c{prompt}\u201d ({whose})"
+        if not face.get("frames"):
+            line += ", no frame in the range"
+        adapters = face.get("edit_adapters")
+        if adapters:
+            names = [":".join(str(v) for v in a) if isinstance(a, (list, tuple)) else str(a) for a in adapters]
+            line += f"; adapters {', '.join(names)}"
+        lines.append(line)
+    return lines
 
 
 def build(server: Server):
     """The Gradio Blocks of the page, bound to ``server``."""
     import gradio as gr
 
-    from ipfacediff.job import EditSettings
+    from ipfacediff.settings import EditSettings, default_of
 
     def cleanup(value):
-        if isinstance(value, dict) and value.get("session"):
-            shutil.rmtree(value["session"], ignore_errors=True)
+        # Gradio calls this an hour after the tab closed (its STATE_TTL_WHEN_CLOSED), if ever: the
+        # page's unload event ends the session at once; this only catches what that missed.
+        if isinstance(value, dict) and value.get("key"):
+            server.end_session(value["key"])
+
+    def on_unload(request: gr.Request):
+        server.end_session(server.session_key(request))
 
     def shown(error: Exception) -> str:
         """The one-line message, without the session folders' paths (the user knows the file by name)."""
@@ -243,67 +517,134 @@ def build(server: Server):
             bar((done, max(total, 1)), desc=stage, unit="")
         return update
 
+    no_result = (None, None, None, None, "")  # side by side, edited file, downloads, metrics JSON, result line
+
+    def input_controls(loaded: Loaded | None):
+        """The range fields (start, end) and the per-face prompt boxes, for a new input (or none)."""
+        seconds = round(loaded.seconds, 3) if loaded else None
+        end_label = f"End (s; the clip is {seconds:g} s)" if seconds else "End (s)"
+        ranges = (gr.update(value=0 if loaded else None),
+                  gr.update(value=seconds if seconds else None, label=end_label))
+        ids = loaded.ids if loaded else []
+        boxes = tuple(gr.update(visible=i < len(ids), value="",
+                                label=f"Prompt for face {ids[i]} (empty = the main prompt)" if i < len(ids) else None)
+                      for i in range(FACE_PROMPT_SLOTS))
+        return ranges + boxes
+
+    def cleared(kind: str, message: str):
+        """No video loaded: the state, faces image, face choices and results empty."""
+        return (None, None, gr.update(choices=[], value=[]), _status(kind, message)) + no_result + input_controls(None)
+
     def loaded_outputs(loaded: Loaded, request, message: str):
+        thumb = server.thumbnail(loaded)
+        server.claim(request, "input", [loaded.video, thumb])
         choices = [(f"face {i}", i) for i in loaded.ids]
-        state = {"loaded": loaded.__dict__, "session": str(server.session_dir(request))}
-        return (state, server.thumbnail(loaded), gr.update(choices=choices, value=list(loaded.ids)),
-                _status("info", message))
+        state = {"loaded": loaded.__dict__, "session": str(server.session_dir(request)),
+                 "key": server.session_key(request)}
+        return (state, str(thumb), gr.update(choices=choices, value=list(loaded.ids)),
+                _status("info", message)) + no_result + input_controls(loaded)
 
-    def on_upload(video, request: gr.Request, bar=gr.Progress()):
-        if not video:
-            return None, None, gr.update(choices=[], value=[]), _status("info", "upload a video or take the sample")
-        try:
-            loaded = server.load_upload(video, request, progress_adapter(bar))
-        except UserError as error:
-            gr.Warning(shown(error), title="error")
-            return None, None, gr.update(choices=[], value=[]), _status("error", f"error: {shown(error)}")
-        return loaded_outputs(loaded, request, f"{len(loaded.ids)} face(s) found in {loaded.frames} frames: "
-                                               "choose the faces to edit and type a prompt")
+    def on_upload(video, state, request: gr.Request, bar=gr.Progress()):
+        with server.busy(request):
+            server.forget_input(request, state, keep=[video])
+            if not video:
+                return (gr.update(),) + cleared("info", START)
+            server.claim(request, "input", [video])
+            try:
+                loaded = server.load_upload(video, request, progress_adapter(bar))
+            except UserError as error:  # shown once, in the status line; the rejected file goes
+                server.release(request, "input")
+                return (None,) + cleared("error", f"error: {shown(error)}")
+            return (gr.update(),) + loaded_outputs(loaded, request, f"{len(loaded.ids)} face(s) found in "
+                                                   f"{loaded.frames} frames: choose the faces to edit and type a prompt")
 
-    def on_sample(request: gr.Request):
-        loaded = server.load_sample(request)
-        outs = loaded_outputs(loaded, request, f"built-in sample: {loaded.frames} frames, face tracks given "
-                                               "(a cartoon face that the detector may miss)")
-        return (gr.update(value=loaded.video),) + outs
+    def on_sample(state, request: gr.Request):
+        with server.busy(request):
+            server.forget_input(request, state)
+            loaded = server.load_sample(request)
+            return (loaded.video,) + loaded_outputs(loaded, request, f"built-in sample: {loaded.frames} frames, face "
+                                                    "tracks given (a cartoon face that the detector may miss)")
 
-    def on_run(state, faces, prompt, source_prompt, strength, keyframes, steps, seed, identity_lora, adapters_text,
-               adapter_files, request: gr.Request, bar=gr.Progress()):
-        empty = (None, None, None, None)
-        try:
-            if not state or not state.get("loaded"):
-                raise UserError("no video yet: upload a video or take the built-in sample first")
-            loaded = Loaded(**state["loaded"])
-            if not faces:
-                raise UserError("no face chosen: tick at least one face to edit")
-            chosen = sorted(int(f) for f in faces)
-            spec = "all" if chosen == sorted(loaded.ids) else ",".join(str(i) for i in chosen)
-            keyframes = int(keyframes) if keyframes else None
-            settings = EditSettings(prompt=prompt or "", source_prompt=source_prompt or "", steps=int(steps),
-                                    keyframes=keyframes, strength=float(strength), seed=int(seed or 0), faces=spec)
-            from ipfacediff.models import parse_lora_spec
+    def on_clear(state, request: gr.Request):
+        with server.busy(request):
+            server.forget_input(request, state)
+            return cleared("info", START)
 
-            specs = [line.strip() for line in (adapters_text or "").splitlines() if line.strip()]
-            specs += [str(f) for f in adapter_files or []]
-            edit_loras = tuple(parse_lora_spec(s) for s in specs)
-            for path, _ in edit_loras + (((identity_lora.strip(), 1.0),) if identity_lora and identity_lora.strip() else ()):
-                if not Path(path).is_file():
-                    raise UserError(f"adapter {path} does not exist; give the path of a .safetensors file")
-            out = server.run(loaded, settings, request, identity_lora=(identity_lora or "").strip() or None,
-                             edit_loras=edit_loras, progress=progress_adapter(bar))
-        except UserError as error:
-            gr.Warning(shown(error), title="error")
-            return empty + (_status("error", f"error: {shown(error)}"),)
+    def adapter_file(path, what: str) -> str | None:
+        if not path:
+            return None
+        if Path(path).suffix.lower() != ".safetensors":
+            raise UserError(f"{what} {Path(path).name} is not a .safetensors file; upload the adapter's .safetensors")
+        return str(path)
+
+    def adapter_weights(text: str | None, count: int) -> list[float]:
+        from ipfacediff.models import LORA_WEIGHT_RANGE
+
+        items = [t for t in re.split(r"[,;\s]+", text or "") if t]
+        if not items:
+            return [1.0] * count
+        if len(items) != count:
+            raise UserError(f"{len(items)} weight(s) for {count} edit adapter(s): give one weight per uploaded edit "
+                            "adapter, in order, or none (1 each)")
+        low, high = LORA_WEIGHT_RANGE
+        weights = []
+        for item in items:
+            try:
+                weight = float(item)
+            except ValueError:
+                weight = math.nan
+            if not math.isfinite(weight) or not low <= weight <= high:
+                raise UserError(f"edit adapter weight {item!r} must be a number from {low:g} to {high:g} "
+                                "(1 = the adapter as trained)")
+            weights.append(weight)
+        return weights
+
+    def on_run(state, faces, prompt, source_prompt, strength, keyframes, steps, seed, identity_file, edit_files,
+               edit_weights, start, end, fade, request: gr.Request, bar=gr.Progress(), *face_texts):
+        with server.busy(request) as session:
+            try:
+                if not state or not state.get("loaded"):
+                    raise UserError("no video yet: upload a video or take the built-in sample first")
+                loaded = Loaded(**state["loaded"])
+                if not faces:
+                    raise UserError("no face chosen: tick at least one face to edit")
+                chosen = sorted(int(f) for f in faces)
+                spec = "all" if chosen == sorted(loaded.ids) else ",".join(str(i) for i in chosen)
+                own = face_prompt_items(loaded.ids, chosen, face_texts)
+                if not (prompt or "").strip() and own and len(own) == len(chosen):  # every face has its own
+                    prompt = own[0].partition("=")[2]
+                settings = EditSettings.from_mapping({
+                    "prompt": prompt or "", "source_prompt": source_prompt or "", "steps": steps,
+                    "keyframes": keyframes or None, "strength": strength, "seed": seed or 0, "faces": spec,
+                    "face_prompts": own, "start": seconds_text(start),
+                    "end": seconds_text(end, clip_seconds=loaded.seconds, end=True), "fade": fade})
+                if loaded.fps:  # a bad range is refused before any model loads
+                    settings.frame_range(loaded.fps, loaded.frames)
+                identity_lora = adapter_file(identity_file, "identity adapter")
+                edit_paths = [adapter_file(f, "edit adapter") for f in edit_files or []]
+                edit_loras = tuple(zip(edit_paths, adapter_weights(edit_weights, len(edit_paths))))
+                server.claim(request, "adapters", [identity_lora, *edit_paths])
+                out = server.run(loaded, settings, request, identity_lora=identity_lora,
+                                 edit_loras=edit_loras, progress=progress_adapter(bar))
+            except UserError as error:  # shown once, in the status line; no stale result beside it
+                shutil.rmtree(session / "runs", ignore_errors=True)
+                server.release(request, "result")
+                return no_result + (_status("error", f"error: {shown(error)}"),)
+            shown_files = [out["preview"], out["edited"], out["report_path"], out["metrics_path"]]
+            for old in (session / "runs").iterdir():  # the previous result leaves the page: and the disk
+                if old != Path(out["edited"]).parent:
+                    shutil.rmtree(old, ignore_errors=True)
+            server.release(request, "result", keep=shown_files)
+            server.claim(request, "result", shown_files)
         report, metrics = out["report"], out["metrics"]
         reused = " — inversion reused from the cache (same video, same source prompt and steps)" \
             if report.inversion_reused else ""
-        scores = ", ".join(s for s in (_fmt_metric(metrics, k) for k in ("id_sim", "tl_id", "warp_error_ratio",
-                                                                          "flicker")) if s)
-        text = f"{report.message} in {report.seconds.get('total', 0):.1f} s{reused}. " + (scores or "")
+        text = f"done: {report.message} in {report.seconds.get('total', 0):.1f} s{reused}."
         files = [str(out["edited"]), str(out["report_path"]), str(out["metrics_path"])]
         return (str(out["preview"]), str(out["edited"]), files,
                 json.dumps({k: metrics.get(k) for k in ("id_sim", "id_drift", "tl_id", "tg_id", "warp_error_ratio",
                                                         "flicker", "frames")}, default=str),
-                _status("ok", text))
+                _result_line(*result_summary(metrics), face_summary(report.faces, settings)), _status("ok", text))
 
     with gr.Blocks(title="ipfacediff") as demo:
         state = gr.State(None, delete_callback=cleanup)
@@ -313,9 +654,23 @@ def build(server: Server):
             with gr.Column(scale=1):
                 video = gr.Video(label="Input video", sources=["upload"], elem_id="input-video", height=300)
                 sample = gr.Button("Use the built-in sample", elem_id="sample-button", variant="secondary")
+                with gr.Row(equal_height=False):
+                    start = gr.Number(value=None, label="Start (s)", elem_id="range-start",
+                                      placeholder="clip start", min_width=100)
+                    end = gr.Number(value=None, label="End (s)", elem_id="range-end",
+                                    placeholder="clip end", min_width=100)
+                    fade = gr.Number(value=default_of(EditSettings, "fade"), precision=0,
+                                     label="Fade (frames)", elem_id="range-fade", min_width=100)
                 thumb = gr.Image(label="Detected faces (track ids)", interactive=False, elem_id="faces-image",
                                  height=260, type="numpy")
-                faces = gr.CheckboxGroup(label="Faces to edit", choices=[], elem_id="faces-choice")
+                with gr.Row(equal_height=False):
+                    faces = gr.CheckboxGroup(label="Faces to edit", choices=[], elem_id="faces-choice", scale=1,
+                                             min_width=120)
+                    with gr.Column(scale=3, min_width=200):
+                        face_prompts = [gr.Textbox(label="Prompt for this face (empty = the main prompt)",
+                                                   visible=False, lines=1, max_lines=2, elem_id=f"face-prompt-{i}",
+                                                   placeholder="empty = the main prompt")
+                                        for i in range(FACE_PROMPT_SLOTS)]
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt",
                                     placeholder="what the face should show")
@@ -323,44 +678,70 @@ def build(server: Server):
                                            placeholder="what the input shows, e.g. a face")
                 with gr.Row():
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength", elem_id="strength")
-                    steps = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="steps")
+                    steps = gr.Slider(1, 100, value=default_of(EditSettings, "steps"), step=1, label="Steps",
+                                      elem_id="steps")
                 with gr.Row():
                     keyframes = gr.Number(value=0, precision=0, minimum=0, label="Keyframes (0 = one per 8 frames)",
                                           elem_id="keyframes")
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 with gr.Accordion("Adapters (LoRA)", open=False):
-                    identity_lora = gr.Textbox(label="Identity adapter ε1 (path to .safetensors)", elem_id="identity-lora")
-                    adapters_text = gr.Textbox(label="Edit adapters ε2: one PATH or PATH:WEIGHT per line", lines=2,
-                                               elem_id="edit-loras")
-                    adapter_files = gr.File(label="…or upload edit adapters", file_count="multiple",
-                                            file_types=[".safetensors"], type="filepath", elem_id="edit-lora-files")
+                    identity_file = gr.File(label="Identity adapter ε1 (.safetensors)", file_count="single",
+                                            file_types=[".safetensors"], type="filepath", elem_id="identity-lora")
+                    edit_files = gr.File(label="Edit adapters ε2 (.safetensors)", file_count="multiple",
+                                         file_types=[".safetensors"], type="filepath", elem_id="edit-loras")
+                    edit_weights = gr.Textbox(label="Edit adapter weights: one per adapter, in order "
+                                                    "(empty = 1 each)", placeholder="e.g. 0.8, 1",
+                                              elem_id="edit-lora-weights")
                 run = gr.Button("Edit faces", variant="primary", elem_id="run-button")
-                status = gr.HTML(_status("info", "upload a video or take the built-in sample"), elem_id="status")
+                status = gr.HTML(_status("info", START), elem_id="status", min_height=56)
         gr.Markdown("## Result: input | edited")
         with gr.Row(equal_height=False):
             with gr.Column(scale=2):
                 result = gr.Video(label="Side by side", interactive=False, elem_id="result-video", height=320)
+                result_line = gr.HTML("", elem_id="result-line")
             with gr.Column(scale=1):
                 edited = gr.File(label="Edited video", interactive=False, elem_id="edited-file")
                 downloads = gr.File(label="Downloads: edited video, report (HTML), metrics (JSON)",
                                     file_count="multiple", interactive=False, elem_id="downloads")
                 summary = gr.Code(label="Metrics", language="json", interactive=False, elem_id="metrics", visible=False)
 
-        load_outputs = [state, thumb, faces, status]
-        video.upload(on_upload, [video], load_outputs)
-        sample.click(on_sample, None, [video] + load_outputs)
-        run.click(on_run, [state, faces, prompt, source_prompt, strength, keyframes, steps, seed, identity_lora,
-                           adapters_text, adapter_files], [result, edited, downloads, summary, status])
+        # Every new input (upload, sample, ×) sets the loaded state, faces and results together; one
+        # progress bar, on the status line, follows the stages as the pipeline reports them.
+        results = [result, edited, downloads, summary, result_line]
+        load_outputs = [state, thumb, faces, status] + results + [start, end] + face_prompts
+        once = dict(show_progress="full", show_progress_on=[status])
+        video.upload(on_upload, [video, state], [video] + load_outputs, **once)
+        video.clear(on_clear, [state], load_outputs, show_progress="hidden")
+        sample.click(on_sample, [state], [video] + load_outputs, **once)
+        run.click(on_run, [state, faces, prompt, source_prompt, strength, keyframes, steps, seed, identity_file,
+                           edit_files, edit_weights, start, end, fade] + face_prompts, results + [status], **once)
+        demo.unload(on_unload)
     return demo
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, *, model: str | None = None, work_dir: str | Path | None = None,
            max_upload_mb: float = 200, max_seconds: float = 120, share: bool = False,
-           device: str = "auto", dtype: str = "auto", block: bool = True):
-    """Serve the page at http://HOST:PORT. ``block=False`` returns the running Blocks (close with ``.close()``)."""
+           device: str = "auto", dtype: str = "auto", block: bool = True,
+           keep_minutes: float = DEFAULT_KEEP_MINUTES):
+    """Serve the page at http://HOST:PORT. ``block=False`` returns the running Blocks (close with ``.close()``).
+
+    ``keep_minutes``: a session idle for longer is removed with its videos and results (a background
+    sweep). A blocking server removes its work folder on SIGINT/SIGTERM before it exits (all of it
+    when it made the folder, else the ``sessions`` and ``uploads`` it keeps there); any server does
+    so at a normal interpreter exit."""
+    import importlib.util
+
+    if importlib.util.find_spec("gradio") is None:  # an optional extra: say how to get it
+        raise UserError('gradio is not installed: pip install "ipfacediff[ui]"')
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    if isinstance(keep_minutes, bool) or not isinstance(keep_minutes, (int, float)) \
+            or not math.isfinite(keep_minutes) or keep_minutes <= 0:
+        raise UserError(f"keep minutes must be a positive number of minutes, not {keep_minutes!r}")
     if work_dir is None:
         work_dir = Path(tempfile.mkdtemp(prefix="ipfacediff-ui-"))
+        owns = True
+    else:
+        owns = not Path(work_dir).exists()
     work_dir = Path(work_dir).resolve()
     try:
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -371,9 +752,13 @@ def launch(host: str = "127.0.0.1", port: int = 7860, *, model: str | None = Non
     if max_upload_mb <= 0 or max_seconds <= 0:
         raise UserError("the upload size and duration limits must be positive")
     server = Server(model=model, work_dir=work_dir, max_upload_mb=max_upload_mb, max_seconds=max_seconds,
-                    device=device, dtype=dtype)
-    uploads = work_dir / "uploads"
+                    device=device, dtype=dtype, keep_minutes=keep_minutes, owns_work_dir=owns)
+    uploads = server.uploads
     uploads.mkdir(exist_ok=True)
+    atexit.register(server.remove_all)
+    if block and threading.current_thread() is threading.main_thread():
+        _remove_on_signals(server)
+    threading.Thread(target=_sweep_forever, args=(server,), name="ipfacediff-ui-sweep", daemon=True).start()
     # Gradio keeps uploads and served files under GRADIO_TEMP_DIR, read by Blocks(), launch() and every
     # upload check: it stays set for the life of the process (the server's process).
     os.environ["GRADIO_TEMP_DIR"] = str(uploads)
@@ -385,6 +770,32 @@ def launch(host: str = "127.0.0.1", port: int = 7860, *, model: str | None = Non
         print(f"warning: serving on {host}: anyone who can reach this address can use the page")
     demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
                 max_file_size=f"{max_upload_mb:g}mb", allowed_paths=[str(work_dir)], ssr_mode=False,
-                theme=gr.themes.Soft(), css=CSS, show_error=True, quiet=not block, inbrowser=False)
+                theme=gr.themes.Soft(), css=CSS, head=HEAD, show_error=True, quiet=not block, inbrowser=False,
+                run_history=False)  # the browser keeps no copies of runs whose files the server removes
     demo.ipfacediff_server = server  # type: ignore[attr-defined]
     return demo
+
+
+def _sweep_forever(server: Server) -> None:
+    """Every tenth of ``keep_minutes`` (1 s to 1 min): remove the sessions idle for longer."""
+    interval = min(60.0, max(1.0, server.keep_minutes * 6))
+    while True:
+        time.sleep(interval)
+        try:
+            server.sweep()
+        except Exception as exc:  # the sweep never stops; the next one retries
+            print(f"warning: removing idle sessions failed: {exc}", file=sys.stderr)
+
+
+def _remove_on_signals(server: Server) -> None:
+    """On SIGINT/SIGTERM: remove the work folder, then end the process by that signal."""
+    def stop(signum, frame):
+        server.remove_all()
+        what = server.work_dir if server.owns_work_dir else f"the sessions and uploads in {server.work_dir}"
+        print(f"stopped ({signal.Signals(signum).name}): removed {what}", flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        os._exit(128 + signum)  # not reached where the signal ends the process
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)

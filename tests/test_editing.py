@@ -6,7 +6,9 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
 from ipfacediff.diffusion import InversionCache, ddim_step, encode_prompt
+from ipfacediff.errors import UserError
 from ipfacediff.face import inner_face_share
+from ipfacediff.settings import EditSettings
 from ipfacediff.editing import (
     DEFAULT_KEYFRAME_SPACING,
     FeatureController,
@@ -31,14 +33,14 @@ PROMPT = "a face with eyeglasses"
 
 def test_same_seed_gives_bit_identical_output(tiny_pipe, tmp_path):
     frames = moving_texture(6)
-    a = tiny_pipe(frames, PROMPT, steps=4, seed=3, cache=InversionCache(tmp_path / "a"))
-    b = tiny_pipe(frames, PROMPT, steps=4, seed=3, cache=InversionCache(tmp_path / "b"))
+    a = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, seed=3), cache=InversionCache(tmp_path / "a"))
+    b = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, seed=3), cache=InversionCache(tmp_path / "b"))
     assert np.array_equal(a.frames, b.frames)
     # and a re-edit from the cache is the same edit, made without inverting again
-    c = tiny_pipe(frames, PROMPT, steps=4, seed=3, cache=InversionCache(tmp_path / "a"))
+    c = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, seed=3), cache=InversionCache(tmp_path / "a"))
     assert c.inversion_reused and c.unet_calls["invert"] == 0
     assert np.array_equal(a.frames, c.frames)
-    d = tiny_pipe(frames, PROMPT, steps=4, seed=4, cache=InversionCache(tmp_path / "a"))
+    d = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, seed=4), cache=InversionCache(tmp_path / "a"))
     assert a.keyframes_per_step != d.keyframes_per_step
 
 
@@ -117,14 +119,14 @@ def test_smoothing_over_time_damps_flicker_and_keeps_a_steady_edit():
 
 def test_repeated_frame_gives_identical_frames(tiny_pipe):
     frame = moving_texture(1)[0]
-    result = tiny_pipe(np.stack([frame] * 10), PROMPT, steps=3, keyframes=3)
+    result = tiny_pipe(np.stack([frame] * 10), EditSettings(prompt=PROMPT, steps=3, keyframes=3))
     assert all(np.array_equal(result.frames[0], f) for f in result.frames[1:])
 
 
 def test_every_length_up_to_twice_the_keyframe_spacing(tiny_pipe):
     frames = moving_texture(2 * DEFAULT_KEYFRAME_SPACING, size=32)
     for length in range(1, 2 * DEFAULT_KEYFRAME_SPACING + 1):
-        result = tiny_pipe(frames[:length], PROMPT, steps=2, seed=length)
+        result = tiny_pipe(frames[:length], EditSettings(prompt=PROMPT, steps=2, seed=length))
         assert result.frames.shape == (length, 32, 32, 3)
         assert all(max(k) < length for k in result.keyframes_per_step)
 
@@ -133,9 +135,7 @@ def test_without_injection_every_frame_editing_is_independent_sampling(tiny_pipe
     """Injection off and every frame a keyframe: plain CFG DDIM sampling with ε2 from the inversion."""
     frames = moving_texture(3)
     steps, guidance = 4, 5.0
-    result = tiny_pipe(frames, PROMPT, steps=steps, guidance=guidance, every_frame=True,
-                       inject_feature_until=1000, inject_attention_until=1000, local_blend=False,
-                       detail_transfer=False)
+    result = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=steps, guidance=guidance, every_frame=True, inject_feature_until=1000, inject_attention_until=1000, local_blend=False, detail_transfer=False))
     inverted, _ = tiny_pipe.invert(frames, steps=steps)
     texts = encode_prompt(tiny_pipe.tokenizer, tiny_pipe.text_encoder, ["", PROMPT])
     latents = inverted.latents[0].clone()
@@ -152,9 +152,9 @@ def test_without_injection_every_frame_editing_is_independent_sampling(tiny_pipe
 
 def test_identity_features_change_the_edit(tiny_pipe):
     frames = moving_texture(4)
-    with_injection = tiny_pipe(frames, PROMPT, steps=4)
-    without = tiny_pipe(frames, PROMPT, steps=4, inject_feature_until=1000, inject_attention_until=1000)
-    ablated = tiny_pipe(frames, PROMPT, steps=4, identity_guidance=False)
+    with_injection = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4))
+    without = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, inject_feature_until=1000, inject_attention_until=1000))
+    ablated = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, identity_guidance=False))
     assert with_injection.unet_calls["identity"] > 0 and without.unet_calls["identity"] == 0
     assert not np.array_equal(with_injection.frames, without.frames)
     assert ablated.frames.shape == with_injection.frames.shape
@@ -178,16 +178,16 @@ def test_pipeline_saves_and_loads(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     loaded = IPFaceDiffPipeline.from_pretrained(tmp_path / "pipe")
     frames = moving_texture(3)
-    a = tiny_pipe(frames, PROMPT, steps=2)
-    b = loaded(frames, PROMPT, steps=2)
+    a = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=2))
+    b = loaded(frames, EditSettings(prompt=PROMPT, steps=2))
     assert np.array_equal(a.frames, b.frames)
 
 
 def test_bad_frames_are_rejected(tiny_pipe):
     with pytest.raises(ValueError):
-        tiny_pipe(np.zeros((0, 64, 64, 3), np.uint8), PROMPT)
+        tiny_pipe(np.zeros((0, 64, 64, 3), np.uint8), EditSettings(prompt=PROMPT))
     with pytest.raises(ValueError):
-        tiny_pipe(np.zeros((2, 64, 64, 3), np.float32), PROMPT)
+        tiny_pipe(np.zeros((2, 64, 64, 3), np.float32), EditSettings(prompt=PROMPT))
 
 
 def test_detail_transfer_restores_the_source_where_the_edit_changed_nothing():
@@ -267,8 +267,8 @@ def test_local_blend_keeps_the_edit_inside_its_region(tiny_pipe):
     masks = tiny_pipe.edit_region_masks(inverted, PROMPT, "a face", {})
     assert masks.shape == (3, 1, 16, 16) and 0 <= masks.min() and masks.max() <= 1
     half = HalfMaskPipeline(**tiny_pipe.components, edit_adapter_weights={}, model_source="tiny")
-    blended = half(frames, PROMPT, steps=4)
-    free = tiny_pipe(frames, PROMPT, steps=4, local_blend=False)
+    blended = half(frames, EditSettings(prompt=PROMPT, steps=4))
+    free = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, local_blend=False))
     assert blended.unet_calls["mask"] > 0 and free.unet_calls["mask"] == 0
     # Outside the region the latents are the source's own, exactly; inside they are edited.
     assert torch.equal(blended.latents[..., 8:], inverted.clean[..., 8:])
@@ -288,21 +288,21 @@ def test_a_hair_edit_keeps_the_inner_face(tiny_pipe):
     whole = WholeMaskPipeline(**tiny_pipe.components, edit_adapter_weights={}, model_source="tiny")
     inverted, _ = whole.invert(frames, steps=4)
     inner = torch.from_numpy(inner_face_share(16)) == 1
-    hair = whole(frames, "a face with blonde hair", steps=4, hair=True)
-    plain = whole(frames, "a face with blonde hair", steps=4)
+    hair = whole(frames, EditSettings(prompt="a face with blonde hair", steps=4, hair=True))
+    plain = whole(frames, EditSettings(prompt="a face with blonde hair", steps=4))
     assert hair.hair and not plain.hair
     assert inner.sum() > 30
     assert torch.equal(hair.latents[..., inner], inverted.clean[..., inner])  # brows to mouth: the source's
     assert not torch.allclose(hair.latents[..., ~inner], inverted.clean[..., ~inner], atol=1e-3)
     assert not torch.allclose(plain.latents[..., inner], inverted.clean[..., inner], atol=1e-3)
-    whole_frame = whole(frames, "a face with blonde hair", steps=4, hair=True, aligned=False)
-    plain_whole_frame = whole(frames, "a face with blonde hair", steps=4, aligned=False)
+    whole_frame = whole(frames, EditSettings(prompt="a face with blonde hair", steps=4, hair=True, whole_frame=True))
+    plain_whole_frame = whole(frames, EditSettings(prompt="a face with blonde hair", steps=4, whole_frame=True))
     assert whole_frame.hair and torch.equal(whole_frame.latents, plain_whole_frame.latents)  # no face layout to lean on
 
 
 def test_steps_below_all_keyframes_below_edit_every_frame_on_its_own_latents(tiny_pipe):
     frames = moving_texture(6)
-    run = lambda keyframes=2, **kw: tiny_pipe(frames, PROMPT, steps=4, keyframes=keyframes, **kw)  # noqa: E731
+    run = lambda keyframes=2, **kw: tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, keyframes=keyframes, **kw))  # noqa: E731
     # the timesteps are 751, 501, 251 and 1
     late = run(all_keyframes_below=500)
     assert [len(k) for k in late.keyframes_per_step] == [2, 2, 6, 6]
@@ -312,10 +312,10 @@ def test_steps_below_all_keyframes_below_edit_every_frame_on_its_own_latents(tin
 
 def test_temporal_smoothing_changes_aligned_keyframe_edits_only(tiny_pipe):
     frames = moving_texture(5)
-    run = lambda **kw: tiny_pipe(frames, PROMPT, steps=3, local_blend=False, **kw).latents  # noqa: E731
+    run = lambda **kw: tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=3, local_blend=False, **kw)).latents  # noqa: E731
     smoothed, raw = run(temporal_smoothing=0.25), run(temporal_smoothing=0.0)
     assert not torch.allclose(smoothed, raw, atol=1e-4)
-    assert torch.equal(run(temporal_smoothing=0.25, aligned=False), run(temporal_smoothing=0.0, aligned=False))
+    assert torch.equal(run(temporal_smoothing=0.25, whole_frame=True), run(temporal_smoothing=0.0, whole_frame=True))
     assert torch.equal(run(temporal_smoothing=0.25, every_frame=True), run(temporal_smoothing=0.0, every_frame=True))
-    with pytest.raises(ValueError, match="temporal_smoothing"):
+    with pytest.raises(UserError, match="--temporal-smoothing"):
         run(temporal_smoothing=0.5)

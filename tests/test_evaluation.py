@@ -272,3 +272,15 @@ def test_flow_warps_the_previous_frame_onto_the_next():
     assert valid.mean() > 0.9  # all but the strip that enters the frame
     assert err_original[valid].mean() < 0.1 < 5 < err_edited[valid].mean()
     assert np.abs(frames[1].astype(float) - frames[0]).mean() > 5  # without the warp the error is large
+
+
+def test_without_clip_the_summary_and_headline_say_the_edit_was_not_judged():
+    from ipfacediff.evaluation import _verdict, summary_line
+
+    unjudged = {"id_sim": 0.95, "warp_error_ratio": 1.02, "same_person": True, "clip_direction": None}
+    assert "the edit itself was not judged" in summary_line(unjudged)
+    headline = _verdict(unjudged)
+    assert "identity: " in headline and "not judged" in headline
+    judged = {**unjudged, "clip_direction": 0.4}
+    assert "not judged" not in summary_line(judged) and "not judged" not in _verdict(judged)
+    assert summary_line({}) == "no face to score"

@@ -23,6 +23,7 @@ from ipfacediff.face import (
     crop_face,
     face_mask,
     faces_report,
+    min_track_length,
     paste_face,
     require_face,
     similarity_transform,
@@ -148,18 +149,60 @@ def test_small_face_in_a_large_frame_is_found(shared_clip):
     assert len(track.frames) >= 7 and 1300 < x0 < x1 < 1556 and 300 < y0 < y1 < 556
 
 
-def test_short_gaps_are_bridged_and_flukes_dropped(clip):
+@pytest.mark.parametrize("fill", [0, 128])
+def test_a_face_gone_for_two_frames_is_not_bridged_onto_them(clip, fill):
+    """No face, no paint: the face leaves for two black (or grey) frames. The tracker still links
+    both sides into one track, but the two frames are not in it, so no edit is pasted on them
+    (the paste-back loop of an edit, with a bright crop standing in for the edited face)."""
     frames, _ = clip("closeup.mp4")
-    grey = np.full_like(frames[0], 128)
-    gapped = [grey if 10 <= t < 13 else f for t, f in enumerate(frames[:24])]
+    gapped = frames[:12].copy()
+    gapped[5:7] = fill
     tracks = track_faces(iter(gapped), fps=10.0)
-    assert len(tracks.tracks) == 1 and tracks.tracks[0].frames == list(range(24))
-    bridged = tracks.tracks[0].points[11]
-    expected = (2 * tracks.tracks[0].points[9] + 2 * tracks.tracks[0].points[13]) / 4
-    np.testing.assert_allclose(bridged, expected, atol=1e-6)
-    # A face in only 2 of 12 frames is a fluke.
-    flash = [frames[t] if t in (5, 6) else grey for t in range(12)]
-    assert track_faces(iter(flash), fps=10.0).tracks == []
+    assert len(tracks.tracks) == 1
+    track = tracks.tracks[0]
+    assert track.frames == [0, 1, 2, 3, 4, 7, 8, 9, 10, 11]
+    assert tracks.in_frame(5) == tracks.in_frame(6) == []
+    size = 64
+    transforms = {face.id: alignment_transforms(face, size) for face in tracks.tracks}
+    edited = np.full((size, size, 3), 230, np.uint8)
+    for t, frame in enumerate(gapped):
+        out = frame
+        for face in tracks.in_frame(t):
+            M = transforms[face.id][t]
+            out = paste_face(out, edited, M, face_mask(face, t, M, size))
+        if t in (5, 6):
+            assert out.min() == out.max() == fill, f"an edit was pasted on frame {t}, which has no face"
+        else:
+            assert np.abs(out.astype(int) - frame).max() > 50
+
+
+def test_a_face_the_mesh_loses_for_two_frames_is_still_bridged(clip):
+    """Bridging still works where the frame shows the face: two frames blurred past what the face
+    mesh and the detector find are confirmed by the face's look and interpolated."""
+    frames, _ = clip("closeup.mp4")
+    blurred = frames[:12].copy()
+    blurred[5:7] = [cv2.GaussianBlur(f, (0, 0), 32) for f in blurred[5:7]]
+    tracks = track_faces(iter(blurred), fps=10.0)
+    assert len(tracks.tracks) == 1
+    track = tracks.tracks[0]
+    assert track.frames == list(range(12))
+    for t, w in ((5, 1 / 3), (6, 2 / 3)):
+        np.testing.assert_allclose(track.points[t], (1 - w) * track.points[4] + w * track.points[7], atol=1e-6)
+
+
+def test_shortest_kept_track_scales_with_the_clip(clip):
+    """A face in 4 of 8 frames is a face; in 1 of 8 or 2 of 12 frames it is a fluke."""
+    assert [min_track_length(n) for n in (1, 2, 3, 8, 9, 12, 16, 20, 400)] == [1, 2, 2, 2, 3, 3, 4, 5, 5]
+    frames, _ = clip("closeup.mp4")
+    black = np.zeros_like(frames[0])
+
+    def only(present: set[int], count: int) -> list[FaceTrack]:
+        return track_faces(iter([frames[t] if t in present else black for t in range(count)]), fps=10.0).tracks
+
+    half = only({2, 3, 4, 5}, 8)
+    assert len(half) == 1 and half[0].frames == [2, 3, 4, 5]
+    assert only({3}, 8) == []
+    assert only({5, 6}, 12) == []
 
 
 def test_video_without_face_gives_no_tracks_and_require_face_says_so():

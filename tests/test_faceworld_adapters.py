@@ -21,6 +21,7 @@ from ipfacediff.faceworld.adapters import (
 from ipfacediff.faceworld.attributes import EDITS, Attributes, caption
 from ipfacediff.faceworld.train import train_faceworld_models
 from ipfacediff.models import ADAPTER_LIBRARY, AdapterLibrary, pick_edit_adapters
+from ipfacediff.settings import EditSettings
 
 
 @contextmanager
@@ -79,19 +80,19 @@ def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
     folder, _ = model
     pipe = load_pipeline(str(folder), device="cpu")
     assert set(pipe.unet.peft_config) == {"identity", *(f"edit:{n}" for n in EDIT_WORDS)}
-    assert pipe.edit_weights("a face with a beard") == {"edit:beard": 1.0}
-    assert pipe.edit_weights("a smiling face with a beard", "a face with a beard") == {"edit:smile": 1.0}
-    assert pipe.edit_weights("a face with a beard", adapters="none") == {}
-    assert pipe.edit_weights("a face", adapters="beard:0.5, smile") == {"edit:beard": 0.5, "edit:smile": 1.0}
+    assert pipe.plan_edit(EditSettings(prompt="a face with a beard")).edit_weights == {"edit:beard": 1.0}
+    assert pipe.plan_edit(EditSettings(prompt="a smiling face with a beard", source_prompt="a face with a beard")).edit_weights == {"edit:smile": 1.0}
+    assert pipe.plan_edit(EditSettings(prompt="a face with a beard", adapters="none")).edit_weights == {}
+    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="beard:0.5, smile")).edit_weights == {"edit:beard": 0.5, "edit:smile": 1.0}
     with pytest.raises(UserError, match="unknown edit adapter 'hat'.*eyeglasses"):
-        pipe.edit_weights("a face", adapters="hat")
+        pipe.plan_edit(EditSettings(prompt="a face", adapters="hat")).edit_weights
 
     frames = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     with one_thread():
-        with_adapter = pipe(frames, "a face with a beard", steps=3)
-        without = pipe(frames, "a face with a beard", steps=3, adapters="none")
+        with_adapter = pipe(frames, EditSettings(prompt="a face with a beard", steps=3))
+        without = pipe(frames, EditSettings(prompt="a face with a beard", steps=3, adapters="none"))
         base = load_pipeline(str(folder), device="cpu", adapter_library=False)
-        plain = base(frames, "a face with a beard", steps=3)
+        plain = base(frames, EditSettings(prompt="a face with a beard", steps=3))
     assert with_adapter.edit_adapters == {"beard": 1.0} and without.edit_adapters == {}
     assert not np.array_equal(with_adapter.frames, without.frames)
     assert base.config.adapter_words == {} and not getattr(base.unet, "peft_config", None)
@@ -108,9 +109,9 @@ def test_an_adapters_tuned_blend_threshold_is_the_default_an_edit_can_override(m
     assert pipe.config.adapter_blend_thresholds == BLEND_THRESHOLDS
     frames = (np.random.default_rng(1).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     with one_thread():
-        default = pipe(frames, "a smiling face", steps=3)
-        same = pipe(frames, "a smiling face", steps=3, blend_threshold=tuned)
-        stricter = pipe(frames, "a smiling face", steps=3, blend_threshold=0.9)
+        default = pipe(frames, EditSettings(prompt="a smiling face", steps=3))
+        same = pipe(frames, EditSettings(prompt="a smiling face", steps=3, blend_threshold=tuned))
+        stricter = pipe(frames, EditSettings(prompt="a smiling face", steps=3, blend_threshold=0.9))
     assert np.array_equal(default.frames, same.frames)
     assert not np.array_equal(default.frames, stricter.frames)
 
@@ -127,10 +128,10 @@ def test_an_adapters_tuned_guidance_is_the_default_an_edit_can_override(model):
     untuned = next(e for e in EDIT_WORDS if e not in ADAPTER_GUIDANCES)
     frames = (np.random.default_rng(3).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     with one_thread():
-        default = pipe(frames, prompt, steps=3)
-        same = pipe(frames, prompt, steps=3, guidance=tuned)
-        other = pipe(frames, prompt, steps=3, guidance=DEFAULT_GUIDANCE)
-        mixed = pipe(frames, "a face", steps=3, adapters=f"{name},{untuned}")
+        default = pipe(frames, EditSettings(prompt=prompt, steps=3))
+        same = pipe(frames, EditSettings(prompt=prompt, steps=3, guidance=tuned))
+        other = pipe(frames, EditSettings(prompt=prompt, steps=3, guidance=DEFAULT_GUIDANCE))
+        mixed = pipe(frames, EditSettings(prompt="a face", steps=3, adapters=f"{name},{untuned}"))
     assert default.guidance == tuned and other.guidance == DEFAULT_GUIDANCE
     assert np.array_equal(default.frames, same.frames)
     assert not np.array_equal(default.frames, other.frames)
@@ -145,14 +146,14 @@ def test_an_adapters_tuned_weight_is_the_default_an_edit_can_override(model):
     pipe = load_pipeline(str(folder), device="cpu")
     tuned = ADAPTER_WEIGHTS["eyeglasses"]
     assert pipe.config.adapter_weights == ADAPTER_WEIGHTS
-    assert pipe.edit_weights("a face with eyeglasses") == {"edit:eyeglasses": tuned}
-    assert pipe.edit_weights("a face", adapters="eyeglasses, beard") == {"edit:eyeglasses": tuned, "edit:beard": 1.0}
-    assert pipe.edit_weights("a face", adapters="eyeglasses:1") == {"edit:eyeglasses": 1.0}
+    assert pipe.plan_edit(EditSettings(prompt="a face with eyeglasses")).edit_weights == {"edit:eyeglasses": tuned}
+    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="eyeglasses, beard")).edit_weights == {"edit:eyeglasses": tuned, "edit:beard": 1.0}
+    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="eyeglasses:1")).edit_weights == {"edit:eyeglasses": 1.0}
     frames = (np.random.default_rng(2).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     with one_thread():
-        default = pipe(frames, "a face with eyeglasses", steps=3)
-        base_edit = pipe(frames, "a face with eyeglasses", steps=3, adapters="none")
-        full_weight = pipe(frames, "a face with eyeglasses", steps=3, adapters="eyeglasses:1")
+        default = pipe(frames, EditSettings(prompt="a face with eyeglasses", steps=3))
+        base_edit = pipe(frames, EditSettings(prompt="a face with eyeglasses", steps=3, adapters="none"))
+        full_weight = pipe(frames, EditSettings(prompt="a face with eyeglasses", steps=3, adapters="eyeglasses:1"))
     assert default.edit_adapters == {"eyeglasses": tuned} and full_weight.edit_adapters == {"eyeglasses": 1.0}
     assert not np.array_equal(default.frames, full_weight.frames)
     if tuned == 0:  # at weight 0 the adapter is off: ε2 is the base model, as with adapters "none"
@@ -166,7 +167,7 @@ def test_explicit_edit_loras_replace_the_library_edits(model):
     lora = folder / "adapters" / "smile" / "pytorch_lora_weights.safetensors"
     pipe = load_pipeline(str(folder), device="cpu", edit_loras=[(str(lora), 0.7)])
     assert set(pipe.unet.peft_config) == {"identity", "edit_0"}
-    assert pipe.edit_weights("a face with eyeglasses") == {"edit_0": 0.7}
+    assert pipe.plan_edit(EditSettings(prompt="a face with eyeglasses")).edit_weights == {"edit_0": 0.7}
 
 
 def test_prompt_words_pick_adapters():

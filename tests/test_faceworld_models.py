@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ipfacediff.job import SHIPPED_MODELS
+from ipfacediff.settings import EditSettings
 
 pytestmark = pytest.mark.skipif(not (SHIPPED_MODELS / "model_index.json").is_file(),
                                 reason="this checkout ships no FaceWorld models (ipfacediff/assets/faceworld)")
@@ -39,14 +40,14 @@ def test_shipped_models_bring_their_identity_and_edit_adapters():
     assert "identity" in pipe.unet.peft_config
     tuned = library.weights()
     for name, edit in EDITS.items():
-        assert pipe.edit_weights(edit.target_caption(Attributes())) == {f"edit:{name}": tuned.get(name, 1.0)}
+        assert pipe.plan_edit(EditSettings(prompt=edit.target_caption(Attributes()))).edit_weights == {f"edit:{name}": tuned.get(name, 1.0)}
 
 
 def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
-    from ipfacediff.faceworld import EDITS, render_clip
+    from ipfacediff.faceworld import render_clip
     from ipfacediff.faceworld.oracles import AttributeOracle
     from ipfacediff.face import alignment_transforms, crop_face
-    from ipfacediff.job import EditSettings, edit_video, load_pipeline
+    from ipfacediff.job import edit_video, load_pipeline
     from ipfacediff.models import AdapterLibrary
     from ipfacediff.video import read_frames, write_video
 

@@ -11,6 +11,7 @@ import torch
 from transformers import CLIPModel, CLIPTokenizer
 
 from ipfacediff.errors import UserError
+from ipfacediff.settings import EditSettings
 from ipfacediff.faceworld import caption, dataset, random_attributes
 from ipfacediff.faceworld.train import (
     PRESETS,
@@ -87,7 +88,7 @@ def test_model_set_loads_in_float32_and_edits(run):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = IPFaceDiffPipeline.from_model_set(models)(frames, "a face with eyeglasses", steps=3)
+        result = IPFaceDiffPipeline.from_model_set(models)(frames, EditSettings(prompt="a face with eyeglasses", steps=3))
     finally:
         torch.set_num_threads(threads)
     assert result.frames.shape == frames.shape and result.frames.dtype == np.uint8

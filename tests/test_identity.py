@@ -23,7 +23,7 @@ if importlib.util.find_spec("face_recognition_models") is None:
     )
 
 from ipfacediff.errors import UserError
-from ipfacediff.face import CANONICAL_FIVE_POINTS
+from ipfacediff.face import CANONICAL_FIVE_POINTS, similarity_transform
 from ipfacediff.identity import (
     ARCFACE_TEMPLATE_112,
     DLIB_SAME_PERSON_THRESHOLD,
@@ -34,7 +34,6 @@ from ipfacediff.identity import (
     canonical_to_arcface_chip_matrix,
     canonical_to_dlib_chip_matrix,
     dlib_model_path,
-    fit_similarity,
     load_dlib_face_net,
     parse_dlib_face_net,
 )
@@ -83,7 +82,7 @@ class Face:
         # Canonical crop as the project makes it: the weighted similarity from our five points (as
         # dlib's 68-point model sees them) to CANONICAL_FIVE_POINTS; crop pixel i has its centre at
         # unit coordinate (i + 1/2) / CROP.
-        self.frame_to_canonical = fit_similarity(
+        self.frame_to_canonical = similarity_transform(
             canonical_points(self.landmarks68), CANONICAL_FIVE_POINTS, canonical_alignment_weights()
         )
         to_pixels = np.array([[CROP, 0.0, -0.5], [0.0, CROP, -0.5]])

@@ -98,7 +98,7 @@ def test_broken_weights_are_a_user_error(tiny_dir, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_dir, broken)
     (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
-    with pytest.raises(UserError, match="cannot read the model folder"):
+    with pytest.raises(UserError, match="UNet weight file .* is not a safetensors file"):
         load_model_set(str(broken))
 
 
@@ -108,6 +108,169 @@ def test_single_file_checkpoint_that_is_not_sd_is_a_user_error(tiny_dir, tmp_pat
 
     bogus = tmp_path / "model.safetensors"
     save_file({"not_a_unet": torch.zeros(2)}, str(bogus))
-    with pytest.raises(UserError, match="cannot load the checkpoint model.safetensors") as error:
+    with pytest.raises(UserError, match="not a Stable Diffusion 1.x checkpoint") as error:
         load_model_set(str(bogus), config=str(tiny_dir))
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and str(bogus) in str(error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every file a user names is read behind one error line (files.reading): hostile files, one per
+# kind of damage. The files sit in a folder with a long name, so a message that cuts the path
+# (or names only the file) fails.
+
+
+@pytest.fixture
+def hostile(tmp_path):
+    folder = tmp_path / ("a-folder-with-a-long-name-" * 8)
+    folder.mkdir()
+    return folder
+
+
+def one_line_naming(error: pytest.ExceptionInfo, path, *words: str) -> str:
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message, message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def copy_of(tiny_dir, folder):
+    import shutil
+
+    return shutil.copytree(tiny_dir, folder / "model")
+
+
+@pytest.mark.parametrize("option", ["edit_loras", "identity_lora"])
+def test_a_lora_of_random_bytes_is_one_line(tiny_dir, hostile, option):
+    import os
+
+    lora = hostile / "random.safetensors"
+    lora.write_bytes(os.urandom(4096))
+    with pytest.raises(UserError) as error:
+        load_model_set(str(tiny_dir), **{option: [(str(lora), 1.0)] if option == "edit_loras" else str(lora)})
+    one_line_naming(error, lora, "not a safetensors file", "LoRA")
+
+
+def test_a_safetensors_file_that_is_no_lora_is_one_line(tiny_dir, hostile):
+    from safetensors.torch import save_file
+
+    lora = hostile / "wrong-keys.safetensors"
+    save_file({"foo.bar": torch.zeros(3)}, str(lora))
+    with pytest.raises(UserError) as error:
+        load_model_set(str(tiny_dir), edit_loras=[(str(lora), 1.0)])
+    one_line_naming(error, lora, "no LoRA weights", "'foo.bar'")
+
+
+def test_a_lora_for_another_unet_is_one_line(tiny_dir, hostile):
+    from safetensors.torch import save_file
+
+    lora = hostile / "other-unet.safetensors"
+    layer = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{layer}.lora_A.weight": torch.zeros(4, 7), f"{layer}.lora_B.weight": torch.zeros(7, 4)}, str(lora))
+    with pytest.raises(UserError) as error:
+        load_model_set(str(tiny_dir), edit_loras=[(str(lora), 1.0)])
+    one_line_naming(error, lora, "does not fit this UNet")
+
+
+@pytest.mark.parametrize("weight, says", [("abc", "is not a number"), ("", "is not a number"),
+                                          ("nan", "finite number from -10 to 10"),
+                                          ("inf", "finite number from -10 to 10"),
+                                          ("-inf", "finite number from -10 to 10"),
+                                          ("80", "finite number from -10 to 10")])
+def test_a_lora_weight_that_is_not_a_sane_number_is_one_line(hostile, weight, says):
+    from ipfacediff.models import parse_lora_spec
+
+    lora = hostile / "edit.safetensors"
+    with pytest.raises(UserError) as error:
+        parse_lora_spec(f"{lora}:{weight}")
+    one_line_naming(error, lora, says, f"{lora}:0.8")
+
+
+def test_lora_specs_that_are_fine(hostile):
+    from ipfacediff.models import parse_lora_spec
+
+    assert parse_lora_spec("a/b.safetensors:-0.5") == ("a/b.safetensors", -0.5)
+    assert parse_lora_spec("eyeglasses:0.8") == ("eyeglasses", 0.8)  # a library adapter's name
+    assert parse_lora_spec("C:\\x\\y.safetensors") == ("C:\\x\\y.safetensors", 1.0)
+    odd = hostile / "run:3.safetensors"  # a colon in an existing file's name is part of its path
+    odd.write_bytes(b"")
+    assert parse_lora_spec(str(odd)) == (str(odd), 1.0)
+
+
+def test_a_weight_given_as_a_number_is_checked_too(tiny_dir):
+    """Manifests and the UI hand load_model_set (path, weight) pairs without parse_lora_spec."""
+    with pytest.raises(UserError, match="edit.safetensors must be a finite number"):
+        load_model_set(str(tiny_dir), edit_loras=[("edit.safetensors", float("nan"))])
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder"])
+def test_a_junk_config_json_in_a_model_folder_is_one_line(tiny_dir, hostile, part):
+    model = copy_of(tiny_dir, hostile)
+    config = model / part / "config.json"
+    config.write_text("{not json")
+    with pytest.raises(UserError) as error:
+        load_model_set(str(model))
+    message = one_line_naming(error, config, "is not JSON (line 1, column 2")
+    assert "pickle" not in message and "--config" not in message
+
+
+def test_truncated_unet_weights_are_one_line(tiny_dir, hostile):
+    model = copy_of(tiny_dir, hostile)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError) as error:
+        load_model_set(str(model))
+    message = one_line_naming(error, weights, "is truncated")
+    assert "pickle" not in message
+    with pytest.raises(UserError) as error:  # the same folder as the identity UNet
+        load_model_set(str(tiny_dir), identity_model=str(model))
+    one_line_naming(error, weights, "identity UNet", "is truncated")
+
+
+def test_unet_weights_of_another_model_are_one_line(tiny_dir, hostile):
+    """Weights that leave the UNet's tensors unset were a NotImplementedError (meta tensors) at .to()."""
+    from safetensors.torch import save_file
+
+    model = copy_of(tiny_dir, hostile)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({"x": torch.zeros(2)}, str(weights))
+    with pytest.raises(UserError) as error:
+        load_model_set(str(model))
+    one_line_naming(error, weights, "does not hold the weights of this UNet")
+
+
+def test_a_junk_single_safetensors_model_is_one_line(tiny_dir, hostile):
+    import os
+
+    checkpoint = hostile / "junk.safetensors"
+    checkpoint.write_bytes(os.urandom(2000))
+    for config in (None, str(tiny_dir)):
+        with pytest.raises(UserError) as error:
+            load_model_set(str(checkpoint), config=config)
+        message = one_line_naming(error, checkpoint, "is not a safetensors file")
+        assert "--config" not in message
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/dev/zero"), reason="no /dev/zero here")
+@pytest.mark.parametrize("option", ["model", "edit_loras", "identity_lora", "identity_model"])
+def test_dev_zero_is_not_a_regular_file(tiny_dir, option):
+    arguments = {"model": "/dev/zero"} if option == "model" else \
+        {"model": str(tiny_dir), option: [("/dev/zero", 1.0)] if option == "edit_loras" else "/dev/zero"}
+    with pytest.raises(UserError) as error:
+        load_model_set(**arguments)
+    one_line_naming(error, "/dev/zero", "it is a character device")
+
+
+def test_a_junk_adapter_library_is_one_line(tiny_dir, hostile):
+    model = copy_of(tiny_dir, hostile)
+    (model / "adapters").mkdir()
+    library = model / "adapters" / "adapters.json"
+    library.write_text('{"edits": [1')
+    with pytest.raises(UserError) as error:
+        load_model_set(str(model))
+    one_line_naming(error, library, "is not JSON", "--no-adapter-library")
+    library.write_text('{"edits": {"glasses": {"path": "glasses.safetensors", "words": ["glasses"]}}}')
+    (model / "adapters" / "glasses.safetensors").write_bytes(b"\x00" * 7)
+    with pytest.raises(UserError) as error:
+        load_model_set(str(model))
+    one_line_naming(error, model / "adapters" / "glasses.safetensors", "not a safetensors file", str(library))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from ipfacediff.errors import UserError
+from ipfacediff.settings import EditSettings
 from ipfacediff.training import load_training_faces, load_training_pairs, train_edit, train_identity
 
 EDIT = dict(source="a face", target="a face with eyeglasses")
@@ -74,7 +75,7 @@ def base_output(tiny_dir, frames):
     from ipfacediff.editing import IPFaceDiffPipeline
     from ipfacediff.models import load_model_set
 
-    return IPFaceDiffPipeline.from_model_set(load_model_set(str(tiny_dir)))(frames, EDIT["target"], steps=3).frames
+    return IPFaceDiffPipeline.from_model_set(load_model_set(str(tiny_dir)))(frames, EditSettings(prompt=EDIT["target"], steps=3)).frames
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +148,7 @@ def test_identity_adapter_reloads_and_changes_the_edit(identity_run, tiny_dir, f
     result, _ = identity_run
     models = load_model_set(str(tiny_dir), identity_lora=str(result.adapter))
     check_loaded(models.unet, result, "identity")
-    edited = IPFaceDiffPipeline.from_model_set(models)(frames, EDIT["target"], steps=3).frames
+    edited = IPFaceDiffPipeline.from_model_set(models)(frames, EditSettings(prompt=EDIT["target"], steps=3)).frames
     assert edited.shape == base_output.shape
     assert not np.array_equal(edited, base_output)
 
@@ -171,7 +172,7 @@ def test_edit_adapter_reloads_and_changes_the_edit(edit_run, tiny_dir, frames, b
     result, _ = edit_run
     models = load_model_set(str(tiny_dir), edit_loras=[(str(result.adapter), 1.0)])
     check_loaded(models.unet, result, "edit_0")
-    edited = IPFaceDiffPipeline.from_model_set(models)(frames, EDIT["target"], steps=3).frames
+    edited = IPFaceDiffPipeline.from_model_set(models)(frames, EditSettings(prompt=EDIT["target"], steps=3)).frames
     assert not np.array_equal(edited, base_output)
 
 

@@ -3,8 +3,13 @@
 Skipped when gradio, playwright (the Python client) or /usr/bin/chromium is missing.
 """
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -34,6 +39,24 @@ def test_limits_and_adapter_specs(tmp_path):
     assert parse_adapter("a/b.safetensors:0.7") == ("a/b.safetensors", 0.7)
     assert parse_adapter("C:/x.safetensors") == ("C:/x.safetensors", 1.0)
     assert parse_adapter("x.safetensors") == ("x.safetensors", 1.0)
+
+
+def test_range_and_face_prompt_fields():
+    from ipfacediff.settings import EditSettings
+    from ipfacediff.ui import face_prompt_items, face_summary, seconds_text
+
+    # start 0 and an end at the clip's end are the clip's own edges: no fade there
+    assert seconds_text(None) == seconds_text(0.0) == seconds_text(2.0, clip_seconds=2.0, end=True) == ""
+    assert seconds_text(0.5) == "0.5" and seconds_text(-1.0) == "-1"
+    assert seconds_text(1.5, clip_seconds=2.0, end=True) == "1.5"
+    # filled boxes of ticked faces only (slot i is face ids[i])
+    assert face_prompt_items([0, 3, 5], [0, 5], ["a beard", " x ", ""]) == ["0=a beard"]
+    settings = EditSettings.from_mapping({"prompt": "a smile", "face_prompts": ["0=a beard"]})
+    lines = face_summary([{"id": 0, "prompt": "a beard", "frames": 12, "edit_adapters": []},
+                          {"id": 3, "prompt": "a smile", "frames": 0}, {"id": 5, "prompt": None, "frames": 0}],
+                         settings)
+    assert lines == ["face 0: \u201ca beard\u201d (its own prompt)",
+                     "face 3: \u201ca smile\u201d (the main prompt), no frame in the range", "face 5: not edited"]
 
 
 def free_port() -> int:
@@ -72,25 +95,91 @@ def status_shows(page, text: str, timeout: float = 120_000) -> str:
 
 def take_sample(page) -> None:
     page.click("#sample-button")
-    status_shows(page, "built-in sample")
+    status_shows(page, "built-in sample:")  # not the page's opening line, "…take the built-in sample"
     page.wait_for_selector("#faces-image img")
     page.wait_for_selector("#faces-choice input:checked")
     time.sleep(0.5)  # let the page commit the event's outputs before the next one reads them
 
 
+# Records, while an event runs, which components show a progress display and what it says.
+WATCH_PROGRESS = """() => {
+  window.progressOn = new Set(); window.progressText = [];
+  const look = () => {
+    for (const tracker of document.querySelectorAll('[data-testid=status-tracker]')) {
+      const text = (tracker.innerText || '').trim();
+      if (!text || tracker.classList.contains('hide') || tracker.offsetParent === null) continue;
+      window.progressOn.add(tracker.closest('[id]')?.id || '?');
+      if (!window.progressText.includes(text)) window.progressText.push(text);
+    }
+  };
+  new MutationObserver(look).observe(document.body, {subtree: true, childList: true, characterData: true,
+                                                     attributes: true});
+}"""
+
+
+def clear_input(page) -> None:
+    """Press × on the input player (dispatched: the player's own icon can lie over the button)."""
+    page.locator("#input-video button[aria-label='Clear']").first.dispatch_event("click")
+
+
+def no_toast(page, wait_ms: int = 1500) -> None:
+    page.wait_for_timeout(wait_ms)  # pop-ups come a moment after the event's outputs
+    toasts = [t.inner_text() for t in page.locator("[data-testid=toast-body]").all()]
+    assert not toasts, toasts
+
+
+
+def fill_number(page, selector: str, value: str) -> None:
+    page.fill(f"{selector} input[type=number]", value)
+    page.keyboard.press("Tab")
+
+
 def test_edit_sample_end_to_end(server, browser, tmp_path):
+    import json
+
     from ipfacediff.video import probe_video
 
     url, work = server
     page = browser.new_page(viewport={"width": 1280, "height": 1000}, accept_downloads=True)
     page.goto(url)
     take_sample(page)
-    page.fill("#steps input[type=number]", "3")
+    # the range fields show the clip (24 frames at 12 fps: 2 s); one prompt box per detected face
+    assert float(page.input_value("#range-start input[type=number]")) == 0
+    assert float(page.input_value("#range-end input[type=number]")) == 2
+    assert page.locator("#face-prompt-0 textarea").is_visible()
+    assert page.locator("#face-prompt-1 textarea").count() == 0 or not page.locator("#face-prompt-1").is_visible()
+    fill_number(page, "#steps", "3")
+    fill_number(page, "#range-start", "0.5")
+    fill_number(page, "#range-end", "1.5")
+    page.fill("#face-prompt-0 textarea", "a face with a beard")
     page.keyboard.press("Tab")
+    page.evaluate(WATCH_PROGRESS)
     page.click("#run-button")
-    text = status_shows(page, "edited 1 face(s) in 24 frames", timeout=240_000)
+    text = status_shows(page, "edited 1 face(s) in frames 6-17 of 24", timeout=240_000)
     assert page.query_selector("#status-ok") is not None, text
     page.wait_for_selector("#result-video video")
+
+    # the run's metadata has the range and the face's own prompt; the page says which prompt it got
+    [run_json] = (work / "sessions").glob("*/runs/*/edited.run.json")
+    run = json.loads(run_json.read_text())
+    assert (run["settings"]["start"], run["settings"]["end"], run["settings"]["fade"]) == ("0.5", "1.5", 4), run
+    assert run["settings"]["face_prompts"] == ["0=a face with a beard"], run["settings"]
+    assert [(f["id"], f["prompt"], f["frames"]) for f in run["faces"]] == [(0, "a face with a beard", 12)], run
+    faces_line = page.inner_text("#result-line")
+    assert "face 0: \u201ca face with a beard\u201d (its own prompt)" in faces_line, faces_line
+
+    # one progress display, on the status line, naming the pipeline's stages as they come
+    shown_on = page.evaluate("[...window.progressOn]")
+    stages = " | ".join(page.evaluate("window.progressText"))
+    assert shown_on == ["status"], (shown_on, stages)
+    for stage in ("loading models", "invert", "edit", "evaluate"):
+        assert stage in stages, stages
+
+    # the scores in words, without claiming that the edit itself was judged (no CLIP model here)
+    line = page.inner_text("#result-line")
+    assert "same person: identity similarity" in line and "(1 = unchanged" in line, line
+    assert "flicker: warp error ratio" in line and "1 = as steady as the input" in line, line
+    assert "the edit itself was not judged" in line and "id_sim" not in line, line
 
     with page.expect_download() as download:
         page.click("#edited-file a")
@@ -113,6 +202,24 @@ def test_edit_sample_end_to_end(server, browser, tmp_path):
     # everything the session wrote is in its own folder under the working folder
     sessions = list((work / "sessions").iterdir())
     assert sessions and all(p.is_dir() for p in sessions)
+    runs = [p for p in (work / "sessions").glob("*/runs/*") if p.is_dir()]
+    assert len(runs) == 1, runs  # the first result left the page, and the disk, with the second
+
+    # a new input clears the result: player, downloads and result line (and the run's files)
+    take_sample(page)
+    assert page.locator("#result-video video").count() == 0
+    assert "edited.mp4" not in page.inner_text("#downloads") and not page.inner_text("#result-line").strip()
+    assert not list((work / "sessions").glob("*/runs/*"))
+
+    # × on the input clears what was loaded: Edit then has no video, it does not edit the old one
+    clear_input(page)
+    status_shows(page, "upload a video or take the built-in sample")
+    page.wait_for_selector("#faces-image img", state="detached")
+    assert page.locator("#faces-choice input").count() == 0
+    assert not page.locator("#face-prompt-0").is_visible() and not page.input_value("#range-end input[type=number]")
+    page.click("#run-button")
+    assert "no video yet" in status_shows(page, "no video yet")
+    assert not list((work / "sessions").glob("*/videos/*"))
     page.close()
 
 
@@ -129,6 +236,8 @@ def test_bad_uploads_show_errors_and_server_keeps_serving(server, browser, tmp_p
     page.set_input_files("#input-video input[type=file]", str(not_video))
     text = status_shows(page, "error:")
     assert "notes.mp4 is not a video" in text and "\n" not in text.strip() and "sessions" not in text
+    no_toast(page)  # the error is said once, in the status line: no pop-up beside it
+    assert page.locator("#faces-choice input").count() == 0
 
     # The rejected file stays in the player until cleared, and the player (with its Clear button)
     # may render a moment after the status: clear it whenever the button is there, until the
@@ -143,10 +252,146 @@ def test_bad_uploads_show_errors_and_server_keeps_serving(server, browser, tmp_p
         page.wait_for_timeout(250)
     page.set_input_files("#input-video input[type=file]", str(no_face))
     assert "no face found" in status_shows(page, "no face found")
+    no_toast(page, 500)
 
     page.click("#run-button")  # nothing loaded: a one-line error, not a crash
     assert "no video yet" in status_shows(page, "no video yet")
 
     take_sample(page)  # the server still serves
     assert page.query_selector("#status-info") is not None
+
+    # adapters are uploaded files (no server paths), with one weight per edit adapter
+    adapter = tmp_path / "random.safetensors"
+    adapter.write_bytes(os.urandom(256))
+    page.click("text=Adapters (LoRA)")
+    page.wait_for_selector("#identity-lora input[type=file]", state="attached")
+    assert page.locator("#identity-lora input[type=text], #edit-loras input[type=text]").count() == 0
+    page.set_input_files("#edit-loras input[type=file]", str(adapter))
+    # the file's row (its name is split into stem and extension, which text= matching can miss)
+    page.wait_for_selector("#edit-loras [aria-label='random.safetensors']", state="attached")
+    page.fill("#edit-lora-weights textarea", "0.5, 2")
+    page.click("#run-button")
+    assert "2 weight(s) for 1 edit adapter(s)" in status_shows(page, "weight(s)")
+    page.fill("#edit-lora-weights textarea", "0.5")
+    page.click("#run-button")
+    text = status_shows(page, "random.safetensors")
+    assert "error:" in text and "not a safetensors file" in text and "uploads" not in text, text
+    no_toast(page, 500)
+
+    # a reversed range is one line in the status, before any model loads
+    fill_number(page, "#range-start", "1.5")
+    fill_number(page, "#range-end", "0.5")
+    page.click("#run-button")
+    text = status_shows(page, "reversed")
+    assert "error:" in text and "--start 1.5 --end 0.5" in text and "\n" not in text.strip(), text
+    no_toast(page, 500)
     page.close()
+
+
+def test_session_files_removed_when_the_tab_closes(server, browser):
+    url, work = server
+    sessions_before = set((work / "sessions").iterdir()) if (work / "sessions").is_dir() else set()
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    page.goto(url)
+    take_sample(page)
+    session = set((work / "sessions").iterdir()) - sessions_before
+    assert len(session) == 1 and list(session.pop().glob("videos/*/sample.mp4")), session
+    # Gradio's copies of the files the page shows sit in its cache, inside the work folder
+    shown = {"sample.mp4", "faces.png"}
+    assert shown <= {p.name for p in work.glob("uploads/*/*")}, sorted(work.glob("uploads/*/*"))
+
+    page.close()  # the tab goes: its folder and the cache copies of its files go at once (earlier
+    # tests' tabs are closed too, so no copy of the sample stays)
+    def left() -> list:
+        return sorted(set((work / "sessions").iterdir()) - sessions_before) + \
+            [p for p in work.glob("uploads/*/*") if p.name in shown]
+
+    deadline = time.monotonic() + 30
+    while left() and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not left()
+
+
+class Request:  # what the page's callbacks read of gr.Request
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+def test_idle_sessions_are_swept(tmp_path):
+    from ipfacediff.ui import Server
+
+    server = Server(model=None, work_dir=tmp_path, max_upload_mb=10, max_seconds=60, keep_minutes=0.01)
+    idle, active, running = Request("idle"), Request("active"), Request("running")
+    upload = tmp_path / "uploads" / "abc123" / "person.mp4"
+    upload.parent.mkdir(parents=True)
+    upload.write_bytes(b"a video")
+    (server.session_dir(idle) / "videos").mkdir()
+    (server.session_dir(idle) / "videos" / "person.mp4").write_bytes(b"a video")
+    server.claim(idle, "input", [upload])
+    orphan = tmp_path / "uploads" / "def456"  # an upload no session took up
+    orphan.mkdir()
+    (orphan / "other.mp4").write_bytes(b"another video")
+    time.sleep(1.0)  # keep_minutes=0.01: 0.6 s
+    with server.busy(running):
+        time.sleep(0.7)
+        server.session_dir(active)
+        assert server.sweep() == ["idle"]
+        assert not (tmp_path / "sessions" / "idle").exists() and not upload.parent.exists() and not orphan.exists()
+        assert (tmp_path / "sessions" / "active").is_dir() and (tmp_path / "sessions" / "running").is_dir()
+    assert server.sweep(now=time.time() + 3600) == ["active", "running"]
+    assert not any((tmp_path / "sessions").iterdir())
+
+    # a tab closed while its edit runs is removed when the edit is done
+    with server.busy(running) as folder:
+        server.end_session("running")
+        assert folder.is_dir()
+    assert not folder.exists()
+
+
+@pytest.mark.parametrize("signum, work_exists", [(signal.SIGTERM, False), (signal.SIGINT, True)],
+                         ids=["SIGTERM-own-folder", "SIGINT-given-folder"])
+def test_stopping_the_server_removes_its_files(tmp_path, signum, work_exists):
+    work = tmp_path / "work"
+    if work_exists:  # a folder the user gave: only what the server keeps there goes
+        work.mkdir()
+        (work / "mine.txt").write_text("not the server's")
+    port = free_port()
+    code = f"from ipfacediff.ui import launch; launch('127.0.0.1', {port}, work_dir={str(work)!r}, keep_minutes=0.05)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        # an idle session (3 s = keep_minutes) goes by the background sweep
+        stale = work / "sessions" / "stale" / "videos" / "person.mp4"
+        stale.parent.mkdir(parents=True)
+        stale.write_bytes(b"a person's video")
+        os.utime(stale.parents[2] / "stale", (time.time() - 600, time.time() - 600))
+        deadline = time.monotonic() + 30
+        while (work / "sessions" / "stale").exists() and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert not (work / "sessions" / "stale").exists(), "the idle session was not swept"
+
+        # a live session's video and its upload cache copy go when the server stops
+        for path in (work / "sessions" / "live" / "videos" / "1" / "person.mp4",
+                     work / "uploads" / "0123abcd" / "person.mp4"):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"a person's video")
+        proc.send_signal(signum)
+        out = proc.communicate(timeout=60)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode in (-signum, 128 + signum), out
+    assert "stopped" in out, out
+    if work_exists:
+        assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
+    else:
+        assert not work.exists(), sorted(work.rglob("*"))

@@ -18,8 +18,11 @@ import pytest
 
 from ipfacediff.errors import UserError
 from ipfacediff.video import (
+    DEFAULT_CRF,
+    SourceFrame,
     VideoInfo,
     iter_frames,
+    iter_source_frames,
     probe_video,
     read_frames,
     rotate_upright,
@@ -418,3 +421,97 @@ def test_unreadable_audio_source_is_a_user_error(tmp_path, kind):
     with pytest.raises(UserError, match=message):
         write_video(out, moving_pattern(2), 10, audio_from=path)
     assert not out.exists()
+
+
+# --- pass-through of unedited frames --------------------------------------------------------------
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def textured(count: int) -> list[np.ndarray]:
+    """Saturated 16-pixel checks drifting right: sharp colour edges, which an RGB round trip
+    (chroma re-subsampled, colours rounded twice) blurs, but which H.264 keeps well."""
+    y, x = np.mgrid[0:H, 0:W]
+    palette = np.array([[220, 40, 40], [40, 200, 60], [50, 60, 230], [230, 220, 50]], np.uint8)
+    return [palette[((x + 2 * i) // 16 + 2 * (y // 16)) % 4] for i in range(count)]
+
+
+def colour_tags(path: Path) -> tuple[int, int, int, int]:
+    with av.open(str(path)) as container:
+        context = container.streams.video[0].codec_context
+        return (context.colorspace, context.color_range, context.color_primaries, context.color_trc)
+
+
+def test_pass_through_frames_read_back_as_the_input(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", textured(8))
+    pairs = list(iter_source_frames(clip))
+    assert len(pairs) == 8 and all(isinstance(s, SourceFrame) for _, s in pairs)
+    np.testing.assert_array_equal(np.stack([rgb for rgb, _ in pairs]), read_frames(clip))
+
+    through = write_video(tmp_path / "through.mp4", (s for _, s in pairs), 10, colour_from=clip)
+    via_rgb = write_video(tmp_path / "rgb.mp4", (rgb for rgb, _ in pairs), 10, colour_from=clip)
+    source = read_frames(clip)
+    through_db = [psnr(a, b) for a, b in zip(source, read_frames(through))]
+    rgb_db = [psnr(a, b) for a, b in zip(source, read_frames(via_rgb))]
+    assert min(through_db) >= 45, through_db
+    # The RGB round trip this avoids loses colour detail: the clip tells the two apart.
+    assert max(rgb_db) < 45, rgb_db
+
+
+def test_real_clip_passes_through_at_45_db(shared_clip, tmp_path):
+    clip = shared_clip("closeup.mp4")
+    out = write_video(
+        tmp_path / "out.mp4", (s for _, s in iter_source_frames(clip)), 10, audio_from=clip
+    )
+    scores = [psnr(a, b) for a, b in zip(read_frames(clip), read_frames(out))]
+    assert len(scores) == 40 and min(scores) >= 45, (DEFAULT_CRF, min(scores))
+    assert colour_tags(out) == colour_tags(clip)
+
+
+def test_untagged_input_stays_untagged_and_edited_frames_keep_their_colours(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", textured(6))
+    assert colour_tags(clip) == (2, 0, 2, 2)  # unspecified: read as BT.601 limited range
+    # Smooth colours (no chroma edges to blur); converted with BT.709 they would read back at 31 dB.
+    y, x = np.mgrid[0:H, 0:W]
+    edited = np.stack([40 + x * 180 // W, 220 - y * 160 // H, np.full_like(x, 200)], axis=-1)
+    edited = edited.astype(np.uint8)
+
+    def frames():
+        for index, (_, source) in enumerate(iter_source_frames(clip)):
+            yield edited if index == 3 else source
+
+    out = write_video(tmp_path / "out.mp4", frames(), 10, audio_from=clip)
+    assert colour_tags(out) == (2, 0, 2, 2)
+    back, source = read_frames(out), read_frames(clip)
+    assert psnr(back[3], edited) >= 38
+    assert min(psnr(back[i], source[i]) for i in (0, 1, 2, 4, 5)) >= 45
+
+
+def test_without_a_source_output_is_bt709_and_source_frames_are_converted(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", textured(4))
+    sources = [s for _, s in iter_source_frames(clip)]
+    out = write_video(tmp_path / "out.mp4", sources, 10)
+    assert colour_tags(out) == (1, 1, 1, 1)
+    # Converted through RGB as the reader decodes them: the same as writing the RGB frames.
+    rgb = write_video(tmp_path / "rgb.mp4", read_frames(clip), 10)
+    np.testing.assert_array_equal(read_frames(out), read_frames(rgb))
+
+
+def test_rotated_input_never_passes_through(tmp_path):
+    image = moving_pattern(1)[0]
+    clip = make_clip(tmp_path / "rotated.mp4", [image] * 3, ccw_rotation=90)
+    pairs = list(iter_source_frames(clip))
+    assert [s for _, s in pairs] == [None, None, None]
+    np.testing.assert_array_equal(np.stack([rgb for rgb, _ in pairs]), read_frames(clip))
+    assert pairs[0][0].shape == (W, H, 3)
+
+
+def test_a_source_frame_of_another_size_is_refused(tmp_path):
+    clip = make_clip(tmp_path / "in.mp4", textured(2))
+    source = next(iter_source_frames(clip))[1]
+    with pytest.raises(ValueError, match="size"):
+        write_video(tmp_path / "out.mp4", [np.zeros((H + 2, W, 3), np.uint8), source], 10)
+    assert not (tmp_path / "out.mp4").exists()

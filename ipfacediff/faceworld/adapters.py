@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,39 +37,21 @@ import cv2
 from ipfacediff.errors import UserError
 from ipfacediff.faceworld.attributes import EDITS, Attributes, caption
 from ipfacediff.faceworld.scene import dataset_item
-from ipfacediff.files import write_json
-from ipfacediff.models import ADAPTER_LIBRARY, library_versions
-from ipfacediff.training import ADAPTER_FILE, train_edit, train_identity
+from ipfacediff.library import (  # noqa: F401 - EDIT_WORDS and the tuned values are FaceWorld's, kept importable here
+    ADAPTER_GUIDANCES,
+    ADAPTER_WEIGHTS,
+    BLEND_THRESHOLDS,
+    EDIT_WORDS,
+    HAIR_EDITS,
+    WORK_DIR,
+    build_library,
+    builtin_edit,
+    finished_adapters,
+)
+from ipfacediff.models import ADAPTER_LIBRARY
 
-# Words of a prompt that ask for each edit (see AdapterLibrary.pick).
-EDIT_WORDS = {
-    "eyeglasses": ["eyeglasses", "glasses", "spectacles"],
-    "blonde_hair": ["blonde", "blond"],
-    "beard": ["beard", "bearded"],
-    "smile": ["smile", "smiling", "smiles", "smiley"],
-}
-HAIR_EDITS = ("blonde_hair",)
-# Local-blend thresholds tuned per edit on held-out people the quality report does not use
-# (benchmarks/faceworld_quality.py --offset 20): a smile reshapes the mouth and needs more room
-# than where the prompt changes ε2's prediction most (success 0.81 → 0.94 on 16 people at 0.3,
-# tuned on the previous, CPU-trained model set). Blonde hair on the GPU-trained set, 16 tuning
-# people: 0.5 / 0.55 / 0.6 gave success 0.94 / 0.88 / 0.88, identity 0.588 / 0.618 / 0.635, warp
-# error 1.87 / 1.76 / 1.74: a tighter region keeps more of the face and flickers less. Beard, same
-# people, region filtered over time: 0.5 / 0.6 / 0.7 gave success 0.69 / 0.69 / 0.62, identity
-# 0.681 / 0.690 / 0.728, warp error 1.389 / 1.377 / 1.357, but on the report's people 0.6 lost
-# three beards of 17 (success 0.85 → 0.70), so beard stays at the default 0.5.
-BLEND_THRESHOLDS = {"smile": 0.3, "blonde_hair": 0.6}
-# Adapter weights tuned the same way (16 tuning people, the GPU-trained model set): the base model,
-# taught eyeglasses by FaceWorld's captions, draws them on 11 of 16 at identity 0.795; the
-# eyeglasses adapter at full weight draws them on all 16 but, pushed along CLIP's direction, darkens
-# the lenses and ages the face (0.667); at 0.5 / 0.3 all 16 at 0.737 / 0.764.
-ADAPTER_WEIGHTS = {"eyeglasses": 0.3}
-# Classifier-free guidance tuned the same way (16 tuning people, all four edits, region filtered;
-# success / identity at 7.5 / 5 / 3): eyeglasses 1.00 / 0.773, 1.00 / 0.788, 0.56 / 0.823; smile
-# 1.00 / 0.846, 1.00 / 0.864, 0.94 / 0.876; blonde hair 0.81 / 0.649, 0.62 / 0.706; beard 0.69 /
-# 0.681, 0.50 / 0.722. Eyeglasses and smile show on every face with less push than the edit
-# command's default, and less push leaves more of the face; the other two need the default.
-ADAPTER_GUIDANCES = {"eyeglasses": 5.0, "smile": 5.0}
+# The four edits' prompt words, hair flag and tuned values (guidance, blend threshold, weight) live
+# with the generic library builder, which offers them to every model as starting values.
 SOURCE = caption(Attributes())  # "a face"
 
 
@@ -141,6 +122,10 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
     """Train ε1 and the edit adapters for ``model`` (a FaceWorld model folder) into
     ``model/adapters``; returns the report written to ``adapters/training.json``.
 
+    The training is :func:`ipfacediff.library.build_library`'s, with FaceWorld's data (renders of
+    training identities, each edit's faces without its attribute), its own identity net and the
+    preset's settings; the library's tuned values are FaceWorld's own (no ``defaults_from`` mark).
+
     ``paired``: ε2 also sees each training face with its edit rendered (the world's truth for
     training identities) and learns from the pairs (train_edit's ``paired_targets``) instead of
     CLIP's text direction alone."""
@@ -154,20 +139,16 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
     if root.exists() and not resume:
         raise UserError(f"{root} exists: pass --resume to continue or complete it, or remove it")
     edits = edits or list(EDITS)
-    work = root / "train_data"  # renders and the trainers' identity net; removed at the end
-    started = time.perf_counter()
+    work = root / WORK_DIR  # renders and the trainers' identity net; the builder removes it at the end
     report_path = root / "training.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {
-        "preset": preset, "settings": asdict(chosen), "seed": seed, "steps": {}, "paired": paired}
-    if report.get("paired", False) != paired:
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if report and report.get("paired", False) != paired:
         raise UserError(f"cannot resume {root}: its edit adapters were trained {'with' if not paired else 'without'} "
                         "--paired; resume it the same way, or remove it")
-
-    def done(name: str) -> bool:
-        return name in report["steps"] and (root / name / ADAPTER_FILE).is_file()
-
-    if all(done(name) for name in ["identity", *edits]) and (model / ADAPTER_LIBRARY).is_file():
+    finished = finished_adapters(root)
+    if {"identity", *edits} <= finished and (model / ADAPTER_LIBRARY).is_file():
         return report
+    extra = {"preset": preset, "settings": asdict(chosen), "seed": seed, "paired": paired, "steps": {}}
     if identity_net is None:
         identity_net = work / "identity_net" / "identity"
         if not (identity_net / "config.json").is_file():
@@ -176,69 +157,42 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
             log(f"identity net for the trainers: oracles preset {chosen.oracles_preset}, seed {seed + 1}")
             tick = time.perf_counter()
             made = train_oracles(identity_net.parent, preset=chosen.oracles_preset, seed=seed + 1, progress=log)
-            report["steps"]["identity_net"] = {
+            extra["steps"]["identity_net"] = {
                 "seconds": round(time.perf_counter() - tick, 1), "seed": seed + 1,
                 "held_out_verification_accuracy": made["identity"]["held_out"]["verification_accuracy"]}
-            write_json(report_path, report)
     from ipfacediff.identity import IdentityEncoder
 
     encoder = IdentityEncoder.from_pretrained(identity_net)
 
-    if not done("identity"):
-        log("ε1 (identity adapter)")
-        data = write_faces(work / "faces" / "identity", chosen.identity_faces, seed)
-        result = train_identity(str(model), data, root / "identity", max_steps=chosen.identity_steps,
-                                batch_size=chosen.identity_batch, learning_rate=chosen.lr, rank=chosen.rank,
-                                lambda_id=chosen.lambda_id, checkpoint_every=100, keep_checkpoints=1,
-                                resume=resume, seed=seed, identity=encoder)
-        report["steps"]["identity"] = _summary(result)
-        write_json(report_path, report)
+    # Only what is still to train is rendered: the identity faces, and each edit's faces without it.
+    identity_faces = None if "identity" in finished else write_faces(work / "faces" / "identity",
+                                                                     chosen.identity_faces, seed)
+    edit_data, truths = {}, {}
     for edit in edits:
-        if done(edit):
+        if edit in finished:
             continue
-        log(f"ε2 for {edit}: {SOURCE!r} -> {edit_target(edit)!r}")
-        truth = work / "faces" / f"{edit}_edited" if paired else None
-        data = write_faces(work / "faces" / edit, chosen.edit_faces, seed + 7, without=edit, edited=truth)
-        result = train_edit(str(model), SOURCE, edit_target(edit), data, str(model / "clip"), root / edit,
-                            max_steps=chosen.edit_steps, batch_size=chosen.edit_batch, learning_rate=chosen.lr,
-                            rank=chosen.rank, lambda_id=chosen.lambda_id, paired_targets=truth, t0=chosen.t0,
-                            **({"lambda_l1": PAIRED_LAMBDA_L1} if paired else {}),
-                            inversion_steps=chosen.inversion_steps, generation_steps=chosen.generation_steps,
-                            checkpoint_every=50, keep_checkpoints=1, resume=resume, seed=seed, identity=encoder)
-        report["steps"][edit] = _summary(result)
-        write_json(report_path, report)
-
-    for name in ["identity", *edits]:  # keep the adapters and their reports, not the checkpoints
-        shutil.rmtree(root / name / "checkpoints", ignore_errors=True)
-        shutil.rmtree(root / name / "cache", ignore_errors=True)
-    shutil.rmtree(work, ignore_errors=True)
+        truths[edit] = work / "faces" / f"{edit}_edited" if paired else None
+        edit_data[edit] = write_faces(work / "faces" / edit, chosen.edit_faces, seed + 7, without=edit,
+                                      edited=truths[edit])
+    identity_options = dict(max_steps=chosen.identity_steps, batch_size=chosen.identity_batch,
+                            learning_rate=chosen.lr, rank=chosen.rank, lambda_id=chosen.lambda_id,
+                            checkpoint_every=100, keep_checkpoints=1)
+    edit_options = dict(max_steps=chosen.edit_steps, batch_size=chosen.edit_batch, learning_rate=chosen.lr,
+                        rank=chosen.rank, lambda_id=chosen.lambda_id, t0=chosen.t0,
+                        inversion_steps=chosen.inversion_steps, generation_steps=chosen.generation_steps,
+                        checkpoint_every=50, keep_checkpoints=1, **({"lambda_l1": PAIRED_LAMBDA_L1} if paired else {}))
+    report = build_library(str(model), [identity_faces] if identity_faces else None,
+                           [builtin_edit(edit) for edit in edits], root, clip=str(model / "clip"),
+                           identity_net=encoder, source=SOURCE, aligned=True, identity_options=identity_options,
+                           edit_options=edit_options, edit_data=edit_data,
+                           paired_targets={e: t for e, t in truths.items() if t is not None}, seed=seed, resume=True,
+                           defaults_from=None, report_extra=extra, log=log)
     for report_file in root.glob("*/training.json"):  # the trainers' reports: paths relative to MODEL
         text = report_file.read_text()
         for prefix in {str(model.resolve()), str(model)}:
             text = text.replace(json.dumps(prefix)[1:-1], "MODEL")
         report_file.write_text(text)
-    library = {
-        "identity": f"identity/{ADAPTER_FILE}",
-        "edits": {e: {"path": f"{e}/{ADAPTER_FILE}", "words": EDIT_WORDS[e], "target": edit_target(e),
-                      "hair": e in HAIR_EDITS}
-                  | ({"blend_threshold": BLEND_THRESHOLDS[e]} if e in BLEND_THRESHOLDS else {})
-                  | ({"weight": ADAPTER_WEIGHTS[e]} if e in ADAPTER_WEIGHTS else {})
-                  | ({"guidance": ADAPTER_GUIDANCES[e]} if e in ADAPTER_GUIDANCES else {})
-                  for e in edits},
-    }
-    report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
-    report["versions"] = library_versions()
-    report["weights_bytes"] = sum(p.stat().st_size for p in root.rglob("*.safetensors"))
-    write_json(report_path, report)
-    write_json(model / ADAPTER_LIBRARY, library)
     return report
-
-
-def _summary(result) -> dict:
-    return {"steps": result.steps, "seconds": round(result.seconds, 1), "faces": result.faces,
-            "validation_before": result.validation_before, "validation_after": result.validation_after,
-            "loss_first": result.losses[0] if result.losses else None,
-            "loss_last": result.losses[-1] if result.losses else None}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -453,9 +453,9 @@ def _hair_parts(idt: Identity, g: _Geometry, rng: np.random.Generator) -> dict:
         bottom = 0.80 if style == "bob" else 1.12
         flare = 0.03 if style == "bob" else 0.07
         top_arc = _skull(g.outline, 0.47, v + 0.012)
-        l, r = top_arc[0], top_arc[-1]
+        left, r = top_arc[0], top_arc[-1]
         outer = np.concatenate([
-            _qcurve((l[0] - flare, bottom), (l[0] - flare * 0.4, 0.5 * (bottom + l[1])), l, 6)[:-1],
+            _qcurve((left[0] - flare, bottom), (left[0] - flare * 0.4, 0.5 * (bottom + left[1])), left, 6)[:-1],
             top_arc,
             _qcurve(r, (r[0] + flare * 0.4, 0.5 * (bottom + r[1])), (r[0] + flare, bottom), 6)[1:],
         ])  # fmt: skip
@@ -599,12 +599,12 @@ def _hat_parts(idt: Identity, g: _Geometry) -> list:
         dome = _skull(g.outline, bottom, grow)
         parts.append(("fill", dome, "hat", 0, _HAT_Z, 0.0))
         if style == "beanie":
-            l, r = dome[0], dome[-1]
+            left, r = dome[0], dome[-1]
             top = bottom - 0.07
-            cuff = np.concatenate([_qcurve((l[0], bottom), (0.5, bottom + 0.012), (r[0], bottom)),
-                                   _qcurve((r[0] - 0.004, top), (0.5, top + 0.01), (l[0] + 0.004, top))])  # fmt: skip
+            cuff = np.concatenate([_qcurve((left[0], bottom), (0.5, bottom + 0.012), (r[0], bottom)),
+                                   _qcurve((r[0] - 0.004, top), (0.5, top + 0.01), (left[0] + 0.004, top))])  # fmt: skip
             parts.append(("fill", cuff, "hat_dark", 0, _HAT_Z, 0.0))
-            for x in np.linspace(l[0] + 0.04, r[0] - 0.04, 9):
+            for x in np.linspace(left[0] + 0.04, r[0] - 0.04, 9):
                 rib = np.array([[x, bottom - 0.058], [x, bottom + 0.004]])
                 parts.append(("line", rib, "hat_shade", 0.006, _HAT_Z, 0.0))
             parts.append(("fill", _ellipse(0.5, dome[:, 1].min() - 0.012, 0.035, 0.03, 14), "hat_dark", 0, _HAT_Z, 0.0))

@@ -27,16 +27,14 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-import cv2
 import numpy as np
 
 from ipfacediff.face import (
     ALIGNMENT_WEIGHTS,
-    CANONICAL_FACE_BOX,
     CANONICAL_FIVE_POINTS,
     FaceTrack,
     FaceTracks,
-    align_points,
+    box_from_points,
     similarity_transform,
 )
 from ipfacediff.faceworld.attributes import Attributes, Edit, caption, region_mask
@@ -311,14 +309,6 @@ def write_clip(
     video = write_video(path_mp4, iter(clip), clip.fps)
     tracks = clip.tracks.save(tracks_json) if tracks_json is not None else None
     return video, tracks
-
-
-def box_from_points(points: np.ndarray) -> list[float]:
-    """The project's face box for five points: CANONICAL_FACE_BOX through the alignment fit."""
-    inv = cv2.invertAffineTransform(align_points(np.asarray(points, float)))
-    x0, y0, x1, y1 = CANONICAL_FACE_BOX
-    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]]) @ inv[:, :2].T + inv[:, 2]
-    return [*corners.min(0).tolist(), *corners.max(0).tolist()]
 
 
 # --- aligned training images ------------------------------------------------------------------------

@@ -71,7 +71,7 @@ from ipfacediff.faceworld.attributes import Attributes, caption
 from ipfacediff.faceworld.identity import HAIR_COLOURS
 from ipfacediff.faceworld.scene import dataset_item, random_attributes
 from ipfacediff.files import write_json
-from ipfacediff.models import CLIP_MEAN, CLIP_STD, SD1_SCHEDULER_CONFIG, _byte_symbols, library_versions
+from ipfacediff.models import CLIP_MEAN, CLIP_STD, SD1_SCHEDULER_CONFIG, byte_symbols, library_versions
 
 SIZE = 64  # image side: FaceWorld's aligned crops, and the SD folder's resolution
 MAX_LENGTH = 32  # tokens per prompt (SD's 77 is mostly padding); the longest FaceWorld caption needs 17
@@ -204,7 +204,7 @@ def build_tokenizer() -> CLIPTokenizer:
     ranked after all earlier ones, so it never changes how an earlier word tokenizes.
     """
     words = list(dict.fromkeys([*caption_words(), *PROMPT_WORDS]))
-    symbols = _byte_symbols()
+    symbols = byte_symbols()
     vocab = {token: index for index, token in enumerate(symbols + [s + "</w>" for s in symbols])}
     ranks: dict[tuple[str, str], int] = {}
     for word in words:

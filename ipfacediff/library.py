@@ -1,0 +1,649 @@
+"""One command builds the adapter library of any SD-1.x model: ε1 and one ε2 per edit.
+
+IP-FaceDiff fine-tunes two copies of the base model once: ε1 with an identity loss on the faces
+it will edit, ε2 once per attribute with a directional CLIP loss. :func:`build_library` runs the
+project's own trainers (:func:`ipfacediff.training.train_identity`,
+:func:`ipfacediff.training.train_edit`) for all of them and writes a library folder that the
+loader reads (``--adapters-dir LIB``, or ``MODEL/adapters`` inside a model folder)::
+
+    ipfacediff train library --model M --data DIR_OR_VIDEO [--data ...] \\
+        --edits eyeglasses,blonde_hair,beard,smile[,NAME="target prompt"] --output LIB \\
+        [--identity-net ...] [--clip ...] [--max-steps N] [--resume]
+
+    LIB/adapters.json          the library (models.AdapterLibrary), written last
+    LIB/training.json          what was trained: settings, seconds, losses per adapter
+    LIB/identity/              ε1: pytorch_lora_weights.safetensors and its trainer's training.json
+    LIB/<edit>/                one ε2 per edit, the same two files
+
+Every ``--data`` (a video, a photo, or a folder of them) goes through the face module first:
+faces are detected, tracked, aligned and cropped at the model's resolution, all of them before
+any training, so a bad ``--data`` is one error line at once; the crops are kept in
+``LIB/train_data`` until the library is complete. A killed run continues with ``--resume``:
+finished adapters are skipped, the unfinished one continues from its trainer's last checkpoint.
+
+An edit is a built-in name (:data:`BUILTIN_EDITS`: a target prompt, the prompt words that ask for
+it and FaceWorld's tuned guidance / blend threshold / weight as starting values, marked
+``"defaults_from": "faceworld tuning"`` in adapters.json) or ``NAME="target prompt"``, whose words
+come from its name and prompt (:func:`derive_words`).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import inspect
+import json
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ipfacediff.errors import UserError
+from ipfacediff.files import write_json
+from ipfacediff.models import ADAPTER_LIBRARY, library_versions
+from ipfacediff.training import ADAPTER_FILE, evenly_spaced, load_training_faces, train_edit, train_identity, \
+    training_files
+
+LibraryProgress = Callable[[str, int, int], None]
+"""progress(stage, done, total): "faces <data>" while faces are found, "adapters" (adapters
+finished of those to train), and "<adapter> faces|invert|train" from each trainer."""
+
+LIBRARY_FILE = ADAPTER_LIBRARY.name  # adapters.json
+REPORT_FILE = "training.json"
+IDENTITY = "identity"
+WORK_DIR = "train_data"  # the aligned training faces (and a caller's own files) until the library is complete
+SOURCE_PROMPT = "a face"
+FACEWORLD_DEFAULTS = "faceworld tuning"  # the mark of tuned values copied from FaceWorld's models
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+
+# Words of a prompt that ask for each built-in edit (see models.pick_edit_adapters).
+EDIT_WORDS = {
+    "eyeglasses": ["eyeglasses", "glasses", "spectacles"],
+    "blonde_hair": ["blonde", "blond"],
+    "beard": ["beard", "bearded"],
+    "smile": ["smile", "smiling", "smiles", "smiley"],
+}
+EDIT_TARGETS = {  # FaceWorld's captions of the four edits (faceworld.adapters.edit_target)
+    "eyeglasses": "a face with eyeglasses",
+    "blonde_hair": "a face with blonde hair",
+    "beard": "a face with a beard",
+    "smile": "a smiling face",
+}
+HAIR_EDITS = ("blonde_hair",)
+# The tuned values below were found on FaceWorld's models; for another model they are starting
+# values (adapters.json marks them "defaults_from": "faceworld tuning").
+# Local-blend thresholds tuned per edit on held-out people the quality report does not use
+# (benchmarks/faceworld_quality.py --offset 20): a smile reshapes the mouth and needs more room
+# than where the prompt changes ε2's prediction most (success 0.81 → 0.94 on 16 people at 0.3,
+# tuned on the previous, CPU-trained model set). Blonde hair on the GPU-trained set, 16 tuning
+# people: 0.5 / 0.55 / 0.6 gave success 0.94 / 0.88 / 0.88, identity 0.588 / 0.618 / 0.635, warp
+# error 1.87 / 1.76 / 1.74: a tighter region keeps more of the face and flickers less. Beard, same
+# people, region filtered over time: 0.5 / 0.6 / 0.7 gave success 0.69 / 0.69 / 0.62, identity
+# 0.681 / 0.690 / 0.728, warp error 1.389 / 1.377 / 1.357, but on the report's people 0.6 lost
+# three beards of 17 (success 0.85 → 0.70), so beard stays at the default 0.5.
+BLEND_THRESHOLDS = {"smile": 0.3, "blonde_hair": 0.6}
+# Adapter weights tuned the same way (16 tuning people, the GPU-trained model set): the base model,
+# taught eyeglasses by FaceWorld's captions, draws them on 11 of 16 at identity 0.795; the
+# eyeglasses adapter at full weight draws them on all 16 but, pushed along CLIP's direction, darkens
+# the lenses and ages the face (0.667); at 0.5 / 0.3 all 16 at 0.737 / 0.764.
+ADAPTER_WEIGHTS = {"eyeglasses": 0.3}
+# Classifier-free guidance tuned the same way (16 tuning people, all four edits, region filtered;
+# success / identity at 7.5 / 5 / 3): eyeglasses 1.00 / 0.773, 1.00 / 0.788, 0.56 / 0.823; smile
+# 1.00 / 0.846, 1.00 / 0.864, 0.94 / 0.876; blonde hair 0.81 / 0.649, 0.62 / 0.706; beard 0.69 /
+# 0.681, 0.50 / 0.722. Eyeglasses and smile show on every face with less push than the edit
+# command's default, and less push leaves more of the face; the other two need the default.
+ADAPTER_GUIDANCES = {"eyeglasses": 5.0, "smile": 5.0}
+
+# Words that name a part of the face rather than the change: a custom edit's words leave them out
+# ("red_hair" is asked for by "red", not by every prompt that mentions hair), unless nothing else is left;
+PART_WORDS = frozenset(
+    "hair hairs eye eyes skin lip lips mouth nose cheek cheeks forehead chin ear ears eyebrow eyebrows brow brows "
+    "teeth tooth neck colour color colours colors style".split()
+)
+# Words that only say how much or how it looks, which any other prompt may use: left out as well.
+VAGUE_WORDS = frozenset("big small large little very more less some new slight slightly strong heavy light look "
+                        "looking".split())
+HAIR_WORDS = frozenset("bald bangs fringe curls curly ponytail braids".split())  # besides any word with "hair"
+_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
+_RESERVED = {IDENTITY, WORK_DIR, "checkpoints", "cache"}
+
+
+@dataclass(frozen=True)
+class LibraryEdit:
+    """One ε2 adapter to train: its name (folder and ``--adapters`` name), the target prompt it is
+    trained towards from the source prompt, the prompt words that pick it, whether it is a hair
+    edit, and the tuned values it starts with (None: the edit command's defaults)."""
+
+    name: str
+    target: str
+    words: tuple[str, ...]
+    hair: bool = False
+    blend_threshold: float | None = None
+    weight: float | None = None
+    guidance: float | None = None
+
+    def entry(self, defaults_from: str | None = FACEWORLD_DEFAULTS) -> dict:
+        """Its adapters.json entry (models.AdapterLibrary's schema); ``defaults_from`` marks where
+        its tuned values came from, when it has any (None: no mark, they were tuned on this model)."""
+        tuned = {key: value for key, value in (("blend_threshold", self.blend_threshold), ("weight", self.weight),
+                                                 ("guidance", self.guidance)) if value is not None}
+        entry = {"path": f"{self.name}/{ADAPTER_FILE}", "words": list(self.words), "target": self.target,
+                 "hair": self.hair, **tuned}
+        if tuned and defaults_from:
+            entry["defaults_from"] = defaults_from
+        return entry
+
+
+def builtin_edit(name: str, target: str | None = None) -> LibraryEdit:
+    """A built-in edit (eyeglasses, blonde_hair, beard, smile) with FaceWorld's words and tuned
+    values; ``target`` replaces its prompt (its words then also take the new prompt's)."""
+    words = list(EDIT_WORDS[name])
+    if target is not None and target != EDIT_TARGETS[name]:
+        words += [w for w in derive_words(name, target) if w not in words]
+    hair = name in HAIR_EDITS or (target is not None and is_hair_edit("", target))
+    return LibraryEdit(name, target or EDIT_TARGETS[name], tuple(words), hair=hair,
+                       blend_threshold=BLEND_THRESHOLDS.get(name), weight=ADAPTER_WEIGHTS.get(name),
+                       guidance=ADAPTER_GUIDANCES.get(name))
+
+
+def _tokens(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+def derive_words(name: str, prompt: str) -> list[str]:
+    """The prompt words that ask for a custom edit: its name's parts and its prompt's words, less
+    those that name the subject (editing.FRAME_WORDS: "a", "face", "with", ...), numbers and one
+    letters, and less those that name a part of the face (:data:`PART_WORDS`: "hair", "eyes") or
+    only say how much (:data:`VAGUE_WORDS`: "big", "more") unless nothing else is left:
+    ``red_hair="a face with red hair"`` → ["red"], ``hair="a face with more hair"`` → ["hair"]."""
+    from ipfacediff.editing import FRAME_WORDS
+
+    tokens = [w for w in dict.fromkeys(_tokens(name.replace("_", " ").replace("-", " ")) + _tokens(prompt))
+              if w not in FRAME_WORDS and not w.isdigit() and len(w) > 1]
+    specific = [w for w in tokens if w not in VAGUE_WORDS]
+    return [w for w in specific if w not in PART_WORDS] or specific or tokens or [name]
+
+
+def is_hair_edit(name: str, prompt: str) -> bool:
+    """An edit of the hair: its name or prompt mentions hair (blonde_hair, "a bald man")."""
+    return any("hair" in w or w in HAIR_WORDS for w in _tokens(name.replace("_", " ")) + _tokens(prompt))
+
+
+def custom_edit(name: str, target: str) -> LibraryEdit:
+    """``NAME="target prompt"``: words from its name and prompt, ``hair`` when either mentions hair."""
+    return LibraryEdit(name, target, tuple(derive_words(name, target)), hair=is_hair_edit(name, target))
+
+
+BUILTIN_EDITS = {name: builtin_edit(name) for name in EDIT_WORDS}
+
+
+def split_edits(text: str) -> list[str]:
+    """``eyeglasses,smile,tattoo="a face with a tattoo, small"``: the items, split at commas outside
+    quotes. A shell has usually removed the quotes (``tattoo=a face with a tattoo``), so a piece
+    after a custom prompt that is no name (no ``=``, not built in) continues that prompt."""
+    items, current, quote = [], "", ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+            current += char
+        elif char in "\"'":
+            quote = char
+            current += char
+        elif char == ",":
+            items.append(current)
+            current = ""
+        else:
+            current += char
+    items.append(current)
+    merged: list[str] = []
+    for item in items:
+        bare = item.strip()
+        if merged and "=" in merged[-1] and "=" not in bare and bare not in EDIT_WORDS and not _NAME.match(bare):
+            merged[-1] += "," + item
+        else:
+            merged.append(item)
+    return [item.strip() for item in merged if item.strip()]
+
+
+def parse_edits(specs: str | Iterable[str], source: str = SOURCE_PROMPT) -> list[LibraryEdit]:
+    """``--edits`` values (each comma-separated, the option repeatable) as edits; any mistake (an
+    unknown name without a prompt, a name that cannot be a folder, a repeated name, an empty or
+    source-equal prompt) is one UserError line."""
+    items = [item for spec in ([specs] if isinstance(specs, str) else specs) for item in split_edits(spec)]
+    if not items:
+        raise UserError(f"--edits names no edit: give built-in ones ({', '.join(EDIT_WORDS)}) and/or "
+                        'NAME="target prompt"')
+    edits: list[LibraryEdit] = []
+    for item in items:
+        name, equals, prompt = item.partition("=")
+        name, prompt = name.strip(), prompt.strip()
+        if len(prompt) >= 2 and prompt[0] == prompt[-1] and prompt[0] in "\"'":
+            prompt = prompt[1:-1].strip()
+        if not _NAME.match(name) or name in _RESERVED:
+            raise UserError(f"--edits: {name!r} cannot name an edit: use lower-case letters, digits, _ and - "
+                            f"(not {', '.join(sorted(_RESERVED))}), e.g. tattoo=\"a face with a tattoo\"")
+        if equals and not prompt:
+            raise UserError(f'--edits: {name}= has no target prompt: write {name}="a face with ..."')
+        if not equals and name not in EDIT_WORDS:
+            raise UserError(f"--edits: unknown edit {name!r}: the built-in edits are {', '.join(EDIT_WORDS)}; "
+                            f'give another as {name}="a face with ..." (its target prompt)')
+        if any(e.name == name for e in edits):
+            raise UserError(f"--edits names {name} twice: give each edit once")
+        edit = builtin_edit(name, prompt or None) if name in EDIT_WORDS else custom_edit(name, prompt)
+        if edit.target.strip().lower() == source.strip().lower():
+            raise UserError(f"--edits: the target prompt of {name} is the source prompt {source!r}: it must "
+                            "describe the edit")
+        edits.append(edit)
+    return edits
+
+
+# ---------------------------------------------------------------------------------------------
+# The builder
+
+
+@dataclass
+class _FaceSet:
+    """The training faces of some adapters: a folder the trainers read, checked or extracted."""
+
+    sources: tuple[str, ...]
+    folder: Path | None = None  # the trainers' data; set when staged (or for a ready folder of crops)
+    faces: np.ndarray | None = None  # extracted, waiting to be staged
+    direct: bool = False  # a folder of aligned crops used as it is (the trainers apply max_images)
+    count: int = 0  # faces in it
+    key: dict = field(default_factory=dict)
+
+
+def finished_adapters(output: str | Path) -> set[str]:
+    """The adapters of a library folder that are finished: recorded in its training.json and their
+    adapter file there."""
+    output = Path(output)
+    report = _read_report(output)
+    return {name for name in report.get("steps", {}) if (output / name / ADAPTER_FILE).is_file()} if report else set()
+
+
+def _read_report(output: Path) -> dict | None:
+    path = output / REPORT_FILE
+    if not path.is_file():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} is damaged (not JSON): remove {output} and build the library again") from None
+    return report if isinstance(report, dict) else None
+
+
+def build_library(
+    model: str,
+    data: Sequence[str | Path] | None,
+    edits: Sequence[LibraryEdit | str] | str,
+    output: str | Path,
+    *,
+    clip: str | None = None,
+    identity_net=None,
+    source: str = SOURCE_PROMPT,
+    aligned: bool = False,
+    resolution: int | None = None,
+    max_images: int | None = None,
+    identity_options: dict | None = None,
+    edit_options: dict | None = None,
+    edit_data: dict[str, str | Path] | None = None,
+    paired_targets: dict[str, str | Path] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    defaults_from: str | None = FACEWORLD_DEFAULTS,
+    report_extra: dict | None = None,
+    progress: LibraryProgress | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Train ε1 and one ε2 per edit for ``model`` into the library folder ``output``; returns the
+    report written to ``output/training.json``.
+
+    ``data``: videos, photos or folders of them (every face detected, aligned and cropped at the
+    model's resolution; ``aligned``: images are aligned face crops already). ``edits``: built-in
+    names, ``NAME=prompt`` strings or :class:`LibraryEdit`. ``clip``: the CLIPModel of ε2's
+    directional loss (default ``MODEL/clip`` when the model folder has one, else
+    :data:`DEFAULT_CLIP`). ``identity_net``: an IdentityEncoder or what
+    ``IdentityEncoder.from_pretrained`` reads (None: dlib's net). ``identity_options`` /
+    ``edit_options``: keyword arguments of train_identity / train_edit (max_steps, rank, ...).
+    ``edit_data``: another ``data`` for some edits (a folder or a list), ``paired_targets``: a
+    before/after folder per edit (train_edit's). ``resume``: continue or complete ``output``
+    (finished adapters are skipped, edits may be added); without it, an existing non-empty
+    ``output`` is an error. ``defaults_from``: the mark of the built-in edits' tuned values in
+    adapters.json (None: tuned on this model). ``report_extra``: keys the report starts with.
+
+    Everything that can be wrong with the arguments (the model, the data, the CLIP model, the
+    identity net, the edits) is one UserError line before any training starts. ``adapters.json``
+    is written last, so a killed run never leaves one that names missing files.
+    """
+    started = time.perf_counter()
+    log = log or (lambda _message: None)
+    edits = parse_edits(edits, source) if isinstance(edits, str) else \
+        [e for item in edits for e in ([item] if isinstance(item, LibraryEdit) else parse_edits(item, source))]
+    if len({e.name for e in edits}) != len(edits):
+        raise UserError("an edit is named twice: give each edit once")
+    output = Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file: it names the library folder to write")
+    if output.is_dir() and any(output.iterdir()) and not resume:
+        raise UserError(f"{output} exists: pass --resume to continue or complete it (or add edits to it), "
+                        "or choose another --output")
+    identity_options = dict(identity_options or {})
+    edit_options = dict(edit_options or {})
+    _check_options(identity_options, edit_options, resolution, max_images)
+
+    report = _read_report(output) or {}
+    _check_resume(output, report, model=model, source=source, edits=edits)
+    recorded = dict(report.get("edits", {}))
+    for edit in edits:  # an edit asked again keeps its place, takes its (re)derived words and values
+        recorded[edit.name] = _edit_record(edit)
+    every = [IDENTITY, *recorded]
+    finished = finished_adapters(output)
+    todo = [name for name in [IDENTITY, *(e.name for e in edits)] if name not in finished]
+    library_file = output / LIBRARY_FILE
+    if not todo and library_file.is_file() and _library(report, recorded, finished, defaults_from) == \
+            _read_json(library_file):
+        log(f"{library_file}: every adapter is trained already")
+        return report
+
+    encoder = side = None
+    sets: dict[str, _FaceSet] = {}
+    if todo:
+        # Everything that can be wrong, before any training: data, model, CLIP, identity net, faces.
+        for name in todo:  # a missing or empty --data fails at once, before the model loads
+            for item in _sources((edit_data or {}).get(name, data)):
+                _data_files(item)
+        side = resolution or _model_side(model)
+        clip = clip or _default_clip(model)
+        if any(name != IDENTITY for name in todo):
+            _check_clip(clip)
+        encoder = _identity_encoder(identity_net)
+        sets = _face_sets(todo, data, edit_data or {}, aligned=aligned, resolution=side, max_images=max_images,
+                          output=output, progress=progress)
+
+    output.mkdir(parents=True, exist_ok=True)
+    for name, extra in (report_extra or {}).items():
+        if name == "steps":
+            report.setdefault("steps", {}).update(extra)
+        else:
+            report.setdefault(name, extra)
+    report.update(model=str(model), source=source, edits=recorded)
+    if todo:
+        report.update(resolution=side, seed=seed, identity_net=_describe(identity_net))
+    report.setdefault("steps", {})
+    report.setdefault("data", {})
+    for face_set in {id(s): s for s in sets.values()}.values():
+        _stage(face_set, output, log)
+    for name, face_set in sets.items():
+        report["data"][name] = {"sources": list(face_set.sources), "faces": face_set.count}
+    write_json(output / REPORT_FILE, report)
+
+    for done, name in enumerate(todo):
+        if progress:
+            progress("adapters", done, len(todo))
+        face_set = sets[name]
+        trainer_progress = _trainer_progress(progress, name)
+        common = dict(resolution=side, resume=True, seed=seed, identity=encoder, progress=trainer_progress,
+                      max_images=max_images if face_set.direct else None)
+        if name == IDENTITY:
+            log("ε1 (identity adapter)")
+            result = train_identity(str(model), face_set.folder, output / name,
+                                    **{**dict(keep_checkpoints=1), **identity_options, **common})
+            report["steps"][name] = _summary(result)
+        else:
+            edit = next(e for e in edits if e.name == name)
+            log(f"ε2 for {name}: {source!r} -> {edit.target!r}")
+            paired = (paired_targets or {}).get(name)
+            result = train_edit(str(model), source, edit.target, face_set.folder, clip, output / name,
+                                **{**dict(keep_checkpoints=1), **edit_options, **common, "paired_targets": paired})
+            report["steps"][name] = {**_summary(result), "target": edit.target}
+        report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        write_json(output / REPORT_FILE, report)
+    if progress and todo:
+        progress("adapters", len(todo), len(todo))
+
+    finished = finished_adapters(output)
+    missing = [name for name in [IDENTITY, *(e.name for e in edits)] if name not in finished]
+    if missing:  # cannot happen unless a file vanished under us
+        raise UserError(f"{output}: the adapters {', '.join(missing)} are missing after training; run again with "
+                        "--resume")
+    for name in every:  # keep the adapters and their reports, not the checkpoints
+        shutil.rmtree(output / name / "checkpoints", ignore_errors=True)
+        shutil.rmtree(output / name / "cache", ignore_errors=True)
+    shutil.rmtree(output / WORK_DIR, ignore_errors=True)
+    report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
+    report["versions"] = library_versions()
+    report["weights_bytes"] = sum(p.stat().st_size for p in output.rglob("*.safetensors"))
+    write_json(output / REPORT_FILE, report)
+    write_json(library_file, _library(report, recorded, finished, defaults_from))  # last: every file it names exists
+    return report
+
+
+def _library(report: dict, recorded: dict, finished: set[str], defaults_from: str | None) -> dict:
+    """adapters.json: ε1 and every finished edit, in the order first asked for."""
+    edits = {}
+    for name, record in recorded.items():
+        if name in finished:
+            edits[name] = LibraryEdit(**{**record, "words": tuple(record["words"])}).entry(defaults_from)
+    return {"identity": f"{IDENTITY}/{ADAPTER_FILE}" if IDENTITY in finished else None, "edits": edits}
+
+
+def _edit_record(edit: LibraryEdit) -> dict:
+    return {"name": edit.name, "target": edit.target, "words": list(edit.words), "hair": edit.hair,
+            "blend_threshold": edit.blend_threshold, "weight": edit.weight, "guidance": edit.guidance}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_resume(output: Path, report: dict, *, model: str, source: str, edits: list[LibraryEdit]) -> None:
+    """A library continues only as it was started: same base model, source prompt, and targets."""
+    if not report:
+        return
+    again = "use the same arguments, or choose another --output"
+    if report.get("model") not in (None, str(model)) and _resolved(report["model"]) != _resolved(str(model)):
+        raise UserError(f"cannot resume {output}: its adapters were trained for --model {report['model']}, now "
+                        f"{model}; LoRA adapters fit one base model: {again}")
+    if report.get("source") not in (None, source):
+        raise UserError(f"cannot resume {output}: its edits start from --source {report['source']!r}, now "
+                        f"{source!r}; {again}")
+    for edit in edits:
+        before = report.get("edits", {}).get(edit.name)
+        if before and before.get("target") != edit.target:
+            raise UserError(f"cannot resume {output}: its {edit.name} adapter is trained towards "
+                            f"{before.get('target')!r}, now {edit.target!r}; give it another name, or remove "
+                            f"{output / edit.name}")
+
+
+def _resolved(model: str) -> str:
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model
+
+
+def _check_options(identity_options: dict, edit_options: dict, resolution: int | None,
+                   max_images: int | None) -> None:
+    """The trainers' own checks of their numbers, before any face is looked for."""
+    from ipfacediff.training import _check_common
+
+    for trainer, options in ((train_identity, identity_options), (train_edit, edit_options)):
+        defaults = {name: p.default for name, p in inspect.signature(trainer).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        unknown = sorted(set(options) - set(defaults))
+        if unknown:
+            raise TypeError(f"{trainer.__name__} has no option {unknown[0]!r}")
+        values = {**defaults, **options}
+        _check_common(values["max_steps"], values["rank"], values["batch_size"], values["learning_rate"],
+                      values["checkpoint_every"], values["mixed_precision"], values["gradient_accumulation"],
+                      resolution, max_images)
+        if values.get("full"):
+            raise UserError("a library holds LoRA adapters: --full is not for `train library`")
+    t0 = edit_options.get("t0", 500)
+    steps = edit_options.get("inversion_steps", 40), edit_options.get("generation_steps", 6)
+    if not 0 < t0 < 1000 or min(steps) < 1 or max(steps) > t0:
+        raise UserError(f"--inversion-steps and --generation-steps must be between 1 and --t0 ({t0}), and --t0 in "
+                        f"1..999; got {steps[0]}, {steps[1]} and {t0}")
+
+
+def _model_side(model: str) -> int:
+    """The base model's image side (its faces are cropped at it); loading it checks it, too."""
+    from ipfacediff.models import load_model_set, model_resolution
+
+    models = load_model_set(str(model), adapters=False)
+    side = model_resolution(models.vae, models.unet)
+    del models
+    gc.collect()
+    return side
+
+
+def _default_clip(model: str) -> str:
+    folder = Path(model).expanduser() / "clip"
+    return str(folder) if (folder / "config.json").is_file() else DEFAULT_CLIP
+
+
+def _check_clip(clip: str) -> None:
+    from ipfacediff.models import load_clip
+
+    scorer = load_clip(clip)
+    del scorer
+    gc.collect()
+
+
+def _identity_encoder(identity_net):
+    import torch
+
+    from ipfacediff.identity import IdentityEncoder
+
+    if isinstance(identity_net, torch.nn.Module):
+        return identity_net
+    return IdentityEncoder.from_pretrained(identity_net)
+
+
+def _describe(identity_net) -> str:
+    import torch
+
+    if identity_net is None:
+        return "dlib"
+    if isinstance(identity_net, torch.nn.Module):
+        return type(identity_net).__name__
+    return str(identity_net)
+
+
+def _sources(data) -> tuple[str, ...]:
+    items = [data] if isinstance(data, (str, Path)) else list(data or [])
+    return tuple(str(Path(item).expanduser().resolve()) for item in items)
+
+
+def _face_sets(todo: list[str], data, edit_data: dict, *, aligned: bool, resolution: int, max_images: int | None,
+               output: Path, progress: LibraryProgress | None) -> dict[str, _FaceSet]:
+    """The training faces of every adapter to train: every source checked (all of them, the cheap
+    checks first), the faces found, or staged faces of an earlier run reused."""
+    by_sources: dict[tuple[str, ...], _FaceSet] = {}
+    sets: dict[str, _FaceSet] = {}
+    for name in todo:
+        sources = _sources(edit_data[name]) if name in edit_data else _sources(data)
+        if not sources:
+            raise UserError("--data is needed: a video, a photo or a folder of them, with the face(s) to train on")
+        sets[name] = by_sources.setdefault(sources, _FaceSet(sources))
+    for face_set in by_sources.values():
+        face_set.key = {"sources": list(face_set.sources), "resolution": resolution, "aligned": aligned,
+                        "max_images": max_images}
+        single = Path(face_set.sources[0])
+        if aligned and len(face_set.sources) == 1 and single.is_dir():
+            # Aligned crops in one folder are the trainers' data as they are (before/after pairs keep their names).
+            faces = _load_faces(single, resolution, aligned=True, max_images=max_images, progress=progress)
+            face_set.folder, face_set.direct, face_set.count = single, True, len(faces)
+            continue
+        folder = output / WORK_DIR / f"faces-{_digest(face_set.key)}"
+        if _staged(folder, face_set.key):
+            face_set.folder, face_set.count = folder, _read_json(folder / "faces.json")["count"]
+            continue
+        faces = [_load_faces(Path(source), resolution, aligned=aligned, max_images=None, progress=progress)
+                 for source in face_set.sources]
+        stacked = np.concatenate(faces)
+        if max_images is not None and len(stacked) > max_images:
+            stacked = stacked[evenly_spaced(len(stacked), max_images)]
+        face_set.faces, face_set.count = stacked, len(stacked)
+    return sets
+
+
+def _data_files(source: str) -> list[Path]:
+    try:
+        return training_files(source)
+    except UserError as error:
+        raise UserError(f"--data: {error}") from None
+
+
+def _load_faces(source: Path, resolution: int, *, aligned: bool, max_images: int | None,
+                progress: LibraryProgress | None) -> np.ndarray:
+    stage = f"faces {source.name}"
+    report = (lambda _stage, done, total, _loss=None: progress(stage, done, total)) if progress else None
+    try:
+        return load_training_faces(source, resolution, max_images=max_images, detect_images=not aligned,
+                                   strict=True, progress=report)
+    except UserError as error:
+        raise UserError(f"--data: {error}") from None
+
+
+def _digest(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _staged(folder: Path, key: dict) -> bool:
+    index = _read_json(folder / "faces.json")
+    return isinstance(index, dict) and index.get("key") == key and \
+        len(list(folder.glob("*.png"))) == index.get("count", -1)
+
+
+def _stage(face_set: _FaceSet, output: Path, log: Callable[[str], None]) -> None:
+    """Write extracted faces as lossless PNGs (the trainers read them back bit for bit, so a
+    resumed run sees the same faces), through a temporary folder renamed into place."""
+    if face_set.faces is None:
+        return
+    folder = output / WORK_DIR / f"faces-{_digest(face_set.key)}"
+    temporary = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    for index, face in enumerate(face_set.faces):
+        if not cv2.imwrite(str(temporary / f"{index:05d}.png"), np.ascontiguousarray(face[..., ::-1])):
+            raise UserError(f"cannot write the training faces to {temporary}: is the disk full?")
+    write_json(temporary / "faces.json", {"key": face_set.key, "count": len(face_set.faces)})
+    shutil.rmtree(folder, ignore_errors=True)
+    temporary.rename(folder)
+    log(f"{len(face_set.faces)} aligned faces from {', '.join(Path(s).name for s in face_set.sources)}")
+    face_set.folder, face_set.faces = folder, None
+
+
+def _trainer_progress(progress: LibraryProgress | None, name: str):
+    if progress is None:
+        return None
+    return lambda stage, done, total, loss=None: progress(f"{name} {stage}", done, total)
+
+
+def _summary(result) -> dict:
+    return {"steps": result.steps, "seconds": round(result.seconds, 1), "faces": result.faces,
+            "validation_before": result.validation_before, "validation_after": result.validation_after,
+            "loss_first": result.losses[0] if result.losses else None,
+            "loss_last": result.losses[-1] if result.losses else None,
+            "resumed_from": result.resumed_from}
+
+
+__all__ = [
+    "BUILTIN_EDITS",
+    "LibraryEdit",
+    "build_library",
+    "builtin_edit",
+    "custom_edit",
+    "derive_words",
+    "finished_adapters",
+    "is_hair_edit",
+    "parse_edits",
+]

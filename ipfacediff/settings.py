@@ -1,0 +1,368 @@
+"""The settings of an edit as one piece of data.
+
+An edit is decided by some twenty numbers and switches. They used to be written out in the
+pipeline's signature, the job's settings, the command line, the web page and the batch manifest's
+columns, each with its own defaults and checks; a default changed in one place drifted from the
+others (the web page edited with 20 steps, the command line with 50). Here each setting is
+declared once, with its default, its range and its help: the command line builds its options from
+the fields, the web page and batch read values into it with :meth:`EditSettings.from_mapping`, and
+the pipeline takes the object whole. A value is checked when the object is made, so a bad number
+is refused where it enters, in one line, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from ipfacediff.errors import UserError
+
+# Defaults from plug-and-play / TokenFlow: features injected over the first 80 % of a 1000-step
+# schedule, attention over the first 50 %; CFG 7.5; one keyframe every 8 frames.
+DEFAULT_STEPS = 50
+DEFAULT_GUIDANCE = 7.5
+DEFAULT_INJECT_FEATURE_UNTIL = 200
+DEFAULT_INJECT_ATTENTION_UNTIL = 500
+DEFAULT_KEYFRAME_SPACING = 8
+DEFAULT_PROPAGATION_TEMPERATURE = 0.0
+DEFAULT_TEMPORAL_SMOOTHING = 0.25
+DEFAULT_ALL_KEYFRAMES_BELOW = 0  # off
+# Local blend: latent tokens where the edit model's prediction under the prompt differs from that
+# under the reference by less than this share of the frame's range follow the source trajectory.
+DEFAULT_BLEND_THRESHOLD = 0.5
+DEFAULT_FADE = 4  # frames: a sixth of a second at 24 fps
+LARGEST_SEED = 2**63 - 1  # torch.Generator takes 64 bits; JSON readers keep 63 exactly
+LARGEST_RESOLUTION = 4096
+
+_TRUE_WORDS = {"1", "true", "yes", "y", "on"}
+_FALSE_WORDS = {"0", "false", "no", "n", "off", ""}
+
+
+def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False, multiple_of: int | None = None,
+            flag: str | None = None, short: str | None = None, negative: str | None = None) -> Any:
+    """A dataclass field that knows its range and its command-line form.
+
+    ``flag`` is the option's name when it is not the field's (``--prompt`` for ``prompt``);
+    ``negative`` makes a switch that is on by default an ``--x/--no-x`` pair whose off form is
+    the one users type (``--no-local-blend``)."""
+    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
+            "multiple_of": multiple_of, "flag": flag, "short": short, "negative": negative}
+    return field(default=default, metadata=meta)
+
+
+def flag_of(name: str, meta: dict | None = None) -> str:
+    """The command-line option of a setting: ``--blend-threshold`` for ``blend_threshold``."""
+    return (meta or {}).get("flag") or "--" + name.replace("_", "-")
+
+
+def option_names(name: str, meta: dict) -> str:
+    """The option as typer declares it: ``--local-blend/--no-local-blend`` for a switch with an
+    off form, else its flag."""
+    return f"{flag_of(name, meta)}/{meta['negative']}" if meta.get("negative") else flag_of(name, meta)
+
+
+def _number_text(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e30 else f"{value:g}"
+
+
+def _range_text(meta: dict) -> str:
+    low, high = meta["low"], meta["high"]
+    if low is not None and high is not None:
+        return (f"in {'(' if meta['low_open'] else '['}{_number_text(low)}, {_number_text(high)}"
+                f"{')' if meta['high_open'] else ']'}")
+    if low is not None:
+        return f"{'above' if meta['low_open'] else 'at least'} {_number_text(low)}"
+    if high is not None:
+        return f"{'below' if meta['high_open'] else 'at most'} {_number_text(high)}"
+    return "a number"
+
+
+def _kind(annotation: str) -> tuple[type, bool]:
+    """(base type, may be None) from a field's string annotation."""
+    optional = "None" in annotation
+    base = annotation.replace("| None", "").replace("None |", "").strip()
+    return {"int": int, "float": float, "bool": bool, "str": str, "tuple[str, ...]": tuple}.get(base, str), optional
+
+
+def field_type(cls: type, name: str) -> Any:
+    """The Python type of a setting, for a command-line parser: ``Optional[int]`` for ``int | None``."""
+    from typing import Optional
+
+    kind, optional = _kind(str(next(f for f in fields(cls) if f.name == name).type))
+    if kind is tuple:
+        return Optional[list[str]]
+    return Optional[kind] if optional else kind
+
+
+def default_of(cls: type, name: str) -> Any:
+    """A setting's default, for a control that shows it."""
+    return next(f for f in fields(cls) if f.name == name).default
+
+
+def check_number(value: Any, kind: type, label: str, meta: dict) -> int | float:
+    """``value`` as a finite ``kind`` inside the setting's range, or a one-line :class:`UserError`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{label} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise UserError(f"{label} must be a finite number, got {value}")
+    if kind is int:
+        if value != int(value):
+            raise UserError(f"{label} must be an integer, got {value}")
+        value = int(value)
+    else:
+        value = float(value)
+    low, high = meta["low"], meta["high"]
+    outside = ((low is not None and (value < low or (meta["low_open"] and value == low)))
+               or (high is not None and (value > high or (meta["high_open"] and value == high))))
+    if outside:
+        raise UserError(f"{label} must be {_range_text(meta)}, got {_number_text(value)}")
+    if meta["multiple_of"] and value % meta["multiple_of"]:
+        raise UserError(f"{label} must be a multiple of {meta['multiple_of']}, got {_number_text(value)}")
+    return value
+
+
+def parse_value(value: Any, kind: type, optional: bool, label: str) -> Any:
+    """A value typed by a person (a CSV cell, a web field, a JSON value) as ``kind``."""
+    if value is None or (isinstance(value, str) and not value.strip() and kind is not str):
+        if optional:
+            return None
+        if kind is bool:
+            return False
+        raise UserError(f"{label} needs a value")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        word = str(value).strip().lower()
+        if word in _TRUE_WORDS | _FALSE_WORDS:
+            return word in _TRUE_WORDS
+        raise UserError(f"{label} must be true or false, got {value!r}")
+    if kind is tuple:  # a JSON list, or one cell of ";"-separated items
+        items = value if isinstance(value, (list, tuple)) else str(value).split(";")
+        return tuple(str(v).strip() for v in items if str(v).strip())
+    if kind is str:
+        return ",".join(str(v) for v in value) if isinstance(value, list) else str(value)
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise UserError(f"{label} must be {'an integer' if kind is int else 'a number'}, got {value!r}") from None
+    return value  # checked by the settings object
+
+
+class Settings:
+    """Shared behaviour of the frozen settings dataclasses: checks on creation, reading from a
+    mapping of strings, and the table of options for the docs."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            kind, optional = _kind(str(f.type))
+            value = getattr(self, f.name)
+            label = flag_of(f.name, f.metadata)
+            if value is None and optional:
+                continue
+            if kind is tuple:
+                value = () if value is None else value
+                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                    raise UserError(f"{label} must be a list of texts, got {value!r}")
+                object.__setattr__(self, f.name, tuple(value))
+            elif kind in (int, float):
+                object.__setattr__(self, f.name, check_number(value, kind, label, dict(f.metadata)))
+            elif kind is bool and not isinstance(value, bool):
+                raise UserError(f"{label} must be true or false, got {value!r}")
+            elif kind is str and not isinstance(value, str):
+                raise UserError(f"{label} must be text, got {value!r}")
+        self.check()
+
+    def check(self) -> None:
+        """Checks that involve more than one field or more than a range."""
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], *, where: str = ""):
+        """Settings from values a person typed (strings, numbers, booleans); unknown names and
+        bad values are one-line errors prefixed with ``where``."""
+        known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(values) - set(known))
+        prefix = f"{where}: " if where else ""
+        if unknown:
+            raise UserError(f"{prefix}unknown setting {unknown[0]!r}; known: {', '.join(known)}")
+        parsed = {}
+        try:
+            for name, value in values.items():
+                kind, optional = _kind(str(known[name].type))
+                parsed[name] = parse_value(value, kind, optional, name)
+            return cls(**parsed)
+        except UserError as error:
+            raise UserError(f"{prefix}{error}") from None
+        except TypeError as error:  # a required setting is missing
+            raise UserError(f"{prefix}{error}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+    @classmethod
+    def options_table(cls) -> str:
+        """The Markdown table of the command-line options these settings make: the README carries
+        it as written here (a test compares them), so the docs cannot drift from the code.
+        ``python -m ipfacediff.settings`` prints it."""
+        rows = ["| option | default | meaning |", "|---|---|---|"]
+        for f in fields(cls):  # type: ignore[arg-type]
+            meta = f.metadata
+            if not meta:
+                continue
+            default = "required" if f.default is MISSING else f.default
+            if isinstance(default, bool):
+                default = "on" if default else "off"
+            rows.append(f"| `{option_names(f.name, meta)}` | {default if default not in (None, '') else '—'} "
+                        f"| {meta['help']} |")
+        return "\n".join(rows)
+
+
+def parse_time(text: str, label: str) -> tuple[str, float]:
+    """``("seconds", s)`` for "1.5" or "1.5s", ``("frame", n)`` for "frame:15"; one line otherwise."""
+    value = text.strip().lower()
+    try:
+        if value.startswith("frame:"):
+            frame = int(value.removeprefix("frame:"))
+            if frame < 0:
+                raise ValueError
+            return "frame", frame
+        seconds = float(value.removesuffix("s"))
+        if not math.isfinite(seconds) or seconds < 0:
+            raise ValueError
+        return "seconds", seconds
+    except ValueError:
+        raise UserError(f"{label} must be seconds (1.5) or a frame (frame:15), 0 or later, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class EditSettings(Settings):
+    """Everything that decides the result of an edit: written to the run's metadata as it is."""
+
+    prompt: str = setting(MISSING, 'What the face should show, e.g. "a face with eyeglasses".', short="-p")
+    source_prompt: str = setting("", "What the input shows; used for inversion and ε1's features.")
+    steps: int = setting(DEFAULT_STEPS, "DDIM steps for inversion and editing.", low=1, high=1000)
+    guidance: float | None = setting(
+        None, f"Classifier-free guidance. Default: the value the edit's adapter was tuned with, else {DEFAULT_GUIDANCE}.",
+        low=0, high=100)
+    keyframes: int | None = setting(None, "Keyframes edited jointly per step. Default: one per 8 frames.",
+                                    low=1, high=10_000)
+    random_keyframes: bool = setting(True, "Keyframes drawn with a new random offset every step (`--even-keyframes`: evenly spaced, the same every step).",
+                                     negative="--even-keyframes")
+    propagation_temperature: float = setting(
+        DEFAULT_PROPAGATION_TEMPERATURE, "How the keyframes' edit reaches the other frames: 0 = each token takes its "
+        "single nearest keyframe token (TokenFlow's rule); above 0, a softmax-weighted blend of the keyframe tokens by "
+        "feature cosine at this temperature.",
+        low=0, high=10)
+    temporal_smoothing: float = setting(
+        DEFAULT_TEMPORAL_SMOOTHING, "Each frame's edit takes this share from each neighbouring frame's at every step, "
+        "and the local blend's region is filtered over time with the same weights (8 passes), against flicker; 0 = off.",
+        low=0, high=0.5, high_open=True)
+    inject_feature_until: int = setting(DEFAULT_INJECT_FEATURE_UNTIL,
+                                        "ε1's residual features are injected while the timestep is above this (PnP: the first 80 % of the schedule).", low=0, high=1000)
+    inject_attention_until: int = setting(DEFAULT_INJECT_ATTENTION_UNTIL,
+                                          "ε1's self-attention Q/K are injected while the timestep is above this (PnP: the first 50 %).",
+                                          low=0, high=1000)
+    all_keyframes_below: int = setting(
+        DEFAULT_ALL_KEYFRAMES_BELOW, "Below this timestep every frame gets its own ε2 pass instead of a propagated "
+        "edit (less flicker, more time); 0 = off.", low=0, high=1000)
+    strength: float = setting(1.0, "Fraction of the schedule re-generated (1 = from the fully inverted noise).",
+                              low=0, high=1, low_open=True)
+    seed: int = setting(0, "Seed of the keyframe draws; the same seed gives bit-identical output.", low=0, high=LARGEST_SEED)
+    identity_guidance: bool = setting(True, "ε1 guides the edit (off: ε2 guides itself, TokenFlow-like; an ablation).",
+                                      negative="--no-identity-guidance")
+    every_frame: bool = setting(False, "Ablation: edit each frame on its own (the naive baseline).")
+    resolution: int | None = setting(None, "Side of the aligned face crop. Default: the model's (512 for SD-1.5).",
+                                     low=8, high=LARGEST_RESOLUTION, multiple_of=8)
+    faces: str = setting("all", 'Faces to edit: "all", "largest" or track ids "0,2".')
+    face_prompts: tuple[str, ...] = setting(
+        (), "A face's own prompt, ID=TEXT (repeatable: --face-prompt '1=a face with a beard'); ID= leaves that face "
+        "unedited. The other faces take --prompt.", flag="--face-prompt")
+    start: str = setting("", "Edit from here: seconds (1.5) or a frame (frame:15). Default: the clip's start. "
+                             "Frames outside the range pass through unchanged.")
+    end: str = setting("", "Edit up to here, not including it: seconds (2.5) or a frame (frame:25). Default: the "
+                           "clip's end.")
+    fade: int = setting(DEFAULT_FADE, "Frames over which the edit fades in after --start and out before --end, so "
+                                      "it does not pop in.", low=0, high=10_000)
+    require_face: bool = setting(False, "Exit with an error when the video has no face (otherwise its frames pass through).")
+    whole_frame: bool = setting(False, "Edit the whole frame (resized to the model's size) instead of face crops.")
+    hair: bool = setting(False, "An edit of the hair: keep the inner face (brows to mouth) and blend the whole crop "
+                                "back, not just the face (on for a hair adapter).")
+    adapters: str = setting("auto", 'ε2 adapters of the model\'s library: "auto" (picked by the prompt\'s words), '
+                                    '"none", or names "eyeglasses" / "eyeglasses:0.8,smile".')
+    detail_transfer: bool = setting(True, "Put the detail the VAE loses back where the edit changed nothing.",
+                                    negative="--no-detail-transfer")
+    allow_out_of_domain: bool = setting(
+        False, "Edit faces that the model's card says it was not made for (the embedded FaceWorld model and a real "
+        "face); .run.json and the report record the override.")
+    local_blend: bool = setting(True, "Confine the edit to where ε2's prediction under the prompt differs from that "
+                                      "under the source prompt.", negative="--no-local-blend")
+    blend_threshold: float | None = setting(
+        None, "Where the edit may change the latents: above this share of the frame's largest prompt-vs-source "
+        f"difference. Default: the edit adapter's tuned value, else {DEFAULT_BLEND_THRESHOLD}.",
+        low=0, high=1, high_open=True)
+
+    def check(self) -> None:
+        face_ids: set[int] = set()
+        for item in self.face_prompts:
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip().isdigit():
+                raise UserError(f"--face-prompt must be ID=TEXT, e.g. '1=a face with a beard', got {item!r}")
+            if int(key) in face_ids:
+                raise UserError(f"--face-prompt gives face {int(key)} two prompts")
+            face_ids.add(int(key))
+        for name in ("start", "end"):
+            if getattr(self, name).strip():
+                parse_time(getattr(self, name), f"--{name}")
+        if not self.prompt.strip():
+            raise UserError('the prompt is empty: say what to change, e.g. --prompt "a face with eyeglasses"')
+        faces = self.faces.strip()
+        if faces not in ("all", "largest") and not all(p.strip().isdigit() for p in faces.split(",")):
+            raise UserError(f'--faces: bad face selection "{self.faces}": use "all", "largest" or track ids like "0,2"')
+
+    def prompt_for(self, face: int) -> str | None:
+        """The prompt of one face: its own, else ``prompt``; None leaves it unedited (``ID=``)."""
+        for item in self.face_prompts:
+            key, _, text = item.partition("=")
+            if int(key) == face:
+                return text.strip() or None
+        return self.prompt
+
+    def frame_range(self, fps: float, frame_count: int) -> range:
+        """The frames ``start`` and ``end`` select (the whole clip by default): a frame is in when
+        its time ``index / fps`` is at ``start`` or after and before ``end``. An empty, reversed or
+        outside range is a one-line error."""
+
+        def index(text: str, label: str, default: int) -> int:
+            if not text.strip():
+                return default
+            unit, value = parse_time(text, label)
+            return int(value) if unit == "frame" else math.ceil(value * fps - 1e-6)
+
+        first, stop = index(self.start, "--start", 0), index(self.end, "--end", frame_count)
+        where = f"--start {self.start or 0} --end {self.end or 'end'}"
+        if first >= frame_count:
+            raise UserError(f"{where}: the range starts after the clip's last frame "
+                            f"({frame_count} frames, {frame_count / fps:.2f} s)")
+        if stop <= first:
+            raise UserError(f"{where}: the range is empty or reversed (frames {first} to {stop})")
+        return range(first, min(stop, frame_count))
+
+    def fade_weight(self, frame: int, frames: range) -> float:
+        """How much of the edit a frame of the range shows: rising over ``fade`` frames after the
+        range's start and falling before its end, unless the range starts or ends with the clip."""
+        weight = 1.0
+        if self.fade and self.start.strip():
+            weight = min(weight, (frame - frames.start + 1) / (self.fade + 1))
+        if self.fade and self.end.strip():
+            weight = min(weight, (frames.stop - frame) / (self.fade + 1))
+        return max(0.0, weight)
+
+
+if __name__ == "__main__":
+    print(EditSettings.options_table())

@@ -1,0 +1,365 @@
+"""`ipfacediff train library`: ε1 and one ε2 per edit for any SD-1.x model, written as an adapter
+library that `edit --adapters-dir LIB` (and the loader, the batch manifest, the Python API) use.
+
+Tiny random models, a few optimizer steps: what is checked is the library's files, words, flags,
+resume and errors, not what the adapters learned."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ipfacediff.cli import main
+from ipfacediff.errors import UserError
+from ipfacediff.library import (
+    ADAPTER_GUIDANCES,
+    ADAPTER_WEIGHTS,
+    BLEND_THRESHOLDS,
+    EDIT_TARGETS,
+    FACEWORLD_DEFAULTS,
+    build_library,
+    derive_words,
+    parse_edits,
+    split_edits,
+)
+from ipfacediff.models import AdapterLibrary
+from ipfacediff.training import ADAPTER_FILE
+
+FAST = ["--max-steps", "2", "--max-images", "8", "--inversion-steps", "4", "--generation-steps", "2"]
+EDITS = 'eyeglasses,blonde_hair,ink="a face with a cheek tattoo",red_hair="a face with red hair"'
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else 1
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two busy cores: OpenMP threads fighting over them make the tiny UNet much slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def photos(shared_clip, tmp_path_factory):
+    """A folder with one photo: a frame of the real clip (its face is found, not assumed)."""
+    from ipfacediff.video import iter_frames
+
+    folder = tmp_path_factory.mktemp("photos")
+    frame = next(iter(iter_frames(shared_clip("closeup.mp4"))))
+    cv2.imwrite(str(folder / "frame.jpg"), frame[..., ::-1])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def library(shared_clip, photos, tiny_dir, tmp_path_factory):
+    """A library built by the command from a real clip and a photo: ε1, two built-in and two custom edits."""
+    lib = tmp_path_factory.mktemp("library") / "lib"
+    argv = ["train", "library", "--model", str(tiny_dir), "--data", str(shared_clip("closeup.mp4")),
+            "--data", str(photos), "--edits", EDITS, "--output", str(lib), *FAST]
+    try:
+        main(argv)
+    except SystemExit as done:
+        pytest.fail(f"train library exited with {done.code}")
+    return lib
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory):
+    from ipfacediff.demo import sample_clip
+
+    folder = tmp_path_factory.mktemp("sample")
+    sample_clip(folder / "clip.mp4", frames=6, size=128).save(folder / "clip.tracks.json")
+    return folder / "clip.mp4", folder / "clip.tracks.json"
+
+
+@pytest.fixture(scope="module")
+def aligned_faces(tmp_path_factory):
+    from conftest import moving_texture
+
+    folder = tmp_path_factory.mktemp("aligned")
+    for index, image in enumerate(moving_texture(6, seed=3)):
+        cv2.imwrite(str(folder / f"{index}.png"), image[..., ::-1])
+    return folder
+
+
+def test_train_library_writes_adapters_json_identity_and_every_edit(library, shared_clip, photos):
+    spec = json.loads((library / "adapters.json").read_text())
+    assert spec["identity"] == f"identity/{ADAPTER_FILE}"
+    assert list(spec["edits"]) == ["eyeglasses", "blonde_hair", "ink", "red_hair"]
+    loaded = AdapterLibrary.read_dir(library)
+    assert loaded.identity.is_file() and all(e.path.is_file() for e in loaded.edits)
+    assert {e.name: e.target for e in loaded.edits} == {
+        "eyeglasses": "a face with eyeglasses", "blonde_hair": "a face with blonde hair",
+        "ink": "a face with a cheek tattoo", "red_hair": "a face with red hair"}
+    # Only adapters and reports stay: no checkpoints, caches or staged faces.
+    assert not (library / "train_data").exists() and not list(library.rglob("checkpoints"))
+    report = json.loads((library / "training.json").read_text())
+    assert set(report["steps"]) == {"identity", "eyeglasses", "blonde_hair", "ink", "red_hair"}
+    assert all(step["steps"] == 2 for step in report["steps"].values())
+    assert report["resolution"] == 64
+    assert report["data"]["identity"] == {"sources": [str(shared_clip("closeup.mp4").resolve()), str(photos.resolve())],
+                                          "faces": 8}
+
+
+def test_built_in_edits_start_from_faceworlds_tuned_values_marked_as_such(library):
+    spec = json.loads((library / "adapters.json").read_text())["edits"]
+    assert spec["eyeglasses"]["weight"] == ADAPTER_WEIGHTS["eyeglasses"]
+    assert spec["eyeglasses"]["guidance"] == ADAPTER_GUIDANCES["eyeglasses"]
+    assert spec["blonde_hair"]["blend_threshold"] == BLEND_THRESHOLDS["blonde_hair"]
+    assert spec["eyeglasses"]["defaults_from"] == spec["blonde_hair"]["defaults_from"] == FACEWORLD_DEFAULTS
+    assert "defaults_from" not in spec["ink"] and "weight" not in spec["ink"] and "guidance" not in spec["ink"]
+    loaded = {e.name: e for e in AdapterLibrary.read_dir(library).edits}
+    assert loaded["eyeglasses"].defaults_from == FACEWORLD_DEFAULTS and loaded["ink"].defaults_from is None
+    assert loaded["blonde_hair"].words == ("blonde", "blond")
+
+
+def test_a_custom_edit_gets_words_from_its_prompt_and_a_hair_edit_the_hair_flag(library):
+    spec = json.loads((library / "adapters.json").read_text())["edits"]
+    assert spec["ink"]["words"] == ["ink", "tattoo"]  # "tattoo" only from the prompt; "cheek" names a part
+    assert spec["ink"]["hair"] is False
+    assert spec["red_hair"]["words"] == ["red"] and spec["red_hair"]["hair"] is True
+    assert spec["blonde_hair"]["hair"] is True and spec["eyeglasses"]["hair"] is False
+
+
+def test_edit_with_adapters_dir_picks_adapters_by_the_prompts_words(library, sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    common = ["--model", str(tiny_dir), "--steps", "2", "--tracks", str(tracks), "--adapters-dir", str(library)]
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "a.mp4"), "-p", "a face with a tattoo and glasses",
+                           *common], capsys)
+    assert code == 0, stderr
+    faces = json.loads((tmp_path / "a.run.json").read_text())["faces"]
+    assert faces and all(face["edit_adapters"] == {"eyeglasses": ADAPTER_WEIGHTS["eyeglasses"], "ink": 1.0}
+                         for face in faces)
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "b.mp4"), "-p", "a face with red hair", *common],
+                          capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "b.run.json").read_text())["faces"][0]["edit_adapters"] == {"red_hair": 1.0}
+    code, stdout, stderr = run(["invert", str(clip), "--model", str(tiny_dir), "--steps", "2", "--tracks", str(tracks),
+                                "--adapters-dir", str(library), "--cache-dir", str(tmp_path / "cache")], capsys)
+    assert code == 0 and "UNet calls" in stdout, stderr
+
+
+def test_the_python_api_loads_a_library_from_outside_the_model_folder(library, tiny_dir):
+    from ipfacediff.job import load_pipeline
+    from ipfacediff.settings import EditSettings
+
+    pipe = load_pipeline(str(tiny_dir), adapters_dir=library, device="cpu", dtype="float32")
+    assert set(pipe.unet.peft_config) == {"identity", "edit:eyeglasses", "edit:blonde_hair", "edit:ink",
+                                          "edit:red_hair"}
+    plan = pipe.plan_edit(EditSettings(prompt="a face with red hair"))
+    assert plan.edit_weights == {"edit:red_hair": 1.0} and plan.hair
+    blonde = pipe.plan_edit(EditSettings(prompt="a blond face"))
+    assert blonde.blend_threshold == BLEND_THRESHOLDS["blonde_hair"] and blonde.hair
+    # The file itself is accepted as well as its folder.
+    assert AdapterLibrary.read_dir(library / "adapters.json") == AdapterLibrary.read_dir(library)
+
+
+def test_a_bad_library_is_one_line(library, sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    missing_adapter = tmp_path / "missing-adapter"
+    shutil.copytree(library, missing_adapter)
+    (missing_adapter / "ink" / ADAPTER_FILE).unlink()
+    bad_json = tmp_path / "bad-json"
+    bad_json.mkdir()
+    (bad_json / "adapters.json").write_text('{"edits": [1')
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cases = [(tmp_path / "nowhere", "does not exist"), (empty, "has no adapters.json"),
+             (bad_json, "is not JSON"), (missing_adapter, str(missing_adapter / "ink" / ADAPTER_FILE))]
+    for command in ("edit", "invert"):
+        for folder, expected in cases:
+            argv = [command, str(clip), "--model", str(tiny_dir), "--tracks", str(tracks), "--adapters-dir", str(folder)]
+            argv += ["-o", str(tmp_path / "o.mp4"), "-p", "a face with glasses"] if command == "edit" else []
+            code, stdout, stderr = run(argv, capsys)
+            lines = [line for line in stderr.splitlines() if line.strip()]
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (command, folder, stderr)
+            assert expected in lines[0], (command, lines[0])
+    assert not (tmp_path / "o.mp4").exists()
+    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--model", str(tiny_dir),
+                           "--adapters-dir", str(library), "--no-adapter-library"], capsys)
+    assert code == 2 and "--no-adapter-library" in stderr
+
+
+def test_a_batch_manifest_carries_adapters_dir_to_the_workers_pipeline(library, sample, tiny_dir, tmp_path):
+    from ipfacediff.batch import BatchWorker, read_manifest
+
+    clip, _ = sample
+    shutil.copytree(library, tmp_path / "lib")
+    manifest = tmp_path / "clips.csv"
+    manifest.write_text(f"input,prompt,adapters_dir\n{clip},a face with glasses,lib\n{clip},a smiling face,\n")
+    jobs = read_manifest(manifest, tmp_path / "out")
+    assert [job.adapters_dir for job in jobs] == [str((tmp_path / "lib").resolve()), None]
+    worker = BatchWorker(str(tiny_dir), "cpu", "float32", str(tmp_path / "cache"), str(tmp_path / "running"), False)
+    assert set(worker._get_pipeline(jobs[0]).config.adapter_words) == {"eyeglasses", "blonde_hair", "ink", "red_hair"}
+    assert worker._get_pipeline(jobs[1]).config.adapter_words == {}
+    (tmp_path / "lib" / "adapters.json").unlink()
+    with pytest.raises(UserError, match=r"clips.csv line 2: adapter library folder .* has no adapters.json"):
+        read_manifest(manifest, tmp_path / "out")
+
+
+def test_a_killed_build_resumes_without_retraining_finished_adapters(tiny_dir, aligned_faces, tmp_path, capsys):
+    lib = tmp_path / "lib"
+    stages: list[str] = []
+
+    class Killed(Exception):
+        pass
+
+    def progress(stage: str, done: int, total: int) -> None:
+        stages.append(stage)
+        if stage == "smile train" and done == 2:
+            raise Killed  # after step 1's checkpoint, in the middle of the last adapter
+
+    options = dict(max_steps=3, rank=4, learning_rate=1e-4, mixed_precision="no")
+    with pytest.raises(Killed):
+        build_library(str(tiny_dir), [aligned_faces], "eyeglasses,smile", lib, aligned=True,
+                      identity_options=options, progress=progress,
+                      edit_options=dict(options, inversion_steps=4, generation_steps=2, checkpoint_every=1))
+    assert {"faces " + aligned_faces.name, "adapters", "identity train", "eyeglasses invert", "eyeglasses train"} \
+        <= set(stages)
+    assert not (lib / "adapters.json").exists()  # a killed run leaves no library naming missing files
+    assert (lib / "identity" / ADAPTER_FILE).is_file() and (lib / "eyeglasses" / ADAPTER_FILE).is_file()
+    assert not (lib / "smile" / ADAPTER_FILE).exists()
+    stamps = {name: (lib / name / ADAPTER_FILE).stat().st_mtime_ns for name in ("identity", "eyeglasses")}
+    before = json.loads((lib / "training.json").read_text())["steps"]
+    capsys.readouterr()  # the libraries' own loading bars (the CLI quiets them, the Python API does not)
+
+    argv = ["train", "library", "--model", str(tiny_dir), "--data", str(aligned_faces), "--aligned", "--edits",
+            "eyeglasses,smile", "--output", str(lib), "--max-steps", "3", "--inversion-steps", "4",
+            "--generation-steps", "2"]
+    code, _, stderr = run(argv, capsys)
+    assert code == 2 and stderr.strip().count("\n") == 0 and "--resume" in stderr
+    code, stdout, stderr = run([*argv, "--resume"], capsys)
+    assert code == 0, stderr
+    assert "adapters.json" in stdout
+    assert {name: (lib / name / ADAPTER_FILE).stat().st_mtime_ns for name in stamps} == stamps
+    steps = json.loads((lib / "training.json").read_text())["steps"]
+    assert steps["identity"] == before["identity"] and steps["eyeglasses"] == before["eyeglasses"]
+    assert steps["smile"]["resumed_from"] == 1 and steps["smile"]["steps"] == 3
+    assert list(json.loads((lib / "adapters.json").read_text())["edits"]) == ["eyeglasses", "smile"]
+    assert not list(lib.rglob("checkpoints"))
+
+    # A lost adapter is trained again, an added edit joins the library, the rest stays as it is.
+    (lib / "eyeglasses" / ADAPTER_FILE).unlink()
+    smile = (lib / "smile" / ADAPTER_FILE).stat().st_mtime_ns
+    argv[argv.index("eyeglasses,smile")] = "eyeglasses,smile,beard"
+    code, _, stderr = run([*argv, "--resume"], capsys)
+    assert code == 0, stderr
+    assert (lib / "identity" / ADAPTER_FILE).stat().st_mtime_ns == stamps["identity"]
+    assert (lib / "smile" / ADAPTER_FILE).stat().st_mtime_ns == smile
+    library = AdapterLibrary.read_dir(lib)
+    assert [e.name for e in library.edits] == ["eyeglasses", "smile", "beard"]
+    assert all(e.path.is_file() for e in library.edits)
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    from ipfacediff.video import write_video
+
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty").mkdir()
+    (folder / "junk").mkdir()
+    (folder / "junk" / "a.png").write_text("not an image")
+    (folder / "faceless").mkdir()
+    cv2.imwrite(str(folder / "faceless" / "grey.png"), np.full((128, 128, 3), 120, np.uint8))
+    write_video(folder / "noface.mp4", [np.full((64, 64, 3), 100, np.uint8)] * 4, 4.0)
+    (folder / "notes.txt").write_text("hi")
+    return folder
+
+
+@pytest.mark.parametrize("case", [
+    (["{bad}/nowhere"], [], "--data: training data", "does not exist"),
+    (["{faces}", "{bad}/empty"], ["--aligned"], "--data: training data folder", "holds no images"),
+    (["{faces}", "{bad}/junk"], ["--aligned"], "--data: cannot read the image", "a.png"),
+    (["{bad}/faceless"], [], "--data: no usable faces", "no face found in 1 image(s)"),
+    (["{faces}", "{bad}/noface.mp4"], ["--aligned"], "--data: no usable faces", "no face found in 1 video(s)"),
+    (["{bad}/notes.txt"], [], "--data: training data notes.txt", "is not one of"),
+])
+def test_bad_data_is_one_line_before_any_training(case, bad_data, aligned_faces, tiny_dir, tmp_path, capsys):
+    data, extra, start, detail = case
+    argv = ["train", "library", "--model", str(tiny_dir), "--edits", "smile", "--output", str(tmp_path / "lib"),
+            *extra, *FAST]
+    for item in data:
+        argv += ["--data", item.format(bad=bad_data, faces=aligned_faces)]
+    code, stdout, stderr = run(argv, capsys)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, stderr
+    assert lines[0].startswith(f"error: {start}") and detail in lines[0], lines[0]
+    assert not (tmp_path / "lib").exists()  # nothing written, nothing trained
+
+
+@pytest.mark.parametrize("edits, expected", [
+    ("hat", "unknown edit 'hat'"),
+    ("Tattoo=a face with a tattoo", "cannot name an edit"),
+    ("identity=a face with a tattoo", "cannot name an edit"),
+    ("smile,smile", "names smile twice"),
+    ('tattoo=""', "has no target prompt"),
+    ("plain=a face", "is the source prompt"),
+])
+def test_bad_edits_are_one_line(edits, expected, aligned_faces, tiny_dir, tmp_path, capsys):
+    code, _, stderr = run(["train", "library", "--model", str(tiny_dir), "--data", str(aligned_faces), "--edits",
+                           edits, "--output", str(tmp_path / "lib"), *FAST], capsys)
+    assert code == 2 and stderr.strip().count("\n") == 0 and expected in stderr, stderr
+    assert not (tmp_path / "lib").exists()
+
+
+def test_edits_are_parsed_with_their_prompts_words_and_flags():
+    assert split_edits('eyeglasses,tattoo="a face, with a tattoo",smile') == [
+        "eyeglasses", 'tattoo="a face, with a tattoo"', "smile"]
+    # The shell took the quotes: a piece that cannot be a name continues the prompt before it.
+    assert split_edits("tattoo=a face with a tattoo, on the cheek,smile") == [
+        "tattoo=a face with a tattoo, on the cheek", "smile"]
+    edits = {e.name: e for e in parse_edits(["eyeglasses,beard", 'bald="a bald man"', "smile=a face with a big grin"])}
+    assert edits["eyeglasses"].target == "a face with eyeglasses" and edits["eyeglasses"].weight == 0.3
+    assert edits["beard"].words == ("beard", "bearded") and not edits["beard"].hair
+    assert edits["bald"].words == ("bald",) and edits["bald"].hair
+    assert edits["smile"].target == "a face with a big grin" and "grin" in edits["smile"].words
+    assert "big" not in edits["smile"].words and edits["smile"].guidance == ADAPTER_GUIDANCES["smile"]
+    assert derive_words("red_hair", "a face with red hair") == ["red"]
+    assert derive_words("hair", "a face with more hair") == ["hair"]  # nothing else left: the part word stays
+
+
+def test_built_in_targets_are_faceworlds_captions():
+    from ipfacediff.faceworld.adapters import edit_target
+
+    assert EDIT_TARGETS == {name: edit_target(name) for name in EDIT_TARGETS}
+
+
+def test_photos_go_through_face_detection(photos):
+    from ipfacediff.training import load_training_faces
+
+    faces = load_training_faces(photos, 64, detect_images=True)
+    assert faces.shape == (1, 64, 64, 3)
+    # The aligned crop of the face, not the whole photo taken as a crop (what aligned images get).
+    whole = load_training_faces(photos, 64)
+    assert np.abs(faces.astype(int) - whole.astype(int)).mean() > 10
+
+
+def test_the_reader_keeps_unknown_keys_harmless(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / ADAPTER_FILE).write_bytes(b"")
+    (tmp_path / "adapters.json").write_text(json.dumps({
+        "identity": None, "future": 1,
+        "edits": {"x": {"path": f"x/{ADAPTER_FILE}", "words": ["X"], "defaults_from": FACEWORLD_DEFAULTS, "new": 2}}}))
+    library = AdapterLibrary.read_dir(Path(tmp_path))
+    assert library.identity is None and library.edits[0].words == ("x",)
+    assert library.edits[0].defaults_from == FACEWORLD_DEFAULTS
+
+
+def test_train_library_has_help(capsys):
+    code, stdout, _ = run(["train", "library", "--help"], capsys)
+    assert code == 0 and "--adapters-dir" in stdout and "--resume" in stdout and "--edits" in stdout
