@@ -408,7 +408,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                  adapter_words: dict[str, list[str]] | None = None, hair_adapters: list[str] | None = None,
                  adapter_blend_thresholds: dict[str, float] | None = None,
                  adapter_weights: dict[str, float] | None = None,
-                 adapter_guidances: dict[str, float] | None = None):
+                 adapter_guidances: dict[str, float] | None = None, model_card: dict | None = None):
         super().__init__()
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                               identity_unet=identity_unet, scheduler=scheduler)
@@ -416,7 +416,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                                 adapter_words=dict(adapter_words or {}), hair_adapters=list(hair_adapters or []),
                                 adapter_blend_thresholds=dict(adapter_blend_thresholds or {}),
                                 adapter_weights=dict(adapter_weights or {}),
-                                adapter_guidances=dict(adapter_guidances or {}))
+                                adapter_guidances=dict(adapter_guidances or {}),
+                                model_card=dict(model_card) if model_card else None)
 
     @classmethod
     def from_model_set(cls, models: ModelSet) -> "IPFaceDiffPipeline":
