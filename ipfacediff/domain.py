@@ -94,6 +94,8 @@ class ModelCard:
         line naming the file."""
         from ipfacediff.files import read_json
 
+        if not str(model_folder):
+            return None
         folder = Path(model_folder).expanduser()
         file = folder / MODEL_CARD
         if not folder.is_dir() or not os.path.lexists(file):
