@@ -242,20 +242,27 @@ def evenly_spaced(count: int, keep: int) -> np.ndarray:
     return np.unique(np.linspace(0, count - 1, keep).round().astype(int))
 
 
-def _read_face_image(path: Path, resolution: int) -> np.ndarray | None:
+def _read_rgb_image(path: Path) -> np.ndarray | None:
+    """An image file as RGB uint8, or None when it cannot be read as one."""
     try:
         image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
     except (OSError, cv2.error):
         return None
     if image is None or image.size == 0:
         return None
+    return np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
+
+
+def _read_face_image(path: Path, resolution: int) -> np.ndarray | None:
+    image = _read_rgb_image(path)
+    if image is None:
+        return None
     height, width = image.shape[:2]
     side = min(height, width)
     y, x = (height - side) // 2, (width - side) // 2
     square = image[y : y + side, x : x + side]
     interpolation = cv2.INTER_AREA if side > resolution else cv2.INTER_CUBIC
-    resized = cv2.resize(square, (resolution, resolution), interpolation=interpolation)
-    return np.ascontiguousarray(cv2.cvtColor(resized, cv2.COLOR_BGR2RGB))
+    return np.ascontiguousarray(cv2.resize(square, (resolution, resolution), interpolation=interpolation))
 
 
 def _photo_faces(path: Path, resolution: int) -> list[np.ndarray] | None:
@@ -263,13 +270,9 @@ def _photo_faces(path: Path, resolution: int) -> list[np.ndarray] | None:
     alignment, as for one video frame); None when the file cannot be read as an image."""
     from ipfacediff.face import alignment_transforms, crop_face, track_faces
 
-    try:
-        image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except (OSError, cv2.error):
+    rgb = _read_rgb_image(path)
+    if rgb is None:
         return None
-    if image is None or image.size == 0:
-        return None
-    rgb = np.ascontiguousarray(cv2.cvtColor(image, cv2.COLOR_BGR2RGB))
     tracks = track_faces([rgb], fps=1.0)
     return [crop_face(rgb, alignment_transforms(track, resolution, smooth=False)[0], resolution)
             for track in tracks.tracks]

@@ -44,6 +44,17 @@ def tiny_dir(tmp_path_factory):
     return build_tiny_models(tmp_path_factory.mktemp("tiny") / "models", seed=0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Two busy cores: OpenMP threads fighting over them make the tiny UNet many times slower."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_dir):
     from ipfacediff.job import load_pipeline

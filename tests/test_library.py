@@ -13,7 +13,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from ipfacediff.cli import main
 from ipfacediff.errors import UserError
@@ -31,27 +30,13 @@ from ipfacediff.library import (
 from ipfacediff.models import AdapterLibrary
 from ipfacediff.training import ADAPTER_FILE
 
+from test_cli import run
+
 FAST = ["--max-steps", "2", "--max-images", "8", "--inversion-steps", "4", "--generation-steps", "2"]
 EDITS = 'eyeglasses,blonde_hair,ink="a face with a cheek tattoo",red_hair="a face with red hair"'
 
 
-def run(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as done:
-        code = done.code if isinstance(done.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two busy cores: OpenMP threads fighting over them make the tiny UNet much slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

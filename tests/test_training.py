@@ -23,13 +23,7 @@ EDIT = dict(source="a face", target="a face with eyeglasses")
 TINY_EDIT = dict(inversion_steps=4, generation_steps=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two busy cores: OpenMP threads fighting over them make the tiny UNet 50x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
