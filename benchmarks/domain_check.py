@@ -42,6 +42,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shown(path: Path) -> str:
+    """A path as the results file records it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 sys.path.insert(0, str(ROOT))
 
 from ipfacediff.diffusion import InversionCache  # noqa: E402
@@ -281,7 +289,7 @@ def main() -> None:
                       "passed": sum(r["passed"] for r in rows),
                       "check_seconds_mean": round(float(np.mean([r["check_seconds"] for r in rows])), 4)})
     results = {
-        "model": str(args.model), "check": card_now.check, "threshold": threshold, "sample": SAMPLE,
+        "model": _shown(Path(args.model)), "check": card_now.check, "threshold": threshold, "sample": SAMPLE,
         "in_domain_min": round(min(must_pass), 3),
         "out_of_domain_max": round(max(real_faces), 3) if real_faces else None,
         "shared_clips_max": max((f["median"] for f in faces if f["group"] == "real clip"), default=None),
