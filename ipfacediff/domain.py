@@ -289,16 +289,3 @@ def check_faces(card: ModelCard, vae, crops: Mapping[int, Mapping[int, np.ndarra
             stack = np.stack([by_frame[f] for f in sorted(by_frame)])
             results[track_id] = check_track(card, vae, stack, label=f"face {track_id} of {video_name}", sample=sample)
     return results
-
-
-def require_in_domain(card: ModelCard | None, vae, crops: Mapping[int, Mapping[int, np.ndarray]], video_name: str,
-                      *, allow_out_of_domain: bool = False) -> dict[int, DomainResult]:
-    """:func:`check_faces`, raising the first refusal as a UserError (the CLI's ``error:`` line,
-    exit 2); nothing is checked without a card or with ``allow_out_of_domain``."""
-    if card is None or allow_out_of_domain:
-        return {}
-    results = check_faces(card, vae, crops, video_name)
-    failed = [r for r in results.values() if not r.passed]
-    if failed:
-        raise UserError(failed[0].message)
-    return results

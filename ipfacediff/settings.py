@@ -178,9 +178,6 @@ class Settings:
     def check(self) -> None:
         """Checks that involve more than one field or more than a range."""
 
-    @classmethod
-    def names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]  # type: ignore[arg-type]
 
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, where: str = ""):
