@@ -50,11 +50,18 @@ def _shown(path: Path) -> str:
         return str(path.resolve().relative_to(ROOT))
     except ValueError:
         return str(path)
+
+
 sys.path.insert(0, str(ROOT))
 
 from ipfacediff.diffusion import InversionCache  # noqa: E402
 from ipfacediff.domain import (  # noqa: E402
-    MODEL_CARD, SAMPLE, ModelCard, check_track, sample_indices, vae_round_trip_parts,
+    MODEL_CARD,
+    SAMPLE,
+    ModelCard,
+    check_track,
+    sample_indices,
+    vae_round_trip_parts,
 )
 from ipfacediff.face import FaceTracks, alignment_transforms, crop_face  # noqa: E402
 from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, caption, random_attributes, render_clip  # noqa: E402
@@ -124,10 +131,69 @@ def synthetic_crops() -> dict[str, np.ndarray]:
         "grey": np.full((SAMPLE, SIZE, SIZE, 3), 128, np.uint8),
         "white": np.full((SAMPLE, SIZE, SIZE, 3), 255, np.uint8),
         "uniform noise": rng.integers(0, 256, (SAMPLE, SIZE, SIZE, 3)).astype(np.uint8),
-        "smooth noise": np.stack([cv2.GaussianBlur(rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.uint8), (0, 0), 3)
-                                  for _ in range(SAMPLE)]),
+        "smooth noise": np.stack(
+            [cv2.GaussianBlur(rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.uint8), (0, 0), 3) for _ in range(SAMPLE)]
+        ),
         "emoji": np.stack(emoji),
     }
+
+
+def summarise(faces: list[dict], cost: dict, threshold: float, model: str, check: str, seconds: float) -> dict:
+    """The results JSON from the per-face rows and the cost: what a run writes, and what
+    ``--from-json`` derives again from a stored run's rows without any model work."""
+    def scores(kinds) -> list[float]:
+        return [f["median"] for f in faces if f["kind"] in kinds]
+
+    must_pass = scores({"must_pass"})
+    real_rows = [f for f in faces if f["kind"] in ("must_refuse", "should_refuse") and f["group"] != "synthetic crops"]
+    real_faces = [f["median"] for f in real_rows]
+    wrong = [
+        f
+        for f in faces
+        if (f["kind"] == "must_pass" and not f["passed"]) or (f["kind"] == "must_refuse" and f["passed"])
+    ]
+    soft = [f for f in faces if f["kind"] in ("should_refuse", "other_style") and f["passed"]]
+    groups: dict[str, list[dict]] = {}
+    for f in faces:
+        groups.setdefault(f["group"], []).append(f)
+    table = []
+    for group, rows in groups.items():
+        med = [r["median"] for r in rows]
+        table.append(
+            {
+                "group": group,
+                "kind": rows[0]["kind"],
+                "faces": len(rows),
+                "min_of_medians": round(min(med), 2),
+                "max_of_medians": round(max(med), 2),
+                "lowest_crop": round(min(r["min"] for r in rows), 2),
+                "passed": sum(r["passed"] for r in rows),
+                "check_seconds_mean": round(float(np.mean([r["check_seconds"] for r in rows])), 4),
+            }
+        )
+    results = {
+        "model": model,
+        "check": check,
+        "threshold": threshold,
+        "sample": SAMPLE,
+        "in_domain_min": round(min(must_pass), 3),
+        "out_of_domain_max": round(max(real_faces), 3) if real_faces else None,
+        "shared_clips_max": max((f["median"] for f in faces if f["group"] == "real clip"), default=None),
+        "photos_max": max((f["median"] for f in faces if f["group"] == "real photo"), default=None),
+        "lowest_in_domain": _name(min((f for f in faces if f["kind"] == "must_pass"), key=lambda f: f["median"])),
+        "highest_real": _name(max(real_rows, key=lambda f: f["median"])) if real_rows else None,
+        "other_style_max": round(max(scores({"other_style"})), 3) if scores({"other_style"}) else None,
+        "margin_in_domain": round(min(must_pass) - threshold, 3),
+        "margin_real": round(threshold - max(real_faces), 3) if real_faces else None,
+        "wrong": [f"{f['clip']} face {f['face']}: {f['median']}" for f in wrong],
+        "soft_passes": [f"{f['clip']} face {f['face']}: {f['median']}" for f in soft],
+        "cost": cost,
+        "groups": table,
+        "faces": faces,
+        "seconds": seconds,
+    }
+
+    return results
 
 
 def main() -> None:
@@ -141,7 +207,15 @@ def main() -> None:
     parser.add_argument("--real-clips", type=Path, default=ROOT.parent / "shared" / "data" / "clips")
     parser.add_argument("--photos", type=Path, nargs="*", default=[], help="still photos of real faces")
     parser.add_argument("--write-card", action="store_true", help="write the card with the measured margins")
+    parser.add_argument("--from-json", type=Path, help="derive the results again from a stored run's per-face rows")
     args = parser.parse_args()
+    if args.from_json:
+        stored = json.loads(args.from_json.read_text())
+        results = summarise(stored["faces"], stored["cost"], stored["threshold"], stored["model"], stored["check"],
+                            stored["seconds"])
+        write_json(args.json, results)
+        print(f"written: {args.json} (from the rows of {args.from_json})")
+        return
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     card = ModelCard.read(args.model)
@@ -163,11 +237,21 @@ def main() -> None:
             # the score's two parts, for the table (the same sampled crops as the check)
             vae_psnr, resample_psnr = vae_round_trip_parts(vae, stack[sample_indices(len(stack))])
             shortfall = np.maximum(0, resample_psnr - vae_psnr)
-            faces.append({"group": group, "clip": clip, "face": index, "kind": kind, "crops": len(stack),
-                          "median": round(result.score, 3), "min": round(min(result.scores), 3),
-                          "vae_psnr_median": round(float(np.median(vae_psnr)), 3),
-                          "shortfall_median": round(float(np.median(shortfall)), 3),
-                          "passed": result.passed, "check_seconds": round(seconds, 4)})
+            faces.append(
+                {
+                    "group": group,
+                    "clip": clip,
+                    "face": index,
+                    "kind": kind,
+                    "crops": len(stack),
+                    "median": round(result.score, 3),
+                    "min": round(min(result.scores), 3),
+                    "vae_psnr_median": round(float(np.median(vae_psnr)), 3),
+                    "shortfall_median": round(float(np.median(shortfall)), 3),
+                    "passed": result.passed,
+                    "check_seconds": round(seconds, 4),
+                }
+            )
 
     def codec(clip, name: str) -> np.ndarray:
         return read_frames(write_video(work / f"{name}.mp4", iter(clip), clip.fps))
@@ -181,8 +265,12 @@ def main() -> None:
         for edit in EDITS.values():
             if not edit.is_noop(clip.attributes[0]):
                 edited = clip.with_edit(edit)
-                add(f"held-out clip, {edit.name} applied", f"person {person} + {edit.name}", "must_pass",
-                    track_crops(codec(edited, "c"), edited.tracks))
+                add(
+                    f"held-out clip, {edit.name} applied",
+                    f"person {person} + {edit.name}",
+                    "must_pass",
+                    track_crops(codec(edited, "c"), edited.tracks),
+                )
     # --- must pass: scene clips, one or two moving faces, random attributes, several frame sizes
     rng = np.random.default_rng(11)
     pool = list(HELD_OUT_IDS)[400:2000]
@@ -190,8 +278,12 @@ def main() -> None:
         for s in range(args.scenes):
             who = [int(x) for x in rng.choice(pool, 1 + s % 2, replace=False)]
             clip = render_clip(who, [random_attributes(rng) for _ in who], seed=1000 * size + s, frames=16, size=size)
-            add(f"scene {size}²", f"scene {size}² #{s} ({len(who)} faces)", "must_pass",
-                track_crops(codec(clip, "s"), clip.tracks))
+            add(
+                f"scene {size}²",
+                f"scene {size}² #{s} ({len(who)} faces)",
+                "must_pass",
+                track_crops(codec(clip, "s"), clip.tracks),
+            )
     for s in range(2):
         who = [int(x) for x in rng.choice(pool, 2, replace=False)]
         clip = render_clip(who, [random_attributes(rng) for _ in who], seed=77 + s, frames=16, size=(384, 216))
@@ -209,18 +301,39 @@ def main() -> None:
         cache = InversionCache(work / f"cache-{person}")  # the first edit inverts, the others reuse it
         for number, edit in enumerate(e for e in EDITS.values() if not e.is_noop(clip.attributes[0])):
             out = work / f"{person}-{edit.name}.mp4"
-            settings = EditSettings(prompt=edit.target_caption(clip.attributes[0]), source_prompt=caption(clip.attributes[0]),
-                                    steps=20, adapters=edit.name, hair=edit.name == "blonde_hair")
-            wall, cpu = _timed(lambda: edit_video(source, out, settings, pipeline=pipe, tracks_path=tracks_path,
-                                                  cache=cache, log=lambda _m: None))
+            settings = EditSettings(
+                prompt=edit.target_caption(clip.attributes[0]),
+                source_prompt=caption(clip.attributes[0]),
+                steps=20,
+                adapters=edit.name,
+                hair=edit.name == "blonde_hair",
+            )
+            wall, cpu = _timed(
+                lambda: edit_video(
+                    source, out, settings, pipeline=pipe, tracks_path=tracks_path, cache=cache, log=lambda _m: None
+                )
+            )
             # the check of the same clip's track, timed right after the edit (the machine may be shared)
             crops = track_crops(read_frames(source), clip.tracks)[0]
             check_wall, check_cpu = min(_timed(lambda: check_track(card_now, vae, crops, label="x")) for _ in range(3))
-            edits_timed.append({"person": person, "edit": edit.name, "inversion": "computed" if number == 0 else "from the cache",
-                                "seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "check_seconds": round(check_wall, 4),
-                                "check_cpu_seconds": round(check_cpu, 4), "crops": len(crops)})
-            add("tool's own edit", f"person {person} edited: {edit.name}", "must_pass",
-                track_crops(read_frames(out), clip.tracks))
+            edits_timed.append(
+                {
+                    "person": person,
+                    "edit": edit.name,
+                    "inversion": "computed" if number == 0 else "from the cache",
+                    "seconds": round(wall, 3),
+                    "cpu_seconds": round(cpu, 3),
+                    "check_seconds": round(check_wall, 4),
+                    "check_cpu_seconds": round(check_cpu, 4),
+                    "crops": len(crops),
+                }
+            )
+            add(
+                "tool's own edit",
+                f"person {person} edited: {edit.name}",
+                "must_pass",
+                track_crops(read_frames(out), clip.tracks),
+            )
     print(f"edits done: {time.perf_counter() - started:.0f} s", flush=True)
 
     # --- must refuse: the shared real clips, faces found as `ipfacediff edit` finds them
@@ -231,94 +344,91 @@ def main() -> None:
     for path in real:
         info = probe_video(path)
         found = face_crops(path, info, SIZE)
-        add("real clip", path.name, "must_refuse",
-            [np.stack([found.crops[t.id][f] for f in sorted(found.crops[t.id])]) for t in found.tracks.tracks])
+        add(
+            "real clip",
+            path.name,
+            "must_refuse",
+            [np.stack([found.crops[t.id][f] for f in sorted(found.crops[t.id])]) for t in found.tracks.tracks],
+        )
         frames = read_frames(path)
         for name, (kind, change) in REAL_VARIANTS.items():
             changed = np.stack([change(f) for f in frames])
             factor = changed.shape[1] / frames.shape[1]
             tracks = found.tracks if factor == 1 else scaled(found.tracks, factor)
-            add(f"real clip {name}" if kind != "other_style" else f"other style: {name}", f"{path.name} {name}",
-                kind, track_crops(changed, tracks))
+            add(
+                f"real clip {name}" if kind != "other_style" else f"other style: {name}",
+                f"{path.name} {name}",
+                kind,
+                track_crops(changed, tracks),
+            )
     for photo in args.photos:
         image = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
         h, w = image.shape[:2]
         big = cv2.resize(image, (w + 24, h + 24))
-        video = write_video(work / f"{photo.stem}.mp4", iter([big[2 * i: 2 * i + h, i: i + w] for i in range(12)]), 12.0)
+        video = write_video(
+            work / f"{photo.stem}.mp4", iter([big[2 * i : 2 * i + h, i : i + w] for i in range(12)]), 12.0
+        )
         found = face_crops(video, probe_video(video), SIZE)
-        add("real photo", photo.name, "must_refuse",
-            [np.stack([found.crops[t.id][f] for f in sorted(found.crops[t.id])]) for t in found.tracks.tracks])
+        add(
+            "real photo",
+            photo.name,
+            "must_refuse",
+            [np.stack([found.crops[t.id][f] for f in sorted(found.crops[t.id])]) for t in found.tracks.tracks],
+        )
     for name, crops in synthetic_crops().items():
         add("synthetic crops", name, "should_refuse", [crops])
 
     # --- the cost: the check of one track against an edit of the same clip (12 frames: 12 crops)
-    crops16 = track_crops(codec(render_clip(people[0], seed=people[0], frames=16, size=128), "t"),
-                          render_clip(people[0], seed=people[0], frames=16, size=128).tracks)[0]
+    crops16 = track_crops(
+        codec(render_clip(people[0], seed=people[0], frames=16, size=128), "t"),
+        render_clip(people[0], seed=people[0], frames=16, size=128).tracks,
+    )[0]
     check16 = min(_timed(lambda: check_track(card_now, vae, crops16, label="x")) for _ in range(3))
-    cost = {"check_seconds_16_crops": round(check16[0], 4), "check_cpu_seconds_16_crops": round(check16[1], 4),
-            "edits": edits_timed, "torch_threads": torch.get_num_threads()}
-    for name, pick in (("with_inversion", lambda e: e["inversion"] == "computed"),
-                       ("cached_inversion", lambda e: e["inversion"] != "computed")):
+    cost = {
+        "check_seconds_16_crops": round(check16[0], 4),
+        "check_cpu_seconds_16_crops": round(check16[1], 4),
+        "edits": edits_timed,
+        "torch_threads": torch.get_num_threads(),
+    }
+    for name, pick in (
+        ("with_inversion", lambda e: e["inversion"] == "computed"),
+        ("cached_inversion", lambda e: e["inversion"] != "computed"),
+    ):
         rows = [e for e in edits_timed if pick(e)]
         if rows:
             cost[f"edit_seconds_{name}"] = round(float(np.median([e["seconds"] for e in rows])), 3)
-            cost[f"check_share_of_edit_{name}"] = round(float(np.median([e["check_seconds"] / e["seconds"] for e in rows])), 4)
-            cost[f"check_cpu_share_of_edit_{name}"] = round(float(np.median([e["check_cpu_seconds"] / e["cpu_seconds"]
-                                                                              for e in rows])), 4)
+            cost[f"check_share_of_edit_{name}"] = round(
+                float(np.median([e["check_seconds"] / e["seconds"] for e in rows])), 4
+            )
+            cost[f"check_cpu_share_of_edit_{name}"] = round(
+                float(np.median([e["check_cpu_seconds"] / e["cpu_seconds"] for e in rows])), 4
+            )
     if edits_timed:
         cost["check_seconds_12_crops"] = round(float(np.median([e["check_seconds"] for e in edits_timed])), 4)
 
-    # --- summary
-    def scores(kinds) -> list[float]:
-        return [f["median"] for f in faces if f["kind"] in kinds]
-
-    must_pass = scores({"must_pass"})
-    real_rows = [f for f in faces if f["kind"] in ("must_refuse", "should_refuse") and f["group"] != "synthetic crops"]
-    real_faces = [f["median"] for f in real_rows]
-    wrong = [f for f in faces if (f["kind"] == "must_pass" and not f["passed"]) or (f["kind"] == "must_refuse" and f["passed"])]
-    soft = [f for f in faces if f["kind"] in ("should_refuse", "other_style") and f["passed"]]
-    groups: dict[str, list[dict]] = {}
-    for f in faces:
-        groups.setdefault(f["group"], []).append(f)
-    table = []
-    for group, rows in groups.items():
-        med = [r["median"] for r in rows]
-        table.append({"group": group, "kind": rows[0]["kind"], "faces": len(rows),
-                      "min_of_medians": round(min(med), 2), "max_of_medians": round(max(med), 2),
-                      "lowest_crop": round(min(r["min"] for r in rows), 2),
-                      "passed": sum(r["passed"] for r in rows),
-                      "check_seconds_mean": round(float(np.mean([r["check_seconds"] for r in rows])), 4)})
-    results = {
-        "model": _shown(Path(args.model)), "check": card_now.check, "threshold": threshold, "sample": SAMPLE,
-        "in_domain_min": round(min(must_pass), 3),
-        "out_of_domain_max": round(max(real_faces), 3) if real_faces else None,
-        "shared_clips_max": max((f["median"] for f in faces if f["group"] == "real clip"), default=None),
-        "photos_max": max((f["median"] for f in faces if f["group"] == "real photo"), default=None),
-        "lowest_in_domain": _name(min((f for f in faces if f["kind"] == "must_pass"), key=lambda f: f["median"])),
-        "highest_real": _name(max(real_rows, key=lambda f: f["median"])) if real_rows else None,
-        "other_style_max": round(max(scores({"other_style"})), 3) if scores({"other_style"}) else None,
-        "margin_in_domain": round(min(must_pass) - threshold, 3),
-        "margin_real": round(threshold - max(real_faces), 3) if real_faces else None,
-        "wrong": [f"{f['clip']} face {f['face']}: {f['median']}" for f in wrong],
-        "soft_passes": [f"{f['clip']} face {f['face']}: {f['median']}" for f in soft],
-        "cost": cost,
-        "groups": table, "faces": faces, "seconds": round(time.perf_counter() - started, 1),
-    }
-
+    results = summarise(faces, cost, threshold, _shown(Path(args.model)), card_now.check,
+                        round(time.perf_counter() - started, 1))
+    table, wrong = results["groups"], results["wrong"]
     print(f"\n{'group':38s} {'kind':13s} faces  median min..max   lowest crop  passed  check s")
     for row in table:
-        print(f"{row['group']:38s} {row['kind']:13s} {row['faces']:5d}  {row['min_of_medians']:6.1f}..{row['max_of_medians']:5.1f}"
-              f"  {row['lowest_crop']:10.1f}  {row['passed']:3d}/{row['faces']:<3d} {row['check_seconds_mean']:7.3f}")
-    print(f"\nthreshold {threshold:g} dB: lowest must-pass median {results['in_domain_min']:.2f} "
-          f"(margin {results['margin_in_domain']:+.2f}), highest real-face median {results['out_of_domain_max']} "
-          f"(margin {results['margin_real']}), shared clips at most {results['shared_clips_max']}, "
-          f"photos at most {results['photos_max']}")
+        print(
+            f"{row['group']:38s} {row['kind']:13s} {row['faces']:5d}  {row['min_of_medians']:6.1f}..{row['max_of_medians']:5.1f}"
+            f"  {row['lowest_crop']:10.1f}  {row['passed']:3d}/{row['faces']:<3d} {row['check_seconds_mean']:7.3f}"
+        )
+    print(
+        f"\nthreshold {threshold:g} dB: lowest must-pass median {results['in_domain_min']:.2f} "
+        f"(margin {results['margin_in_domain']:+.2f}), highest real-face median {results['out_of_domain_max']} "
+        f"(margin {results['margin_real']}), shared clips at most {results['shared_clips_max']}, "
+        f"photos at most {results['photos_max']}"
+    )
     if "edit_seconds_cached_inversion" in cost:
-        print(f"cost: check of one track {cost['check_seconds_12_crops']:.3f} s (12 crops), {check16[0]:.3f} s (16 crops); "
-              f"edit of that 12-frame clip at 20 steps {cost['edit_seconds_with_inversion']:.2f} s with its inversion, "
-              f"{cost['edit_seconds_cached_inversion']:.2f} s from the cache: the check is "
-              f"{100 * cost['check_share_of_edit_cached_inversion']:.1f} % of the cheaper edit "
-              f"({100 * cost['check_cpu_share_of_edit_cached_inversion']:.1f} % in CPU time)")
+        print(
+            f"cost: check of one track {cost['check_seconds_12_crops']:.3f} s (12 crops), {check16[0]:.3f} s (16 crops); "
+            f"edit of that 12-frame clip at 20 steps {cost['edit_seconds_with_inversion']:.2f} s with its inversion, "
+            f"{cost['edit_seconds_cached_inversion']:.2f} s from the cache: the check is "
+            f"{100 * cost['check_share_of_edit_cached_inversion']:.1f} % of the cheaper edit "
+            f"({100 * cost['check_cpu_share_of_edit_cached_inversion']:.1f} % in CPU time)"
+        )
     print("wrong verdicts: " + ("; ".join(results["wrong"]) or "none"))
     print("passed but better refused: " + ("; ".join(results["soft_passes"]) or "none"))
     if args.json:
@@ -326,15 +436,24 @@ def main() -> None:
         write_json(args.json, results)
         print(f"written: {args.json}")
     if args.write_card:
-        measured = {"by": "benchmarks/domain_check.py", "in_domain": "held-out FaceWorld clips (as they are, each edit "
-                    "applied, the tool's own edits), scene clips 128-512 px with one or two faces",
-                    "out_of_domain": "the shared real clips closeup.mp4 and jogger.mp4 and their shrunk, blurred, "
-                    "JPEG, grey, dark and bright versions" + (", real photos" if args.photos else ""),
-                    "lowest_in_domain": results["lowest_in_domain"], "highest_real": results["highest_real"],
-                    "shared_clips_max": results["shared_clips_max"], "other_style_max": results["other_style_max"],
-                    "check_share_of_edit": cost.get("check_share_of_edit_cached_inversion")}
-        new = dataclasses.replace(card_now, in_domain_min=results["in_domain_min"],
-                                  out_of_domain_max=results["out_of_domain_max"], measured=measured)
+        measured = {
+            "by": "benchmarks/domain_check.py",
+            "in_domain": "held-out FaceWorld clips (as they are, each edit "
+            "applied, the tool's own edits), scene clips 128-512 px with one or two faces",
+            "out_of_domain": "the shared real clips closeup.mp4 and jogger.mp4 and their shrunk, blurred, "
+            "JPEG, grey, dark and bright versions" + (", real photos" if args.photos else ""),
+            "lowest_in_domain": results["lowest_in_domain"],
+            "highest_real": results["highest_real"],
+            "shared_clips_max": results["shared_clips_max"],
+            "other_style_max": results["other_style_max"],
+            "check_share_of_edit": cost.get("check_share_of_edit_cached_inversion"),
+        }
+        new = dataclasses.replace(
+            card_now,
+            in_domain_min=results["in_domain_min"],
+            out_of_domain_max=results["out_of_domain_max"],
+            measured=measured,
+        )
         print(f"written: {new.write(args.model)}")
     if wrong:
         sys.exit(1)

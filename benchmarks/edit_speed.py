@@ -1,4 +1,5 @@
-"""Seconds per stage and peak memory of an edit: the full method, --every-frame, and a re-edit.
+"""Seconds per stage and peak memory of an edit: the full method, --every-frame, a re-edit, and
+identity guidance while sampling.
 
     python benchmarks/edit_speed.py --json OUT.json                       # tiny models, CPU
     python benchmarks/edit_speed.py --full-size --device cuda --json OUT.json   # SD-1.5 architecture, fp16, 512²
@@ -29,15 +30,19 @@ from ipfacediff.models import SD1_SCHEDULER_CONFIG, build_tiny_models, clip_bpe_
 from ipfacediff.settings import EditSettings  # noqa: E402
 
 
-
 def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> IPFaceDiffPipeline:
     """SD-1.5's published architecture with random weights, built directly on the device."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     unet_config = dict(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, cross_attention_dim=768,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8,
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        block_out_channels=(320, 640, 1280, 1280),
+        attention_head_dim=8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
@@ -46,18 +51,38 @@ def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> IPFaceDiffPi
         unet = UNet2DConditionModel(**unet_config)
         identity_unet = UNet2DConditionModel(**unet_config)
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            sample_size=512,
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            scaling_factor=0.18215,
         )
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-            max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
-        ))
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=49408,
+                hidden_size=768,
+                intermediate_size=3072,
+                num_hidden_layers=12,
+                num_attention_heads=12,
+                max_position_embeddings=77,
+                hidden_act="quick_gelu",
+                projection_dim=768,
+            )
+        )
     for module in (unet, identity_unet, vae, text_encoder):
         module.to(dtype=dtype).eval().requires_grad_(False)
-    return IPFaceDiffPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_bpe_tokenizer(), unet=unet,
-                              identity_unet=identity_unet, scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG))
+    return IPFaceDiffPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_bpe_tokenizer(),
+        unet=unet,
+        identity_unet=identity_unet,
+        scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG),
+    )
 
 
 def tiny_pipeline() -> IPFaceDiffPipeline:
@@ -113,14 +138,19 @@ class PeakMemory:
 def measure(pipe, frames, cache, device, *, batch_size: int, **kwargs) -> dict:
     with PeakMemory(device) as memory:
         started = time.perf_counter()
-        result = pipe(frames, EditSettings(prompt="a face with eyeglasses", **kwargs), cache=cache,
-                      batch_size=batch_size)
+        result = pipe(
+            frames, EditSettings(prompt="a face with eyeglasses", **kwargs), cache=cache, batch_size=batch_size
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         total = time.perf_counter() - started
-    return {"seconds": round(total, 3), "stages": {k: round(result.timings[k], 3) for k in STAGES},
-            "peak_memory_mb": round(memory.peak / 2**20, 1), "unet_calls": result.unet_calls,
-            "inversion_reused": result.inversion_reused}
+    return {
+        "seconds": round(total, 3),
+        "stages": {k: round(result.timings[k], 3) for k in STAGES},
+        "peak_memory_mb": round(memory.peak / 2**20, 1),
+        "unet_calls": result.unet_calls,
+        "inversion_reused": result.inversion_reused,
+    }
 
 
 def main() -> None:
@@ -128,10 +158,22 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--full-size", action="store_true", help="SD-1.5 architecture at 512² (random weights)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--plan", default="full:40,reedit:40,full:160,every_frame:40,full:16,reedit:16",
-                        help="runs in order, METHOD:FRAMES; METHOD is full, reedit (from full's cache) or every_frame")
+    parser.add_argument(
+        "--plan",
+        default="full:40,reedit:40,full:160,every_frame:40,identity_gradient:40,full:16,reedit:16",
+        help="runs in order, METHOD:FRAMES; METHOD is full, reedit (from full's cache), every_frame "
+        "or identity_gradient (full with --identity-gradient, from full's cache)",
+    )
+    parser.add_argument(
+        "--identity-gradient",
+        type=float,
+        default=1.0,
+        help="the identity_gradient runs' scale (dlib's net: these models have no card)",
+    )
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=None, help="frames per UNet batch (default 16 on CUDA, 8 on CPU)")
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="frames per UNet batch (default 16 on CUDA, 8 on CPU)"
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -149,8 +191,14 @@ def main() -> None:
     pipe(warm, EditSettings(prompt="warm up", steps=2, every_frame=True), batch_size=batch)
 
     rows: dict[str, dict] = {}
-    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "full_size": args.full_size, "resolution": size, "steps": args.steps, "batch_size": batch, "runs": rows}
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "full_size": args.full_size,
+        "resolution": size,
+        "steps": args.steps,
+        "batch_size": batch,
+        "runs": rows,
+    }
 
     def save():
         if args.json:
@@ -160,8 +208,10 @@ def main() -> None:
     for method, n in plan:
         frames = clip_frames(n, size, seed=n)
         folder = scratch / ("every" if method == "every_frame" else "full") / str(n)
-        rows[f"{method}/{n}"] = measure(pipe, frames, InversionCache(folder), device,
-                                        every_frame=method == "every_frame", **common)
+        guided = {"identity_gradient": args.identity_gradient} if method == "identity_gradient" else {}
+        rows[f"{method}/{n}"] = measure(
+            pipe, frames, InversionCache(folder), device, every_frame=method == "every_frame", **guided, **common
+        )
         print(f"{method}/{n}: {rows[f'{method}/{n}']['seconds']:.2f} s", flush=True)
         save()
 
@@ -172,6 +222,7 @@ def main() -> None:
     results["ratios"] = {
         "every_frame_over_full": ratio(f"every_frame/{ref}", f"full/{ref}"),
         "reedit_over_full": ratio(f"reedit/{ref}", f"full/{ref}"),
+        "identity_gradient_over_reedit": ratio(f"identity_gradient/{ref}", f"reedit/{ref}"),
         "time_160_over_40": ratio("full/160", "full/40"),
         "memory_160_over_40": ratio("full/160", "full/40", "peak_memory_mb"),
     }
@@ -181,8 +232,11 @@ def main() -> None:
     print(f"device: {results['device']}, {size}², {args.steps} steps, batch {batch}")
     print(header)
     for name, row in rows.items():
-        print(f"{name:<16}{row['seconds']:>9.2f}" + "".join(f"{row['stages'][s]:>19.2f}" for s in STAGES)
-              + f"{row['peak_memory_mb']:>10.0f}")
+        print(
+            f"{name:<16}{row['seconds']:>9.2f}"
+            + "".join(f"{row['stages'][s]:>19.2f}" for s in STAGES)
+            + f"{row['peak_memory_mb']:>10.0f}"
+        )
     print("ratios:", json.dumps(results["ratios"]))
 
 

@@ -119,7 +119,9 @@ def main() -> int:
                 "height": frames.shape[1],
                 "frames": n,
                 "tracks": best["tracks"],
-                "ms_per_frame": {k: 1000 * best[k] / n for k in ("detect", "landmarks", "tracking", "alignment", "crop", "total")},
+                "ms_per_frame": {
+                    k: 1000 * best[k] / n for k in ("detect", "landmarks", "tracking", "alignment", "crop", "total")
+                },
                 "fps": n / best["total"],
                 "fps_without_crop": n / (best["total"] - best["crop"]),
                 "runs_fps": [n / r["total"] for r in runs],

@@ -62,7 +62,9 @@ def main() -> None:
                     error = np.linalg.norm(np.asarray(best[0].points[best[1]]) - true_points, axis=1).mean()
                     point_errors.append(float(error / ocular))
     results = {
-        "clips": args.clips, "frames": args.frames, "size": args.size,
+        "clips": args.clips,
+        "frames": args.frames,
+        "size": args.size,
         "faces_found": round(float(np.mean(found)), 4),
         "mean_box_iou": round(float(np.mean(ious)), 4),
         "point_error_interocular": round(float(np.mean(point_errors)), 4) if point_errors else None,

@@ -1,21 +1,24 @@
 """Oracle scoring on FaceWorld: held-out people × the four edits, for the full method and its ablations.
 
     python benchmarks/faceworld_quality.py --json OUT.json [--identities 20] [--offset 0] [--frames 12] [--steps 20]
-        [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,every_frame,no_adapters ('': the reference rows only)]
+        [--model DIR] [--oracles DIR] [--methods full,no_identity_guidance,no_identity_gradient,every_frame,no_adapters ('': the reference rows only)]
         [--guidance G] [--strength S] [--adapter-weight W] [--hair auto|on|off] [--source-prompt caption|empty]
         [--no-detail-transfer] [--no-local-blend] [--blend-threshold T] [--propagation-temperature T]
         [--temporal-smoothing W] [--keyframes K] [--all-keyframes-below T] [--inject-feature-until T]
-        [--inject-attention-until T]
+        [--inject-attention-until T] [--identity-gradient S] [--identity-gradient-from T]
 
 Every edit has a ground truth: FaceWorld re-renders the same clip with only the attribute changed.
 The prompt is the caption of the edited attributes ("a smiling face with brown hair and eyeglasses"),
 the source prompt by default the input's caption, and the edit runs with that edit's ε2 adapter of
-the model's library (when it has one). Per method (full, --no-identity-guidance, --every-frame,
-and no_adapters: the full method with the library's adapters off, ε1 = ε2 = base) it reports
+the model's library (when it has one). Per method (full, --no-identity-guidance, --identity-gradient 0,
+--every-frame, and no_adapters: the full method with the library's adapters off, ε1 = ε2 = base) it reports
 - attribute_success: share of (person, edit) whose edited face crops the attribute oracle calls
   positive for the target attribute (mean probability > 0.5) with every other attribute's call
   unchanged from the input;
 - id_sim_to_truth: cosine of the FaceWorld identity net between edited and ground-truth crops;
+- id_sim_to_input: the same between edited and input crops (the paper's ID-sim). It rewards an
+  edit that changes little: the unedited input scores 1 on it, and an attribute the identity net
+  is not blind to (a beard, new hair) costs a true edit some of it;
 - psnr_outside_edit: PSNR (dB) to the ground truth outside the edit's region (dilated 3 px);
 - warp_error: mean |Δ_t edited − Δ_t truth|, Δ_t the change from frame t to t+1 (0–255): the
   flicker the edit adds that the true edit does not have (the renderer knows the motion exactly);
@@ -57,8 +60,13 @@ from ipfacediff.job import SHIPPED_MODELS, edit_video, load_pipeline  # noqa: E4
 from ipfacediff.settings import EditSettings  # noqa: E402
 from ipfacediff.video import read_frames, write_video  # noqa: E402
 
-METHODS = {"full": {}, "no_identity_guidance": {"identity_guidance": False}, "every_frame": {"every_frame": True},
-           "no_adapters": {}}  # no_adapters: the full method on the base model (the library's ε1/ε2 off)
+METHODS = {
+    "full": {},
+    "no_identity_guidance": {"identity_guidance": False},
+    "no_identity_gradient": {"identity_gradient": 0.0},
+    "every_frame": {"every_frame": True},
+    "no_adapters": {},
+}  # no_adapters: the full method on the base model (the library's ε1/ε2 off)
 HAIR_EDITS = ("blonde_hair",)  # edits whose region reaches beyond the inner face: pasted with hair=True
 
 
@@ -80,8 +88,9 @@ def through_vae(vae, crops: np.ndarray) -> np.ndarray:
     return decode_latents(vae, encode_frames(vae, crops))
 
 
-def truth_through_vae(vae, source_crops: np.ndarray, source_reconstruction: np.ndarray,
-                      truth_crops: np.ndarray) -> np.ndarray:
+def truth_through_vae(
+    vae, source_crops: np.ndarray, source_reconstruction: np.ndarray, truth_crops: np.ndarray
+) -> np.ndarray:
     """The true edited crops after the model's VAE, with the pipeline's detail transfer
     (``source_reconstruction``: :func:`through_vae` of the source crops)."""
     return transfer_detail(source_crops, through_vae(vae, truth_crops), source_reconstruction, device=vae.device)
@@ -91,6 +100,7 @@ def summary(rows: dict[str, list[float]]) -> dict:
     return {
         "attribute_success": round(float(np.mean(rows["success"])), 4),
         "id_sim_to_truth": round(float(np.mean(rows["id"])), 4),
+        "id_sim_to_input": round(float(np.mean(rows["id_input"])), 4),
         "psnr_outside_edit": round(float(np.mean(rows["psnr"])), 3),
         "warp_error": round(float(np.mean(rows["warp"])), 4),
         "seconds": round(float(np.mean(rows["seconds"])), 3),
@@ -102,10 +112,14 @@ def summary(rows: dict[str, list[float]]) -> dict:
 
 def crop_summary(rows: dict[str, list[float]]) -> dict:
     """A reference scored on crops alone: no frames, so no PSNR, warp error or seconds."""
-    return {"attribute_success": round(float(np.mean(rows["success"])), 4),
-            "id_sim_to_truth": round(float(np.mean(rows["id"])), 4), "edits": len(rows["success"]),
-            "target_shown": round(float(np.mean(rows["target"])), 4),
-            "others_kept": round(float(np.mean(rows["kept"])), 4)}
+    return {
+        "attribute_success": round(float(np.mean(rows["success"])), 4),
+        "id_sim_to_truth": round(float(np.mean(rows["id"])), 4),
+        "id_sim_to_input": round(float(np.mean(rows["id_input"])), 4),
+        "edits": len(rows["success"]),
+        "target_shown": round(float(np.mean(rows["target"])), 4),
+        "others_kept": round(float(np.mean(rows["kept"])), 4),
+    }
 
 
 def paired_difference(ours: list[float], theirs: list[float]) -> dict:
@@ -113,16 +127,23 @@ def paired_difference(ours: list[float], theirs: list[float]) -> dict:
     diff = np.asarray(ours, dtype=np.float64) - np.asarray(theirs, dtype=np.float64)
     mean = float(diff.mean())
     half = 1.96 * float(diff.std(ddof=1)) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-    return {"mean_difference": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
-            "items": len(diff)}
+    return {
+        "mean_difference": round(mean, 4),
+        "ci95": [round(mean - half, 4), round(mean + half, 4)],
+        "items": len(diff),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path)
     parser.add_argument("--identities", type=int, default=20)
-    parser.add_argument("--offset", type=int, default=0,
-                        help="skip this many held-out people (tune settings on people the report does not use)")
+    parser.add_argument(
+        "--offset",
+        type=int,
+        default=0,
+        help="skip this many held-out people (tune settings on people the report does not use)",
+    )
     parser.add_argument("--frames", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--model", default=None, help="default: the shipped FaceWorld models")
@@ -131,13 +152,27 @@ def main() -> None:
     parser.add_argument("--edits", default=",".join(EDITS), help="comma-separated subset of " + ", ".join(EDITS))
     parser.add_argument("--guidance", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--strength", type=float, default=None, help="default: the edit command's")
-    parser.add_argument("--adapter-weight", type=float, default=None,
-                        help="weight of each edit's ε2 adapter (default: the library's tuned weight)")
-    parser.add_argument("--hair", choices=("auto", "on", "off"), default="auto",
-                        help="paste with the hair-extended mask: auto = for edits of the hair only")
-    parser.add_argument("--source-prompt", choices=("caption", "empty"), default="caption",
-                        help="what the edit is told the input shows: its caption, or nothing")
-    parser.add_argument("--no-detail-transfer", action="store_true", help="edit without putting the VAE's lost detail back")
+    parser.add_argument(
+        "--adapter-weight",
+        type=float,
+        default=None,
+        help="weight of each edit's ε2 adapter (default: the library's tuned weight)",
+    )
+    parser.add_argument(
+        "--hair",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="paste with the hair-extended mask: auto = for edits of the hair only",
+    )
+    parser.add_argument(
+        "--source-prompt",
+        choices=("caption", "empty"),
+        default="caption",
+        help="what the edit is told the input shows: its caption, or nothing",
+    )
+    parser.add_argument(
+        "--no-detail-transfer", action="store_true", help="edit without putting the VAE's lost detail back"
+    )
     parser.add_argument("--no-local-blend", action="store_true", help="let the edit change the whole face")
     parser.add_argument("--blend-threshold", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--propagation-temperature", type=float, default=None, help="default: the edit command's")
@@ -146,14 +181,28 @@ def main() -> None:
     parser.add_argument("--keyframes", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--inject-feature-until", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--inject-attention-until", type=int, default=None, help="default: the edit command's")
+    parser.add_argument("--identity-gradient", type=float, default=None, help="default: the edit command's")
+    parser.add_argument("--identity-gradient-from", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     methods = {m: METHODS[m] for m in args.methods.split(",") if m}  # none: the reference rows only
     edits = [EDITS[e] for e in args.edits.split(",")]
-    overrides = {k: getattr(args, k) for k in ("guidance", "strength", "propagation_temperature", "temporal_smoothing", "keyframes",
-                                                "all_keyframes_below",
-                                                "inject_feature_until", "inject_attention_until")
-                 if getattr(args, k) is not None}
+    overrides = {
+        k: getattr(args, k)
+        for k in (
+            "guidance",
+            "strength",
+            "propagation_temperature",
+            "temporal_smoothing",
+            "keyframes",
+            "all_keyframes_below",
+            "identity_gradient",
+            "identity_gradient_from",
+            "inject_feature_until",
+            "inject_attention_until",
+        )
+        if getattr(args, k) is not None
+    }
     if args.no_detail_transfer:
         overrides["detail_transfer"] = False
     if args.no_local_blend:
@@ -170,26 +219,42 @@ def main() -> None:
     oracle = AttributeOracle.from_pretrained(args.oracles / "attributes")
     work = Path(tempfile.mkdtemp(prefix="faceworld-quality-"))
     cache = InversionCache(work / "cache")
-    rows = ("success", "id", "psnr", "warp", "seconds", "target", "kept")
+    rows = ("success", "id", "id_input", "psnr", "warp", "seconds", "target", "kept")
     scores = {m: {e.name: {k: [] for k in rows} for e in edits} for m in ["unedited", *methods]}
-    reference_scores = {e.name: {k: [] for k in ("success", "id", "target", "kept")} for e in edits}
+    reference_scores = {e.name: {k: [] for k in ("success", "id", "id_input", "target", "kept")} for e in edits}
 
     def to_tensor(x: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
 
-    def score_crops(s: dict, crops: np.ndarray, truth_crops: np.ndarray, target: str, source_calls: dict) -> None:
+    def score_crops(
+        s: dict, crops: np.ndarray, truth_crops: np.ndarray, source_crops: np.ndarray, target: str, source_calls: dict
+    ) -> None:
         calls = {k: v.mean() > 0.5 for k, v in oracle.predict_proba(crops).items()}
         others_kept = all(calls[a] == source_calls[a] for a in ATTRIBUTE_NAMES if a != target)
         with torch.no_grad():
-            sim = identity_net.similarity(identity_net(to_tensor(crops)), identity_net(to_tensor(truth_crops)))
+            embedding = identity_net(to_tensor(crops))
+            sim = identity_net.similarity(embedding, identity_net(to_tensor(truth_crops)))
+            s["id_input"].append(
+                float(identity_net.similarity(embedding, identity_net(to_tensor(source_crops))).mean())
+            )
         s["success"].append(float(calls[target] and others_kept))
         s["target"].append(float(calls[target]))
         s["kept"].append(float(others_kept))
         s["id"].append(float(sim.mean()))
 
-    def score(s: dict, frames: np.ndarray, truth_frames: np.ndarray, truth_crops: np.ndarray, outside: np.ndarray,
-              target: str, source_calls: dict, tracks, seconds: float) -> None:
-        score_crops(s, crops_of(frames, tracks), truth_crops, target, source_calls)
+    def score(
+        s: dict,
+        frames: np.ndarray,
+        truth_frames: np.ndarray,
+        truth_crops: np.ndarray,
+        source_crops: np.ndarray,
+        outside: np.ndarray,
+        target: str,
+        source_calls: dict,
+        tracks,
+        seconds: float,
+    ) -> None:
+        score_crops(s, crops_of(frames, tracks), truth_crops, source_crops, target, source_calls)
         change = np.diff(frames.astype(np.float64), axis=0) - np.diff(truth_frames.astype(np.float64), axis=0)
         s["psnr"].append(psnr(frames, truth_frames, np.repeat(outside[..., None], 3, axis=-1)))
         s["warp"].append(float(np.abs(change).mean()) if len(frames) > 1 else 0.0)
@@ -214,20 +279,38 @@ def main() -> None:
             prompt = edit.target_caption(clip.attributes[0])
             source_prompt = caption(clip.attributes[0]) if args.source_prompt == "caption" else ""
             hair = args.hair == "on" or (args.hair == "auto" and edit.name in HAIR_EDITS)
-            common = (truth_frames, truth_crops, outside, edit.name, source_calls, clip.tracks)
+            common = (truth_frames, truth_crops, source_crops, outside, edit.name, source_calls, clip.tracks)
             score(scores["unedited"][edit.name], source_frames, *common, 0.0)
-            score_crops(reference_scores[edit.name],
-                        truth_through_vae(pipe.vae, source_crops, source_reconstruction, truth_crops), truth_crops,
-                        edit.name, source_calls)
+            score_crops(
+                reference_scores[edit.name],
+                truth_through_vae(pipe.vae, source_crops, source_reconstruction, truth_crops),
+                truth_crops,
+                source_crops,
+                edit.name,
+                source_calls,
+            )
             for method, switches in methods.items():
                 out = work / f"{person}-{edit.name}-{method}.mp4"
                 started = time.perf_counter()
                 weight = "" if args.adapter_weight is None else f":{args.adapter_weight:g}"
                 adapters = f"{edit.name}{weight}" if has_library and method != "no_adapters" else "none"
-                settings = EditSettings(prompt=prompt, source_prompt=source_prompt, steps=args.steps, hair=hair,
-                                        adapters=adapters, **switches, **overrides)
-                edit_video(source, out, settings, pipeline=base if method == "no_adapters" else pipe,
-                           tracks_path=tracks_path, cache=cache, log=lambda _m: None)
+                settings = EditSettings(
+                    prompt=prompt,
+                    source_prompt=source_prompt,
+                    steps=args.steps,
+                    hair=hair,
+                    adapters=adapters,
+                    **(overrides | switches),
+                )
+                edit_video(
+                    source,
+                    out,
+                    settings,
+                    pipeline=base if method == "no_adapters" else pipe,
+                    tracks_path=tracks_path,
+                    cache=cache,
+                    log=lambda _m: None,
+                )
                 score(scores[method][edit.name], read_frames(out), *common, time.perf_counter() - started)
         print(f"identity {person}: done", flush=True)
 
@@ -236,33 +319,58 @@ def main() -> None:
 
     full = merged(scores["full"]) if "full" in scores else None
     results = {
-        "identities": people, "frames": args.frames, "steps": args.steps,
+        "identities": people,
+        "frames": args.frames,
+        "steps": args.steps,
         "model": args.model or "embedded FaceWorld default",
-        "settings": overrides | {"hair": args.hair, "source_prompt": args.source_prompt,
-                                 "adapter_weight": args.adapter_weight},
-        "methods": {m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
-                    for m, by_edit in scores.items() if m != "unedited"},
-        "comparisons": {f"full_vs_{m}": {metric: paired_difference(full[key], merged(scores[m])[key])
-                                          for metric, key in (("id_sim_to_truth", "id"), ("warp_error", "warp"))}
-                        for m in methods if m != "full" and full is not None},
+        "settings": overrides
+        | {"hair": args.hair, "source_prompt": args.source_prompt, "adapter_weight": args.adapter_weight},
+        "methods": {
+            m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
+            for m, by_edit in scores.items()
+            if m != "unedited"
+        },
+        "comparisons": {
+            f"full_vs_{m}": {
+                metric: paired_difference(full[key], merged(scores[m])[key])
+                for metric, key in (("id_sim_to_truth", "id"), ("id_sim_to_input", "id_input"), ("warp_error", "warp"))
+            }
+            for m in methods
+            if m != "full" and full is not None
+        },
         "unedited": summary(merged(scores["unedited"])),
-        "truth_through_vae": crop_summary(merged(reference_scores)) | {
-            "by_edit": {e: crop_summary(r) for e, r in reference_scores.items() if r["success"]}},
+        "truth_through_vae": crop_summary(merged(reference_scores))
+        | {"by_edit": {e: crop_summary(r) for e, r in reference_scores.items() if r["success"]}},
     }
-    print(f"{'method':<22}{'attr success':>14}{'id sim':>10}{'psnr out':>10}{'warp err':>10}{'s/edit':>9}"
-          f"{'shown':>8}{'kept':>8}")
+    print(
+        f"{'method':<22}{'attr success':>14}{'id sim':>10}{'id in':>8}{'psnr out':>10}{'warp err':>10}{'s/edit':>9}"
+        f"{'shown':>8}{'kept':>8}"
+    )
     for method, row in [*results["methods"].items(), ("unedited", results["unedited"])]:
         for name, sub in [(method, row), *((f"  {k}", v) for k, v in row.get("by_edit", {}).items())]:
-            print(f"{name:<22}{sub['attribute_success']:>14.3f}{sub['id_sim_to_truth']:>10.3f}"
-                  f"{sub['psnr_outside_edit']:>10.2f}{sub['warp_error']:>10.3f}{sub['seconds']:>9.2f}"
-                  f"{sub['target_shown']:>8.3f}{sub['others_kept']:>8.3f}")
-    for name, sub in [("truth_through_vae", results["truth_through_vae"]),
-                      *((f"  {k}", v) for k, v in results["truth_through_vae"]["by_edit"].items())]:
-        print(f"{name:<22}{sub['attribute_success']:>14.3f}{sub['id_sim_to_truth']:>10.3f}{'(crops)':>39}"
-              f"{sub['target_shown']:>8.3f}{sub['others_kept']:>8.3f}")
+            print(
+                f"{name:<22}{sub['attribute_success']:>14.3f}{sub['id_sim_to_truth']:>10.3f}"
+                f"{sub['id_sim_to_input']:>8.3f}{sub['psnr_outside_edit']:>10.2f}{sub['warp_error']:>10.3f}{sub['seconds']:>9.2f}"
+                f"{sub['target_shown']:>8.3f}{sub['others_kept']:>8.3f}"
+            )
+    for name, sub in [
+        ("truth_through_vae", results["truth_through_vae"]),
+        *((f"  {k}", v) for k, v in results["truth_through_vae"]["by_edit"].items()),
+    ]:
+        print(
+            f"{name:<22}{sub['attribute_success']:>14.3f}{sub['id_sim_to_truth']:>10.3f}"
+            f"{sub['id_sim_to_input']:>8.3f}{'(crops)':>39}"
+            f"{sub['target_shown']:>8.3f}{sub['others_kept']:>8.3f}"
+        )
     for name, pair in results["comparisons"].items():
-        print(name + ": " + ", ".join(f"{metric} {d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
-                                      for metric, d in pair.items()))
+        print(
+            name
+            + ": "
+            + ", ".join(
+                f"{metric} {d['mean_difference']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]"
+                for metric, d in pair.items()
+            )
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

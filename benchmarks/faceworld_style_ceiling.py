@@ -45,8 +45,10 @@ class RestyledClip(Clip):
 
     def faces(self, frame: int) -> list:
         donor = identity(self.style_of)
-        return [(replace(idt, **{f: getattr(donor, f) for f in self.fields}), attributes, pose)
-                for idt, attributes, pose in super().faces(frame)]
+        return [
+            (replace(idt, **{f: getattr(donor, f) for f in self.fields}), attributes, pose)
+            for idt, attributes, pose in super().faces(frame)
+        ]
 
 
 def main() -> None:
@@ -79,22 +81,38 @@ def main() -> None:
             reference = embed(truth.array(), truth.tracks)
             sims = []
             for other in rng.choice(500, args.others, replace=False):  # among the first 500 training identities
-                restyled = RestyledClip(truth.identity_ids, truth.attributes, truth.seed, truth.frames, truth.size,
-                                        truth.fps, style_of=int(other), fields=fields)
+                restyled = RestyledClip(
+                    truth.identity_ids,
+                    truth.attributes,
+                    truth.seed,
+                    truth.frames,
+                    truth.size,
+                    truth.fps,
+                    style_of=int(other),
+                    fields=fields,
+                )
                 with torch.no_grad():
                     sims.append(float(net.similarity(embed(restyled.array(), restyled.tracks), reference).mean()))
-                same_style[name].append(getattr(identity(int(other)), fields[0]) == getattr(identity(person), fields[0]))
+                same_style[name].append(
+                    getattr(identity(int(other)), fields[0]) == getattr(identity(person), fields[0])
+                )
             scores[name].append(float(np.mean(sims)))
         print(f"identity {person}: " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in scores.items() if v), flush=True)
 
-    results = {"identities": people, "frames": args.frames, "others": args.others,
-               "id_sim_to_truth": {name: round(float(np.mean(v)), 4) for name, v in scores.items()},
-               "edits": {name: len(v) for name, v in scores.items()},
-               "share_of_draws_with_the_same_style": {name: round(float(np.mean(v)), 3) for name, v in same_style.items()}}
+    results = {
+        "identities": people,
+        "frames": args.frames,
+        "others": args.others,
+        "id_sim_to_truth": {name: round(float(np.mean(v)), 4) for name, v in scores.items()},
+        "edits": {name: len(v) for name, v in scores.items()},
+        "share_of_draws_with_the_same_style": {name: round(float(np.mean(v)), 3) for name, v in same_style.items()},
+    }
     print(f"{'edit':<12}{'id sim':>8}{'edits':>7}{'same style':>12}")
     for name in STYLE_FIELDS:
-        print(f"{name:<12}{results['id_sim_to_truth'][name]:>8.3f}{results['edits'][name]:>7}"
-              f"{results['share_of_draws_with_the_same_style'][name]:>12.3f}")
+        print(
+            f"{name:<12}{results['id_sim_to_truth'][name]:>8.3f}{results['edits'][name]:>7}"
+            f"{results['share_of_draws_with_the_same_style'][name]:>12.3f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))

@@ -36,8 +36,18 @@ Progress = Callable[[str, int, int], None]
 
 RESULTS_NAME = "results.jsonl"
 CACHE_NAME = ".cache"
-SUMMARY_METRICS = ("id_sim", "id_drift", "tl_id", "tg_id", "clip_direction", "clip_score", "warp_error_ratio",
-                   "flicker", "background_psnr", "face_detection_rate")
+SUMMARY_METRICS = (
+    "id_sim",
+    "id_drift",
+    "tl_id",
+    "tg_id",
+    "clip_direction",
+    "clip_score",
+    "warp_error_ratio",
+    "flicker",
+    "background_psnr",
+    "face_detection_rate",
+)
 DEFAULT_RETRIES = 2  # a clip whose worker dies is tried this many more times on a fresh worker
 _COLUMNS = ("input", "prompt", "prompts", "output", "tracks", "identity_lora", "edit_lora", "adapters_dir")
 _VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
@@ -108,7 +118,9 @@ def _read_rows(manifest: Path) -> list[tuple[int, dict]]:
         for record in reader:
             line = reader.line_num
             if None in record:
-                raise UserError(f"{manifest.name} line {line}: more cells than header columns (quote cells with commas)")
+                raise UserError(
+                    f"{manifest.name} line {line}: more cells than header columns (quote cells with commas)"
+                )
             if all(v is None or not str(v).strip() for v in record.values()):
                 continue
             rows.append((line, {k: (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}))
@@ -156,7 +168,9 @@ def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) ->
         settings = {name: record[name] for name in setting_names if name in record and not _blank(record[name])}
         names = _split(record.get("output"), "|")
         if names and len(names) not in (1, len(prompts)):
-            raise UserError(f"{where}: {len(names)} output names for {len(prompts)} prompts: give one, or one per prompt")
+            raise UserError(
+                f"{where}: {len(names)} output names for {len(prompts)} prompts: give one, or one per prompt"
+            )
         tracks = record.get("tracks") or None
         identity_lora = record.get("identity_lora") or None
         adapters_dir = record.get("adapters_dir") or None
@@ -170,7 +184,9 @@ def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) ->
                 raise UserError(f"{where}: {error}") from None
         loras = []
         for spec in _split(record.get("edit_lora"), ";"):
-            path, weight = (spec[0], float(spec[1])) if isinstance(spec, list) and len(spec) == 2 else parse_lora_spec(str(spec))
+            path, weight = (
+                (spec[0], float(spec[1])) if isinstance(spec, list) and len(spec) == 2 else parse_lora_spec(str(spec))
+            )
             loras.append((str((base / path).resolve()), weight))
         for index, prompt in enumerate(prompts):
             job_settings = EditSettings.from_mapping({**settings, "prompt": prompt.strip()}, where=where)
@@ -189,13 +205,19 @@ def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) ->
                 explicit[str(output)] = line
             else:
                 output = output_dir / f"{input_path.stem}-{_slug(prompt)}.mp4"
-            jobs.append(BatchJob(
-                line=line, index=index, input=str(input_path), output=str(output),
-                settings=_jsonable(job_settings.to_dict()),
-                tracks=str((base / tracks).resolve()) if tracks else None,
-                identity_lora=str((base / identity_lora).resolve()) if identity_lora else None, edit_loras=loras,
-                adapters_dir=adapters_dir,
-            ))
+            jobs.append(
+                BatchJob(
+                    line=line,
+                    index=index,
+                    input=str(input_path),
+                    output=str(output),
+                    settings=_jsonable(job_settings.to_dict()),
+                    tracks=str((base / tracks).resolve()) if tracks else None,
+                    identity_lora=str((base / identity_lora).resolve()) if identity_lora else None,
+                    edit_loras=loras,
+                    adapters_dir=adapters_dir,
+                )
+            )
     # Default names that collide (same input and prompt on two rows) get the manifest line.
     seen: dict[str, int] = {}
     for job in jobs:
@@ -250,17 +272,33 @@ def _summary_metrics(metrics: dict | None) -> dict | None:
     return {k: metrics.get(k) for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float))} or None
 
 
-def _row(job: BatchJob, status: str, *, error: str | None = None, seconds: float = 0.0,
-         inversion_reused: bool | None = None, metrics: dict | None = None, attempts: int = 0,
-         worker: str | None = None) -> dict:
+def _row(
+    job: BatchJob,
+    status: str,
+    *,
+    error: str | None = None,
+    seconds: float = 0.0,
+    inversion_reused: bool | None = None,
+    metrics: dict | None = None,
+    attempts: int = 0,
+    worker: str | None = None,
+) -> dict:
     from ipfacediff.job import run_metadata_path
 
     done = status in ("done", "skipped")
     return {
-        "line": job.line, "input": job.input, "prompt": job.prompt, "output": job.output, "status": status,
-        "error": error, "seconds": round(seconds, 3), "inversion_reused": inversion_reused,
-        "metrics": _summary_metrics(metrics), "run_metadata": str(run_metadata_path(Path(job.output))) if done else None,
-        "attempts": attempts, "worker": worker,
+        "line": job.line,
+        "input": job.input,
+        "prompt": job.prompt,
+        "output": job.output,
+        "status": status,
+        "error": error,
+        "seconds": round(seconds, 3),
+        "inversion_reused": inversion_reused,
+        "metrics": _summary_metrics(metrics),
+        "run_metadata": str(run_metadata_path(Path(job.output))) if done else None,
+        "attempts": attempts,
+        "worker": worker,
     }
 
 
@@ -269,8 +307,9 @@ def _skipped_row(job: BatchJob) -> dict:
 
     output = Path(job.output)
     meta = _read_json(run_metadata_path(output)) or {}
-    return _row(job, "skipped", inversion_reused=meta.get("inversion_reused"),
-                metrics=_read_json(_metrics_path(output)))
+    return _row(
+        job, "skipped", inversion_reused=meta.get("inversion_reused"), metrics=_read_json(_metrics_path(output))
+    )
 
 
 def one_line(exc: BaseException) -> str:
@@ -291,12 +330,21 @@ def one_line(exc: BaseException) -> str:
 class BatchWorker:
     """Runs clip tasks; made a Ray actor by :func:`run_batch`. Models load on the first clip and stay."""
 
-    def __init__(self, model: str | None, device: str, dtype: str, cache_root: str, running_dir: str,
-                 evaluate: bool):
+    def __init__(
+        self,
+        model: str | None,
+        device: str,
+        dtype: str,
+        cache_root: str,
+        running_dir: str,
+        evaluate: bool,
+        cache_max_bytes: int | None = None,
+    ):
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
         self.model, self.device, self.dtype, self.evaluate = model, device, dtype, evaluate
         self.cache_root, self.running_dir = cache_root, Path(running_dir)
+        self.cache_max_bytes = cache_max_bytes
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._pipeline_key: tuple | None = None
         self._pipeline = None
@@ -312,10 +360,14 @@ class BatchWorker:
             from ipfacediff.job import load_pipeline
 
             self._pipeline = None  # one model set in memory at a time
-            self._pipeline = load_pipeline(self.model, identity_lora=job.identity_lora,
-                                           edit_loras=[tuple(x) for x in job.edit_loras] or None,
-                                           adapters_dir=job.adapters_dir,
-                                           device=self.device, dtype=self.dtype)
+            self._pipeline = load_pipeline(
+                self.model,
+                identity_lora=job.identity_lora,
+                edit_loras=[tuple(x) for x in job.edit_loras] or None,
+                adapters_dir=job.adapters_dir,
+                device=self.device,
+                dtype=self.dtype,
+            )
             self._pipeline_key = key
             self.loads += 1
         return self._pipeline
@@ -324,8 +376,16 @@ class BatchWorker:
         """Edit every job of one clip, in order; a failing job gives a failed row, never an exception."""
         marker = self.running_dir / f"{clip_id}.json"
         self.running_dir.mkdir(parents=True, exist_ok=True)
-        write_json(marker, {"pid": os.getpid(), "worker": self.name, "input": jobs[0].input,
-                            "attempt": attempt, "started": time.time()})
+        write_json(
+            marker,
+            {
+                "pid": os.getpid(),
+                "worker": self.name,
+                "input": jobs[0].input,
+                "attempt": attempt,
+                "started": time.time(),
+            },
+        )
         try:
             return [self._run_job(job, attempt) for job in jobs]
         finally:
@@ -343,23 +403,45 @@ class BatchWorker:
             if state == "todo":  # (a killed earlier attempt may have finished it)
                 output = Path(job.output)
                 output.parent.mkdir(parents=True, exist_ok=True)
-                report = edit_video(job.input, output, EditSettings(**job.settings), pipeline=self._get_pipeline(job),
-                                    tracks_path=job.tracks, cache=InversionCache(self.cache_root),
-                                    log=lambda _message: None)
+                report = edit_video(
+                    job.input,
+                    output,
+                    EditSettings(**job.settings),
+                    pipeline=self._get_pipeline(job),
+                    tracks_path=job.tracks,
+                    cache=InversionCache(self.cache_root, max_bytes=self.cache_max_bytes),
+                    log=lambda _message: None,
+                )
                 reused = report.inversion_reused
             else:
                 from ipfacediff.job import run_metadata_path
 
                 reused = (_read_json(run_metadata_path(Path(job.output))) or {}).get("inversion_reused")
             stage = "evaluate: "  # the edit is kept; a re-run only evaluates
-            metrics = self._evaluate(job) if self.evaluate and state != "complete" else (
-                _read_json(_metrics_path(Path(job.output))) if self.evaluate else None)
+            metrics = (
+                self._evaluate(job)
+                if self.evaluate and state != "complete"
+                else (_read_json(_metrics_path(Path(job.output))) if self.evaluate else None)
+            )
         except Exception as exc:  # noqa: BLE001 - every failure of one output is recorded, the batch goes on
             self._after_failure(exc)
-            return _row(job, "failed", error=stage + one_line(exc), seconds=time.perf_counter() - started,
-                        attempts=attempt, worker=self.name)
-        return _row(job, "done", seconds=time.perf_counter() - started, inversion_reused=reused, metrics=metrics,
-                    attempts=attempt, worker=self.name)
+            return _row(
+                job,
+                "failed",
+                error=stage + one_line(exc),
+                seconds=time.perf_counter() - started,
+                attempts=attempt,
+                worker=self.name,
+            )
+        return _row(
+            job,
+            "done",
+            seconds=time.perf_counter() - started,
+            inversion_reused=reused,
+            metrics=metrics,
+            attempts=attempt,
+            worker=self.name,
+        )
 
     def _evaluate(self, job: BatchJob) -> dict:
         from ipfacediff.evaluation import evaluate_videos, write_metrics_json
@@ -431,7 +513,9 @@ class BatchSummary:
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     means = {}
     for key in SUMMARY_METRICS:
-        values = [r["metrics"][key] for r in rows if r.get("metrics") and isinstance(r["metrics"].get(key), (int, float))]
+        values = [
+            r["metrics"][key] for r in rows if r.get("metrics") and isinstance(r["metrics"].get(key), (int, float))
+        ]
         if values:
             means[key] = sum(values) / len(values)
     return means
@@ -459,6 +543,7 @@ def run_batch(
     retries: int = DEFAULT_RETRIES,
     dtype: str = "auto",
     console=None,
+    cache_max_bytes: int | None = None,
 ) -> BatchSummary:
     """Edit every clip of ``manifest`` on Ray; write the videos, their metadata and ``results.jsonl``.
 
@@ -467,7 +552,8 @@ def run_batch(
     ``gpus_per_task``: GPUs per worker (fractions share a GPU); 0 runs on CPUs. ``num_workers``:
     default as many as the resources allow, at most one per clip. ``progress(stage, done, total)``
     replaces the built-in rich progress display (stages ``clips`` and ``outputs``). A clip whose
-    worker dies is retried ``retries`` times on a fresh worker.
+    worker dies is retried ``retries`` times on a fresh worker. ``cache_max_bytes`` bounds the
+    shared inversion cache (least recently used entries are evicted).
     """
     import importlib.util
 
@@ -507,13 +593,30 @@ def run_batch(
         tracker = _Tracker(rows, results_path, report, total_clips, total_clips - len(clips), len(jobs))
         tracker.show()
         if clips:
-            _run_on_ray(clips, output_dir, tracker, address=address, gpus_per_task=gpus_per_task, evaluate=evaluate,
-                        model=model, num_workers=num_workers, retries=retries, dtype=dtype)
+            _run_on_ray(
+                clips,
+                output_dir,
+                tracker,
+                address=address,
+                gpus_per_task=gpus_per_task,
+                evaluate=evaluate,
+                model=model,
+                num_workers=num_workers,
+                retries=retries,
+                dtype=dtype,
+                cache_max_bytes=cache_max_bytes,
+            )
     _write_results(results_path, rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "failed", "skipped")}
-    summary = BatchSummary(counts["done"], counts["failed"], counts["skipped"],
-                           sorted(rows, key=lambda r: (r["line"], r["output"])), time.perf_counter() - started,
-                           results_path, _mean_metrics([r for r in rows if r["status"] != "failed"]))
+    summary = BatchSummary(
+        counts["done"],
+        counts["failed"],
+        counts["skipped"],
+        sorted(rows, key=lambda r: (r["line"], r["output"])),
+        time.perf_counter() - started,
+        results_path,
+        _mean_metrics([r for r in rows if r["status"] != "failed"]),
+    )
     console.print(summary.table())
     if summary.mean_metrics:
         console.print(summary.metrics_table())
@@ -527,8 +630,15 @@ def run_batch(
 class _Tracker:
     """Collects finished rows, rewrites results.jsonl after every clip and moves the progress display."""
 
-    def __init__(self, rows: list[dict], results_path: Path, report: Progress, total_clips: int, done_clips: int,
-                 total_outputs: int):
+    def __init__(
+        self,
+        rows: list[dict],
+        results_path: Path,
+        report: Progress,
+        total_clips: int,
+        done_clips: int,
+        total_outputs: int,
+    ):
         self.rows, self.results_path, self.report = rows, results_path, report
         self.total_clips, self.done_clips, self.total_outputs = total_clips, done_clips, total_outputs
 
@@ -559,7 +669,9 @@ def _start_ray(address: str | None, num_cpus: int) -> bool:
     try:
         import ray
     except ImportError:
-        raise UserError('batch editing needs Ray: pip install "ray>=2.9" (or "ray[client]" for ray:// addresses)') from None
+        raise UserError(
+            'batch editing needs Ray: pip install "ray>=2.9" (or "ray[client]" for ray:// addresses)'
+        ) from None
     if ray.is_initialized():
         return False
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
@@ -581,17 +693,30 @@ def _worker_count(clips: int, gpus_per_task: float, num_workers: int | None) -> 
     if gpus_per_task > 0:
         gpus = resources.get("GPU", 0)
         if gpus < gpus_per_task:
-            raise UserError(f"the Ray cluster has {gpus:g} GPUs, fewer than --gpus-per-task {gpus_per_task:g}; "
-                            "use --gpus-per-task 0 to run on CPUs")
+            raise UserError(
+                f"the Ray cluster has {gpus:g} GPUs, fewer than --gpus-per-task {gpus_per_task:g}; "
+                "use --gpus-per-task 0 to run on CPUs"
+            )
         capacity = int(gpus // gpus_per_task + 1e-9)
     else:
         capacity = int(resources.get("CPU", 1))
     return max(1, min(num_workers or capacity, clips))
 
 
-def _run_on_ray(clips: dict[str, list[BatchJob]], output_dir: Path, on_clip: Callable[[list[dict]], None], *,
-                address: str | None, gpus_per_task: float, evaluate: bool, model: str | None,
-                num_workers: int | None, retries: int, dtype: str) -> None:
+def _run_on_ray(
+    clips: dict[str, list[BatchJob]],
+    output_dir: Path,
+    on_clip: Callable[[list[dict]], None],
+    *,
+    address: str | None,
+    gpus_per_task: float,
+    evaluate: bool,
+    model: str | None,
+    num_workers: int | None,
+    retries: int,
+    dtype: str,
+    cache_max_bytes: int | None = None,
+) -> None:
     """Give the clips to a pool of actors; a clip whose actor dies goes to a fresh actor."""
     local_cpus = num_workers or min(len(clips), os.cpu_count() or 1)
     started_here = _start_ray(address, max(1, local_cpus))
@@ -604,8 +729,15 @@ def _run_on_ray(clips: dict[str, list[BatchJob]], output_dir: Path, on_clip: Cal
         for stale in (cache / "running").glob("*.json"):  # markers of clips whose worker died in an earlier run
             stale.unlink(missing_ok=True)
         actor_class = ray.remote(BatchWorker).options(num_cpus=1, num_gpus=gpus_per_task, max_restarts=0)
-        args = (model, "cuda" if gpus_per_task > 0 else "cpu", dtype, str(cache / "inversion"), str(cache / "running"),
-                evaluate)
+        args = (
+            model,
+            "cuda" if gpus_per_task > 0 else "cpu",
+            dtype,
+            str(cache / "inversion"),
+            str(cache / "running"),
+            evaluate,
+            cache_max_bytes,
+        )
         idle = [actor_class.remote(*args) for _ in range(count)]
         pending = deque((_clip_id(source), jobs, 1) for source, jobs in clips.items())
         running: dict[Any, tuple[Any, str, list[BatchJob], int]] = {}

@@ -32,8 +32,16 @@ def sample_clip(path: Path, *, frames: int = 24, size: int = 256, fps: float = 1
         points = CANONICAL_FIVE_POINTS * face_size + [x0, y0]
         centre = (int(cx), int(cy + 0.05 * face_size))
         cv2.ellipse(image, centre, (int(face_size * 0.36), int(face_size * 0.46)), 0, 0, 360, (224, 178, 150), -1)
-        cv2.ellipse(image, (int(cx), int(y0 + 0.22 * face_size)), (int(face_size * 0.38), int(face_size * 0.2)),
-                    0, 180, 360, (60, 40, 30), -1)
+        cv2.ellipse(
+            image,
+            (int(cx), int(y0 + 0.22 * face_size)),
+            (int(face_size * 0.38), int(face_size * 0.2)),
+            0,
+            180,
+            360,
+            (60, 40, 30),
+            -1,
+        )
         for eye in points[:2]:
             cv2.circle(image, tuple(int(v) for v in eye), int(face_size * 0.045), (255, 255, 255), -1)
             cv2.circle(image, tuple(int(v) for v in eye), int(face_size * 0.022), (50, 80, 120), -1)
@@ -94,8 +102,9 @@ def faceworld_clip(path: Path, *, identity_id: int = DEMO_IDENTITY, frames: int 
     return clip.tracks
 
 
-def run_demo(output_dir: Path, *, prompt: str = "a face with eyeglasses", steps: int = 20,
-             progress: Progress | None = None) -> list[str]:
+def run_demo(
+    output_dir: Path, *, prompt: str = "a face with eyeglasses", steps: int = 20, progress: Progress | None = None
+) -> list[str]:
     """Render the demo clip, edit it with the default models; return lines saying where things are."""
     from ipfacediff.job import edit_video, load_pipeline, run_metadata_path
     from ipfacediff.settings import EditSettings
@@ -106,8 +115,14 @@ def run_demo(output_dir: Path, *, prompt: str = "a face with eyeglasses", steps:
     tracks_path = tracks.save(output_dir / "sample.tracks.json")
     edited = output_dir / "edited.mp4"
     pipe = load_pipeline()
-    report = edit_video(clip, edited, EditSettings(prompt=prompt, steps=steps), pipeline=pipe,
-                        tracks_path=tracks_path, progress=progress)
+    report = edit_video(
+        clip,
+        edited,
+        EditSettings(prompt=prompt, steps=steps),
+        pipeline=pipe,
+        tracks_path=tracks_path,
+        progress=progress,
+    )
     preview = side_by_side(clip, edited, output_dir / "side_by_side.mp4")
     from ipfacediff.evaluation import evaluate_videos, write_html_report, write_metrics_json
 

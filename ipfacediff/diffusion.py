@@ -14,11 +14,12 @@ sampling from the inverted latents with those recovered noises gives back the in
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,16 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save
 
+from ipfacediff.errors import UserError
 from ipfacediff.files import write_atomic
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances, e.g. to drive a progress bar."""
 
 FEATURE_DIM = 64
+# Frames per inversion cache entry. Entries hold the frames whose index in the video falls in one
+# multiple of this, so an edit of an overlapping time range finds the same entries.
+CACHE_CHUNK = 16
 
 
 class StageTimer:
@@ -159,7 +164,19 @@ class InvertedVideo:
     features: dict[int, torch.Tensor] = field(default_factory=dict)
     unet_calls: int = 0
     cache_key: str | None = None  # its folder in the InversionCache, when it has one
-    reused_steps: int = 0  # steps read from the cache rather than computed (a resumed run reuses some)
+    # Steps read from the cache rather than computed (a resumed run reuses some); averaged over
+    # the frames when the clip was put together from several cache entries.
+    reused_steps: float = 0
+    # (first row, end row, cache key or None, steps read from the cache) of each cache entry the
+    # rows came from.
+    chunks: list[tuple[int, int, str | None, int]] = field(default_factory=list)
+    # Rows that are frames of the clip; rows after them are another window's anchor keyframes.
+    frame_count: int | None = None
+
+    @property
+    def count(self) -> int:
+        """Frames of the clip (or window), not counting appended anchor rows."""
+        return len(self.clean) if self.frame_count is None else self.frame_count
 
     @property
     def reused_share(self) -> float:
@@ -180,14 +197,20 @@ class InvertedVideo:
 
 
 class InversionCache:
-    """One folder per (clip, model, resolution, steps, prompt) of named safetensors files:
-    ``clean`` (the encoded clip) and ``step_XXXX`` (latents, and features where captured).
+    """One folder per (chunk of frames, model, resolution, steps, prompt) of named safetensors
+    files: ``clean`` (the encoded frames) and ``step_XXXX`` (latents, and features where captured).
 
     Files are written whole (temporary name, then renamed), so a killed run leaves only whole steps.
+    With ``max_bytes`` the entries used longest ago are removed to make room for a new file, never
+    one this object has read or written (the running job's); a file that would not fit even then
+    is not written, and the job goes on without caching it.
     """
 
-    def __init__(self, root: str | Path | None = None):
+    def __init__(self, root: str | Path | None = None, *, max_bytes: int | None = None):
         self.root = Path(root) if root is not None else default_cache_dir() / "inversion"
+        self.max_bytes = max_bytes
+        self.in_use: set[str] = set()
+        self._size: int | None = None  # bytes on disk, counted once and then kept up to date
 
     @staticmethod
     def key(**parts: object) -> str:
@@ -199,13 +222,96 @@ class InversionCache:
 
     def load(self, key: str, name: str) -> dict[str, torch.Tensor] | None:
         path = self.folder(key) / f"{name}.safetensors"
-        # Cloned: memory-mapped tensors can be unaligned, and CPU kernels then round differently.
-        return {k: v.clone() for k, v in load_file(str(path)).items()} if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            # Cloned: memory-mapped tensors can be unaligned, and CPU kernels then round differently.
+            tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
+        except FileNotFoundError:  # evicted by another process sharing the cache
+            return None
+        self.mark_used(key)
+        return tensors
 
     def save(self, key: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        data = save({k: v.contiguous() for k, v in tensors.items()})
+        self.in_use.add(key)
+        if not self.make_room(len(data)):
+            return
         folder = self.folder(key)
-        folder.mkdir(parents=True, exist_ok=True)
-        write_atomic(folder / f"{name}.safetensors", save({k: v.contiguous() for k, v in tensors.items()}))
+        try:
+            for attempt in range(2):  # another process sharing the cache may evict the folder meanwhile
+                folder.mkdir(parents=True, exist_ok=True)
+                try:
+                    write_atomic(folder / f"{name}.safetensors", data)
+                    break
+                except FileNotFoundError:
+                    if attempt:
+                        raise
+        except OSError as error:
+            if error.errno == errno.ENOSPC:
+                raise UserError(
+                    f"the disk of the inversion cache {self.root} is full; what was cached is kept: "
+                    "free space, pass --cache-max-gb or choose another --cache-dir"
+                ) from None
+            raise
+        self._size = self.size_bytes() + len(data)
+        self.mark_used(key)
+
+    def mark_used(self, key: str) -> None:
+        """Record the entry's last use (its folder's time) and protect it from this job's evictions."""
+        self.in_use.add(key)
+        try:
+            os.utime(self.folder(key))
+        except FileNotFoundError:
+            pass
+
+    def entries(self) -> list[tuple[float, str, int]]:
+        """(last use, key, bytes) of every entry, least recently used first."""
+        found = []
+        for folder in self.root.iterdir() if self.root.is_dir() else ():
+            if folder.is_dir():
+                try:
+                    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+                    found.append((folder.stat().st_mtime, folder.name, size))
+                except FileNotFoundError:  # removed meanwhile by another process
+                    continue
+        return sorted(found)
+
+    def size_bytes(self) -> int:
+        """Bytes the cache takes on disk."""
+        if self._size is None:
+            self._size = sum(size for _, _, size in self.entries())
+        return self._size
+
+    def make_room(self, incoming: int) -> bool:
+        """Evict least recently used entries until ``incoming`` more bytes fit under ``max_bytes``;
+        False when they cannot (what is left is in use by this job)."""
+        if self.max_bytes is None or self.size_bytes() + incoming <= self.max_bytes:
+            return True
+        import shutil
+
+        entries = self.entries()
+        total = sum(size for _, _, size in entries)
+        for _, key, size in entries:
+            if total + incoming <= self.max_bytes:
+                break
+            if key in self.in_use:
+                continue
+            shutil.rmtree(self.folder(key), ignore_errors=True)
+            total -= size
+        self._size = total
+        return total + incoming <= self.max_bytes
+
+
+def chunk_bounds(frame_indices: Sequence[int], size: int = CACHE_CHUNK) -> list[tuple[int, int]]:
+    """(start, end) positions of runs of ``frame_indices`` (ascending video frame numbers) that
+    fall in the same multiple of ``size``: the frames of one cache entry."""
+    bounds, start = [], 0
+    for position in range(1, len(frame_indices) + 1):
+        if position == len(frame_indices) or frame_indices[position] // size != frame_indices[start] // size:
+            bounds.append((start, position))
+            start = position
+    return bounds
 
 
 def frames_digest(frames: np.ndarray) -> str:
@@ -320,6 +426,61 @@ def invert_frames(
     )
 
 
+def join_inverted(
+    pieces: Iterator[tuple[int, int, InvertedVideo]], count: int, anchors: InvertedVideo | None = None
+) -> InvertedVideo:
+    """One clip's inversion from the inversions of its cache chunks (first row, end row, piece),
+    with ``anchors``' rows appended after its ``count`` frames. Each piece is copied into tensors
+    made once and then dropped: holding all pieces and their concatenation would double the peak."""
+    joined: InvertedVideo | None = None
+    reused = 0
+    extra = len(anchors.clean) if anchors is not None else 0
+
+    def rows_like(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.new_empty(count + extra, *tensor.shape[1:])
+
+    for begin, end, piece in pieces:
+        if joined is None:
+            joined = InvertedVideo(
+                timesteps=piece.timesteps,
+                latents=[rows_like(x) for x in piece.latents],
+                clean=rows_like(piece.clean),
+                alphas=piece.alphas,
+                features={s: rows_like(f) for s, f in piece.features.items()},
+                frame_count=count if extra else None,
+            )
+        for whole, part in zip(joined.latents, piece.latents):
+            whole[begin:end] = part
+        joined.clean[begin:end] = piece.clean
+        for step, part in piece.features.items():
+            joined.features[step][begin:end] = part
+        joined.unet_calls += piece.unet_calls
+        joined.chunks.append((begin, end, piece.cache_key, int(piece.reused_steps)))
+        reused += int(piece.reused_steps) * (end - begin)
+    assert joined is not None, "no frames to invert"
+    joined.reused_steps = reused / count
+    if len(joined.chunks) == 1:
+        joined.cache_key = joined.chunks[0][2]
+    if anchors is not None:
+        for whole, part in zip(joined.latents, anchors.latents):
+            whole[count:] = part
+        joined.clean[count:] = anchors.clean
+        for step, part in anchors.features.items():
+            joined.features[step][count:] = part
+    return joined
+
+
+def select_rows(inverted: InvertedVideo, rows: list[int]) -> InvertedVideo:
+    """The inversion of some frames of a clip only (a window's anchor keyframes), copied."""
+    return InvertedVideo(
+        timesteps=inverted.timesteps,
+        latents=[x[rows].clone() for x in inverted.latents],
+        clean=inverted.clean[rows].clone(),
+        alphas=inverted.alphas,
+        features={s: f[rows].clone() for s, f in inverted.features.items()},
+    )
+
+
 @torch.no_grad()
 def sample_from_inverted(
     unet: UNet2DConditionModel,
@@ -340,3 +501,29 @@ def sample_from_inverted(
             out.append(ddim_step(batch.float(), eps.float(), alpha_t, alpha_prev).cpu())
         current = torch.cat(out)
     return current
+
+
+def ddim_walk(
+    unet: UNet2DConditionModel,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    levels: list[int],
+) -> torch.Tensor:
+    """Deterministic DDIM from timestep ``levels[0]`` to ``levels[-1]`` through the levels between:
+    ascending it inverts, descending it samples. Level 0 is the clean latent itself (ᾱ = 1), so a
+    walk can start or end exactly on the image, at any levels rather than the sampler's.
+
+    The UNet runs on ``latents`` cast to ``prompt_embeds``' dtype, the steps in float32; gradients
+    flow through every step unless the caller turns them off (a trainer regenerating with them).
+    """
+
+    def alpha(t: int) -> float:
+        return 1.0 if t == 0 else float(alphas_cumprod[t])
+
+    x = latents
+    embeds = prompt_embeds.expand(len(x), -1, -1)
+    for t, following in zip(levels[:-1], levels[1:]):
+        eps = unet(x.to(embeds.dtype), t, encoder_hidden_states=embeds).sample.float()
+        x = ddim_step(x, eps, alpha(t), alpha(following))
+    return x

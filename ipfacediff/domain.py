@@ -118,14 +118,16 @@ class ModelCard:
         if isinstance(version, bool) or not isinstance(version, int) or version < 1:
             raise ValueError(f"format_version must be a positive integer, got {version!r}")
         if version > FORMAT_VERSION:
-            raise ValueError(f"format_version {version} is newer than this ipfacediff reads ({FORMAT_VERSION}); "
-                             "update ipfacediff")
+            raise ValueError(
+                f"format_version {version} is newer than this ipfacediff reads ({FORMAT_VERSION}); update ipfacediff"
+            )
         check = _text(data, "check")
         if check not in CHECKS:
             raise ValueError(f"check {check!r} is not one of {', '.join(sorted(CHECKS))}")
         resolution = data.get("resolution")
-        if resolution is not None and (isinstance(resolution, bool) or not isinstance(resolution, int)
-                                       or not 8 <= resolution <= 4096):
+        if resolution is not None and (
+            isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 4096
+        ):
             raise ValueError(f"resolution must be null or an integer from 8 to 4096, got {resolution!r}")
         identity = data.get("identity_net")
         if identity is not None:
@@ -138,12 +140,18 @@ class ModelCard:
         if not isinstance(measured, dict):
             raise ValueError(f"measured must be an object, got {type(measured).__name__}")
         return cls(
-            domain=_text(data, "domain"), description=_text(data, "description"), check=check,
-            threshold=_finite(data, "threshold"), advice=_text(data, "advice"),
+            domain=_text(data, "domain"),
+            description=_text(data, "description"),
+            check=check,
+            threshold=_finite(data, "threshold"),
+            advice=_text(data, "advice"),
             model_name=_text(data, "model_name") if "model_name" in data else "the model",
-            resolution=resolution, in_domain_min=_finite(data, "in_domain_min", optional=True),
-            out_of_domain_max=_finite(data, "out_of_domain_max", optional=True), identity_net=identity,
-            measured=measured, format_version=version,
+            resolution=resolution,
+            in_domain_min=_finite(data, "in_domain_min", optional=True),
+            out_of_domain_max=_finite(data, "out_of_domain_max", optional=True),
+            identity_net=identity,
+            measured=measured,
+            format_version=version,
         )
 
     def to_dict(self, folder: str | os.PathLike | None = None) -> dict:
@@ -203,8 +211,12 @@ def _resampled(crops: np.ndarray, factor: int) -> np.ndarray:
 
     h, w = crops.shape[1:3]
     small = (max(1, w // factor), max(1, h // factor))
-    return np.stack([cv2.resize(cv2.resize(c, small, interpolation=cv2.INTER_AREA), (w, h),
-                                interpolation=cv2.INTER_CUBIC) for c in crops])
+    return np.stack(
+        [
+            cv2.resize(cv2.resize(c, small, interpolation=cv2.INTER_AREA), (w, h), interpolation=cv2.INTER_CUBIC)
+            for c in crops
+        ]
+    )
 
 
 def vae_round_trip_parts(vae, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -240,8 +252,12 @@ def _as_crops(crops: Any, resolution: int | None = None) -> np.ndarray:
         import cv2
 
         shrink = crops.shape[1] * crops.shape[2] > resolution * resolution
-        crops = np.stack([cv2.resize(c, (resolution, resolution),
-                                     interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC) for c in crops])
+        crops = np.stack(
+            [
+                cv2.resize(c, (resolution, resolution), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
+                for c in crops
+            ]
+        )
     return crops
 
 
@@ -271,16 +287,21 @@ def check_track(card: ModelCard, vae, crops: np.ndarray, *, label: str, sample: 
     score = float(np.median(scores))
     passed = score >= card.threshold
     if passed:
-        message = f"{label} is in {card.model_name}'s domain ({card.description}; {card.check} {score:.1f} dB, " \
-                  f"threshold {card.threshold:g} dB)"
+        message = (
+            f"{label} is in {card.model_name}'s domain ({card.description}; {card.check} {score:.1f} dB, "
+            f"threshold {card.threshold:g} dB)"
+        )
     else:
-        message = (f"{card.model_name} edits {card.description}, and {label} is not one "
-                   f"(check: {card.check} score {score:.1f} dB, needs at least {card.threshold:g} dB): {card.advice}")
+        message = (
+            f"{card.model_name} edits {card.description}, and {label} is not one "
+            f"(check: {card.check} score {score:.1f} dB, needs at least {card.threshold:g} dB): {card.advice}"
+        )
     return DomainResult(passed, score, float(card.threshold), message, tuple(float(s) for s in scores))
 
 
-def check_faces(card: ModelCard, vae, crops: Mapping[int, Mapping[int, np.ndarray]], video_name: str, *,
-                sample: int = SAMPLE) -> dict[int, DomainResult]:
+def check_faces(
+    card: ModelCard, vae, crops: Mapping[int, Mapping[int, np.ndarray]], video_name: str, *, sample: int = SAMPLE
+) -> dict[int, DomainResult]:
     """Check every track of :attr:`ipfacediff.job.FaceCrops.crops` (track id -> frame -> crop),
     labelled "face ID of VIDEO_NAME"; tracks without crops are skipped. Track id -> result."""
     results = {}

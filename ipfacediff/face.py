@@ -72,13 +72,46 @@ _MESH_NOSE_TIP = 1
 _MESH_MOUTH_CORNERS = (61, 291)
 # The face silhouette, in order around the face (mediapipe's FACEMESH_FACE_OVAL as a polygon).
 _MESH_FACE_OVAL = (
-    10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
-    152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
-)  # fmt: skip
+    10,
+    338,
+    297,
+    332,
+    284,
+    251,
+    389,
+    356,
+    454,
+    323,
+    361,
+    288,
+    397,
+    365,
+    379,
+    378,
+    400,
+    377,
+    152,
+    148,
+    176,
+    149,
+    150,
+    136,
+    172,
+    58,
+    132,
+    93,
+    234,
+    127,
+    162,
+    21,
+    54,
+    103,
+    67,
+    109,
+)
 _MESH_INDICES = np.array(
-    [*_MESH_EYE_CORNERS[0], *_MESH_EYE_CORNERS[1], _MESH_NOSE_TIP, *_MESH_MOUTH_CORNERS,
-     *_MESH_FACE_OVAL]
-)  # fmt: skip
+    [*_MESH_EYE_CORNERS[0], *_MESH_EYE_CORNERS[1], _MESH_NOSE_TIP, *_MESH_MOUTH_CORNERS, *_MESH_FACE_OVAL]
+)
 
 # Detection runs on a copy whose long side is at most this (mediapipe's detector looks at 192 px
 # anyway); landmarks always come from the full-resolution frame.
@@ -603,7 +636,8 @@ def track_faces(
     tracks = [tr.to_track() for tr in done + live]
     shortest = min_track_length(count, min_track_frames)
     tracks = [
-        tr for tr in tracks
+        tr
+        for tr in tracks
         if len(tr.frames) >= min(min_track_frames, count)
         or (len(tr.frames) >= shortest and any(o is not None for o in tr.outlines))
     ]
@@ -741,9 +775,7 @@ def _smooth_transforms(transforms: list[np.ndarray]) -> list[np.ndarray]:
     b = np.array([M[0, 2] + 1j * M[1, 2] for M in transforms])
     centre = (0.5 + 0.5j - b) / a  # the frame point at the crop centre
     unit = np.median(np.abs(a))  # frame pixels -> crop widths, so one setting fits any face size
-    params = np.stack(
-        [centre.real * unit, centre.imag * unit, np.log(np.abs(a)), np.unwrap(np.angle(a))], axis=1
-    )
+    params = np.stack([centre.real * unit, centre.imag * unit, np.log(np.abs(a)), np.unwrap(np.angle(a))], axis=1)
     # Odd reflection at both ends (as scipy's filtfilt pads) lets each pass reach the first and
     # last frames already moving with the face, so the ends do not lag either.
     pad = min(len(params) - 1, SMOOTH_PAD)
@@ -822,8 +854,9 @@ def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, h
         polygon = _apply(M, np.asarray(outline, dtype=np.float64))
     if hair:
         inset = 1.0  # the crop's outermost pixels stay outside: 0 at the edge, as for any mask
-        polygon = np.array([[inset, inset], [size - 1 - inset, inset], [size - 1 - inset, size - 1 - inset],
-                            [inset, size - 1 - inset]])
+        polygon = np.array(
+            [[inset, inset], [size - 1 - inset, inset], [size - 1 - inset, size - 1 - inset], [inset, size - 1 - inset]]
+        )
     hull = cv2.convexHull(np.round(polygon * 16).astype(np.int32))
     filled = np.zeros((size, size), np.uint8)
     cv2.fillPoly(filled, [hull], 1, lineType=cv2.LINE_8, shift=4)
@@ -838,13 +871,19 @@ def inner_face_share(side: int) -> np.ndarray:
     lies inside :data:`CANONICAL_INNER_FACE` (1 inside, 0 outside, fractions on its border)."""
     fine = side * 8
     filled = np.zeros((fine, fine), np.float32)
-    cv2.fillPoly(filled, [np.round(CANONICAL_INNER_FACE * fine * 16).astype(np.int32)], 1.0, lineType=cv2.LINE_8,
-                 shift=4)
+    cv2.fillPoly(
+        filled, [np.round(CANONICAL_INNER_FACE * fine * 16).astype(np.int32)], 1.0, lineType=cv2.LINE_8, shift=4
+    )
     return filled.reshape(side, 8, side, 8).mean(axis=(1, 3))
 
 
 def paste_face(
-    frame: np.ndarray, edited_crop: np.ndarray, M: np.ndarray, mask: np.ndarray, *, match_colour: bool = True,
+    frame: np.ndarray,
+    edited_crop: np.ndarray,
+    M: np.ndarray,
+    mask: np.ndarray,
+    *,
+    match_colour: bool = True,
     overlay: bool = False,
 ) -> np.ndarray:
     """A copy of ``frame`` with ``edited_crop`` (the crop of transform M, edited) blended back in.
@@ -883,8 +922,9 @@ def paste_face(
         face = cv2.warpAffine(edited, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
         roi += alpha[..., None] * (face - roi)
     else:
-        change = cv2.warpAffine(edited - original, M_roi, (x1 - x0, y1 - y0), flags=flags,
-                                borderMode=cv2.BORDER_CONSTANT)
+        change = cv2.warpAffine(
+            edited - original, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT
+        )
         roi += alpha[..., None] * change
     out[y0:y1, x0:x1] = np.clip(np.round(roi), 0, 255).astype(np.uint8)
     return out
@@ -907,9 +947,7 @@ def _seam_correction(diff: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # --- output -----------------------------------------------------------------------------------
 
 
-def write_preview(
-    path: str | os.PathLike, frames: Iterable[np.ndarray], tracks: FaceTracks, fps: float
-) -> Path:
+def write_preview(path: str | os.PathLike, frames: Iterable[np.ndarray], tracks: FaceTracks, fps: float) -> Path:
     """Debug video: each face's box and id, alignment points, outline and mask tinted green."""
     from ipfacediff.video import write_video
 
@@ -938,4 +976,3 @@ def _preview_frames(
             for x, y in track.points[i]:
                 cv2.circle(out, (round(x), round(y)), 2, (255, 0, 0), -1)
         yield out
-

@@ -79,8 +79,12 @@ class FileProblem(Exception):
         self.what = what
 
 
-_SPECIAL_FILES = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-                  (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
+_SPECIAL_FILES = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a pipe"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def _file_problem(path: Path, folder: bool) -> str | None:
@@ -159,8 +163,11 @@ def read_json(path: str | os.PathLike, what: str, fix: str) -> Any:
         except UnicodeDecodeError:
             raise FileProblem("is not JSON (it is not UTF-8 text)") from None
         except json.JSONDecodeError as error:
-            problem = "is empty, not JSON" if not data.strip() else \
-                f"is not JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+            problem = (
+                "is empty, not JSON"
+                if not data.strip()
+                else f"is not JSON (line {error.lineno}, column {error.colno}: {error.msg})"
+            )
             raise FileProblem(problem) from None
 
 
@@ -186,8 +193,11 @@ def safetensors_header(path: str | os.PathLike, what: str, fix: str) -> dict[str
         try:
             header = json.loads(raw)
             tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-            ends = [int(v["data_offsets"][1]) for v in tensors.values()
-                    if isinstance(v["dtype"], str) and isinstance(v["shape"], list)]
+            ends = [
+                int(v["data_offsets"][1])
+                for v in tensors.values()
+                if isinstance(v["dtype"], str) and isinstance(v["shape"], list)
+            ]
             if len(ends) != len(tensors):
                 raise ValueError
         except (ValueError, TypeError, KeyError, IndexError, AttributeError, UnicodeDecodeError):

@@ -65,8 +65,7 @@ def dlib_model_path(name: str = DLIB_FACE_NET_FILE) -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     if spec is None or not spec.submodule_search_locations:
         raise UserError(
-            "the identity encoder needs the face_recognition_models package: "
-            "pip install face_recognition_models==0.3.0"
+            "the identity encoder needs the face_recognition_models package: pip install face_recognition_models==0.3.0"
         )
     for location in spec.submodule_search_locations:
         path = Path(location) / "models" / name
@@ -663,9 +662,7 @@ class _IBasicBlock(nn.Module):
         self.bn3 = nn.BatchNorm2d(cout, eps=eps)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=eps)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout, eps=eps))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
@@ -716,9 +713,7 @@ def load_arcface_iresnet(path: str | Path) -> IResNet:
     if not isinstance(state, dict) or "fc.weight" not in {k.removeprefix("module.") for k in state}:
         raise UserError(f"identity model {path} is not an insightface IResNet state dict (no fc.weight)")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    blocks = tuple(
-        len({key.split(".")[1] for key in state if key.startswith(f"layer{i}.")}) for i in range(1, 5)
-    )
+    blocks = tuple(len({key.split(".")[1] for key in state if key.startswith(f"layer{i}.")}) for i in range(1, 5))
     net = IResNet(blocks, embedding_dim=state["fc.weight"].shape[0])
     try:
         net.load_state_dict(state, strict=True)
@@ -838,8 +833,9 @@ class IdentityEncoder(nn.Module):
             loader = identity_net_kinds().get(kind)
             if loader is None:
                 known = ", ".join(identity_net_kinds()) or "none registered"
-                raise UserError(f"identity model {path} is of kind {kind!r}, which no installed package provides "
-                                f"(known: {known})")
+                raise UserError(
+                    f"identity model {path} is of kind {kind!r}, which no installed package provides (known: {known})"
+                )
             return loader(path)  # same interface, for faces of another world (FaceWorld's cartoons)
         if not path.is_file():
             raise UserError(f"identity model {path} does not exist")
@@ -866,9 +862,7 @@ class IdentityEncoder(nn.Module):
         crops = crops.float()
         side = self._crop_side_at_unit_scale
         if max(crops.shape[-2:]) > side:
-            crops = F.interpolate(
-                crops, size=(side, side), mode="bilinear", antialias=True, align_corners=False
-            )
+            crops = F.interpolate(crops, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
         theta = self.theta.to(crops.device).expand(crops.shape[0], 2, 3)
         grid = F.affine_grid(theta, [crops.shape[0], 3, self.chip_size, self.chip_size], align_corners=False)
         chips = F.grid_sample(crops, grid, mode="bilinear", padding_mode="border", align_corners=False)

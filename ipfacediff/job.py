@@ -6,10 +6,13 @@ This is what ``ipfacediff edit`` runs and what the Python API exposes as :func:`
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,7 +22,7 @@ from ipfacediff.diffusion import InversionCache, Progress, StageTimer, default_c
 from ipfacediff.editing import IPFaceDiffPipeline
 from ipfacediff.errors import UserError
 from ipfacediff.files import check_writable, write_json
-from ipfacediff.settings import DEFAULT_STEPS, EditSettings
+from ipfacediff.settings import DEFAULT_STEPS, DEFAULT_WINDOW, EditSettings
 from ipfacediff.models import build_tiny_models, library_versions, load_model_set, model_resolution
 from ipfacediff.video import VideoInfo, iter_frames, probe_video, write_video
 
@@ -84,9 +87,16 @@ def load_pipeline(
     used instead of the model folder's own."""
     torch_device = pick_device(device)
     models = load_model_set(
-        model or str(default_model_dir()), identity_model=identity_model, identity_lora=identity_lora,
-        edit_loras=edit_loras, config=config, dtype=pick_dtype(dtype, torch_device), device=torch_device,
-        allow_pickle=allow_pickle, adapters=adapter_library, adapters_dir=adapters_dir,
+        model or str(default_model_dir()),
+        identity_model=identity_model,
+        identity_lora=identity_lora,
+        edit_loras=edit_loras,
+        config=config,
+        dtype=pick_dtype(dtype, torch_device),
+        device=torch_device,
+        allow_pickle=allow_pickle,
+        adapters=adapter_library,
+        adapters_dir=adapters_dir,
     )
     pipeline = IPFaceDiffPipeline.from_model_set(models)
     source = Path(model) if model else default_model_dir()
@@ -101,20 +111,34 @@ def model_card(pipeline: IPFaceDiffPipeline) -> ModelCard | None:
     return ModelCard.from_dict(data) if data else None
 
 
-def check_domain(pipeline: IPFaceDiffPipeline, crops: dict[int, dict[int, np.ndarray]], video_name: str, *,
-                 allow_out_of_domain: bool) -> dict:
+def check_domain(
+    pipeline: IPFaceDiffPipeline, crops: dict[int, dict[int, np.ndarray]], video_name: str, *, allow_out_of_domain: bool
+) -> dict:
     """Every face to be edited checked against the model's card, before any UNet work; a face the
     model is not made for stops the run (one line) unless overridden. Returns what .run.json records."""
+    from ipfacediff.domain import sample_indices
+
     card = model_card(pipeline)
     if card is None:
         return {"checked": False}
-    results = check_faces(card, pipeline.vae, crops, video_name)
+    # Only the frames the check looks at: stacking every crop of a long clip would fill memory.
+    sampled = {}
+    for track_id, by_frame in crops.items():
+        frames = sorted(by_frame)
+        sampled[track_id] = {frames[i]: by_frame[frames[i]] for i in sample_indices(len(frames))}
+    results = check_faces(card, pipeline.vae, sampled, video_name)
     refused = [r for r in results.values() if not r.passed]
     if refused and not allow_out_of_domain:
         raise UserError(refused[0].message)
-    return {"checked": True, "domain": card.domain, "description": card.description, "check": card.check,
-            "threshold": card.threshold, "overridden": bool(refused),
-            "faces": {str(i): {"passed": r.passed, "score": round(r.score, 3)} for i, r in results.items()}}
+    return {
+        "checked": True,
+        "domain": card.domain,
+        "description": card.description,
+        "check": card.check,
+        "threshold": card.threshold,
+        "overridden": bool(refused),
+        "faces": {str(i): {"passed": r.passed, "score": round(r.score, 3)} for i, r in results.items()},
+    }
 
 
 def check_paths(input_path: Path, output_path: Path) -> VideoInfo:
@@ -143,6 +167,7 @@ class RunReport:
     inversion_reused: bool = False  # every face's inversion came whole from the cache
     inversion_reused_share: float = 0.0  # share of the inversion steps read from the cache (a resumed run)
     domain: dict = field(default_factory=dict)  # the model card's check of every edited face, and any override
+    cache_bytes: int = 0  # what the inversion cache takes on disk after the run
     versions: dict[str, str] = field(default_factory=dict)
     message: str = ""
 
@@ -159,8 +184,57 @@ def _whole_frame_track(info: VideoInfo):
 
     box = [0.0, 0.0, float(info.width), float(info.height)]
     frames = list(range(info.frame_count))
-    return FaceTracks(info.frame_count, info.width, info.height, info.fps,
-                      [FaceTrack(0, frames, [box] * len(frames), [np.zeros((5, 2))] * len(frames))])
+    return FaceTracks(
+        info.frame_count,
+        info.width,
+        info.height,
+        info.fps,
+        [FaceTrack(0, frames, [box] * len(frames), [np.zeros((5, 2))] * len(frames))],
+    )
+
+
+class CropStore(Mapping[int, np.ndarray]):
+    """One face track's aligned crops by frame number, in one array in frame order: in memory,
+    or with ``folder`` in a file there (a memory map), so that a long clip's crops (768 kB a frame
+    at 512²) are not all held in memory. Crops are added in frame order."""
+
+    def __init__(self, frames: Sequence[int], size: int, *, folder: Path | None = None):
+        self.position = {frame: row for row, frame in enumerate(frames)}
+        self.folder = folder
+        shape = (max(1, len(self.position)), size, size, 3)
+        if folder is None:
+            self.array = np.empty(shape, np.uint8)
+        else:
+            path = folder / f"crops-{secrets.token_hex(6)}.npy"
+            self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        self.filled: dict[int, None] = {}  # the frames whose crops are in, in order
+
+    def __setitem__(self, frame: int, crop: np.ndarray) -> None:
+        self.array[self.position[frame]] = crop
+        self.filled[frame] = None
+
+    def __getitem__(self, frame: int) -> np.ndarray:
+        if frame not in self.filled:
+            raise KeyError(frame)
+        return self.array[self.position[frame]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.filled)
+
+    def __len__(self) -> int:
+        return len(self.filled)
+
+    def rows(self, frames: Sequence[int]) -> np.ndarray:
+        """The crops of ``frames`` (N, size, size, 3): a view of the array when they are stored
+        one after another, as a range of the track is."""
+        rows = [self.position[f] for f in frames]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return self.array[rows[0] : rows[0] + len(rows)]
+        return self.array[rows]
+
+    def empty_like(self, frames: Sequence[int]) -> "CropStore":
+        """A store of the same kind (memory or file) for other crops of ``frames``."""
+        return CropStore(frames, self.array.shape[1], folder=self.folder)
 
 
 @dataclass
@@ -172,11 +246,23 @@ class FaceCrops:
     crops: dict[int, dict[int, np.ndarray]]
 
 
-def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "all", tracks_path: str | Path | None = None,
-               whole_frame: bool = False, require_face: bool = False, progress: Progress | None = None,
-               frames: range | None = None) -> FaceCrops:
+def face_crops(
+    input_path: Path,
+    info: VideoInfo,
+    size: int,
+    *,
+    faces: str = "all",
+    tracks_path: str | Path | None = None,
+    whole_frame: bool = False,
+    require_face: bool = False,
+    progress: Progress | None = None,
+    frames: range | None = None,
+    spill: Path | None = None,
+    in_memory: int = DEFAULT_WINDOW,
+) -> FaceCrops:
     """Find (or read) the face tracks and collect every track's aligned crops in one streaming pass
-    (only those of ``frames`` when given: a time range is all that is inverted and edited)."""
+    (only those of ``frames`` when given: a time range is all that is inverted and edited). With
+    ``spill``, a track of more than ``in_memory`` crops keeps them in a file in that folder."""
     from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, detect_video_faces, require_face as check
 
     if whole_frame:
@@ -184,11 +270,15 @@ def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "al
     elif tracks_path is not None:
         tracks = FaceTracks.load(tracks_path)
         if (tracks.width, tracks.height) != (info.width, info.height):
-            raise UserError(f"face tracks are for {tracks.width}x{tracks.height} frames but the video is {info.width}x{info.height}")
+            raise UserError(
+                f"face tracks are for {tracks.width}x{tracks.height} frames but the video is {info.width}x{info.height}"
+            )
         last = max((t.frames[-1] for t in tracks.tracks if t.frames), default=-1)
         if last >= info.frame_count:
-            raise UserError(f"face tracks reach frame {last} but {input_path.name} has {info.frame_count} frames "
-                            f"(0-{info.frame_count - 1}): they are for another clip")
+            raise UserError(
+                f"face tracks reach frame {last} but {input_path.name} has {info.frame_count} frames "
+                f"(0-{info.frame_count - 1}): they are for another clip"
+            )
     else:
         report = (lambda done: progress("faces", done, info.frame_count)) if progress else None
         tracks = detect_video_faces(input_path, progress=report)
@@ -200,7 +290,10 @@ def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "al
         transforms = {0: dict.fromkeys(range(info.frame_count), scale)}
     else:
         transforms = {t.id: alignment_transforms(t, size) for t in tracks.tracks}
-    crops: dict[int, dict[int, np.ndarray]] = {t.id: {} for t in tracks.tracks}
+    crops: dict[int, CropStore] = {}
+    for track in tracks.tracks:
+        wanted = [f for f in sorted(transforms[track.id]) if frames is None or f in frames]
+        crops[track.id] = CropStore(wanted, size, folder=spill if len(wanted) > in_memory else None)
     if tracks.tracks:
         for index, frame in enumerate(iter_frames(input_path)):
             if frames is not None and index >= frames.stop:
@@ -214,18 +307,36 @@ def face_crops(input_path: Path, info: VideoInfo, size: int, *, faces: str = "al
     return FaceCrops(tracks, transforms, crops)
 
 
-def invert_video(input_path: str | Path, *, pipeline: IPFaceDiffPipeline, source_prompt: str = "",
-                 resolution: int | None = None, steps: int = DEFAULT_STEPS, faces: str = "all",
-                 tracks_path: str | Path | None = None, whole_frame: bool = False,
-                 cache: InversionCache | None = None, progress: Progress | None = None,
-                 allow_out_of_domain: bool = False) -> list[str]:
+def invert_video(
+    input_path: str | Path,
+    *,
+    pipeline: IPFaceDiffPipeline,
+    source_prompt: str = "",
+    resolution: int | None = None,
+    steps: int = DEFAULT_STEPS,
+    faces: str = "all",
+    tracks_path: str | Path | None = None,
+    whole_frame: bool = False,
+    cache: InversionCache | None = None,
+    progress: Progress | None = None,
+    allow_out_of_domain: bool = False,
+) -> list[str]:
     """Fill the inversion cache for every selected face; returns lines describing what was done."""
     input_path = Path(input_path)
     info = probe_video(input_path)
     size = resolution or model_resolution(pipeline.vae, pipeline.unet)
     cache = cache if cache is not None else InversionCache()
-    found = face_crops(input_path, info, size, faces=faces, tracks_path=tracks_path, whole_frame=whole_frame,
-                       progress=progress)
+    spill = tempfile.TemporaryDirectory(prefix="ipfacediff-crops-")
+    found = face_crops(
+        input_path,
+        info,
+        size,
+        faces=faces,
+        tracks_path=tracks_path,
+        whole_frame=whole_frame,
+        progress=progress,
+        spill=Path(spill.name),
+    )
     if not found.tracks.tracks:
         return [f"no face found in {input_path.name}: nothing to invert"]
     check_domain(pipeline, found.crops, input_path.name, allow_out_of_domain=allow_out_of_domain)
@@ -233,17 +344,27 @@ def invert_video(input_path: str | Path, *, pipeline: IPFaceDiffPipeline, source
     for track in found.tracks.tracks:
         order = sorted(found.crops[track.id])
         timer = StageTimer(pipeline.unet.device)
-        inverted, _ = pipeline.invert(np.stack([found.crops[track.id][f] for f in order]), source_prompt=source_prompt,
-                                      steps=steps, cache=cache, progress=progress, timer=timer)
+        inverted, _ = pipeline.invert(
+            found.crops[track.id].rows(order),
+            source_prompt=source_prompt,
+            steps=steps,
+            cache=cache,
+            progress=progress,
+            timer=timer,
+            frame_indices=order,
+        )
         if inverted.unet_calls == 0:
             state = "already cached"
         elif inverted.reused_steps:
-            state = f"{inverted.reused_steps} of {steps} steps from the cache, {inverted.unet_calls} UNet calls"
+            state = f"{inverted.reused_share:.0%} of the steps from the cache, {inverted.unet_calls} UNet calls"
         else:
             state = f"{inverted.unet_calls} UNet calls"
-        lines.append(f"face {track.id}: {len(order)} frames at {size}px, {steps} steps, {state}, "
-                     f"{sum(timer.seconds.values()):.1f} s")
-    lines.append(f"cache: {cache.root}")
+        lines.append(
+            f"face {track.id}: {len(order)} frames at {size}px, {steps} steps, {state}, "
+            f"{sum(timer.seconds.values()):.1f} s"
+        )
+    lines.append(f"cache: {cache.root} ({cache.size_bytes() / 2**30:.2f} GB)")
+    spill.cleanup()
     return lines
 
 
@@ -271,10 +392,21 @@ def edit_video(
     cache = cache if cache is not None else InversionCache()
     timer = StageTimer(pipeline.unet.device)
 
+    spill = tempfile.TemporaryDirectory(prefix="ipfacediff-crops-")  # long tracks' crops, removed at the end
     with timer("faces"):
-        found = face_crops(input_path, info, size, faces=settings.faces, tracks_path=tracks_path,
-                           whole_frame=settings.whole_frame, require_face=settings.require_face, progress=progress,
-                           frames=frames_to_edit)
+        found = face_crops(
+            input_path,
+            info,
+            size,
+            faces=settings.faces,
+            tracks_path=tracks_path,
+            whole_frame=settings.whole_frame,
+            require_face=settings.require_face,
+            progress=progress,
+            frames=frames_to_edit,
+            spill=Path(spill.name),
+            in_memory=settings.window,
+        )
     tracks, transforms, crops = found.tracks, found.transforms, found.crops
     to_edit = {t.id: crops[t.id] for t in tracks.tracks if settings.prompt_for(t.id) is not None}
     domain = check_domain(pipeline, to_edit, input_path.name, allow_out_of_domain=settings.allow_out_of_domain)
@@ -290,25 +422,45 @@ def edit_video(
             face_reports.append({"id": track.id, "frames": 0, "prompt": prompt})
             continue
         face_settings = replace(settings, prompt=prompt)
-        result = pipeline(np.stack([crops[track.id][f] for f in order]), face_settings,
-                          plan=pipeline.plan_edit(face_settings), cache=cache, progress=progress)
-        edited[track.id] = {f: faded(crops[track.id][f], crop, settings.fade_weight(f, frames_to_edit))
-                            for f, crop in zip(order, result.frames)}
+        result = pipeline(
+            crops[track.id].rows(order),
+            face_settings,
+            plan=pipeline.plan_edit(face_settings),
+            cache=cache,
+            progress=progress,
+            frame_indices=order,
+            output=crops[track.id].empty_like(order).array,
+        )
+        edited[track.id] = {
+            f: faded(crops[track.id][f], crop, settings.fade_weight(f, frames_to_edit))
+            for f, crop in zip(order, result.frames)
+        }
         hair_by_track[track.id] = result.hair
-        reused_steps += round(result.inversion_reused_share * settings.steps)
+        reused_steps += result.inversion_reused_share * settings.steps  # a share of the frames: not whole steps
         total_steps += settings.steps
         for stage, value in result.timings.items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value
-        face_reports.append({"id": track.id, "frames": len(order), "prompt": prompt, "unet_calls": result.unet_calls,
-                             "edit_adapters": result.edit_adapters, "guidance": result.guidance,
-                             "inversion_reused_share": round(result.inversion_reused_share, 4)})
+        face_reports.append(
+            {
+                "id": track.id,
+                "frames": len(order),
+                "prompt": prompt,
+                "unet_calls": result.unet_calls,
+                "edit_adapters": result.edit_adapters,
+                "guidance": result.guidance,
+                "identity_gradient": result.identity_gradient,
+                "inversion_reused_share": round(result.inversion_reused_share, 4),
+            }
+        )
 
     if not tracks.tracks:
         message = f"no face found in {input_path.name}: frames pass through unchanged"
         log(message)
     elif len(frames_to_edit) < info.frame_count:
-        message = (f"edited {len(edited)} face(s) in frames {frames_to_edit.start}-{frames_to_edit.stop - 1} "
-                   f"of {info.frame_count}")
+        message = (
+            f"edited {len(edited)} face(s) in frames {frames_to_edit.start}-{frames_to_edit.stop - 1} "
+            f"of {info.frame_count}"
+        )
     else:
         message = f"edited {len(edited)} face(s) in {info.frame_count} frames"
 
@@ -335,18 +487,35 @@ def edit_video(
 
     with timer("paste_and_write"):
         write_video(output_path, output_frames(), info.fps, audio_from=input_path)
+    spill.cleanup()
     seconds = dict(timer.seconds)
     seconds["total"] = sum(seconds.values())
     share = reused_steps / total_steps if total_steps else 0.0
     report = RunReport(
-        input=str(input_path), output=str(output_path), settings=settings.to_dict(),
-        model={"source": pipeline.config.get("model_source"), "resolution": size,
-               "dtype": str(pipeline.unet.dtype), "device": str(pipeline.unet.device)},
-        video={"frames": info.frame_count, "width": info.width, "height": info.height, "fps": info.fps,
-               "has_audio": info.has_audio},
-        faces=face_reports, seconds={k: round(v, 4) for k, v in seconds.items()},
-        inversion_reused=bool(face_reports) and share == 1.0, inversion_reused_share=round(share, 4), domain=domain,
-        versions=library_versions(), message=message,
+        input=str(input_path),
+        output=str(output_path),
+        settings=settings.to_dict(),
+        model={
+            "source": pipeline.config.get("model_source"),
+            "resolution": size,
+            "dtype": str(pipeline.unet.dtype),
+            "device": str(pipeline.unet.device),
+        },
+        video={
+            "frames": info.frame_count,
+            "width": info.width,
+            "height": info.height,
+            "fps": info.fps,
+            "has_audio": info.has_audio,
+        },
+        faces=face_reports,
+        seconds={k: round(v, 4) for k, v in seconds.items()},
+        inversion_reused=bool(face_reports) and share == 1.0,
+        inversion_reused_share=round(share, 4),
+        domain=domain,
+        cache_bytes=cache.size_bytes(),
+        versions=library_versions(),
+        message=message,
     )
     report.save(run_metadata_path(output_path))
     return report

@@ -29,9 +29,9 @@ come from its name and prompt (:func:`derive_words`).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
-import inspect
 import json
 import re
 import shutil
@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import cv2
 import numpy as np
@@ -46,8 +47,15 @@ import numpy as np
 from ipfacediff.errors import UserError
 from ipfacediff.files import write_json
 from ipfacediff.models import ADAPTER_LIBRARY, library_versions
-from ipfacediff.training import ADAPTER_FILE, evenly_spaced, load_training_faces, train_edit, train_identity, \
-    training_files
+from ipfacediff.training import (
+    ADAPTER_FILE,
+    evenly_spaced,
+    load_training_faces,
+    train_edit,
+    train_identity,
+    training_files,
+)
+from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings, TrainingSettings
 
 LibraryProgress = Callable[[str, int, int], None]
 """progress(stage, done, total): "faces <data>" while faces are found, "adapters" (adapters
@@ -58,6 +66,7 @@ REPORT_FILE = "training.json"
 IDENTITY = "identity"
 WORK_DIR = "train_data"  # the aligned training faces (and a caller's own files) until the library is complete
 SOURCE_PROMPT = "a face"
+S = TypeVar("S", bound=TrainingSettings)
 FACEWORLD_DEFAULTS = "faceworld tuning"  # the mark of tuned values copied from FaceWorld's models
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 
@@ -98,6 +107,10 @@ ADAPTER_WEIGHTS = {"eyeglasses": 0.3}
 # 0.681, 0.50 / 0.722. Eyeglasses and smile show on every face with less push than the edit
 # command's default, and less push leaves more of the face; the other two need the default.
 ADAPTER_GUIDANCES = {"eyeglasses": 5.0, "smile": 5.0}
+# Identity guidance while sampling, tuned on FaceWorld's tuning people (benchmarks/README.md): the
+# identity net sees a beard, so the pull back to the input's face undoes it; blonde hair and a smile
+# keep their attribute at 1.
+ADAPTER_IDENTITY_GRADIENTS = {"eyeglasses": 0.3, "blonde_hair": 1.0, "beard": 0.0, "smile": 1.0}
 
 # Words that name a part of the face rather than the change: a custom edit's words leave them out
 # ("red_hair" is asked for by "red", not by every prompt that mentions hair), unless nothing else is left;
@@ -106,11 +119,13 @@ PART_WORDS = frozenset(
     "teeth tooth neck colour color colours colors style".split()
 )
 # Words that only say how much or how it looks, which any other prompt may use: left out as well.
-VAGUE_WORDS = frozenset("big small large little very more less some new slight slightly strong heavy light look "
-                        "looking".split())
+VAGUE_WORDS = frozenset(
+    "big small large little very more less some new slight slightly strong heavy light look looking".split()
+)
 HAIR_WORDS = frozenset("bald bangs fringe curls curly ponytail braids".split())  # besides any word with "hair"
 _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
-_RESERVED = {IDENTITY, WORK_DIR, "checkpoints", "cache"}
+IDENTITY_NET_DIR = "identity_net"
+_RESERVED = {IDENTITY, WORK_DIR, IDENTITY_NET_DIR, "checkpoints", "cache"}
 
 
 @dataclass(frozen=True)
@@ -126,14 +141,28 @@ class LibraryEdit:
     blend_threshold: float | None = None
     weight: float | None = None
     guidance: float | None = None
+    identity_gradient: float | None = None
 
     def entry(self, defaults_from: str | None = FACEWORLD_DEFAULTS) -> dict:
         """Its adapters.json entry (models.AdapterLibrary's schema); ``defaults_from`` marks where
         its tuned values came from, when it has any (None: no mark, they were tuned on this model)."""
-        tuned = {key: value for key, value in (("blend_threshold", self.blend_threshold), ("weight", self.weight),
-                                                 ("guidance", self.guidance)) if value is not None}
-        entry = {"path": f"{self.name}/{ADAPTER_FILE}", "words": list(self.words), "target": self.target,
-                 "hair": self.hair, **tuned}
+        tuned = {
+            key: value
+            for key, value in (
+                ("blend_threshold", self.blend_threshold),
+                ("weight", self.weight),
+                ("guidance", self.guidance),
+                ("identity_gradient", self.identity_gradient),
+            )
+            if value is not None
+        }
+        entry = {
+            "path": f"{self.name}/{ADAPTER_FILE}",
+            "words": list(self.words),
+            "target": self.target,
+            "hair": self.hair,
+            **tuned,
+        }
         if tuned and defaults_from:
             entry["defaults_from"] = defaults_from
         return entry
@@ -146,9 +175,16 @@ def builtin_edit(name: str, target: str | None = None) -> LibraryEdit:
     if target is not None and target != EDIT_TARGETS[name]:
         words += [w for w in derive_words(name, target) if w not in words]
     hair = name in HAIR_EDITS or (target is not None and is_hair_edit("", target))
-    return LibraryEdit(name, target or EDIT_TARGETS[name], tuple(words), hair=hair,
-                       blend_threshold=BLEND_THRESHOLDS.get(name), weight=ADAPTER_WEIGHTS.get(name),
-                       guidance=ADAPTER_GUIDANCES.get(name))
+    return LibraryEdit(
+        name,
+        target or EDIT_TARGETS[name],
+        tuple(words),
+        hair=hair,
+        blend_threshold=BLEND_THRESHOLDS.get(name),
+        weight=ADAPTER_WEIGHTS.get(name),
+        guidance=ADAPTER_GUIDANCES.get(name),
+        identity_gradient=ADAPTER_IDENTITY_GRADIENTS.get(name),
+    )
 
 
 def _tokens(text: str) -> list[str]:
@@ -163,8 +199,11 @@ def derive_words(name: str, prompt: str) -> list[str]:
     ``red_hair="a face with red hair"`` → ["red"], ``hair="a face with more hair"`` → ["hair"]."""
     from ipfacediff.editing import FRAME_WORDS
 
-    tokens = [w for w in dict.fromkeys(_tokens(name.replace("_", " ").replace("-", " ")) + _tokens(prompt))
-              if w not in FRAME_WORDS and not w.isdigit() and len(w) > 1]
+    tokens = [
+        w
+        for w in dict.fromkeys(_tokens(name.replace("_", " ").replace("-", " ")) + _tokens(prompt))
+        if w not in FRAME_WORDS and not w.isdigit() and len(w) > 1
+    ]
     specific = [w for w in tokens if w not in VAGUE_WORDS]
     return [w for w in specific if w not in PART_WORDS] or specific or tokens or [name]
 
@@ -216,8 +255,9 @@ def parse_edits(specs: str | Iterable[str], source: str = SOURCE_PROMPT) -> list
     source-equal prompt) is one UserError line."""
     items = [item for spec in ([specs] if isinstance(specs, str) else specs) for item in split_edits(spec)]
     if not items:
-        raise UserError(f"--edits names no edit: give built-in ones ({', '.join(EDIT_WORDS)}) and/or "
-                        'NAME="target prompt"')
+        raise UserError(
+            f'--edits names no edit: give built-in ones ({", ".join(EDIT_WORDS)}) and/or NAME="target prompt"'
+        )
     edits: list[LibraryEdit] = []
     for item in items:
         name, equals, prompt = item.partition("=")
@@ -225,19 +265,24 @@ def parse_edits(specs: str | Iterable[str], source: str = SOURCE_PROMPT) -> list
         if len(prompt) >= 2 and prompt[0] == prompt[-1] and prompt[0] in "\"'":
             prompt = prompt[1:-1].strip()
         if not _NAME.match(name) or name in _RESERVED:
-            raise UserError(f"--edits: {name!r} cannot name an edit: use lower-case letters, digits, _ and - "
-                            f"(not {', '.join(sorted(_RESERVED))}), e.g. tattoo=\"a face with a tattoo\"")
+            raise UserError(
+                f"--edits: {name!r} cannot name an edit: use lower-case letters, digits, _ and - "
+                f'(not {", ".join(sorted(_RESERVED))}), e.g. tattoo="a face with a tattoo"'
+            )
         if equals and not prompt:
             raise UserError(f'--edits: {name}= has no target prompt: write {name}="a face with ..."')
         if not equals and name not in EDIT_WORDS:
-            raise UserError(f"--edits: unknown edit {name!r}: the built-in edits are {', '.join(EDIT_WORDS)}; "
-                            f'give another as {name}="a face with ..." (its target prompt)')
+            raise UserError(
+                f"--edits: unknown edit {name!r}: the built-in edits are {', '.join(EDIT_WORDS)}; "
+                f'give another as {name}="a face with ..." (its target prompt)'
+            )
         if any(e.name == name for e in edits):
             raise UserError(f"--edits names {name} twice: give each edit once")
         edit = builtin_edit(name, prompt or None) if name in EDIT_WORDS else custom_edit(name, prompt)
         if edit.target.strip().lower() == source.strip().lower():
-            raise UserError(f"--edits: the target prompt of {name} is the source prompt {source!r}: it must "
-                            "describe the edit")
+            raise UserError(
+                f"--edits: the target prompt of {name} is the source prompt {source!r}: it must describe the edit"
+            )
         edits.append(edit)
     return edits
 
@@ -309,7 +354,8 @@ def build_library(
     directional loss (default ``MODEL/clip`` when the model folder has one, else
     :data:`DEFAULT_CLIP`). ``identity_net``: an IdentityEncoder or what
     ``IdentityEncoder.from_pretrained`` reads (None: dlib's net). ``identity_options`` /
-    ``edit_options``: keyword arguments of train_identity / train_edit (max_steps, rank, ...).
+    ``edit_options``: fields of IdentityTrainingSettings / EditTrainingSettings (max_steps, rank,
+    ...; one checkpoint is kept unless ``keep_checkpoints`` says otherwise).
     ``edit_data``: another ``data`` for some edits (a folder or a list), ``paired_targets``: a
     before/after folder per edit (train_edit's). ``resume``: continue or complete ``output``
     (finished adapters are skipped, edits may be added); without it, an existing non-empty
@@ -322,19 +368,23 @@ def build_library(
     """
     started = time.perf_counter()
     log = log or (lambda _message: None)
-    edits = parse_edits(edits, source) if isinstance(edits, str) else \
-        [e for item in edits for e in ([item] if isinstance(item, LibraryEdit) else parse_edits(item, source))]
+    edits = (
+        parse_edits(edits, source)
+        if isinstance(edits, str)
+        else [e for item in edits for e in ([item] if isinstance(item, LibraryEdit) else parse_edits(item, source))]
+    )
     if len({e.name for e in edits}) != len(edits):
         raise UserError("an edit is named twice: give each edit once")
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file: it names the library folder to write")
     if output.is_dir() and any(output.iterdir()) and not resume:
-        raise UserError(f"{output} exists: pass --resume to continue or complete it (or add edits to it), "
-                        "or choose another --output")
-    identity_options = dict(identity_options or {})
-    edit_options = dict(edit_options or {})
-    _check_options(identity_options, edit_options, resolution, max_images)
+        raise UserError(
+            f"{output} exists: pass --resume to continue or complete it (or add edits to it), "
+            "or choose another --output"
+        )
+    identity_settings = _trainer_settings(IdentityTrainingSettings, identity_options, resolution, max_images)
+    edit_settings = _trainer_settings(EditTrainingSettings, edit_options, resolution, max_images)
 
     report = _read_report(output) or {}
     _check_resume(output, report, model=model, source=source, edits=edits)
@@ -345,8 +395,11 @@ def build_library(
     finished = finished_adapters(output)
     todo = [name for name in [IDENTITY, *(e.name for e in edits)] if name not in finished]
     library_file = output / LIBRARY_FILE
-    if not todo and library_file.is_file() and _library(report, recorded, finished, defaults_from) == \
-            _read_json(library_file):
+    if (
+        not todo
+        and library_file.is_file()
+        and _library(report, recorded, finished, defaults_from) == _read_json(library_file)
+    ):
         log(f"{library_file}: every adapter is trained already")
         return report
 
@@ -362,8 +415,16 @@ def build_library(
         if any(name != IDENTITY for name in todo):
             _check_clip(clip)
         encoder = _identity_encoder(identity_net)
-        sets = _face_sets(todo, data, edit_data or {}, aligned=aligned, resolution=side, max_images=max_images,
-                          output=output, progress=progress)
+        sets = _face_sets(
+            todo,
+            data,
+            edit_data or {},
+            aligned=aligned,
+            resolution=side,
+            max_images=max_images,
+            output=output,
+            progress=progress,
+        )
 
     output.mkdir(parents=True, exist_ok=True)
     for name, extra in (report_extra or {}).items():
@@ -374,6 +435,8 @@ def build_library(
     report.update(model=str(model), source=source, edits=recorded)
     if todo:
         report.update(resolution=side, seed=seed, identity_net=_describe(identity_net))
+        if isinstance(identity_net, (str, Path)):  # identity guidance uses the net ε1 was trained against
+            report["identity_net_copy"] = _copy_identity_net(Path(identity_net).expanduser(), output)
     report.setdefault("steps", {})
     report.setdefault("data", {})
     for face_set in {id(s): s for s in sets.values()}.values():
@@ -387,19 +450,29 @@ def build_library(
             progress("adapters", done, len(todo))
         face_set = sets[name]
         trainer_progress = _trainer_progress(progress, name)
-        common = dict(resolution=side, resume=True, seed=seed, identity=encoder, progress=trainer_progress,
-                      max_images=max_images if face_set.direct else None)
+        common = dict(resume=True, identity=encoder, progress=trainer_progress)
+        own = dict(resolution=side, seed=seed, max_images=max_images if face_set.direct else None)
         if name == IDENTITY:
             log("ε1 (identity adapter)")
-            result = train_identity(str(model), face_set.folder, output / name,
-                                    **{**dict(keep_checkpoints=1), **identity_options, **common})
+            result = train_identity(
+                str(model), face_set.folder, output / name, dataclasses.replace(identity_settings, **own), **common
+            )
             report["steps"][name] = _summary(result)
         else:
             edit = next(e for e in edits if e.name == name)
             log(f"ε2 for {name}: {source!r} -> {edit.target!r}")
             paired = (paired_targets or {}).get(name)
-            result = train_edit(str(model), source, edit.target, face_set.folder, clip, output / name,
-                                **{**dict(keep_checkpoints=1), **edit_options, **common, "paired_targets": paired})
+            result = train_edit(
+                str(model),
+                source,
+                edit.target,
+                face_set.folder,
+                clip,
+                output / name,
+                dataclasses.replace(edit_settings, **own),
+                paired_targets=paired,
+                **common,
+            )
             report["steps"][name] = {**_summary(result), "target": edit.target}
         report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
         started = time.perf_counter()
@@ -410,8 +483,9 @@ def build_library(
     finished = finished_adapters(output)
     missing = [name for name in [IDENTITY, *(e.name for e in edits)] if name not in finished]
     if missing:  # cannot happen unless a file vanished under us
-        raise UserError(f"{output}: the adapters {', '.join(missing)} are missing after training; run again with "
-                        "--resume")
+        raise UserError(
+            f"{output}: the adapters {', '.join(missing)} are missing after training; run again with --resume"
+        )
     for name in every:  # keep the adapters and their reports, not the checkpoints
         shutil.rmtree(output / name / "checkpoints", ignore_errors=True)
         shutil.rmtree(output / name / "cache", ignore_errors=True)
@@ -425,17 +499,42 @@ def build_library(
 
 
 def _library(report: dict, recorded: dict, finished: set[str], defaults_from: str | None) -> dict:
-    """adapters.json: ε1 and every finished edit, in the order first asked for."""
+    """adapters.json: ε1 and every finished edit, in the order first asked for, and the identity net
+    ε1 was trained against when it was not dlib's (identity guidance then uses it)."""
     edits = {}
     for name, record in recorded.items():
         if name in finished:
             edits[name] = LibraryEdit(**{**record, "words": tuple(record["words"])}).entry(defaults_from)
-    return {"identity": f"{IDENTITY}/{ADAPTER_FILE}" if IDENTITY in finished else None, "edits": edits}
+    library = {"identity": f"{IDENTITY}/{ADAPTER_FILE}" if IDENTITY in finished else None, "edits": edits}
+    if report.get("identity_net_copy"):
+        library["identity_net"] = report["identity_net_copy"]
+    return library
+
+
+def _copy_identity_net(source: Path, output: Path) -> str:
+    """The identity net copied into the library (a folder or one file), so the library carries it
+    when it moves; its path relative to the library."""
+    target = output / IDENTITY_NET_DIR / source.name
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            shutil.copy2(source, target)
+    return target.relative_to(output).as_posix()
 
 
 def _edit_record(edit: LibraryEdit) -> dict:
-    return {"name": edit.name, "target": edit.target, "words": list(edit.words), "hair": edit.hair,
-            "blend_threshold": edit.blend_threshold, "weight": edit.weight, "guidance": edit.guidance}
+    return {
+        "name": edit.name,
+        "target": edit.target,
+        "words": list(edit.words),
+        "hair": edit.hair,
+        "blend_threshold": edit.blend_threshold,
+        "weight": edit.weight,
+        "guidance": edit.guidance,
+        "identity_gradient": edit.identity_gradient,
+    }
 
 
 def _read_json(path: Path):
@@ -451,17 +550,22 @@ def _check_resume(output: Path, report: dict, *, model: str, source: str, edits:
         return
     again = "use the same arguments, or choose another --output"
     if report.get("model") not in (None, str(model)) and _resolved(report["model"]) != _resolved(str(model)):
-        raise UserError(f"cannot resume {output}: its adapters were trained for --model {report['model']}, now "
-                        f"{model}; LoRA adapters fit one base model: {again}")
+        raise UserError(
+            f"cannot resume {output}: its adapters were trained for --model {report['model']}, now "
+            f"{model}; LoRA adapters fit one base model: {again}"
+        )
     if report.get("source") not in (None, source):
-        raise UserError(f"cannot resume {output}: its edits start from --source {report['source']!r}, now "
-                        f"{source!r}; {again}")
+        raise UserError(
+            f"cannot resume {output}: its edits start from --source {report['source']!r}, now {source!r}; {again}"
+        )
     for edit in edits:
         before = report.get("edits", {}).get(edit.name)
         if before and before.get("target") != edit.target:
-            raise UserError(f"cannot resume {output}: its {edit.name} adapter is trained towards "
-                            f"{before.get('target')!r}, now {edit.target!r}; give it another name, or remove "
-                            f"{output / edit.name}")
+            raise UserError(
+                f"cannot resume {output}: its {edit.name} adapter is trained towards "
+                f"{before.get('target')!r}, now {edit.target!r}; give it another name, or remove "
+                f"{output / edit.name}"
+            )
 
 
 def _resolved(model: str) -> str:
@@ -469,28 +573,14 @@ def _resolved(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def _check_options(identity_options: dict, edit_options: dict, resolution: int | None,
-                   max_images: int | None) -> None:
-    """The trainers' own checks of their numbers, before any face is looked for."""
-    from ipfacediff.training import _check_common
-
-    for trainer, options in ((train_identity, identity_options), (train_edit, edit_options)):
-        defaults = {name: p.default for name, p in inspect.signature(trainer).parameters.items()
-                    if p.default is not inspect.Parameter.empty}
-        unknown = sorted(set(options) - set(defaults))
-        if unknown:
-            raise TypeError(f"{trainer.__name__} has no option {unknown[0]!r}")
-        values = {**defaults, **options}
-        _check_common(values["max_steps"], values["rank"], values["batch_size"], values["learning_rate"],
-                      values["checkpoint_every"], values["mixed_precision"], values["gradient_accumulation"],
-                      resolution, max_images)
-        if values.get("full"):
-            raise UserError("a library holds LoRA adapters: --full is not for `train library`")
-    t0 = edit_options.get("t0", 500)
-    steps = edit_options.get("inversion_steps", 40), edit_options.get("generation_steps", 6)
-    if not 0 < t0 < 1000 or min(steps) < 1 or max(steps) > t0:
-        raise UserError(f"--inversion-steps and --generation-steps must be between 1 and --t0 ({t0}), and --t0 in "
-                        f"1..999; got {steps[0]}, {steps[1]} and {t0}")
+def _trainer_settings(cls: type[S], options: dict | None, resolution: int | None, max_images: int | None) -> S:
+    """A trainer's settings from a caller's options, checked before any face is looked for. A
+    library keeps one checkpoint per adapter while it trains (unless told otherwise), and holds
+    LoRA adapters only."""
+    settings = cls(**{"keep_checkpoints": 1, **(options or {}), "resolution": resolution, "max_images": max_images})
+    if settings.full:
+        raise UserError("a library holds LoRA adapters: --full is not for `train library`")
+    return settings
 
 
 def _model_side(model: str) -> int:
@@ -542,8 +632,17 @@ def _sources(data) -> tuple[str, ...]:
     return tuple(str(Path(item).expanduser().resolve()) for item in items)
 
 
-def _face_sets(todo: list[str], data, edit_data: dict, *, aligned: bool, resolution: int, max_images: int | None,
-               output: Path, progress: LibraryProgress | None) -> dict[str, _FaceSet]:
+def _face_sets(
+    todo: list[str],
+    data,
+    edit_data: dict,
+    *,
+    aligned: bool,
+    resolution: int,
+    max_images: int | None,
+    output: Path,
+    progress: LibraryProgress | None,
+) -> dict[str, _FaceSet]:
     """The training faces of every adapter to train: every source checked (all of them, the cheap
     checks first), the faces found, or staged faces of an earlier run reused."""
     by_sources: dict[tuple[str, ...], _FaceSet] = {}
@@ -554,8 +653,12 @@ def _face_sets(todo: list[str], data, edit_data: dict, *, aligned: bool, resolut
             raise UserError("--data is needed: a video, a photo or a folder of them, with the face(s) to train on")
         sets[name] = by_sources.setdefault(sources, _FaceSet(sources))
     for face_set in by_sources.values():
-        face_set.key = {"sources": list(face_set.sources), "resolution": resolution, "aligned": aligned,
-                        "max_images": max_images}
+        face_set.key = {
+            "sources": list(face_set.sources),
+            "resolution": resolution,
+            "aligned": aligned,
+            "max_images": max_images,
+        }
         single = Path(face_set.sources[0])
         if aligned and len(face_set.sources) == 1 and single.is_dir():
             # Aligned crops in one folder are the trainers' data as they are (before/after pairs keep their names).
@@ -566,8 +669,10 @@ def _face_sets(todo: list[str], data, edit_data: dict, *, aligned: bool, resolut
         if _staged(folder, face_set.key):
             face_set.folder, face_set.count = folder, _read_json(folder / "faces.json")["count"]
             continue
-        faces = [_load_faces(Path(source), resolution, aligned=aligned, max_images=None, progress=progress)
-                 for source in face_set.sources]
+        faces = [
+            _load_faces(Path(source), resolution, aligned=aligned, max_images=None, progress=progress)
+            for source in face_set.sources
+        ]
         stacked = np.concatenate(faces)
         if max_images is not None and len(stacked) > max_images:
             stacked = stacked[evenly_spaced(len(stacked), max_images)]
@@ -582,13 +687,15 @@ def _data_files(source: str) -> list[Path]:
         raise UserError(f"--data: {error}") from None
 
 
-def _load_faces(source: Path, resolution: int, *, aligned: bool, max_images: int | None,
-                progress: LibraryProgress | None) -> np.ndarray:
+def _load_faces(
+    source: Path, resolution: int, *, aligned: bool, max_images: int | None, progress: LibraryProgress | None
+) -> np.ndarray:
     stage = f"faces {source.name}"
     report = (lambda _stage, done, total, _loss=None: progress(stage, done, total)) if progress else None
     try:
-        return load_training_faces(source, resolution, max_images=max_images, detect_images=not aligned,
-                                   strict=True, progress=report)
+        return load_training_faces(
+            source, resolution, max_images=max_images, detect_images=not aligned, strict=True, progress=report
+        )
     except UserError as error:
         raise UserError(f"--data: {error}") from None
 
@@ -599,8 +706,11 @@ def _digest(key: dict) -> str:
 
 def _staged(folder: Path, key: dict) -> bool:
     index = _read_json(folder / "faces.json")
-    return isinstance(index, dict) and index.get("key") == key and \
-        len(list(folder.glob("*.png"))) == index.get("count", -1)
+    return (
+        isinstance(index, dict)
+        and index.get("key") == key
+        and len(list(folder.glob("*.png"))) == index.get("count", -1)
+    )
 
 
 def _stage(face_set: _FaceSet, output: Path, log: Callable[[str], None]) -> None:
@@ -629,11 +739,16 @@ def _trainer_progress(progress: LibraryProgress | None, name: str):
 
 
 def _summary(result) -> dict:
-    return {"steps": result.steps, "seconds": round(result.seconds, 1), "faces": result.faces,
-            "validation_before": result.validation_before, "validation_after": result.validation_after,
-            "loss_first": result.losses[0] if result.losses else None,
-            "loss_last": result.losses[-1] if result.losses else None,
-            "resumed_from": result.resumed_from}
+    return {
+        "steps": result.steps,
+        "seconds": round(result.seconds, 1),
+        "faces": result.faces,
+        "validation_before": result.validation_before,
+        "validation_after": result.validation_after,
+        "loss_first": result.losses[0] if result.losses else None,
+        "loss_last": result.losses[-1] if result.losses else None,
+        "resumed_from": result.resumed_from,
+    }
 
 
 __all__ = [

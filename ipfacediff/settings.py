@@ -32,6 +32,12 @@ DEFAULT_ALL_KEYFRAMES_BELOW = 0  # off
 # under the reference by less than this share of the frame's range follow the source trajectory.
 DEFAULT_BLEND_THRESHOLD = 0.5
 DEFAULT_FADE = 4  # frames: a sixth of a second at 24 fps
+# Frames edited at once: a longer clip is edited in windows that share anchor keyframes. A window's
+# inversion is held in memory (about 8.5 MB a frame for SD-1.5 at 512², benchmarks/README.md).
+DEFAULT_WINDOW = 256
+# Identity guidance while sampling, for an edit without a tuned value (tuning: benchmarks/README.md).
+DEFAULT_IDENTITY_GRADIENT = 0.3
+DEFAULT_IDENTITY_GRADIENT_FROM = 400
 LARGEST_SEED = 2**63 - 1  # torch.Generator takes 64 bits; JSON readers keep 63 exactly
 LARGEST_RESOLUTION = 4096
 
@@ -39,16 +45,35 @@ _TRUE_WORDS = {"1", "true", "yes", "y", "on"}
 _FALSE_WORDS = {"0", "false", "no", "n", "off", ""}
 
 
-def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, high_open: bool = False, multiple_of: int | None = None,
-            flag: str | None = None, short: str | None = None, negative: str | None = None) -> Any:
+def setting(
+    default: Any,
+    help: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    multiple_of: int | None = None,
+    flag: str | None = None,
+    short: str | None = None,
+    negative: str | None = None,
+) -> Any:
     """A dataclass field that knows its range and its command-line form.
 
     ``flag`` is the option's name when it is not the field's (``--prompt`` for ``prompt``);
     ``negative`` makes a switch that is on by default an ``--x/--no-x`` pair whose off form is
     the one users type (``--no-local-blend``)."""
-    meta = {"help": help, "low": low, "high": high, "low_open": low_open, "high_open": high_open,
-            "multiple_of": multiple_of, "flag": flag, "short": short, "negative": negative}
+    meta = {
+        "help": help,
+        "low": low,
+        "high": high,
+        "low_open": low_open,
+        "high_open": high_open,
+        "multiple_of": multiple_of,
+        "flag": flag,
+        "short": short,
+        "negative": negative,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -70,8 +95,10 @@ def _number_text(value: float) -> str:
 def _range_text(meta: dict) -> str:
     low, high = meta["low"], meta["high"]
     if low is not None and high is not None:
-        return (f"in {'(' if meta['low_open'] else '['}{_number_text(low)}, {_number_text(high)}"
-                f"{')' if meta['high_open'] else ']'}")
+        return (
+            f"in {'(' if meta['low_open'] else '['}{_number_text(low)}, {_number_text(high)}"
+            f"{')' if meta['high_open'] else ']'}"
+        )
     if low is not None:
         return f"{'above' if meta['low_open'] else 'at least'} {_number_text(low)}"
     if high is not None:
@@ -114,8 +141,9 @@ def check_number(value: Any, kind: type, label: str, meta: dict) -> int | float:
     else:
         value = float(value)
     low, high = meta["low"], meta["high"]
-    outside = ((low is not None and (value < low or (meta["low_open"] and value == low)))
-               or (high is not None and (value > high or (meta["high_open"] and value == high))))
+    outside = (low is not None and (value < low or (meta["low_open"] and value == low))) or (
+        high is not None and (value > high or (meta["high_open"] and value == high))
+    )
     if outside:
         raise UserError(f"{label} must be {_range_text(meta)}, got {_number_text(value)}")
     if meta["multiple_of"] and value % meta["multiple_of"]:
@@ -178,7 +206,6 @@ class Settings:
     def check(self) -> None:
         """Checks that involve more than one field or more than a range."""
 
-
     @classmethod
     def from_mapping(cls, values: dict[str, Any], *, where: str = ""):
         """Settings from values a person typed (strings, numbers, booleans); unknown names and
@@ -215,8 +242,9 @@ class Settings:
             default = "required" if f.default is MISSING else f.default
             if isinstance(default, bool):
                 default = "on" if default else "off"
-            rows.append(f"| `{option_names(f.name, meta)}` | {default if default not in (None, '') else '—'} "
-                        f"| {meta['help']} |")
+            rows.append(
+                f"| `{option_names(f.name, meta)}` | {default if default not in (None, '') else '—'} | {meta['help']} |"
+            )
         return "\n".join(rows)
 
 
@@ -245,64 +273,153 @@ class EditSettings(Settings):
     source_prompt: str = setting("", "What the input shows; used for inversion and ε1's features.")
     steps: int = setting(DEFAULT_STEPS, "DDIM steps for inversion and editing.", low=1, high=1000)
     guidance: float | None = setting(
-        None, f"Classifier-free guidance. Default: the value the edit's adapter was tuned with, else {DEFAULT_GUIDANCE}.",
-        low=0, high=100)
-    keyframes: int | None = setting(None, "Keyframes edited jointly per step. Default: one per 8 frames.",
-                                    low=1, high=10_000)
-    random_keyframes: bool = setting(True, "Keyframes drawn with a new random offset every step (`--even-keyframes`: evenly spaced, the same every step).",
-                                     negative="--even-keyframes")
+        None,
+        f"Classifier-free guidance. Default: the value the edit's adapter was tuned with, else {DEFAULT_GUIDANCE}.",
+        low=0,
+        high=100,
+    )
+    keyframes: int | None = setting(
+        None, "Keyframes edited jointly per step. Default: one per 8 frames.", low=1, high=10_000
+    )
+    random_keyframes: bool = setting(
+        True,
+        "Keyframes drawn with a new random offset every step (`--even-keyframes`: evenly spaced, the same every step).",
+        negative="--even-keyframes",
+    )
     propagation_temperature: float = setting(
-        DEFAULT_PROPAGATION_TEMPERATURE, "How the keyframes' edit reaches the other frames: 0 = each token takes its "
+        DEFAULT_PROPAGATION_TEMPERATURE,
+        "How the keyframes' edit reaches the other frames: 0 = each token takes its "
         "single nearest keyframe token (TokenFlow's rule); above 0, a softmax-weighted blend of the keyframe tokens by "
         "feature cosine at this temperature.",
-        low=0, high=10)
+        low=0,
+        high=10,
+    )
     temporal_smoothing: float = setting(
-        DEFAULT_TEMPORAL_SMOOTHING, "Each frame's edit takes this share from each neighbouring frame's at every step, "
+        DEFAULT_TEMPORAL_SMOOTHING,
+        "Each frame's edit takes this share from each neighbouring frame's at every step, "
         "and the local blend's region is filtered over time with the same weights (8 passes), against flicker; 0 = off.",
-        low=0, high=0.5, high_open=True)
-    inject_feature_until: int = setting(DEFAULT_INJECT_FEATURE_UNTIL,
-                                        "ε1's residual features are injected while the timestep is above this (PnP: the first 80 % of the schedule).", low=0, high=1000)
-    inject_attention_until: int = setting(DEFAULT_INJECT_ATTENTION_UNTIL,
-                                          "ε1's self-attention Q/K are injected while the timestep is above this (PnP: the first 50 %).",
-                                          low=0, high=1000)
+        low=0,
+        high=0.5,
+        high_open=True,
+    )
+    inject_feature_until: int = setting(
+        DEFAULT_INJECT_FEATURE_UNTIL,
+        "ε1's residual features are injected while the timestep is above this (PnP: the first 80 % of the schedule).",
+        low=0,
+        high=1000,
+    )
+    inject_attention_until: int = setting(
+        DEFAULT_INJECT_ATTENTION_UNTIL,
+        "ε1's self-attention Q/K are injected while the timestep is above this (PnP: the first 50 %).",
+        low=0,
+        high=1000,
+    )
     all_keyframes_below: int = setting(
-        DEFAULT_ALL_KEYFRAMES_BELOW, "Below this timestep every frame gets its own ε2 pass instead of a propagated "
-        "edit (less flicker, more time); 0 = off.", low=0, high=1000)
-    strength: float = setting(1.0, "Fraction of the schedule re-generated (1 = from the fully inverted noise).",
-                              low=0, high=1, low_open=True)
-    seed: int = setting(0, "Seed of the keyframe draws; the same seed gives bit-identical output.", low=0, high=LARGEST_SEED)
-    identity_guidance: bool = setting(True, "ε1 guides the edit (off: ε2 guides itself, TokenFlow-like; an ablation).",
-                                      negative="--no-identity-guidance")
+        DEFAULT_ALL_KEYFRAMES_BELOW,
+        "Below this timestep every frame gets its own ε2 pass instead of a propagated "
+        "edit (less flicker, more time); 0 = off.",
+        low=0,
+        high=1000,
+    )
+    strength: float = setting(
+        1.0, "Fraction of the schedule re-generated (1 = from the fully inverted noise).", low=0, high=1, low_open=True
+    )
+    seed: int = setting(
+        0, "Seed of the keyframe draws; the same seed gives bit-identical output.", low=0, high=LARGEST_SEED
+    )
+    identity_guidance: bool = setting(
+        True,
+        "ε1 guides the edit (off: ε2 guides itself, TokenFlow-like; an ablation).",
+        negative="--no-identity-guidance",
+    )
+    identity_gradient: float | None = setting(
+        None,
+        "Identity guidance while sampling: in the late steps each keyframe's predicted clean face moves up the "
+        "gradient of its identity similarity to the source face (the identity net of the model's card, else dlib's) by "
+        "this many RMS latent units times the missing similarity, per step; 0 = off. Default: the value the edit's "
+        f"adapter was tuned with, else {DEFAULT_IDENTITY_GRADIENT:g}.",
+        low=0,
+        high=10,
+    )
+    identity_gradient_from: int = setting(
+        DEFAULT_IDENTITY_GRADIENT_FROM,
+        "Identity guidance acts while the timestep is at or below this (the late "
+        "steps, which draw the detail identity rests on).",
+        low=0,
+        high=1000,
+    )
     every_frame: bool = setting(False, "Ablation: edit each frame on its own (the naive baseline).")
-    resolution: int | None = setting(None, "Side of the aligned face crop. Default: the model's (512 for SD-1.5).",
-                                     low=8, high=LARGEST_RESOLUTION, multiple_of=8)
+    window: int = setting(
+        DEFAULT_WINDOW,
+        "Frames edited at once: a longer clip is edited in windows of this many "
+        "frames that attend to the first window's anchor keyframes and are "
+        "cross-faded over 16 shared frames, so memory does not grow with its length.",
+        low=32,
+        high=1_000_000,
+    )
+    resolution: int | None = setting(
+        None,
+        "Side of the aligned face crop. Default: the model's (512 for SD-1.5).",
+        low=8,
+        high=LARGEST_RESOLUTION,
+        multiple_of=8,
+    )
     faces: str = setting("all", 'Faces to edit: "all", "largest" or track ids "0,2".')
     face_prompts: tuple[str, ...] = setting(
-        (), "A face's own prompt, ID=TEXT (repeatable: --face-prompt '1=a face with a beard'); ID= leaves that face "
-        "unedited. The other faces take --prompt.", flag="--face-prompt")
-    start: str = setting("", "Edit from here: seconds (1.5) or a frame (frame:15). Default: the clip's start. "
-                             "Frames outside the range pass through unchanged.")
-    end: str = setting("", "Edit up to here, not including it: seconds (2.5) or a frame (frame:25). Default: the "
-                           "clip's end.")
-    fade: int = setting(DEFAULT_FADE, "Frames over which the edit fades in after --start and out before --end, so "
-                                      "it does not pop in.", low=0, high=10_000)
-    require_face: bool = setting(False, "Exit with an error when the video has no face (otherwise its frames pass through).")
+        (),
+        "A face's own prompt, ID=TEXT (repeatable: --face-prompt '1=a face with a beard'); ID= leaves that face "
+        "unedited. The other faces take --prompt.",
+        flag="--face-prompt",
+    )
+    start: str = setting(
+        "",
+        "Edit from here: seconds (1.5) or a frame (frame:15). Default: the clip's start. "
+        "Frames outside the range pass through unchanged.",
+    )
+    end: str = setting(
+        "", "Edit up to here, not including it: seconds (2.5) or a frame (frame:25). Default: the clip's end."
+    )
+    fade: int = setting(
+        DEFAULT_FADE,
+        "Frames over which the edit fades in after --start and out before --end, so it does not pop in.",
+        low=0,
+        high=10_000,
+    )
+    require_face: bool = setting(
+        False, "Exit with an error when the video has no face (otherwise its frames pass through)."
+    )
     whole_frame: bool = setting(False, "Edit the whole frame (resized to the model's size) instead of face crops.")
-    hair: bool = setting(False, "An edit of the hair: keep the inner face (brows to mouth) and blend the whole crop "
-                                "back, not just the face (on for a hair adapter).")
-    adapters: str = setting("auto", 'ε2 adapters of the model\'s library: "auto" (picked by the prompt\'s words), '
-                                    '"none", or names "eyeglasses" / "eyeglasses:0.8,smile".')
-    detail_transfer: bool = setting(True, "Put the detail the VAE loses back where the edit changed nothing.",
-                                    negative="--no-detail-transfer")
+    hair: bool = setting(
+        False,
+        "An edit of the hair: keep the inner face (brows to mouth) and blend the whole crop "
+        "back, not just the face (on for a hair adapter).",
+    )
+    adapters: str = setting(
+        "auto",
+        "ε2 adapters of the model's library: \"auto\" (picked by the prompt's words), "
+        '"none", or names "eyeglasses" / "eyeglasses:0.8,smile".',
+    )
+    detail_transfer: bool = setting(
+        True, "Put the detail the VAE loses back where the edit changed nothing.", negative="--no-detail-transfer"
+    )
     allow_out_of_domain: bool = setting(
-        False, "Edit faces that the model's card says it was not made for (the embedded FaceWorld model and a real "
-        "face); .run.json and the report record the override.")
-    local_blend: bool = setting(True, "Confine the edit to where ε2's prediction under the prompt differs from that "
-                                      "under the source prompt.", negative="--no-local-blend")
+        False,
+        "Edit faces that the model's card says it was not made for (the embedded FaceWorld model and a real "
+        "face); .run.json and the report record the override.",
+    )
+    local_blend: bool = setting(
+        True,
+        "Confine the edit to where ε2's prediction under the prompt differs from that under the source prompt.",
+        negative="--no-local-blend",
+    )
     blend_threshold: float | None = setting(
-        None, "Where the edit may change the latents: above this share of the frame's largest prompt-vs-source "
+        None,
+        "Where the edit may change the latents: above this share of the frame's largest prompt-vs-source "
         f"difference. Default: the edit adapter's tuned value, else {DEFAULT_BLEND_THRESHOLD}.",
-        low=0, high=1, high_open=True)
+        low=0,
+        high=1,
+        high_open=True,
+    )
 
     def check(self) -> None:
         face_ids: set[int] = set()
@@ -344,8 +461,10 @@ class EditSettings(Settings):
         first, stop = index(self.start, "--start", 0), index(self.end, "--end", frame_count)
         where = f"--start {self.start or 0} --end {self.end or 'end'}"
         if first >= frame_count:
-            raise UserError(f"{where}: the range starts after the clip's last frame "
-                            f"({frame_count} frames, {frame_count / fps:.2f} s)")
+            raise UserError(
+                f"{where}: the range starts after the clip's last frame "
+                f"({frame_count} frames, {frame_count / fps:.2f} s)"
+            )
         if stop <= first:
             raise UserError(f"{where}: the range is empty or reversed (frames {first} to {stop})")
         return range(first, min(stop, frame_count))

@@ -13,7 +13,7 @@ prompt, plus an identity term on the one-step estimate of the clean image,
 D the VAE decoder (frozen, gradients pass through it), ID the identity network. Timesteps: t is
 uniform over the whole schedule for the denoising term, so ε1 stays a valid denoiser everywhere
 (the editor inverts with it and reads its features at every level), but the identity term is
-applied only to the samples of a batch with t ≤ ``ID_MAX_TIMESTEP`` = 400. Above that, x̂0 is a
+applied only to the samples of a batch with t ≤ ``id_max_timestep`` (400). Above that, x̂0 is a
 blur of the face (ᾱ_400 ≈ 0.42 for SD's schedule; at t = 600 the noise carries 84 % of the
 variance) on which an identity network says nothing useful; below it, x̂0 is a recognisable face.
 The term is averaged over the whole batch (zero for noisier samples), so its weight does not jump
@@ -38,8 +38,11 @@ own direction:
 A caption's direction can be met by a change that only CLIP reads as the attribute (a smudge for
 "beard", a tinted patch for "blonde"); a pair says what the attribute looks like on this face.
 
-Training runs through accelerate (mixed precision, gradient accumulation) and is seeded. Every
-``checkpoint_every`` optimizer steps, ``OUTPUT/checkpoints/step_XXXXXX/`` receives the trained
+Both trainers are a loss on one :class:`Trainer` (the loop, validation, checkpoints, resume and the
+files written) and take their settings as one object (:mod:`ipfacediff.training_settings`); ε2's
+DDIM inversion and regeneration are :func:`ipfacediff.diffusion.ddim_walk`, its inversion kept in
+an :class:`~ipfacediff.diffusion.InversionCache`. Training runs through accelerate (mixed
+precision, gradient accumulation) and is seeded. Every ``checkpoint_every`` optimizer steps, ``OUTPUT/checkpoints/step_XXXXXX/`` receives the trained
 weights, the optimizer state, the RNG states and the losses so far, written to a temporary folder
 and renamed, so a killed run leaves only whole checkpoints; ``resume=True`` continues from the
 last one and gives the run an uninterrupted run would have given. Everything is written as
@@ -48,26 +51,29 @@ safetensors and JSON: nothing in an output folder is unpickled.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from ipfacediff.diffusion import ddim_inverse_step, ddim_step, encode_frames, encode_prompt, frames_digest
+from ipfacediff.diffusion import InversionCache, ddim_walk, encode_frames, encode_prompt, frames_digest
 from ipfacediff.errors import UserError
 from ipfacediff.files import write_atomic, write_json
 from ipfacediff.models import library_versions, load_clip, load_model_set, model_resolution, module_fingerprint
+from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings, TrainingSettings
 
 TrainingProgress = Callable[[str, int, int, "float | None"], None]
 """progress(stage, done, total, loss): stages "faces", "invert" and "train"; loss is None except
@@ -83,16 +89,11 @@ ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 ADAPTER_NAME = "default"
 LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 CHECKPOINT_PREFIX = "step_"
-MIXED_PRECISION = ("no", "fp16", "bf16")
 MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 1e-2
-
-ID_MAX_TIMESTEP = 400
-# DiffusionCLIP's settings for face attributes: invert to t0 = 500 in 40 steps, regenerate in 6.
-DEFAULT_T0 = 500
-DEFAULT_INVERSION_STEPS = 40
-DEFAULT_GENERATION_STEPS = 6
 VALIDATION_FACES = 4
+
+S = TypeVar("S", bound=TrainingSettings)
 
 
 @dataclass
@@ -121,9 +122,15 @@ class TrainingResult:
 # Training faces
 
 
-def load_training_faces(data: str | Path, resolution: int, *, max_images: int | None = None,
-                        progress: TrainingProgress | None = None, detect_images: bool = False,
-                        strict: bool = False) -> np.ndarray:
+def load_training_faces(
+    data: str | Path,
+    resolution: int,
+    *,
+    max_images: int | None = None,
+    progress: TrainingProgress | None = None,
+    detect_images: bool = False,
+    strict: bool = False,
+) -> np.ndarray:
     """The training faces as (N, R, R, 3) RGB uint8, R = ``resolution``.
 
     ``data``: a folder of images (png/jpg/webp/bmp, taken as already aligned face crops; centre
@@ -143,8 +150,10 @@ def load_training_faces(data: str | Path, resolution: int, *, max_images: int | 
         if file.suffix.lower() in IMAGE_SUFFIXES:
             found = _photo_faces(file, resolution) if detect_images else _read_face_image(file, resolution)
             if found is None and strict:
-                raise UserError(f"cannot read the image {file} (not an image, or damaged): remove it from the "
-                                "training data or replace it")
+                raise UserError(
+                    f"cannot read the image {file} (not an image, or damaged): remove it from the "
+                    "training data or replace it"
+                )
             if found is None:
                 unreadable += 1
             elif not detect_images:
@@ -154,7 +163,9 @@ def load_training_faces(data: str | Path, resolution: int, *, max_images: int | 
                 faces.extend(found)
         else:
             videos += 1
-            frames = (lambda done, total: progress("faces", done, total, None)) if progress and len(files) == 1 else None
+            frames = (
+                (lambda done, total: progress("faces", done, total, None)) if progress and len(files) == 1 else None
+            )
             faces.extend(_video_faces(file, resolution, cap, progress=frames))
         if progress:
             progress("faces", index + 1, len(files), None)
@@ -167,17 +178,23 @@ def load_training_faces(data: str | Path, resolution: int, *, max_images: int | 
         if videos:
             reasons.append(f"no face found in {videos} video(s)")
         crops = "photos, aligned face crops" if detect_images else "aligned face crops"
-        raise UserError(f"no usable faces in {data} ({', '.join(reasons)}): give {crops} or videos "
-                        "with a clearly visible face")
+        raise UserError(
+            f"no usable faces in {data} ({', '.join(reasons)}): give {crops} or videos with a clearly visible face"
+        )
     stacked = np.stack(faces)
     if max_images is not None and len(stacked) > max_images:
         stacked = stacked[evenly_spaced(len(stacked), max_images)]
     return stacked
 
 
-def load_training_pairs(data: str | Path, targets: str | Path, resolution: int, *,
-                        max_images: int | None = None,
-                        progress: TrainingProgress | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_training_pairs(
+    data: str | Path,
+    targets: str | Path,
+    resolution: int,
+    *,
+    max_images: int | None = None,
+    progress: TrainingProgress | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Before/after faces as two (N, R, R, 3) RGB uint8 arrays: every image of the folder
     ``data`` with the image of the same file name in ``targets`` (both read as aligned crops,
     like :func:`load_training_faces`). A pair is all or nothing, so a missing or unreadable
@@ -189,8 +206,10 @@ def load_training_pairs(data: str | Path, targets: str | Path, resolution: int, 
         raise UserError(f"--paired-targets needs a folder of face images as training data, not videos: {data}")
     missing = [f.name for f in files if f.name not in partners]
     if missing:
-        raise UserError(f"--paired-targets: {len(missing)} training image(s) have no edited partner of the same "
-                        f"name in {targets} (first: {missing[0]})")
+        raise UserError(
+            f"--paired-targets: {len(missing)} training image(s) have no edited partner of the same "
+            f"name in {targets} (first: {missing[0]})"
+        )
     if max_images is not None and len(files) > max_images:
         files = [files[i] for i in evenly_spaced(len(files), max_images)]
     before, after = [], []
@@ -230,8 +249,11 @@ def training_files(data: str | Path) -> list[Path]:
         if path.suffix.lower() not in IMAGE_SUFFIXES + VIDEO_SUFFIXES:
             raise UserError(f"training data {path.name} is not one of the {kinds} that can be trained on")
         return [path]
-    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES)
+    files = sorted(
+        p
+        for p in path.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
+    )
     if not files:
         raise UserError(f"training data folder {data} holds no {kinds}")
     return files
@@ -274,12 +296,14 @@ def _photo_faces(path: Path, resolution: int) -> list[np.ndarray] | None:
     if rgb is None:
         return None
     tracks = track_faces([rgb], fps=1.0)
-    return [crop_face(rgb, alignment_transforms(track, resolution, smooth=False)[0], resolution)
-            for track in tracks.tracks]
+    return [
+        crop_face(rgb, alignment_transforms(track, resolution, smooth=False)[0], resolution) for track in tracks.tracks
+    ]
 
 
-def _video_faces(path: Path, resolution: int, cap: int,
-                 progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+def _video_faces(
+    path: Path, resolution: int, cap: int, progress: Callable[[int, int], None] | None = None
+) -> list[np.ndarray]:
     """Aligned crops of every tracked face of a video, at most ``cap``, evenly spread;
     ``progress(frames done, frames)`` during detection."""
     from ipfacediff.face import alignment_transforms, crop_face, detect_video_faces
@@ -315,7 +339,7 @@ def faces_to_tensor(faces: np.ndarray) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared machinery
+# The trainer both models share
 
 
 def _checkpoints(output: Path) -> list[tuple[int, Path]]:
@@ -325,7 +349,7 @@ def _checkpoints(output: Path) -> list[tuple[int, Path]]:
         for child in folder.iterdir():
             if child.is_dir() and child.name.startswith(CHECKPOINT_PREFIX) and (child / "state.json").is_file():
                 try:
-                    found.append((int(child.name[len(CHECKPOINT_PREFIX):]), child))
+                    found.append((int(child.name[len(CHECKPOINT_PREFIX) :]), child))
                 except ValueError:
                     continue
     return sorted(found)
@@ -335,31 +359,9 @@ def _check_output(output: Path, resume: bool) -> None:
     if output.exists() and not output.is_dir():
         raise UserError(f"output {output} is a file: --output names the folder the trained model goes to")
     if not resume and ((output / "training.json").is_file() or _checkpoints(output)):
-        raise UserError(f"{output} already holds a training run: pass --resume to continue it, or choose "
-                        "another --output")
-
-
-def _check_common(max_steps: int, rank: int, batch_size: int, learning_rate: float, checkpoint_every: int,
-                  mixed_precision: str, gradient_accumulation: int, resolution: int | None,
-                  max_images: int | None) -> None:
-    if max_steps < 1:
-        raise UserError(f"--max-steps must be at least 1, got {max_steps}")
-    if rank < 1:
-        raise UserError(f"--rank must be at least 1, got {rank}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
-    if not learning_rate > 0:
-        raise UserError(f"--learning-rate must be positive, got {learning_rate}")
-    if checkpoint_every < 0:
-        raise UserError(f"--checkpoint-every must be 0 (never) or positive, got {checkpoint_every}")
-    if mixed_precision not in MIXED_PRECISION:
-        raise UserError(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, got {mixed_precision!r}")
-    if gradient_accumulation < 1:
-        raise UserError(f"--gradient-accumulation must be at least 1, got {gradient_accumulation}")
-    if resolution is not None and (resolution < 8 or resolution % 8):
-        raise UserError(f"--resolution must be a multiple of 8, got {resolution}")
-    if max_images is not None and max_images < 1:
-        raise UserError(f"--max-images must be at least 1, got {max_images}")
+        raise UserError(
+            f"{output} already holds a training run: pass --resume to continue it, or choose another --output"
+        )
 
 
 def _accelerator(mixed_precision: str, gradient_accumulation: int):
@@ -374,45 +376,171 @@ def _accelerator(mixed_precision: str, gradient_accumulation: int):
     try:
         return Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation)
     except (ValueError, RuntimeError) as error:
-        raise UserError(f"--mixed-precision {mixed_precision} is not available here: "
-                        f"{str(error).strip().splitlines()[0][:200]}") from None
+        raise UserError(
+            f"--mixed-precision {mixed_precision} is not available here: {str(error).strip().splitlines()[0][:200]}"
+        ) from None
 
 
-def _identity_encoder(identity):
-    from ipfacediff.identity import IdentityEncoder
+def _load_models(model: str, accelerator, weight_dtype: torch.dtype, full: bool):
+    models = load_model_set(model, adapters=False)  # adapters are trained from the base model
+    device = accelerator.device
+    # The frozen parts run in the training precision; in full mode the VAE and text encoder stay
+    # float32 so that the saved model folder is exact.
+    frozen_dtype = torch.float32 if full else weight_dtype
+    models.vae.to(device, frozen_dtype)
+    models.text_encoder.to(device, frozen_dtype)
+    models.unet.to(device, frozen_dtype)
+    return models
 
-    if isinstance(identity, torch.nn.Module):  # IdentityEncoder or one with its interface
-        return identity
-    return IdentityEncoder.from_pretrained(identity)
+
+def _weight_dtype(mixed_precision: str) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
 
 
-@dataclass
-class _Run:
-    """One training run: models, trainable parameters, optimizer, RNG, losses and the files."""
+class Trainer:
+    """One training run of the UNet, ε1's or ε2's: the models, the trained weights and their
+    optimizer, the random draws, the loop, the checkpoints and the files it leaves.
 
-    mode: str
-    output: Path
-    settings: dict
-    accelerator: object
-    models: object
-    unet: torch.nn.Module  # as prepared by accelerate (call it)
-    raw_unet: torch.nn.Module  # the module itself (save it)
-    full: bool
-    params: dict[str, torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    raw_optimizer: torch.optim.Optimizer
-    generator: torch.Generator
-    faces: int
-    losses: list[float] = field(default_factory=list)
-    step: int = 0
-    validation_before: float | None = None
-    previous_seconds: float = 0.0
-    resumed_from: int | None = None
-    keep_checkpoints: int | None = 3
+    A trainer function makes one (which loads the base model), computes what the frozen base gives
+    (latents, inversions, prompt embeddings), then :meth:`add_trainable` makes the UNet trainable
+    and :meth:`fit` runs the loop on the function's loss of a batch of face indices. The loop and
+    everything written are the same for both models, so a checkpoint and its resumption behave
+    the same whatever the loss.
+    """
+
+    def __init__(self, mode: str, model: str, output: Path, settings: TrainingSettings, *, resume: bool):
+        _check_output(output, resume)
+        self.mode, self.output, self.settings, self.resume = mode, output, settings, resume
+        self.started = time.perf_counter()
+        self.accelerator = _accelerator(settings.mixed_precision, settings.gradient_accumulation)
+        self.device = self.accelerator.device
+        self.weight_dtype = _weight_dtype(settings.mixed_precision)
+        self.models = _load_models(model, self.accelerator, self.weight_dtype, settings.full)
+        self.resolution = settings.resolution or model_resolution(self.models.vae, self.models.unet)
+        self.record: dict = {}  # what decides the result, in every checkpoint and training.json
+        self.faces = 0
+        self.losses: list[float] = []
+        self.step = 0
+        self.validation_before: float | None = None
+        self.previous_seconds = 0.0  # of the runs this one resumes
+        self.resumed_from: int | None = None
+
+    def validation_faces(self) -> list[int]:
+        """The faces of the fixed validation batch: a few, spread over the training set."""
+        return evenly_spaced(self.faces, min(VALIDATION_FACES, self.faces)).tolist()
+
+    def add_trainable(self, inputs: dict, faces: int) -> None:
+        """Make the UNet trainable (LoRA or whole) and prepare it and its optimizer with accelerate.
+
+        ``inputs``: what the run was given besides its settings (model, data and its digest, ...);
+        with the settings, they are the run's record, which a resumed run must match."""
+        settings, models = self.settings, self.models
+        self.record = {**inputs, **settings.record(), "resolution": self.resolution}
+        self.faces = faces
+        unet = models.unet
+        torch.manual_seed(settings.seed)
+        if settings.full:
+            unet.to(dtype=torch.float32).requires_grad_(True)
+        else:
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.add_adapter(
+                LoraConfig(
+                    r=settings.rank,
+                    lora_alpha=settings.rank,
+                    init_lora_weights="gaussian",
+                    target_modules=list(LORA_TARGET_MODULES),
+                ),
+                adapter_name=ADAPTER_NAME,
+            )
+        self.params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
+        for param in self.params.values():  # trained weights stay float32 whatever the base's precision
+            param.data = param.data.float()
+        if settings.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            models.vae.enable_gradient_checkpointing()
+        unet.train()
+        self.raw_optimizer = torch.optim.AdamW(
+            list(self.params.values()), lr=settings.learning_rate, weight_decay=WEIGHT_DECAY
+        )
+        self.unet, self.optimizer = self.accelerator.prepare(unet, self.raw_optimizer)  # call self.unet
+        self.raw_unet = self.accelerator.unwrap_model(self.unet)  # save self.raw_unet
+        self.generator = torch.Generator().manual_seed(settings.seed)
+
+    def fit(
+        self,
+        step_loss: Callable[[list[int]], torch.Tensor],
+        validate: Callable[[], float],
+        *,
+        progress: TrainingProgress | None = None,
+        components: dict | None = None,
+    ) -> TrainingResult:
+        """Resume when asked, train to ``max_steps``, write the outputs and the report.
+
+        ``step_loss(faces)``: the loss of a batch of face indices (drawing its own noise from
+        :attr:`generator`); ``validate()``: the loss of a fixed batch. ``components``: with
+        ``full``, the other parts of a model folder to save the UNet with (else a UNet folder)."""
+        if self.resume:
+            self.load_checkpoint()
+        if self.validation_before is None:
+            with torch.no_grad(), self.accelerator.autocast():
+                self.validation_before = validate()
+        self.output.mkdir(parents=True, exist_ok=True)
+        self.train(step_loss, progress)
+        self.unet.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            validation_after = validate()
+        adapter = self.write_outputs(components)
+        seconds = time.perf_counter() - self.started
+        self.write_report(adapter, seconds, validation_after)
+        return TrainingResult(
+            output=self.output,
+            adapter=adapter,
+            losses=list(self.losses),
+            steps=self.step,
+            seconds=seconds,
+            validation_before=self.validation_before,
+            validation_after=validation_after,
+            resumed_from=self.resumed_from,
+            faces=self.faces,
+        )
+
+    def train(self, step_loss: Callable[[list[int]], torch.Tensor], progress: TrainingProgress | None) -> None:
+        """Optimizer steps up to max_steps; each draws ``gradient_accumulation`` batches."""
+        settings, accelerator = self.settings, self.accelerator
+        take = min(settings.batch_size, self.faces)
+        while self.step < settings.max_steps:
+            total = 0.0
+            for _ in range(settings.gradient_accumulation):
+                batch = torch.randperm(self.faces, generator=self.generator)[:take].tolist()
+                with accelerator.accumulate(self.unet):
+                    with accelerator.autocast():
+                        loss = step_loss(batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        accelerator.clip_grad_norm_(list(self.params.values()), MAX_GRAD_NORM)
+                    self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                total += float(loss.detach()) / settings.gradient_accumulation
+            if not math.isfinite(total):
+                raise UserError(
+                    f"training diverged at step {self.step + 1} (loss {total}): lower --learning-rate"
+                    + (" or use --mixed-precision bf16/no" if settings.mixed_precision == "fp16" else "")
+                )
+            self.step += 1
+            self.losses.append(total)
+            if progress:
+                progress("train", self.step, settings.max_steps, total)
+            every = settings.checkpoint_every
+            if self.step == settings.max_steps or (every and self.step % every == 0):
+                self.save_checkpoint()
 
     # -- checkpoints ---------------------------------------------------------------------------
 
-    def save_checkpoint(self, seconds: float) -> Path:
+    def save_checkpoint(self) -> Path:
+        """OUTPUT/checkpoints/step_XXXXXX: trained weights, optimizer, RNG states and losses, as
+        safetensors and JSON, written to a temporary folder and renamed."""
         folder = self.output / "checkpoints"
         folder.mkdir(parents=True, exist_ok=True)
         final = folder / f"{CHECKPOINT_PREFIX}{self.step:06d}"
@@ -420,9 +548,11 @@ class _Run:
         if temporary.exists():
             shutil.rmtree(temporary)
         temporary.mkdir()
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in self.params.items()},
-                  str(temporary / "trainable.safetensors"))
-        if not self.full:
+        save_file(
+            {n: p.detach().to("cpu").contiguous() for n, p in self.params.items()},
+            str(temporary / "trainable.safetensors"),
+        )
+        if not self.settings.full:
             self.write_adapter(temporary / ADAPTER_FILE)
         optimizer_tensors, optimizer_rest = _flatten_optimizer(self.raw_optimizer.state_dict())
         save_file(optimizer_tensors, str(temporary / "optimizer.safetensors"))
@@ -432,46 +562,67 @@ class _Run:
                 rng[f"cuda_{index}"] = state
         save_file(rng, str(temporary / "rng.safetensors"))
         scaler = getattr(self.accelerator, "scaler", None)
-        write_json(temporary / "state.json", {
-            "step": self.step, "mode": self.mode, "settings": self.settings, "losses": self.losses,
-            "validation_before": self.validation_before, "seconds": self.previous_seconds + seconds,
-            "optimizer": optimizer_rest, "scaler": scaler.state_dict() if scaler is not None else None,
-        })
+        write_json(
+            temporary / "state.json",
+            {
+                "step": self.step,
+                "mode": self.mode,
+                "settings": self.record,
+                "losses": self.losses,
+                "validation_before": self.validation_before,
+                "seconds": self.previous_seconds + time.perf_counter() - self.started,
+                "optimizer": optimizer_rest,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+            },
+        )
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
-        if self.keep_checkpoints:
-            for _, old in _checkpoints(self.output)[: -self.keep_checkpoints]:
+        if self.settings.keep_checkpoints:
+            for _, old in _checkpoints(self.output)[: -self.settings.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)
         return final
 
-    def resume(self) -> None:
+    def load_checkpoint(self) -> None:
+        """Continue from the last checkpoint in OUTPUT, if any: the same run, the same settings."""
         found = _checkpoints(self.output)
         if not found:
             return
         step, folder = found[-1]
-        state = json.loads((folder / "state.json").read_text())
+        try:
+            state = json.loads((folder / "state.json").read_text())
+            recorded, losses = state["settings"], list(state["losses"])
+            trained = load_file(str(folder / "trainable.safetensors"))
+            optimizer = _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
+            rng = load_file(str(folder / "rng.safetensors"))
+        except (OSError, ValueError, KeyError, TypeError, SafetensorError):
+            raise UserError(
+                f"cannot resume from {folder}: the checkpoint is incomplete or in another format; "
+                "remove it or choose another --output"
+            ) from None
         if state.get("mode") != self.mode:
-            raise UserError(f"{self.output} holds a {state.get('mode')} training run, not {self.mode}: "
-                            "choose another --output")
-        differing = [k for k in self.settings if k not in ("max_steps",) and state["settings"].get(k) != self.settings[k]]
+            raise UserError(
+                f"{self.output} holds a {state.get('mode')} training run, not {self.mode}: choose another --output"
+            )
+        differing = [k for k in self.record if k != "max_steps" and recorded.get(k) != self.record[k]]
         if differing:
             key = differing[0]
-            raise UserError(f"cannot resume: the checkpoint in {self.output} was trained with {key}="
-                            f"{state['settings'].get(key)!r}, now {self.settings[key]!r}; use the same settings "
-                            "or another --output")
-        if step > self.settings["max_steps"]:
-            raise UserError(f"cannot resume: the last checkpoint is at step {step}, past --max-steps "
-                            f"{self.settings['max_steps']}; raise --max-steps")
-        trained = load_file(str(folder / "trainable.safetensors"))
+            raise UserError(
+                f"cannot resume: the checkpoint in {self.output} was trained with {key}="
+                f"{recorded.get(key)!r}, now {self.record[key]!r}; use the same settings "
+                "or another --output"
+            )
+        if step > self.settings.max_steps:
+            raise UserError(
+                f"cannot resume: the last checkpoint is at step {step}, past --max-steps "
+                f"{self.settings.max_steps}; raise --max-steps"
+            )
         if set(trained) != set(self.params):
             raise UserError(f"checkpoint {folder} does not match this model: choose another --output")
         with torch.no_grad():
             for name, param in self.params.items():
                 param.copy_(trained[name].to(param.device, param.dtype))
-        self.raw_optimizer.load_state_dict(
-            _unflatten_optimizer(load_file(str(folder / "optimizer.safetensors")), state["optimizer"]))
-        rng = load_file(str(folder / "rng.safetensors"))
+        self.raw_optimizer.load_state_dict(optimizer)
         self.generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch"])
         if torch.cuda.is_available():
@@ -482,7 +633,7 @@ class _Run:
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         self.step = step
-        self.losses = list(state["losses"])
+        self.losses = losses
         self.validation_before = state.get("validation_before")
         self.previous_seconds = float(state.get("seconds", 0.0))
         self.resumed_from = step
@@ -497,30 +648,35 @@ class _Run:
         tensors = {f"unet.{k}": v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         # The adapter's LoraConfig as diffusers' save_lora_weights records it (keys "unet.<field>"),
         # so that diffusers' own loaders rebuild the same config rather than infer one.
-        config = {f"unet.{k}": sorted(v) if isinstance(v, set) else v
-                  for k, v in self.raw_unet.peft_config[ADAPTER_NAME].to_dict().items()}
+        config = {
+            f"unet.{k}": sorted(v) if isinstance(v, set) else v
+            for k, v in self.raw_unet.peft_config[ADAPTER_NAME].to_dict().items()
+        }
         metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(config, sort_keys=True, default=str)}
         write_atomic(path, save(tensors, metadata=metadata))
 
-    def write_outputs(self, extra_components: dict | None) -> Path:
+    def write_outputs(self, components: dict | None) -> Path:
         """The adapter (or full UNet / model folder) and nothing else; returns its path."""
         self.output.mkdir(parents=True, exist_ok=True)
-        if not self.full:
+        if not self.settings.full:
             path = self.output / ADAPTER_FILE
             self.write_adapter(path)
             return path
         temporary = self.output / f".model.tmp{os.getpid()}"
         if temporary.exists():
             shutil.rmtree(temporary)
-        unet = self.raw_unet
-        if extra_components is None:  # ε1: a UNet folder, read by --identity-model
-            unet.save_pretrained(temporary / "unet", safe_serialization=True)
+        if components is None:  # ε1: a UNet folder, read by --identity-model
+            self.raw_unet.save_pretrained(temporary / "unet", safe_serialization=True)
         else:  # ε2: a whole model folder, read by --model
             from diffusers import StableDiffusionPipeline
 
-            StableDiffusionPipeline(unet=unet, safety_checker=None, feature_extractor=None,
-                                    requires_safety_checker=False, **extra_components).save_pretrained(
-                temporary, safe_serialization=True)
+            StableDiffusionPipeline(
+                unet=self.raw_unet,
+                safety_checker=None,
+                feature_extractor=None,
+                requires_safety_checker=False,
+                **components,
+            ).save_pretrained(temporary, safe_serialization=True)
         for child in temporary.iterdir():
             target = self.output / child.name
             if target.is_dir():
@@ -532,14 +688,23 @@ class _Run:
         return self.output / "unet"
 
     def write_report(self, adapter: Path, seconds: float, validation_after: float | None) -> None:
-        write_json(self.output / "training.json", {
-            "mode": self.mode, "adapter": str(adapter), "settings": self.settings, "faces": self.faces,
-            "steps": self.step, "losses": self.losses, "validation_loss": {
-                "before": self.validation_before, "after": validation_after},
-            "seconds": self.previous_seconds + seconds, "seconds_this_run": seconds,
-            "resumed_from": self.resumed_from, "device": str(self.accelerator.device),
-            "versions": library_versions("peft", "accelerate"),
-        })
+        write_json(
+            self.output / "training.json",
+            {
+                "mode": self.mode,
+                "adapter": str(adapter),
+                "settings": self.record,
+                "faces": self.faces,
+                "steps": self.step,
+                "losses": self.losses,
+                "validation_loss": {"before": self.validation_before, "after": validation_after},
+                "seconds": self.previous_seconds + seconds,
+                "seconds_this_run": seconds,
+                "resumed_from": self.resumed_from,
+                "device": str(self.accelerator.device),
+                "versions": library_versions("peft", "accelerate"),
+            },
+        )
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -562,92 +727,12 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
-def _setup_run(mode: str, *, output: Path, settings: dict, accelerator, models, full: bool, rank: int,
-               learning_rate: float, seed: int, gradient_checkpointing: bool,
-               faces: int) -> _Run:
-    """Make the UNet trainable (LoRA or whole), prepare it and its optimizer with accelerate."""
-    unet = models.unet
-    torch.manual_seed(seed)
-    if full:
-        unet.to(dtype=torch.float32).requires_grad_(True)
-    else:
-        from peft import LoraConfig
+def _identity_encoder(identity, device):
+    from ipfacediff.identity import IdentityEncoder
 
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                    target_modules=list(LORA_TARGET_MODULES)), adapter_name=ADAPTER_NAME)
-    params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
-    for param in params.values():  # trained weights stay float32 whatever the base's precision
-        param.data = param.data.float()
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        models.vae.enable_gradient_checkpointing()
-    unet.train()
-    raw_optimizer = torch.optim.AdamW(list(params.values()), lr=learning_rate, weight_decay=WEIGHT_DECAY)
-    prepared_unet, optimizer = accelerator.prepare(unet, raw_optimizer)
-    return _Run(mode=mode, output=output, settings=settings, accelerator=accelerator, models=models,
-                unet=prepared_unet, raw_unet=accelerator.unwrap_model(prepared_unet), full=full, params=params,
-                optimizer=optimizer, raw_optimizer=raw_optimizer,
-                generator=torch.Generator().manual_seed(seed), faces=faces)
-
-
-def _train_loop(run: _Run, *, max_steps: int, batch_size: int, gradient_accumulation: int, checkpoint_every: int,
-                step_loss: Callable[[list[int]], torch.Tensor], started: float,
-                progress: TrainingProgress | None) -> None:
-    """Optimizer steps from run.step to max_steps; each draws ``gradient_accumulation`` batches."""
-    accelerator = run.accelerator
-    count = run.faces
-    take = min(batch_size, count)
-    while run.step < max_steps:
-        total = 0.0
-        for _ in range(gradient_accumulation):
-            batch = torch.randperm(count, generator=run.generator)[:take].tolist()
-            with accelerator.accumulate(run.unet):
-                with accelerator.autocast():
-                    loss = step_loss(batch)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(list(run.params.values()), MAX_GRAD_NORM)
-                run.optimizer.step()
-                run.optimizer.zero_grad(set_to_none=True)
-            total += float(loss.detach()) / gradient_accumulation
-        if not math.isfinite(total):
-            raise UserError(f"training diverged at step {run.step + 1} (loss {total}): lower --learning-rate"
-                            + (" or use --mixed-precision bf16/no" if run.settings.get("mixed_precision") == "fp16" else ""))
-        run.step += 1
-        run.losses.append(total)
-        if progress:
-            progress("train", run.step, max_steps, total)
-        if run.step == max_steps or (checkpoint_every and run.step % checkpoint_every == 0):
-            run.save_checkpoint(time.perf_counter() - started)
-
-
-def _finish(run: _Run, *, started: float, validate: Callable[[], float], extra_components: dict | None) -> TrainingResult:
-    run.unet.eval()
-    with torch.no_grad(), run.accelerator.autocast():
-        validation_after = validate()
-    adapter = run.write_outputs(extra_components)
-    seconds = time.perf_counter() - started
-    run.write_report(adapter, seconds, validation_after)
-    return TrainingResult(output=run.output, adapter=adapter, losses=list(run.losses), steps=run.step,
-                          seconds=seconds, validation_before=run.validation_before,
-                          validation_after=validation_after, resumed_from=run.resumed_from, faces=run.faces)
-
-
-def _load_models(model: str, accelerator, weight_dtype: torch.dtype, full: bool):
-    models = load_model_set(model, adapters=False)  # adapters are trained from the base model
-    device = accelerator.device
-    # The frozen parts run in the training precision; in full mode the VAE and text encoder stay
-    # float32 so that the saved model folder is exact.
-    frozen_dtype = torch.float32 if full else weight_dtype
-    models.vae.to(device, frozen_dtype)
-    models.text_encoder.to(device, frozen_dtype)
-    models.unet.to(device, frozen_dtype)
-    return models
-
-
-def _weight_dtype(mixed_precision: str) -> torch.dtype:
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+    if not isinstance(identity, torch.nn.Module):  # else an IdentityEncoder or one with its interface
+        identity = IdentityEncoder.from_pretrained(identity)
+    return identity.to(device)
 
 
 @torch.no_grad()
@@ -660,6 +745,15 @@ def _decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float().clamp(-1, 1)
 
 
+def _settings(cls: type[S], settings: S | None, options: dict) -> S:
+    """``settings`` (default: ``cls()``) with the keyword ``options`` over it: a trainer takes
+    either, so that a caller can name a few settings without building the object."""
+    settings = cls() if settings is None else settings
+    if not isinstance(settings, cls):
+        raise TypeError(f"this trainer takes {cls.__name__}, not {type(settings).__name__}")
+    return dataclasses.replace(settings, **options) if options else settings
+
+
 # ---------------------------------------------------------------------------------------------
 # ε1: the identity model
 
@@ -668,106 +762,62 @@ def train_identity(
     model: str,
     data: str | Path,
     output: str | Path,
+    settings: IdentityTrainingSettings | None = None,
     *,
-    max_steps: int = 500,
-    resolution: int | None = None,
-    rank: int = 4,
-    batch_size: int = 4,
-    learning_rate: float = 1e-4,
-    lambda_id: float = 0.1,
-    id_max_timestep: int = ID_MAX_TIMESTEP,
-    full: bool = False,
-    checkpoint_every: int = 100,
-    keep_checkpoints: int | None = 3,
     resume: bool = False,
-    seed: int = 0,
-    mixed_precision: str = "no",
-    gradient_accumulation: int = 1,
-    gradient_checkpointing: bool = True,
-    max_images: int | None = None,
     identity=None,
     progress: TrainingProgress | None = None,
+    **options: Any,
 ) -> TrainingResult:
     """Fine-tune ε1 on one subject's faces (``data``: image folder or video(s)); see the module doc.
 
-    ``identity``: an IdentityEncoder, a path for IdentityEncoder.from_pretrained, or None (dlib's
-    net). ``full``: fine-tune the whole UNet and save it as OUTPUT/unet (``--identity-model OUTPUT``).
+    ``settings``: the run's :class:`IdentityTrainingSettings`; ``options``: any of its fields,
+    over it. ``identity``: an IdentityEncoder, a path for IdentityEncoder.from_pretrained, or None
+    (dlib's net). With ``full``, the whole UNet is saved as OUTPUT/unet (``--identity-model OUTPUT``).
     """
-    started = time.perf_counter()
-    _check_common(max_steps, rank, batch_size, learning_rate, checkpoint_every, mixed_precision,
-                  gradient_accumulation, resolution, max_images)
-    if not 0 <= id_max_timestep < 1000:
-        raise UserError(f"--id-max-timestep must be in 0..999, got {id_max_timestep}")
+    settings = _settings(IdentityTrainingSettings, settings, options)
     training_files(data)  # a missing or empty data folder fails before any model is loaded
-    output = Path(output).expanduser()
-    _check_output(output, resume)
-    accelerator = _accelerator(mixed_precision, gradient_accumulation)
-    device, weight_dtype = accelerator.device, _weight_dtype(mixed_precision)
-    models = _load_models(model, accelerator, weight_dtype, full)
-    size = resolution or model_resolution(models.vae, models.unet)
-    faces = load_training_faces(data, size, max_images=max_images, progress=progress)
-    encoder = _identity_encoder(identity).to(device) if lambda_id > 0 else None
+    trainer = Trainer("identity", model, Path(output).expanduser(), settings, resume=resume)
+    models, device, weight_dtype = trainer.models, trainer.device, trainer.weight_dtype
+    faces = load_training_faces(data, trainer.resolution, max_images=settings.max_images, progress=progress)
+    encoder = _identity_encoder(identity, device) if settings.lambda_id > 0 else None
 
-    images = faces_to_tensor(faces)
     latents = encode_frames(models.vae, faces)
-    references = _identity_embeddings(encoder, images, device) if encoder is not None else None
+    references = _identity_embeddings(encoder, faces_to_tensor(faces), device) if encoder is not None else None
     empty = encode_prompt(models.tokenizer, models.text_encoder, [""]).to(device, weight_dtype)
     alphas = models.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
-    settings = dict(model=str(model), data=str(Path(data).expanduser().resolve()), faces_digest=frames_digest(faces),
-                    resolution=size, rank=rank, full=full, batch_size=batch_size, learning_rate=learning_rate,
-                    lambda_id=lambda_id, id_max_timestep=id_max_timestep, seed=seed, mixed_precision=mixed_precision,
-                    gradient_accumulation=gradient_accumulation, max_images=max_images, max_steps=max_steps)
-    run = _setup_run("identity", output=output, settings=settings, accelerator=accelerator, models=models,
-                     full=full, rank=rank, learning_rate=learning_rate, seed=seed,
-                     gradient_checkpointing=gradient_checkpointing, faces=len(faces))
-    run.keep_checkpoints = keep_checkpoints
+    trainer.add_trainable(
+        dict(model=str(model), data=str(Path(data).expanduser().resolve()), faces_digest=frames_digest(faces)),
+        len(faces),
+    )
 
     def loss_of(batch: list[int], noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         z0 = latents[batch].to(device)
         noise, timesteps = noise.to(device), timesteps.to(device)
         a = alphas[timesteps].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
-        eps = run.unet(x_t.to(weight_dtype), timesteps, encoder_hidden_states=empty.expand(len(batch), -1, -1)).sample.float()
+        embeds = empty.expand(len(batch), -1, -1)
+        eps = trainer.unet(x_t.to(weight_dtype), timesteps, encoder_hidden_states=embeds).sample.float()
         loss = F.mse_loss(eps, noise)
-        near = (timesteps <= id_max_timestep).nonzero().flatten()
+        near = (timesteps <= settings.id_max_timestep).nonzero().flatten()
         if encoder is not None and len(near):
             x0 = (x_t[near] - (1 - a[near]).sqrt() * eps[near]) / a[near].sqrt()
             similarity = F.cosine_similarity(encoder(_decode(models.vae, x0)).float(), references[batch][near], dim=-1)
-            loss = loss + lambda_id * (1 - similarity).sum() / len(batch)
+            loss = loss + settings.lambda_id * (1 - similarity).sum() / len(batch)
         return loss
 
     def step_loss(batch: list[int]) -> torch.Tensor:
-        noise = torch.randn((len(batch), *latents.shape[1:]), generator=run.generator)
-        timesteps = torch.randint(0, len(alphas), (len(batch),), generator=run.generator)
+        noise = torch.randn((len(batch), *latents.shape[1:]), generator=trainer.generator)
+        timesteps = torch.randint(0, len(alphas), (len(batch),), generator=trainer.generator)
         return loss_of(batch, noise, timesteps)
 
-    # The fixed validation batch: the first faces, one noise each, timesteps spread evenly so that
-    # both terms are measured.
-    fixed = torch.Generator().manual_seed(seed + 1)
-    val_faces = evenly_spaced(len(faces), min(VALIDATION_FACES, len(faces))).tolist()
+    # The fixed validation batch: one noise per face, timesteps spread evenly so that both terms
+    # are measured.
+    fixed = torch.Generator().manual_seed(settings.seed + 1)
+    val_faces = trainer.validation_faces()
     val_noise = torch.randn((len(val_faces), *latents.shape[1:]), generator=fixed)
     val_t = torch.tensor([int((i + 0.5) * len(alphas) / len(val_faces)) for i in range(len(val_faces))])
-
-    def validate() -> float:
-        return float(loss_of(val_faces, val_noise, val_t))
-
-    return _run_training(run, resume=resume, validate=validate, step_loss=step_loss, max_steps=max_steps,
-                         batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-                         checkpoint_every=checkpoint_every, started=started, progress=progress,
-                         extra_components=None)
-
-
-def _run_training(run: _Run, *, resume: bool, validate, step_loss, max_steps, batch_size, gradient_accumulation,
-                  checkpoint_every, started, progress, extra_components) -> TrainingResult:
-    if resume:
-        run.resume()
-    if run.validation_before is None:
-        with torch.no_grad(), run.accelerator.autocast():
-            run.validation_before = validate()
-    run.output.mkdir(parents=True, exist_ok=True)
-    _train_loop(run, max_steps=max_steps, batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-                checkpoint_every=checkpoint_every, step_loss=step_loss, started=started, progress=progress)
-    return _finish(run, started=started, validate=validate, extra_components=extra_components)
+    return trainer.fit(step_loss, lambda: float(loss_of(val_faces, val_noise, val_t)), progress=progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -781,41 +831,6 @@ def edit_levels(t0: int, inversion_steps: int, generation_steps: int) -> tuple[l
     return inversion, generation
 
 
-@torch.no_grad()
-def invert_to(unet, alphas: torch.Tensor, clean: torch.Tensor, embeds: torch.Tensor, levels: list[int], *,
-              batch_size: int = 8, progress: TrainingProgress | None = None) -> torch.Tensor:
-    """Deterministic DDIM inversion of clean latents up to ``levels[-1]`` (levels ascending, from 0).
-
-    The first step leaves the clean image itself (ᾱ = 1) with the noise predicted at t = 0; the
-    regeneration's last step (:func:`generate_from`) lands on ᾱ = 1 likewise.
-    """
-    out = []
-    device, dtype = next(unet.parameters()).device, next(unet.parameters()).dtype
-    batches = range(0, len(clean), batch_size)
-    for done, start in enumerate(batches):
-        x = clean[start : start + batch_size].to(device)
-        emb = embeds.to(device, dtype).expand(len(x), -1, -1)
-        for index, t in enumerate(levels[:-1]):
-            alpha_prev = 1.0 if index == 0 else float(alphas[t])
-            eps = unet(x.to(dtype), t, encoder_hidden_states=emb).sample.float()
-            x = ddim_inverse_step(x, eps, alpha_prev, float(alphas[levels[index + 1]]))
-        out.append(x.cpu())
-        if progress:
-            progress("invert", done + 1, len(batches), None)
-    return torch.cat(out)
-
-
-def generate_from(unet, alphas: torch.Tensor, x: torch.Tensor, embeds: torch.Tensor, levels: list[int]) -> torch.Tensor:
-    """DDIM sampling down ``levels`` (descending, ending at 0 = the clean image); differentiable."""
-    dtype = embeds.dtype
-    for index, t in enumerate(levels[:-1]):
-        following = levels[index + 1]
-        alpha_prev = 1.0 if following == 0 else float(alphas[following])
-        eps = unet(x.to(dtype), t, encoder_hidden_states=embeds).sample.float()
-        x = ddim_step(x, eps, float(alphas[t]), alpha_prev)
-    return x
-
-
 def train_edit(
     model: str,
     source: str,
@@ -823,57 +838,33 @@ def train_edit(
     data: str | Path,
     clip: str,
     output: str | Path,
+    settings: EditTrainingSettings | None = None,
     *,
-    max_steps: int = 200,
-    resolution: int | None = None,
-    rank: int = 4,
-    batch_size: int = 2,
-    learning_rate: float = 1e-4,
-    lambda_dir: float = 1.0,
-    lambda_id: float = 0.1,
-    lambda_l1: float = 0.1,
-    t0: int = DEFAULT_T0,
-    inversion_steps: int = DEFAULT_INVERSION_STEPS,
-    generation_steps: int = DEFAULT_GENERATION_STEPS,
-    full: bool = False,
-    checkpoint_every: int = 50,
-    keep_checkpoints: int | None = 3,
-    resume: bool = False,
-    seed: int = 0,
-    mixed_precision: str = "no",
-    gradient_accumulation: int = 1,
-    gradient_checkpointing: bool = True,
-    max_images: int | None = None,
     target_images: str | Path | None = None,
     paired_targets: str | Path | None = None,
+    resume: bool = False,
     identity=None,
     progress: TrainingProgress | None = None,
+    **options: Any,
 ) -> TrainingResult:
     """Fine-tune ε2 to turn ``source`` faces into ``target`` ones (DiffusionCLIP); see the module doc.
 
-    ``clip``: a CLIPModel folder or hub id (the directional loss). ``full``: fine-tune the whole
-    UNet and save a complete model folder in OUTPUT (``--model OUTPUT``). ``target_images``:
-    example faces that show the target (other people will do; read as ``data``): the direction
-    becomes the one from the training faces' mean CLIP image embedding to the examples' instead
-    of the captions' text direction. A caption says what the attribute is called; examples show
-    what it looks like, and a text direction can be met by a change that only CLIP reads as the
-    attribute (a tinted patch for "blonde", a glow for "beard"). ``paired_targets``: a folder
-    holding each training image (``data``, a folder of images) edited, under the same file name;
-    the loss then compares the result with the edited face (module doc). Not with ``target_images``.
+    ``settings``: the run's :class:`EditTrainingSettings`; ``options``: any of its fields, over it.
+    ``clip``: a CLIPModel folder or hub id (the directional loss). With ``full``, the whole UNet is
+    saved as a complete model folder in OUTPUT (``--model OUTPUT``). ``target_images``: example
+    faces that show the target (other people will do; read as ``data``): the direction becomes the
+    one from the training faces' mean CLIP image embedding to the examples' instead of the
+    captions' text direction. A caption says what the attribute is called; examples show what it
+    looks like, and a text direction can be met by a change that only CLIP reads as the attribute
+    (a tinted patch for "blonde", a glow for "beard"). ``paired_targets``: a folder holding each
+    training image (``data``, a folder of images) edited, under the same file name; the loss then
+    compares the result with the edited face (module doc). Not with ``target_images``.
     """
-    started = time.perf_counter()
-    _check_common(max_steps, rank, batch_size, learning_rate, checkpoint_every, mixed_precision,
-                  gradient_accumulation, resolution, max_images)
+    settings = _settings(EditTrainingSettings, settings, options)
     if not source.strip() or not target.strip():
-        raise UserError("--source and --target must both describe the face, e.g. \"a face\" and "
-                        "\"a face with eyeglasses\"")
+        raise UserError('--source and --target must both describe the face, e.g. "a face" and "a face with eyeglasses"')
     if source.strip() == target.strip():
         raise UserError("--source and --target are the same text: the target must describe the edit")
-    if not 0 < t0 < 1000:
-        raise UserError(f"--t0 must be in 1..999, got {t0}")
-    if inversion_steps < 1 or generation_steps < 1 or generation_steps > t0 or inversion_steps > t0:
-        raise UserError(f"--inversion-steps and --generation-steps must be between 1 and --t0 ({t0}), got "
-                        f"{inversion_steps} and {generation_steps}")
     training_files(data)  # a missing or empty data folder fails before any model is loaded
     if target_images is not None and paired_targets is not None:
         raise UserError("--target-images and --paired-targets both say what the edit looks like: give one")
@@ -881,23 +872,23 @@ def train_edit(
         _option_files("--target-images", target_images)
     if paired_targets is not None:
         _option_files("--paired-targets", paired_targets)
-    output = Path(output).expanduser()
-    _check_output(output, resume)
     scorer = load_clip(clip)
-    accelerator = _accelerator(mixed_precision, gradient_accumulation)
-    device, weight_dtype = accelerator.device, _weight_dtype(mixed_precision)
-    models = _load_models(model, accelerator, weight_dtype, full)
-    scorer.to(device, weight_dtype)
-    size = resolution or model_resolution(models.vae, models.unet)
+    trainer = Trainer("edit", model, Path(output).expanduser(), settings, resume=resume)
+    models, device, size = trainer.models, trainer.device, trainer.resolution
+    scorer.to(device, trainer.weight_dtype)
     if paired_targets is None:
-        faces, edited = load_training_faces(data, size, max_images=max_images, progress=progress), None
+        faces, edited = load_training_faces(data, size, max_images=settings.max_images, progress=progress), None
     else:
-        faces, edited = load_training_pairs(data, paired_targets, size, max_images=max_images, progress=progress)
-    encoder = _identity_encoder(identity).to(device) if lambda_id > 0 else None
+        faces, edited = load_training_pairs(
+            data, paired_targets, size, max_images=settings.max_images, progress=progress
+        )
+    encoder = _identity_encoder(identity, device) if settings.lambda_id > 0 else None
 
     images = faces_to_tensor(faces)
     wanted = images if edited is None else faces_to_tensor(edited)  # what a result is compared with
-    examples = None if target_images is None else load_training_faces(target_images, size, max_images=max_images)
+    examples = (
+        None if target_images is None else load_training_faces(target_images, size, max_images=settings.max_images)
+    )
     with torch.no_grad():
         reference_clip = _clip_embeddings(scorer, images, device)
         if edited is not None:
@@ -908,58 +899,52 @@ def train_edit(
             direction = image_direction(reference_clip, _clip_embeddings(scorer, faces_to_tensor(examples), device))
             direction = direction.expand(len(images), -1)
     reference_id = _identity_embeddings(encoder, wanted, device) if encoder is not None else None
-    source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, weight_dtype)
-    target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, weight_dtype)
+    source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, trainer.weight_dtype)
+    target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, trainer.weight_dtype)
     alphas = models.scheduler.alphas_cumprod.to(torch.float32)
-    inversion_levels, generation_levels = edit_levels(t0, inversion_steps, generation_steps)
-    settings = dict(model=str(model), source=source, target=target, data=str(Path(data).expanduser().resolve()),
-                    clip=str(clip), faces_digest=frames_digest(faces), resolution=size, rank=rank, full=full,
-                    batch_size=batch_size, learning_rate=learning_rate, lambda_dir=lambda_dir, lambda_id=lambda_id,
-                    lambda_l1=lambda_l1, t0=t0, inversion_steps=inversion_steps, generation_steps=generation_steps,
-                    seed=seed, mixed_precision=mixed_precision, gradient_accumulation=gradient_accumulation,
-                    max_images=max_images, max_steps=max_steps)
+    inversion_levels, generation_levels = edit_levels(settings.t0, settings.inversion_steps, settings.generation_steps)
+    inputs = dict(
+        model=str(model),
+        source=source,
+        target=target,
+        data=str(Path(data).expanduser().resolve()),
+        clip=str(clip),
+        faces_digest=frames_digest(faces),
+    )
     if examples is not None:  # recorded only when used, so earlier runs still resume
-        settings.update(target_images=str(Path(target_images).expanduser().resolve()),
-                        target_images_digest=frames_digest(examples))
+        inputs.update(
+            target_images=str(Path(target_images).expanduser().resolve()), target_images_digest=frames_digest(examples)
+        )
     if edited is not None:
-        settings.update(paired_targets=str(Path(paired_targets).expanduser().resolve()),
-                        paired_targets_digest=frames_digest(edited))
+        inputs.update(
+            paired_targets=str(Path(paired_targets).expanduser().resolve()), paired_targets_digest=frames_digest(edited)
+        )
 
     # The base model is frozen: every face is inverted once, before the adapter exists.
-    latents = encode_frames(models.vae, faces)
-    inverted = _cached_inversion(output, models, alphas, latents, source_embeds, inversion_levels, settings, progress)
-
-    run = _setup_run("edit", output=output, settings=settings, accelerator=accelerator, models=models, full=full,
-                     rank=rank, learning_rate=learning_rate, seed=seed,
-                     gradient_checkpointing=gradient_checkpointing, faces=len(faces))
-    run.keep_checkpoints = keep_checkpoints
+    inverted = _inverted_faces(
+        trainer, encode_frames(models.vae, faces), source_embeds, alphas, inversion_levels, inputs, progress
+    )
+    trainer.add_trainable(inputs, len(faces))
 
     def loss_of(batch: list[int]) -> torch.Tensor:
-        x = inverted[batch].to(device)
-        clean = generate_from(run.unet, alphas, x, target_embeds.expand(len(batch), -1, -1), generation_levels)
+        clean = ddim_walk(trainer.unet, inverted[batch].to(device), target_embeds, alphas, generation_levels)
         generated = _decode(models.vae, clean)
         change = scorer.image_embeddings(generated) - reference_clip[batch]
-        loss = lambda_dir * (1 - F.cosine_similarity(change, direction[batch], dim=-1)).mean()
+        loss = settings.lambda_dir * (1 - F.cosine_similarity(change, direction[batch], dim=-1)).mean()
         if encoder is not None:
             similarity = F.cosine_similarity(encoder(generated).float(), reference_id[batch], dim=-1)
-            loss = loss + lambda_id * (1 - similarity).mean()
-        if lambda_l1:
-            loss = loss + lambda_l1 * (generated - wanted[batch].to(device)).abs().mean()
+            loss = loss + settings.lambda_id * (1 - similarity).mean()
+        if settings.lambda_l1:
+            loss = loss + settings.lambda_l1 * (generated - wanted[batch].to(device)).abs().mean()
         return loss
 
-    val_faces = evenly_spaced(len(faces), min(VALIDATION_FACES, len(faces))).tolist()
-
-    def validate() -> float:
-        return float(loss_of(val_faces))
-
-    extra = None
-    if full:
-        extra = dict(vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer,
-                     scheduler=models.scheduler)
-    return _run_training(run, resume=resume, validate=validate, step_loss=loss_of, max_steps=max_steps,
-                         batch_size=batch_size, gradient_accumulation=gradient_accumulation,
-                         checkpoint_every=checkpoint_every, started=started, progress=progress,
-                         extra_components=extra)
+    val_faces = trainer.validation_faces()
+    components = None
+    if settings.full:
+        components = dict(
+            vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, scheduler=models.scheduler
+        )
+    return trainer.fit(loss_of, lambda: float(loss_of(val_faces)), progress=progress, components=components)
 
 
 def image_direction(reference: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:
@@ -972,35 +957,57 @@ def _clip_embeddings(scorer, images: torch.Tensor, device, chunk: int = 16) -> t
     return torch.cat([scorer.image_embeddings(images[i : i + chunk].to(device)) for i in range(0, len(images), chunk)])
 
 
-def _cached_inversion(output: Path, models, alphas, latents, embeds, levels, settings, progress) -> torch.Tensor:
-    """Inverted training faces, kept in OUTPUT/cache so that a resumed run does not invert again."""
-    key = hashlib.sha256(json.dumps(dict(
-        faces=settings["faces_digest"], unet=module_fingerprint(models.unet), vae=module_fingerprint(models.vae),
-        source=settings["source"], levels=levels, dtype=str(models.unet.dtype),
-    ), sort_keys=True).encode()).hexdigest()[:24]
-    path = output / "cache" / f"inversion-{key}.safetensors"
-    if path.is_file():
-        try:
-            return load_file(str(path))["latents"].clone()
-        except Exception:  # a damaged cache is recomputed
-            pass
-    inverted = invert_to(models.unet, alphas, latents, embeds, levels, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, save({"latents": inverted.contiguous()}))
+@torch.no_grad()
+def _inverted_faces(
+    trainer: Trainer,
+    latents: torch.Tensor,
+    embeds: torch.Tensor,
+    alphas: torch.Tensor,
+    levels: list[int],
+    inputs: dict,
+    progress: TrainingProgress | None,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """The training faces DDIM-inverted to t0 by the frozen base model, in an InversionCache in
+    OUTPUT/cache so that a resumed run does not invert again."""
+    unet, vae = trainer.models.unet, trainer.models.vae
+    cache = InversionCache(trainer.output / "cache")
+    key = cache.key(
+        faces=inputs["faces_digest"],
+        unet=module_fingerprint(unet),
+        vae=module_fingerprint(vae),
+        source=inputs["source"],
+        levels=levels,
+        dtype=str(unet.dtype),
+    )
+    cached = cache.load(key, "inverted")
+    if cached is not None:
+        return cached["latents"]
+    embeds = embeds.to(unet.device, unet.dtype)
+    starts = range(0, len(latents), batch_size)
+    out = []
+    for done, start in enumerate(starts):
+        batch = latents[start : start + batch_size].to(unet.device)
+        out.append(ddim_walk(unet, batch, embeds, alphas, levels).cpu())
+        if progress:
+            progress("invert", done + 1, len(starts), None)
+    inverted = torch.cat(out)
+    cache.save(key, "inverted", {"latents": inverted})
     return inverted
 
 
 __all__ = [
+    "EditTrainingSettings",
+    "IdentityTrainingSettings",
+    "Trainer",
     "TrainingProgress",
     "TrainingResult",
+    "TrainingSettings",
     "edit_levels",
     "evenly_spaced",
-    "generate_from",
-    "invert_to",
     "load_training_faces",
     "load_training_pairs",
     "training_files",
     "train_edit",
     "train_identity",
 ]
-

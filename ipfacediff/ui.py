@@ -49,8 +49,6 @@ FACE_PROMPT_SLOTS = 8  # per-face prompt boxes; faces past these take the main p
 DEFAULT_KEEP_MINUTES = 60  # a session idle for longer is removed (its videos, results and cache copies)
 
 
-
-
 def face_thumbnail(frame: np.ndarray, tracks, frame_index: int) -> np.ndarray:
     """``frame`` with each face's box and id drawn, as the `faces` preview draws them."""
     import cv2
@@ -107,10 +105,21 @@ class Loaded:
 class Server:
     """What the page's callbacks share: limits, folders, and the lazily loaded models."""
 
-    def __init__(self, *, model: str | None, work_dir: Path, max_upload_mb: float, max_seconds: float,
-                 device: str = "auto", dtype: str = "auto", keep_minutes: float = DEFAULT_KEEP_MINUTES,
-                 owns_work_dir: bool = False):
+    def __init__(
+        self,
+        *,
+        model: str | None,
+        work_dir: Path,
+        max_upload_mb: float,
+        max_seconds: float,
+        device: str = "auto",
+        dtype: str = "auto",
+        keep_minutes: float = DEFAULT_KEEP_MINUTES,
+        owns_work_dir: bool = False,
+        adapters_dir: str | Path | None = None,
+    ):
         self.model = model
+        self.adapters_dir = adapters_dir  # an adapter library kept outside the model folder
         self.work_dir = work_dir
         self.uploads = work_dir / "uploads"  # Gradio's upload cache (GRADIO_TEMP_DIR) when launched
         self.max_upload_mb = max_upload_mb
@@ -140,9 +149,14 @@ class Server:
                 if len(self._pipes) >= MAX_CACHED_PIPELINES:  # keep the base, drop adapter sets
                     for old in [k for k in self._pipes if k != (None, ())]:
                         del self._pipes[old]
-                self._pipes[key] = load_pipeline(self.model, identity_lora=identity_lora,
-                                                 edit_loras=list(edit_loras) or None,
-                                                 device=self.device, dtype=self.dtype)
+                self._pipes[key] = load_pipeline(
+                    self.model,
+                    identity_lora=identity_lora,
+                    edit_loras=list(edit_loras) or None,
+                    adapters_dir=self.adapters_dir,
+                    device=self.device,
+                    dtype=self.dtype,
+                )
             return self._pipes[key]
 
     def identity(self):
@@ -303,12 +317,16 @@ class Server:
 
         size_mb = path.stat().st_size / 2**20
         if size_mb > self.max_upload_mb:
-            raise UserError(f"{path.name} is {size_mb:.0f} MB; this page takes videos up to {self.max_upload_mb:g} MB "
-                            "(trim or compress it, or use `ipfacediff edit`)")
+            raise UserError(
+                f"{path.name} is {size_mb:.0f} MB; this page takes videos up to {self.max_upload_mb:g} MB "
+                "(trim or compress it, or use `ipfacediff edit`)"
+            )
         info = probe_video(path)
         if info.duration > self.max_seconds:
-            raise UserError(f"{path.name} is {info.duration:.0f} s long; this page takes videos up to "
-                            f"{self.max_seconds:g} s (trim it, or use `ipfacediff edit` for long videos)")
+            raise UserError(
+                f"{path.name} is {info.duration:.0f} s long; this page takes videos up to "
+                f"{self.max_seconds:g} s (trim it, or use `ipfacediff edit` for long videos)"
+            )
         if info.frame_count == 0:
             raise UserError(f"{path.name} has no video frames")
         return info
@@ -328,8 +346,13 @@ class Server:
         except BaseException:  # a rejected video is not kept
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        return Loaded(str(video), str(tracks.save(folder / "tracks.json")), info.frame_count,
-                      [t.id for t in tracks.tracks], float(info.fps or 0.0))
+        return Loaded(
+            str(video),
+            str(tracks.save(folder / "tracks.json")),
+            info.frame_count,
+            [t.id for t in tracks.tracks],
+            float(info.fps or 0.0),
+        )
 
     def load_sample(self, request) -> Loaded:
         from ipfacediff.demo import sample_clip
@@ -337,8 +360,13 @@ class Server:
         folder = self.new_folder(self.session_dir(request), "videos")
         video = folder / "sample.mp4"
         tracks = sample_clip(video)
-        return Loaded(str(video), str(tracks.save(folder / "tracks.json")), tracks.frames,
-                      [t.id for t in tracks.tracks], float(tracks.fps or 0.0))
+        return Loaded(
+            str(video),
+            str(tracks.save(folder / "tracks.json")),
+            tracks.frames,
+            [t.id for t in tracks.tracks],
+            float(tracks.fps or 0.0),
+        )
 
     def thumbnail(self, loaded: Loaded) -> Path:
         """The faces preview, as a PNG next to the video (a file: its cache copy is known and removed)."""
@@ -354,8 +382,16 @@ class Server:
         cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
         return path
 
-    def run(self, loaded: Loaded, settings, request, *, identity_lora: str | None,
-            edit_loras: tuple[tuple[str, float], ...], progress=None) -> dict:
+    def run(
+        self,
+        loaded: Loaded,
+        settings,
+        request,
+        *,
+        identity_lora: str | None,
+        edit_loras: tuple[tuple[str, float], ...],
+        progress=None,
+    ) -> dict:
         from ipfacediff.demo import side_by_side
         from ipfacediff.diffusion import InversionCache
         from ipfacediff.evaluation import evaluate_videos, write_html_report, write_metrics_json
@@ -364,15 +400,25 @@ class Server:
 
         session = self.session_dir(request)
         if not Path(loaded.video).is_file() or not Path(loaded.tracks).is_file():
-            raise UserError(f"the video is no longer on the server (cleared, or idle for over {self.keep_minutes:g} "
-                            "minutes): upload it again or take the built-in sample")
+            raise UserError(
+                f"the video is no longer on the server (cleared, or idle for over {self.keep_minutes:g} "
+                "minutes): upload it again or take the built-in sample"
+            )
         if progress:
             progress("loading models", 0, 1)
         pipe = self.pipeline(identity_lora, edit_loras)
         folder = self.new_folder(session, "runs")
         edited = folder / "edited.mp4"
-        report = edit_video(loaded.video, edited, settings, pipeline=pipe, tracks_path=loaded.tracks,
-                            cache=InversionCache(session / "inversion"), progress=progress, log=lambda m: None)
+        report = edit_video(
+            loaded.video,
+            edited,
+            settings,
+            pipeline=pipe,
+            tracks_path=loaded.tracks,
+            cache=InversionCache(session / "inversion"),
+            progress=progress,
+            log=lambda m: None,
+        )
         if progress:
             progress("side by side", 0, 1)
         preview = side_by_side(Path(loaded.video), edited, folder / "side_by_side.mp4")
@@ -382,8 +428,14 @@ class Server:
             progress("report", 0, 1)
         metrics_path = write_metrics_json(metrics, folder / "metrics.json")
         report_path = write_html_report(metrics, loaded.video, edited, folder / "report.html")
-        return {"report": report, "edited": edited, "preview": preview, "metrics": metrics,
-                "metrics_path": metrics_path, "report_path": report_path}
+        return {
+            "report": report,
+            "edited": edited,
+            "preview": preview,
+            "metrics": metrics,
+            "metrics_path": metrics_path,
+            "report_path": report_path,
+        }
 
 
 # --- page -----------------------------------------------------------------------------------
@@ -430,16 +482,24 @@ def result_summary(metrics: dict) -> tuple[str, list[str]]:
     parts = []
     if (v := _number(metrics, "id_sim")) is not None:
         verdict = "the same person" if v >= ID_SAME_PERSON_COSINE else "may not look like the same person"
-        parts.append(f"same person: identity similarity {v:.2f} (1 = unchanged, {ID_SAME_PERSON_COSINE:g} or more = "
-                     f"the same person; {verdict})")
+        parts.append(
+            f"same person: identity similarity {v:.2f} (1 = unchanged, {ID_SAME_PERSON_COSINE:g} or more = "
+            f"the same person; {verdict})"
+        )
     if (v := _number(metrics, "tl_id")) is not None:
         parts.append(f"steady identity: frame-to-frame identity consistency {v:.2f} (1 = as consistent as the input)")
     if (v := _number(metrics, "warp_error_ratio")) is not None:
         parts.append(f"flicker: warp error ratio {v:.2f} (1 = as steady as the input, higher = more flicker)")
-    clip = [f"edit direction: CLIP {v:.2f} (0 = unchanged, higher = further towards the prompt)"
-            for v in [_number(metrics, "clip_direction")] if v is not None]
-    clip += [f"prompt match: CLIP score {v:.2f} (higher = closer to the prompt)"
-             for v in [_number(metrics, "clip_score")] if v is not None]
+    clip = [
+        f"edit direction: CLIP {v:.2f} (0 = unchanged, higher = further towards the prompt)"
+        for v in [_number(metrics, "clip_direction")]
+        if v is not None
+    ]
+    clip += [
+        f"prompt match: CLIP score {v:.2f} (higher = closer to the prompt)"
+        for v in [_number(metrics, "clip_score")]
+        if v is not None
+    ]
     if not parts:
         parts.append("no face found in the edit to score")
     lead = "Checks" if clip else "Checks: identity and flicker only; the edit itself was not judged"
@@ -449,10 +509,12 @@ def result_summary(metrics: dict) -> tuple[str, list[str]]:
 def _result_line(lead: str, lines: list[str], faces: list[str] = ()) -> str:
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
     prompts = "".join(f"<li>{html.escape(line)}</li>" for line in faces)
-    head = (f'<div class="result-line" id="result-faces"><strong>Prompts</strong><ul>{prompts}</ul></div>'
-            if faces else "")
-    return head + (f'<div class="result-line" id="result-text"><strong>{html.escape(lead)}</strong>'
-                   f'<ul>{items}</ul></div>')
+    head = (
+        f'<div class="result-line" id="result-faces"><strong>Prompts</strong><ul>{prompts}</ul></div>' if faces else ""
+    )
+    return head + (
+        f'<div class="result-line" id="result-text"><strong>{html.escape(lead)}</strong><ul>{items}</ul></div>'
+    )
 
 
 def seconds_text(value: Any, *, clip_seconds: float = 0.0, end: bool = False) -> str:
@@ -468,8 +530,11 @@ def seconds_text(value: Any, *, clip_seconds: float = 0.0, end: bool = False) ->
 
 def face_prompt_items(ids: list[int], chosen: list[int], texts) -> list[str]:
     """``ID=TEXT`` for each ticked face whose own prompt box (slot i = face ``ids[i]``) is filled."""
-    return [f"{face}={text.strip()}" for face, text in zip(ids, texts)
-            if face in chosen and isinstance(text, str) and text.strip()]
+    return [
+        f"{face}={text.strip()}"
+        for face, text in zip(ids, texts)
+        if face in chosen and isinstance(text, str) and text.strip()
+    ]
 
 
 def face_summary(faces: list[dict], settings) -> list[str]:
@@ -515,6 +580,7 @@ def build(server: Server):
     def progress_adapter(bar):
         def update(stage: str, done: int, total: int) -> None:
             bar((done, max(total, 1)), desc=stage, unit="")
+
         return update
 
     no_result = (None, None, None, None, "")  # side by side, edited file, downloads, metrics JSON, result line
@@ -523,12 +589,19 @@ def build(server: Server):
         """The range fields (start, end) and the per-face prompt boxes, for a new input (or none)."""
         seconds = round(loaded.seconds, 3) if loaded else None
         end_label = f"End (s; the clip is {seconds:g} s)" if seconds else "End (s)"
-        ranges = (gr.update(value=0 if loaded else None),
-                  gr.update(value=seconds if seconds else None, label=end_label))
+        ranges = (
+            gr.update(value=0 if loaded else None),
+            gr.update(value=seconds if seconds else None, label=end_label),
+        )
         ids = loaded.ids if loaded else []
-        boxes = tuple(gr.update(visible=i < len(ids), value="",
-                                label=f"Prompt for face {ids[i]} (empty = the main prompt)" if i < len(ids) else None)
-                      for i in range(FACE_PROMPT_SLOTS))
+        boxes = tuple(
+            gr.update(
+                visible=i < len(ids),
+                value="",
+                label=f"Prompt for face {ids[i]} (empty = the main prompt)" if i < len(ids) else None,
+            )
+            for i in range(FACE_PROMPT_SLOTS)
+        )
         return ranges + boxes
 
     def cleared(kind: str, message: str):
@@ -539,10 +612,16 @@ def build(server: Server):
         thumb = server.thumbnail(loaded)
         server.claim(request, "input", [loaded.video, thumb])
         choices = [(f"face {i}", i) for i in loaded.ids]
-        state = {"loaded": loaded.__dict__, "session": str(server.session_dir(request)),
-                 "key": server.session_key(request)}
-        return (state, str(thumb), gr.update(choices=choices, value=list(loaded.ids)),
-                _status("info", message)) + no_result + input_controls(loaded)
+        state = {
+            "loaded": loaded.__dict__,
+            "session": str(server.session_dir(request)),
+            "key": server.session_key(request),
+        }
+        return (
+            (state, str(thumb), gr.update(choices=choices, value=list(loaded.ids)), _status("info", message))
+            + no_result
+            + input_controls(loaded)
+        )
 
     def on_upload(video, state, request: gr.Request, bar=gr.Progress()):
         with server.busy(request):
@@ -555,15 +634,23 @@ def build(server: Server):
             except UserError as error:  # shown once, in the status line; the rejected file goes
                 server.release(request, "input")
                 return (None,) + cleared("error", f"error: {shown(error)}")
-            return (gr.update(),) + loaded_outputs(loaded, request, f"{len(loaded.ids)} face(s) found in "
-                                                   f"{loaded.frames} frames: choose the faces to edit and type a prompt")
+            return (gr.update(),) + loaded_outputs(
+                loaded,
+                request,
+                f"{len(loaded.ids)} face(s) found in "
+                f"{loaded.frames} frames: choose the faces to edit and type a prompt",
+            )
 
     def on_sample(state, request: gr.Request):
         with server.busy(request):
             server.forget_input(request, state)
             loaded = server.load_sample(request)
-            return (loaded.video,) + loaded_outputs(loaded, request, f"built-in sample: {loaded.frames} frames, face "
-                                                    "tracks given (a cartoon face that the detector may miss)")
+            return (loaded.video,) + loaded_outputs(
+                loaded,
+                request,
+                f"built-in sample: {loaded.frames} frames, face "
+                "tracks given (a cartoon face that the detector may miss)",
+            )
 
     def on_clear(state, request: gr.Request):
         with server.busy(request):
@@ -584,8 +671,10 @@ def build(server: Server):
         if not items:
             return [1.0] * count
         if len(items) != count:
-            raise UserError(f"{len(items)} weight(s) for {count} edit adapter(s): give one weight per uploaded edit "
-                            "adapter, in order, or none (1 each)")
+            raise UserError(
+                f"{len(items)} weight(s) for {count} edit adapter(s): give one weight per uploaded edit "
+                "adapter, in order, or none (1 each)"
+            )
         low, high = LORA_WEIGHT_RANGE
         weights = []
         for item in items:
@@ -594,13 +683,35 @@ def build(server: Server):
             except ValueError:
                 weight = math.nan
             if not math.isfinite(weight) or not low <= weight <= high:
-                raise UserError(f"edit adapter weight {item!r} must be a number from {low:g} to {high:g} "
-                                "(1 = the adapter as trained)")
+                raise UserError(
+                    f"edit adapter weight {item!r} must be a number from {low:g} to {high:g} "
+                    "(1 = the adapter as trained)"
+                )
             weights.append(weight)
         return weights
 
-    def on_run(state, faces, prompt, source_prompt, strength, keyframes, steps, seed, identity_file, edit_files,
-               edit_weights, start, end, fade, request: gr.Request, bar=gr.Progress(), *face_texts):
+    def on_run(
+        state,
+        faces,
+        prompt,
+        source_prompt,
+        strength,
+        keyframes,
+        steps,
+        seed,
+        identity_file,
+        edit_files,
+        edit_weights,
+        start,
+        end,
+        fade,
+        identity_gradient,
+        identity_gradient_from,
+        allow_out_of_domain,
+        request: gr.Request,
+        bar=gr.Progress(),
+        *face_texts,
+    ):
         with server.busy(request) as session:
             try:
                 if not state or not state.get("loaded"):
@@ -613,19 +724,38 @@ def build(server: Server):
                 own = face_prompt_items(loaded.ids, chosen, face_texts)
                 if not (prompt or "").strip() and own and len(own) == len(chosen):  # every face has its own
                     prompt = own[0].partition("=")[2]
-                settings = EditSettings.from_mapping({
-                    "prompt": prompt or "", "source_prompt": source_prompt or "", "steps": steps,
-                    "keyframes": keyframes or None, "strength": strength, "seed": seed or 0, "faces": spec,
-                    "face_prompts": own, "start": seconds_text(start),
-                    "end": seconds_text(end, clip_seconds=loaded.seconds, end=True), "fade": fade})
+                settings = EditSettings.from_mapping(
+                    {
+                        "prompt": prompt or "",
+                        "source_prompt": source_prompt or "",
+                        "steps": steps,
+                        "keyframes": keyframes or None,
+                        "strength": strength,
+                        "seed": seed or 0,
+                        "faces": spec,
+                        "face_prompts": own,
+                        "start": seconds_text(start),
+                        "end": seconds_text(end, clip_seconds=loaded.seconds, end=True),
+                        "fade": fade,
+                        "identity_gradient": identity_gradient,
+                        "identity_gradient_from": identity_gradient_from,
+                        "allow_out_of_domain": bool(allow_out_of_domain),
+                    }
+                )
                 if loaded.fps:  # a bad range is refused before any model loads
                     settings.frame_range(loaded.fps, loaded.frames)
                 identity_lora = adapter_file(identity_file, "identity adapter")
                 edit_paths = [adapter_file(f, "edit adapter") for f in edit_files or []]
                 edit_loras = tuple(zip(edit_paths, adapter_weights(edit_weights, len(edit_paths))))
                 server.claim(request, "adapters", [identity_lora, *edit_paths])
-                out = server.run(loaded, settings, request, identity_lora=identity_lora,
-                                 edit_loras=edit_loras, progress=progress_adapter(bar))
+                out = server.run(
+                    loaded,
+                    settings,
+                    request,
+                    identity_lora=identity_lora,
+                    edit_loras=edit_loras,
+                    progress=progress_adapter(bar),
+                )
             except UserError as error:  # shown once, in the status line; no stale result beside it
                 shutil.rmtree(session / "runs", ignore_errors=True)
                 server.release(request, "result")
@@ -637,61 +767,139 @@ def build(server: Server):
             server.release(request, "result", keep=shown_files)
             server.claim(request, "result", shown_files)
         report, metrics = out["report"], out["metrics"]
-        reused = " — inversion reused from the cache (same video, same source prompt and steps)" \
-            if report.inversion_reused else ""
+        reused = (
+            " — inversion reused from the cache (same video, same source prompt and steps)"
+            if report.inversion_reused
+            else ""
+        )
         text = f"done: {report.message} in {report.seconds.get('total', 0):.1f} s{reused}."
         files = [str(out["edited"]), str(out["report_path"]), str(out["metrics_path"])]
-        return (str(out["preview"]), str(out["edited"]), files,
-                json.dumps({k: metrics.get(k) for k in ("id_sim", "id_drift", "tl_id", "tg_id", "warp_error_ratio",
-                                                        "flicker", "frames")}, default=str),
-                _result_line(*result_summary(metrics), face_summary(report.faces, settings)), _status("ok", text))
+        return (
+            str(out["preview"]),
+            str(out["edited"]),
+            files,
+            json.dumps(
+                {
+                    k: metrics.get(k)
+                    for k in ("id_sim", "id_drift", "tl_id", "tg_id", "warp_error_ratio", "flicker", "frames")
+                },
+                default=str,
+            ),
+            _result_line(*result_summary(metrics), face_summary(report.faces, settings)),
+            _status("ok", text),
+        )
 
     with gr.Blocks(title="ipfacediff") as demo:
         state = gr.State(None, delete_callback=cleanup)
-        gr.Markdown("# ipfacediff\nEdit the faces in a video from a text prompt; the person stays "
-                    "recognisable and the result does not flicker. Upload a video or take the built-in sample.")
+        gr.Markdown(
+            "# ipfacediff\nEdit the faces in a video from a text prompt; the person stays "
+            "recognisable and the result does not flicker. Upload a video or take the built-in sample."
+        )
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 video = gr.Video(label="Input video", sources=["upload"], elem_id="input-video", height=300)
                 sample = gr.Button("Use the built-in sample", elem_id="sample-button", variant="secondary")
                 with gr.Row(equal_height=False):
-                    start = gr.Number(value=None, label="Start (s)", elem_id="range-start",
-                                      placeholder="clip start", min_width=100)
-                    end = gr.Number(value=None, label="End (s)", elem_id="range-end",
-                                    placeholder="clip end", min_width=100)
-                    fade = gr.Number(value=default_of(EditSettings, "fade"), precision=0,
-                                     label="Fade (frames)", elem_id="range-fade", min_width=100)
-                thumb = gr.Image(label="Detected faces (track ids)", interactive=False, elem_id="faces-image",
-                                 height=260, type="numpy")
+                    start = gr.Number(
+                        value=None, label="Start (s)", elem_id="range-start", placeholder="clip start", min_width=100
+                    )
+                    end = gr.Number(
+                        value=None, label="End (s)", elem_id="range-end", placeholder="clip end", min_width=100
+                    )
+                    fade = gr.Number(
+                        value=default_of(EditSettings, "fade"),
+                        precision=0,
+                        label="Fade (frames)",
+                        elem_id="range-fade",
+                        min_width=100,
+                    )
+                thumb = gr.Image(
+                    label="Detected faces (track ids)",
+                    interactive=False,
+                    elem_id="faces-image",
+                    height=260,
+                    type="numpy",
+                )
                 with gr.Row(equal_height=False):
-                    faces = gr.CheckboxGroup(label="Faces to edit", choices=[], elem_id="faces-choice", scale=1,
-                                             min_width=120)
+                    faces = gr.CheckboxGroup(
+                        label="Faces to edit", choices=[], elem_id="faces-choice", scale=1, min_width=120
+                    )
                     with gr.Column(scale=3, min_width=200):
-                        face_prompts = [gr.Textbox(label="Prompt for this face (empty = the main prompt)",
-                                                   visible=False, lines=1, max_lines=2, elem_id=f"face-prompt-{i}",
-                                                   placeholder="empty = the main prompt")
-                                        for i in range(FACE_PROMPT_SLOTS)]
+                        face_prompts = [
+                            gr.Textbox(
+                                label="Prompt for this face (empty = the main prompt)",
+                                visible=False,
+                                lines=1,
+                                max_lines=2,
+                                elem_id=f"face-prompt-{i}",
+                                placeholder="empty = the main prompt",
+                            )
+                            for i in range(FACE_PROMPT_SLOTS)
+                        ]
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt",
-                                    placeholder="what the face should show")
-                source_prompt = gr.Textbox(label="Source prompt (optional)", elem_id="source-prompt",
-                                           placeholder="what the input shows, e.g. a face")
+                prompt = gr.Textbox(
+                    label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt", placeholder="what the face should show"
+                )
+                source_prompt = gr.Textbox(
+                    label="Source prompt (optional)",
+                    elem_id="source-prompt",
+                    placeholder="what the input shows, e.g. a face",
+                )
                 with gr.Row():
                     strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength", elem_id="strength")
-                    steps = gr.Slider(1, 100, value=default_of(EditSettings, "steps"), step=1, label="Steps",
-                                      elem_id="steps")
+                    steps = gr.Slider(
+                        1, 100, value=default_of(EditSettings, "steps"), step=1, label="Steps", elem_id="steps"
+                    )
                 with gr.Row():
-                    keyframes = gr.Number(value=0, precision=0, minimum=0, label="Keyframes (0 = one per 8 frames)",
-                                          elem_id="keyframes")
+                    keyframes = gr.Number(
+                        value=0, precision=0, minimum=0, label="Keyframes (0 = one per 8 frames)", elem_id="keyframes"
+                    )
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                with gr.Accordion("Identity", open=False):
+                    with gr.Row():
+                        identity_gradient = gr.Number(
+                            value=default_of(EditSettings, "identity_gradient"),
+                            minimum=0,
+                            maximum=10,
+                            label="Identity guidance (0 = off)",
+                            elem_id="identity-gradient",
+                            info="pulls each keyframe's face towards the input's identity in the late steps",
+                        )
+                        identity_gradient_from = gr.Number(
+                            value=default_of(EditSettings, "identity_gradient_from"),
+                            precision=0,
+                            minimum=0,
+                            maximum=1000,
+                            label="From timestep",
+                            elem_id="identity-gradient-from",
+                            info="acts at this timestep and below",
+                        )
+                    allow_out_of_domain = gr.Checkbox(
+                        value=False,
+                        label="Edit faces this model was not made for",
+                        elem_id="allow-out-of-domain",
+                        info="the embedded model draws FaceWorld's faces only; the report records the override",
+                    )
                 with gr.Accordion("Adapters (LoRA)", open=False):
-                    identity_file = gr.File(label="Identity adapter ε1 (.safetensors)", file_count="single",
-                                            file_types=[".safetensors"], type="filepath", elem_id="identity-lora")
-                    edit_files = gr.File(label="Edit adapters ε2 (.safetensors)", file_count="multiple",
-                                         file_types=[".safetensors"], type="filepath", elem_id="edit-loras")
-                    edit_weights = gr.Textbox(label="Edit adapter weights: one per adapter, in order "
-                                                    "(empty = 1 each)", placeholder="e.g. 0.8, 1",
-                                              elem_id="edit-lora-weights")
+                    identity_file = gr.File(
+                        label="Identity adapter ε1 (.safetensors)",
+                        file_count="single",
+                        file_types=[".safetensors"],
+                        type="filepath",
+                        elem_id="identity-lora",
+                    )
+                    edit_files = gr.File(
+                        label="Edit adapters ε2 (.safetensors)",
+                        file_count="multiple",
+                        file_types=[".safetensors"],
+                        type="filepath",
+                        elem_id="edit-loras",
+                    )
+                    edit_weights = gr.Textbox(
+                        label="Edit adapter weights: one per adapter, in order (empty = 1 each)",
+                        placeholder="e.g. 0.8, 1",
+                        elem_id="edit-lora-weights",
+                    )
                 run = gr.Button("Edit faces", variant="primary", elem_id="run-button")
                 status = gr.HTML(_status("info", START), elem_id="status", min_height=56)
         gr.Markdown("## Result: input | edited")
@@ -701,8 +909,12 @@ def build(server: Server):
                 result_line = gr.HTML("", elem_id="result-line")
             with gr.Column(scale=1):
                 edited = gr.File(label="Edited video", interactive=False, elem_id="edited-file")
-                downloads = gr.File(label="Downloads: edited video, report (HTML), metrics (JSON)",
-                                    file_count="multiple", interactive=False, elem_id="downloads")
+                downloads = gr.File(
+                    label="Downloads: edited video, report (HTML), metrics (JSON)",
+                    file_count="multiple",
+                    interactive=False,
+                    elem_id="downloads",
+                )
                 summary = gr.Code(label="Metrics", language="json", interactive=False, elem_id="metrics", visible=False)
 
         # Every new input (upload, sample, ×) sets the loaded state, faces and results together; one
@@ -713,16 +925,50 @@ def build(server: Server):
         video.upload(on_upload, [video, state], [video] + load_outputs, **once)
         video.clear(on_clear, [state], load_outputs, show_progress="hidden")
         sample.click(on_sample, [state], [video] + load_outputs, **once)
-        run.click(on_run, [state, faces, prompt, source_prompt, strength, keyframes, steps, seed, identity_file,
-                           edit_files, edit_weights, start, end, fade] + face_prompts, results + [status], **once)
+        run.click(
+            on_run,
+            [
+                state,
+                faces,
+                prompt,
+                source_prompt,
+                strength,
+                keyframes,
+                steps,
+                seed,
+                identity_file,
+                edit_files,
+                edit_weights,
+                start,
+                end,
+                fade,
+                identity_gradient,
+                identity_gradient_from,
+                allow_out_of_domain,
+            ]
+            + face_prompts,
+            results + [status],
+            **once,
+        )
         demo.unload(on_unload)
     return demo
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, *, model: str | None = None, work_dir: str | Path | None = None,
-           max_upload_mb: float = 200, max_seconds: float = 120, share: bool = False,
-           device: str = "auto", dtype: str = "auto", block: bool = True,
-           keep_minutes: float = DEFAULT_KEEP_MINUTES):
+def launch(
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    model: str | None = None,
+    work_dir: str | Path | None = None,
+    max_upload_mb: float = 200,
+    max_seconds: float = 120,
+    share: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
+    block: bool = True,
+    keep_minutes: float = DEFAULT_KEEP_MINUTES,
+    adapters_dir: str | Path | None = None,
+):
     """Serve the page at http://HOST:PORT. ``block=False`` returns the running Blocks (close with ``.close()``).
 
     ``keep_minutes``: a session idle for longer is removed with its videos and results (a background
@@ -734,8 +980,12 @@ def launch(host: str = "127.0.0.1", port: int = 7860, *, model: str | None = Non
     if importlib.util.find_spec("gradio") is None:  # an optional extra: say how to get it
         raise UserError('gradio is not installed: pip install "ipfacediff[ui]"')
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    if isinstance(keep_minutes, bool) or not isinstance(keep_minutes, (int, float)) \
-            or not math.isfinite(keep_minutes) or keep_minutes <= 0:
+    if (
+        isinstance(keep_minutes, bool)
+        or not isinstance(keep_minutes, (int, float))
+        or not math.isfinite(keep_minutes)
+        or keep_minutes <= 0
+    ):
         raise UserError(f"keep minutes must be a positive number of minutes, not {keep_minutes!r}")
     if work_dir is None:
         work_dir = Path(tempfile.mkdtemp(prefix="ipfacediff-ui-"))
@@ -751,8 +1001,17 @@ def launch(host: str = "127.0.0.1", port: int = 7860, *, model: str | None = Non
         raise UserError(f"working folder {work_dir} is not writable; choose another with --work-dir")
     if max_upload_mb <= 0 or max_seconds <= 0:
         raise UserError("the upload size and duration limits must be positive")
-    server = Server(model=model, work_dir=work_dir, max_upload_mb=max_upload_mb, max_seconds=max_seconds,
-                    device=device, dtype=dtype, keep_minutes=keep_minutes, owns_work_dir=owns)
+    server = Server(
+        model=model,
+        work_dir=work_dir,
+        max_upload_mb=max_upload_mb,
+        max_seconds=max_seconds,
+        device=device,
+        dtype=dtype,
+        keep_minutes=keep_minutes,
+        owns_work_dir=owns,
+        adapters_dir=adapters_dir,
+    )
     uploads = server.uploads
     uploads.mkdir(exist_ok=True)
     atexit.register(server.remove_all)
@@ -768,10 +1027,22 @@ def launch(host: str = "127.0.0.1", port: int = 7860, *, model: str | None = Non
     demo.queue(default_concurrency_limit=1)
     if host not in LOCAL_HOSTS:
         print(f"warning: serving on {host}: anyone who can reach this address can use the page")
-    demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                max_file_size=f"{max_upload_mb:g}mb", allowed_paths=[str(work_dir)], ssr_mode=False,
-                theme=gr.themes.Soft(), css=CSS, head=HEAD, show_error=True, quiet=not block, inbrowser=False,
-                run_history=False)  # the browser keeps no copies of runs whose files the server removes
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=not block,
+        max_file_size=f"{max_upload_mb:g}mb",
+        allowed_paths=[str(work_dir)],
+        ssr_mode=False,
+        theme=gr.themes.Soft(),
+        css=CSS,
+        head=HEAD,
+        show_error=True,
+        quiet=not block,
+        inbrowser=False,
+        run_history=False,
+    )  # the browser keeps no copies of runs whose files the server removes
     demo.ipfacediff_server = server  # type: ignore[attr-defined]
     return demo
 
@@ -789,6 +1060,7 @@ def _sweep_forever(server: Server) -> None:
 
 def _remove_on_signals(server: Server) -> None:
     """On SIGINT/SIGTERM: remove the work folder, then end the process by that signal."""
+
     def stop(signum, frame):
         server.remove_all()
         what = server.work_dir if server.owns_work_dir else f"the sessions and uploads in {server.work_dir}"

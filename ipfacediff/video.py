@@ -139,9 +139,7 @@ def probe_video(path: str | Path) -> VideoInfo:
     return _probe(Path(path)).info
 
 
-def iter_frames(
-    path: str | Path, *, start: int = 0, count: int | None = None
-) -> Iterator[np.ndarray]:
+def iter_frames(path: str | Path, *, start: int = 0, count: int | None = None) -> Iterator[np.ndarray]:
     """Yield upright RGB frames ``start, start + 1, ...`` of the constant-rate video.
 
     The file is probed here, before the first ``next()``, so a bad path raises :class:`UserError`
@@ -163,9 +161,7 @@ def iter_source_frames(path: str | Path) -> Iterator[tuple[np.ndarray, SourceFra
     """
     timing = _probe(Path(path))
     rotation = timing.info.rotation
-    return _resampled(
-        timing, 0, timing.info.frame_count, lambda frame: _rgb_and_source(frame, rotation)
-    )
+    return _resampled(timing, 0, timing.info.frame_count, lambda frame: _rgb_and_source(frame, rotation))
 
 
 def read_frames(path: str | Path, *, start: int = 0, count: int | None = None) -> np.ndarray:
@@ -328,9 +324,7 @@ def _first_frame_and_end(
 def _resampled_frames(timing: _Timing, start: int, stop: int) -> Iterator[np.ndarray]:
     """Frames ``start..stop-1`` of the constant-rate video (see the module docstring)."""
     rotation = timing.info.rotation
-    return _resampled(
-        timing, start, stop, lambda frame: rotate_upright(frame.to_ndarray(format="rgb24"), rotation)
-    )
+    return _resampled(timing, start, stop, lambda frame: rotate_upright(frame.to_ndarray(format="rgb24"), rotation))
 
 
 def _rgb_and_source(frame: av.VideoFrame, rotation: int) -> tuple[np.ndarray, SourceFrame | None]:
@@ -341,9 +335,7 @@ def _rgb_and_source(frame: av.VideoFrame, rotation: int) -> tuple[np.ndarray, So
     return rgb, SourceFrame(yuv, colorspace=int(frame.colorspace), color_range=int(frame.color_range))
 
 
-def _resampled(
-    timing: _Timing, start: int, stop: int, convert: Callable[[av.VideoFrame], T]
-) -> Iterator[T]:
+def _resampled(timing: _Timing, start: int, stop: int, convert: Callable[[av.VideoFrame], T]) -> Iterator[T]:
     """``convert`` of each decoded frame shown at output frames ``start..stop-1``."""
     info = timing.info
     with _open_input(info.path) as (container, stream):
@@ -454,8 +446,7 @@ def _checked_frame(
         image = np.asarray(image)
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
             raise ValueError(
-                f"frame {index} must be RGB uint8 of shape (H, W, 3) or a SourceFrame, "
-                f"got {image.dtype} {image.shape}"
+                f"frame {index} must be RGB uint8 of shape (H, W, 3) or a SourceFrame, got {image.dtype} {image.shape}"
             )
     if size is not None and _frame_size(image) != size:
         raise ValueError(f"frame {index} has size {_frame_size(image)}, but frame 0 had {size}")
@@ -509,15 +500,11 @@ def _full_range(color_range: int) -> bool:
     return color_range == 2  # AVCOL_RANGE_JPEG; unspecified decodes as limited
 
 
-def _to_yuv(
-    image: np.ndarray | SourceFrame, size: tuple[int, int], colour: _Colour
-) -> av.VideoFrame:
+def _to_yuv(image: np.ndarray | SourceFrame, size: tuple[int, int], colour: _Colour) -> av.VideoFrame:
     """The yuv420p frame to encode: a matching SourceFrame as is, anything else via RGB."""
     if isinstance(image, SourceFrame):
         picture = av.VideoFrame.from_ndarray(image.yuv, format="yuv420p")
-        if image.colorspace == colour.colorspace and _full_range(image.color_range) == _full_range(
-            colour.color_range
-        ):
+        if image.colorspace == colour.colorspace and _full_range(image.color_range) == _full_range(colour.color_range):
             return picture
         # Other colours than the output's: decode it to RGB as the reader would, and convert.
         image = picture.to_ndarray(format="rgb24", src_colorspace=image.colorspace)

@@ -46,8 +46,14 @@ def test_batch_edits_shares_inversion_records_failure_and_resumes(clips, tiny_di
     )
     out = tmp_path / "out"
     seen: list[tuple[str, int, int]] = []
-    summary = run_batch(manifest, out, model=str(tiny_dir), num_workers=2, console=quiet_console(),
-                        progress=lambda stage, done, total: seen.append((stage, done, total)))
+    summary = run_batch(
+        manifest,
+        out,
+        model=str(tiny_dir),
+        num_workers=2,
+        console=quiet_console(),
+        progress=lambda stage, done, total: seen.append((stage, done, total)),
+    )
     assert (summary.done, summary.failed, summary.skipped) == (3, 1, 0)
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and rows == summary.rows
@@ -79,8 +85,13 @@ def test_batch_edits_shares_inversion_records_failure_and_resumes(clips, tiny_di
 def test_killed_worker_is_replaced_and_every_clip_completes(clips, tiny_dir, tmp_path):
     manifest = tmp_path / "manifest.jsonl"
     rows = [
-        {"input": str(clips / "a.mp4"), "prompts": ["a face with eyeglasses", "a smiling face"],
-         "tracks": str(clips / "a.tracks.json"), "steps": STEPS, "faces": "all"},
+        {
+            "input": str(clips / "a.mp4"),
+            "prompts": ["a face with eyeglasses", "a smiling face"],
+            "tracks": str(clips / "a.tracks.json"),
+            "steps": STEPS,
+            "faces": "all",
+        },
         {"input": str(clips / "b.mp4"), "prompt": "blonde hair", "whole_frame": True, "steps": STEPS},
     ]
     manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
@@ -101,8 +112,7 @@ def test_killed_worker_is_replaced_and_every_clip_completes(clips, tiny_dir, tmp
     thread = threading.Thread(target=assassin, daemon=True)
     thread.start()
     try:
-        summary = run_batch(manifest, out, model=str(tiny_dir), num_workers=2, evaluate=True,
-                            console=quiet_console())
+        summary = run_batch(manifest, out, model=str(tiny_dir), num_workers=2, evaluate=True, console=quiet_console())
     finally:
         stop.set()
         thread.join()
@@ -154,8 +164,10 @@ def test_manifest_paths_names_and_settings(tmp_path):
     assert jobs[0].input == str((tmp_path / "sub" / "clip.mp4").resolve())
     assert Path(jobs[0].output).name == "clip-eye-glasses.mp4"
     assert Path(jobs[1].output).name == "clip-smile-line2.mp4" and Path(jobs[2].output).name == "clip-smile-line3.mp4"
-    assert jobs[0].edit_loras == [(str((tmp_path / "sub" / "g.safetensors").resolve()), 0.5),
-                                  (str((tmp_path / "sub" / "s.safetensors").resolve()), 1.0)]
+    assert jobs[0].edit_loras == [
+        (str((tmp_path / "sub" / "g.safetensors").resolve()), 0.5),
+        (str((tmp_path / "sub" / "s.safetensors").resolve()), 1.0),
+    ]
     assert jobs[0].settings["keyframes"] == 2 and jobs[0].settings["whole_frame"] is True
     assert jobs[0].settings["faces"] == "0,2" and jobs[2].settings["whole_frame"] is False
     assert jobs[0].settings["blend_threshold"] == 0.4 and jobs[2].settings.get("blend_threshold") is None
@@ -168,13 +180,23 @@ def test_worker_loads_models_once_and_records_failures(clips, tmp_path, tiny_dir
 
     worker = BatchWorker(str(tiny_dir), "cpu", "float32", str(tmp_path / "inv"), str(tmp_path / "run"), False)
     settings = {"steps": 2, "whole_frame": True}
-    missing = BatchJob(line=2, index=0, input=str(tmp_path / "nope.mp4"), output=str(tmp_path / "o.mp4"),
-                       settings={"prompt": "a face", **settings})
+    missing = BatchJob(
+        line=2,
+        index=0,
+        input=str(tmp_path / "nope.mp4"),
+        output=str(tmp_path / "o.mp4"),
+        settings={"prompt": "a face", **settings},
+    )
     [row] = worker.run_clip("c", [missing], 1)
     assert row["status"] == "failed" and row["error"] and "\n" not in row["error"]
     for index, prompt in enumerate(["glasses", "smile"]):
-        job = BatchJob(line=3, index=index, input=str(clips / "b.mp4"), output=str(tmp_path / f"{prompt}.mp4"),
-                       settings={"prompt": prompt, **settings})
+        job = BatchJob(
+            line=3,
+            index=index,
+            input=str(clips / "b.mp4"),
+            output=str(tmp_path / f"{prompt}.mp4"),
+            settings={"prompt": prompt, **settings},
+        )
         [row] = worker.run_clip(f"b{index}", [job], 1)
         assert row["status"] == "done" and row["inversion_reused"] is (index == 1)
     assert worker.info()["loads"] == 1

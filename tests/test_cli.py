@@ -42,8 +42,23 @@ def test_edit_real_clip_keeps_frames_fps_and_size(shared_clip, tiny_dir, tmp_pat
     clip = shared_clip("closeup.mp4")
     before = digest(clip)
     out = tmp_path / "out.mp4"
-    code, stdout, stderr = run(["edit", str(clip), "-o", str(out), "--prompt", "a face with eyeglasses",
-                                "--model", str(tiny_dir), "--resolution", "64", "--steps", "10"], capsys)
+    code, stdout, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(out),
+            "--prompt",
+            "a face with eyeglasses",
+            "--model",
+            str(tiny_dir),
+            "--resolution",
+            "64",
+            "--steps",
+            "10",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     info = probe_video(out)
     assert (info.frame_count, info.fps, info.width, info.height) == (40, 10.0, 512, 512)
@@ -54,8 +69,18 @@ def test_edit_real_clip_keeps_frames_fps_and_size(shared_clip, tiny_dir, tmp_pat
 
 def test_audio_is_kept_and_a_second_edit_reuses_the_inversion(sample, tiny_dir, tmp_path, capsys):
     clip, tracks = sample
-    args = ["--prompt", "blonde hair", "--model", str(tiny_dir), "--steps", "3", "--tracks", str(tracks),
-            "--cache-dir", str(tmp_path / "cache")]
+    args = [
+        "--prompt",
+        "blonde hair",
+        "--model",
+        str(tiny_dir),
+        "--steps",
+        "3",
+        "--tracks",
+        str(tracks),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "a.mp4"), *args], capsys)
     assert code == 0, stderr
     source, edited = probe_video(clip), probe_video(tmp_path / "a.mp4")
@@ -86,21 +111,45 @@ def _mistakes(tmp_path: Path, clip: Path, tiny_dir: Path) -> list[tuple[str, lis
     locked = tmp_path / "no-such-folder" / "out.mp4"
     ok = ["--model", str(tiny_dir), "--steps", "2"]
     return [
-        ("missing input", ["edit", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o.mp4"), "-p", "x", *ok], "does not exist"),
+        (
+            "missing input",
+            ["edit", str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o.mp4"), "-p", "x", *ok],
+            "does not exist",
+        ),
         ("not a video", ["edit", str(text), "-o", str(tmp_path / "o.mp4"), "-p", "x", *ok], "not a video"),
-        ("unreadable model", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--model", str(broken_model)], "model"),
+        (
+            "unreadable model",
+            ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--model", str(broken_model)],
+            "model",
+        ),
         ("unwritable output", ["edit", str(clip), "-o", str(locked), "-p", "x", *ok], "does not exist"),
         ("output is input", ["edit", str(clip), "-o", str(clip), "-p", "x", *ok], "input path"),
         ("empty prompt", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "  ", *ok], "prompt is empty"),
-        ("bad face selection", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--faces", "x", *ok], "face selection"),
-        ("smoothing too strong", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--temporal-smoothing", "0.6", *ok],
-         "--temporal-smoothing"),
-        ("negative guidance", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--guidance", "-1", *ok],
-         "--guidance"),
-        ("negative temperature", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x",
-                                  "--propagation-temperature", "-1", *ok], "--propagation-temperature"),
-        ("timestep out of range", ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x",
-                                   "--all-keyframes-below", "2000", *ok], "--all-keyframes-below"),
+        (
+            "bad face selection",
+            ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--faces", "x", *ok],
+            "face selection",
+        ),
+        (
+            "smoothing too strong",
+            ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--temporal-smoothing", "0.6", *ok],
+            "--temporal-smoothing",
+        ),
+        (
+            "negative guidance",
+            ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--guidance", "-1", *ok],
+            "--guidance",
+        ),
+        (
+            "negative temperature",
+            ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--propagation-temperature", "-1", *ok],
+            "--propagation-temperature",
+        ),
+        (
+            "timestep out of range",
+            ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--all-keyframes-below", "2000", *ok],
+            "--all-keyframes-below",
+        ),
     ]
 
 
@@ -120,14 +169,30 @@ def test_user_mistakes_give_one_line_and_exit_2(case, sample, tiny_dir, tmp_path
 
 
 def test_a_mistake_from_the_installed_command_has_no_traceback(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "ipfacediff.cli", "edit", str(tmp_path / "missing.mp4"), "-o",
-                           str(tmp_path / "o.mp4"), "-p", "x"], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ipfacediff.cli",
+            "edit",
+            str(tmp_path / "missing.mp4"),
+            "-o",
+            str(tmp_path / "o.mp4"),
+            "-p",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 2
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: ")
 
 
-@pytest.mark.parametrize("command", ["edit", "invert", "build-tiny-models", "faces", "demo", "evaluate",
-                                     "train identity", "train edit", "batch", "ui"])
+@pytest.mark.parametrize(
+    "command",
+    ["edit", "invert", "build-tiny-models", "faces", "demo", "evaluate", "train identity", "train edit", "batch", "ui"],
+)
 def test_every_command_has_help(command, capsys):
     code, stdout, _ = run([*command.split(), "--help"], capsys)
     assert code == 0 and "Usage" in stdout
@@ -142,8 +207,18 @@ def test_build_tiny_models_command(tmp_path, capsys):
 
 def test_invert_command_fills_the_cache(sample, tiny_dir, tmp_path, capsys):
     clip, tracks = sample
-    argv = ["invert", str(clip), "--model", str(tiny_dir), "--steps", "3", "--tracks", str(tracks),
-            "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "invert",
+        str(clip),
+        "--model",
+        str(tiny_dir),
+        "--steps",
+        "3",
+        "--tracks",
+        str(tracks),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     code, stdout, _ = run(argv, capsys)
     assert code == 0 and "UNet calls" in stdout
     code, stdout, _ = run(argv, capsys)
@@ -154,15 +229,45 @@ def test_whole_frame_mode_and_no_face(tiny_dir, tmp_path, capsys):
     rng = np.random.default_rng(0)
     noise = [rng.integers(0, 255, (48, 64, 3), dtype=np.uint8) for _ in range(5)]
     clip = write_video(tmp_path / "noise.mp4", noise, 5)
-    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "pass.mp4"), "-p", "x", "--model", str(tiny_dir),
-                           "--steps", "2"], capsys)
+    code, _, stderr = run(
+        ["edit", str(clip), "-o", str(tmp_path / "pass.mp4"), "-p", "x", "--model", str(tiny_dir), "--steps", "2"],
+        capsys,
+    )
     assert code == 0 and "no face found" in stderr
     assert probe_video(tmp_path / "pass.mp4").frame_count == 5
-    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "req.mp4"), "-p", "x", "--model", str(tiny_dir),
-                           "--steps", "2", "--require-face"], capsys)
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(tmp_path / "req.mp4"),
+            "-p",
+            "x",
+            "--model",
+            str(tiny_dir),
+            "--steps",
+            "2",
+            "--require-face",
+        ],
+        capsys,
+    )
     assert code == 2 and "no face found" in stderr
-    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "whole.mp4"), "-p", "x", "--model", str(tiny_dir),
-                           "--steps", "2", "--whole-frame"], capsys)
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(tmp_path / "whole.mp4"),
+            "-p",
+            "x",
+            "--model",
+            str(tiny_dir),
+            "--steps",
+            "2",
+            "--whole-frame",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     info = probe_video(tmp_path / "whole.mp4")
     assert (info.width, info.height, info.frame_count) == (64, 48, 5)
@@ -192,9 +297,26 @@ def test_demo_runs_offline(tmp_path, capsys):
 def test_edit_with_evaluate_and_the_evaluate_command(sample, tiny_dir, tmp_path, capsys):
     clip, tracks = sample
     out = tmp_path / "e.mp4"
-    code, stdout, stderr = run(["edit", str(clip), "-o", str(out), "-p", "a smiling face", "--model", str(tiny_dir),
-                                "--steps", "2", "--tracks", str(tracks), "--evaluate", "--clip", str(tiny_dir / "clip")],
-                               capsys)
+    code, stdout, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(out),
+            "-p",
+            "a smiling face",
+            "--model",
+            str(tiny_dir),
+            "--steps",
+            "2",
+            "--tracks",
+            str(tracks),
+            "--evaluate",
+            "--clip",
+            str(tiny_dir / "clip"),
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     metrics = json.loads((tmp_path / "e.metrics.json").read_text())
     assert metrics["frames"] == 12 and metrics["clip_score"] is not None
@@ -217,38 +339,143 @@ def test_train_commands_write_adapters_that_edit_loads(sample, tiny_dir, tmp_pat
 
     for i, image in enumerate(moving_texture(4)):
         cv2.imwrite(str(faces / f"{i}.png"), image[..., ::-1])
-    code, stdout, stderr = run(["train", "identity", "--model", str(tiny_dir), "--data", str(faces), "--output",
-                                str(tmp_path / "id"), "--max-steps", "2", "--batch-size", "2"], capsys)
+    code, stdout, stderr = run(
+        [
+            "train",
+            "identity",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(faces),
+            "--output",
+            str(tmp_path / "id"),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "2",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     identity = tmp_path / "id" / "pytorch_lora_weights.safetensors"
     assert identity.is_file()
-    code, stdout, stderr = run(["train", "edit", "--model", str(tiny_dir), "--source", "a face", "--target",
-                                "a face with eyeglasses", "--data", str(faces), "--clip", str(tiny_dir / "clip"),
-                                "--output", str(tmp_path / "glasses"), "--max-steps", "1", "--batch-size", "2",
-                                "--inversion-steps", "2", "--generation-steps", "1"], capsys)
+    code, stdout, stderr = run(
+        [
+            "train",
+            "edit",
+            "--model",
+            str(tiny_dir),
+            "--source",
+            "a face",
+            "--target",
+            "a face with eyeglasses",
+            "--data",
+            str(faces),
+            "--clip",
+            str(tiny_dir / "clip"),
+            "--output",
+            str(tmp_path / "glasses"),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--inversion-steps",
+            "2",
+            "--generation-steps",
+            "1",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     edit_adapter = tmp_path / "glasses" / "pytorch_lora_weights.safetensors"
-    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "lora.mp4"), "-p", "a face with eyeglasses",
-                           "--model", str(tiny_dir), "--steps", "2", "--tracks", str(tracks),
-                           "--identity-lora", str(identity), "--edit-lora", f"{edit_adapter}:0.8"], capsys)
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(tmp_path / "lora.mp4"),
+            "-p",
+            "a face with eyeglasses",
+            "--model",
+            str(tiny_dir),
+            "--steps",
+            "2",
+            "--tracks",
+            str(tracks),
+            "--identity-lora",
+            str(identity),
+            "--edit-lora",
+            f"{edit_adapter}:0.8",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
-    code, _, stderr = run(["train", "identity", "--model", str(tiny_dir), "--data", str(tmp_path / "none"),
-                           "--output", str(tmp_path / "x")], capsys)
+    code, _, stderr = run(
+        [
+            "train",
+            "identity",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(tmp_path / "none"),
+            "--output",
+            str(tmp_path / "x"),
+        ],
+        capsys,
+    )
     assert code == 2 and stderr.startswith("error: ")
-    code, _, stderr = run(["train", "edit", "--model", str(tiny_dir), "--source", "a face", "--target",
-                           "a face with eyeglasses", "--data", str(faces), "--clip", str(tiny_dir / "clip"),
-                           "--output", str(tmp_path / "y"), "--target-images", str(tmp_path / "none")], capsys)
+    code, _, stderr = run(
+        [
+            "train",
+            "edit",
+            "--model",
+            str(tiny_dir),
+            "--source",
+            "a face",
+            "--target",
+            "a face with eyeglasses",
+            "--data",
+            str(faces),
+            "--clip",
+            str(tiny_dir / "clip"),
+            "--output",
+            str(tmp_path / "y"),
+            "--target-images",
+            str(tmp_path / "none"),
+        ],
+        capsys,
+    )
     assert code == 2 and stderr.startswith("error: --target-images: ") and stderr.count("\n") == 1
-    code, _, stderr = run(["train", "edit", "--model", str(tiny_dir), "--source", "a face", "--target",
-                           "a face with eyeglasses", "--data", str(faces), "--clip", str(tiny_dir / "clip"),
-                           "--output", str(tmp_path / "y"), "--paired-targets", str(tmp_path / "none")], capsys)
+    code, _, stderr = run(
+        [
+            "train",
+            "edit",
+            "--model",
+            str(tiny_dir),
+            "--source",
+            "a face",
+            "--target",
+            "a face with eyeglasses",
+            "--data",
+            str(faces),
+            "--clip",
+            str(tiny_dir / "clip"),
+            "--output",
+            str(tmp_path / "y"),
+            "--paired-targets",
+            str(tmp_path / "none"),
+        ],
+        capsys,
+    )
     assert code == 2 and stderr.startswith("error: --paired-targets: ") and stderr.count("\n") == 1
 
 
-def test_faceworld_commands_forward_to_their_modules(tmp_path, capsys):
+def test_faceworld_subcommands_render_and_refuse_in_one_line(tmp_path, capsys):
     from ipfacediff.face import FaceTracks
 
-    code, out, _ = run(["faceworld", "render", "clip", str(tmp_path / "c.mp4"), "--frames", "3", "--size", "96"], capsys)
+    code, out, _ = run(
+        ["faceworld", "render", "clip", str(tmp_path / "c.mp4"), "--frames", "3", "--size", "96"], capsys
+    )
     assert code == 0 and probe_video(tmp_path / "c.mp4").frame_count == 3
     assert len(FaceTracks.load(tmp_path / "c.json").tracks) == 2
     code, _, err = run(["faceworld", "adapters", str(tmp_path / "nothing"), "--preset", "smoke"], capsys)

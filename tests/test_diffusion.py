@@ -61,10 +61,14 @@ def test_second_inversion_makes_no_unet_call_and_resumes(setup, tmp_path):
     cache = InversionCache(tmp_path)
     counter = CallCounter(models.unet)
     try:
-        first = invert_frames(models.unet, models.scheduler, clean, empty, steps=6, cache=cache, cache_key="k", batch_size=2)
+        first = invert_frames(
+            models.unet, models.scheduler, clean, empty, steps=6, cache=cache, cache_key="k", batch_size=2
+        )
         assert counter.calls == 6 * 2
         counter.calls = 0
-        second = invert_frames(models.unet, models.scheduler, clean, empty, steps=6, cache=cache, cache_key="k", batch_size=2)
+        second = invert_frames(
+            models.unet, models.scheduler, clean, empty, steps=6, cache=cache, cache_key="k", batch_size=2
+        )
         assert counter.calls == 0 and second.unet_calls == 0
         for a, b in zip(first.latents, second.latents):
             assert torch.equal(a, b)
@@ -74,7 +78,9 @@ def test_second_inversion_makes_no_unet_call_and_resumes(setup, tmp_path):
         for step in range(3):
             (tmp_path / "k" / f"step_{step:04d}.safetensors").unlink()
         counter.calls = 0
-        resumed = invert_frames(models.unet, models.scheduler, clean, empty, steps=6, cache=cache, cache_key="k", batch_size=2)
+        resumed = invert_frames(
+            models.unet, models.scheduler, clean, empty, steps=6, cache=cache, cache_key="k", batch_size=2
+        )
         assert counter.calls == 3 * 2
         for a, b in zip(first.latents, resumed.latents):
             assert torch.equal(a, b)

@@ -26,8 +26,9 @@ from ipfacediff.domain import (
 from ipfacediff.errors import UserError
 from ipfacediff.job import SHIPPED_MODELS
 
-ADVICE = ("pass --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda for real videos, "
-          "or run ipfacediff demo")
+ADVICE = (
+    "pass --model stable-diffusion-v1-5/stable-diffusion-v1-5 --device cuda for real videos, or run ipfacediff demo"
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +67,7 @@ def test_embedded_card_reads(card):
     assert card.check == "vae_round_trip"
     assert card.resolution == 64
     assert card.advice == ADVICE
-    assert card.identity_net is None  # the trainers' identity net is not shipped
+    assert card.identity_net == SHIPPED_MODELS / "identity_net"  # the trainers' net, not the oracle
     assert card.format_version == 1
     # the threshold lies between the measured margins, with room on both sides
     assert card.out_of_domain_max + 2 < card.threshold < card.in_domain_min - 2
@@ -80,9 +81,11 @@ def test_held_out_faceworld_clips_pass(card, vae, tmp_path):
     person = HELD_OUT_IDS[0]
     clip = render_clip(person, seed=person, frames=12, size=128)  # as the quality benchmark renders it
     scene = render_clip([HELD_OUT_IDS[1], HELD_OUT_IDS[2]], seed=3, frames=12, size=256)  # two moving faces
-    tracks = {"held-out": clip_crops(clip, tmp_path),
-              "eyeglasses": clip_crops(clip.with_edit(EDITS["eyeglasses"]), tmp_path),
-              "scene": clip_crops(scene, tmp_path)}
+    tracks = {
+        "held-out": clip_crops(clip, tmp_path),
+        "eyeglasses": clip_crops(clip.with_edit(EDITS["eyeglasses"]), tmp_path),
+        "scene": clip_crops(scene, tmp_path),
+    }
     assert len(tracks["scene"]) == 2
     for name, faces in tracks.items():
         for index, crops in enumerate(faces):
@@ -106,15 +109,19 @@ def test_real_clips_are_refused(card, vae, shared_clip, name):
     for track_id, result in results.items():
         assert not result.passed, result.message
         assert result.score < card.threshold
-        assert result.message.startswith(f"the embedded model edits FaceWorld's drawn faces, and face {track_id} of "
-                                          f"{name} is not one (check: ")
+        assert result.message.startswith(
+            f"the embedded model edits FaceWorld's drawn faces, and face {track_id} of {name} is not one (check: "
+        )
         assert result.message.endswith(f"): {ADVICE}") and "\n" not in result.message
 
 
 def test_flat_and_noise_crops_are_refused(card, vae):
     rng = np.random.default_rng(0)
-    for crops in (np.zeros((4, 64, 64, 3), np.uint8), np.full((4, 64, 64, 3), 200, np.uint8),
-                  rng.integers(0, 256, (4, 64, 64, 3)).astype(np.uint8)):
+    for crops in (
+        np.zeros((4, 64, 64, 3), np.uint8),
+        np.full((4, 64, 64, 3), 200, np.uint8),
+        rng.integers(0, 256, (4, 64, 64, 3)).astype(np.uint8),
+    ):
         result = check_track(card, vae, crops, label="face 0 of flat.mp4")
         assert not result.passed, result.message
 
@@ -149,9 +156,19 @@ def test_a_model_without_a_card_is_not_checked(tmp_path):
 
 def test_card_round_trip(tmp_path):
     (tmp_path / "identity").mkdir()
-    card = ModelCard("faceworld", "FaceWorld's drawn faces", "vae_round_trip", 16.0, "run ipfacediff demo",
-                     model_name="my model", resolution=64, in_domain_min=20.5, out_of_domain_max=11.0,
-                     identity_net=tmp_path / "identity", measured={"by": "a test"})
+    card = ModelCard(
+        "faceworld",
+        "FaceWorld's drawn faces",
+        "vae_round_trip",
+        16.0,
+        "run ipfacediff demo",
+        model_name="my model",
+        resolution=64,
+        in_domain_min=20.5,
+        out_of_domain_max=11.0,
+        identity_net=tmp_path / "identity",
+        measured={"by": "a test"},
+    )
     path = card.write(tmp_path)
     assert path == tmp_path / MODEL_CARD
     assert json.loads(path.read_text())["identity_net"] == "identity"  # relative in the file
@@ -160,23 +177,32 @@ def test_card_round_trip(tmp_path):
         ModelCard("x", "x", "vae_round_trip", math.nan, "x").write(tmp_path / "identity")
 
 
-GOOD = {"format_version": 1, "domain": "faceworld", "description": "FaceWorld's drawn faces",
-        "check": "vae_round_trip", "threshold": 16.0, "advice": "run ipfacediff demo"}
+GOOD = {
+    "format_version": 1,
+    "domain": "faceworld",
+    "description": "FaceWorld's drawn faces",
+    "check": "vae_round_trip",
+    "threshold": 16.0,
+    "advice": "run ipfacediff demo",
+}
 
 
-@pytest.mark.parametrize("content, says", [
-    ("{not json", "is not JSON"),
-    ("", "is empty"),
-    ("[1, 2]", "not an object"),
-    (json.dumps({k: v for k, v in GOOD.items() if k != "threshold"}), "lacks 'threshold'"),
-    (json.dumps(GOOD | {"threshold": "high"}), "threshold must be a finite number"),
-    (json.dumps(GOOD).replace("16.0", "NaN"), "threshold must be a finite number"),
-    (json.dumps(GOOD | {"check": "vibes"}), "check 'vibes' is not one of"),
-    (json.dumps(GOOD | {"format_version": 99}), "newer than this ipfacediff reads"),
-    (json.dumps(GOOD | {"identity_net": "nowhere/net"}), "does not exist"),
-    (json.dumps(GOOD | {"resolution": 3}), "resolution must be"),
-    (json.dumps(GOOD | {"description": "two\nlines"}), "one-line string"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("{not json", "is not JSON"),
+        ("", "is empty"),
+        ("[1, 2]", "not an object"),
+        (json.dumps({k: v for k, v in GOOD.items() if k != "threshold"}), "lacks 'threshold'"),
+        (json.dumps(GOOD | {"threshold": "high"}), "threshold must be a finite number"),
+        (json.dumps(GOOD).replace("16.0", "NaN"), "threshold must be a finite number"),
+        (json.dumps(GOOD | {"check": "vibes"}), "check 'vibes' is not one of"),
+        (json.dumps(GOOD | {"format_version": 99}), "newer than this ipfacediff reads"),
+        (json.dumps(GOOD | {"identity_net": "nowhere/net"}), "does not exist"),
+        (json.dumps(GOOD | {"resolution": 3}), "resolution must be"),
+        (json.dumps(GOOD | {"description": "two\nlines"}), "one-line string"),
+    ],
+)
 def test_a_malformed_card_is_one_user_error_line(tmp_path, content, says):
     (tmp_path / MODEL_CARD).write_text(content)
     with pytest.raises(UserError) as caught:

@@ -55,7 +55,9 @@ def test_single_keyframe_extended_attention_is_plain_self_attention(tiny_pipe):
     controller.group = 2
     assert not torch.allclose(IPFaceDiffAttnProcessor(name, controller, True)(attn, hidden), plain)
     same = hidden[:1].repeat(2, 1, 1)
-    torch.testing.assert_close(IPFaceDiffAttnProcessor(name, controller, True)(attn, same), AttnProcessor2_0()(attn, same))
+    torch.testing.assert_close(
+        IPFaceDiffAttnProcessor(name, controller, True)(attn, same), AttnProcessor2_0()(attn, same)
+    )
 
 
 def test_extended_attention_attends_across_the_group():
@@ -63,9 +65,15 @@ def test_extended_attention_attends_across_the_group():
     k = torch.randn(4, 5, 8)
     v = torch.randn(4, 5, 8)
     joint = extended_attention(q, k, v, heads=2, group=2)
-    reference = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(2, 10, 2, 4).transpose(1, 2), k.reshape(2, 10, 2, 4).transpose(1, 2), v.reshape(2, 10, 2, 4).transpose(1, 2)
-    ).transpose(1, 2).reshape(4, 5, 8)
+    reference = (
+        torch.nn.functional.scaled_dot_product_attention(
+            q.reshape(2, 10, 2, 4).transpose(1, 2),
+            k.reshape(2, 10, 2, 4).transpose(1, 2),
+            v.reshape(2, 10, 2, 4).transpose(1, 2),
+        )
+        .transpose(1, 2)
+        .reshape(4, 5, 8)
+    )
     torch.testing.assert_close(joint, reference)
 
 
@@ -132,10 +140,24 @@ def test_every_length_up_to_twice_the_keyframe_spacing(tiny_pipe):
 
 
 def test_without_injection_every_frame_editing_is_independent_sampling(tiny_pipe):
-    """Injection off and every frame a keyframe: plain CFG DDIM sampling with ε2 from the inversion."""
+    """Injection and identity guidance off, every frame a keyframe: plain CFG DDIM sampling with ε2
+    from the inversion."""
     frames = moving_texture(3)
     steps, guidance = 4, 5.0
-    result = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=steps, guidance=guidance, every_frame=True, inject_feature_until=1000, inject_attention_until=1000, local_blend=False, detail_transfer=False))
+    result = tiny_pipe(
+        frames,
+        EditSettings(
+            prompt=PROMPT,
+            steps=steps,
+            guidance=guidance,
+            every_frame=True,
+            inject_feature_until=1000,
+            inject_attention_until=1000,
+            local_blend=False,
+            detail_transfer=False,
+            identity_gradient=0.0,
+        ),
+    )
     inverted, _ = tiny_pipe.invert(frames, steps=steps)
     texts = encode_prompt(tiny_pipe.tokenizer, tiny_pipe.text_encoder, ["", PROMPT])
     latents = inverted.latents[0].clone()
@@ -153,7 +175,9 @@ def test_without_injection_every_frame_editing_is_independent_sampling(tiny_pipe
 def test_identity_features_change_the_edit(tiny_pipe):
     frames = moving_texture(4)
     with_injection = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4))
-    without = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, inject_feature_until=1000, inject_attention_until=1000))
+    without = tiny_pipe(
+        frames, EditSettings(prompt=PROMPT, steps=4, inject_feature_until=1000, inject_attention_until=1000)
+    )
     ablated = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, identity_guidance=False))
     assert with_injection.unet_calls["identity"] > 0 and without.unet_calls["identity"] == 0
     assert not np.array_equal(with_injection.frames, without.frames)

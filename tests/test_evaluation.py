@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 if importlib.util.find_spec("face_recognition_models") is None:
-    pytest.skip("face_recognition_models is not installed: the identity encoder's weights come from it",
-                allow_module_level=True)
+    pytest.skip(
+        "face_recognition_models is not installed: the identity encoder's weights come from it", allow_module_level=True
+    )
 
 from ipfacediff.errors import UserError
 from ipfacediff.evaluation import (
@@ -80,8 +81,19 @@ def evaluate(clips, encoder):
 
 
 def show(label: str, m: dict) -> None:
-    keys = ("id_sim", "id_dist", "id_drift", "tl_id", "tg_id", "warp_error_ratio", "flicker",
-            "face_warp_error_ratio", "face_flicker", "background_psnr", "face_detection_rate")
+    keys = (
+        "id_sim",
+        "id_dist",
+        "id_drift",
+        "tl_id",
+        "tg_id",
+        "warp_error_ratio",
+        "flicker",
+        "face_warp_error_ratio",
+        "face_flicker",
+        "background_psnr",
+        "face_detection_rate",
+    )
     figures = ", ".join(f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys)
     print(f"\n{label}: {figures}, {m['seconds']['total']:.1f} s")
 
@@ -178,8 +190,20 @@ def test_json_and_self_contained_html(evaluate, corrupted, tmp_path):
     assert data["frames"] == CUT
     assert len(data["per_frame"]["id_sim"]) == CUT and len(data["per_frame"]["warp_error"]) == CUT - 1
     [track] = data["tracks"]
-    assert {"id", "frames", "id_sim", "id_dist", "id_drift", "tl_id", "tg_id", "clip_direction", "clip_score",
-            "warp_error_ratio", "flicker", "face_detection_rate"} <= set(track)
+    assert {
+        "id",
+        "frames",
+        "id_sim",
+        "id_dist",
+        "id_drift",
+        "tl_id",
+        "tg_id",
+        "clip_direction",
+        "clip_score",
+        "warp_error_ratio",
+        "flicker",
+        "face_detection_rate",
+    } <= set(track)
     assert track["id_sim"] == pytest.approx(data["id_sim"])  # one track: overall = that track
 
     page = write_html_report(m, m["original"], edited, tmp_path / "report.html").read_text()
@@ -202,9 +226,19 @@ def test_json_and_self_contained_html(evaluate, corrupted, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium:  # optional: the page renders headless
         shot = tmp_path / "shot.png"
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
-                        "--window-size=1000,1400", (tmp_path / "report.html").as_uri()], timeout=60,
-                       capture_output=True)
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--screenshot={shot}",
+                "--window-size=1000,1400",
+                (tmp_path / "report.html").as_uri(),
+            ],
+            timeout=60,
+            capture_output=True,
+        )
         assert shot.is_file() and Image.open(shot).size == (1000, 1400)
 
 
@@ -263,7 +297,7 @@ def test_flow_warps_the_previous_frame_onto_the_next():
     """The warp convention: frame t-1 warped with the original's flow lands on frame t."""
     import cv2
 
-    from ipfacediff.evaluation import _Flow
+    from ipfacediff.evaluation.metrics import _Flow
 
     frames = moving_texture(2, size=128, shift=(3, 1))
     gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
@@ -275,7 +309,7 @@ def test_flow_warps_the_previous_frame_onto_the_next():
 
 
 def test_without_clip_the_summary_and_headline_say_the_edit_was_not_judged():
-    from ipfacediff.evaluation import _verdict, summary_line
+    from ipfacediff.evaluation.report import _verdict, summary_line
 
     unjudged = {"id_sim": 0.95, "warp_error_ratio": 1.02, "same_person": True, "clip_direction": None}
     assert "the edit itself was not judged" in summary_line(unjudged)

@@ -115,8 +115,44 @@ def test_contact_sheet(tmp_path):
 
     sheet = contact_sheet([0, 1000], size=32)
     assert sheet.shape == (64, 32 * len(SHEET_COLUMNS), 3)
-    main(["sheet", "--ids", "1", "--size", "24", "--upscale", "1", "--out", str(tmp_path / "s.png")])
+    main(["render", "sheet", "--ids", "1", "--size", "24", "--upscale", "1", "--out", str(tmp_path / "s.png")])
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_faceworld_commands_are_typer_subcommands_with_one_line_errors(tmp_path, capsys):
+    """`ipfacediff faceworld` and its alias `python -m ipfacediff.faceworld` are one typer app: every
+    subcommand has its --help, and a mistake is one `error:` line with exit code 2."""
+    from ipfacediff.cli import main as cli_main
+    from ipfacediff.faceworld.__main__ import main
+
+    def run(command, argv):
+        try:
+            command(argv)
+            code = 0
+        except SystemExit as done:
+            code = done.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, listing, _ = run(cli_main, ["faceworld", "--help"])
+    assert code == 0 and all(name in listing for name in ("train", "oracles", "adapters", "render"))
+    for argv, options in (
+        (["train"], ["--preset", "--device", "--seed", "--resume"]),
+        (["oracles"], ["--preset", "--device", "--seed", "--workers"]),
+        (["adapters"], ["--preset", "--identity-net", "--edits", "--seed", "--resume", "--paired"]),
+        (["render", "sheet"], ["--out", "--size", "--ids", "--upscale"]),
+        (["render", "clip"], ["--ids", "--seed", "--frames", "--size", "--edit", "--tracks"]),
+    ):
+        code, text, _ = run(main, [*argv, "--help"])
+        assert code == 0 and "python -m ipfacediff.faceworld " + " ".join(argv) in " ".join(text.split())
+        assert all(option in text for option in options), (argv, text)
+    for argv, message in (
+        (["render", "clip", str(tmp_path / "c.mp4"), "--edit", "wings"], "--edit must be one of"),
+        (["render", "sheet", "--ids", "one,two"], "--ids must be identity numbers"),
+        (["train", str(tmp_path / "m"), "--preset", "huge"], "--preset must be one of"),
+    ):
+        code, _, err = run(main, argv)
+        assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
 
 
 def test_edit_definitions():

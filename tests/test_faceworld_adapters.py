@@ -81,9 +81,14 @@ def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
     pipe = load_pipeline(str(folder), device="cpu")
     assert set(pipe.unet.peft_config) == {"identity", *(f"edit:{n}" for n in EDIT_WORDS)}
     assert pipe.plan_edit(EditSettings(prompt="a face with a beard")).edit_weights == {"edit:beard": 1.0}
-    assert pipe.plan_edit(EditSettings(prompt="a smiling face with a beard", source_prompt="a face with a beard")).edit_weights == {"edit:smile": 1.0}
+    assert pipe.plan_edit(
+        EditSettings(prompt="a smiling face with a beard", source_prompt="a face with a beard")
+    ).edit_weights == {"edit:smile": 1.0}
     assert pipe.plan_edit(EditSettings(prompt="a face with a beard", adapters="none")).edit_weights == {}
-    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="beard:0.5, smile")).edit_weights == {"edit:beard": 0.5, "edit:smile": 1.0}
+    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="beard:0.5, smile")).edit_weights == {
+        "edit:beard": 0.5,
+        "edit:smile": 1.0,
+    }
     with pytest.raises(UserError, match="unknown edit adapter 'hat'.*eyeglasses"):
         pipe.plan_edit(EditSettings(prompt="a face", adapters="hat")).edit_weights
 
@@ -147,8 +152,13 @@ def test_an_adapters_tuned_weight_is_the_default_an_edit_can_override(model):
     tuned = ADAPTER_WEIGHTS["eyeglasses"]
     assert pipe.config.adapter_weights == ADAPTER_WEIGHTS
     assert pipe.plan_edit(EditSettings(prompt="a face with eyeglasses")).edit_weights == {"edit:eyeglasses": tuned}
-    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="eyeglasses, beard")).edit_weights == {"edit:eyeglasses": tuned, "edit:beard": 1.0}
-    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="eyeglasses:1")).edit_weights == {"edit:eyeglasses": 1.0}
+    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="eyeglasses, beard")).edit_weights == {
+        "edit:eyeglasses": tuned,
+        "edit:beard": 1.0,
+    }
+    assert pipe.plan_edit(EditSettings(prompt="a face", adapters="eyeglasses:1")).edit_weights == {
+        "edit:eyeglasses": 1.0
+    }
     frames = (np.random.default_rng(2).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     with one_thread():
         default = pipe(frames, EditSettings(prompt="a face with eyeglasses", steps=3))
@@ -178,11 +188,17 @@ def test_prompt_words_pick_adapters():
     assert pick_edit_adapters(words, "a bearded face") == []
 
 
-@pytest.mark.parametrize("edit", [{"words": ["x"]}, {"path": "x.safetensors", "words": ["x"], "blend_threshold": 1.5},
-                                  {"path": "x.safetensors", "words": ["x"], "blend_threshold": "low"},
-                                  {"path": "x.safetensors", "words": ["x"], "weight": -1},
-                                  {"path": "x.safetensors", "words": ["x"], "weight": "high"},
-                                  {"path": "x.safetensors", "words": ["x"], "guidance": -1}])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        {"words": ["x"]},
+        {"path": "x.safetensors", "words": ["x"], "blend_threshold": 1.5},
+        {"path": "x.safetensors", "words": ["x"], "blend_threshold": "low"},
+        {"path": "x.safetensors", "words": ["x"], "weight": -1},
+        {"path": "x.safetensors", "words": ["x"], "weight": "high"},
+        {"path": "x.safetensors", "words": ["x"], "guidance": -1},
+    ],
+)
 def test_a_broken_library_is_one_clear_error(tmp_path, edit):
     (tmp_path / "adapters").mkdir()
     (tmp_path / ADAPTER_LIBRARY).write_text(json.dumps({"edits": {"x": edit}}))
@@ -199,11 +215,25 @@ def test_cli_rejects_an_unknown_adapter_in_one_line(model, tmp_path, capsys):
     clip = render_clip(1003, seed=1, frames=2, size=96)
     source = write_video(tmp_path / "in.mp4", iter(clip), clip.fps)
     with pytest.raises(SystemExit) as exit_info:
-        main(["edit", str(source), "-o", str(tmp_path / "out.mp4"), "-p", "a face", "--model", str(folder),
-              "--adapters", "hat", "--whole-frame"])
+        main(
+            [
+                "edit",
+                str(source),
+                "-o",
+                str(tmp_path / "out.mp4"),
+                "-p",
+                "a face",
+                "--model",
+                str(folder),
+                "--adapters",
+                "hat",
+                "--whole-frame",
+            ]
+        )
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: unknown edit adapter 'hat'; this model offers: eyeglasses, blonde_hair, beard, smile"]
+        "error: unknown edit adapter 'hat'; this model offers: eyeglasses, blonde_hair, beard, smile"
+    ]
     assert not (tmp_path / "out.mp4").exists()
 
 

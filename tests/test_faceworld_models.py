@@ -8,8 +8,10 @@ import pytest
 from ipfacediff.job import SHIPPED_MODELS
 from ipfacediff.settings import EditSettings
 
-pytestmark = pytest.mark.skipif(not (SHIPPED_MODELS / "model_index.json").is_file(),
-                                reason="this checkout ships no FaceWorld models (ipfacediff/assets/faceworld)")
+pytestmark = pytest.mark.skipif(
+    not (SHIPPED_MODELS / "model_index.json").is_file(),
+    reason="this checkout ships no FaceWorld models (ipfacediff/assets/faceworld)",
+)
 
 
 def test_shipped_models_load_through_the_normal_loader():
@@ -40,7 +42,9 @@ def test_shipped_models_bring_their_identity_and_edit_adapters():
     assert "identity" in pipe.unet.peft_config
     tuned = library.weights()
     for name, edit in EDITS.items():
-        assert pipe.plan_edit(EditSettings(prompt=edit.target_caption(Attributes()))).edit_weights == {f"edit:{name}": tuned.get(name, 1.0)}
+        assert pipe.plan_edit(EditSettings(prompt=edit.target_caption(Attributes()))).edit_weights == {
+            f"edit:{name}": tuned.get(name, 1.0)
+        }
 
 
 def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
@@ -55,13 +59,21 @@ def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
     source = write_video(tmp_path / "in.mp4", iter(clip), clip.fps)
     tracks = clip.tracks.save(tmp_path / "in.tracks.json")
     out = tmp_path / "out.mp4"
-    report = edit_video(source, out, EditSettings(prompt="a face with eyeglasses", steps=20),
-                        pipeline=load_pipeline(), tracks_path=tracks, log=lambda _m: None)
+    report = edit_video(
+        source,
+        out,
+        EditSettings(prompt="a face with eyeglasses", steps=20),
+        pipeline=load_pipeline(),
+        tracks_path=tracks,
+        log=lambda _m: None,
+    )
     shipped = AdapterLibrary.read(SHIPPED_MODELS).weights().get("eyeglasses", 1.0)
     assert report.faces[0]["edit_adapters"] == {"eyeglasses": shipped}
     from ipfacediff.editing import DEFAULT_GUIDANCE
 
-    assert report.faces[0]["guidance"] == AdapterLibrary.read(SHIPPED_MODELS).guidances().get("eyeglasses", DEFAULT_GUIDANCE)
+    assert report.faces[0]["guidance"] == AdapterLibrary.read(SHIPPED_MODELS).guidances().get(
+        "eyeglasses", DEFAULT_GUIDANCE
+    )
     oracle = AttributeOracle.from_pretrained(SHIPPED_MODELS / "oracles" / "attributes")
     transforms = alignment_transforms(clip.tracks.tracks[0], 64)
 

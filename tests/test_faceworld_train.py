@@ -50,8 +50,7 @@ def run(tmp_path_factory):
         with pytest.raises(UserError, match="seed"):
             train_faceworld_models(output, preset="smoke", seed=1, resume=True)
         calls: list[tuple[str, int, int]] = []
-        report = train_faceworld_models(output, preset="smoke", resume=True,
-                                        progress=lambda *call: calls.append(call))
+        report = train_faceworld_models(output, preset="smoke", resume=True, progress=lambda *call: calls.append(call))
     finally:
         torch.set_num_threads(threads)
     return output, report, calls
@@ -88,7 +87,9 @@ def test_model_set_loads_in_float32_and_edits(run):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = IPFaceDiffPipeline.from_model_set(models)(frames, EditSettings(prompt="a face with eyeglasses", steps=3))
+        result = IPFaceDiffPipeline.from_model_set(models)(
+            frames, EditSettings(prompt="a face with eyeglasses", steps=3)
+        )
     finally:
         torch.set_num_threads(threads)
     assert result.frames.shape == frames.shape and result.frames.dtype == np.uint8
@@ -109,7 +110,13 @@ def test_tokenizer_has_whole_words_and_falls_back_to_bytes(run):
     output, _, _ = run
     tokenizer = CLIPTokenizer.from_pretrained(output / "tokenizer")
     assert tokenizer.convert_ids_to_tokens(tokenizer("a face with eyeglasses").input_ids) == [
-        "<|startoftext|>", "a</w>", "face</w>", "with</w>", "eyeglasses</w>", "<|endoftext|>"]
+        "<|startoftext|>",
+        "a</w>",
+        "face</w>",
+        "with</w>",
+        "eyeglasses</w>",
+        "<|endoftext|>",
+    ]
     unknown = tokenizer("a zqxv face").input_ids
     assert len(unknown) == 2 + 1 + 4 + 1  # the unknown word in single bytes
     assert tokenizer.decode(unknown, skip_special_tokens=True).strip() == "a zqxv face"
@@ -172,7 +179,9 @@ def test_a_finished_run_without_the_decoder_stage_gets_it_on_resume(run, tmp_pat
     assert completed["stages"]["decoder"]["steps"] == PRESETS["smoke"].decoder.steps
     assert not (older / STATE_DIR).exists()
     trained = ("decoder.", "post_quant_conv.")
-    changed = {name for name, tensor in before.state_dict().items() if not torch.equal(tensor, after.state_dict()[name])}
+    changed = {
+        name for name, tensor in before.state_dict().items() if not torch.equal(tensor, after.state_dict()[name])
+    }
     assert changed and all(name.startswith(trained) for name in changed)
     # Nearly all of the decoder moved (a key bias, which softmax ignores, gets no gradient).
     decoder = [name for name in before.state_dict() if name.startswith(trained)]

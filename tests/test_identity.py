@@ -87,9 +87,7 @@ class Face:
         )
         to_pixels = np.array([[CROP, 0.0, -0.5], [0.0, CROP, -0.5]])
         matrix = compose(to_pixels, self.frame_to_canonical)
-        self.crop = cv2.warpAffine(
-            frame, matrix, (CROP, CROP), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
-        )
+        self.crop = cv2.warpAffine(frame, matrix, (CROP, CROP), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
     def crop_tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.crop).permute(2, 0, 1).float().div(127.5).sub(1.0)

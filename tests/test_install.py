@@ -41,10 +41,13 @@ def test_mediapipe_is_installed_with_what_it_declares():
     assert not missing, missing
 
 
-@pytest.mark.parametrize(("argv", "line"), [
-    (["ui"], 'error: gradio is not installed: pip install "ipfacediff[ui]"'),
-    (["batch", "jobs.csv", "-o", "out"], 'error: ray is not installed: pip install "ipfacediff[batch]"'),
-])
+@pytest.mark.parametrize(
+    ("argv", "line"),
+    [
+        (["ui"], 'error: gradio is not installed: pip install "ipfacediff[ui]"'),
+        (["batch", "jobs.csv", "-o", "out"], 'error: ray is not installed: pip install "ipfacediff[batch]"'),
+    ],
+)
 def test_a_missing_extra_is_one_line_and_exit_2(argv, line, monkeypatch, tmp_path, capsys):
     real_find_spec = importlib.util.find_spec
 

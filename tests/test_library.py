@@ -54,8 +54,21 @@ def photos(shared_clip, tmp_path_factory):
 def library(shared_clip, photos, tiny_dir, tmp_path_factory):
     """A library built by the command from a real clip and a photo: ε1, two built-in and two custom edits."""
     lib = tmp_path_factory.mktemp("library") / "lib"
-    argv = ["train", "library", "--model", str(tiny_dir), "--data", str(shared_clip("closeup.mp4")),
-            "--data", str(photos), "--edits", EDITS, "--output", str(lib), *FAST]
+    argv = [
+        "train",
+        "library",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(shared_clip("closeup.mp4")),
+        "--data",
+        str(photos),
+        "--edits",
+        EDITS,
+        "--output",
+        str(lib),
+        *FAST,
+    ]
     try:
         main(argv)
     except SystemExit as done:
@@ -89,16 +102,21 @@ def test_train_library_writes_adapters_json_identity_and_every_edit(library, sha
     loaded = AdapterLibrary.read_dir(library)
     assert loaded.identity.is_file() and all(e.path.is_file() for e in loaded.edits)
     assert {e.name: e.target for e in loaded.edits} == {
-        "eyeglasses": "a face with eyeglasses", "blonde_hair": "a face with blonde hair",
-        "ink": "a face with a cheek tattoo", "red_hair": "a face with red hair"}
+        "eyeglasses": "a face with eyeglasses",
+        "blonde_hair": "a face with blonde hair",
+        "ink": "a face with a cheek tattoo",
+        "red_hair": "a face with red hair",
+    }
     # Only adapters and reports stay: no checkpoints, caches or staged faces.
     assert not (library / "train_data").exists() and not list(library.rglob("checkpoints"))
     report = json.loads((library / "training.json").read_text())
     assert set(report["steps"]) == {"identity", "eyeglasses", "blonde_hair", "ink", "red_hair"}
     assert all(step["steps"] == 2 for step in report["steps"].values())
     assert report["resolution"] == 64
-    assert report["data"]["identity"] == {"sources": [str(shared_clip("closeup.mp4").resolve()), str(photos.resolve())],
-                                          "faces": 8}
+    assert report["data"]["identity"] == {
+        "sources": [str(shared_clip("closeup.mp4").resolve()), str(photos.resolve())],
+        "faces": 8,
+    }
 
 
 def test_built_in_edits_start_from_faceworlds_tuned_values_marked_as_such(library):
@@ -124,18 +142,36 @@ def test_a_custom_edit_gets_words_from_its_prompt_and_a_hair_edit_the_hair_flag(
 def test_edit_with_adapters_dir_picks_adapters_by_the_prompts_words(library, sample, tiny_dir, tmp_path, capsys):
     clip, tracks = sample
     common = ["--model", str(tiny_dir), "--steps", "2", "--tracks", str(tracks), "--adapters-dir", str(library)]
-    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "a.mp4"), "-p", "a face with a tattoo and glasses",
-                           *common], capsys)
+    code, _, stderr = run(
+        ["edit", str(clip), "-o", str(tmp_path / "a.mp4"), "-p", "a face with a tattoo and glasses", *common], capsys
+    )
     assert code == 0, stderr
     faces = json.loads((tmp_path / "a.run.json").read_text())["faces"]
-    assert faces and all(face["edit_adapters"] == {"eyeglasses": ADAPTER_WEIGHTS["eyeglasses"], "ink": 1.0}
-                         for face in faces)
-    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "b.mp4"), "-p", "a face with red hair", *common],
-                          capsys)
+    assert faces and all(
+        face["edit_adapters"] == {"eyeglasses": ADAPTER_WEIGHTS["eyeglasses"], "ink": 1.0} for face in faces
+    )
+    code, _, stderr = run(
+        ["edit", str(clip), "-o", str(tmp_path / "b.mp4"), "-p", "a face with red hair", *common], capsys
+    )
     assert code == 0, stderr
     assert json.loads((tmp_path / "b.run.json").read_text())["faces"][0]["edit_adapters"] == {"red_hair": 1.0}
-    code, stdout, stderr = run(["invert", str(clip), "--model", str(tiny_dir), "--steps", "2", "--tracks", str(tracks),
-                                "--adapters-dir", str(library), "--cache-dir", str(tmp_path / "cache")], capsys)
+    code, stdout, stderr = run(
+        [
+            "invert",
+            str(clip),
+            "--model",
+            str(tiny_dir),
+            "--steps",
+            "2",
+            "--tracks",
+            str(tracks),
+            "--adapters-dir",
+            str(library),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capsys,
+    )
     assert code == 0 and "UNet calls" in stdout, stderr
 
 
@@ -144,8 +180,13 @@ def test_the_python_api_loads_a_library_from_outside_the_model_folder(library, t
     from ipfacediff.settings import EditSettings
 
     pipe = load_pipeline(str(tiny_dir), adapters_dir=library, device="cpu", dtype="float32")
-    assert set(pipe.unet.peft_config) == {"identity", "edit:eyeglasses", "edit:blonde_hair", "edit:ink",
-                                          "edit:red_hair"}
+    assert set(pipe.unet.peft_config) == {
+        "identity",
+        "edit:eyeglasses",
+        "edit:blonde_hair",
+        "edit:ink",
+        "edit:red_hair",
+    }
     plan = pipe.plan_edit(EditSettings(prompt="a face with red hair"))
     assert plan.edit_weights == {"edit:red_hair": 1.0} and plan.hair
     blonde = pipe.plan_edit(EditSettings(prompt="a blond face"))
@@ -164,19 +205,46 @@ def test_a_bad_library_is_one_line(library, sample, tiny_dir, tmp_path, capsys):
     (bad_json / "adapters.json").write_text('{"edits": [1')
     empty = tmp_path / "empty"
     empty.mkdir()
-    cases = [(tmp_path / "nowhere", "does not exist"), (empty, "has no adapters.json"),
-             (bad_json, "is not JSON"), (missing_adapter, str(missing_adapter / "ink" / ADAPTER_FILE))]
+    cases = [
+        (tmp_path / "nowhere", "does not exist"),
+        (empty, "has no adapters.json"),
+        (bad_json, "is not JSON"),
+        (missing_adapter, str(missing_adapter / "ink" / ADAPTER_FILE)),
+    ]
     for command in ("edit", "invert"):
         for folder, expected in cases:
-            argv = [command, str(clip), "--model", str(tiny_dir), "--tracks", str(tracks), "--adapters-dir", str(folder)]
+            argv = [
+                command,
+                str(clip),
+                "--model",
+                str(tiny_dir),
+                "--tracks",
+                str(tracks),
+                "--adapters-dir",
+                str(folder),
+            ]
             argv += ["-o", str(tmp_path / "o.mp4"), "-p", "a face with glasses"] if command == "edit" else []
             code, stdout, stderr = run(argv, capsys)
             lines = [line for line in stderr.splitlines() if line.strip()]
             assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (command, folder, stderr)
             assert expected in lines[0], (command, lines[0])
     assert not (tmp_path / "o.mp4").exists()
-    code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--model", str(tiny_dir),
-                           "--adapters-dir", str(library), "--no-adapter-library"], capsys)
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(tmp_path / "o.mp4"),
+            "-p",
+            "x",
+            "--model",
+            str(tiny_dir),
+            "--adapters-dir",
+            str(library),
+            "--no-adapter-library",
+        ],
+        capsys,
+    )
     assert code == 2 and "--no-adapter-library" in stderr
 
 
@@ -211,11 +279,23 @@ def test_a_killed_build_resumes_without_retraining_finished_adapters(tiny_dir, a
 
     options = dict(max_steps=3, rank=4, learning_rate=1e-4, mixed_precision="no")
     with pytest.raises(Killed):
-        build_library(str(tiny_dir), [aligned_faces], "eyeglasses,smile", lib, aligned=True,
-                      identity_options=options, progress=progress,
-                      edit_options=dict(options, inversion_steps=4, generation_steps=2, checkpoint_every=1))
-    assert {"faces " + aligned_faces.name, "adapters", "identity train", "eyeglasses invert", "eyeglasses train"} \
-        <= set(stages)
+        build_library(
+            str(tiny_dir),
+            [aligned_faces],
+            "eyeglasses,smile",
+            lib,
+            aligned=True,
+            identity_options=options,
+            progress=progress,
+            edit_options=dict(options, inversion_steps=4, generation_steps=2, checkpoint_every=1),
+        )
+    assert {
+        "faces " + aligned_faces.name,
+        "adapters",
+        "identity train",
+        "eyeglasses invert",
+        "eyeglasses train",
+    } <= set(stages)
     assert not (lib / "adapters.json").exists()  # a killed run leaves no library naming missing files
     assert (lib / "identity" / ADAPTER_FILE).is_file() and (lib / "eyeglasses" / ADAPTER_FILE).is_file()
     assert not (lib / "smile" / ADAPTER_FILE).exists()
@@ -223,9 +303,25 @@ def test_a_killed_build_resumes_without_retraining_finished_adapters(tiny_dir, a
     before = json.loads((lib / "training.json").read_text())["steps"]
     capsys.readouterr()  # the libraries' own loading bars (the CLI quiets them, the Python API does not)
 
-    argv = ["train", "library", "--model", str(tiny_dir), "--data", str(aligned_faces), "--aligned", "--edits",
-            "eyeglasses,smile", "--output", str(lib), "--max-steps", "3", "--inversion-steps", "4",
-            "--generation-steps", "2"]
+    argv = [
+        "train",
+        "library",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(aligned_faces),
+        "--aligned",
+        "--edits",
+        "eyeglasses,smile",
+        "--output",
+        str(lib),
+        "--max-steps",
+        "3",
+        "--inversion-steps",
+        "4",
+        "--generation-steps",
+        "2",
+    ]
     code, _, stderr = run(argv, capsys)
     assert code == 2 and stderr.strip().count("\n") == 0 and "--resume" in stderr
     code, stdout, stderr = run([*argv, "--resume"], capsys)
@@ -266,18 +362,31 @@ def bad_data(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("case", [
-    (["{bad}/nowhere"], [], "--data: training data", "does not exist"),
-    (["{faces}", "{bad}/empty"], ["--aligned"], "--data: training data folder", "holds no images"),
-    (["{faces}", "{bad}/junk"], ["--aligned"], "--data: cannot read the image", "a.png"),
-    (["{bad}/faceless"], [], "--data: no usable faces", "no face found in 1 image(s)"),
-    (["{faces}", "{bad}/noface.mp4"], ["--aligned"], "--data: no usable faces", "no face found in 1 video(s)"),
-    (["{bad}/notes.txt"], [], "--data: training data notes.txt", "is not one of"),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        (["{bad}/nowhere"], [], "--data: training data", "does not exist"),
+        (["{faces}", "{bad}/empty"], ["--aligned"], "--data: training data folder", "holds no images"),
+        (["{faces}", "{bad}/junk"], ["--aligned"], "--data: cannot read the image", "a.png"),
+        (["{bad}/faceless"], [], "--data: no usable faces", "no face found in 1 image(s)"),
+        (["{faces}", "{bad}/noface.mp4"], ["--aligned"], "--data: no usable faces", "no face found in 1 video(s)"),
+        (["{bad}/notes.txt"], [], "--data: training data notes.txt", "is not one of"),
+    ],
+)
 def test_bad_data_is_one_line_before_any_training(case, bad_data, aligned_faces, tiny_dir, tmp_path, capsys):
     data, extra, start, detail = case
-    argv = ["train", "library", "--model", str(tiny_dir), "--edits", "smile", "--output", str(tmp_path / "lib"),
-            *extra, *FAST]
+    argv = [
+        "train",
+        "library",
+        "--model",
+        str(tiny_dir),
+        "--edits",
+        "smile",
+        "--output",
+        str(tmp_path / "lib"),
+        *extra,
+        *FAST,
+    ]
     for item in data:
         argv += ["--data", item.format(bad=bad_data, faces=aligned_faces)]
     code, stdout, stderr = run(argv, capsys)
@@ -287,27 +396,81 @@ def test_bad_data_is_one_line_before_any_training(case, bad_data, aligned_faces,
     assert not (tmp_path / "lib").exists()  # nothing written, nothing trained
 
 
-@pytest.mark.parametrize("edits, expected", [
-    ("hat", "unknown edit 'hat'"),
-    ("Tattoo=a face with a tattoo", "cannot name an edit"),
-    ("identity=a face with a tattoo", "cannot name an edit"),
-    ("smile,smile", "names smile twice"),
-    ('tattoo=""', "has no target prompt"),
-    ("plain=a face", "is the source prompt"),
-])
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--rank", "0"], "--rank must be at least 1, got 0"),
+        (["--inversion-steps", "600"], "--inversion-steps and --generation-steps must be between 1 and --t0 (500)"),
+        (["--mixed-precision", "fp8"], "--mixed-precision must be one of no, fp16, bf16"),
+    ],
+)
+def test_bad_training_settings_are_one_line_before_any_face_is_found(options, expected, tiny_dir, tmp_path, capsys):
+    """The trainers' settings objects check the library's options, before its data is even read."""
+    code, _, stderr = run(
+        [
+            "train",
+            "library",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(tmp_path / "nowhere"),
+            "--edits",
+            "smile",
+            "--output",
+            str(tmp_path / "lib"),
+            *options,
+        ],
+        capsys,
+    )
+    assert code == 2 and stderr.startswith(f"error: {expected}") and stderr.count("\n") == 1, stderr
+    with pytest.raises(UserError, match="--full is not for `train library`"):
+        build_library(str(tiny_dir), [tmp_path / "nowhere"], "smile", tmp_path / "lib", identity_options={"full": True})
+    assert not (tmp_path / "lib").exists()
+
+
+@pytest.mark.parametrize(
+    "edits, expected",
+    [
+        ("hat", "unknown edit 'hat'"),
+        ("Tattoo=a face with a tattoo", "cannot name an edit"),
+        ("identity=a face with a tattoo", "cannot name an edit"),
+        ("smile,smile", "names smile twice"),
+        ('tattoo=""', "has no target prompt"),
+        ("plain=a face", "is the source prompt"),
+    ],
+)
 def test_bad_edits_are_one_line(edits, expected, aligned_faces, tiny_dir, tmp_path, capsys):
-    code, _, stderr = run(["train", "library", "--model", str(tiny_dir), "--data", str(aligned_faces), "--edits",
-                           edits, "--output", str(tmp_path / "lib"), *FAST], capsys)
+    code, _, stderr = run(
+        [
+            "train",
+            "library",
+            "--model",
+            str(tiny_dir),
+            "--data",
+            str(aligned_faces),
+            "--edits",
+            edits,
+            "--output",
+            str(tmp_path / "lib"),
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 2 and stderr.strip().count("\n") == 0 and expected in stderr, stderr
     assert not (tmp_path / "lib").exists()
 
 
 def test_edits_are_parsed_with_their_prompts_words_and_flags():
     assert split_edits('eyeglasses,tattoo="a face, with a tattoo",smile') == [
-        "eyeglasses", 'tattoo="a face, with a tattoo"', "smile"]
+        "eyeglasses",
+        'tattoo="a face, with a tattoo"',
+        "smile",
+    ]
     # The shell took the quotes: a piece that cannot be a name continues the prompt before it.
     assert split_edits("tattoo=a face with a tattoo, on the cheek,smile") == [
-        "tattoo=a face with a tattoo, on the cheek", "smile"]
+        "tattoo=a face with a tattoo, on the cheek",
+        "smile",
+    ]
     edits = {e.name: e for e in parse_edits(["eyeglasses,beard", 'bald="a bald man"', "smile=a face with a big grin"])}
     assert edits["eyeglasses"].target == "a face with eyeglasses" and edits["eyeglasses"].weight == 0.3
     assert edits["beard"].words == ("beard", "bearded") and not edits["beard"].hair
@@ -337,9 +500,17 @@ def test_photos_go_through_face_detection(photos):
 def test_the_reader_keeps_unknown_keys_harmless(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / ADAPTER_FILE).write_bytes(b"")
-    (tmp_path / "adapters.json").write_text(json.dumps({
-        "identity": None, "future": 1,
-        "edits": {"x": {"path": f"x/{ADAPTER_FILE}", "words": ["X"], "defaults_from": FACEWORLD_DEFAULTS, "new": 2}}}))
+    (tmp_path / "adapters.json").write_text(
+        json.dumps(
+            {
+                "identity": None,
+                "future": 1,
+                "edits": {
+                    "x": {"path": f"x/{ADAPTER_FILE}", "words": ["X"], "defaults_from": FACEWORLD_DEFAULTS, "new": 2}
+                },
+            }
+        )
+    )
     library = AdapterLibrary.read_dir(Path(tmp_path))
     assert library.identity is None and library.edits[0].words == ("x",)
     assert library.edits[0].defaults_from == FACEWORLD_DEFAULTS

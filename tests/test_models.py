@@ -47,8 +47,9 @@ def test_two_unets_and_lora_adapters(tiny_dir, tmp_path):
 
     # A LoRA in diffusers' format (what `train identity` saves), loaded as ε1 over the base.
     unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                                init_lora_weights=False))
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
     state = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
     save_file(state, str(tmp_path / "identity.safetensors"))
     shared = load_model_set(str(tiny_dir), identity_lora=str(tmp_path / "identity.safetensors"))
@@ -172,11 +173,17 @@ def test_a_lora_for_another_unet_is_one_line(tiny_dir, hostile):
     one_line_naming(error, lora, "does not fit this UNet")
 
 
-@pytest.mark.parametrize("weight, says", [("abc", "is not a number"), ("", "is not a number"),
-                                          ("nan", "finite number from -10 to 10"),
-                                          ("inf", "finite number from -10 to 10"),
-                                          ("-inf", "finite number from -10 to 10"),
-                                          ("80", "finite number from -10 to 10")])
+@pytest.mark.parametrize(
+    "weight, says",
+    [
+        ("abc", "is not a number"),
+        ("", "is not a number"),
+        ("nan", "finite number from -10 to 10"),
+        ("inf", "finite number from -10 to 10"),
+        ("-inf", "finite number from -10 to 10"),
+        ("80", "finite number from -10 to 10"),
+    ],
+)
 def test_a_lora_weight_that_is_not_a_sane_number_is_one_line(hostile, weight, says):
     from ipfacediff.models import parse_lora_spec
 
@@ -254,8 +261,11 @@ def test_a_junk_single_safetensors_model_is_one_line(tiny_dir, hostile):
 @pytest.mark.skipif(not __import__("os").path.exists("/dev/zero"), reason="no /dev/zero here")
 @pytest.mark.parametrize("option", ["model", "edit_loras", "identity_lora", "identity_model"])
 def test_dev_zero_is_not_a_regular_file(tiny_dir, option):
-    arguments = {"model": "/dev/zero"} if option == "model" else \
-        {"model": str(tiny_dir), option: [("/dev/zero", 1.0)] if option == "edit_loras" else "/dev/zero"}
+    arguments = (
+        {"model": "/dev/zero"}
+        if option == "model"
+        else {"model": str(tiny_dir), option: [("/dev/zero", 1.0)] if option == "edit_loras" else "/dev/zero"}
+    )
     with pytest.raises(UserError) as error:
         load_model_set(**arguments)
     one_line_naming(error, "/dev/zero", "it is a character device")

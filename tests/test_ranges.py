@@ -22,9 +22,31 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def test_frames_outside_the_range_pass_through_and_inside_change(shared_clip, tiny_dir, tmp_path, capsys):
     clip = shared_clip("closeup.mp4")  # 40 frames at 10 fps
     out = tmp_path / "out.mp4"
-    code, _, stderr = run(["edit", str(clip), "-o", str(out), "-p", "a face with eyeglasses", "--model", str(tiny_dir),
-                           "--resolution", "64", "--steps", "4", "--start", "1", "--end", "2", "--fade", "2",
-                           "--cache-dir", str(tmp_path / "cache")], capsys)
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(out),
+            "-p",
+            "a face with eyeglasses",
+            "--model",
+            str(tiny_dir),
+            "--resolution",
+            "64",
+            "--steps",
+            "4",
+            "--start",
+            "1",
+            "--end",
+            "2",
+            "--fade",
+            "2",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     source, edited = read_frames(clip), read_frames(out)
     assert len(edited) == len(source) == 40
@@ -39,18 +61,44 @@ def test_frames_outside_the_range_pass_through_and_inside_change(shared_clip, ti
 def test_a_face_left_unedited_by_its_own_prompt_passes_through(shared_clip, tiny_dir, tmp_path, capsys):
     clip = shared_clip("closeup.mp4")
     out = tmp_path / "out.mp4"
-    code, _, stderr = run(["edit", str(clip), "-o", str(out), "-p", "a face with eyeglasses", "--model", str(tiny_dir),
-                           "--resolution", "64", "--steps", "2", "--face-prompt", "0=", "--end", "frame:8"], capsys)
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(out),
+            "-p",
+            "a face with eyeglasses",
+            "--model",
+            str(tiny_dir),
+            "--resolution",
+            "64",
+            "--steps",
+            "2",
+            "--face-prompt",
+            "0=",
+            "--end",
+            "frame:8",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     assert min(psnr(a, b) for a, b in zip(read_frames(clip), read_frames(out))) >= 45
     faces = json.loads((tmp_path / "out.run.json").read_text())["faces"]
     assert faces == [{"id": 0, "frames": 0, "prompt": None}]
 
 
-@pytest.mark.parametrize("start, end, words", [
-    ("3", "2", "empty or reversed"), ("1", "1", "empty or reversed"), ("9", "", "starts after the clip's last frame"),
-    ("frame:40", "", "starts after"), ("-1", "", "--start must be seconds"), ("", "soon", "--end must be seconds"),
-])
+@pytest.mark.parametrize(
+    "start, end, words",
+    [
+        ("3", "2", "empty or reversed"),
+        ("1", "1", "empty or reversed"),
+        ("9", "", "starts after the clip's last frame"),
+        ("frame:40", "", "starts after"),
+        ("-1", "", "--start must be seconds"),
+        ("", "soon", "--end must be seconds"),
+    ],
+)
 def test_a_bad_range_is_one_line_before_any_work(start, end, words):
     with pytest.raises(UserError, match=words) as caught:
         EditSettings(prompt="x", start=start, end=end).frame_range(10.0, 40)
@@ -84,11 +132,27 @@ def test_two_faces_each_get_their_own_edit_and_the_oracle_sees_it(tmp_path, caps
     if not (SHIPPED_MODELS / "oracles" / "attributes").is_dir():
         pytest.skip("the FaceWorld models are not shipped in this checkout")
     people = list(HELD_OUT_IDS)[:2]
-    clip, tracks_path = write_clip(render_clip(people, seed=3, frames=8, size=256), tmp_path / "in.mp4",
-                                   tmp_path / "in.tracks.json")
+    clip, tracks_path = write_clip(
+        render_clip(people, seed=3, frames=8, size=256), tmp_path / "in.mp4", tmp_path / "in.tracks.json"
+    )
     out = tmp_path / "out.mp4"
-    code, _, stderr = run(["edit", str(clip), "-o", str(out), "-p", "a face with eyeglasses", "--face-prompt",
-                           "1=a face with a beard", "--tracks", str(tracks_path), "--steps", "20"], capsys)
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(out),
+            "-p",
+            "a face with eyeglasses",
+            "--face-prompt",
+            "1=a face with a beard",
+            "--tracks",
+            str(tracks_path),
+            "--steps",
+            "20",
+        ],
+        capsys,
+    )
     assert code == 0, stderr
     oracle = AttributeOracle.from_pretrained(SHIPPED_MODELS / "oracles" / "attributes")
     tracks = FaceTracks.load(tracks_path)

@@ -30,25 +30,28 @@ def one_line_error(**values) -> str:
     return message
 
 
-@pytest.mark.parametrize("values, words", [
-    ({"guidance": math.nan}, "--guidance must be a finite number"),
-    ({"guidance": math.inf}, "--guidance must be a finite number"),
-    ({"guidance": -1.0}, "--guidance must be in [0, 100]"),
-    ({"seed": 2**70}, "--seed must be in [0, "),
-    ({"seed": -1}, "--seed must be in [0, "),
-    ({"resolution": 0}, "--resolution must be in [8, 4096]"),
-    ({"resolution": -64}, "--resolution must be in [8, 4096]"),
-    ({"resolution": 100}, "--resolution must be a multiple of 8"),
-    ({"steps": 2.5}, "--steps must be an integer"),
-    ({"steps": True}, "--steps must be an integer"),
-    ({"strength": 0.0}, "--strength must be in (0, 1]"),
-    ({"temporal_smoothing": 0.5}, "--temporal-smoothing must be in [0, 0.5)"),
-    ({"blend_threshold": math.nan}, "--blend-threshold must be a finite number"),
-    ({"keyframes": 0}, "--keyframes must be in [1, "),
-    ({"faces": "0,x"}, "bad face selection"),
-    ({"prompt": "   "}, "the prompt is empty"),
-    ({"local_blend": "no"}, "--local-blend must be true or false"),
-])
+@pytest.mark.parametrize(
+    "values, words",
+    [
+        ({"guidance": math.nan}, "--guidance must be a finite number"),
+        ({"guidance": math.inf}, "--guidance must be a finite number"),
+        ({"guidance": -1.0}, "--guidance must be in [0, 100]"),
+        ({"seed": 2**70}, "--seed must be in [0, "),
+        ({"seed": -1}, "--seed must be in [0, "),
+        ({"resolution": 0}, "--resolution must be in [8, 4096]"),
+        ({"resolution": -64}, "--resolution must be in [8, 4096]"),
+        ({"resolution": 100}, "--resolution must be a multiple of 8"),
+        ({"steps": 2.5}, "--steps must be an integer"),
+        ({"steps": True}, "--steps must be an integer"),
+        ({"strength": 0.0}, "--strength must be in (0, 1]"),
+        ({"temporal_smoothing": 0.5}, "--temporal-smoothing must be in [0, 0.5)"),
+        ({"blend_threshold": math.nan}, "--blend-threshold must be a finite number"),
+        ({"keyframes": 0}, "--keyframes must be in [1, "),
+        ({"faces": "0,x"}, "bad face selection"),
+        ({"prompt": "   "}, "the prompt is empty"),
+        ({"local_blend": "no"}, "--local-blend must be true or false"),
+    ],
+)
 def test_every_bad_value_is_one_line_naming_its_option(values, words):
     assert words in one_line_error(**values)
 
@@ -62,13 +65,16 @@ def test_values_are_typed_and_frozen():
 
 
 def test_values_typed_by_a_person_are_read_or_refused_in_one_line():
-    settings = EditSettings.from_mapping({"prompt": "x", "steps": "20", "local_blend": "off", "guidance": "",
-                                          "faces": [0, 2]})
+    settings = EditSettings.from_mapping(
+        {"prompt": "x", "steps": "20", "local_blend": "off", "guidance": "", "faces": [0, 2]}
+    )
     assert (settings.steps, settings.local_blend, settings.guidance, settings.faces) == (20, False, None, "0,2")
-    for values, words in [({"steps": "abc"}, "steps must be an integer"),
-                          ({"guidance": "nan"}, "--guidance must be a finite number"),
-                          ({"hair": "maybe"}, "hair must be true or false"),
-                          ({"colour": "red"}, "unknown setting 'colour'")]:
+    for values, words in [
+        ({"steps": "abc"}, "steps must be an integer"),
+        ({"guidance": "nan"}, "--guidance must be a finite number"),
+        ({"hair": "maybe"}, "hair must be true or false"),
+        ({"colour": "red"}, "unknown setting 'colour'"),
+    ]:
         with pytest.raises(UserError, match="^m.csv line 3: ") as caught:
             EditSettings.from_mapping({"prompt": "x", **values}, where="m.csv line 3")
         assert words in str(caught.value)
@@ -102,8 +108,12 @@ def test_json_is_written_strictly(tmp_path):
 
 
 def test_an_unwritable_output_is_found_before_the_work(tmp_path):
-    for path, words in [(Path("/proc/x.mp4"), "cannot be written"), (tmp_path, "is a folder"),
-                        (tmp_path / "missing" / "x.mp4", "does not exist"), (Path("/dev/null"), "not a regular file")]:
+    for path, words in [
+        (Path("/proc/x.mp4"), "cannot be written"),
+        (tmp_path, "is a folder"),
+        (tmp_path / "missing" / "x.mp4", "does not exist"),
+        (Path("/dev/null"), "not a regular file"),
+    ]:
         with pytest.raises(UserError, match=words):
             check_writable(path)
     assert check_writable(tmp_path / "ok.mp4") == tmp_path / "ok.mp4"
@@ -118,14 +128,17 @@ def run_entry_point(*args: str, cwd: Path | None = None) -> subprocess.Completed
     return subprocess.run([str(ENTRY_POINT), *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=env)
 
 
-@pytest.mark.parametrize("option, value, words", [
-    ("--guidance", "nan", "--guidance must be a finite number"),
-    ("--guidance", "inf", "--guidance must be a finite number"),
-    ("--seed", str(2**70), "--seed must be in"),
-    ("--resolution", "0", "--resolution must be in [8, 4096]"),
-    ("--resolution", "-64", "--resolution must be in [8, 4096]"),
-    ("--edit-lora", "adapter.safetensors:nan", "nan"),
-])
+@pytest.mark.parametrize(
+    "option, value, words",
+    [
+        ("--guidance", "nan", "--guidance must be a finite number"),
+        ("--guidance", "inf", "--guidance must be a finite number"),
+        ("--seed", str(2**70), "--seed must be in"),
+        ("--resolution", "0", "--resolution must be in [8, 4096]"),
+        ("--resolution", "-64", "--resolution must be in [8, 4096]"),
+        ("--edit-lora", "adapter.safetensors:nan", "nan"),
+    ],
+)
 def test_hostile_numbers_exit_2_with_one_line_and_no_output(tmp_path, option, value, words):
     from ipfacediff.video import write_video
     import numpy as np
@@ -134,8 +147,9 @@ def test_hostile_numbers_exit_2_with_one_line_and_no_output(tmp_path, option, va
     write_video(clip, (np.full((64, 64, 3), i * 20, np.uint8) for i in range(4)), 10.0)
     (tmp_path / "adapter.safetensors").write_bytes(b"")
     started = time.monotonic()
-    done = run_entry_point("edit", str(clip), "-o", str(tmp_path / "out.mp4"), "-p", "a face", option, value,
-                           cwd=tmp_path)
+    done = run_entry_point(
+        "edit", str(clip), "-o", str(tmp_path / "out.mp4"), "-p", "a face", option, value, cwd=tmp_path
+    )
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from ipfacediff.errors import UserError
 from ipfacediff.settings import EditSettings
 from ipfacediff.training import load_training_faces, load_training_pairs, train_edit, train_identity
+from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings
 
 EDIT = dict(source="a face", target="a face with eyeglasses")
 TINY_EDIT = dict(inversion_steps=4, generation_steps=2)
@@ -69,24 +70,46 @@ def base_output(tiny_dir, frames):
     from ipfacediff.editing import IPFaceDiffPipeline
     from ipfacediff.models import load_model_set
 
-    return IPFaceDiffPipeline.from_model_set(load_model_set(str(tiny_dir)))(frames, EditSettings(prompt=EDIT["target"], steps=3)).frames
+    return IPFaceDiffPipeline.from_model_set(load_model_set(str(tiny_dir)))(
+        frames, EditSettings(prompt=EDIT["target"], steps=3)
+    ).frames
 
 
 @pytest.fixture(scope="module")
 def identity_run(tiny_dir, faces_dir, identity, tmp_path_factory):
     calls = []
-    result = train_identity(str(tiny_dir), faces_dir, tmp_path_factory.mktemp("identity") / "out", max_steps=20,
-                            batch_size=4, learning_rate=2e-3, checkpoint_every=10, identity=identity,
-                            progress=lambda *args: calls.append(args))
+    result = train_identity(
+        str(tiny_dir),
+        faces_dir,
+        tmp_path_factory.mktemp("identity") / "out",
+        max_steps=20,
+        batch_size=4,
+        learning_rate=2e-3,
+        checkpoint_every=10,
+        identity=identity,
+        progress=lambda *args: calls.append(args),
+    )
     return result, calls
 
 
 @pytest.fixture(scope="module")
 def edit_run(tiny_dir, faces_dir, identity, tmp_path_factory):
     calls = []
-    result = train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
-                        tmp_path_factory.mktemp("edit") / "out", max_steps=20, batch_size=2, learning_rate=2e-3,
-                        checkpoint_every=10, identity=identity, progress=lambda *args: calls.append(args), **TINY_EDIT)
+    result = train_edit(
+        str(tiny_dir),
+        EDIT["source"],
+        EDIT["target"],
+        faces_dir,
+        str(tiny_dir / "clip"),
+        tmp_path_factory.mktemp("edit") / "out",
+        max_steps=20,
+        batch_size=2,
+        learning_rate=2e-3,
+        checkpoint_every=10,
+        identity=identity,
+        progress=lambda *args: calls.append(args),
+        **TINY_EDIT,
+    )
     return result, calls
 
 
@@ -106,6 +129,8 @@ def check_adapter_file(result) -> dict[str, torch.Tensor]:
     assert report["steps"] == 20 and len(report["losses"]) == 20 and report["settings"]["rank"] == 4
     assert {"torch", "diffusers", "peft", "accelerate"} <= set(report["versions"])
     assert sorted(p.name for p in (result.output / "checkpoints").iterdir()) == ["step_000010", "step_000020"]
+    written = [p for p in result.output.rglob("*") if p.is_file()]
+    assert written and all(p.suffix in (".safetensors", ".json") for p in written)  # nothing to unpickle
     return state
 
 
@@ -147,6 +172,25 @@ def test_identity_adapter_reloads_and_changes_the_edit(identity_run, tiny_dir, f
     assert not np.array_equal(edited, base_output)
 
 
+# Each trainer's LoRA B matrices (sum, sum of magnitudes) and its losses after the fixture's 20
+# steps, as the trainers gave them before they shared one Trainer and diffusion.py's DDIM: the
+# refactoring kept every number.
+BEFORE_THE_SHARED_TRAINER = {
+    "identity": (3.973138647626911, 197.1621757497851, [1.0842230319976807, 1.012108325958252]),
+    "edit": (0.8716001642969786, 229.52396951689298, [0.8635269403457642, 0.7781370878219604]),
+}
+
+
+@pytest.mark.parametrize("trainer", ["identity", "edit"])
+def test_trainers_train_what_they_trained_before_sharing_one_trainer(trainer, identity_run, edit_run):
+    result, _ = identity_run if trainer == "identity" else edit_run
+    b_sum, b_magnitude, (first_loss, last_loss) = BEFORE_THE_SHARED_TRAINER[trainer]
+    b = [v.double() for k, v in load_file(str(result.adapter)).items() if "lora_B" in k]
+    assert float(sum(v.sum() for v in b)) == pytest.approx(b_sum, rel=1e-4)
+    assert float(sum(v.abs().sum() for v in b)) == pytest.approx(b_magnitude, rel=1e-4)
+    assert [result.losses[0], result.losses[-1]] == pytest.approx([first_loss, last_loss], rel=1e-5)
+
+
 # --- ε2 ---------------------------------------------------------------------------------------
 
 
@@ -156,7 +200,7 @@ def test_edit_training_lowers_its_loss(edit_run):
     check_adapter_file(result)
     check_progress(calls)
     assert any(c[0] == "invert" for c in calls)
-    assert len(list((result.output / "cache").glob("inversion-*.safetensors"))) == 1
+    assert len(list((result.output / "cache").glob("*/inverted.safetensors"))) == 1
 
 
 def test_edit_adapter_reloads_and_changes_the_edit(edit_run, tiny_dir, frames, base_output):
@@ -183,7 +227,8 @@ def test_image_direction_keeps_the_attribute_and_cancels_the_people():
     assert direction.shape == (1, 32) and torch.linalg.vector_norm(direction) == pytest.approx(1.0)
     assert F.cosine_similarity(direction[0], attribute, dim=0) > 0.5
     assert F.cosine_similarity(direction[0], attribute, dim=0) > F.cosine_similarity(
-        F.normalize(examples[:1] - reference[:1], dim=-1)[0], attribute, dim=0)  # one pair alone: mostly people
+        F.normalize(examples[:1] - reference[:1], dim=-1)[0], attribute, dim=0
+    )  # one pair alone: mostly people
 
 
 def test_edit_training_towards_example_images(edit_run, tiny_dir, faces_dir, identity, tmp_path):
@@ -194,9 +239,21 @@ def test_edit_training_towards_example_images(edit_run, tiny_dir, faces_dir, ide
     for index, face in enumerate(drawn_faces(count=3, seed=5)):
         face[26:34, 18:46] = (20, 20, 20)  # a dark band over the eyes
         cv2.imwrite(str(examples / f"{index}.png"), cv2.cvtColor(face, cv2.COLOR_RGB2BGR))
-    result = train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
-                        tmp_path / "out", max_steps=2, batch_size=2, learning_rate=2e-3, checkpoint_every=10,
-                        identity=identity, target_images=examples, **TINY_EDIT)
+    result = train_edit(
+        str(tiny_dir),
+        EDIT["source"],
+        EDIT["target"],
+        faces_dir,
+        str(tiny_dir / "clip"),
+        tmp_path / "out",
+        max_steps=2,
+        batch_size=2,
+        learning_rate=2e-3,
+        checkpoint_every=10,
+        identity=identity,
+        target_images=examples,
+        **TINY_EDIT,
+    )
     assert result.steps == 2 and all(np.isfinite(result.losses))
     text_run, _ = edit_run
     assert abs(result.validation_before - text_run.validation_before) > 1e-4
@@ -204,8 +261,17 @@ def test_edit_training_towards_example_images(edit_run, tiny_dir, faces_dir, ide
     assert settings["target_images"] == str(examples.resolve()) and len(settings["target_images_digest"]) > 8
     assert "target_images" not in json.loads((text_run.output / "training.json").read_text())["settings"]
     with pytest.raises(UserError, match="^--target-images: .* does not exist"):
-        train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
-                   tmp_path / "out2", max_steps=2, target_images=tmp_path / "missing", **TINY_EDIT)
+        train_edit(
+            str(tiny_dir),
+            EDIT["source"],
+            EDIT["target"],
+            faces_dir,
+            str(tiny_dir / "clip"),
+            tmp_path / "out2",
+            max_steps=2,
+            target_images=tmp_path / "missing",
+            **TINY_EDIT,
+        )
 
 
 def with_band(face: np.ndarray) -> np.ndarray:
@@ -246,22 +312,57 @@ def test_training_pairs_are_matched_by_file_name(faces_dir, edited_dir, tmp_path
 def test_edit_training_towards_paired_targets(edit_run, tiny_dir, faces_dir, edited_dir, identity, tmp_path):
     """--paired-targets: with only the L1 term, training pulls the results towards the edited
     faces (the validation loss is the mean distance to them); the run records the pairs."""
-    result = train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
-                        tmp_path / "out", max_steps=6, batch_size=4, learning_rate=5e-3, checkpoint_every=10,
-                        lambda_dir=0.0, lambda_id=0.0, lambda_l1=1.0, paired_targets=edited_dir, **TINY_EDIT)
+    result = train_edit(
+        str(tiny_dir),
+        EDIT["source"],
+        EDIT["target"],
+        faces_dir,
+        str(tiny_dir / "clip"),
+        tmp_path / "out",
+        max_steps=6,
+        batch_size=4,
+        learning_rate=5e-3,
+        checkpoint_every=10,
+        lambda_dir=0.0,
+        lambda_id=0.0,
+        lambda_l1=1.0,
+        paired_targets=edited_dir,
+        **TINY_EDIT,
+    )
     assert result.steps == 6 and all(np.isfinite(result.losses))
     assert result.validation_after < result.validation_before
     settings = json.loads((result.output / "training.json").read_text())["settings"]
     assert settings["paired_targets"] == str(edited_dir.resolve()) and len(settings["paired_targets_digest"]) > 8
     text_run, _ = edit_run
     assert "paired_targets" not in json.loads((text_run.output / "training.json").read_text())["settings"]
-    paired = train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
-                        tmp_path / "full", max_steps=1, batch_size=2, checkpoint_every=10, identity=identity,
-                        paired_targets=edited_dir, **TINY_EDIT)  # all three terms, each pair its own direction
+    paired = train_edit(
+        str(tiny_dir),
+        EDIT["source"],
+        EDIT["target"],
+        faces_dir,
+        str(tiny_dir / "clip"),
+        tmp_path / "full",
+        max_steps=1,
+        batch_size=2,
+        checkpoint_every=10,
+        identity=identity,
+        paired_targets=edited_dir,
+        **TINY_EDIT,
+    )  # all three terms, each pair its own direction
     assert np.isfinite(paired.validation_before) and abs(paired.validation_before - text_run.validation_before) > 1e-4
     with pytest.raises(UserError, match="give one"):
-        train_edit(str(tiny_dir), EDIT["source"], EDIT["target"], faces_dir, str(tiny_dir / "clip"),
-                   tmp_path / "both", max_steps=1, paired_targets=edited_dir, target_images=edited_dir, **TINY_EDIT)
+        train_edit(
+            str(tiny_dir),
+            EDIT["source"],
+            EDIT["target"],
+            faces_dir,
+            str(tiny_dir / "clip"),
+            tmp_path / "both",
+            max_steps=1,
+            paired_targets=edited_dir,
+            target_images=edited_dir,
+            **TINY_EDIT,
+        )
 
 
 # --- checkpoints and resume -------------------------------------------------------------------
@@ -291,9 +392,15 @@ def test_resume_continues_from_the_last_checkpoint(tiny_dir, faces_dir, identity
         train_identity(str(tiny_dir), faces_dir, tmp_path / "cut", resume=True, **{**settings, "rank": 8})
 
     steps = []
-    resumed = train_identity(str(tiny_dir), faces_dir, tmp_path / "cut", resume=True,
-                             progress=lambda stage, done, total, loss: steps.append(done) if stage == "train" else None,
-                             **settings)
+    resumed = train_identity(
+        str(tiny_dir),
+        faces_dir,
+        tmp_path / "cut",  # the same settings, as one object
+        IdentityTrainingSettings(max_steps=6, batch_size=2, learning_rate=2e-3, checkpoint_every=3),
+        resume=True,
+        identity=identity,
+        progress=lambda stage, done, total, loss: steps.append(done) if stage == "train" else None,
+    )
     assert resumed.resumed_from == 3 and resumed.steps == 6 and steps == [4, 5, 6]
     np.testing.assert_allclose(resumed.losses, whole.losses, rtol=1e-5)
     assert resumed.validation_before == pytest.approx(whole.validation_before)
@@ -302,18 +409,55 @@ def test_resume_continues_from_the_last_checkpoint(tiny_dir, faces_dir, identity
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
+    (tmp_path / "cut" / "checkpoints" / "step_000006" / "optimizer.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="^cannot resume from .*step_000006: the checkpoint is incomplete") as error:
+        train_identity(str(tiny_dir), faces_dir, tmp_path / "cut", resume=True, **settings)
+    assert "\n" not in str(error.value)
+
 
 def test_full_fine_tuning_saves_a_unet_folder(tiny_dir, faces_dir, identity, tmp_path):
     from ipfacediff.models import load_model_set, module_fingerprint
 
-    result = train_identity(str(tiny_dir), faces_dir, tmp_path / "full", full=True, max_steps=2, batch_size=2,
-                            gradient_accumulation=2, learning_rate=1e-4, identity=identity)
+    result = train_identity(
+        str(tiny_dir),
+        faces_dir,
+        tmp_path / "full",
+        full=True,
+        max_steps=2,
+        batch_size=2,
+        gradient_accumulation=2,
+        learning_rate=1e-4,
+        identity=identity,
+    )
     assert result.adapter == tmp_path / "full" / "unet" and len(result.losses) == 2
     models = load_model_set(str(tiny_dir), identity_model=str(result.output))
     assert module_fingerprint(models.identity_unet) != module_fingerprint(models.unet)
 
 
 # --- training faces and mistakes --------------------------------------------------------------
+
+
+def test_settings_are_checked_before_anything_loads(tmp_path):
+    """A bad number is one line from the settings object, whether it comes as an option or in it."""
+    with pytest.raises(UserError, match="^--max-steps must be at least 1, got 0$"):
+        train_identity("no-such-model", tmp_path / "nowhere", tmp_path / "out", max_steps=0)
+    with pytest.raises(UserError, match=r"^--inversion-steps and --generation-steps must be between 1 and --t0 \(8\)"):
+        train_edit(
+            "no-such-model",
+            "a face",
+            "a face with eyeglasses",
+            tmp_path / "nowhere",
+            "no-clip",
+            tmp_path / "out",
+            EditTrainingSettings(t0=8, inversion_steps=4),
+            generation_steps=9,
+        )
+    with pytest.raises(UserError, match="^--mixed-precision must be one of no, fp16, bf16"):
+        IdentityTrainingSettings(mixed_precision="fp8")
+    with pytest.raises(TypeError):
+        train_identity("no-such-model", tmp_path / "nowhere", tmp_path / "out", lambda_dir=1.0)  # ε2's setting
+    assert EditTrainingSettings().max_steps == 200 and IdentityTrainingSettings().max_steps == 500
+    assert not (tmp_path / "out").exists()
 
 
 def test_training_faces_from_an_image_folder(tmp_path):
@@ -336,16 +480,19 @@ def test_training_faces_from_a_real_clip(shared_clip):
     assert faces.std() > 10  # real crops, not padding
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("missing data", "does not exist"),
-    ("empty folder", "holds no images"),
-    ("unreadable images", "no usable faces"),
-    ("bad resolution", "multiple of 8"),
-    ("missing clip", "CLIP model .* does not exist"),
-    ("clip folder without a model", "has no config.json"),
-    ("uncached clip hub id", "cannot load the CLIP model"),
-    ("same prompts", "are the same text"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("missing data", "does not exist"),
+        ("empty folder", "holds no images"),
+        ("unreadable images", "no usable faces"),
+        ("bad resolution", "multiple of 8"),
+        ("missing clip", "CLIP model .* does not exist"),
+        ("clip folder without a model", "has no config.json"),
+        ("uncached clip hub id", "cannot load the CLIP model"),
+        ("same prompts", "are the same text"),
+    ],
+)
 def test_mistakes_are_one_line_user_errors(case, expected, tiny_dir, faces_dir, tmp_path, monkeypatch):
     data, clip, kwargs = faces_dir, str(tiny_dir / "clip"), {}
     if case == "missing data":
@@ -371,8 +518,17 @@ def test_mistakes_are_one_line_user_errors(case, expected, tiny_dir, faces_dir, 
         kwargs = dict(target=EDIT["source"])
     output = tmp_path / "out"
     with pytest.raises(UserError, match=expected) as error:
-        train_edit(str(tiny_dir), EDIT["source"], kwargs.pop("target", EDIT["target"]), data, clip, output,
-                   max_steps=1, **kwargs, **TINY_EDIT)
+        train_edit(
+            str(tiny_dir),
+            EDIT["source"],
+            kwargs.pop("target", EDIT["target"]),
+            data,
+            clip,
+            output,
+            max_steps=1,
+            **kwargs,
+            **TINY_EDIT,
+        )
     assert "\n" not in str(error.value)
     assert not output.exists()
     if case in ("missing data", "empty folder", "unreadable images"):

@@ -17,8 +17,14 @@ import pytest
 from conftest import moving_texture
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 
 pytest.importorskip("gradio", reason="gradio is not installed: pip install gradio")
 
@@ -52,11 +58,19 @@ def test_range_and_face_prompt_fields():
     # filled boxes of ticked faces only (slot i is face ids[i])
     assert face_prompt_items([0, 3, 5], [0, 5], ["a beard", " x ", ""]) == ["0=a beard"]
     settings = EditSettings.from_mapping({"prompt": "a smile", "face_prompts": ["0=a beard"]})
-    lines = face_summary([{"id": 0, "prompt": "a beard", "frames": 12, "edit_adapters": []},
-                          {"id": 3, "prompt": "a smile", "frames": 0}, {"id": 5, "prompt": None, "frames": 0}],
-                         settings)
-    assert lines == ["face 0: \u201ca beard\u201d (its own prompt)",
-                     "face 3: \u201ca smile\u201d (the main prompt), no frame in the range", "face 5: not edited"]
+    lines = face_summary(
+        [
+            {"id": 0, "prompt": "a beard", "frames": 12, "edit_adapters": []},
+            {"id": 3, "prompt": "a smile", "frames": 0},
+            {"id": 5, "prompt": None, "frames": 0},
+        ],
+        settings,
+    )
+    assert lines == [
+        "face 0: \u201ca beard\u201d (its own prompt)",
+        "face 3: \u201ca smile\u201d (the main prompt), no frame in the range",
+        "face 5: not edited",
+    ]
 
 
 def free_port() -> int:
@@ -88,8 +102,9 @@ def browser():
 
 
 def status_shows(page, text: str, timeout: float = 120_000) -> str:
-    page.wait_for_function("t => (document.querySelector('#status')?.innerText || '').includes(t)", arg=text,
-                           timeout=timeout)
+    page.wait_for_function(
+        "t => (document.querySelector('#status')?.innerText || '').includes(t)", arg=text, timeout=timeout
+    )
     return page.inner_text("#status")
 
 
@@ -126,7 +141,6 @@ def no_toast(page, wait_ms: int = 1500) -> None:
     page.wait_for_timeout(wait_ms)  # pop-ups come a moment after the event's outputs
     toasts = [t.inner_text() for t in page.locator("[data-testid=toast-body]").all()]
     assert not toasts, toasts
-
 
 
 def fill_number(page, selector: str, value: str) -> None:
@@ -301,10 +315,12 @@ def test_session_files_removed_when_the_tab_closes(server, browser):
     assert shown <= {p.name for p in work.glob("uploads/*/*")}, sorted(work.glob("uploads/*/*"))
 
     page.close()  # the tab goes: its folder and the cache copies of its files go at once (earlier
+
     # tests' tabs are closed too, so no copy of the sample stays)
     def left() -> list:
-        return sorted(set((work / "sessions").iterdir()) - sessions_before) + \
-            [p for p in work.glob("uploads/*/*") if p.name in shown]
+        return sorted(set((work / "sessions").iterdir()) - sessions_before) + [
+            p for p in work.glob("uploads/*/*") if p.name in shown
+        ]
 
     deadline = time.monotonic() + 30
     while left() and time.monotonic() < deadline:
@@ -348,8 +364,11 @@ def test_idle_sessions_are_swept(tmp_path):
     assert not folder.exists()
 
 
-@pytest.mark.parametrize("signum, work_exists", [(signal.SIGTERM, False), (signal.SIGINT, True)],
-                         ids=["SIGTERM-own-folder", "SIGINT-given-folder"])
+@pytest.mark.parametrize(
+    "signum, work_exists",
+    [(signal.SIGTERM, False), (signal.SIGINT, True)],
+    ids=["SIGTERM-own-folder", "SIGINT-given-folder"],
+)
 def test_stopping_the_server_removes_its_files(tmp_path, signum, work_exists):
     work = tmp_path / "work"
     if work_exists:  # a folder the user gave: only what the server keeps there goes
@@ -379,8 +398,10 @@ def test_stopping_the_server_removes_its_files(tmp_path, signum, work_exists):
         assert not (work / "sessions" / "stale").exists(), "the idle session was not swept"
 
         # a live session's video and its upload cache copy go when the server stops
-        for path in (work / "sessions" / "live" / "videos" / "1" / "person.mp4",
-                     work / "uploads" / "0123abcd" / "person.mp4"):
+        for path in (
+            work / "sessions" / "live" / "videos" / "1" / "person.mp4",
+            work / "uploads" / "0123abcd" / "person.mp4",
+        ):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(b"a person's video")
         proc.send_signal(signum)
@@ -395,3 +416,42 @@ def test_stopping_the_server_removes_its_files(tmp_path, signum, work_exists):
         assert sorted(p.name for p in work.iterdir()) == ["mine.txt"]
     else:
         assert not work.exists(), sorted(work.rglob("*"))
+
+
+def test_the_embedded_model_refuses_a_real_face_on_the_page_until_overridden(browser, shared_clip, tmp_path):
+    """The page says the refusal line of the model's card, in the status, with no result; the
+    override box lets the edit through, and the run records it and the identity guidance asked for."""
+    import json
+
+    from ipfacediff.ui import launch
+
+    clip = shared_clip("closeup.mp4")
+    port = free_port()
+    work = tmp_path / "work"
+    demo = launch("127.0.0.1", port, model=None, work_dir=work, block=False, max_seconds=30)
+    try:
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(f"http://127.0.0.1:{port}/")
+        page.set_input_files("#input-video input[type=file]", str(clip))
+        status_shows(page, "face(s) found", timeout=240_000)
+        page.wait_for_selector("#faces-choice input:checked")
+        time.sleep(0.5)
+        fill_number(page, "#steps", "2")
+        fill_number(page, "#range-end", "0.2")
+        page.click("#run-button")
+        text = status_shows(page, "error:")
+        assert "the embedded model edits FaceWorld's drawn faces, and face 0 of closeup.mp4 is not one" in text, text
+        assert page.locator("#result-video video").count() == 0
+        assert not list(work.glob("sessions/*/runs/*/*.mp4"))
+        page.click("text=Identity")
+        page.check("#allow-out-of-domain input[type=checkbox]")
+        fill_number(page, "#identity-gradient", "0.5")
+        page.click("#run-button")
+        status_shows(page, "done:", timeout=240_000)
+        [run_json] = work.glob("sessions/*/runs/*/edited.run.json")
+        run = json.loads(run_json.read_text())
+        assert run["domain"]["overridden"] is True and run["settings"]["allow_out_of_domain"] is True
+        assert run["settings"]["identity_gradient"] == 0.5
+        page.close()
+    finally:
+        demo.close()

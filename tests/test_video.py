@@ -221,8 +221,7 @@ def test_variable_frame_rate_mp4_follows_the_documented_rule(tmp_path):
     info = probe_video(clip)
     # mp4 reports its own average rate (frames / total duration); the rule must hold for it too.
     expected = [
-        max(i for i, t in enumerate(VFR_TIMES_MS) if t / 1000 <= (k + 0.25) / info.fps)
-        for k in range(info.frame_count)
+        max(i for i, t in enumerate(VFR_TIMES_MS) if t / 1000 <= (k + 0.25) / info.fps) for k in range(info.frame_count)
     ]
     assert info.frame_count == math.ceil(1.0 * info.fps - 0.25)  # the mp4 lasts 1.0 s
     assert source_indices(read_frames(clip)) == expected
@@ -463,9 +462,7 @@ def test_pass_through_frames_read_back_as_the_input(tmp_path):
 
 def test_real_clip_passes_through_at_45_db(shared_clip, tmp_path):
     clip = shared_clip("closeup.mp4")
-    out = write_video(
-        tmp_path / "out.mp4", (s for _, s in iter_source_frames(clip)), 10, audio_from=clip
-    )
+    out = write_video(tmp_path / "out.mp4", (s for _, s in iter_source_frames(clip)), 10, audio_from=clip)
     scores = [psnr(a, b) for a, b in zip(read_frames(clip), read_frames(out))]
     assert len(scores) == 40 and min(scores) >= 45, (DEFAULT_CRF, min(scores))
     assert colour_tags(out) == colour_tags(clip)

@@ -26,8 +26,8 @@ validation losses; ``MODEL/adapters/adapters.json`` is written last.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -73,14 +73,33 @@ class Preset:
 
 
 PRESETS = {
-    "smoke": Preset(identity_faces=8, identity_steps=2, identity_batch=2, edit_faces=4, edit_steps=2, edit_batch=2,
-                    inversion_steps=4, generation_steps=2, oracles_preset="smoke"),
+    "smoke": Preset(
+        identity_faces=8,
+        identity_steps=2,
+        identity_batch=2,
+        edit_faces=4,
+        edit_steps=2,
+        edit_batch=2,
+        inversion_steps=4,
+        generation_steps=2,
+        oracles_preset="smoke",
+    ),
     # About 40 minutes on two CPU cores (plus ~13 for the trainers' identity net).
-    "cpu": Preset(identity_faces=512, identity_steps=600, identity_batch=16, edit_faces=192, edit_steps=240,
-                  edit_batch=4),
-    "gpu": Preset(identity_faces=2048, identity_steps=2000, identity_batch=64, edit_faces=512, edit_steps=600,
-                  edit_batch=16, generation_steps=6, inversion_steps=40, oracles_preset="gpu"),
-}  # fmt: skip
+    "cpu": Preset(
+        identity_faces=512, identity_steps=600, identity_batch=16, edit_faces=192, edit_steps=240, edit_batch=4
+    ),
+    "gpu": Preset(
+        identity_faces=2048,
+        identity_steps=2000,
+        identity_batch=64,
+        edit_faces=512,
+        edit_steps=600,
+        edit_batch=16,
+        generation_steps=6,
+        inversion_steps=40,
+        oracles_preset="gpu",
+    ),
+}
 
 
 # ε2's L1 weight with --paired (to the true edit, where unpaired it is train_edit's 0.1 to the
@@ -93,8 +112,7 @@ def edit_target(edit: str) -> str:
     return caption(EDITS[edit].apply(Attributes()))
 
 
-def write_faces(folder: Path, count: int, seed: int, *, without: str | None = None,
-                edited: Path | None = None) -> Path:
+def write_faces(folder: Path, count: int, seed: int, *, without: str | None = None, edited: Path | None = None) -> Path:
     """``count`` aligned 64x64 training-identity renders as PNGs (random attributes; with
     ``without``, that edit undone on each, so every face can receive it; with ``edited`` too,
     the same faces with the edit made, under the same names in that folder: the edit's truth)."""
@@ -116,9 +134,17 @@ def write_faces(folder: Path, count: int, seed: int, *, without: str | None = No
     return folder
 
 
-def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str | Path | None = None,
-                   edits: list[str] | None = None, seed: int = 0, resume: bool = False, paired: bool = False,
-                   log=print) -> dict:
+def train_adapters(
+    model: str | Path,
+    *,
+    preset: str = "cpu",
+    identity_net: str | Path | None = None,
+    edits: list[str] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    paired: bool = False,
+    log=print,
+) -> dict:
     """Train ε1 and the edit adapters for ``model`` (a FaceWorld model folder) into
     ``model/adapters``; returns the report written to ``adapters/training.json``.
 
@@ -143,8 +169,10 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
     report_path = root / "training.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if report and report.get("paired", False) != paired:
-        raise UserError(f"cannot resume {root}: its edit adapters were trained {'with' if not paired else 'without'} "
-                        "--paired; resume it the same way, or remove it")
+        raise UserError(
+            f"cannot resume {root}: its edit adapters were trained {'with' if not paired else 'without'} "
+            "--paired; resume it the same way, or remove it"
+        )
     finished = finished_adapters(root)
     if {"identity", *edits} <= finished and (model / ADAPTER_LIBRARY).is_file():
         return report
@@ -158,35 +186,67 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
             tick = time.perf_counter()
             made = train_oracles(identity_net.parent, preset=chosen.oracles_preset, seed=seed + 1, progress=log)
             extra["steps"]["identity_net"] = {
-                "seconds": round(time.perf_counter() - tick, 1), "seed": seed + 1,
-                "held_out_verification_accuracy": made["identity"]["held_out"]["verification_accuracy"]}
+                "seconds": round(time.perf_counter() - tick, 1),
+                "seed": seed + 1,
+                "held_out_verification_accuracy": made["identity"]["held_out"]["verification_accuracy"],
+            }
     from ipfacediff.identity import IdentityEncoder
 
     encoder = IdentityEncoder.from_pretrained(identity_net)
 
     # Only what is still to train is rendered: the identity faces, and each edit's faces without it.
-    identity_faces = None if "identity" in finished else write_faces(work / "faces" / "identity",
-                                                                     chosen.identity_faces, seed)
+    identity_faces = (
+        None if "identity" in finished else write_faces(work / "faces" / "identity", chosen.identity_faces, seed)
+    )
     edit_data, truths = {}, {}
     for edit in edits:
         if edit in finished:
             continue
         truths[edit] = work / "faces" / f"{edit}_edited" if paired else None
-        edit_data[edit] = write_faces(work / "faces" / edit, chosen.edit_faces, seed + 7, without=edit,
-                                      edited=truths[edit])
-    identity_options = dict(max_steps=chosen.identity_steps, batch_size=chosen.identity_batch,
-                            learning_rate=chosen.lr, rank=chosen.rank, lambda_id=chosen.lambda_id,
-                            checkpoint_every=100, keep_checkpoints=1)
-    edit_options = dict(max_steps=chosen.edit_steps, batch_size=chosen.edit_batch, learning_rate=chosen.lr,
-                        rank=chosen.rank, lambda_id=chosen.lambda_id, t0=chosen.t0,
-                        inversion_steps=chosen.inversion_steps, generation_steps=chosen.generation_steps,
-                        checkpoint_every=50, keep_checkpoints=1, **({"lambda_l1": PAIRED_LAMBDA_L1} if paired else {}))
-    report = build_library(str(model), [identity_faces] if identity_faces else None,
-                           [builtin_edit(edit) for edit in edits], root, clip=str(model / "clip"),
-                           identity_net=encoder, source=SOURCE, aligned=True, identity_options=identity_options,
-                           edit_options=edit_options, edit_data=edit_data,
-                           paired_targets={e: t for e, t in truths.items() if t is not None}, seed=seed, resume=True,
-                           defaults_from=None, report_extra=extra, log=log)
+        edit_data[edit] = write_faces(
+            work / "faces" / edit, chosen.edit_faces, seed + 7, without=edit, edited=truths[edit]
+        )
+    identity_options = dict(
+        max_steps=chosen.identity_steps,
+        batch_size=chosen.identity_batch,
+        learning_rate=chosen.lr,
+        rank=chosen.rank,
+        lambda_id=chosen.lambda_id,
+        checkpoint_every=100,
+        keep_checkpoints=1,
+    )
+    edit_options = dict(
+        max_steps=chosen.edit_steps,
+        batch_size=chosen.edit_batch,
+        learning_rate=chosen.lr,
+        rank=chosen.rank,
+        lambda_id=chosen.lambda_id,
+        t0=chosen.t0,
+        inversion_steps=chosen.inversion_steps,
+        generation_steps=chosen.generation_steps,
+        checkpoint_every=50,
+        keep_checkpoints=1,
+        **({"lambda_l1": PAIRED_LAMBDA_L1} if paired else {}),
+    )
+    report = build_library(
+        str(model),
+        [identity_faces] if identity_faces else None,
+        [builtin_edit(edit) for edit in edits],
+        root,
+        clip=str(model / "clip"),
+        identity_net=encoder,
+        source=SOURCE,
+        aligned=True,
+        identity_options=identity_options,
+        edit_options=edit_options,
+        edit_data=edit_data,
+        paired_targets={e: t for e, t in truths.items() if t is not None},
+        seed=seed,
+        resume=True,
+        defaults_from=None,
+        report_extra=extra,
+        log=log,
+    )
     for report_file in root.glob("*/training.json"):  # the trainers' reports: paths relative to MODEL
         text = report_file.read_text()
         for prefix in {str(model.resolve()), str(model)}:
@@ -196,28 +256,10 @@ def train_adapters(model: str | Path, *, preset: str = "cpu", identity_net: str 
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ipfacediff.faceworld.adapters",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("model", type=Path, help="FaceWorld model folder (from ipfacediff.faceworld.train)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--identity-net", type=Path, default=None,
-                        help="identity net for the trainers' identity loss (default: train one, seed + 1)")
-    parser.add_argument("--edits", default=",".join(EDITS), help="comma-separated subset of " + ", ".join(EDITS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true", help="continue or complete MODEL/adapters")
-    parser.add_argument("--paired", action="store_true",
-                        help="train each ε2 on before/after renders as well (not the shipped adapters' way)")
-    args = parser.parse_args(argv)
-    try:
-        edits = [e.strip() for e in args.edits.split(",") if e.strip()]
-        unknown = [e for e in edits if e not in EDITS]
-        if unknown:
-            raise UserError(f"unknown edit(s) {', '.join(unknown)}: choose from {', '.join(EDITS)}")
-        report = train_adapters(args.model, preset=args.preset, identity_net=args.identity_net, edits=edits,
-                                seed=args.seed, resume=args.resume, paired=args.paired)
-    except UserError as error:
-        parser.exit(2, f"error: {error}\n")
-    print(f"{args.model / ADAPTER_LIBRARY}: {report['seconds']:.0f} s, {report['weights_bytes'] / 1e6:.2f} MB of adapters")
+    """``python -m ipfacediff.faceworld.adapters``: ``ipfacediff faceworld adapters`` under that name."""
+    from ipfacediff.cli import faceworld_main
+
+    faceworld_main(["adapters", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

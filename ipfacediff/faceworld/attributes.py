@@ -75,14 +75,32 @@ def caption(attributes: Attributes) -> str:
 _EYE_BAND = np.array([[0.08, 0.37], [0.92, 0.37], [0.92, 0.585], [0.08, 0.585]])
 # The inner face: below the lowest fringe, inside the side locks of long hair, above the chin.
 _INNER_FACE = np.array(
-    [[0.36, 0.375], [0.64, 0.375], [0.705, 0.44], [0.705, 0.66], [0.62, 0.835], [0.38, 0.835], [0.295, 0.66],
-     [0.295, 0.44]]
-)  # fmt: skip
+    [
+        [0.36, 0.375],
+        [0.64, 0.375],
+        [0.705, 0.44],
+        [0.705, 0.66],
+        [0.62, 0.835],
+        [0.38, 0.835],
+        [0.295, 0.66],
+        [0.295, 0.44],
+    ]
+)
 _AROUND = np.array([[-0.25, -0.1], [1.25, -0.1], [1.25, 1.35], [-0.25, 1.35]])
 _LOWER_FACE = np.array(
-    [[0.12, 0.43], [0.285, 0.43], [0.30, 0.575], [0.40, 0.628], [0.60, 0.628], [0.70, 0.575],
-     [0.715, 0.43], [0.88, 0.43], [0.88, 1.12], [0.12, 1.12]]
-)  # fmt: skip
+    [
+        [0.12, 0.43],
+        [0.285, 0.43],
+        [0.30, 0.575],
+        [0.40, 0.628],
+        [0.60, 0.628],
+        [0.70, 0.575],
+        [0.715, 0.43],
+        [0.88, 0.43],
+        [0.88, 1.12],
+        [0.12, 1.12],
+    ]
+)
 _t = np.linspace(0, 2 * np.pi, 40, endpoint=False)
 _MOUTH = np.stack([0.5 + 0.225 * np.cos(_t), 0.728 + 0.115 * np.sin(_t)], axis=1)
 
@@ -117,9 +135,7 @@ class Edit:
         return [(p.copy(), v) for p, v in self.region]
 
 
-def region_mask(
-    region, transform, shape: tuple[int, int], dilate_px: float = 0.0, *, warp=None
-) -> np.ndarray:
+def region_mask(region, transform, shape: tuple[int, int], dilate_px: float = 0.0, *, warp=None) -> np.ndarray:
     """Rasterise ``region`` polygons through a 2x3 ``transform`` (canonical -> pixels), or
     through ``warp`` (a function of (N, 2) canonical points -> pixels) when given."""
     w, h = shape

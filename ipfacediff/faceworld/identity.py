@@ -71,9 +71,15 @@ _IRIS = (
 )
 # Eyeglass frame colours: black, tortoise, navy, burgundy, red, gold, silver, white.
 _FRAMES = (
-    (22.0, 20.0, 20.0), (62.0, 36.0, 22.0), (20.0, 30.0, 72.0), (104.0, 18.0, 30.0),
-    (200.0, 36.0, 40.0), (222.0, 184.0, 72.0), (208.0, 210.0, 218.0), (238.0, 238.0, 236.0),
-)  # fmt: skip
+    (22.0, 20.0, 20.0),
+    (62.0, 36.0, 22.0),
+    (20.0, 30.0, 72.0),
+    (104.0, 18.0, 30.0),
+    (200.0, 36.0, 40.0),
+    (222.0, 184.0, 72.0),
+    (208.0, 210.0, 218.0),
+    (238.0, 238.0, 236.0),
+)
 HAIR_STYLES = ("short", "buzz", "swept", "bob", "long", "curly", "receding", "bun")
 _HAIR_STYLE_P = (0.22, 0.08, 0.16, 0.12, 0.16, 0.10, 0.06, 0.10)
 BEARD_STYLES = ("full", "long", "short")
@@ -190,8 +196,17 @@ class Identity:
         skin_lum = 0.3 * skin[0] + 0.59 * skin[1] + 0.11 * skin[2]
         frames = [f for f in _FRAMES if abs(0.3 * f[0] + 0.59 * f[1] + 0.11 * f[2] - skin_lum) > 90]
         glasses_rgb = frames[int(rng.integers(len(frames)))]
-        hat_rgb = pick(((200.0, 40.0, 40.0), (40.0, 70.0, 160.0), (50.0, 120.0, 60.0), (230.0, 180.0, 40.0),
-                        (60.0, 60.0, 66.0), (240.0, 240.0, 236.0), (150.0, 60.0, 150.0)))  # fmt: skip
+        hat_rgb = pick(
+            (
+                (200.0, 40.0, 40.0),
+                (40.0, 70.0, 160.0),
+                (50.0, 120.0, 60.0),
+                (230.0, 180.0, 40.0),
+                (60.0, 60.0, 66.0),
+                (240.0, 240.0, 236.0),
+                (150.0, 60.0, 150.0),
+            )
+        )
         shirt = (float(u(30, 230)), float(u(30, 230)), float(u(30, 230)))
         return cls(
             head_w=head_w,
@@ -248,9 +263,14 @@ class Identity:
         """The five alignment points of the neutral face, face-local (CANONICAL order)."""
         ex, mx = self.eye_dx / 2, self.mouth_w / 2
         return np.array(
-            [[0.5 - ex, self.eye_y], [0.5 + ex, self.eye_y], [0.5, self.nose_y],
-             [0.5 - mx, self.mouth_y], [0.5 + mx, self.mouth_y]]
-        )  # fmt: skip
+            [
+                [0.5 - ex, self.eye_y],
+                [0.5 + ex, self.eye_y],
+                [0.5, self.nose_y],
+                [0.5 - mx, self.mouth_y],
+                [0.5 + mx, self.mouth_y],
+            ]
+        )
 
     def describe(self) -> dict:
         """The parameters as plain JSON-able values."""

@@ -44,7 +44,6 @@ fork), so a script that calls :func:`train_oracles` with workers must guard its 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import multiprocessing
@@ -131,10 +130,36 @@ def _label_vector(person, attributes: Attributes) -> np.ndarray:
 
 # The identity parameters the identity net also regresses (from its embedding, linearly): the
 # visible, edit-independent ones. Their scale is standardised over the training identities.
-_SCALAR_PARAMS = ("head_w", "top_y", "jaw_w", "jaw_y", "chin_y", "chin_w", "cheek", "eye_dx", "eye_w", "eye_h",
-                  "eye_tilt", "iris_r", "brow_dy", "brow_len", "brow_thick", "brow_arch", "brow_tilt",
-                  "nose_w", "nose_side", "nose_round", "mouth_w", "lip_up", "lip_lo", "ear_h", "ear_w",
-                  "ear_y", "hairline_y", "hair_volume")  # fmt: skip
+_SCALAR_PARAMS = (
+    "head_w",
+    "top_y",
+    "jaw_w",
+    "jaw_y",
+    "chin_y",
+    "chin_w",
+    "cheek",
+    "eye_dx",
+    "eye_w",
+    "eye_h",
+    "eye_tilt",
+    "iris_r",
+    "brow_dy",
+    "brow_len",
+    "brow_thick",
+    "brow_arch",
+    "brow_tilt",
+    "nose_w",
+    "nose_side",
+    "nose_round",
+    "mouth_w",
+    "lip_up",
+    "lip_lo",
+    "ear_h",
+    "ear_w",
+    "ear_y",
+    "hairline_y",
+    "hair_volume",
+)
 _COLOUR_PARAMS = ("skin", "iris", "lip", "hair")
 
 
@@ -177,8 +202,13 @@ def _scene(identity_id: int, rng: np.random.Generator) -> DatasetItem:
         eyes_open=1.0 if rng.random() < 0.9 else float(rng.uniform(0, 1)),
         mouth_open=0.0 if rng.random() < 0.7 else float(rng.uniform(0, 0.8)),
     )
-    light = Lighting(float(rng.uniform(0, 360)), float(rng.uniform(40, 80)), float(rng.uniform(0.12, 0.5)),
-                     float(rng.uniform(0.8, 1.2)), float(rng.uniform(-0.5, 0.5)))  # fmt: skip
+    light = Lighting(
+        float(rng.uniform(0, 360)),
+        float(rng.uniform(40, 80)),
+        float(rng.uniform(0.12, 0.5)),
+        float(rng.uniform(0.8, 1.2)),
+        float(rng.uniform(-0.5, 0.5)),
+    )
     final = misaligned(align_pose(identity(identity_id), pose), j[2:6], shift=0.01, degrees=2.0, zoom=0.025)
     return DatasetItem(int(identity_id), attrs, final, light, int(rng.integers(0, 2**31 - 1)))
 
@@ -313,11 +343,24 @@ class FaceWorldNet(nn.Module):
     """A small plain CNN for 64x64 crops in [-1, 1]: a stride-``stem_stride`` stem, then per width
     a stride-2 and a stride-1 3x3 conv (BN, ReLU), then flatten -> linear -> ``out_dim``."""
 
-    def __init__(self, stem: int = 24, widths: Sequence[int] = (48, 96, 192), out_dim: int = 128,
-                 stem_stride: int = 2, dropout: float = 0.0, out_bn: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        stem: int = 24,
+        widths: Sequence[int] = (48, 96, 192),
+        out_dim: int = 128,
+        stem_stride: int = 2,
+        dropout: float = 0.0,
+        out_bn: bool = False,
+    ) -> None:
         super().__init__()
-        self.arch = {"stem": int(stem), "widths": [int(w) for w in widths], "out_dim": int(out_dim),
-                     "stem_stride": int(stem_stride), "dropout": float(dropout), "out_bn": bool(out_bn)}  # fmt: skip
+        self.arch = {
+            "stem": int(stem),
+            "widths": [int(w) for w in widths],
+            "out_dim": int(out_dim),
+            "stem_stride": int(stem_stride),
+            "dropout": float(dropout),
+            "out_bn": bool(out_bn),
+        }
         layers = _conv_bn_relu(3, stem, stem_stride)
         c = stem
         for w in widths:
@@ -398,8 +441,10 @@ def _load(directory: str | Path, kind: str) -> tuple[FaceWorldNet, dict]:
     missing, unexpected = net.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not fit the architecture in {CONFIG_FILE}: "
-                         f"missing {missing[:4]}, unexpected {unexpected[:4]}")  # fmt: skip
+        raise ValueError(
+            f"{weights_path} does not fit the architecture in {CONFIG_FILE}: "
+            f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     return net, config
 
 
@@ -422,8 +467,13 @@ class FaceWorldIdentity(nn.Module):
 
     input_size = INPUT_SIZE
 
-    def __init__(self, net: FaceWorldNet | None = None, *, same_person_threshold: float | None = None,
-                 metadata: dict | None = None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        net: FaceWorldNet | None = None,
+        *,
+        same_person_threshold: float | None = None,
+        metadata: dict | None = None,
+    ) -> None:
         super().__init__()
         self.net = net if net is not None else FaceWorldNet(out_bn=True)
         self.net.eval().requires_grad_(False)
@@ -474,12 +524,19 @@ class FaceWorldIdentity(nn.Module):
         return torch.cat(out).numpy() if out else np.zeros((0, self.embedding_dim), np.float32)
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        config = {"kind": IDENTITY_KIND, "format_version": FORMAT_VERSION, "input_size": INPUT_SIZE,
-                  "input_range": [-1.0, 1.0], "alignment": "ipfacediff.face.CANONICAL_FIVE_POINTS",
-                  "embedding_dim": self.embedding_dim, "arch": self.net.arch,
-                  "same_person_threshold": self.same_person_threshold,
-                  "distance": "euclidean on L2-normalised embeddings", "dtype_on_disk": "float16",
-                  **{k: v for k, v in self.metadata.items() if k not in ("kind", "arch")}}  # fmt: skip
+        config = {
+            "kind": IDENTITY_KIND,
+            "format_version": FORMAT_VERSION,
+            "input_size": INPUT_SIZE,
+            "input_range": [-1.0, 1.0],
+            "alignment": "ipfacediff.face.CANONICAL_FIVE_POINTS",
+            "embedding_dim": self.embedding_dim,
+            "arch": self.net.arch,
+            "same_person_threshold": self.same_person_threshold,
+            "distance": "euclidean on L2-normalised embeddings",
+            "dtype_on_disk": "float16",
+            **{k: v for k, v in self.metadata.items() if k not in ("kind", "arch")},
+        }
         return _save(self.net, directory, config)
 
     @classmethod
@@ -523,8 +580,9 @@ class AttributeOracle(nn.Module):
         float tensor (N, 3, H, W) in [-1, 1] -> {attribute: float32 (N,) probabilities}."""
         device = next(self.net.parameters()).device
         x = _images_to_tensor(images, "cpu")
-        out = [torch.sigmoid(self(x[k : k + batch_size].to(device))).float().cpu()
-               for k in range(0, len(x), batch_size)]  # fmt: skip
+        out = [
+            torch.sigmoid(self(x[k : k + batch_size].to(device))).float().cpu() for k in range(0, len(x), batch_size)
+        ]
         probs = torch.cat(out).numpy() if out else np.zeros((0, len(ATTRIBUTE_NAMES)), np.float32)
         return {name: probs[:, k].copy() for k, name in enumerate(ATTRIBUTE_NAMES)}
 
@@ -533,11 +591,18 @@ class AttributeOracle(nn.Module):
         return {k: v >= threshold for k, v in self.predict_proba(images).items()}
 
     def save_pretrained(self, directory: str | Path) -> Path:
-        config = {"kind": ORACLE_KIND, "format_version": FORMAT_VERSION, "input_size": INPUT_SIZE,
-                  "input_range": [-1.0, 1.0], "alignment": "ipfacediff.face.CANONICAL_FIVE_POINTS",
-                  "attributes": list(ATTRIBUTE_NAMES), "arch": self.net.arch,
-                  "labels": "ipfacediff.faceworld.oracles.attribute_labels", "dtype_on_disk": "float16",
-                  **{k: v for k, v in self.metadata.items() if k not in ("kind", "arch", "attributes")}}  # fmt: skip
+        config = {
+            "kind": ORACLE_KIND,
+            "format_version": FORMAT_VERSION,
+            "input_size": INPUT_SIZE,
+            "input_range": [-1.0, 1.0],
+            "alignment": "ipfacediff.face.CANONICAL_FIVE_POINTS",
+            "attributes": list(ATTRIBUTE_NAMES),
+            "arch": self.net.arch,
+            "labels": "ipfacediff.faceworld.oracles.attribute_labels",
+            "dtype_on_disk": "float16",
+            **{k: v for k, v in self.metadata.items() if k not in ("kind", "arch", "attributes")},
+        }
         return _save(self.net, directory, config)
 
     @classmethod
@@ -567,25 +632,57 @@ class Preset:
     workers: int | None  # render processes; None: all CPUs
     threads: int | None = None  # torch CPU threads while training; None: torch's default. On a
     # machine whose cores are busy with other work one thread is several times faster than two.
-    identity_arch: dict = field(default_factory=lambda: {"stem": 24, "widths": [48, 96, 192], "out_dim": 128,
-                                                                  "out_bn": True})
+    identity_arch: dict = field(
+        default_factory=lambda: {"stem": 24, "widths": [48, 96, 192], "out_dim": 128, "out_bn": True}
+    )
     attribute_arch: dict = field(default_factory=lambda: {"stem": 16, "widths": [32, 64, 128], "out_dim": 6})
     lr: float = 2e-3
     parameter_weight: float = 1.0  # weight of the identity-parameter regression (generalises to new people)
 
 
 PRESETS: dict[str, Preset] = {
-    "smoke": Preset(identities=40, scenes=2, identity_steps=12, identity_batch=32, identity_seconds=10,
-                    attribute_steps=10, attribute_batch=32, attribute_seconds=6, heldout_identities=12, workers=0,
-                    identity_arch={"stem": 8, "widths": [16, 32, 64], "out_dim": 128, "out_bn": True},
-                    attribute_arch={"stem": 8, "widths": [16, 32, 64], "out_dim": 6}, threads=1),
-    "cpu": Preset(identities=1000, scenes=8, identity_steps=6000, identity_batch=96, identity_seconds=480,
-                  attribute_steps=2000, attribute_batch=96, attribute_seconds=120, heldout_identities=300, workers=2,
-                  threads=1),
-    "gpu": Preset(identities=1000, scenes=24, identity_steps=5000, identity_batch=512, identity_seconds=40,
-                  attribute_steps=1500, attribute_batch=512, attribute_seconds=12, heldout_identities=500,
-                  workers=None, identity_arch={"stem": 32, "widths": [64, 128, 256], "out_dim": 128, "out_bn": True}),
-}  # fmt: skip
+    "smoke": Preset(
+        identities=40,
+        scenes=2,
+        identity_steps=12,
+        identity_batch=32,
+        identity_seconds=10,
+        attribute_steps=10,
+        attribute_batch=32,
+        attribute_seconds=6,
+        heldout_identities=12,
+        workers=0,
+        identity_arch={"stem": 8, "widths": [16, 32, 64], "out_dim": 128, "out_bn": True},
+        attribute_arch={"stem": 8, "widths": [16, 32, 64], "out_dim": 6},
+        threads=1,
+    ),
+    "cpu": Preset(
+        identities=1000,
+        scenes=8,
+        identity_steps=6000,
+        identity_batch=96,
+        identity_seconds=480,
+        attribute_steps=2000,
+        attribute_batch=96,
+        attribute_seconds=120,
+        heldout_identities=300,
+        workers=2,
+        threads=1,
+    ),
+    "gpu": Preset(
+        identities=1000,
+        scenes=24,
+        identity_steps=5000,
+        identity_batch=512,
+        identity_seconds=40,
+        attribute_steps=1500,
+        attribute_batch=512,
+        attribute_seconds=12,
+        heldout_identities=500,
+        workers=None,
+        identity_arch={"stem": 32, "widths": [64, 128, 256], "out_dim": 128, "out_bn": True},
+    ),
+}
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator, *, flip: bool) -> torch.Tensor:
@@ -665,8 +762,10 @@ def _train_identity(
     centres = nn.Parameter(F.normalize(torch.randn(len(classes), net.out_dim, device=device), dim=1))
     targets_p = torch.from_numpy(_standardised_parameters(classes)).float().to(device)
     regress = nn.Linear(net.out_dim, targets_p.shape[1]).to(device)
-    params = [{"params": list(net.parameters()) + list(regress.parameters()), "weight_decay": 5e-4},
-              {"params": [centres], "weight_decay": 0.0}]  # fmt: skip
+    params = [
+        {"params": list(net.parameters()) + list(regress.parameters()), "weight_decay": 5e-4},
+        {"params": [centres], "weight_decay": 0.0},
+    ]
     opt = torch.optim.AdamW(params, lr=preset.lr)
     scale, margin, pair_weight, param_weight = 30.0, 0.3, 2.0, preset.parameter_weight
     scenes = int(data.scenes)
@@ -713,15 +812,22 @@ def _train_identity(
         losses.append(loss.detach())
         if sched.step % 100 == 0:
             recent = float(torch.stack(losses[-100:]).mean())
-            log(f"identity step {sched.step} loss {recent:.3f} pair {float(pair.detach()):.4f} "
+            log(
+                f"identity step {sched.step} loss {recent:.3f} pair {float(pair.detach()):.4f} "
                 f"nce {float(nce.detach()):.3f} parameters {float(param_loss.detach()):.3f} "
-                f"({sched.elapsed:.0f}s, progress {sched.progress():.2f})")  # fmt: skip
+                f"({sched.elapsed:.0f}s, progress {sched.progress():.2f})"
+            )
     net.eval()
-    stats = {"steps": sched.step, "seconds": round(sched.elapsed, 1), "batch": per_step * 3,
-             "classes": len(classes), "loss": f"CosFace (s=30, m=0.3) + 2 (1 - cos) of attribute pairs + cross-view "
-                     f"InfoNCE (t=0.1) + {param_weight} smooth-L1 regression of the identity parameters "
-                     "(linear, from the embedding)",
-             "final_loss": round(float(torch.stack(losses[-50:]).mean()), 4) if losses else None}  # fmt: skip
+    stats = {
+        "steps": sched.step,
+        "seconds": round(sched.elapsed, 1),
+        "batch": per_step * 3,
+        "classes": len(classes),
+        "loss": f"CosFace (s=30, m=0.3) + 2 (1 - cos) of attribute pairs + cross-view "
+        f"InfoNCE (t=0.1) + {param_weight} smooth-L1 regression of the identity parameters "
+        "(linear, from the embedding)",
+        "final_loss": round(float(torch.stack(losses[-50:]).mean()), 4) if losses else None,
+    }
     return net.cpu().to(memory_format=torch.contiguous_format), stats
 
 
@@ -755,11 +861,17 @@ def _train_attributes(
         sched.step += 1
         losses.append(loss.detach())
         if sched.step % 100 == 0:
-            log(f"attributes step {sched.step} loss {float(torch.stack(losses[-100:]).mean()):.4f} ({sched.elapsed:.0f}s)")
+            log(
+                f"attributes step {sched.step} loss {float(torch.stack(losses[-100:]).mean()):.4f} ({sched.elapsed:.0f}s)"
+            )
     net.eval()
-    stats = {"steps": sched.step, "seconds": round(sched.elapsed, 1), "batch": preset.attribute_batch,
-             "loss": "binary cross-entropy",
-             "final_loss": round(float(torch.stack(losses[-50:]).mean()), 4) if losses else None}  # fmt: skip
+    stats = {
+        "steps": sched.step,
+        "seconds": round(sched.elapsed, 1),
+        "batch": preset.attribute_batch,
+        "loss": "binary cross-entropy",
+        "final_loss": round(float(torch.stack(losses[-50:]).mean()), 4) if losses else None,
+    }
     return net.cpu().to(memory_format=torch.contiguous_format), stats
 
 
@@ -838,9 +950,16 @@ def evaluate_identity(model: FaceWorldIdentity, heldout: HeldOutSet) -> dict:
     for k, name in enumerate(EDITS, start=2):
         ok = heldout.valid[:, k]
         c = (emb[ok, 0] * emb[ok, k]).sum(-1)
-        inv[name] = _rounded({"pairs": int(ok.sum()), "mean_cosine": float(c.mean()), "min_cosine": float(c.min()),
-                              "p05_cosine": float(np.quantile(c, 0.05)), "fraction_ge_0.9": float((c >= 0.9).mean()),
-                              "same_person_rate": float((np.sqrt(np.clip(2 - 2 * c, 0, None)) < t).mean())})  # fmt: skip
+        inv[name] = _rounded(
+            {
+                "pairs": int(ok.sum()),
+                "mean_cosine": float(c.mean()),
+                "min_cosine": float(c.min()),
+                "p05_cosine": float(np.quantile(c, 0.05)),
+                "fraction_ge_0.9": float((c >= 0.9).mean()),
+                "same_person_rate": float((np.sqrt(np.clip(2 - 2 * c, 0, None)) < t).mean()),
+            }
+        )
     out = _rounded(out)
     out["edit_invariance"] = inv
     return out
@@ -858,28 +977,41 @@ def evaluate_oracle(oracle: AttributeOracle, heldout: HeldOutSet) -> dict:
     acc = {}
     for k, name in enumerate(ATTRIBUTE_NAMES):
         y = plain_y[:, k] > 0.5
-        acc[name] = _rounded({"accuracy": float((pred[:, k] == y).mean()), "positives": int(y.sum()),
-                              "recall": float(pred[y, k].mean()) if y.any() else None,
-                              "specificity": float((~pred[~y, k]).mean()) if (~y).any() else None})  # fmt: skip
+        acc[name] = _rounded(
+            {
+                "accuracy": float((pred[:, k] == y).mean()),
+                "positives": int(y.sum()),
+                "recall": float(pred[y, k].mean()) if y.any() else None,
+                "specificity": float((~pred[~y, k]).mean()) if (~y).any() else None,
+            }
+        )
     attr_of_edit = {"eyeglasses": "eyeglasses", "blonde_hair": "blonde_hair", "beard": "beard", "smile": "smile"}
     flags = {}
     for k, name in enumerate(EDITS, start=2):
         col = ATTRIBUTE_NAMES.index(attr_of_edit[name])
         ok = heldout.valid[:, k]
-        flags[name] = _rounded({"edited_images": int(ok.sum()), "flag_rate": float((p[ok, k, col] >= 0.5).mean()),
-                                "mean_probability": float(p[ok, k, col].mean())})  # fmt: skip
+        flags[name] = _rounded(
+            {
+                "edited_images": int(ok.sum()),
+                "flag_rate": float((p[ok, k, col] >= 0.5).mean()),
+                "mean_probability": float(p[ok, k, col].mean()),
+            }
+        )
     mean_accuracy = round(float(np.mean([a["accuracy"] for a in acc.values()])), 4)
-    return {"images": int(plain_p.shape[0]), "mean_accuracy": mean_accuracy,
-            "per_attribute": acc, "edit_flag": flags}  # fmt: skip
+    return {"images": int(plain_p.shape[0]), "mean_accuracy": mean_accuracy, "per_attribute": acc, "edit_flag": flags}
 
 
 def evaluate_oracles(
     identity_model: FaceWorldIdentity | None, oracle: AttributeOracle | None, heldout: HeldOutSet
 ) -> dict:
     """Held-out figures of either or both models (see :func:`evaluate_identity`, :func:`evaluate_oracle`)."""
-    out: dict[str, Any] = {"heldout_identity_ids": {"count": int(len(heldout.identity_ids)),
-                                                     "min": int(heldout.identity_ids.min()),
-                                                     "max": int(heldout.identity_ids.max())}}  # fmt: skip
+    out: dict[str, Any] = {
+        "heldout_identity_ids": {
+            "count": int(len(heldout.identity_ids)),
+            "min": int(heldout.identity_ids.min()),
+            "max": int(heldout.identity_ids.max()),
+        }
+    }
     if identity_model is not None:
         out["identity"] = evaluate_identity(identity_model, heldout)
     if oracle is not None:
@@ -892,8 +1024,15 @@ def evaluate_oracles(
 # ----------------------------------------------------------------------------------------------
 
 
-def train_oracles(output: str | Path, *, preset: str | Preset = "cpu", device: str = "auto", seed: int = 0,
-                  progress: Callable[[str], None] | None = None, workers: int | None = None) -> dict:  # fmt: skip
+def train_oracles(
+    output: str | Path,
+    *,
+    preset: str | Preset = "cpu",
+    device: str = "auto",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+    workers: int | None = None,
+) -> dict:
     """Render FaceWorld data (training identities only), train the identity net and the attribute
     oracle, evaluate both on held-out identities and write ``output/identity/``,
     ``output/attributes/`` and ``output/oracles.json``. Returns the report (as in oracles.json,
@@ -921,8 +1060,10 @@ def train_oracles(output: str | Path, *, preset: str | Preset = "cpu", device: s
     used = sorted(int(i) for i in np.unique(data.identity_ids))
     if any(is_held_out(i) for i in used):  # render_training_set refuses them; belt and braces
         raise AssertionError("held-out identities in the training data")
-    log(f"rendered {len(data)} training and {heldout.images.shape[0] * heldout.images.shape[1]} held-out images "
-        f"in {seconds['render']}s")  # fmt: skip
+    log(
+        f"rendered {len(data)} training and {heldout.images.shape[0] * heldout.images.shape[1]} held-out images "
+        f"in {seconds['render']}s"
+    )
 
     threads = torch.get_num_threads()
     if preset.threads and dev.type == "cpu":
@@ -942,11 +1083,21 @@ def train_oracles(output: str | Path, *, preset: str | Preset = "cpu", device: s
     metrics = evaluate_oracles(id_model, oracle, heldout)
     seconds["evaluate"] = round(time.perf_counter() - t, 1)
     id_model.same_person_threshold = metrics["identity"]["same_person_threshold"]
-    id_model.metadata = {"trained_by": "ipfacediff.faceworld.oracles", "preset": name, "seed": seed,
-                         "held_out": {k: metrics["identity"][k] for k in ("mean_cosine_same", "mean_cosine_different",
-                                                                           "verification_accuracy", "auc")}}  # fmt: skip
-    oracle.metadata = {"trained_by": "ipfacediff.faceworld.oracles", "preset": name, "seed": seed,
-                       "held_out_accuracy": {k: v["accuracy"] for k, v in metrics["attributes"]["per_attribute"].items()}}
+    id_model.metadata = {
+        "trained_by": "ipfacediff.faceworld.oracles",
+        "preset": name,
+        "seed": seed,
+        "held_out": {
+            k: metrics["identity"][k]
+            for k in ("mean_cosine_same", "mean_cosine_different", "verification_accuracy", "auc")
+        },
+    }
+    oracle.metadata = {
+        "trained_by": "ipfacediff.faceworld.oracles",
+        "preset": name,
+        "seed": seed,
+        "held_out_accuracy": {k: v["accuracy"] for k, v in metrics["attributes"]["per_attribute"].items()},
+    }
     id_model.save_pretrained(output / "identity")
     oracle.save_pretrained(output / "attributes")
     seconds["total"] = round(time.perf_counter() - t0, 1)
@@ -958,10 +1109,20 @@ def train_oracles(output: str | Path, *, preset: str | Preset = "cpu", device: s
         "device": str(dev),
         "torch": torch.__version__,
         "seconds": seconds,
-        "training_data": {"images": len(data), "identities": len(used), "min_id": used[0], "max_id": used[-1],
-                          "views_per_identity": preset.scenes, "held_out_ids_in_training": 0},  # fmt: skip
-        "identity": {**id_stats, "arch": net.arch, "same_person_threshold": id_model.same_person_threshold,
-                     "held_out": metrics["identity"]},  # fmt: skip
+        "training_data": {
+            "images": len(data),
+            "identities": len(used),
+            "min_id": used[0],
+            "max_id": used[-1],
+            "views_per_identity": preset.scenes,
+            "held_out_ids_in_training": 0,
+        },
+        "identity": {
+            **id_stats,
+            "arch": net.arch,
+            "same_person_threshold": id_model.same_person_threshold,
+            "held_out": metrics["identity"],
+        },
         "attributes": {**attr_stats, "arch": anet.arch, "held_out": metrics["attributes"]},
         "heldout_identity_ids": metrics["heldout_identity_ids"],
         "files": files,
@@ -971,34 +1132,12 @@ def train_oracles(output: str | Path, *, preset: str | Preset = "cpu", device: s
     return {**report, "training_identity_ids": used, "heldout_ids": [int(i) for i in heldout.identity_ids]}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ipfacediff.faceworld.oracles", description=__doc__.split("\n")[0])
-    parser.add_argument("output", type=Path, help="folder for identity/, attributes/ and oracles.json")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workers", type=int, default=None, help="render processes (default: the preset's)")
-    args = parser.parse_args(argv)
-    start = time.perf_counter()
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ipfacediff.faceworld.oracles``: ``ipfacediff faceworld oracles`` under that name."""
+    from ipfacediff.cli import faceworld_main
 
-    def log(message: str) -> None:
-        print(f"[{time.perf_counter() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
-
-    report = train_oracles(args.output, preset=args.preset, device=args.device, seed=args.seed, progress=log,
-                           workers=args.workers)  # fmt: skip
-    idr, atr = report["identity"]["held_out"], report["attributes"]["held_out"]
-    summary = {
-        "output": str(args.output),
-        "seconds": report["seconds"],
-        "identity": {k: idr[k] for k in ("mean_cosine_same", "mean_cosine_different", "same_person_threshold",
-                                         "verification_accuracy", "verification_accuracy_2fold", "auc")},
-        "edit_invariance_mean_cosine": {k: v["mean_cosine"] for k, v in idr["edit_invariance"].items()},
-        "attribute_accuracy": {k: v["accuracy"] for k, v in atr["per_attribute"].items()},
-        "edit_flag_rate": {k: v["flag_rate"] for k, v in atr["edit_flag"].items()},
-    }  # fmt: skip
-    print(json.dumps(summary, indent=2))
-    return 0
+    faceworld_main(["oracles", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

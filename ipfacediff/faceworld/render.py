@@ -284,8 +284,15 @@ def _geometry(idt: Identity) -> _Geometry:
     right = rolled[: (chin - top) % len(outline) + 1]
     prof_y, prof_w = right[:, 1], right[:, 0] - 0.5
     order = np.argsort(prof_y)
-    g = _Geometry(align, float(np.hypot(*align[:, 0])), outline, prof_y[order], np.maximum(prof_w[order], 0.0),
-                  _face_oval(outline, idt.head_w), {})  # fmt: skip
+    g = _Geometry(
+        align,
+        float(np.hypot(*align[:, 0])),
+        outline,
+        prof_y[order],
+        np.maximum(prof_w[order], 0.0),
+        _face_oval(outline, idt.head_w),
+        {},
+    )
     W = idt.head_w
     parts = g.parts
 
@@ -308,8 +315,9 @@ def _geometry(idt: Identity) -> _Geometry:
         cx = 0.5 + s * (W - 0.012 + 0.3 * idt.ear_w)
         ear = _ellipse(cx, idt.ear_y, idt.ear_w / 2, idt.ear_h / 2, 16, rot=s * 0.12)
         a0 = -np.pi / 2 if s > 0 else np.pi / 2
-        inner = _ellipse(cx + s * 0.004, idt.ear_y, idt.ear_w * 0.28, idt.ear_h * 0.33, 9, rot=s * 0.12,
-                         a0=a0, a1=a0 + np.pi)  # fmt: skip
+        inner = _ellipse(
+            cx + s * 0.004, idt.ear_y, idt.ear_w * 0.28, idt.ear_h * 0.33, 9, rot=s * 0.12, a0=a0, a1=a0 + np.pi
+        )
         ears += [("fill", ear, "ear", 0, 0.0, 0.0), ("line", inner, "ear_line", 0.007, 0.0, 0.0)]
     parts["ears"] = ears
     parts["head"] = [("fill", outline, "skin", 0, 0.0, 0.0)]
@@ -351,8 +359,12 @@ def _geometry(idt: Identity) -> _Geometry:
     # The bridge line: on the identity's side when frontal, on the far side when the head turns.
     parts["bridge"] = []
     for s in (-1, 1):
-        bridge = _qcurve((0.5 + s * 0.022, idt.eye_y + 0.01), (0.5 + s * 0.026, 0.5 * (idt.eye_y + ny) + 0.005),
-                         (0.5 + s * nwid * 0.7, ny - 0.014), 7)  # fmt: skip
+        bridge = _qcurve(
+            (0.5 + s * 0.022, idt.eye_y + 0.01),
+            (0.5 + s * 0.026, 0.5 * (idt.eye_y + ny) + 0.005),
+            (0.5 + s * nwid * 0.7, ny - 0.014),
+            7,
+        )
         parts["bridge"].append(("line", bridge, "nose_shade", 0.007, _NOSE_Z, 0.0))
 
     # Wrinkles (shown with age).
@@ -375,8 +387,16 @@ def _geometry(idt: Identity) -> _Geometry:
         wr.append(("line", bag, "wrinkle", 0.005, 0.0, 0.0))
         top = (0.5 + s * (nwid + 0.022), ny - 0.004)
         bot = (0.5 + s * (idt.mouth_w / 2 + 0.026), idt.mouth_y + 0.028)
-        wr.append(("line", _qcurve(top, (0.5 * (top[0] + bot[0]) + s * 0.016, 0.5 * (top[1] + bot[1])), bot, 8),
-                   "fold", 0.007, 0.0, 0.0))  # fmt: skip
+        wr.append(
+            (
+                "line",
+                _qcurve(top, (0.5 * (top[0] + bot[0]) + s * 0.016, 0.5 * (top[1] + bot[1])), bot, 8),
+                "fold",
+                0.007,
+                0.0,
+                0.0,
+            )
+        )
     parts["wrinkles"] = wr
 
     parts.update(_hair_parts(idt, g, rng))
@@ -394,8 +414,16 @@ def _normalised(parts: list) -> list:
     for kind, pts, colour, param, prot, body in parts:
         pts = np.ascontiguousarray(pts, dtype=np.float64)
         n = len(pts)
-        out.append((kind, pts, colour, param, np.broadcast_to(np.asarray(prot, float), (n,)).copy(),
-                    np.broadcast_to(np.asarray(body, float), (n,)).copy()))  # fmt: skip
+        out.append(
+            (
+                kind,
+                pts,
+                colour,
+                param,
+                np.broadcast_to(np.asarray(prot, float), (n,)).copy(),
+                np.broadcast_to(np.asarray(body, float), (n,)).copy(),
+            )
+        )
     return out
 
 
@@ -416,17 +444,29 @@ def _hair_parts(idt: Identity, g: _Geometry, rng: np.random.Generator) -> dict:
         """From the left temple (y_end) up over the forehead to the right temple (y_end)."""
         wy = float(_half_width(g, np.array([y_end]))[0])
         if bangs is not None:
-            ctrl = [(0.5 - wy + 0.04, y_end), (0.5 - W + 0.04, bangs + 0.01), (0.5 - 0.12, bangs + 0.004),
-                    (0.5, bangs), (0.5 + 0.12, bangs + 0.004), (0.5 + W - 0.04, bangs + 0.01),
-                    (0.5 + wy - 0.04, y_end)]  # fmt: skip
+            ctrl = [
+                (0.5 - wy + 0.04, y_end),
+                (0.5 - W + 0.04, bangs + 0.01),
+                (0.5 - 0.12, bangs + 0.004),
+                (0.5, bangs),
+                (0.5 + 0.12, bangs + 0.004),
+                (0.5 + W - 0.04, bangs + 0.01),
+                (0.5 + wy - 0.04, y_end),
+            ]
         else:
             # The fringe never comes below FRINGE_MAX (the hair edit region stops there).
             lo_l = min(H + max(0.0, -p) * low_side + 0.014, FRINGE_MAX)
             lo_r = min(H + max(0.0, p) * low_side + 0.014, FRINGE_MAX)
             temple = 0.5 * (y_end + H) + 0.01
-            ctrl = [(0.5 - wy + 0.012, y_end), (0.5 - W + 0.025, temple), (0.5 - 0.13, lo_l),
-                    (0.5 + 0.05 * p, H - 0.008 * abs(p)), (0.5 + 0.13, lo_r), (0.5 + W - 0.025, temple),
-                    (0.5 + wy - 0.012, y_end)]  # fmt: skip
+            ctrl = [
+                (0.5 - wy + 0.012, y_end),
+                (0.5 - W + 0.025, temple),
+                (0.5 - 0.13, lo_l),
+                (0.5 + 0.05 * p, H - 0.008 * abs(p)),
+                (0.5 + 0.13, lo_r),
+                (0.5 + W - 0.025, temple),
+                (0.5 + wy - 0.012, y_end),
+            ]
         return _catmull(ctrl, 4)
 
     def add_band(outer, inner, n=44, count=14, into=front, along=False):
@@ -454,11 +494,13 @@ def _hair_parts(idt: Identity, g: _Geometry, rng: np.random.Generator) -> dict:
         flare = 0.03 if style == "bob" else 0.07
         top_arc = _skull(g.outline, 0.47, v + 0.012)
         left, r = top_arc[0], top_arc[-1]
-        outer = np.concatenate([
-            _qcurve((left[0] - flare, bottom), (left[0] - flare * 0.4, 0.5 * (bottom + left[1])), left, 6)[:-1],
-            top_arc,
-            _qcurve(r, (r[0] + flare * 0.4, 0.5 * (bottom + r[1])), (r[0] + flare, bottom), 6)[1:],
-        ])  # fmt: skip
+        outer = np.concatenate(
+            [
+                _qcurve((left[0] - flare, bottom), (left[0] - flare * 0.4, 0.5 * (bottom + left[1])), left, 6)[:-1],
+                top_arc,
+                _qcurve(r, (r[0] + flare * 0.4, 0.5 * (bottom + r[1])), (r[0] + flare, bottom), 6)[1:],
+            ]
+        )
         back.append(("fill", np.concatenate([outer, [[0.5 + 0.0, bottom + 0.02]]]), "hair_back", 0, 0.0, 0.0))
         ys = np.linspace(0.40, bottom, 10)
         hw = _half_width(g, ys)
@@ -487,8 +529,16 @@ def _hair_parts(idt: Identity, g: _Geometry, rng: np.random.Generator) -> dict:
             t = rng.uniform(0.2, 0.75)
             c = o[j] * (1 - t) + i[j] * t
             r = rng.uniform(0.010, 0.016)
-            front.append(("line", _ellipse(c[0], c[1], r, r * 0.8, 8, a0=rng.uniform(0, 3), a1=rng.uniform(4, 6)),
-                          "hair_dark" if k % 3 else "hair_light", 0.006, _HAIR_Z, 0.0))  # fmt: skip
+            front.append(
+                (
+                    "line",
+                    _ellipse(c[0], c[1], r, r * 0.8, 8, a0=rng.uniform(0, 3), a1=rng.uniform(4, 6)),
+                    "hair_dark" if k % 3 else "hair_light",
+                    0.006,
+                    _HAIR_Z,
+                    0.0,
+                )
+            )
     elif style == "receding":
         for s in (-1, 1):
             ys = np.linspace(0.25, 0.50, 12)
@@ -517,14 +567,19 @@ def _beard_parts(idt: Identity, g: _Geometry, rng: np.random.Generator) -> list:
     r = np.hypot(d[:, 0], d[:, 1])
     depth = np.clip((lower[:, 1] - 0.62) / (idt.chin_y - 0.62), 0, 1)
     centre = 1 - np.clip(np.abs(lower[:, 0] - 0.5) / W, 0, 1)
-    grow = 0.006 + length * depth**1.5 * (0.4 + 0.6 * centre**(2 if style == "long" else 1))
+    grow = 0.006 + length * depth**1.5 * (0.4 + 0.6 * centre ** (2 if style == "long" else 1))
     grow = grow + rng.uniform(-0.003, 0.003, len(grow))
     outer = c + d * ((r + grow) / r)[:, None]
     mw = idt.mouth_w / 2
     ny = idt.nose_y
-    inner_right = [(0.5 + W - 0.03, y_top), (0.5 + W * 0.84, 0.585), (0.5 + mw + 0.04, idt.mouth_y - 0.02),
-                   (0.5 + mw + 0.005, ny + 0.045), (0.5 + idt.nose_w + 0.012, ny + 0.034),
-                   (0.5, ny + 0.03)]  # fmt: skip
+    inner_right = [
+        (0.5 + W - 0.03, y_top),
+        (0.5 + W * 0.84, 0.585),
+        (0.5 + mw + 0.04, idt.mouth_y - 0.02),
+        (0.5 + mw + 0.005, ny + 0.045),
+        (0.5 + idt.nose_w + 0.012, ny + 0.034),
+        (0.5, ny + 0.03),
+    ]
     # Inner edge from the right sideburn round under the nose to the left one; the outer edge runs
     # from the right sideburn round the chin to the left one.
     inner = _catmull([*inner_right, *[(1 - x, y) for x, y in inner_right[-2::-1]]], 4)
@@ -552,15 +607,27 @@ def _lens(style: str, cx: float, cy: float) -> tuple[np.ndarray, float, float]:
         return _ellipse(cx, cy, 0.053, 0.047, 20), 0.053, 0.047
     if style == "rect":
         hx, hy, r = 0.059, 0.037, 0.013
-        corners = [(cx + hx - r, cy - hy + r, -np.pi / 2, 0), (cx + hx - r, cy + hy - r, 0, np.pi / 2),
-                   (cx - hx + r, cy + hy - r, np.pi / 2, np.pi),
-                   (cx - hx + r, cy - hy + r, np.pi, 1.5 * np.pi)]  # fmt: skip
+        corners = [
+            (cx + hx - r, cy - hy + r, -np.pi / 2, 0),
+            (cx + hx - r, cy + hy - r, 0, np.pi / 2),
+            (cx - hx + r, cy + hy - r, np.pi / 2, np.pi),
+            (cx - hx + r, cy - hy + r, np.pi, 1.5 * np.pi),
+        ]
         pts = np.concatenate([_ellipse(x, y, r, r, 4, a0=a0, a1=a1) for x, y, a0, a1 in corners])
         return pts, hx, hy
     # "wide": flat top, rounded bottom (aviator-like)
     top = np.array([[cx - 0.060, cy - 0.036], [cx + 0.060, cy - 0.036]])
-    bottom = _catmull([(cx + 0.060, cy - 0.036), (cx + 0.055, cy + 0.012), (cx + 0.02, cy + 0.044),
-                       (cx - 0.02, cy + 0.044), (cx - 0.055, cy + 0.012), (cx - 0.060, cy - 0.036)], 3)  # fmt: skip
+    bottom = _catmull(
+        [
+            (cx + 0.060, cy - 0.036),
+            (cx + 0.055, cy + 0.012),
+            (cx + 0.02, cy + 0.044),
+            (cx - 0.02, cy + 0.044),
+            (cx - 0.055, cy + 0.012),
+            (cx - 0.060, cy - 0.036),
+        ],
+        3,
+    )
     return np.concatenate([top[:1], bottom[:-1]]), 0.060, 0.044
 
 
@@ -601,8 +668,12 @@ def _hat_parts(idt: Identity, g: _Geometry) -> list:
         if style == "beanie":
             left, r = dome[0], dome[-1]
             top = bottom - 0.07
-            cuff = np.concatenate([_qcurve((left[0], bottom), (0.5, bottom + 0.012), (r[0], bottom)),
-                                   _qcurve((r[0] - 0.004, top), (0.5, top + 0.01), (left[0] + 0.004, top))])  # fmt: skip
+            cuff = np.concatenate(
+                [
+                    _qcurve((left[0], bottom), (0.5, bottom + 0.012), (r[0], bottom)),
+                    _qcurve((r[0] - 0.004, top), (0.5, top + 0.01), (left[0] + 0.004, top)),
+                ]
+            )
             parts.append(("fill", cuff, "hat_dark", 0, _HAT_Z, 0.0))
             for x in np.linspace(left[0] + 0.04, r[0] - 0.04, 9):
                 rib = np.array([[x, bottom - 0.058], [x, bottom + 0.004]])
@@ -620,12 +691,31 @@ def _hat_parts(idt: Identity, g: _Geometry) -> list:
         brim_y = 0.285
         hw = W + grow + 0.005
         brim = _ellipse(0.5, brim_y, hw + 0.10, 0.038, 28)
-        crown = _catmull([(0.5 - hw, brim_y), (0.5 - hw + 0.02, T - 0.01), (0.5 - 0.08, T - 0.06), (0.5, T - 0.04),
-                          (0.5 + 0.08, T - 0.06), (0.5 + hw - 0.02, T - 0.01), (0.5 + hw, brim_y)], 4)  # fmt: skip
-        band = np.array([[0.5 - hw + 0.002, brim_y - 0.045], [0.5 + hw - 0.002, brim_y - 0.045],
-                         [0.5 + hw, brim_y - 0.005], [0.5 - hw, brim_y - 0.005]])  # fmt: skip
-        parts += [("fill", brim, "hat_dark", 0, _HAT_Z, 0.0), ("fill", crown, "hat", 0, _HAT_Z, 0.0),
-                  ("fill", band, "hat_band", 0, _HAT_Z, 0.0)]  # fmt: skip
+        crown = _catmull(
+            [
+                (0.5 - hw, brim_y),
+                (0.5 - hw + 0.02, T - 0.01),
+                (0.5 - 0.08, T - 0.06),
+                (0.5, T - 0.04),
+                (0.5 + 0.08, T - 0.06),
+                (0.5 + hw - 0.02, T - 0.01),
+                (0.5 + hw, brim_y),
+            ],
+            4,
+        )
+        band = np.array(
+            [
+                [0.5 - hw + 0.002, brim_y - 0.045],
+                [0.5 + hw - 0.002, brim_y - 0.045],
+                [0.5 + hw, brim_y - 0.005],
+                [0.5 - hw, brim_y - 0.005],
+            ]
+        )
+        parts += [
+            ("fill", brim, "hat_dark", 0, _HAT_Z, 0.0),
+            ("fill", crown, "hat", 0, _HAT_Z, 0.0),
+            ("fill", band, "hat_band", 0, _HAT_Z, 0.0),
+        ]
     return parts
 
 
@@ -880,8 +970,12 @@ def _warp_local(g: _Geometry, pose: Pose, shape, pts: np.ndarray, prot, body) ->
     return head
 
 
-def face_points(identity: Identity, pose: Pose = NEUTRAL_POSE, attributes: Attributes | None = None,
-                size: int | tuple[int, int] = 64) -> np.ndarray:  # fmt: skip
+def face_points(
+    identity: Identity,
+    pose: Pose = NEUTRAL_POSE,
+    attributes: Attributes | None = None,
+    size: int | tuple[int, int] = 64,
+) -> np.ndarray:
     """The five alignment points (CANONICAL order) of a face drawn with ``pose``, image pixels.
 
     ``attributes`` matters through the smile (it moves the mouth corners); ``size`` is the image
@@ -1072,8 +1166,14 @@ def render_scene(
     return _finish(frame, lighting)
 
 
-def render_face(identity: Identity, attributes: Attributes | None = None, pose: Pose = NEUTRAL_POSE, size: int = 64,
-                background=None, lighting: Lighting = Lighting()) -> np.ndarray:  # fmt: skip
+def render_face(
+    identity: Identity,
+    attributes: Attributes | None = None,
+    pose: Pose = NEUTRAL_POSE,
+    size: int = 64,
+    background=None,
+    lighting: Lighting = Lighting(),
+) -> np.ndarray:
     """One face. With the neutral pose the image is an aligned crop: the five points lie on
     ``CANONICAL_FIVE_POINTS * size`` (see :func:`face_points` for any pose)."""
     return render_scene([(identity, attributes or Attributes(), pose)], size, background, lighting)

@@ -146,12 +146,23 @@ class LightDrift:
     @classmethod
     def sample(cls, seed: int) -> LightDrift:
         rng = np.random.default_rng([0x11647, int(seed)])
-        return cls(_wave(rng, 30, 0.03, 0.12), rng.uniform(0, 360), rng.uniform(45, 70), rng.uniform(0.25, 0.45),
-                   _wave(rng, 0.08, 0.05, 0.2), rng.uniform(-0.4, 0.4))  # fmt: skip
+        return cls(
+            _wave(rng, 30, 0.03, 0.12),
+            rng.uniform(0, 360),
+            rng.uniform(45, 70),
+            rng.uniform(0.25, 0.45),
+            _wave(rng, 0.08, 0.05, 0.2),
+            rng.uniform(-0.4, 0.4),
+        )
 
     def at(self, t: float) -> Lighting:
-        return Lighting(self.azimuth_base + _at(self.azimuth, t), self.elevation, self.strength,
-                        1.0 + _at(self.brightness, t), self.warmth)  # fmt: skip
+        return Lighting(
+            self.azimuth_base + _at(self.azimuth, t),
+            self.elevation,
+            self.strength,
+            1.0 + _at(self.brightness, t),
+            self.warmth,
+        )
 
 
 # --- clips ----------------------------------------------------------------------------------------
@@ -371,8 +382,9 @@ def misaligned(aligned: Pose, noise: np.ndarray, *, shift: float, degrees: float
     rot, scale = float(noise[2] * degrees), float(1 + noise[3] * zoom)
     c, s = math.cos(math.radians(rot)) * scale, math.sin(math.radians(rot)) * scale
     dx, dy = aligned.x - 0.5, aligned.y - 0.5
-    return aligned.replace(x=0.5 + c * dx - s * dy + tx, y=0.5 + s * dx + c * dy + ty, roll=aligned.roll + rot,
-                           scale=aligned.scale * scale)
+    return aligned.replace(
+        x=0.5 + c * dx - s * dy + tx, y=0.5 + s * dx + c * dy + ty, roll=aligned.roll + rot, scale=aligned.scale * scale
+    )
 
 
 def dataset_item(split: str, index: int, seed: int = 0) -> DatasetItem:
@@ -388,8 +400,13 @@ def dataset_item(split: str, index: int, seed: int = 0) -> DatasetItem:
         eyes_open=1.0 if rng.random() < 0.93 else float(rng.uniform(0, 1)),
         mouth_open=0.0 if rng.random() < 0.8 else float(rng.uniform(0, 0.6)),
     )
-    light = Lighting(float(rng.uniform(0, 360)), float(rng.uniform(40, 80)), float(rng.uniform(0.12, 0.5)),
-                     float(rng.uniform(0.85, 1.15)), float(rng.uniform(-0.5, 0.5)))  # fmt: skip
+    light = Lighting(
+        float(rng.uniform(0, 360)),
+        float(rng.uniform(40, 80)),
+        float(rng.uniform(0.12, 0.5)),
+        float(rng.uniform(0.85, 1.15)),
+        float(rng.uniform(-0.5, 0.5)),
+    )
     final = misaligned(align_pose(identity(idt_id), pose), j[2:6], shift=0.008, degrees=1.5, zoom=0.02)
     return DatasetItem(idt_id, attrs, final, light, int(rng.integers(0, 2**31 - 1)))
 

@@ -44,12 +44,12 @@ that wait on each other (the smoke preset: 6 s of training against 36 s with two
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import re
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -140,18 +140,21 @@ MINUTE = 60.0
 PRESETS: dict[str, Preset] = {
     # A few steps of each stage on the cpu architecture: the whole pipeline in well under a minute.
     "smoke": Preset(
-        pairs=32, held_out_pairs=4,
+        pairs=32,
+        held_out_pairs=4,
         clip=Stage(4, 8, 1e-3, MINUTE, warmup=1),
         vae=Stage(3, 4, 2e-3, MINUTE, warmup=1),
         unet=Stage(4, 8, 1e-3, MINUTE, warmup=1),
         decoder=Stage(3, 4, 5e-4, MINUTE, warmup=1),
-        checkpoint_seconds=0.0, evaluate_seconds=math.inf,
+        checkpoint_seconds=0.0,
+        evaluate_seconds=math.inf,
     ),
     # About 130 minutes on two CPU cores (100 before the decoder stage). The VAE limits quality
     # first (PSNR 19 dB after 4 minutes, 21.5 after 10 and still rising), so it gets the largest
     # share; the UNet needs thousands of steps before attributes appear (2,500 drew faint eyeglasses).
     "cpu": Preset(
-        pairs=8000, held_out_pairs=32,
+        pairs=8000,
+        held_out_pairs=32,
         clip=Stage(2000, 32, 1e-3, 8 * MINUTE),
         vae=Stage(5000, 8, 2e-3, 45 * MINUTE),
         unet=Stage(6500, 32, 1e-3, 38 * MINUTE, warmup=200),
@@ -160,7 +163,8 @@ PRESETS: dict[str, Preset] = {
     # The cpu schedule's first stages cut to about an hour, plus the decoder stage (30 min), for
     # a session that cannot wait two hours (the shipped default until a GPU was lent).
     "cpu-1h": Preset(
-        pairs=4000, held_out_pairs=32,
+        pairs=4000,
+        held_out_pairs=32,
         clip=Stage(1200, 32, 1e-3, 5 * MINUTE),
         vae=Stage(2500, 8, 2e-3, 22 * MINUTE),
         unet=Stage(3500, 32, 1e-3, 25 * MINUTE, warmup=200),
@@ -172,14 +176,16 @@ PRESETS: dict[str, Preset] = {
     # with start-up. The shipped default. The architecture stays the cpu one: a wider UNet
     # (48, 96, 192) would take the shipped set (with oracles and adapters) past 30 MB.
     "gpu": Preset(
-        pairs=20000, held_out_pairs=128,
+        pairs=20000,
+        held_out_pairs=128,
         clip=Stage(4000, 256, 2e-3, 25),
         vae=Stage(10000, 64, 2e-3, 80, warmup=200),
         unet=Stage(8000, 256, 1e-3, 90, warmup=200),
         decoder=Stage(4000, 64, 5e-4, 30, warmup=100),
-        checkpoint_seconds=30.0, evaluate_seconds=30.0,
+        checkpoint_seconds=30.0,
+        evaluate_seconds=30.0,
     ),
-}  # fmt: skip
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +194,9 @@ PRESETS: dict[str, Preset] = {
 
 def caption_words() -> list[str]:
     """Every word a FaceWorld caption can use (captions of all attributes, each hair colour)."""
-    everything = [Attributes(eyeglasses=True, hair_colour=c, beard=True, smile=1.0, age=1.0, hat=True)
-                  for c in HAIR_COLOURS]
+    everything = [
+        Attributes(eyeglasses=True, hair_colour=c, beard=True, smile=1.0, age=1.0, hat=True) for c in HAIR_COLOURS
+    ]
     texts = [caption(a) for a in everything] + [caption(Attributes(age=1.0))]  # "an old face"
     return sorted({word for text in texts for word in re.findall(r"[a-z]+", text)})
 
@@ -245,9 +252,15 @@ def build_clip(arch: Architecture, tokenizer: CLIPTokenizer) -> CLIPModel:
     """A small CLIP: 64x64 images in 8x8 patches; text of ``tokenizer.model_max_length`` tokens."""
     text = clip_text_config(arch, tokenizer)
     heads = arch.vision_hidden // 32
-    vision = dict(image_size=SIZE, patch_size=8, hidden_size=arch.vision_hidden,
-                  intermediate_size=4 * arch.vision_hidden, num_hidden_layers=arch.vision_layers,
-                  num_attention_heads=heads, projection_dim=arch.text_hidden)
+    vision = dict(
+        image_size=SIZE,
+        patch_size=8,
+        hidden_size=arch.vision_hidden,
+        intermediate_size=4 * arch.vision_hidden,
+        num_hidden_layers=arch.vision_layers,
+        num_attention_heads=heads,
+        projection_dim=arch.text_hidden,
+    )
     return CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision, projection_dim=arch.text_hidden))
 
 
@@ -255,18 +268,29 @@ def clip_text_config(arch: Architecture, tokenizer: CLIPTokenizer) -> CLIPTextCo
     # The eos id matters: CLIP pools the hidden state at the first <|endoftext|> of each prompt.
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=arch.text_hidden, intermediate_size=4 * arch.text_hidden,
-        num_hidden_layers=arch.text_layers, num_attention_heads=arch.text_hidden // 32,
-        max_position_embeddings=tokenizer.model_max_length, projection_dim=arch.text_hidden,
-        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"), eos_token_id=eos, pad_token_id=eos,
+        vocab_size=len(tokenizer),
+        hidden_size=arch.text_hidden,
+        intermediate_size=4 * arch.text_hidden,
+        num_hidden_layers=arch.text_layers,
+        num_attention_heads=arch.text_hidden // 32,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=arch.text_hidden,
+        bos_token_id=tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        eos_token_id=eos,
+        pad_token_id=eos,
     )
 
 
 def build_vae(arch: Architecture) -> AutoencoderKL:
     """f=4 (three blocks, two downsamplings): 64x64x3 images <-> 16x16x4 latents."""
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=SIZE,
-        block_out_channels=arch.vae_channels, layers_per_block=arch.vae_layers, norm_num_groups=16,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=SIZE,
+        block_out_channels=arch.vae_channels,
+        layers_per_block=arch.vae_layers,
+        norm_num_groups=16,
         down_block_types=("DownEncoderBlock2D",) * len(arch.vae_channels),
         up_block_types=("UpDecoderBlock2D",) * len(arch.vae_channels),
     )
@@ -279,9 +303,15 @@ def build_unet(arch: Architecture) -> UNet2DConditionModel:
     down = ("CrossAttnDownBlock2D",) * (len(channels) - 1) + ("DownBlock2D",)
     up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (len(channels) - 1)
     return UNet2DConditionModel(
-        sample_size=SIZE // 4, in_channels=4, out_channels=4, layers_per_block=arch.unet_layers,
-        block_out_channels=channels, down_block_types=down, up_block_types=up,
-        cross_attention_dim=arch.text_hidden, attention_head_dim=tuple(c // 16 for c in channels),
+        sample_size=SIZE // 4,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=arch.unet_layers,
+        block_out_channels=channels,
+        down_block_types=down,
+        up_block_types=up,
+        cross_attention_dim=arch.text_hidden,
+        attention_head_dim=tuple(c // 16 for c in channels),
         norm_num_groups=16,
     )
 
@@ -291,8 +321,12 @@ def shipped_fp16_bytes(preset: str) -> int:
     VAE, UNet, the text encoder, and the whole CLIP (whose text tower is a second copy of it)."""
     arch = PRESETS[preset].architecture
     tokenizer = build_tokenizer()
-    modules = [build_vae(arch), build_unet(arch), CLIPTextModel(clip_text_config(arch, tokenizer)),
-               build_clip(arch, tokenizer)]
+    modules = [
+        build_vae(arch),
+        build_unet(arch),
+        CLIPTextModel(clip_text_config(arch, tokenizer)),
+        build_clip(arch, tokenizer),
+    ]
     return 2 * sum(p.numel() for m in modules for p in m.parameters())
 
 
@@ -404,8 +438,9 @@ class StageLog:
     done: bool = False
 
 
-def _save_stage(state: _State, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
-                log: StageLog) -> None:
+def _save_stage(
+    state: _State, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, log: StageLog
+) -> None:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     meta = {"log": json.dumps(asdict(log))}
     if optimizer is not None:  # AdamW's state is all tensors (step included); the groups are JSON
@@ -415,8 +450,7 @@ def _save_stage(state: _State, name: str, model: torch.nn.Module, optimizer: tor
     state.save(name, tensors, meta)
 
 
-def _load_stage(state: _State, name: str, model: torch.nn.Module,
-                optimizer: torch.optim.Optimizer) -> StageLog:
+def _load_stage(state: _State, name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> StageLog:
     if not state.has(name):
         return StageLog()
     tensors, meta = state.load(name)
@@ -457,8 +491,14 @@ class _Context:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
 
-def _train_stage(ctx: _Context, name: str, model: torch.nn.Module, stage: Stage,
-                 loss_at: Callable[[int], torch.Tensor], evaluate: Callable[[], float]) -> StageLog:
+def _train_stage(
+    ctx: _Context,
+    name: str,
+    model: torch.nn.Module,
+    stage: Stage,
+    loss_at: Callable[[int], torch.Tensor],
+    evaluate: Callable[[], float],
+) -> StageLog:
     """AdamW with warm-up and a cosine decay over max(steps done / steps, seconds / cap)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=0.01, fused=ctx.device.type == "cuda")
@@ -532,16 +572,16 @@ def train_clip(ctx: _Context, data: Data, tokenizer: CLIPTokenizer) -> tuple[CLI
     stage = ctx.preset.clip
     torch.manual_seed(ctx.seed)
     model = build_clip(ctx.preset.architecture, tokenizer).to(ctx.device)
-    tokens = tokenizer(data.captions, padding="max_length", max_length=tokenizer.model_max_length,
-                       truncation=True, return_tensors="pt")
+    tokens = tokenizer(
+        data.captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
     ids, mask = tokens.input_ids.to(ctx.device), tokens.attention_mask.to(ctx.device)
     lengths = tokens.attention_mask.sum(1).numpy()
 
     def features(images: torch.Tensor, caption_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         width = int(lengths[caption_ids].max())  # padding past the longest prompt changes nothing
         which = _indices(caption_ids, ctx.device)
-        out = model(input_ids=ids[which, :width], attention_mask=mask[which, :width],
-                    pixel_values=_clip_pixels(images))
+        out = model(input_ids=ids[which, :width], attention_mask=mask[which, :width], pixel_values=_clip_pixels(images))
         return out.logits_per_image, which
 
     def loss_at(step: int) -> torch.Tensor:
@@ -620,8 +660,14 @@ def encode_latents(ctx: _Context, vae: AutoencoderKL, data: Data) -> tuple[torch
     return train, held_out, scale
 
 
-def train_unet(ctx: _Context, data: Data, latents: torch.Tensor, held_out_latents: torch.Tensor,
-               tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel) -> tuple[UNet2DConditionModel, StageLog]:
+def train_unet(
+    ctx: _Context,
+    data: Data,
+    latents: torch.Tensor,
+    held_out_latents: torch.Tensor,
+    tokenizer: CLIPTokenizer,
+    text_encoder: CLIPTextModel,
+) -> tuple[UNet2DConditionModel, StageLog]:
     """ε-prediction on SD-1's schedule with min-SNR weighting; the text encoder stays frozen, so
     each caption's hidden states are computed once (the last row is the empty prompt)."""
     stage = ctx.preset.unet
@@ -629,8 +675,13 @@ def train_unet(ctx: _Context, data: Data, latents: torch.Tensor, held_out_latent
     unet = build_unet(ctx.preset.architecture).to(ctx.device)
     alphas = DDIMScheduler(**SD1_SCHEDULER_CONFIG).alphas_cumprod.to(ctx.device)
     with torch.no_grad():
-        ids = tokenizer([*data.captions, ""], padding="max_length", max_length=tokenizer.model_max_length,
-                        truncation=True, return_tensors="pt").input_ids
+        ids = tokenizer(
+            [*data.captions, ""],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         texts = text_encoder(ids.to(ctx.device))[0].float()
     empty = len(data.captions)
 
@@ -742,13 +793,22 @@ def _start(output: Path, preset: str, seed: int, resume: bool) -> dict | None:
     if run.is_file():
         started = json.loads(run.read_text())
         if (started["preset"], started["seed"]) != (preset, seed):
-            raise UserError(f"cannot resume: {output} holds a run of preset {started['preset']!r} with seed "
-                            f"{started['seed']}, not {preset!r} with seed {seed}")
+            raise UserError(
+                f"cannot resume: {output} holds a run of preset {started['preset']!r} with seed "
+                f"{started['seed']}, not {preset!r} with seed {seed}"
+            )
     return None
 
 
-def train_faceworld_models(output: Path, *, preset: str = "cpu", device: str = "auto", seed: int = 0,
-                           progress: Progress | None = None, resume: bool = False) -> dict:
+def train_faceworld_models(
+    output: Path,
+    *,
+    preset: str = "cpu",
+    device: str = "auto",
+    seed: int = 0,
+    progress: Progress | None = None,
+    resume: bool = False,
+) -> dict:
     """Train the FaceWorld model set into ``output`` (see the module docstring); returns the
     report also written to ``output/training.json``.
 
@@ -803,16 +863,23 @@ def train_faceworld_models(output: Path, *, preset: str = "cpu", device: str = "
     if "decoder" in stages:
         stages["decoder"] |= decoder_scores
     report = {
-        "preset": preset, "seed": seed, "device": str(target),
+        "preset": preset,
+        "seed": seed,
+        "device": str(target),
         "device_name": torch.cuda.get_device_name(target) if target.type == "cuda" else "cpu",
         "architecture": asdict(chosen.architecture),
-        "data": {"train_images": len(data.images), "held_out_images": len(data.held_out),
-                 "captions": len(data.captions), "size": SIZE},
+        "data": {
+            "train_images": len(data.images),
+            "held_out_images": len(data.held_out),
+            "captions": len(data.captions),
+            "size": SIZE,
+        },
         "tokenizer": {"vocab_size": len(tokenizer), "model_max_length": tokenizer.model_max_length},
         "stages": stages,
         "vae_scaling_factor": scale,
         "seconds": {k: round(v, 1) for k, v in seconds.items()} | {"total": round(sum(seconds.values()), 1)},
-        "weights_bytes": weights, "weights_total_bytes": sum(weights.values()),
+        "weights_bytes": weights,
+        "weights_total_bytes": sum(weights.values()),
         "versions": library_versions(),
     }
     write_json(output / "training.json", report)
@@ -821,12 +888,15 @@ def train_faceworld_models(output: Path, *, preset: str = "cpu", device: str = "
 
 
 def _decoder_scores(vae: AutoencoderKL, data: Data) -> dict[str, float]:
-    return {"held_out_psnr_db": round(_psnr(vae, data.held_out), 4),
-            "held_out_face_psnr_db": round(_face_psnr(vae, data.held_out), 4)}
+    return {
+        "held_out_psnr_db": round(_psnr(vae, data.held_out), 4),
+        "held_out_face_psnr_db": round(_face_psnr(vae, data.held_out), 4),
+    }
 
 
-def _add_decoder_stage(output: Path, report: dict, chosen: Preset, target: torch.device,
-                       progress: Progress | None) -> dict:
+def _add_decoder_stage(
+    output: Path, report: dict, chosen: Preset, target: torch.device, progress: Progress | None
+) -> dict:
     """Run the decoder stage on a model set that an earlier version of this script finished
     without it: the same renders (they follow from the seed), the saved VAE as the start, only
     ``vae/`` rewritten. The result differs from a run that had the stage from the start only
@@ -848,9 +918,13 @@ def _add_decoder_stage(output: Path, report: dict, chosen: Preset, target: torch
     write_json(staging / "config.json", config)
     shutil.rmtree(output / "vae")
     os.replace(staging, output / "vae")
-    report["stages"]["decoder"] = {"stage": asdict(chosen.decoder), **asdict(log), "before": before,
-                                   **_decoder_scores(vae.to(target, torch.float32), data),
-                                   "added_to_finished_run": True}
+    report["stages"]["decoder"] = {
+        "stage": asdict(chosen.decoder),
+        **asdict(log),
+        "before": before,
+        **_decoder_scores(vae.to(target, torch.float32), data),
+        "added_to_finished_run": True,
+    }
     seconds = report["seconds"]
     seconds["render"] = round(seconds["render"] + render_seconds, 1)
     seconds["decoder"] = round(log.seconds, 1)
@@ -862,8 +936,15 @@ def _add_decoder_stage(output: Path, report: dict, chosen: Preset, target: torch
     return json.loads((output / "training.json").read_text())
 
 
-def save_model_set(output: Path, *, vae: AutoencoderKL, text_encoder: CLIPTextModel, unet: UNet2DConditionModel,
-                   clip: CLIPModel, tokenizer: CLIPTokenizer) -> dict[str, int]:
+def save_model_set(
+    output: Path,
+    *,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    unet: UNet2DConditionModel,
+    clip: CLIPModel,
+    tokenizer: CLIPTokenizer,
+) -> dict[str, int]:
     """The SD-1.x folder and ``output/clip``, fp16 safetensors; returns each weight file's bytes.
 
     fp16 halves the files; the loaders cast to the dtype asked for (float32 on CPUs)."""
@@ -871,8 +952,13 @@ def save_model_set(output: Path, *, vae: AutoencoderKL, text_encoder: CLIPTextMo
 
     half = dict(device="cpu", dtype=torch.float16)
     pipe = StableDiffusionPipeline(
-        vae=vae.to(**half), text_encoder=text_encoder.to(**half), tokenizer=tokenizer, unet=unet.to(**half),
-        scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG), safety_checker=None, feature_extractor=None,
+        vae=vae.to(**half),
+        text_encoder=text_encoder.to(**half),
+        tokenizer=tokenizer,
+        unet=unet.to(**half),
+        scheduler=DDIMScheduler(**SD1_SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
         requires_safety_checker=False,
     )
     pipe.save_pretrained(output, safe_serialization=True)
@@ -883,16 +969,20 @@ def save_model_set(output: Path, *, vae: AutoencoderKL, text_encoder: CLIPTextMo
 
 def weight_files(output: Path) -> dict[str, int]:
     """Bytes of each weight file of the model set in ``output`` (training state excluded)."""
-    return {str(p.relative_to(output)): p.stat().st_size for p in sorted(output.rglob("*.safetensors"))
-            if STATE_DIR not in p.parts}
+    return {
+        str(p.relative_to(output)): p.stat().st_size
+        for p in sorted(output.rglob("*.safetensors"))
+        if STATE_DIR not in p.parts
+    }
 
 
 # ---------------------------------------------------------------------------------------------
 # Command line
 
 
-def _printer() -> Progress:
-    """Progress on stdout: a line per stage every 15 seconds, and at each stage's end."""
+def progress_lines() -> Progress:
+    """Progress on stdout: a line per stage every 15 seconds, and at each stage's end (a log of a
+    long run, where a progress bar would leave nothing to read)."""
     last: dict[str, float] = {}
 
     def show(stage: str, done: int, total: int) -> None:
@@ -905,33 +995,10 @@ def _printer() -> Progress:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m ipfacediff.faceworld.train",
-                                     description="Train the FaceWorld SD-1.x model set (and its CLIP) from scratch.")
-    parser.add_argument("output", type=Path, help="folder for the model set (empty or new, unless --resume)")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu",
-                        help="smoke: seconds (tests); cpu-1h: ~84 min and cpu: ~130 min on 2 cores; gpu: ~4.5 min on one H100")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run a killed process left in OUTPUT, or add the stages a finished run lacks")
-    args = parser.parse_args(argv)
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    """``python -m ipfacediff.faceworld.train``: ``ipfacediff faceworld train`` under that name."""
+    from ipfacediff.cli import faceworld_main
 
-    diffusers_logging.disable_progress_bar()  # weight-writing bars would bury the progress lines
-    transformers_logging.disable_progress_bar()
-    try:
-        report = train_faceworld_models(args.output, preset=args.preset, device=args.device, seed=args.seed,
-                                        progress=_printer(), resume=args.resume)
-    except UserError as error:
-        parser.exit(2, f"error: {error}\n")
-    stages = report["stages"]
-    print(f"{args.output}: {report['seconds']['total']:.0f} s on {report['device_name']}; "
-          f"CLIP pair accuracy {stages['clip']['held_out_pair_accuracy']:.3f}, "
-          f"VAE PSNR {stages['vae']['held_out_psnr_db']:.2f} dB, "
-          f"UNet held-out ε-MSE {stages['unet']['held_out_eps_mse']:.4f}, "
-          + (f"decoder face PSNR {stages['decoder']['held_out_face_psnr_db']:.2f} dB, " if "decoder" in stages else "")
-          + f"{report['weights_total_bytes'] / 1e6:.1f} MB of weights")
+    faceworld_main(["train", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -1,0 +1,487 @@
+"""Loading the SD-1.x model set: VAE, text encoder, tokenizer, ε2 (edit UNet), ε1 (identity UNet).
+
+A model set comes from a diffusers folder, a hub id (resolved from the local Hugging Face cache;
+``local_files_only`` whenever the hub is offline) or a single ``.safetensors`` checkpoint. ε1 and
+ε2 are either two UNets or LoRA adapters over one shared base, so the usual case costs one UNet of
+memory. Weights are read as safetensors only; pickled checkpoints run arbitrary code when loaded,
+so they need an explicit ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import platform
+import re
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from ipfacediff.errors import UserError
+from ipfacediff.files import (
+    FileProblem,
+    check_file,
+    read_json,
+    read_safetensors,
+    reading,
+    safetensors_header,
+    short_detail,
+)
+
+from ipfacediff.models.adapters import ADAPTER_LIBRARY, AdapterLibrary, edit_adapter_name, lora_weight
+
+Role = Literal["identity", "edit"]
+
+IDENTITY_ADAPTER = "identity"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SD_CHECKPOINT_UNET_PREFIX = "model.diffusion_model."  # the UNet's tensors in an original SD-1.x checkpoint
+HUB_FILE_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
+
+# Stable Diffusion 1.x noise schedule: every SD-1.x checkpoint was trained with it.
+SD1_SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+@dataclass
+class ModelSet:
+    """Everything the pipeline needs; ``identity_unet`` may be the very object ``unet`` is."""
+
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    unet: UNet2DConditionModel
+    identity_unet: UNet2DConditionModel
+    scheduler: DDIMScheduler
+    source: str
+    edit_adapter_weights: dict[str, float] = field(default_factory=dict)
+    library: AdapterLibrary | None = None  # the model folder's adapters, when loaded
+
+    def to(self, device: torch.device | str) -> "ModelSet":
+        """Move every module (once, though ε1 may be ε2); dtypes are chosen at loading."""
+        for module in {id(m): m for m in (self.vae, self.text_encoder, self.unet, self.identity_unet)}.values():
+            module.to(device)
+        return self
+
+
+def hub_offline() -> bool:
+    """True when the hub must not be contacted (HF_HUB_OFFLINE), as on CI and air-gapped GPUs."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+def model_resolution(vae: AutoencoderKL, unet: UNet2DConditionModel) -> int:
+    """The image side the model was trained at: latent sample size × VAE downscale factor."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return int(unet.config.sample_size) * factor
+
+
+def library_versions(*extra: str) -> dict[str, str]:
+    """Versions of ipfacediff and the libraries that decide what a model computes (plus ``extra``
+    importable packages), for run metadata."""
+    import diffusers
+    import transformers
+
+    from ipfacediff import __version__
+
+    versions = {
+        "ipfacediff": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+    }
+    versions.update({name: importlib.import_module(name).__version__ for name in extra})
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def activate_role(unet: UNet2DConditionModel, role: Role, edit_adapter_weights: dict[str, float]) -> None:
+    """Switch LoRA adapters of a shared base UNet to ε1 ("identity") or ε2 ("edit").
+
+    A UNet without adapters is left alone: then each role has its own UNet (or both are the base).
+    """
+    loaded = set(getattr(unet, "peft_config", {}) or {})
+    if not loaded:
+        return
+    if role == "identity":
+        names, weights = ([IDENTITY_ADAPTER], [1.0]) if IDENTITY_ADAPTER in loaded else ([], [])
+    else:
+        names = [n for n in edit_adapter_weights if n in loaded]
+        weights = [edit_adapter_weights[n] for n in names]
+    if names:
+        unet.enable_adapters()
+        unet.set_adapters(names, weights)
+    else:
+        unet.disable_adapters()
+
+
+def module_fingerprint(module: torch.nn.Module) -> str:
+    """A short hash of a module's config and weights, for cache keys.
+
+    It samples at most 256 values of each tensor, so it costs milliseconds even for SD-1.5 while any
+    fine-tune, LoRA or reinitialisation still changes it.
+    """
+    digest = hashlib.sha256()
+    config = getattr(module, "config", None)
+    if config is not None:
+        public = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # not _name_or_path
+        digest.update(json.dumps(public, sort_keys=True, default=str).encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        digest.update(name.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(flat[::step][:256].to(torch.float32).cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_diffusers_folder(path: Path) -> bool:
+    return (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()
+
+
+def _is_hub_id(source: str) -> bool:
+    """``owner/name``, as opposed to a relative or absolute path."""
+    return source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def _snapshot(source: str, local_files_only: bool) -> str:
+    """A hub id's local snapshot folder (from the cache only with ``local_files_only``); hub
+    errors propagate."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(source, local_files_only=local_files_only, allow_patterns=HUB_FILE_PATTERNS)
+
+
+def _resolve_repo(source: str, local_files_only: bool) -> str:
+    """Turn a hub id into a local snapshot folder, or explain in one line why that is impossible."""
+    try:
+        return _snapshot(source, local_files_only)
+    except Exception as error:  # hub errors come in many classes; all mean "not available"
+        where = "in the local Hugging Face cache" if local_files_only else "on the hub"
+        raise UserError(
+            f"model {source!r} is not a folder, a .safetensors file or a model {where} "
+            f"({type(error).__name__}); pass a diffusers folder or download it first with "
+            f"`huggingface-cli download {source}`"
+        ) from None
+
+
+# What to do about a damaged part of a model folder (or a UNet folder given as the identity model).
+MODEL_FIX = (
+    "download the model again or write it again with save_pretrained (`ipfacediff build-tiny-models` for the tiny set)"
+)
+# The loggers that list a checkpoint's missing or unused tensors, or repeat an adapter's error, before
+# the one line that says what is wrong: quiet while a file is read behind reading().
+_LOADING_LOGGERS = (
+    "diffusers.models.modeling_utils",
+    "transformers.modeling_utils",
+    "transformers.utils.loading_report",
+    "diffusers.loaders.peft",
+)
+_WEIGHT_STEMS = ("diffusion_pytorch_model", "model")  # diffusers' and transformers' weight file names
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _LOADING_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _weight_files(folder: Path, what: str, allow_pickle: bool) -> list[Path]:
+    """The safetensors files ``from_pretrained`` reads in ``folder`` (one, or the shards its index
+    lists); [] for pickled weights with ``allow_pickle``; else one UserError line."""
+    for stem in _WEIGHT_STEMS:
+        single, index = folder / f"{stem}.safetensors", folder / f"{stem}.safetensors.index.json"
+        if os.path.lexists(single):
+            return [single]
+        if os.path.lexists(index):
+            table = read_json(index, f"{what} weight index", MODEL_FIX)
+            with reading(index, f"{what} weight index", MODEL_FIX):
+                if not isinstance(table, dict) or not isinstance(table.get("weight_map"), dict):
+                    raise FileProblem("is not a safetensors index (no weight_map)")
+                return [folder / name for name in sorted(set(table["weight_map"].values()))]
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickled and allow_pickle:
+        return []
+    if pickled:
+        raise UserError(
+            f"{what} folder {folder} holds only pickled weights ({pickled[0]}), which can run code when "
+            "loaded; convert them to .safetensors or pass --allow-pickle if you trust them"
+        )
+    raise UserError(
+        f"{what} folder {folder} has no weights ({_WEIGHT_STEMS[0]}.safetensors or "
+        f"{_WEIGHT_STEMS[1]}.safetensors); {MODEL_FIX}"
+    )
+
+
+def _load_part(cls, folder: Path, what: str, dtype: torch.dtype, allow_pickle: bool):
+    """A weighted part (UNet, VAE, text encoder) from its folder, every file read behind
+    :func:`~ipfacediff.files.reading`: its config must be JSON, its safetensors complete, and its
+    weights must be this part's (a missing tensor would be left unset)."""
+    read_json(folder / "config.json", f"{what} config", MODEL_FIX)  # also: the folder exists
+    files = _weight_files(folder, what, allow_pickle)
+    for file in files:
+        safetensors_header(file, f"{what} weight file", MODEL_FIX)
+    # A problem of the weights names the weight file (or the folder of the shards).
+    weights = dict(path=files[0], what=f"{what} weight file") if len(files) == 1 else {}
+    with reading(folder, f"{what} folder", MODEL_FIX, folder=True), _quiet_loading():
+        try:
+            module, info = cls.from_pretrained(
+                str(folder), torch_dtype=dtype, output_loading_info=True, use_safetensors=None if allow_pickle else True
+            )
+        except (ValueError, RuntimeError) as error:
+            if "size mismatch" not in str(error) and "expected shape" not in str(error):
+                raise
+            raise FileProblem(
+                f"holds weights of other shapes than {folder / 'config.json'} describes ({short_detail(error)})",
+                **weights,
+            ) from None
+        missing = list(info.get("missing_keys") or [])
+        if missing:
+            total = len(module.state_dict())
+            raise FileProblem(
+                f"does not hold the weights of this {what} ({len(missing)} of its {total} tensors "
+                f"are missing, such as {sorted(missing)[0]!r})",
+                **weights,
+            )
+    return module
+
+
+def _load_components(folder: str, dtype: torch.dtype, allow_pickle: bool) -> dict:
+    root = Path(folder)
+    parts = dict(
+        vae=_load_part(AutoencoderKL, root / "vae", "VAE", dtype, allow_pickle),
+        text_encoder=_load_part(CLIPTextModel, root / "text_encoder", "text encoder", dtype, allow_pickle),
+        unet=_load_part(UNet2DConditionModel, root / "unet", "UNet", dtype, allow_pickle),
+    )
+    for file in sorted((root / "tokenizer").glob("*.json")):
+        read_json(file, "tokenizer file", MODEL_FIX)
+    with reading(root / "tokenizer", "tokenizer folder", MODEL_FIX, folder=True) as tokenizer:
+        parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(tokenizer))
+    read_json(root / "scheduler" / "scheduler_config.json", "scheduler config", MODEL_FIX)
+    with reading(root / "scheduler", "scheduler folder", MODEL_FIX, folder=True) as scheduler:
+        parts["scheduler"] = DDIMScheduler.from_pretrained(str(scheduler))
+    return parts
+
+
+def _load_single_file(path: Path, config: str | None, dtype: torch.dtype, local_files_only: bool) -> dict:
+    from diffusers import StableDiffusionPipeline
+
+    fix = (
+        "pass a Stable Diffusion 1.x .safetensors checkpoint (download it again if it is damaged) or a diffusers folder"
+    )
+    if path.suffix == ".safetensors":  # pickles (--allow-pickle) have no header to check first
+        tensors = safetensors_header(path, "checkpoint", fix)
+        if not any(name.startswith(SD_CHECKPOINT_UNET_PREFIX) for name in tensors):
+            first = f"; its first tensor is {next(iter(sorted(tensors)))!r}" if tensors else ""
+            raise UserError(
+                f"checkpoint {path} is not a Stable Diffusion 1.x checkpoint (it has no "
+                f"'{SD_CHECKPOINT_UNET_PREFIX}*' UNet tensors{first}); {fix}"
+            )
+    if config is None:  # the architecture comes from the hub: the user must supply it when that fails
+        fix = "pass --config with a diffusers SD-1.x folder or cached hub id describing its architecture"
+    else:
+        fix = f"check that --config {config} is a diffusers SD-1.x folder or cached hub id of the same architecture"
+    with reading(path, "checkpoint", fix), _quiet_loading():
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=config,
+            torch_dtype=dtype,
+            local_files_only=local_files_only,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    return dict(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        tokenizer=pipe.tokenizer,
+        unet=pipe.unet,
+        scheduler=DDIMScheduler.from_config(pipe.scheduler.config),
+    )
+
+
+def _load_set(
+    source: str, *, config: str | None, dtype: torch.dtype, allow_pickle: bool, local_files_only: bool
+) -> dict:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not _is_diffusers_folder(path):
+            raise UserError(
+                f"{source} is a folder but not a diffusers model (no model_index.json or unet/config.json); "
+                "point --model at a folder written by save_pretrained or `ipfacediff build-tiny-models`"
+            )
+        return _load_components(str(path), dtype, allow_pickle)
+    if os.path.lexists(path):  # a file, or something that is not one (a device, a pipe, a broken link)
+        check_file(path, "model", "pass a diffusers folder, a .safetensors checkpoint or a hub id")
+        if path.suffix in PICKLE_SUFFIXES and not allow_pickle:
+            raise UserError(
+                f"{path} is a pickled checkpoint, which can run code when loaded; convert it to "
+                ".safetensors or pass --allow-pickle if you trust it"
+            )
+        if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+            raise UserError(f"{source} is neither a model folder nor a .safetensors checkpoint")
+        return _load_single_file(path, config, dtype, local_files_only)
+    if _is_hub_id(source):
+        return _load_components(_resolve_repo(source, local_files_only), dtype, allow_pickle)
+    raise UserError(f"model {source!r} does not exist: pass a diffusers folder, a .safetensors file or a hub id")
+
+
+def _load_identity_unet(source: str, dtype: torch.dtype, allow_pickle: bool, local_files_only: bool):
+    fix = "pass a model folder, a UNet folder, or a LoRA file with --identity-lora"
+    path = Path(source).expanduser()
+    if not os.path.lexists(path) and _is_hub_id(source):
+        path = Path(_resolve_repo(source, local_files_only))
+    check_file(path, "identity model", fix, folder=True)
+    folder = path / "unet" if os.path.lexists(path / "unet" / "config.json") else path
+    if not os.path.lexists(folder / "config.json"):
+        raise UserError(
+            f"identity model {source!r} is not a diffusers UNet folder (no config.json); pass a model folder, "
+            "a UNet folder, or a LoRA file with --identity-lora"
+        )
+    return _load_part(UNet2DConditionModel, folder, "identity UNet", dtype, allow_pickle)
+
+
+LORA_FIX = "pass a LoRA .safetensors file that `ipfacediff train` (or diffusers/peft) wrote for this model"
+# Tensor names of the LoRA formats diffusers' load_lora_adapter reads (peft's lora_A/lora_B and
+# diffusers' older lora.down/lora.up); kohya/A1111 names (lora_unet_..., lora_down) are not read.
+_LORA_TENSOR = re.compile(r"(^|\.)(lora_[AB]|lora\.(down|up)|lora_linear_layer\.(down|up)|lora_magnitude_vector)(\.|$)")
+
+
+def _load_adapter(
+    unet: UNet2DConditionModel, path: str, name: str, what: str = "LoRA file", fix: str = LORA_FIX
+) -> None:
+    """Add the LoRA in ``path`` (a .safetensors file, or a folder holding one) to ``unet`` as
+    adapter ``name``; the file is read behind :func:`~ipfacediff.files.reading`: ``what`` and
+    ``fix`` word its error line."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        candidates = sorted(file.glob("*.safetensors"))
+        if len(candidates) != 1:
+            raise UserError(
+                f"LoRA folder {file} must hold exactly one .safetensors file, found {len(candidates)}; {fix}"
+            )
+        file = candidates[0]
+    check_file(file, what, fix)
+    if file.suffix != ".safetensors":
+        raise UserError(f"{what} {file} is not a .safetensors file; only safetensors adapters are read: {fix}")
+    tensors = safetensors_header(file, what, fix)
+    if not any(_LORA_TENSOR.search(key) for key in tensors):
+        first = f"; its first tensor is {next(iter(sorted(tensors)))!r}" if tensors else ", it holds no tensors"
+        raise UserError(
+            f"{what} {file} holds no LoRA weights in the diffusers/peft format (tensors named like "
+            f"'unet.<layer>.lora_A.weight'{first}); {fix}"
+        )
+    state = read_safetensors(file, what, fix)
+    prefix = "unet" if any(k.startswith("unet.") for k in state) else None
+    with reading(file, what, fix), _quiet_loading(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")  # ε1 and ε2s share a UNet
+        try:
+            unet.load_lora_adapter(state, adapter_name=name, prefix=prefix)
+        except Exception as error:  # peft raises several types for a mismatched adapter
+            raise FileProblem(f"does not fit this UNet ({short_detail(error)})") from None
+        if name not in (getattr(unet, "peft_config", None) or {}):
+            raise FileProblem("holds no LoRA weights for this UNet (none of its tensors matched a layer)")
+
+
+def load_model_set(
+    model: str,
+    *,
+    identity_model: str | None = None,
+    identity_lora: str | None = None,
+    edit_loras: list[tuple[str, float]] | None = None,
+    config: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    allow_pickle: bool = False,
+    local_files_only: bool | None = None,
+    adapters: bool = True,
+    adapters_dir: str | Path | None = None,
+) -> ModelSet:
+    """Load the full set; ε1 defaults to the base UNet when neither identity option is given.
+
+    A model folder with an :class:`AdapterLibrary` (``adapters=True``) brings its own ε1 and ε2
+    adapters: its ε1 unless ``identity_model``/``identity_lora`` is given, its ε2 adapters (picked
+    per prompt at edit time) unless ``edit_loras`` is given. ``adapters_dir``: a library kept
+    outside the model folder (``ipfacediff train library --output LIB``), used instead of the
+    model folder's own; checked before the model loads.
+    """
+    if local_files_only is None:
+        local_files_only = hub_offline()
+    if identity_model and identity_lora:
+        raise UserError("give either --identity-model or --identity-lora, not both")
+    if adapters_dir is not None and not adapters:
+        raise UserError(
+            "--adapters-dir names an adapter library and --no-adapter-library turns libraries off: give one of them"
+        )
+    edit_loras = [(path, lora_weight(weight, path)) for path, weight in edit_loras or []]  # before minutes of loading
+    library = AdapterLibrary.read_dir(adapters_dir) if adapters_dir is not None else None
+    parts = _load_set(model, config=config, dtype=dtype, allow_pickle=allow_pickle, local_files_only=local_files_only)
+    if adapters_dir is None:
+        library = AdapterLibrary.read(model) if adapters and Path(model).expanduser().is_dir() else None
+    unet = parts["unet"]
+    weights: dict[str, float] = {}
+    for index, (path, weight) in enumerate(edit_loras):
+        name = f"edit_{index}"
+        _load_adapter(unet, path, name, "edit LoRA")
+        weights[name] = weight
+    if adapters_dir is not None:
+        library_file = Path(adapters_dir).expanduser()
+        library_file = (
+            library_file if library_file.name == ADAPTER_LIBRARY.name else library_file / ADAPTER_LIBRARY.name
+        )
+        library_fix = (
+            f"fix its entry in {library_file}, or build the library for this model with `ipfacediff train library`"
+        )
+    else:
+        library_fix = f"fix its entry in {Path(model).expanduser() / ADAPTER_LIBRARY} or pass --no-adapter-library"
+    if library is not None and not edit_loras:
+        for entry in library.edits:
+            _load_adapter(
+                unet, str(entry.path), edit_adapter_name(entry.name), f"LoRA of adapter {entry.name!r}", library_fix
+            )
+    elif library is not None:
+        library = AdapterLibrary(library.identity, ())
+    if identity_model:
+        identity_unet = _load_identity_unet(identity_model, dtype, allow_pickle, local_files_only)
+    else:
+        identity_unet = unet
+        if identity_lora:
+            _load_adapter(unet, identity_lora, IDENTITY_ADAPTER, "identity LoRA")
+        elif library is not None and library.identity is not None:
+            _load_adapter(unet, str(library.identity), IDENTITY_ADAPTER, "identity LoRA of the library", library_fix)
+    models = ModelSet(
+        vae=parts["vae"],
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=unet,
+        identity_unet=identity_unet,
+        scheduler=parts["scheduler"],
+        source=model,
+        edit_adapter_weights=weights,
+        library=library,
+    )
+    for module in (models.vae, models.text_encoder, models.unet, models.identity_unet):
+        module.eval().requires_grad_(False)
+    return models.to(device)
