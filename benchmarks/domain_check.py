@@ -141,6 +141,7 @@ def synthetic_crops() -> dict[str, np.ndarray]:
 def summarise(faces: list[dict], cost: dict, threshold: float, model: str, check: str, seconds: float) -> dict:
     """The results JSON from the per-face rows and the cost: what a run writes, and what
     ``--from-json`` derives again from a stored run's rows without any model work."""
+
     def scores(kinds) -> list[float]:
         return [f["median"] for f in faces if f["kind"] in kinds]
 
@@ -211,8 +212,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.from_json:
         stored = json.loads(args.from_json.read_text())
-        results = summarise(stored["faces"], stored["cost"], stored["threshold"], stored["model"], stored["check"],
-                            stored["seconds"])
+        results = summarise(
+            stored["faces"], stored["cost"], stored["threshold"], stored["model"], stored["check"], stored["seconds"]
+        )
         write_json(args.json, results)
         print(f"written: {args.json} (from the rows of {args.from_json})")
         return
@@ -406,8 +408,9 @@ def main() -> None:
     if edits_timed:
         cost["check_seconds_12_crops"] = round(float(np.median([e["check_seconds"] for e in edits_timed])), 4)
 
-    results = summarise(faces, cost, threshold, _shown(Path(args.model)), card_now.check,
-                        round(time.perf_counter() - started, 1))
+    results = summarise(
+        faces, cost, threshold, _shown(Path(args.model)), card_now.check, round(time.perf_counter() - started, 1)
+    )
     table, wrong = results["groups"], results["wrong"]
     print(f"\n{'group':38s} {'kind':13s} faces  median min..max   lowest crop  passed  check s")
     for row in table:
