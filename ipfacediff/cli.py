@@ -229,8 +229,13 @@ def _cache(cache_dir: Optional[Path], cache_max_gb: Optional[float] = None):
 
 def _cache_line(cache) -> str:
     """What the inversion cache takes on disk, and its limit."""
-    limit = f" of {cache.max_bytes / 2**30:.1f} GB allowed" if cache.max_bytes else ""
-    return f"inversion cache: {cache.size_bytes() / 2**30:.2f} GB{limit} in {cache.root}"
+    limit = f" of {_size(cache.max_bytes)} allowed" if cache.max_bytes else ""
+    return f"inversion cache: {_size(cache.size_bytes())}{limit} in {cache.root}"
+
+
+def _size(count: int) -> str:
+    """Bytes for a person: in GB from 1 GB up, else in MB."""
+    return f"{count / 2**30:.2f} GB" if count >= 2**30 else f"{count / 2**20:.1f} MB"
 
 
 @app.command()

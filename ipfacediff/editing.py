@@ -76,9 +76,8 @@ DETAIL_TOLERANCE = 24.0
 # Timesteps at which that difference is measured (on the inverted latents), averaged.
 BLEND_TIMESTEPS = (300, 500, 700)
 # How often the region's per-frame level is filtered over time with the temporal smoothing's
-# [w, 1 − 2w, w] (w = 0.25: 8 passes ≈ a Gaussian of σ = 2 frames). Tuned on 16 held-out people the
-# quality report does not use, blonde hair (the largest region): warp error 1.74 unfiltered, 1.61 /
-# 1.57 / 1.53 / 1.51 at 1 / 3 / 8 / 16 passes, success and identity unchanged.
+# [w, 1 − 2w, w] (w = 0.25: 8 passes ≈ a Gaussian of σ = 2 frames); tuned on blonde hair, the
+# largest region (benchmarks/README.md).
 MASK_SMOOTHING_PASSES = 8
 # Words that name the subject or join words rather than say what changes.
 FRAME_WORDS = frozenset(

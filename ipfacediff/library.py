@@ -84,32 +84,20 @@ EDIT_TARGETS = {  # FaceWorld's captions of the four edits (faceworld.adapters.e
     "smile": "a smiling face",
 }
 HAIR_EDITS = ("blonde_hair",)
-# The tuned values below were found on FaceWorld's models; for another model they are starting
+# The tuned values below were found on FaceWorld's models, on held-out people the quality report
+# does not use (their measurements: benchmarks/README.md); for another model they are starting
 # values (adapters.json marks them "defaults_from": "faceworld tuning").
-# Local-blend thresholds tuned per edit on held-out people the quality report does not use
-# (benchmarks/faceworld_quality.py --offset 20): a smile reshapes the mouth and needs more room
-# than where the prompt changes ε2's prediction most (success 0.81 → 0.94 on 16 people at 0.3,
-# tuned on the previous, CPU-trained model set). Blonde hair on the GPU-trained set, 16 tuning
-# people: 0.5 / 0.55 / 0.6 gave success 0.94 / 0.88 / 0.88, identity 0.588 / 0.618 / 0.635, warp
-# error 1.87 / 1.76 / 1.74: a tighter region keeps more of the face and flickers less. Beard, same
-# people, region filtered over time: 0.5 / 0.6 / 0.7 gave success 0.69 / 0.69 / 0.62, identity
-# 0.681 / 0.690 / 0.728, warp error 1.389 / 1.377 / 1.357, but on the report's people 0.6 lost
-# three beards of 17 (success 0.85 → 0.70), so beard stays at the default 0.5.
+# Local-blend thresholds: a smile reshapes the mouth and needs more room than where the prompt
+# changes ε2's prediction most; a tighter region keeps more of blonde hair's face and flickers less.
 BLEND_THRESHOLDS = {"smile": 0.3, "blonde_hair": 0.6}
-# Adapter weights tuned the same way (16 tuning people, the GPU-trained model set): the base model,
-# taught eyeglasses by FaceWorld's captions, draws them on 11 of 16 at identity 0.795; the
-# eyeglasses adapter at full weight draws them on all 16 but, pushed along CLIP's direction, darkens
-# the lenses and ages the face (0.667); at 0.5 / 0.3 all 16 at 0.737 / 0.764.
+# Adapter weights: the base model already draws eyeglasses, and the adapter at full weight, pushed
+# along CLIP's direction, darkens the lenses and ages the face.
 ADAPTER_WEIGHTS = {"eyeglasses": 0.3}
-# Classifier-free guidance tuned the same way (16 tuning people, all four edits, region filtered;
-# success / identity at 7.5 / 5 / 3): eyeglasses 1.00 / 0.773, 1.00 / 0.788, 0.56 / 0.823; smile
-# 1.00 / 0.846, 1.00 / 0.864, 0.94 / 0.876; blonde hair 0.81 / 0.649, 0.62 / 0.706; beard 0.69 /
-# 0.681, 0.50 / 0.722. Eyeglasses and smile show on every face with less push than the edit
+# Classifier-free guidance: eyeglasses and a smile show on every face with less push than the edit
 # command's default, and less push leaves more of the face; the other two need the default.
 ADAPTER_GUIDANCES = {"eyeglasses": 5.0, "smile": 5.0}
-# Identity guidance while sampling, tuned on FaceWorld's tuning people (benchmarks/README.md): the
-# identity net sees a beard, so the pull back to the input's face undoes it; blonde hair and a smile
-# keep their attribute at 1.
+# Identity guidance while sampling: the identity net sees a beard, so the pull back to the input's
+# face undoes it; blonde hair and a smile keep their attribute at 1.
 ADAPTER_IDENTITY_GRADIENTS = {"eyeglasses": 0.3, "blonde_hair": 1.0, "beard": 0.0, "smile": 1.0}
 
 # Words that name a part of the face rather than the change: a custom edit's words leave them out

@@ -33,7 +33,7 @@ DEFAULT_ALL_KEYFRAMES_BELOW = 0  # off
 DEFAULT_BLEND_THRESHOLD = 0.5
 DEFAULT_FADE = 4  # frames: a sixth of a second at 24 fps
 # Frames edited at once: a longer clip is edited in windows that share anchor keyframes. A window's
-# inversion is held in memory (about 8.5 MB a frame for SD-1.5 at 512², benchmarks/README.md).
+# inversion is held in memory (its size per frame: benchmarks/README.md).
 DEFAULT_WINDOW = 256
 # Identity guidance while sampling, for an edit without a tuned value (tuning: benchmarks/README.md).
 DEFAULT_IDENTITY_GRADIENT = 0.3
