@@ -424,49 +424,11 @@ def test_train_commands_write_adapters_that_edit_loads(sample, tiny_dir, tmp_pat
         capsys,
     )
     assert code == 2 and stderr.startswith("error: ")
-    code, _, stderr = run(
-        [
-            "train",
-            "edit",
-            "--model",
-            str(tiny_dir),
-            "--source",
-            "a face",
-            "--target",
-            "a face with eyeglasses",
-            "--data",
-            str(faces),
-            "--clip",
-            str(tiny_dir / "clip"),
-            "--output",
-            str(tmp_path / "y"),
-            "--target-images",
-            str(tmp_path / "none"),
-        ],
-        capsys,
-    )
+    train_edit = ["train", "edit", "--model", str(tiny_dir), "--source", "a face", "--target", "a face with eyeglasses"]
+    train_edit += ["--data", str(faces), "--clip", str(tiny_dir / "clip"), "--output", str(tmp_path / "y")]
+    code, _, stderr = run(train_edit + ["--target-images", str(tmp_path / "none")], capsys)
     assert code == 2 and stderr.startswith("error: --target-images: ") and stderr.count("\n") == 1
-    code, _, stderr = run(
-        [
-            "train",
-            "edit",
-            "--model",
-            str(tiny_dir),
-            "--source",
-            "a face",
-            "--target",
-            "a face with eyeglasses",
-            "--data",
-            str(faces),
-            "--clip",
-            str(tiny_dir / "clip"),
-            "--output",
-            str(tmp_path / "y"),
-            "--paired-targets",
-            str(tmp_path / "none"),
-        ],
-        capsys,
-    )
+    code, _, stderr = run(train_edit + ["--paired-targets", str(tmp_path / "none")], capsys)
     assert code == 2 and stderr.startswith("error: --paired-targets: ") and stderr.count("\n") == 1
 
 
