@@ -617,7 +617,9 @@ def faceworld_train_command(
 def faceworld_oracles_command(
     output: Path = typer.Argument(..., help="Folder for identity/, attributes/ and oracles.json."),
     preset: str = typer.Option(
-        "cpu", "--preset", help="smoke (seconds; the tests), cpu (about 13 min on 2 cores) or gpu."
+        "cpu",
+        "--preset",
+        help="smoke (seconds; the tests), cpu (about 13 min on 2 cores), cpu-large (the gpu preset's wider identity net: about 35 min on one core) or gpu.",
     ),
     device: str = FaceworldDeviceOption,
     seed: int = typer.Option(0, "--seed"),
