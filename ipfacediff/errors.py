@@ -19,9 +19,7 @@ class OutOfDomainError(UserError):
     web page, which has no flags) word the refusal its own way.
     """
 
-    def __init__(
-        self, message: str, *, label: str, model_name: str, description: str, score: float, threshold: float
-    ):
+    def __init__(self, message: str, *, label: str, model_name: str, description: str, score: float, threshold: float):
         super().__init__(message)
         self.label = label  # the face, e.g. "face 0 of interview.mp4"
         self.model_name = model_name

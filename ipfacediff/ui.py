@@ -1,8 +1,9 @@
 """``ipfacediff ui``: a local web page (Gradio) to edit the faces of a video from a prompt.
 
 Upload a video (or take the built-in sample), see its faces with their track ids, choose which to
-edit, type a prompt, run with a live progress bar, watch the input and the edit side by side and
-download the edited video, the evaluation report (HTML) and the metrics (JSON).
+edit, type a prompt, run with one progress bar over the whole run (with the time left), watch the
+input and the edit side by side and download the edited video, the evaluation report (HTML) and
+the metrics (JSON), by buttons (a file list's × would take them off the page for good).
 
 * The server listens on 127.0.0.1 unless told otherwise; ``share`` is off.
 * Everything a session writes lives in its own folder ``WORK_DIR/sessions/<session>``; Gradio's
@@ -15,7 +16,12 @@ download the edited video, the evaluation report (HTML) and the metrics (JSON).
 * The page's state follows its input: a new or cleared input clears the faces and the results.
 * A user's mistake (a file that is not a video, no face, an empty prompt, a bad adapter file, a
   video over the size or duration limit) is shown once, in the status line, as the same one-line
-  message as the CLI prints.
+  message as the CLI prints; the page's own fields (range, identity guidance) are named as the
+  page names them.
+* A face the model's card refuses is refused in the page's words, and brings up the override box
+  ("Edit anyway") under the Edit button; a new input unticks and hides it again, and says so. An
+  overridden result says it is out of domain as loudly as the report, and its scores get no verdict.
+* Downloads and report.html name the videos by file name, never by the server's paths.
 * Adapters (ε1 identity, ε2 edit) are uploaded .safetensors files; the page takes no server paths.
 * Requests queue one at a time; the model pipeline is loaded once per server, on first use.
 """
@@ -966,7 +972,7 @@ def build(server: Server):
             else ""
         )
         overridden = overridden_faces(report.domain)
-        took = f"{report.seconds.get('total', 0):.1f} s"
+        took = f"{overall.clock() - overall.started:.1f} s"  # the whole run: the edit, the preview and the scores
         if overridden:
             kind = "warn"
             text = (
