@@ -50,7 +50,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ipfacediff.errors import UserError
+from ipfacediff.errors import OutOfDomainError, UserError
 
 MODEL_CARD = "ipfacediff.json"
 FORMAT_VERSION = 1
@@ -278,6 +278,20 @@ class DomainResult:
     threshold: float
     message: str
     scores: tuple[float, ...] = ()  # the sampled crops' scores, in frame order
+    label: str = ""  # the face, as the message names it
+    model_name: str = "the model"
+    description: str = ""  # what the model edits (the card's)
+
+    def error(self) -> OutOfDomainError:
+        """The refusal as an error: the message for the command line, its parts for the web page."""
+        return OutOfDomainError(
+            self.message,
+            label=self.label,
+            model_name=self.model_name,
+            description=self.description,
+            score=self.score,
+            threshold=self.threshold,
+        )
 
 
 def check_track(card: ModelCard, vae, crops: np.ndarray, *, label: str, sample: int = SAMPLE) -> DomainResult:
@@ -296,7 +310,16 @@ def check_track(card: ModelCard, vae, crops: np.ndarray, *, label: str, sample: 
             f"{card.model_name} edits {card.description}, and {label} is not one "
             f"(check: {card.check} score {score:.1f} dB, needs at least {card.threshold:g} dB): {card.advice}"
         )
-    return DomainResult(passed, score, float(card.threshold), message, tuple(float(s) for s in scores))
+    return DomainResult(
+        passed,
+        score,
+        float(card.threshold),
+        message,
+        tuple(float(s) for s in scores),
+        label=label,
+        model_name=card.model_name,
+        description=card.description,
+    )
 
 
 def check_faces(

@@ -129,7 +129,7 @@ def check_domain(
     results = check_faces(card, pipeline.vae, sampled, video_name)
     refused = [r for r in results.values() if not r.passed]
     if refused and not allow_out_of_domain:
-        raise UserError(refused[0].message)
+        raise refused[0].error()
     return {
         "checked": True,
         "domain": card.domain,

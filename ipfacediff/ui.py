@@ -1,8 +1,9 @@
 """``ipfacediff ui``: a local web page (Gradio) to edit the faces of a video from a prompt.
 
 Upload a video (or take the built-in sample), see its faces with their track ids, choose which to
-edit, type a prompt, run with a live progress bar, watch the input and the edit side by side and
-download the edited video, the evaluation report (HTML) and the metrics (JSON).
+edit, type a prompt, run with one progress bar over the whole run (with the time left), watch the
+input and the edit side by side and download the edited video, the evaluation report (HTML) and
+the metrics (JSON), by buttons (a file list's × would take them off the page for good).
 
 * The server listens on 127.0.0.1 unless told otherwise; ``share`` is off.
 * Everything a session writes lives in its own folder ``WORK_DIR/sessions/<session>``; Gradio's
@@ -15,7 +16,12 @@ download the edited video, the evaluation report (HTML) and the metrics (JSON).
 * The page's state follows its input: a new or cleared input clears the faces and the results.
 * A user's mistake (a file that is not a video, no face, an empty prompt, a bad adapter file, a
   video over the size or duration limit) is shown once, in the status line, as the same one-line
-  message as the CLI prints.
+  message as the CLI prints; the page's own fields (range, identity guidance) are named as the
+  page names them.
+* A face the model's card refuses is refused in the page's words, and brings up the override box
+  ("Edit anyway") under the Edit button; a new input unticks and hides it again, and says so. An
+  overridden result says it is out of domain as loudly as the report, and its scores get no verdict.
+* Downloads and report.html name the videos by file name, never by the server's paths.
 * Adapters (ε1 identity, ε2 edit) are uploaded .safetensors files; the page takes no server paths.
 * Requests queue one at a time; the model pipeline is loaded once per server, on first use.
 """
@@ -39,7 +45,8 @@ from typing import Any
 
 import numpy as np
 
-from ipfacediff.errors import UserError
+from ipfacediff.errors import OutOfDomainError, UserError
+from ipfacediff.progress import OverallProgress
 
 DEFAULT_PROMPT = "a face with eyeglasses"
 START = "upload a video or take the built-in sample"
@@ -47,6 +54,8 @@ LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 MAX_CACHED_PIPELINES = 2  # the base model set and the last adapter combination
 FACE_PROMPT_SLOTS = 8  # per-face prompt boxes; faces past these take the main prompt
 DEFAULT_KEEP_MINUTES = 60  # a session idle for longer is removed (its videos, results and cache copies)
+OVERRIDE_LABEL = "Edit anyway: faces this model was not made for"
+OVERRIDE_RESET = f"\u201c{OVERRIDE_LABEL}\u201d is unticked again: it was for the previous video"
 
 
 def face_thumbnail(frame: np.ndarray, tracks, frame_index: int) -> np.ndarray:
@@ -79,6 +88,11 @@ def best_frame(tracks) -> int:
     return int(np.argmax(counts))
 
 
+def minutes_words(minutes: float) -> str:
+    """``1`` -> "1 minute", ``0.5`` -> "0.5 minutes"."""
+    return f"{minutes:g} minute" + ("" if minutes == 1 else "s")
+
+
 def _mtime(path: Path) -> float:
     """When ``path`` last changed (0 when it is gone)."""
     try:
@@ -96,10 +110,16 @@ class Loaded:
     frames: int
     ids: list[int] = field(default_factory=list)
     fps: float = 0.0
+    width: int = 0
+    height: int = 0
 
     @property
     def seconds(self) -> float:
         return self.frames / self.fps if self.fps else 0.0
+
+    @property
+    def megapixels(self) -> float:
+        return self.width * self.height / 1e6
 
 
 class Server:
@@ -158,6 +178,11 @@ class Server:
                     dtype=self.dtype,
                 )
             return self._pipes[key]
+
+    def has_pipeline(self, identity_lora: str | None = None, edit_loras: tuple[tuple[str, float], ...] = ()) -> bool:
+        """Whether :meth:`pipeline` has these models loaded already."""
+        with self._lock:
+            return (identity_lora, edit_loras) in self._pipes
 
     def identity(self):
         from ipfacediff.identity import IdentityEncoder
@@ -352,6 +377,8 @@ class Server:
             info.frame_count,
             [t.id for t in tracks.tracks],
             float(info.fps or 0.0),
+            info.width,
+            info.height,
         )
 
     def load_sample(self, request) -> Loaded:
@@ -366,6 +393,8 @@ class Server:
             tracks.frames,
             [t.id for t in tracks.tracks],
             float(tracks.fps or 0.0),
+            tracks.width,
+            tracks.height,
         )
 
     def thumbnail(self, loaded: Loaded) -> Path:
@@ -401,8 +430,8 @@ class Server:
         session = self.session_dir(request)
         if not Path(loaded.video).is_file() or not Path(loaded.tracks).is_file():
             raise UserError(
-                f"the video is no longer on the server (cleared, or idle for over {self.keep_minutes:g} "
-                "minutes): upload it again or take the built-in sample"
+                f"the video is no longer on the server (cleared, or idle for over {minutes_words(self.keep_minutes)})"
+                ": upload it again or take the built-in sample"
             )
         if progress:
             progress("loading models", 0, 1)
@@ -426,7 +455,14 @@ class Server:
         metrics = evaluate_videos(loaded.video, edited, tracks=tracks, identity=self.identity(), progress=progress)
         if progress:
             progress("report", 0, 1)
-        metrics_path = write_metrics_json(metrics, folder / "metrics.json")
+        # The downloads name the videos by file name: the server's folders are none of the user's business.
+        named = {
+            **metrics,
+            "original": Path(loaded.video).name,
+            "edited": edited.name,
+            "run_metadata": "edited.run.json",
+        }
+        metrics_path = write_metrics_json(named, folder / "metrics.json")
         report_path = write_html_report(metrics, loaded.video, edited, folder / "report.html")
         return {
             "report": report,
@@ -443,11 +479,14 @@ class Server:
 CSS = """
 .status-ok { border-left: 4px solid #16a34a; padding: 6px 12px; background: rgba(22,163,74,.08); border-radius: 6px; }
 .status-error { border-left: 4px solid #dc2626; padding: 6px 12px; background: rgba(220,38,38,.08); border-radius: 6px; }
+.status-warn { border-left: 4px solid #d97706; padding: 6px 12px; background: rgba(217,119,6,.12); border-radius: 6px; }
 .status-info { border-left: 4px solid #2563eb; padding: 6px 12px; background: rgba(37,99,235,.08); border-radius: 6px; }
 #run-button { min-height: 48px; }
 #status [data-testid="status-tracker"].translucent { background: var(--block-background-fill); }
 #status:has([data-testid="status-tracker"].translucent:not(.hide)) [id^="status-"] { visibility: hidden; }
 .result-line { padding: 4px 2px; line-height: 1.5; }
+.result-warning { color: #a3161b; border-left: 4px solid #dc2626; padding: 6px 12px; background: rgba(220,38,38,.08);
+  border-radius: 6px; margin-bottom: 6px; }
 .result-line ul { margin: 4px 0 0 1.2em; padding: 0; list-style: disc; }
 footer { display: none !important; }
 """
@@ -473,18 +512,23 @@ def _number(metrics: dict, key: str) -> float | None:
     return float(value) if ok else None
 
 
-def result_summary(metrics: dict) -> tuple[str, list[str]]:
+def result_summary(metrics: dict, *, overridden: bool = False) -> tuple[str, list[str]]:
     """The edit's scores for a person, as a heading and one line per figure: what it is, and what
     is good (README's "Evaluation output"); says plainly when the edit itself was not judged (no
-    CLIP figures)."""
+    CLIP figures), and that identity similarity is about the person, not about whether the face
+    was drawn correctly. An ``overridden`` run (faces its model is not made for) gets no verdict:
+    its faces are not to be trusted, whatever the figure."""
     from ipfacediff.evaluation import ID_SAME_PERSON_COSINE
 
     parts = []
     if (v := _number(metrics, "id_sim")) is not None:
-        verdict = "the same person" if v >= ID_SAME_PERSON_COSINE else "may not look like the same person"
+        if overridden:
+            verdict = "no verdict: out of the model's domain"
+        else:
+            verdict = "the same person" if v >= ID_SAME_PERSON_COSINE else "may not look like the same person"
         parts.append(
             f"same person: identity similarity {v:.2f} (1 = unchanged, {ID_SAME_PERSON_COSINE:g} or more = "
-            f"the same person; {verdict})"
+            f"the same person; {verdict}). It does not judge whether the face was drawn correctly"
         )
     if (v := _number(metrics, "tl_id")) is not None:
         parts.append(f"steady identity: frame-to-frame identity consistency {v:.2f} (1 = as consistent as the input)")
@@ -506,14 +550,22 @@ def result_summary(metrics: dict) -> tuple[str, list[str]]:
     return lead, parts + clip
 
 
-def _result_line(lead: str, lines: list[str], faces: list[str] = ()) -> str:
+def _result_line(lead: str, lines: list[str], faces: list[str] = (), *, warning: str = "") -> str:
     items = "".join(f"<li>{html.escape(line)}</li>" for line in lines)
+    title, _, rest = warning.partition(": ")
+    banner = (
+        f'<div class="result-warning" id="result-warning"><strong>{html.escape(title)}:</strong> {html.escape(rest)}</div>'
+        if warning
+        else ""
+    )
     prompts = "".join(f"<li>{html.escape(line)}</li>" for line in faces)
     head = (
         f'<div class="result-line" id="result-faces"><strong>Prompts</strong><ul>{prompts}</ul></div>' if faces else ""
     )
-    return head + (
-        f'<div class="result-line" id="result-text"><strong>{html.escape(lead)}</strong><ul>{items}</ul></div>'
+    return (
+        banner
+        + head
+        + (f'<div class="result-line" id="result-text"><strong>{html.escape(lead)}</strong><ul>{items}</ul></div>')
     )
 
 
@@ -528,6 +580,108 @@ def seconds_text(value: Any, *, clip_seconds: float = 0.0, end: bool = False) ->
     return format(value, "g")
 
 
+def optional_number(text: Any, name: str, setting: str) -> float | None:
+    """A text field's number for the EditSettings field ``setting``, checked against its range in
+    the field's ``name``; None when it is empty (the setting's default)."""
+    from dataclasses import fields
+
+    from ipfacediff.settings import EditSettings, check_number
+
+    text = "" if text is None else str(text).strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"{name} must be a number, or empty for the tuned default, not {text!r}") from None
+    meta = next(f for f in fields(EditSettings) if f.name == setting).metadata
+    return check_number(value, float, name, meta)
+
+
+def check_range(start: Any, end: Any, clip_seconds: float) -> None:
+    """The page's Start and End (s) against the clip: one line, in the fields' own names, for a
+    range that is empty, reversed or past the clip's end (an End past it is not quietly taken as it)."""
+    values = {}
+    for name, value in (("Start", start), ("End", end)):
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"{name} (s) must be a number of seconds from 0 to the clip's length, not {value:g}")
+        values[name] = value
+    first, last = values.get("Start", 0.0), values.get("End")
+    if not clip_seconds:
+        return
+    if first >= clip_seconds:
+        raise UserError(
+            f"Start {first:g} s is at or past the end of the clip ({clip_seconds:g} s): start earlier, or at 0"
+        )
+    if last is not None and last > clip_seconds + 1e-3:
+        raise UserError(
+            f"End {last:g} s is past the end of the clip ({clip_seconds:g} s): set End to {clip_seconds:g} or "
+            "less, or empty for the clip's end"
+        )
+    if last is not None and last <= first:
+        raise UserError(f"End {last:g} s is not after Start {first:g} s: the range is empty or reversed")
+
+
+# The stages an edit runs once per face (and per window of a long clip), in their order.
+PER_FACE_STAGES = ("invert", "edit region", "edit")
+# What each stage of an edit costs, relative to one frame's inversion step: the shares the overall
+# bar gives them (measured with the embedded model; the time left follows the real pace anyway).
+LOAD_COST = 150.0  # loading a model set, once per server and adapter set
+EDIT_REGION_COST = 6.0  # per frame edited
+PER_MEGAPIXEL_FRAME_COST = {  # per frame of the clip and megapixel, after the edit
+    "write": 9.0,
+    "side by side": 30.0,
+    "faces (edited)": 6.0,
+    "evaluate": 70.0,
+    "report": 25.0,
+}
+
+
+def run_phases(
+    settings, *, frames: int, clip_frames: int, megapixels: float, load_models: bool
+) -> list[tuple[str, float]]:
+    """The stages of one page run in their order, each with its share of the work (``frames``
+    edited of ``clip_frames``, per face), for :class:`ipfacediff.progress.OverallProgress`."""
+    after = [(stage, cost * clip_frames * max(megapixels, 0.01)) for stage, cost in PER_MEGAPIXEL_FRAME_COST.items()]
+    return [
+        ("loading models", LOAD_COST if load_models else 0.0),
+        ("invert", float(settings.steps * frames)),
+        ("edit region", EDIT_REGION_COST * frames if settings.local_blend else 0.0),
+        ("edit", settings.steps * settings.strength * frames),
+        *after,
+    ]
+
+
+def overridden_faces(domain: dict) -> list[str]:
+    """The faces a run edited although the model's card refused them (the override), by id."""
+    if not (domain or {}).get("overridden"):
+        return []
+    return [face for face, verdict in (domain.get("faces") or {}).items() if not verdict.get("passed")]
+
+
+def refusal_text(error: OutOfDomainError) -> str:
+    """The in-domain refusal in the page's words: what the model edits, that the face is not one,
+    and what the page offers (the override box it shows below the Edit button)."""
+    return (
+        f"error: {error.model_name} edits {error.description} only, and {error.label} is not one (its "
+        f"in-domain check scored {error.score:.1f} dB, at least {error.threshold:g} dB is needed): it would draw "
+        "nonsense. Real faces need a model made for them, which whoever started this page chooses. To edit this "
+        f"video anyway, tick \u201c{OVERRIDE_LABEL}\u201d below the Edit faces button and run again."
+    )
+
+
+def override_warning(domain: dict) -> str:
+    """The banner over an overridden run's scores (as loud as the report's)."""
+    return (
+        f"Out of domain: the model is made for {domain.get('description', 'other faces')}, and face(s) "
+        f"{', '.join(overridden_faces(domain))} failed its check; they were edited anyway (\u201c{OVERRIDE_LABEL}"
+        "\u201d). Expect nonsense: a high identity similarity does not mean the face was drawn correctly."
+    )
+
+
 def face_prompt_items(ids: list[int], chosen: list[int], texts) -> list[str]:
     """``ID=TEXT`` for each ticked face whose own prompt box (slot i = face ``ids[i]``) is filled."""
     return [
@@ -538,7 +692,8 @@ def face_prompt_items(ids: list[int], chosen: list[int], texts) -> list[str]:
 
 
 def face_summary(faces: list[dict], settings) -> list[str]:
-    """Which prompt each edited face got (a run report's ``faces``), in words."""
+    """Which prompt each edited face got (a run report's ``faces``), its adapters and the identity
+    guidance it was edited with (the tuned value an empty field stands for), in words."""
     own = {int(item.partition("=")[0]) for item in settings.face_prompts}
     lines = []
     for face in faces:
@@ -551,9 +706,15 @@ def face_summary(faces: list[dict], settings) -> list[str]:
         if not face.get("frames"):
             line += ", no frame in the range"
         adapters = face.get("edit_adapters")
-        if adapters:
+        if isinstance(adapters, dict):
+            line += "; adapters " + ", ".join(f"{name} {weight:g}" for name, weight in adapters.items())
+        elif adapters:
             names = [":".join(str(v) for v in a) if isinstance(a, (list, tuple)) else str(a) for a in adapters]
             line += f"; adapters {', '.join(names)}"
+        gradient = face.get("identity_gradient")
+        if face.get("frames") and isinstance(gradient, (int, float)):
+            how = " (the tuned default)" if settings.identity_gradient is None else ""
+            line += f"; identity guidance {gradient:g}{how}" if gradient else "; identity guidance off"
         lines.append(line)
     return lines
 
@@ -562,7 +723,7 @@ def build(server: Server):
     """The Gradio Blocks of the page, bound to ``server``."""
     import gradio as gr
 
-    from ipfacediff.settings import EditSettings, default_of
+    from ipfacediff.settings import DEFAULT_IDENTITY_GRADIENT, EditSettings, default_of
 
     def cleanup(value):
         # Gradio calls this an hour after the tab closed (its STATE_TTL_WHEN_CLOSED), if ever: the
@@ -577,21 +738,29 @@ def build(server: Server):
         """The one-line message, without the session folders' paths (the user knows the file by name)."""
         return re.sub(re.escape(str(server.work_dir)) + r"[^\s:]*/", "", str(error)).replace("\n", " ")
 
-    def progress_adapter(bar):
+    def progress_adapter(bar, overall: OverallProgress):
+        """The library's per-stage reports as one bar over the whole run, with the time left."""
+
         def update(stage: str, done: int, total: int) -> None:
-            bar((done, max(total, 1)), desc=stage, unit="")
+            bar(overall.update(stage, done, total), desc=overall.text(), unit="")
 
         return update
 
-    no_result = (None, None, None, None, "")  # side by side, edited file, downloads, metrics JSON, result line
+    def no_download():
+        return gr.update(value=None, interactive=False)
+
+    # side by side, the three downloads (edited video, report, metrics), metrics JSON, result line
+    no_result = (None, no_download(), no_download(), no_download(), None, "")
 
     def input_controls(loaded: Loaded | None):
-        """The range fields (start, end) and the per-face prompt boxes, for a new input (or none)."""
+        """For a new input (or none): the range fields (start, end), the override box (unticked and
+        hidden: an override is for the video it was given for) and the per-face prompt boxes."""
         seconds = round(loaded.seconds, 3) if loaded else None
         end_label = f"End (s; the clip is {seconds:g} s)" if seconds else "End (s)"
         ranges = (
             gr.update(value=0 if loaded else None),
             gr.update(value=seconds if seconds else None, label=end_label),
+            gr.update(value=False, visible=False),
         )
         ids = loaded.ids if loaded else []
         boxes = tuple(
@@ -603,6 +772,10 @@ def build(server: Server):
             for i in range(FACE_PROMPT_SLOTS)
         )
         return ranges + boxes
+
+    def unticked(message: str, allow) -> str:
+        """The status for a new input; says so when it unticked the override box."""
+        return message + (f" ({OVERRIDE_RESET})" if allow else "")
 
     def cleared(kind: str, message: str):
         """No video loaded: the state, faces image, face choices and results empty."""
@@ -623,39 +796,46 @@ def build(server: Server):
             + input_controls(loaded)
         )
 
-    def on_upload(video, state, request: gr.Request, bar=gr.Progress()):
+    def on_upload(video, state, allow, request: gr.Request, bar=gr.Progress()):
         with server.busy(request):
             server.forget_input(request, state, keep=[video])
             if not video:
-                return (gr.update(),) + cleared("info", START)
+                return (gr.update(),) + cleared("info", unticked(START, allow))
             server.claim(request, "input", [video])
             try:
-                loaded = server.load_upload(video, request, progress_adapter(bar))
+                overall = OverallProgress([("faces", 1.0)])
+                loaded = server.load_upload(video, request, progress_adapter(bar, overall))
             except UserError as error:  # shown once, in the status line; the rejected file goes
                 server.release(request, "input")
                 return (None,) + cleared("error", f"error: {shown(error)}")
             return (gr.update(),) + loaded_outputs(
                 loaded,
                 request,
-                f"{len(loaded.ids)} face(s) found in "
-                f"{loaded.frames} frames: choose the faces to edit and type a prompt",
+                unticked(
+                    f"{len(loaded.ids)} face(s) found in {loaded.frames} frames: choose the faces to edit and "
+                    "type a prompt",
+                    allow,
+                ),
             )
 
-    def on_sample(state, request: gr.Request):
+    def on_sample(state, allow, request: gr.Request):
         with server.busy(request):
             server.forget_input(request, state)
             loaded = server.load_sample(request)
             return (loaded.video,) + loaded_outputs(
                 loaded,
                 request,
-                f"built-in sample: {loaded.frames} frames, face "
-                "tracks given (a cartoon face that the detector may miss)",
+                unticked(
+                    f"built-in sample: {loaded.frames} frames, face tracks given (a cartoon face that the "
+                    "detector may miss)",
+                    allow,
+                ),
             )
 
-    def on_clear(state, request: gr.Request):
+    def on_clear(state, allow, request: gr.Request):
         with server.busy(request):
             server.forget_input(request, state)
-            return cleared("info", START)
+            return cleared("info", unticked(START, allow))
 
     def adapter_file(path, what: str) -> str | None:
         if not path:
@@ -724,6 +904,7 @@ def build(server: Server):
                 own = face_prompt_items(loaded.ids, chosen, face_texts)
                 if not (prompt or "").strip() and own and len(own) == len(chosen):  # every face has its own
                     prompt = own[0].partition("=")[2]
+                check_range(start, end, loaded.seconds)
                 settings = EditSettings.from_mapping(
                     {
                         "prompt": prompt or "",
@@ -737,29 +918,47 @@ def build(server: Server):
                         "start": seconds_text(start),
                         "end": seconds_text(end, clip_seconds=loaded.seconds, end=True),
                         "fade": fade,
-                        "identity_gradient": identity_gradient,
+                        "identity_gradient": optional_number(
+                            identity_gradient, "Identity guidance", "identity_gradient"
+                        ),
                         "identity_gradient_from": identity_gradient_from,
                         "allow_out_of_domain": bool(allow_out_of_domain),
                     }
                 )
+                frames = range(loaded.frames)
                 if loaded.fps:  # a bad range is refused before any model loads
-                    settings.frame_range(loaded.fps, loaded.frames)
+                    frames = settings.frame_range(loaded.fps, loaded.frames)
                 identity_lora = adapter_file(identity_file, "identity adapter")
                 edit_paths = [adapter_file(f, "edit adapter") for f in edit_files or []]
                 edit_loras = tuple(zip(edit_paths, adapter_weights(edit_weights, len(edit_paths))))
                 server.claim(request, "adapters", [identity_lora, *edit_paths])
+                overall = OverallProgress(
+                    run_phases(
+                        settings,
+                        frames=len(frames),
+                        clip_frames=loaded.frames,
+                        megapixels=loaded.megapixels,
+                        load_models=not server.has_pipeline(identity_lora, edit_loras),
+                    ),
+                    per_face=PER_FACE_STAGES,
+                    faces=sum(settings.prompt_for(face) is not None for face in chosen),
+                )
                 out = server.run(
                     loaded,
                     settings,
                     request,
                     identity_lora=identity_lora,
                     edit_loras=edit_loras,
-                    progress=progress_adapter(bar),
+                    progress=progress_adapter(bar, overall),
                 )
+            except OutOfDomainError as error:  # in the page's words, and the override box shown
+                shutil.rmtree(session / "runs", ignore_errors=True)
+                server.release(request, "result")
+                return no_result + (_status("error", refusal_text(error)), gr.update(visible=True))
             except UserError as error:  # shown once, in the status line; no stale result beside it
                 shutil.rmtree(session / "runs", ignore_errors=True)
                 server.release(request, "result")
-                return no_result + (_status("error", f"error: {shown(error)}"),)
+                return no_result + (_status("error", f"error: {shown(error)}"), gr.update())
             shown_files = [out["preview"], out["edited"], out["report_path"], out["metrics_path"]]
             for old in (session / "runs").iterdir():  # the previous result leaves the page: and the disk
                 if old != Path(out["edited"]).parent:
@@ -772,12 +971,22 @@ def build(server: Server):
             if report.inversion_reused
             else ""
         )
-        text = f"done: {report.message} in {report.seconds.get('total', 0):.1f} s{reused}."
-        files = [str(out["edited"]), str(out["report_path"]), str(out["metrics_path"])]
+        overridden = overridden_faces(report.domain)
+        took = f"{overall.clock() - overall.started:.1f} s"  # the whole run: the edit, the preview and the scores
+        if overridden:
+            kind = "warn"
+            text = (
+                f"done, out of the model's domain: {report.message} in {took}, but the model is not made for "
+                f"face(s) {', '.join(overridden)} (\u201cEdit anyway\u201d is ticked). Expect nonsense, whatever "
+                f"the scores below say.{reused}"
+            )
+        else:
+            kind, text = "ok", f"done: {report.message} in {took}{reused}."
         return (
             str(out["preview"]),
-            str(out["edited"]),
-            files,
+            gr.update(value=str(out["edited"]), interactive=True),
+            gr.update(value=str(out["report_path"]), interactive=True),
+            gr.update(value=str(out["metrics_path"]), interactive=True),
             json.dumps(
                 {
                     k: metrics.get(k)
@@ -785,8 +994,13 @@ def build(server: Server):
                 },
                 default=str,
             ),
-            _result_line(*result_summary(metrics), face_summary(report.faces, settings)),
-            _status("ok", text),
+            _result_line(
+                *result_summary(metrics, overridden=bool(overridden)),
+                face_summary(report.faces, settings),
+                warning=override_warning(report.domain) if overridden else "",
+            ),
+            _status(kind, text),
+            gr.update(),
         )
 
     with gr.Blocks(title="ipfacediff") as demo:
@@ -857,13 +1071,18 @@ def build(server: Server):
                     seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
                 with gr.Accordion("Identity", open=False):
                     with gr.Row():
-                        identity_gradient = gr.Number(
-                            value=default_of(EditSettings, "identity_gradient"),
-                            minimum=0,
-                            maximum=10,
-                            label="Identity guidance (0 = off)",
+                        # Text, not a number field: Gradio's number field shows 0 for empty, and
+                        # empty (the tuned default) is not 0 (off).
+                        identity_gradient = gr.Textbox(
+                            value="",
+                            lines=1,
+                            max_lines=1,
+                            label="Identity guidance (empty = the tuned default)",
                             elem_id="identity-gradient",
-                            info="pulls each keyframe's face towards the input's identity in the late steps",
+                            placeholder="tuned default",
+                            info="pulls each keyframe's face towards the input's identity in the late steps; "
+                            f"empty: the value the edit's adapter was tuned with (else {DEFAULT_IDENTITY_GRADIENT:g}); "
+                            "0 = off. The result says the value used",
                         )
                         identity_gradient_from = gr.Number(
                             value=default_of(EditSettings, "identity_gradient_from"),
@@ -874,12 +1093,6 @@ def build(server: Server):
                             elem_id="identity-gradient-from",
                             info="acts at this timestep and below",
                         )
-                    allow_out_of_domain = gr.Checkbox(
-                        value=False,
-                        label="Edit faces this model was not made for",
-                        elem_id="allow-out-of-domain",
-                        info="the embedded model draws FaceWorld's faces only; the report records the override",
-                    )
                 with gr.Accordion("Adapters (LoRA)", open=False):
                     identity_file = gr.File(
                         label="Identity adapter ε1 (.safetensors)",
@@ -901,6 +1114,15 @@ def build(server: Server):
                         elem_id="edit-lora-weights",
                     )
                 run = gr.Button("Edit faces", variant="primary", elem_id="run-button")
+                # Shown when the model refuses a face of this video; a new video unticks and hides it.
+                allow_out_of_domain = gr.Checkbox(
+                    value=False,
+                    visible=False,
+                    label=OVERRIDE_LABEL,
+                    elem_id="allow-out-of-domain",
+                    info="for this video only: the model draws nonsense on faces it was not made for; "
+                    "the result and the report say the edit was overridden",
+                )
                 status = gr.HTML(_status("info", START), elem_id="status", min_height=56)
         gr.Markdown("## Result: input | edited")
         with gr.Row(equal_height=False):
@@ -908,23 +1130,24 @@ def build(server: Server):
                 result = gr.Video(label="Side by side", interactive=False, elem_id="result-video", height=320)
                 result_line = gr.HTML("", elem_id="result-line")
             with gr.Column(scale=1):
-                edited = gr.File(label="Edited video", interactive=False, elem_id="edited-file")
-                downloads = gr.File(
-                    label="Downloads: edited video, report (HTML), metrics (JSON)",
-                    file_count="multiple",
-                    interactive=False,
-                    elem_id="downloads",
+                # Buttons, not a file list: a list's × would take a download off the page for good.
+                edited = gr.DownloadButton(
+                    "Download the edited video (MP4)", interactive=False, elem_id="edited-file", variant="primary"
+                )
+                report_file = gr.DownloadButton("Download the report (HTML)", interactive=False, elem_id="report-file")
+                metrics_file = gr.DownloadButton(
+                    "Download the metrics (JSON)", interactive=False, elem_id="metrics-file"
                 )
                 summary = gr.Code(label="Metrics", language="json", interactive=False, elem_id="metrics", visible=False)
 
         # Every new input (upload, sample, ×) sets the loaded state, faces and results together; one
         # progress bar, on the status line, follows the stages as the pipeline reports them.
-        results = [result, edited, downloads, summary, result_line]
-        load_outputs = [state, thumb, faces, status] + results + [start, end] + face_prompts
+        results = [result, edited, report_file, metrics_file, summary, result_line]
+        load_outputs = [state, thumb, faces, status] + results + [start, end, allow_out_of_domain] + face_prompts
         once = dict(show_progress="full", show_progress_on=[status])
-        video.upload(on_upload, [video, state], [video] + load_outputs, **once)
-        video.clear(on_clear, [state], load_outputs, show_progress="hidden")
-        sample.click(on_sample, [state], [video] + load_outputs, **once)
+        video.upload(on_upload, [video, state, allow_out_of_domain], [video] + load_outputs, **once)
+        video.clear(on_clear, [state, allow_out_of_domain], load_outputs, show_progress="hidden")
+        sample.click(on_sample, [state, allow_out_of_domain], [video] + load_outputs, **once)
         run.click(
             on_run,
             [
@@ -947,7 +1170,7 @@ def build(server: Server):
                 allow_out_of_domain,
             ]
             + face_prompts,
-            results + [status],
+            results + [status, allow_out_of_domain],
             **once,
         )
         demo.unload(on_unload)

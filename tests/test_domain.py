@@ -23,7 +23,7 @@ from ipfacediff.domain import (
     domain_scores,
     sample_indices,
 )
-from ipfacediff.errors import UserError
+from ipfacediff.errors import OutOfDomainError, UserError
 from ipfacediff.job import SHIPPED_MODELS
 
 ADVICE = (
@@ -113,6 +113,16 @@ def test_real_clips_are_refused(card, vae, shared_clip, name):
             f"the embedded model edits FaceWorld's drawn faces, and face {track_id} of {name} is not one (check: "
         )
         assert result.message.endswith(f"): {ADVICE}") and "\n" not in result.message
+        # the refusal as an error: the command line's line, and its parts for the web page's own words
+        error = result.error()
+        assert isinstance(error, OutOfDomainError) and isinstance(error, UserError)
+        assert str(error) == result.message
+        assert (error.label, error.model_name, error.description) == (
+            f"face {track_id} of {name}",
+            "the embedded model",
+            "FaceWorld's drawn faces",
+        )
+        assert (error.score, error.threshold) == (result.score, card.threshold)
 
 
 def test_flat_and_noise_crops_are_refused(card, vae):

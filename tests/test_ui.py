@@ -4,6 +4,7 @@ Skipped when gradio, playwright (the Python client) or /usr/bin/chromium is miss
 """
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -71,6 +72,71 @@ def test_range_and_face_prompt_fields():
         "face 3: \u201ca smile\u201d (the main prompt), no frame in the range",
         "face 5: not edited",
     ]
+
+
+def test_the_overall_progress_runs_once_from_0_to_1_through_every_stage():
+    from ipfacediff.progress import OverallProgress, duration_words
+    from ipfacediff.settings import EditSettings
+    from ipfacediff.ui import PER_FACE_STAGES, run_phases
+
+    settings = EditSettings.from_mapping({"prompt": "a smile", "steps": 4})
+    phases = run_phases(settings, frames=10, clip_frames=20, megapixels=0.25, load_models=True)
+    now = [0.0]
+    overall = OverallProgress(phases, per_face=PER_FACE_STAGES, faces=2, clock=lambda: now[0])
+    # two faces, the second a long clip's two windows; the stages start again at 0 each time
+    reports = [("loading models", 0, 1)]
+    for windows in ([""], [" window 1/2", " window 2/2"]):
+        for window in windows:
+            reports += [(f"invert{window}", d, 4) for d in range(1, 5)]
+            reports += [(f"edit region{window}", d, 3) for d in range(1, 4)]
+            reports += [(f"edit{window}", d, 4) for d in range(1, 5)]
+    reports += [(stage, d, 20) for stage in ("write", "faces (edited)", "evaluate") for d in (1, 10, 20)]
+    reports += [("report", 0, 1), ("report", 1, 1)]
+    fractions, texts = [], []
+    for stage, done, total in reports:
+        now[0] += 1.0
+        fractions.append(overall.update(stage, done, total))
+        texts.append(overall.text())
+    assert fractions == sorted(fractions) and fractions[0] < 0.1 and fractions[-1] == 1.0, fractions
+    assert len(set(fractions)) > len(fractions) * 0.8  # it moves all along, not only at the stage changes
+    assert 0.1 < fractions[11] < 0.5, fractions  # the first face done (reports 1-11)
+    assert "drawing the edit, face 1 of 2" in texts[11]
+    assert "preparing the faces (inversion), face 2 of 2, part 2 of 2" in texts[23]
+    assert "scoring identity and flicker" in texts[-3] and texts[-3].endswith(" left")
+    # the time left is the time so far at the pace so far; none before there is a pace
+    assert "left" not in texts[0]
+    half = OverallProgress([("evaluate", 1.0)], clock=lambda: 30.0)
+    half.started = 0.0
+    half.update("evaluate", 1, 2)
+    assert half.seconds_left() == 30.0 and half.text() == "scoring identity and flicker · about 30 s left"
+    assert duration_words(2) == "about 5 s" and duration_words(95) == "about 1 min 40 s"
+    assert duration_words(120) == "about 2 min"
+
+
+def test_range_fields_are_checked_against_the_clip():
+    from ipfacediff.errors import UserError
+    from ipfacediff.ui import check_range, minutes_words
+
+    check_range(0, 4, 4.0)
+    check_range(None, None, 4.0)
+    check_range(1.5, 3.9999, 4.0)
+    for start, end, says in [
+        (0, 10, "End 10 s is past the end of the clip (4 s)"),
+        (5, None, "Start 5 s is at or past the end of the clip (4 s)"),
+        (1.5, 0.5, "End 0.5 s is not after Start 1.5 s"),
+        (-1, None, "Start (s) must be a number of seconds"),
+        (0, float("inf"), "End (s) must be a number of seconds"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            check_range(start, end, 4.0)
+    from ipfacediff.ui import optional_number
+
+    assert optional_number(" ", "Identity guidance", "identity_gradient") is None  # empty: the tuned default
+    assert optional_number("0", "Identity guidance", "identity_gradient") == 0.0  # 0: off
+    for text, says in [("abc", "must be a number, or empty"), ("11", "Identity guidance must be in [0, 10]")]:
+        with pytest.raises(UserError, match=re.escape(says)):
+            optional_number(text, "Identity guidance", "identity_gradient")
+    assert minutes_words(1) == "1 minute" and minutes_words(0.5) == "0.5 minutes" and minutes_words(60) == "60 minutes"
 
 
 def free_port() -> int:
@@ -162,6 +228,15 @@ def test_edit_sample_end_to_end(server, browser, tmp_path):
     assert float(page.input_value("#range-end input[type=number]")) == 2
     assert page.locator("#face-prompt-0 textarea").is_visible()
     assert page.locator("#face-prompt-1 textarea").count() == 0 or not page.locator("#face-prompt-1").is_visible()
+    # an End past the clip's end is one line, in the field's name, not quietly the clip's end
+    fill_number(page, "#range-end", "10")
+    page.click("#run-button")
+    text = status_shows(page, "past the end")
+    assert "error: End 10 s is past the end of the clip (2 s)" in text and "--" not in text, text
+    # identity guidance: empty (the tuned default), and the field says so
+    page.click("text=Identity")
+    assert page.input_value("#identity-gradient :is(input, textarea)") == ""
+    assert "empty = the tuned default" in page.inner_text("#identity-gradient")
     fill_number(page, "#steps", "3")
     fill_number(page, "#range-start", "0.5")
     fill_number(page, "#range-end", "1.5")
@@ -181,13 +256,19 @@ def test_edit_sample_end_to_end(server, browser, tmp_path):
     assert [(f["id"], f["prompt"], f["frames"]) for f in run["faces"]] == [(0, "a face with a beard", 12)], run
     faces_line = page.inner_text("#result-line")
     assert "face 0: \u201ca face with a beard\u201d (its own prompt)" in faces_line, faces_line
+    assert "identity guidance 0.3 (the tuned default)" in faces_line, faces_line  # what the empty field stood for
 
-    # one progress display, on the status line, naming the pipeline's stages as they come
+    # one progress display, on the status line: one bar over the whole run that never goes back,
+    # the stages in words, and the time left
     shown_on = page.evaluate("[...window.progressOn]")
-    stages = " | ".join(page.evaluate("window.progressText"))
+    texts = page.evaluate("window.progressText")
+    stages = " | ".join(texts)
     assert shown_on == ["status"], (shown_on, stages)
-    for stage in ("loading models", "invert", "edit", "evaluate"):
+    for stage in ("loading the model", "preparing the faces", "drawing the edit", "scoring identity and flicker"):
         assert stage in stages, stages
+    assert " left" in stages, stages
+    percents = [float(m) for m in re.findall(r"(\d+(?:\.\d+)?)%", stages)]
+    assert len(percents) >= 4 and percents == sorted(percents) and percents[-1] > 50, stages
 
     # the scores in words, without claiming that the edit itself was judged (no CLIP model here)
     line = page.inner_text("#result-line")
@@ -195,14 +276,21 @@ def test_edit_sample_end_to_end(server, browser, tmp_path):
     assert "flicker: warp error ratio" in line and "1 = as steady as the input" in line, line
     assert "the edit itself was not judged" in line and "id_sim" not in line, line
 
-    with page.expect_download() as download:
-        page.click("#edited-file a")
-    edited = tmp_path / "edited.mp4"
-    download.value.save_as(edited)
-    info = probe_video(edited)
+    # the downloads are buttons: nothing on the page takes one away (a file list's × did)
+    saved = {}
+    for button, name in (("#edited-file", "edited.mp4"), ("#report-file", "report.html"), ("#metrics-file", "m.json")):
+        with page.expect_download() as download:
+            page.click(button)
+        saved[name] = tmp_path / name
+        download.value.save_as(saved[name])
+    assert page.locator("[aria-label='Remove this file']").count() == 0
+    info = probe_video(saved["edited.mp4"])
     assert info.frame_count == 24 and (info.width, info.height) == (256, 256)
-    names = page.inner_text("#downloads").replace("\n", "")
-    assert "edited.mp4" in names and "report.html" in names and "metrics.json" in names
+    # the report and the metrics name the videos, not the server's folders
+    report, metrics = saved["report.html"].read_text(), json.loads(saved["m.json"].read_text())
+    assert "sample.mp4" in report and str(work) not in report and "sessions" not in report
+    assert (metrics["original"], metrics["edited"]) == ("sample.mp4", "edited.mp4")
+    assert str(work) not in saved["m.json"].read_text()
 
     shot = tmp_path / "ui.png"
     page.screenshot(path=str(shot), full_page=True)
@@ -222,7 +310,7 @@ def test_edit_sample_end_to_end(server, browser, tmp_path):
     # a new input clears the result: player, downloads and result line (and the run's files)
     take_sample(page)
     assert page.locator("#result-video video").count() == 0
-    assert "edited.mp4" not in page.inner_text("#downloads") and not page.inner_text("#result-line").strip()
+    assert page.locator("#edited-file").is_disabled() and not page.inner_text("#result-line").strip()
     assert not list((work / "sessions").glob("*/runs/*"))
 
     # × on the input clears what was loaded: Edit then has no video, it does not edit the old one
@@ -297,7 +385,7 @@ def test_bad_uploads_show_errors_and_server_keeps_serving(server, browser, tmp_p
     fill_number(page, "#range-end", "0.5")
     page.click("#run-button")
     text = status_shows(page, "reversed")
-    assert "error:" in text and "--start 1.5 --end 0.5" in text and "\n" not in text.strip(), text
+    assert "error: End 0.5 s is not after Start 1.5 s" in text and "\n" not in text.strip(), text
     no_toast(page, 500)
     page.close()
 
@@ -419,11 +507,12 @@ def test_stopping_the_server_removes_its_files(tmp_path, signum, work_exists):
 
 
 def test_the_embedded_model_refuses_a_real_face_on_the_page_until_overridden(browser, shared_clip, tmp_path):
-    """The page says the refusal line of the model's card, in the status, with no result; the
-    override box lets the edit through, and the run records it and the identity guidance asked for."""
+    """The page words the model card's refusal itself (no flags) and shows the override box it
+    points to; an overridden edit is said to be out of domain as loudly as the report says it, and
+    the scores get no verdict; the next video finds the box unticked, and is told so."""
     import json
 
-    from ipfacediff.ui import launch
+    from ipfacediff.ui import OVERRIDE_LABEL, launch
 
     clip = shared_clip("closeup.mp4")
     port = free_port()
@@ -432,26 +521,58 @@ def test_the_embedded_model_refuses_a_real_face_on_the_page_until_overridden(bro
     try:
         page = browser.new_page(viewport={"width": 1280, "height": 1000})
         page.goto(f"http://127.0.0.1:{port}/")
-        page.set_input_files("#input-video input[type=file]", str(clip))
+        page.set_input_files("#input-video input[type=file]", clip)
         status_shows(page, "face(s) found", timeout=240_000)
         page.wait_for_selector("#faces-choice input:checked")
         time.sleep(0.5)
+        override = page.locator("#allow-out-of-domain")
+        assert not override.is_visible()  # nothing to override yet
         fill_number(page, "#steps", "2")
         fill_number(page, "#range-end", "0.2")
         page.click("#run-button")
         text = status_shows(page, "error:")
-        assert "the embedded model edits FaceWorld's drawn faces, and face 0 of closeup.mp4 is not one" in text, text
+        assert "the embedded model edits FaceWorld's drawn faces only, and face 0 of closeup.mp4 is not one" in text
+        assert f"tick \u201c{OVERRIDE_LABEL}\u201d below the Edit faces button" in text, text
+        assert "--" not in text and "ipfacediff demo" not in text, text  # the page has no flags
         assert page.locator("#result-video video").count() == 0
         assert not list(work.glob("sessions/*/runs/*/*.mp4"))
-        page.click("text=Identity")
+
+        # the box the refusal points to is there, under the button, with the words it quotes
+        override.wait_for(state="visible", timeout=10_000)  # it comes with the status, or a moment after
+        assert OVERRIDE_LABEL in override.inner_text()
         page.check("#allow-out-of-domain input[type=checkbox]")
-        fill_number(page, "#identity-gradient", "0.5")
+        page.click("text=Identity")
+        page.fill("#identity-gradient :is(input, textarea)", "0.5")
         page.click("#run-button")
-        status_shows(page, "done:", timeout=240_000)
+        text = status_shows(page, "done", timeout=240_000)
+        assert "out of the model's domain" in text and "Expect nonsense" in text, text
+        assert page.query_selector("#status-ok") is None and page.query_selector("#status-warn") is not None
+        warning = page.inner_text("#result-warning")
+        assert "Out of domain" in warning and "does not mean the face was drawn correctly" in warning, warning
+        scores = page.inner_text("#result-text")
+        assert "no verdict: out of the model's domain" in scores and "; the same person)" not in scores, scores
+        assert "does not judge whether the face was drawn correctly" in scores, scores
+        assert "identity guidance 0.5" in page.inner_text("#result-faces")
         [run_json] = work.glob("sessions/*/runs/*/edited.run.json")
         run = json.loads(run_json.read_text())
         assert run["domain"]["overridden"] is True and run["settings"]["allow_out_of_domain"] is True
         assert run["settings"]["identity_gradient"] == 0.5
+
+        # the next video: the override does not carry over, and the page says so
+        take_sample(page)
+        assert "is unticked again" in page.inner_text("#status")
+        assert not override.is_visible()
+        clear_input(page)
+        status_shows(page, "upload a video")
+        page.wait_for_selector("#input-video input[type=file]", state="attached")
+        page.set_input_files("#input-video input[type=file]", clip)  # the real face again: refused again
+        status_shows(page, "face(s) found", timeout=240_000)
+        time.sleep(0.5)
+        fill_number(page, "#range-end", "0.2")
+        page.click("#run-button")
+        assert "is not one" in status_shows(page, "error:")
+        override.wait_for(state="visible", timeout=10_000)
+        assert not page.is_checked("#allow-out-of-domain input[type=checkbox]")
         page.close()
     finally:
         demo.close()

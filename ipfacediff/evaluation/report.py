@@ -31,7 +31,8 @@ def write_html_report(
 ) -> Path:
     """One self-contained HTML page: animated side-by-side preview, per-frame plots, metrics and
     settings (``settings`` or else the run metadata's). Every image is a ``data:`` URI; the page
-    loads nothing from anywhere."""
+    loads nothing from anywhere. The videos are named by file name, not path: a report is passed
+    around, and a server's folders (the web page's) are nobody's business."""
     settings = settings if settings is not None else metrics.get("settings")
     preview, preview_type = _preview_animation(metrics, Path(original), Path(edited))
     plots = [_identity_plot(metrics), _temporal_plot(metrics)]
@@ -43,7 +44,7 @@ def write_html_report(
         f"<style>{_CSS}</style></head><body>",
         "<h1>Face edit evaluation</h1>",
         _domain_warning(metrics),
-        f"<p>original <code>{_text(original)}</code><br>edited <code>{_text(edited)}</code><br>"
+        f"<p>original <code>{_text(Path(original).name)}</code><br>edited <code>{_text(Path(edited).name)}</code><br>"
         f"{metrics.get('frames', '?')} frames, {metrics.get('width', '?')}x{metrics.get('height', '?')}"
         f"{_verdict(metrics)}</p>",
         "<h2>Preview</h2>",
@@ -59,7 +60,7 @@ def write_html_report(
         f'<img class="plot" alt="{alt}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
         for alt, png in plots
     ]
-    parts += ["<h2>Settings</h2>", _dict_table(settings) if settings else "<p>no run metadata</p>"]
+    parts += ["<h2>Settings</h2>", _dict_table(settings, unset="default") if settings else "<p>no run metadata</p>"]
     parts += ["<h2>Timings (seconds)</h2>", _timings_table(metrics.get("seconds") or {})]
     parts += ["</body></html>", ""]
     return write_atomic(_output_path(path), "\n".join(parts))
@@ -123,7 +124,9 @@ def _domain_warning(metrics: dict) -> str:
     return (
         f'<p class="bad"><strong>Out of domain:</strong> the model is made for {_text(domain.get("description"))}; '
         f"face(s) {_text(', '.join(refused))} failed its check and were edited anyway "
-        "(--allow-out-of-domain). Expect nonsense; the figures below do not say otherwise.</p>"
+        "(the override: --allow-out-of-domain, or the web page's “Edit anyway” box). Expect nonsense; the "
+        "figures below do not say otherwise: identity similarity does not judge whether the face was drawn "
+        "correctly.</p>"
     )
 
 
@@ -207,13 +210,17 @@ def _tracks_table(tracks: list[dict]) -> str:
     return "".join(rows)
 
 
-def _dict_table(data: dict) -> str:
+def _dict_table(data: dict, *, unset: str = "—") -> str:
+    """Key-value rows; a None value says ``unset`` (a setting left empty took its default, e.g. the
+    adapter's tuned identity guidance: a dash there would read as "off")."""
     rows = ["<table>"]
     for key, value in data.items():
         shown = json.dumps(_jsonable(value)) if isinstance(value, (dict, list, tuple)) else value
-        rows.append(
-            f"<tr><th>{_text(key)}</th><td>{_fmt(shown) if not isinstance(shown, str) else _text(shown)}</td></tr>"
-        )
+        if shown is None:
+            cell = f'<span class="muted">{_text(unset)}</span>'
+        else:
+            cell = _fmt(shown) if not isinstance(shown, str) else _text(shown)
+        rows.append(f"<tr><th>{_text(key)}</th><td>{cell}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
 
