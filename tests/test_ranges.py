@@ -245,6 +245,13 @@ def test_a_variable_frame_rate_edit_keeps_every_frame_at_its_time_and_the_range_
     assert all(psnr(source[i], edited[i]) < 45 for i in inside)
     report = json.loads((tmp_path / "out.run.json").read_text())
     assert "frames 5-6 of 11" in report["message"]
+    # `faces` and `evaluate` read the same frames as the edit.
+    code, _, stderr = run(["faces", str(clip), "--json", str(tmp_path / "tracks.json")], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "tracks.json").read_text())["frames"] == len(VFR_MS)
+    code, _, stderr = run(["evaluate", str(clip), str(out), "--json", str(tmp_path / "metrics.json")], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["frames"] == len(VFR_MS)
 
 
 def test_a_range_on_a_variable_frame_rate_clip_selects_by_each_frames_time():

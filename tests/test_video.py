@@ -1,4 +1,4 @@
-"""Video I/O: round trips, VFR resampling, rotation, audio, atomic writes and user errors.
+"""Video I/O: round trips, variable frame rates, rotation, audio, atomic writes and user errors.
 
 Test clips are made here with PyAV directly (not with write_video), so reading is checked against
 files this module did not produce.
