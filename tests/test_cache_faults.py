@@ -51,8 +51,12 @@ def read_only_runner(folder: Path):
     if os.geteuid() != 0:  # permission bits stop an ordinary user
         folder.chmod(0o555)
         return lambda *args, env=env: subprocess.run([str(ENTRY_POINT), *args], capture_output=True, text=True, env=env)
-    trial = subprocess.run(["unshare", "--mount", "sh", "-c", READ_ONLY, str(folder), "touch", str(folder / "x")])
-    if trial.returncode == 0 or (folder / "x").exists():
+    cannot_touch = ["sh", "-c", '! touch "$1" 2>/dev/null', "sh", str(folder / "x")]
+    try:
+        trial = subprocess.run(["unshare", "--mount", "sh", "-c", READ_ONLY, str(folder), *cannot_touch])
+    except FileNotFoundError:
+        trial = None
+    if trial is None or trial.returncode != 0 or (folder / "x").exists():
         pytest.skip("no read-only bind mount here (unshare --mount not permitted) and root ignores permission bits")
 
     def run_read_only(*args: str, env: dict = env) -> subprocess.CompletedProcess:
