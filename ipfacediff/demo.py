@@ -82,9 +82,9 @@ def side_by_side(original: Path, edited: Path, output: Path) -> Path:
     """The input and its edit next to each other, for people to compare."""
     from ipfacediff.video import iter_frames, probe_video
 
-    fps = probe_video(original).fps
+    info = probe_video(original)
     pairs = zip(iter_frames(original), iter_frames(edited))
-    return write_video(output, (np.concatenate([a, b], axis=1) for a, b in pairs), fps)
+    return write_video(output, (np.concatenate([a, b], axis=1) for a, b in pairs), info.fps, times=info.times)
 
 
 DEMO_IDENTITY = 1007  # held out: never rendered for training (ids >= 1000)

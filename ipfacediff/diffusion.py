@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -27,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from ipfacediff.errors import UserError
-from ipfacediff.files import write_atomic
+from ipfacediff.files import check_writable_folder, short_detail, write_atomic
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances, e.g. to drive a progress bar."""
@@ -65,6 +67,9 @@ class StageTimer:
 def default_cache_dir() -> Path:
     """$IPFACEDIFF_CACHE, else ~/.cache/ipfacediff: shared by every run of the same user."""
     return Path(os.environ.get("IPFACEDIFF_CACHE", Path.home() / ".cache" / "ipfacediff"))
+
+
+CACHE_FIX = "pass --cache-dir with a folder you can write (or set IPFACEDIFF_CACHE)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,13 +206,19 @@ class InversionCache:
     files: ``clean`` (the encoded frames) and ``step_XXXX`` (latents, and features where captured).
 
     Files are written whole (temporary name, then renamed), so a killed run leaves only whole steps.
-    With ``max_bytes`` the entries used longest ago are removed to make room for a new file, never
-    one this object has read or written (the running job's); a file that would not fit even then
-    is not written, and the job goes on without caching it.
+    A file that cannot be read all the same (truncated by a full disk or a copy, overwritten) is
+    removed with one warning line and computed again, so the cache heals itself. With
+    ``max_bytes`` the entries used longest ago are removed to make room for a new file, never one
+    this object has read or written (the running job's); a file that would not fit even then is
+    not written, and the job goes on without caching it.
+
+    The folder is created and tried at once: a cache that cannot be written is one line before
+    any model is loaded (every front end makes its cache first), not a traceback mid-run.
     """
 
     def __init__(self, root: str | Path | None = None, *, max_bytes: int | None = None):
         self.root = Path(root) if root is not None else default_cache_dir() / "inversion"
+        check_writable_folder(self.root, "the inversion cache", CACHE_FIX)
         self.max_bytes = max_bytes
         self.in_use: set[str] = set()
         self._size: int | None = None  # bytes on disk, counted once and then kept up to date
@@ -229,8 +240,24 @@ class InversionCache:
             tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
         except FileNotFoundError:  # evicted by another process sharing the cache
             return None
+        except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+            self.drop_damaged(path, error)
+            return None
         self.mark_used(key)
         return tensors
+
+    def drop_damaged(self, path: Path, error: BaseException) -> None:
+        """Remove a cache file that cannot be read, saying so in one line; its caller computes it again."""
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else short_detail(error)
+        print(
+            f"warning: the inversion cache file {path} is damaged ({detail}); it is removed and computed again",
+            file=sys.stderr,
+        )
+        try:
+            path.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: the new copy replaces it
+            pass
+        self._size = None  # counted again when next asked
 
     def save(self, key: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
         data = save({k: v.contiguous() for k, v in tensors.items()})
@@ -248,12 +275,14 @@ class InversionCache:
                     if attempt:
                         raise
         except OSError as error:
-            if error.errno == errno.ENOSPC:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise UserError(
                     f"the disk of the inversion cache {self.root} is full; what was cached is kept: "
                     "free space, pass --cache-max-gb or choose another --cache-dir"
                 ) from None
-            raise
+            raise UserError(
+                f"the inversion cache {self.root} cannot be written ({error.strerror or error}); {CACHE_FIX}"
+            ) from None
         self._size = self.size_bytes() + len(data)
         self.mark_used(key)
 
@@ -262,7 +291,7 @@ class InversionCache:
         self.in_use.add(key)
         try:
             os.utime(self.folder(key))
-        except FileNotFoundError:
+        except OSError:  # evicted meanwhile, or another user's entry: its age only guides eviction
             pass
 
     def entries(self) -> list[tuple[float, str, int]]:

@@ -3,10 +3,13 @@ files a user names (:func:`reading`): any failure is one UserError line naming t
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import secrets
 import stat
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,6 +22,7 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     0600. On any error the temporary file is removed and ``path`` is untouched.
     """
     path = Path(path)
+    started = time.time()
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
         with open(temporary, "xb") as file:
@@ -27,7 +31,24 @@ def write_atomic(path: str | os.PathLike, data: bytes | str) -> Path:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    remove_stale_temporaries(path, rf"\.{re.escape(path.name)}\.[0-9a-f]{{8}}\.tmp", before=started)
     return path
+
+
+def remove_stale_temporaries(path: str | os.PathLike, pattern: str, *, before: float) -> None:
+    """Remove what killed earlier writes of ``path`` left beside it: the files whose whole name
+    matches ``pattern`` (the writer's own temporary names for ``path``, nothing else) and that were
+    last written before ``before`` (a ``time.time()``), so that a write of the same file still
+    going on in another process keeps its temporary file."""
+    path = Path(path)
+    name = re.compile(pattern)
+    prefix = glob.escape(f".{path.name}.")
+    for candidate in path.parent.glob(f"{prefix}*"):
+        try:
+            if name.fullmatch(candidate.name) and candidate.is_file() and candidate.stat().st_mtime < before:
+                candidate.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove: it was only tidying
+            continue
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -53,14 +74,45 @@ def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
     folder = path.parent
     if not folder.is_dir():
         raise UserError(f"{what} folder {folder} does not exist; create it first")
-    probe = folder / f".{path.name}.{secrets.token_hex(4)}.probe"
+    problem = _cannot_create_in(folder, path.name)
+    if problem:
+        raise UserError(f"{what} {path} cannot be written ({problem}); choose another path")
+    return path
+
+
+def check_writable_folder(folder: str | os.PathLike, what: str, fix: str) -> Path:
+    """``folder`` (expanded), created with its parents if need be, once a file could be created in
+    it; else one UserError line ``"{what} {folder} cannot be written (...); {fix}"`` -- before any
+    work, rather than a traceback at the first write after it. As in :func:`check_writable`, a
+    file is really created and removed: permission bits say nothing about a read-only mount, and
+    nothing at all for root."""
+    from ipfacediff.errors import UserError
+
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{what} {folder} is a file, not a folder; {fix}") from None
+    except OSError as error:
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+        raise UserError(f"{what} {folder} cannot be created ({reason}); {fix}") from None
+    problem = _cannot_create_in(folder, "folder")
+    if problem:
+        raise UserError(f"{what} {folder} cannot be written ({problem}); {fix}")
+    return folder
+
+
+def _cannot_create_in(folder: Path, name: str) -> str | None:
+    """Why no file can be created in ``folder`` (found by creating one and removing it), or None."""
+    probe = folder / f".{name}.{secrets.token_hex(4)}.probe"
     try:
         with open(probe, "xb"):
             pass
     except OSError as error:
-        raise UserError(f"{what} {path} cannot be written ({error.strerror or error}); choose another path") from None
+        return error.strerror or str(error)
     probe.unlink(missing_ok=True)
-    return path
+    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -386,7 +386,7 @@ def edit_video(
 
     input_path, output_path = Path(input_path), Path(output_path)
     info = check_paths(input_path, output_path)
-    frames_to_edit = settings.frame_range(info.fps, info.frame_count)
+    frames_to_edit = settings.frame_range(info.fps, info.frame_count, times=info.times.seconds())
     pipeline.plan_edit(settings)  # an unknown adapter name fails before any work
     size = settings.resolution or model_resolution(pipeline.vae, pipeline.unet)
     cache = cache if cache is not None else InversionCache()
@@ -486,7 +486,7 @@ def edit_video(
             yield frame if pasted or source is None else source
 
     with timer("paste_and_write"):
-        write_video(output_path, output_frames(), info.fps, audio_from=input_path)
+        write_video(output_path, output_frames(), info.fps, times=info.times, audio_from=input_path)
     spill.cleanup()
     seconds = dict(timer.seconds)
     seconds["total"] = sum(seconds.values())

@@ -12,7 +12,9 @@ is refused where it enters, in one line, before any model is loaded.
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
@@ -447,16 +449,19 @@ class EditSettings(Settings):
                 return text.strip() or None
         return self.prompt
 
-    def frame_range(self, fps: float, frame_count: int) -> range:
+    def frame_range(self, fps: float, frame_count: int, times: Sequence[float] | None = None) -> range:
         """The frames ``start`` and ``end`` select (the whole clip by default): a frame is in when
-        its time ``index / fps`` is at ``start`` or after and before ``end``. An empty, reversed or
+        its time -- ``times[index]``, each frame's own (a variable frame rate's), else
+        ``index / fps`` -- is at ``start`` or after and before ``end``. An empty, reversed or
         outside range is a one-line error."""
 
         def index(text: str, label: str, default: int) -> int:
             if not text.strip():
                 return default
             unit, value = parse_time(text, label)
-            return int(value) if unit == "frame" else math.ceil(value * fps - 1e-6)
+            if unit == "frame":
+                return int(value)
+            return math.ceil(value * fps - 1e-6) if times is None else bisect.bisect_left(times, value - 1e-6)
 
         first, stop = index(self.start, "--start", 0), index(self.end, "--end", frame_count)
         where = f"--start {self.start or 0} --end {self.end or 'end'}"

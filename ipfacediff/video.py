@@ -4,17 +4,14 @@ Reading
     Any file ffmpeg can decode is accepted. Frames come out as RGB ``uint8`` arrays of shape
     ``(H, W, 3)``, one at a time, so a long video never sits in memory.
 
-    *Constant output rate.* Diffusion editing and temporal smoothing assume evenly spaced frames,
-    but phone videos are often variable frame rate (VFR). Every video is therefore resampled to a
-    constant rate ``fps``: the stream's average frame rate, else ffmpeg's guessed rate, else 25.
-    Output frame ``k`` is the decoded frame whose presentation time (counted from the first frame)
-    is the latest at or before ``k / fps`` -- the frame a player would be showing at that moment --
-    so frames are repeated or dropped as needed. "At or before" allows a slack of a quarter frame
-    interval, because containers round timestamps (WebM/MKV store milliseconds: at 30 fps the
-    third frame sits at 67 ms, after its nominal 66.7 ms) and phones jitter by a few ms; without
-    the slack such a file would get a duplicated and a dropped frame at every rounding.
-    ``frame_count`` is the number of ``k`` whose time ``k / fps`` lies inside the stream's
-    duration (same slack). A constant-frame-rate file thus yields exactly its own frames.
+    *Every frame, with its own time.* Each decoded frame comes out once, in presentation order,
+    and :class:`FrameTimes` records when it is shown: the stream's own timestamps in its own time
+    base. Phone videos are often variable frame rate (VFR); resampling them to a constant rate
+    would drop some frames and repeat others, and an edit would then lose pictures and drift from
+    the audio. Editing and temporal smoothing work on the frame sequence; the output is written
+    with the input's timestamps (``write_video(..., times=info.times)``), so it plays exactly like
+    the input. ``fps`` is the stream's average rate (for display, and the encoder's nominal rate).
+    The timestamps are read from the packets when probing (demuxing only, no decoding).
 
     *Rotation.* Phones store the picture sideways and record how to turn it in a display matrix.
     Frames are rotated upright (multiples of 90 degrees; mirror flags are ignored) and
@@ -22,6 +19,7 @@ Reading
 
 Writing
     H.264 (libx264, ``crf``) in yuv420p, in an .mp4 container whatever the target's suffix.
+    Frames are spaced ``1 / fps`` apart, or carry the given :class:`FrameTimes`.
 
     *Colours.* With a source video (``colour_from``, else ``audio_from`` when it has a video
     stream) the output carries the source's colour tags, and RGB frames are converted to YUV with
@@ -38,7 +36,8 @@ Writing
     Also in writing: yuv420p stores colour at half resolution, so odd
     widths/heights are padded to the next even number by repeating the last row/column: a 65x49
     input comes back as 66x50. The file is written under a temporary name next to the target and
-    renamed onto it only when complete, so a crash never leaves a half-written video behind.
+    renamed onto it only when complete, so a crash never leaves a half-written video behind; the
+    temporary files a killed earlier write of the same target left are removed when one succeeds.
     The audio of ``audio_from`` is copied as is when mp4 can carry its codec, else re-encoded to
     AAC, and cut so that it ends with the video (to within half an audio packet, well under a
     frame). Audio shorter than the video is not padded.
@@ -46,12 +45,15 @@ Writing
 
 from __future__ import annotations
 
+import bisect
 import math
 import os
+import re
 import secrets
+import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from itertools import chain
 from pathlib import Path
@@ -64,9 +66,8 @@ from av.container import InputContainer, OutputContainer
 from av.video.stream import VideoStream
 
 from ipfacediff.errors import UserError
+from ipfacediff.files import remove_stale_temporaries
 
-# Slack of the "latest frame at or before k / fps" rule, in frame intervals (see module docstring).
-_SLACK = 0.25
 T = TypeVar("T")
 _FALLBACK_FPS = Fraction(25)
 # Audio codecs an .mp4 holds and players play; anything else is re-encoded to AAC.
@@ -77,17 +78,46 @@ DEFAULT_CRF = 16
 
 
 @dataclass(frozen=True)
+class FrameTimes:
+    """When each frame of a video is shown, in the stream's own time base.
+
+    ``pts[i]`` is frame ``i``'s presentation time in ``time_base`` units counted from the first
+    frame (so ``pts[0] == 0``), strictly increasing; ``end`` is where the last frame stops. Kept
+    exact (integers in the input's time base) so an edit is written with the input's very
+    timestamps: a variable frame rate stays as it was, and so does the sync with the audio.
+    """
+
+    time_base: Fraction
+    pts: tuple[int, ...]
+    end: int
+
+    @classmethod
+    def constant(cls, count: int, rate: Fraction) -> FrameTimes:
+        """``count`` frames ``1 / rate`` apart."""
+        return cls(time_base=1 / Fraction(rate), pts=tuple(range(count)), end=count)
+
+    def seconds(self) -> list[float]:
+        """Each frame's time in seconds from the first frame."""
+        return [float(p * self.time_base) for p in self.pts]
+
+    def stop(self, index: int) -> int:
+        """Where frame ``index`` stops being shown: the next frame's time, or ``end``."""
+        return self.pts[index + 1] if index + 1 < len(self.pts) else self.end
+
+
+@dataclass(frozen=True)
 class VideoInfo:
-    """What :func:`iter_frames` will produce for a file (after rotation and VFR resampling)."""
+    """What :func:`iter_frames` will produce for a file (after rotation): every decoded frame."""
 
     path: Path
     width: int
     height: int
-    fps: float
+    fps: float  # the stream's average frame rate
     frame_count: int
-    duration: float  # frame_count / fps: the length of the resampled video
+    duration: float  # from the first frame's time to the end of the last one, in seconds
     rotation: int  # clockwise degrees a player turns the stored picture (legacy `rotate` tag)
     has_audio: bool
+    times: FrameTimes = field(repr=False)
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,8 +160,7 @@ class _Timing:
     """Internal reading plan shared by probe and decode, so both agree on every frame."""
 
     info: VideoInfo
-    rate: Fraction
-    start_time: float  # presentation time of the first frame, in seconds
+    first_pts: int | None  # the first frame's pts in the stream; None: the packets carry no timestamps
 
 
 def probe_video(path: str | Path) -> VideoInfo:
@@ -140,7 +169,7 @@ def probe_video(path: str | Path) -> VideoInfo:
 
 
 def iter_frames(path: str | Path, *, start: int = 0, count: int | None = None) -> Iterator[np.ndarray]:
-    """Yield upright RGB frames ``start, start + 1, ...`` of the constant-rate video.
+    """Yield upright RGB frames ``start, start + 1, ...``: each decoded frame once, in order.
 
     The file is probed here, before the first ``next()``, so a bad path raises :class:`UserError`
     at the call. ``count=None`` means to the end; ranges past the end are cut short.
@@ -149,7 +178,8 @@ def iter_frames(path: str | Path, *, start: int = 0, count: int | None = None) -
         raise ValueError(f"start and count must be >= 0, got start={start}, count={count}")
     timing = _probe(Path(path))
     stop = timing.info.frame_count if count is None else min(start + count, timing.info.frame_count)
-    return _resampled_frames(timing, start, stop)
+    rotation = timing.info.rotation
+    return _frames(timing, start, stop, lambda frame: rotate_upright(frame.to_ndarray(format="rgb24"), rotation))
 
 
 def iter_source_frames(path: str | Path) -> Iterator[tuple[np.ndarray, SourceFrame | None]]:
@@ -161,7 +191,7 @@ def iter_source_frames(path: str | Path) -> Iterator[tuple[np.ndarray, SourceFra
     """
     timing = _probe(Path(path))
     rotation = timing.info.rotation
-    return _resampled(timing, 0, timing.info.frame_count, lambda frame: _rgb_and_source(frame, rotation))
+    return _frames(timing, 0, timing.info.frame_count, lambda frame: _rgb_and_source(frame, rotation))
 
 
 def read_frames(path: str | Path, *, start: int = 0, count: int | None = None) -> np.ndarray:
@@ -189,6 +219,7 @@ def write_video(
     frames: Iterable[np.ndarray],
     fps: float,
     *,
+    times: FrameTimes | None = None,
     audio_from: str | Path | None = None,
     colour_from: str | Path | None = None,
     crf: int = DEFAULT_CRF,
@@ -196,13 +227,17 @@ def write_video(
     """Encode ``frames`` (all the same size) to an H.264 .mp4 at ``path``.
 
     Each frame is an RGB uint8 array ``(H, W, 3)`` or a :class:`SourceFrame` to pass through.
+    Frames are ``1 / fps`` apart, or shown at ``times`` (a source's :attr:`VideoInfo.times`, so
+    that an edit plays exactly as its input; ``fps`` is then only the encoder's nominal rate).
     Colour tags follow ``colour_from``'s video, else ``audio_from``'s video when it has one, else
     BT.709 (see the module docstring). ``frames`` is consumed lazily, one frame at a time. The
     result replaces ``path`` atomically; on any error the temporary file is removed and an
-    existing ``path`` is left untouched.
+    existing ``path`` is left untouched. Temporary files that killed earlier writes of ``path``
+    left beside it are removed once the new file is in place.
     """
     target = Path(path)
     rate = _as_rate(fps)
+    time_base = times.time_base if times is not None else 1 / rate
     _check_output_folder(target)
     images = iter(frames)
     first = next(images, None)
@@ -215,20 +250,22 @@ def write_video(
     elif audio_from is not None:
         colour = _source_colour(Path(audio_from), required=False) or _BT709
 
+    started = time.time()
     temp = target.parent / f".{target.name}.tmp-{secrets.token_hex(4)}.mp4"
     with ExitStack() as stack:
         source = stack.enter_context(_open_media(Path(audio_from))) if audio_from else None
         try:
             with _open_output(temp) as output:
-                video = _video_stream(output, rate, crf, colour, width=size[1], height=size[0])
+                video = _video_stream(output, rate, time_base, crf, colour, width=size[1], height=size[0])
                 audio = None
                 if source is not None and source.streams.audio:
                     audio = _AudioTrack(source, output)
-                _encode(output, video, chain([first], images), size, colour, audio)
+                _encode(output, video, chain([first], images), size, colour, audio, times)
             os.replace(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+    remove_stale_temporaries(target, rf"\.{re.escape(target.name)}\.tmp-[0-9a-f]{{8}}\.mp4", before=started)
     return target
 
 
@@ -268,17 +305,22 @@ def _open_input(path: Path) -> Iterator[tuple[InputContainer, VideoStream]]:
 
 def _probe(path: Path) -> _Timing:
     with _open_input(path) as (container, stream):
-        rate = stream.average_rate or stream.guessed_rate or _FALLBACK_FPS
         try:
-            first, end = _first_frame_and_end(container, stream, rate)
+            first, pts, untimed, end = _scan(container, stream)
         except av.FFmpegError as error:
             raise UserError(f"{path} is not a video ffmpeg can read: {_reason(error)}") from None
         if first is None:
             raise UserError(f"{path} has a video stream but no frame could be decoded")
         has_audio = bool(container.streams.audio)
+        rate = stream.average_rate or stream.guessed_rate or _FALLBACK_FPS
+        time_base = stream.time_base
 
-    start_time = first.time or 0.0
-    frame_count = max(1, math.ceil((end - start_time) * rate - _SLACK))
+    if pts and not untimed:
+        times = _frame_times(pts, end, time_base, rate)
+        first_pts = pts[0]
+    else:  # timestamps missing (rare raw streams): the frames are taken as evenly spaced
+        times = FrameTimes.constant(max(1, len(pts) + untimed), rate)
+        first_pts = None
     rotation = (-90 * round(first.rotation / 90)) % 360  # PyAV reports counter-clockwise
     width, height = first.width, first.height
     if rotation in (90, 270):
@@ -288,43 +330,60 @@ def _probe(path: Path) -> _Timing:
         width=width,
         height=height,
         fps=float(rate),
-        frame_count=frame_count,
-        duration=float(frame_count / rate),
+        frame_count=len(times.pts),
+        duration=float(times.end * times.time_base),
         rotation=rotation,
         has_audio=has_audio,
+        times=times,
     )
-    return _Timing(info=info, rate=rate, start_time=start_time)
+    return _Timing(info=info, first_pts=first_pts)
 
 
-def _first_frame_and_end(
-    container: InputContainer, stream: VideoStream, rate: Fraction
-) -> tuple[av.VideoFrame | None, float]:
-    """Decode the first frame and find where the stream ends, in one pass over the packets.
+def _scan(container: InputContainer, stream: VideoStream) -> tuple[av.VideoFrame | None, list[int], int, int | None]:
+    """The first decoded frame, the pts of every frame shown, the number of packets without one,
+    and where the last frame ends, in one pass over the packets. The end is the stream's own
+    duration where the container records one (mp4, mov: there a packet's duration is a decode-order
+    step, not how long its frame is shown); else (mkv, webm) the latest ``pts + duration``.
 
-    The rotation only shows up on decoded frames, hence the decode. The end comes from the
-    stream's duration when the container records one (mp4, mov); otherwise (mkv, webm) the
-    remaining packets are read -- demuxing only, no decoding -- for the last ``pts + duration``.
+    The rotation only shows up on decoded frames, hence the one decode; the rest is demuxing only.
+    Packets the demuxer marks as discarded (before an edit list's start) are not shown, so they
+    are not frames of the video.
     """
     first = None
+    pts: list[int] = []
+    untimed = 0
     end = None
-    if stream.duration is not None and stream.start_time is not None:
-        end = float((stream.start_time + stream.duration) * stream.time_base)
-    packet_end = 0.0
     for packet in container.demux(stream):
+        if packet.size == 0:  # the empty end-of-stream packet
+            continue
         if first is None:
             first = next(iter(packet.decode()), None)
-        if packet.pts is not None:
-            length = packet.duration * packet.time_base if packet.duration else 1 / rate
-            packet_end = max(packet_end, float(packet.pts * packet.time_base + length))
-        if first is not None and end is not None:
-            break
-    return first, packet_end if end is None else end
+        if packet.is_discard:
+            continue
+        if packet.pts is None:
+            untimed += 1
+            continue
+        pts.append(packet.pts)
+        if packet.duration:
+            end = max(end or packet.pts, packet.pts + packet.duration)
+    if first is None:  # a decoder that holds frames back until it is flushed
+        first = next(iter(stream.codec_context.decode(None)), None)
+    if stream.duration and stream.start_time is not None:
+        end = stream.start_time + stream.duration
+    return first, pts, untimed, end
 
 
-def _resampled_frames(timing: _Timing, start: int, stop: int) -> Iterator[np.ndarray]:
-    """Frames ``start..stop-1`` of the constant-rate video (see the module docstring)."""
-    rotation = timing.info.rotation
-    return _resampled(timing, start, stop, lambda frame: rotate_upright(frame.to_ndarray(format="rgb24"), rotation))
+def _frame_times(pts: list[int], end: int | None, time_base: Fraction, rate: Fraction) -> FrameTimes:
+    """The packets' pts in presentation order, from the first frame, made strictly increasing
+    (a broken file can repeat a timestamp; a muxer refuses that)."""
+    ordered = sorted(pts)
+    origin = ordered[0]
+    relative = []
+    for value in ordered:
+        relative.append(max(value - origin, relative[-1] + 1) if relative else 0)
+    if end is None or end - origin <= relative[-1]:  # no durations: the last frame lasts as long as one at ``rate``
+        end = origin + relative[-1] + max(1, round(1 / (rate * time_base)))
+    return FrameTimes(time_base=Fraction(time_base), pts=tuple(relative), end=end - origin)
 
 
 def _rgb_and_source(frame: av.VideoFrame, rotation: int) -> tuple[np.ndarray, SourceFrame | None]:
@@ -335,61 +394,71 @@ def _rgb_and_source(frame: av.VideoFrame, rotation: int) -> tuple[np.ndarray, So
     return rgb, SourceFrame(yuv, colorspace=int(frame.colorspace), color_range=int(frame.color_range))
 
 
-def _resampled(timing: _Timing, start: int, stop: int, convert: Callable[[av.VideoFrame], T]) -> Iterator[T]:
-    """``convert`` of each decoded frame shown at output frames ``start..stop-1``."""
+def _frames(timing: _Timing, start: int, stop: int, convert: Callable[[av.VideoFrame], T]) -> Iterator[T]:
+    """``convert`` of frames ``start..stop-1``.
+
+    Each decoded frame is matched to its number by its timestamp. A frame the decoder cannot give
+    (a damaged packet) is stood in for by the one shown before it -- by the next one at the very
+    start -- so the count always is the probed one.
+    """
     info = timing.info
+    if start >= stop:
+        return
     with _open_input(info.path) as (container, stream):
         try:
             decoded = _decode_from(container, stream, timing, start)
             current = None
             pending = next(decoded, None)
             for k in range(start, stop):
-                while pending is not None and pending[0] <= k + _SLACK:
+                while pending is not None and pending[0] <= k:
                     current = pending[1]
                     pending = next(decoded, None)
-                # Past the last decodable frame, the last one stays on screen.
+                if current is None:
+                    if pending is None:
+                        raise UserError(f"{info.path} could not be decoded: no frame came out of the decoder")
+                    current = pending[1]
                 yield convert(current)
         except av.FFmpegError as error:
             raise UserError(f"{info.path} could not be decoded: {_reason(error)}") from None
 
 
-def _positions(
-    container: InputContainer, stream: VideoStream, timing: _Timing
-) -> Iterator[tuple[float, av.VideoFrame]]:
-    """Decoded frames with their time in output frame intervals since the first frame.
+def _number(timing: _Timing, frame: av.VideoFrame) -> int | None:
+    """The frame's number, found by its timestamp; None when it has none or another one."""
+    if timing.first_pts is None or frame.pts is None:
+        return None
+    pts = timing.info.times.pts
+    relative = frame.pts - timing.first_pts
+    index = bisect.bisect_left(pts, relative)
+    return index if index < len(pts) and pts[index] == relative else None
 
-    A frame without a timestamp (rare raw streams) is placed one interval after the previous.
-    """
-    position = -1.0
+
+def _numbered(container: InputContainer, stream: VideoStream, timing: _Timing) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Decoded frames with their numbers: by timestamp, else one after the previous frame."""
+    position = -1
     for frame in container.decode(stream):
-        if frame.time is None:
-            position += 1
-        else:
-            position = (frame.time - timing.start_time) * float(timing.rate)
+        number = _number(timing, frame)
+        position = number if number is not None and number > position else position + 1
         yield position, frame
 
 
 def _decode_from(
     container: InputContainer, stream: VideoStream, timing: _Timing, start: int
-) -> Iterator[tuple[float, av.VideoFrame]]:
-    """Decoded frames from the keyframe at or before output frame ``start``.
+) -> Iterator[tuple[int, av.VideoFrame]]:
+    """Decoded frames from the keyframe at or before frame ``start``.
 
     Seeking avoids decoding the whole prefix when a caller reads a long video in chunks. If the
-    demuxer lands after the wanted time (possible with B-frames or odd indexes) or frames carry no
-    timestamps, decoding restarts from the beginning, which is slow but always right.
+    demuxer lands after the wanted frame (possible with B-frames or odd indexes) or the frames
+    carry no timestamps, decoding restarts from the beginning, which is slow but always right.
     """
-    if start == 0:
-        return _positions(container, stream, timing)
-    # The frame shown at `start` is the latest one up to start + slack, so no keyframe lies
-    # between it and that time: the keyframe at or before that time precedes it.
-    target = timing.start_time + (start + _SLACK) / timing.rate
-    container.seek(math.floor(target / stream.time_base), stream=stream, backward=True)
-    decoded = _positions(container, stream, timing)
+    if start == 0 or timing.first_pts is None:
+        return _numbered(container, stream, timing)
+    container.seek(timing.first_pts + timing.info.times.pts[start], stream=stream, backward=True)
+    decoded = _numbered(container, stream, timing)
     first = next(decoded, None)
-    if first is not None and first[1].time is not None and first[0] <= start + _SLACK:
+    if first is not None and _number(timing, first[1]) == first[0] <= start:
         return chain([first], decoded)
     container.seek(stream.start_time or 0, stream=stream, backward=True)
-    return _positions(container, stream, timing)
+    return _numbered(container, stream, timing)
 
 
 def _reason(error: av.FFmpegError) -> str:
@@ -481,9 +550,10 @@ def _source_colour(path: Path, *, required: bool) -> _Colour | None:
 
 
 def _video_stream(
-    output: OutputContainer, rate: Fraction, crf: int, colour: _Colour, *, width: int, height: int
+    output: OutputContainer, rate: Fraction, time_base: Fraction, crf: int, colour: _Colour, *, width: int, height: int
 ) -> VideoStream:
     stream = output.add_stream("libx264", rate=rate, options={"crf": str(crf)})
+    stream.codec_context.time_base = stream.time_base = time_base  # the muxer may refine it, exactly
     stream.width = width + width % 2
     stream.height = height + height % 2
     stream.pix_fmt = "yuv420p"
@@ -524,21 +594,34 @@ def _encode(
     size: tuple[int, int],
     colour: _Colour,
     audio: _AudioTrack | None,
+    times: FrameTimes | None,
 ) -> None:
-    """Encode and mux every image, feeding the audio up to the video's current end."""
-    time_base = 1 / stream.codec_context.framerate
-    count = 0
+    """Encode and mux every image at its time, feeding the audio up to the video's current end."""
+    time_base = stream.codec_context.time_base
+    # How long each frame is shown, by pts, until its packet comes out of the encoder: libx264
+    # gives packets the nominal 1 / rate, and the muxer takes the last frame's length from it.
+    durations: dict[int, int] = {}
+
+    def mux(packets: list[av.Packet]) -> None:
+        for packet in packets:
+            packet.duration = durations.pop(packet.pts, packet.duration)
+        output.mux(packets)
+
+    end = 0
     for index, image in enumerate(images):
+        if times is not None and index >= len(times.pts):
+            raise ValueError(f"write_video got more frames than the {len(times.pts)} timestamps of times")
+        pts, end = (index, index + 1) if times is None else (times.pts[index], times.stop(index))
         frame = _to_yuv(_checked_frame(image, index, size), size, colour)
-        frame.pts = index
+        frame.pts = pts
         frame.time_base = time_base
-        output.mux(stream.encode(frame))
-        count = index + 1
+        durations[pts] = end - pts
+        mux(stream.encode(frame))
         if audio is not None:
-            audio.mux_until(count * time_base)
-    output.mux(stream.encode())
+            audio.mux_until(end * time_base)
+    mux(stream.encode())
     if audio is not None:
-        audio.mux_until(count * time_base)
+        audio.mux_until(end * time_base)
 
 
 class _AudioTrack:

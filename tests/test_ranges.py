@@ -170,3 +170,93 @@ def test_two_faces_each_get_their_own_edit_and_the_oracle_sees_it(tmp_path, caps
     faces = {f["id"]: f for f in json.loads((tmp_path / "out.run.json").read_text())["faces"]}
     assert faces[0]["prompt"] == "a face with eyeglasses" and list(faces[0]["edit_adapters"]) == ["eyeglasses"]
     assert faces[1]["prompt"] == "a face with a beard" and list(faces[1]["edit_adapters"]) == ["beard"]
+
+
+# Phone-like timestamps (ms): uneven gaps, and two frames 20 ms apart at 0.50 s and 0.52 s.
+VFR_MS = [0, 100, 150, 400, 450, 500, 520, 700, 800, 850, 900]
+
+
+def vfr_gray_clip(path):
+    """Frame ``i`` is uniform gray ``20 * i`` shown at ``VFR_MS[i]``: made with PyAV directly, as a
+    phone's file comes (its own fine time base, uneven pts), not with our writer."""
+    from fractions import Fraction
+
+    import av
+
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = Fraction(1, 90_000)
+        for i, ms in enumerate(VFR_MS):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms * 90, Fraction(1, 90_000)
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return path
+
+
+def shown_at(path) -> list[float]:
+    """Presentation times in seconds, as a player reads them."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [float(frame.time) for frame in container.decode(video=0)]
+
+
+def test_a_variable_frame_rate_edit_keeps_every_frame_at_its_time_and_the_range_is_real_time(
+    tiny_dir, tmp_path, capsys
+):
+    clip = vfr_gray_clip(tmp_path / "phone.mp4")
+    out = tmp_path / "out.mp4"
+    code, _, stderr = run(
+        [
+            "edit",
+            str(clip),
+            "-o",
+            str(out),
+            "-p",
+            "x",
+            "--model",
+            str(tiny_dir),
+            "--whole-frame",
+            "--steps",
+            "2",
+            "--start",
+            "0.5",
+            "--end",
+            "0.55",
+            "--fade",
+            "0",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capsys,
+    )
+    assert code == 0, stderr
+    assert shown_at(out) == pytest.approx([ms / 1000 for ms in VFR_MS], abs=1e-6)
+    source, edited = read_frames(clip), read_frames(out)
+    assert len(edited) == len(source) == len(VFR_MS)
+    # The frames at 0.50 s and 0.52 s are the range; every other frame is its own source frame,
+    # in its own place (each gray level once), so none was dropped, repeated or moved.
+    inside = {VFR_MS.index(500), VFR_MS.index(520)}
+    outside = [i for i in range(len(VFR_MS)) if i not in inside]
+    assert [round(float(edited[i].mean()) / 20) for i in outside] == outside
+    assert min(psnr(source[i], edited[i]) for i in outside) >= 45
+    assert all(psnr(source[i], edited[i]) < 45 for i in inside)
+    report = json.loads((tmp_path / "out.run.json").read_text())
+    assert "frames 5-6 of 11" in report["message"]
+    # `faces` and `evaluate` read the same frames as the edit.
+    code, _, stderr = run(["faces", str(clip), "--json", str(tmp_path / "tracks.json")], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "tracks.json").read_text())["frames"] == len(VFR_MS)
+    code, _, stderr = run(["evaluate", str(clip), str(out), "--json", str(tmp_path / "metrics.json")], capsys)
+    assert code == 0, stderr
+    assert json.loads((tmp_path / "metrics.json").read_text())["frames"] == len(VFR_MS)
+
+
+def test_a_range_on_a_variable_frame_rate_clip_selects_by_each_frames_time():
+    settings = EditSettings(prompt="x", start="0.5", end="0.55")
+    times = [ms / 1000 for ms in VFR_MS]
+    assert settings.frame_range(10.0, len(VFR_MS), times=times) == range(5, 7)
+    assert EditSettings(prompt="x", start="0.51").frame_range(10.0, len(VFR_MS), times=times) == range(6, 11)
+    assert EditSettings(prompt="x", start="frame:2", end="frame:4").frame_range(10.0, 11, times=times) == range(2, 4)

@@ -1,4 +1,4 @@
-"""Video I/O: round trips, VFR resampling, rotation, audio, atomic writes and user errors.
+"""Video I/O: round trips, variable frame rates, rotation, audio, atomic writes and user errors.
 
 Test clips are made here with PyAV directly (not with write_video), so reading is checked against
 files this module did not produce.
@@ -120,8 +120,10 @@ def test_round_trip_keeps_count_fps_size_and_pixels(tmp_path):
         duration=1.2,
         rotation=0,
         has_audio=False,
+        times=info.times,
     )
     assert info == expected
+    assert info.times.seconds() == pytest.approx([i / 10 for i in range(12)], abs=1e-9)
     before = sha256(out)
     frames = read_frames(out)
     assert sha256(out) == before  # reading never touches the file
@@ -201,30 +203,60 @@ def test_start_and_count_match_a_full_read(tmp_path):
 
 # --- variable frame rate ------------------------------------------------------------------------
 
+# Uneven like a phone's: 50 ms gaps, a 250 ms hold, a 200 ms hold.
 VFR_TIMES_MS = [0, 100, 150, 400, 450, 500, 700, 800, 850, 900]
+# Short GOPs with B-frames: frames are stored out of order and seeks land on several keyframes.
+GOP_OPTIONS = {"g": "3", "keyint_min": "3", "bf": "2", "sc_threshold": "0"}
 
 
-def test_variable_frame_rate_is_resampled_to_constant_rate(tmp_path):
-    # MKV records each frame's time to the millisecond, and 10 fps as the average rate.
+def vfr_clip(path: Path, **options) -> Path:
+    """Frame ``i`` is uniform gray ``20 * i``, shown at ``VFR_TIMES_MS[i]``."""
     images = [gray(20 * i) for i in range(len(VFR_TIMES_MS))]
-    clip = make_clip(tmp_path / "vfr.mkv", images, times_ms=VFR_TIMES_MS)
-    info = probe_video(clip)
-    assert (info.fps, info.frame_count) == (10.0, 10)
-    # Output frame k shows the latest source frame at or before k * 100 ms (quarter-frame slack):
-    # source 2 (150 ms) is held over 300 ms, 4 (450 ms) and 8 (850 ms) are dropped.
-    assert source_indices(read_frames(clip)) == [0, 1, 2, 2, 3, 5, 5, 6, 7, 9]
+    return make_clip(path, images, times_ms=VFR_TIMES_MS, **options)
 
 
-def test_variable_frame_rate_mp4_follows_the_documented_rule(tmp_path):
-    images = [gray(20 * i) for i in range(len(VFR_TIMES_MS))]
-    clip = make_clip(tmp_path / "vfr.mp4", images, times_ms=VFR_TIMES_MS)
+def shown_times(path: Path) -> list[float]:
+    """Each frame's presentation time in seconds, as a player reads them (not via our reader)."""
+    with av.open(str(path)) as container:
+        return [float(frame.time) for frame in container.decode(video=0)]
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+@pytest.mark.parametrize("options", [None, GOP_OPTIONS], ids=["plain", "b-frames"])
+def test_every_frame_of_a_variable_frame_rate_clip_comes_out_once_at_its_own_time(tmp_path, suffix, options):
+    clip = vfr_clip(tmp_path / f"vfr{suffix}", options=options)
     info = probe_video(clip)
-    # mp4 reports its own average rate (frames / total duration); the rule must hold for it too.
-    expected = [
-        max(i for i, t in enumerate(VFR_TIMES_MS) if t / 1000 <= (k + 0.25) / info.fps) for k in range(info.frame_count)
-    ]
-    assert info.frame_count == math.ceil(1.0 * info.fps - 0.25)  # the mp4 lasts 1.0 s
-    assert source_indices(read_frames(clip)) == expected
+    assert info.frame_count == len(VFR_TIMES_MS)
+    assert info.times.seconds() == pytest.approx([t / 1000 for t in VFR_TIMES_MS], abs=1e-9)
+    assert info.duration == pytest.approx(1.0, abs=1e-9)  # the last frame lasts 100 ms
+    assert source_indices(read_frames(clip)) == list(range(len(VFR_TIMES_MS)))
+
+
+def test_a_variable_frame_rate_clip_is_read_in_chunks_like_a_full_read(tmp_path):
+    clip = vfr_clip(tmp_path / "vfr.mp4", options=GOP_OPTIONS)
+    full = read_frames(clip)
+    for start in range(len(VFR_TIMES_MS)):
+        np.testing.assert_array_equal(read_frames(clip, start=start, count=2), full[start : start + 2])
+
+
+@pytest.mark.parametrize("suffix", [".mkv", ".mp4"])
+def test_a_variable_frame_rate_clip_is_written_back_with_its_own_timestamps(tmp_path, suffix):
+    clip = vfr_clip(tmp_path / f"vfr{suffix}", audio_codec="aac", audio_seconds=2.0)
+    info = probe_video(clip)
+    out = write_video(tmp_path / "out.mp4", iter_frames(clip), info.fps, times=info.times, audio_from=clip)
+    assert shown_times(out) == pytest.approx([t / 1000 for t in VFR_TIMES_MS], abs=1e-6)
+    assert source_indices(read_frames(out)) == list(range(len(VFR_TIMES_MS)))
+    back = probe_video(out)
+    assert back.duration == pytest.approx(info.duration, abs=1e-6)
+    # The audio is cut where the last frame ends, not where frame_count / fps would put it.
+    assert stream_seconds(out)["audio"] == pytest.approx(back.duration, abs=0.03)
+
+
+def test_more_frames_than_timestamps_is_refused_and_leaves_nothing(tmp_path):
+    times = probe_video(vfr_clip(tmp_path / "vfr.mkv")).times
+    with pytest.raises(ValueError, match="more frames than"):
+        write_video(tmp_path / "out.mp4", [gray(0)] * (len(times.pts) + 1), 10, times=times)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vfr.mkv"]
 
 
 def test_millisecond_rounded_constant_rate_keeps_every_frame(tmp_path):
