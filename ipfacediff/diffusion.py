@@ -104,8 +104,9 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, batch_size: int
 def encode_prompt(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     """Prompts -> CLIP hidden states (B, 77, D), as SD-1.x conditions on them.
 
-    CLIP reads 77 tokens; a longer prompt is cut there, and the words it loses are named once in
-    one line on stderr, since an edit that ignores the end of its prompt looks like a failed edit.
+    CLIP reads 77 tokens; a longer prompt is cut there, and where is said once, in one line (a
+    warning of this module's logger: stderr), since an edit that ignores the end of its prompt
+    looks like a failed edit.
     """
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
@@ -148,13 +149,13 @@ def check_scheduler(scheduler: DDIMScheduler) -> None:
 
     The model's output must give the noise ε: an ε model's does, a v model's does with the latent
     it was given (:func:`predicted_noise`); an x₀ ("sample") model's would only through 1/√(1−ᾱ),
-    which at the clean end of the schedule blows its error up, and no SD-1.x fine-tune ships one.
+    which at the clean end of the schedule blows its error up; SD-1.x fine-tunes predict ε or v.
     """
     config = scheduler.config
     if config.prediction_type not in PREDICTION_TYPES:
         raise UserError(
-            f"the model's scheduler has prediction_type {config.prediction_type!r}: ipfacediff drives models that "
-            f"predict the noise ('epsilon') or the velocity ('v_prediction'); fix scheduler/scheduler_config.json"
+            f"the model's scheduler has prediction_type {config.prediction_type!r}: ipfacediff drives SD-1.x models "
+            "that predict the noise ('epsilon') or the velocity ('v_prediction'); use one of those"
         )
     if config.timestep_spacing not in TIMESTEP_SPACINGS:
         raise UserError(
