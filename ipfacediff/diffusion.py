@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -33,6 +34,8 @@ from safetensors.torch import load_file, save
 
 from ipfacediff.errors import UserError
 from ipfacediff.files import check_writable_folder, short_detail, write_atomic
+
+logger = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances, e.g. to drive a progress bar."""
@@ -104,21 +107,107 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, batch_size: int
 
 @torch.no_grad()
 def encode_prompt(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
-    """Prompts -> CLIP hidden states (B, 77, D), as SD-1.x conditions on them."""
+    """Prompts -> CLIP hidden states (B, 77, D), as SD-1.x conditions on them.
+
+    CLIP reads 77 tokens; a longer prompt is cut there, and where is said once, in one line (a
+    warning of this module's logger: stderr), since an edit that ignores the end of its prompt
+    looks like a failed edit.
+    """
     ids = tokenizer(
         prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids
+    report_cut_prompts(tokenizer, prompts)
     return text_encoder(ids.to(text_encoder.device))[0]
+
+
+_reported_prompts: set[str] = set()
+
+
+def report_cut_prompts(tokenizer, prompts: list[str]) -> None:
+    """Say, once per prompt, which words of a prompt longer than CLIP's 77 tokens are left out."""
+    limit = tokenizer.model_max_length
+    for prompt in prompts:
+        if prompt in _reported_prompts:
+            continue
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) <= limit:
+            continue
+        _reported_prompts.add(prompt)
+        words = tokenizer.decode(ids[limit - 1 : -1], clean_up_tokenization_spaces=True).split()
+        cut = " ".join(words[:6]) + (" …" if len(words) > 6 else "")
+        logger.warning(
+            f'note: the prompt is {len(ids)} tokens long and CLIP reads {limit}: from "{cut}" on it is left out; '
+            "shorten the prompt to keep it"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # DDIM
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+
+def check_scheduler(scheduler: DDIMScheduler) -> None:
+    """Refuse, before any work, a schedule the DDIM maths here cannot drive.
+
+    The model's output must give the noise ε: an ε model's does, a v model's does with the latent
+    it was given (:func:`predicted_noise`); an x₀ ("sample") model's would only through 1/√(1−ᾱ),
+    which at the clean end of the schedule blows its error up; SD-1.x fine-tunes predict ε or v.
+    """
+    config = scheduler.config
+    if config.prediction_type not in PREDICTION_TYPES:
+        raise UserError(
+            f"the model's scheduler has prediction_type {config.prediction_type!r}: ipfacediff drives SD-1.x models "
+            "that predict the noise ('epsilon') or the velocity ('v_prediction'); use one of those"
+        )
+    if config.timestep_spacing not in TIMESTEP_SPACINGS:
+        raise UserError(
+            f"the model's scheduler has timestep_spacing {config.timestep_spacing!r}: use one of "
+            f"{', '.join(TIMESTEP_SPACINGS)} in scheduler/scheduler_config.json"
+        )
+
+
+def predicted_noise(
+    output: torch.Tensor, x_t: torch.Tensor, alpha_t: float | torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The noise ε in a UNet's ``output`` for input ``x_t`` at level ᾱ_t.
+
+    A v-prediction model (v = √ᾱ·ε − √(1−ᾱ)·x₀) gives ε = √ᾱ·v + √(1−ᾱ)·x_t, exactly, so every
+    step here (and the inversion's exact reversal) works on ε whatever the model predicts. The
+    map is affine with weights that do not depend on the prompt, so classifier-free guidance on v
+    and on ε agree.
+    """
+    if prediction_type == "epsilon":
+        return output
+    if prediction_type == "v_prediction":
+        return alpha_t**0.5 * output + (1 - alpha_t) ** 0.5 * x_t
+    raise UserError(f"prediction_type {prediction_type!r} is not one ipfacediff drives: {', '.join(PREDICTION_TYPES)}")
+
+
 def sampling_timesteps(scheduler: DDIMScheduler, steps: int) -> torch.Tensor:
-    """The sampler's timesteps for ``steps`` steps, noisiest first."""
+    """The sampler's timesteps for ``steps`` steps, noisiest first, without the ones that step nowhere.
+
+    A step goes from its timestep's ᾱ to the next one's (the last to ``final_alpha_cumprod``). Some
+    schedules give a step whose two levels are the same: ``linspace`` ends on t = 0, and with
+    ``set_alpha_to_one: false`` the final level is ᾱ₀ too; ``leading`` with ``steps_offset: 1`` at
+    as many steps as levels asks for t = 1000, past the last one. Such a step changes nothing when
+    sampling (diffusers' DDIM step makes the same latent there) but its noise cannot be recovered
+    from two equal latents (:func:`eps_between`), so it is left out: the chain of levels stays the
+    one the scheduler gives. The terminal level of a zero-terminal-SNR schedule
+    (``rescale_betas_zero_snr``, ᾱ = 0) is left out too: nothing of the frames is left there, so
+    no inversion can reach it and come back; the edit starts from the level below.
+    """
+    levels = scheduler.config.num_train_timesteps
+    if steps > levels:
+        raise UserError(f"--steps {steps} is more than the model's {levels} noise levels: use at most {levels}")
+    check_scheduler(scheduler)
     scheduler.set_timesteps(steps)
-    return scheduler.timesteps.clone()
+    inside = [t for t in scheduler.timesteps.tolist() if 0 <= t < levels]
+    alphas = [float(scheduler.alphas_cumprod[t]) for t in inside] + [float(scheduler.final_alpha_cumprod)]
+    kept = [t for index, t in enumerate(inside) if 0 < alphas[index] < alphas[index + 1]]
+    return torch.tensor(kept, dtype=scheduler.timesteps.dtype)
 
 
 def alpha_pairs(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> list[tuple[float, float]]:
@@ -130,6 +219,18 @@ def alpha_pairs(scheduler: DDIMScheduler, timesteps: torch.Tensor) -> list[tuple
         prev = timesteps[index + 1].item() if index + 1 < len(timesteps) else None
         pairs.append((float(cumprod[t]), float(cumprod[prev]) if prev is not None else final))
     return pairs
+
+
+def schedule_record(scheduler: DDIMScheduler, steps: int) -> dict:
+    """What an edit's DDIM made of the model's schedule, for the run's metadata."""
+    config = scheduler.config
+    converted = config.prediction_type == "v_prediction"
+    return {
+        "prediction_type": config.prediction_type,
+        "noise": "from v and x_t: eps = sqrt(a)*v + sqrt(1-a)*x_t" if converted else "the model's output",
+        "timestep_spacing": config.timestep_spacing,
+        "ddim_steps": len(sampling_timesteps(scheduler, steps)),
+    }
 
 
 def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, alpha_t: float, alpha_prev: float) -> torch.Tensor:
@@ -393,10 +494,13 @@ def invert_frames(
 
     ``prompt_embeds`` is (1, 77, D): the inversion prompt, usually the empty one. Features of the
     UNet's last decoder block are kept at ``feature_steps`` (indices into the noisiest-first
-    timesteps; default: about ten, evenly spread).
+    timesteps; default: about ten, evenly spread). The inversion has one step per timestep of
+    :func:`sampling_timesteps`, which can be fewer than ``steps``.
     """
     timesteps = sampling_timesteps(scheduler, steps)
     alphas = alpha_pairs(scheduler, timesteps)
+    prediction = scheduler.config.prediction_type
+    steps = len(timesteps)
     feature_steps = default_feature_steps(steps) if feature_steps is None else feature_steps
     projection = feature_projection(unet.config.block_out_channels[0]).to(unet.device, unet.dtype)
     count = len(clean)
@@ -424,9 +528,10 @@ def invert_frames(
             for start in range(0, count, batch_size):
                 batch = current[start : start + batch_size].to(unet.device, unet.dtype)
                 emb = prompt_embeds.to(unet.device, unet.dtype).expand(len(batch), -1, -1)
-                eps = unet(batch, t, encoder_hidden_states=emb).sample
+                output = unet(batch, t, encoder_hidden_states=emb).sample
                 calls += 1
-                next_latents.append(ddim_inverse_step(batch.float(), eps.float(), alpha_prev, alpha_t).cpu())
+                eps = predicted_noise(output.float(), batch.float(), alpha_t, prediction)
+                next_latents.append(ddim_inverse_step(batch.float(), eps, alpha_prev, alpha_t).cpu())
                 if step in feature_steps:
                     hidden = captured.pop()
                     tokens = hidden.flatten(2).transpose(1, 2) @ projection
@@ -516,9 +621,11 @@ def sample_from_inverted(
     inverted: InvertedVideo,
     prompt_embeds: torch.Tensor,
     *,
+    prediction_type: str,
     batch_size: int = 8,
 ) -> torch.Tensor:
-    """Plain DDIM sampling from the noisiest inverted latents, no guidance: the reconstruction."""
+    """Plain DDIM sampling from the noisiest inverted latents, no guidance: the reconstruction.
+    ``prediction_type``: what the UNet predicts (its scheduler's)."""
     current = inverted.latents[0]
     for step, t in enumerate(inverted.timesteps):
         alpha_t, alpha_prev = inverted.alphas[step]
@@ -526,8 +633,9 @@ def sample_from_inverted(
         for start in range(0, len(current), batch_size):
             batch = current[start : start + batch_size].to(unet.device, unet.dtype)
             emb = prompt_embeds.to(unet.device, unet.dtype).expand(len(batch), -1, -1)
-            eps = unet(batch, t, encoder_hidden_states=emb).sample
-            out.append(ddim_step(batch.float(), eps.float(), alpha_t, alpha_prev).cpu())
+            output = unet(batch, t, encoder_hidden_states=emb).sample
+            eps = predicted_noise(output.float(), batch.float(), alpha_t, prediction_type)
+            out.append(ddim_step(batch.float(), eps, alpha_t, alpha_prev).cpu())
         current = torch.cat(out)
     return current
 
@@ -538,6 +646,8 @@ def ddim_walk(
     prompt_embeds: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     levels: list[int],
+    *,
+    prediction_type: str,
 ) -> torch.Tensor:
     """Deterministic DDIM from timestep ``levels[0]`` to ``levels[-1]`` through the levels between:
     ascending it inverts, descending it samples. Level 0 is the clean latent itself (ᾱ = 1), so a
@@ -545,6 +655,7 @@ def ddim_walk(
 
     The UNet runs on ``latents`` cast to ``prompt_embeds``' dtype, the steps in float32; gradients
     flow through every step unless the caller turns them off (a trainer regenerating with them).
+    A v-prediction UNet's output is read at the ᾱ of the timestep it was given, ᾱ₀ at level 0.
     """
 
     def alpha(t: int) -> float:
@@ -553,6 +664,7 @@ def ddim_walk(
     x = latents
     embeds = prompt_embeds.expand(len(x), -1, -1)
     for t, following in zip(levels[:-1], levels[1:]):
-        eps = unet(x.to(embeds.dtype), t, encoder_hidden_states=embeds).sample.float()
+        output = unet(x.to(embeds.dtype), t, encoder_hidden_states=embeds).sample.float()
+        eps = predicted_noise(output, x, float(alphas_cumprod[t]), prediction_type)
         x = ddim_step(x, eps, alpha(t), alpha(following))
     return x

@@ -37,6 +37,7 @@ from ipfacediff.diffusion import (
     Progress,
     StageTimer,
     chunk_bounds,
+    check_scheduler,
     ddim_step,
     decode_latents,
     default_feature_steps,
@@ -45,6 +46,8 @@ from ipfacediff.diffusion import (
     frames_digest,
     invert_frames,
     join_inverted,
+    predicted_noise,
+    sampling_timesteps,
     select_rows,
 )
 from ipfacediff.errors import UserError
@@ -505,6 +508,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         adapter_identity_net: str | None = None,
     ):
         super().__init__()
+        if scheduler is not None:  # a model whose output the DDIM maths cannot read fails here, at loading
+            check_scheduler(scheduler)
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -651,7 +656,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         role = "identity" if identity_guidance else "edit"
         edit_weights = self.config.edit_adapter_weights if edit_weights is None else edit_weights
         guide = self._role(role, edit_weights)
-        feature_steps = default_feature_steps(steps)
+        levels = len(sampling_timesteps(self.scheduler, steps))  # the DDIM steps the schedule gives
+        feature_steps = default_feature_steps(levels)
         parts = dict(
             vae=module_fingerprint(self.vae),
             unet=module_fingerprint(guide),
@@ -676,8 +682,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                 report = None
                 if progress:
 
-                    def report(stage, done, total, offset=number * steps):
-                        progress(stage, offset + done, len(bounds) * steps)
+                    def report(stage, done, total, offset=number * levels):
+                        progress(stage, offset + done, len(bounds) * levels)
 
                 with timer("invert"):
                     yield (
@@ -781,6 +787,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         measured already (the chunk a window shares with the window before)."""
         unet = self._role("edit", edit_weights)
         device, dtype = unet.device, unet.dtype
+        prediction = self.scheduler.config.prediction_type
         texts = encode_prompt(self.tokenizer, self.text_encoder, [reference, prompt]).to(device, dtype)
         levels = sorted(
             {
@@ -801,8 +808,10 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                 x = inverted.latents[level][start : min(start + batch_size, count)].to(device, dtype)
                 n = len(x)
                 embeds = torch.cat([texts[:1].expand(n, -1, -1), texts[1:].expand(n, -1, -1)])
-                eps_reference, eps_prompt = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample.chunk(2)
-                difference[start : start + n] += (eps_prompt - eps_reference).float().abs().mean(1, keepdim=True).cpu()
+                output = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample.float()
+                eps = predicted_noise(output, torch.cat([x, x]).float(), inverted.alphas[level][0], prediction)
+                eps_reference, eps_prompt = eps.chunk(2)
+                difference[start : start + n] += (eps_prompt - eps_reference).abs().mean(1, keepdim=True).cpu()
         if progress:
             progress("edit region", len(levels) * batches, len(levels) * batches)
         return difference
@@ -895,6 +904,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         self,
         x_edit: torch.Tensor,
         t: torch.Tensor,
+        alpha_t: float,
         texts: torch.Tensor,
         guidance: float,
         plan: EditPlan,
@@ -902,8 +912,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         *,
         group: int,
     ) -> torch.Tensor:
-        """ε2's guided noise prediction for a batch of keyframes, self-attention extended across
-        the ``group`` frames of the batch, with ε1's captured features injected."""
+        """ε2's guided noise prediction for a batch of keyframes at level ``alpha_t``, self-attention
+        extended across the ``group`` frames of the batch, with ε1's captured features injected."""
         device, dtype = self.unet.device, self.unet.dtype
         controller.mode, controller.group = "edit", group
         editor = self._role("edit", plan.edit_weights)
@@ -913,7 +923,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             torch.cat([x_edit, x_edit]), t, encoder_hidden_states=embeds.to(device, dtype)
         ).sample.chunk(2)
         controller.mode = "plain"
-        return (eps_uncond + guidance * (eps_cond - eps_uncond)).float().cpu()
+        guided = (eps_uncond + guidance * (eps_cond - eps_uncond)).float().cpu()
+        return predicted_noise(guided, x_edit.float().cpu(), alpha_t, self.scheduler.config.prediction_type)
 
     def denoise(
         self,
@@ -939,7 +950,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         In a window of a long clip (``window``) the rows after the window's frames are the first
         window's anchor keyframes: they take their recorded edited latents at every step and join
         every keyframe batch, so the window draws the edit the first window drew."""
-        count, steps = inverted.count, settings.steps
+        count, steps = inverted.count, len(inverted.timesteps)
         window = window or EditWindow()
         anchor_rows = list(range(count, len(inverted.clean)))
         device, dtype = self.unet.device, self.unet.dtype
@@ -989,6 +1000,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
                         eps = self.edit_keyframes(
                             edited[batch].to(device, dtype),
                             t,
+                            alpha_t,
                             texts,
                             plan.guidance,
                             plan,
@@ -1146,8 +1158,9 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         # 1. Check the inputs; runs of identical frames are edited once.
         frames, first_of_run, run_of = self.check_inputs(frames)
         numbers = list(first_of_run) if frame_indices is None else [int(frame_indices[i]) for i in first_of_run]
-        # 2. Plan the edit: adapters, guidance, blend threshold, hair.
+        # 2. Plan the edit: adapters, guidance, blend threshold, hair, and the DDIM steps the schedule gives.
         plan = plan or self.plan_edit(settings)
+        levels = len(sampling_timesteps(self.scheduler, settings.steps))
         windows = edit_windows(chunk_bounds(numbers), settings.window)
         anchors: Anchors | None = None
         pending: torch.Tensor | None = None  # the window before's edit of the overlap, faded out
@@ -1213,7 +1226,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             latents=edited[run_of],
             hair=plan.hair,
             guidance=plan.guidance,
-            inversion_reused_share=reused / (len(frames) * settings.steps),
+            inversion_reused_share=reused / (len(frames) * levels),
             identity_gradient=0.0 if settings.whole_frame else plan.identity_gradient,
             windows=len(windows),
         )

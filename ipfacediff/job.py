@@ -380,6 +380,7 @@ def edit_video(
     log: Callable[[str], None] = print,
 ) -> RunReport:
     """Edit every selected face of a video and write the result with the input's audio."""
+    from ipfacediff.diffusion import schedule_record
     from ipfacediff.face import face_mask, paste_face
 
     from dataclasses import replace
@@ -500,6 +501,7 @@ def edit_video(
             "resolution": size,
             "dtype": str(pipeline.unet.dtype),
             "device": str(pipeline.unet.device),
+            "schedule": schedule_record(pipeline.scheduler, settings.steps),
         },
         video={
             "frames": info.frame_count,

@@ -273,7 +273,13 @@ class EditSettings(Settings):
 
     prompt: str = setting(MISSING, 'What the face should show, e.g. "a face with eyeglasses".', short="-p")
     source_prompt: str = setting("", "What the input shows; used for inversion and ε1's features.")
-    steps: int = setting(DEFAULT_STEPS, "DDIM steps for inversion and editing.", low=1, high=1000)
+    steps: int = setting(
+        DEFAULT_STEPS,
+        "DDIM steps for inversion and editing, at most SD-1.x's 1000 noise levels (a step the model's schedule "
+        "makes from one level to the same one is left out).",
+        low=1,
+        high=1000,
+    )
     guidance: float | None = setting(
         None,
         f"Classifier-free guidance. Default: the value the edit's adapter was tuned with, else {DEFAULT_GUIDANCE}.",

@@ -69,7 +69,15 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from ipfacediff.diffusion import InversionCache, ddim_walk, encode_frames, encode_prompt, frames_digest
+from ipfacediff.diffusion import (
+    InversionCache,
+    check_scheduler,
+    ddim_walk,
+    encode_frames,
+    encode_prompt,
+    frames_digest,
+    predicted_noise,
+)
 from ipfacediff.errors import UserError
 from ipfacediff.files import write_atomic, write_json
 from ipfacediff.models import library_versions, load_clip, load_model_set, model_resolution, module_fingerprint
@@ -383,6 +391,7 @@ def _accelerator(mixed_precision: str, gradient_accumulation: int):
 
 def _load_models(model: str, accelerator, weight_dtype: torch.dtype, full: bool):
     models = load_model_set(model, adapters=False)  # adapters are trained from the base model
+    check_scheduler(models.scheduler)
     device = accelerator.device
     # The frozen parts run in the training precision; in full mode the VAE and text encoder stay
     # float32 so that the saved model folder is exact.
@@ -758,6 +767,15 @@ def _settings(cls: type[S], settings: S | None, options: dict) -> S:
 # ε1: the identity model
 
 
+def denoising_target(scheduler, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict for ``clean`` latents noised with ``noise``: the noise for an
+    ε model, the velocity √ᾱ·ε − √(1−ᾱ)·x₀ for a v model. A v model fine-tuned on ε would be
+    trained away from what its scheduler, and the sampler here, read from it."""
+    if scheduler.config.prediction_type == "v_prediction":
+        return scheduler.get_velocity(clean, noise, timesteps)
+    return noise
+
+
 def train_identity(
     model: str,
     data: str | Path,
@@ -786,6 +804,7 @@ def train_identity(
     references = _identity_embeddings(encoder, faces_to_tensor(faces), device) if encoder is not None else None
     empty = encode_prompt(models.tokenizer, models.text_encoder, [""]).to(device, weight_dtype)
     alphas = models.scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
+    prediction = models.scheduler.config.prediction_type
     trainer.add_trainable(
         dict(model=str(model), data=str(Path(data).expanduser().resolve()), faces_digest=frames_digest(faces)),
         len(faces),
@@ -797,8 +816,9 @@ def train_identity(
         a = alphas[timesteps].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
         embeds = empty.expand(len(batch), -1, -1)
-        eps = trainer.unet(x_t.to(weight_dtype), timesteps, encoder_hidden_states=embeds).sample.float()
-        loss = F.mse_loss(eps, noise)
+        output = trainer.unet(x_t.to(weight_dtype), timesteps, encoder_hidden_states=embeds).sample.float()
+        loss = F.mse_loss(output, denoising_target(models.scheduler, z0, noise, timesteps))
+        eps = predicted_noise(output, x_t, a, prediction)
         near = (timesteps <= settings.id_max_timestep).nonzero().flatten()
         if encoder is not None and len(near):
             x0 = (x_t[near] - (1 - a[near]).sqrt() * eps[near]) / a[near].sqrt()
@@ -902,6 +922,7 @@ def train_edit(
     source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, trainer.weight_dtype)
     target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, trainer.weight_dtype)
     alphas = models.scheduler.alphas_cumprod.to(torch.float32)
+    prediction = models.scheduler.config.prediction_type
     inversion_levels, generation_levels = edit_levels(settings.t0, settings.inversion_steps, settings.generation_steps)
     inputs = dict(
         model=str(model),
@@ -927,7 +948,14 @@ def train_edit(
     trainer.add_trainable(inputs, len(faces))
 
     def loss_of(batch: list[int]) -> torch.Tensor:
-        clean = ddim_walk(trainer.unet, inverted[batch].to(device), target_embeds, alphas, generation_levels)
+        clean = ddim_walk(
+            trainer.unet,
+            inverted[batch].to(device),
+            target_embeds,
+            alphas,
+            generation_levels,
+            prediction_type=prediction,
+        )
         generated = _decode(models.vae, clean)
         change = scorer.image_embeddings(generated) - reference_clip[batch]
         loss = settings.lambda_dir * (1 - F.cosine_similarity(change, direction[batch], dim=-1)).mean()
@@ -971,6 +999,7 @@ def _inverted_faces(
     """The training faces DDIM-inverted to t0 by the frozen base model, in an InversionCache in
     OUTPUT/cache so that a resumed run does not invert again."""
     unet, vae = trainer.models.unet, trainer.models.vae
+    prediction = trainer.models.scheduler.config.prediction_type
     cache = InversionCache(trainer.output / "cache")
     key = cache.key(
         faces=inputs["faces_digest"],
@@ -988,7 +1017,7 @@ def _inverted_faces(
     out = []
     for done, start in enumerate(starts):
         batch = latents[start : start + batch_size].to(unet.device)
-        out.append(ddim_walk(unet, batch, embeds, alphas, levels).cpu())
+        out.append(ddim_walk(unet, batch, embeds, alphas, levels, prediction_type=prediction).cpu())
         if progress:
             progress("invert", done + 1, len(starts), None)
     inverted = torch.cat(out)
@@ -1003,6 +1032,7 @@ __all__ = [
     "TrainingProgress",
     "TrainingResult",
     "TrainingSettings",
+    "denoising_target",
     "edit_levels",
     "evenly_spaced",
     "load_training_faces",

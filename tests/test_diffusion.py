@@ -41,7 +41,7 @@ def test_reconstruction_error_falls_with_steps(setup):
     errors = {}
     for steps in (10, 20, 50):
         inverted = invert_frames(models.unet, models.scheduler, clean, empty, steps=steps)
-        rebuilt = sample_from_inverted(models.unet, inverted, empty)
+        rebuilt = sample_from_inverted(models.unet, inverted, empty, prediction_type="epsilon")
         errors[steps] = ((rebuilt - clean).abs().mean() / clean.abs().mean()).item()
     assert errors[10] > errors[20] > errors[50], errors
     assert errors[50] < RECONSTRUCTION_TOLERANCE, errors
