@@ -146,6 +146,33 @@ def test_the_hub_download_takes_only_what_the_pipeline_reads_in_the_dtypes_varia
     ]
 
 
+@pytest.mark.parametrize("dtype, variant", [("float16", ".fp16"), ("float32", "")])
+def test_a_hub_id_downloads_the_chosen_files(tiny_dir, tmp_path, monkeypatch, dtype, variant):
+    """The hub client is asked for SD-1.5's listing and for exactly the files chosen from it (the
+    hub itself is out of reach here); what it returns, a snapshot folder, loads."""
+    import huggingface_hub
+
+    from ipfacediff.job import load_pipeline
+
+    asked = {}
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files", lambda self, repo, **_: SD15_REPO)
+
+    def snapshot_download(repo, **options):
+        asked.update(options, repo=repo)
+        return str(tiny_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    pipe = load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5", device="cpu", dtype=dtype)
+    assert asked["repo"] == "stable-diffusion-v1-5/stable-diffusion-v1-5" and pipe.unet.dtype == getattr(torch, dtype)
+    weights = sorted(n for n in asked["allow_patterns"] if n.endswith(".safetensors"))
+    assert weights == [
+        f"text_encoder/model{variant}.safetensors",
+        f"unet/diffusion_pytorch_model{variant}.safetensors",
+        f"vae/diffusion_pytorch_model{variant}.safetensors",
+    ]
+
+
 def test_sharded_variant_weights_are_one_choice():
     names = [
         "config.json",
