@@ -411,8 +411,22 @@ def test_an_sdxl_or_sd2_model_is_one_line_saying_what_this_tool_drives(tiny_dir,
         },
         str(sdxl_file),
     )
+    sd2_file = tmp_path / "v2-1_768-ema-pruned.safetensors"  # SD-2.x's OpenCLIP text encoder
+    save_file(
+        {
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(2),
+            "cond_stage_model.model.ln_final.weight": torch.zeros(2),
+        },
+        str(sd2_file),
+    )
     clip, tracks = sample
-    for model, generation in [(sdxl, "Stable Diffusion XL"), (sd2, "Stable Diffusion 2"), (sdxl_file, "XL")]:
+    capsys.readouterr()  # the writers' progress bars
+    for model, generation in [
+        (sdxl, "Stable Diffusion XL"),
+        (sd2, "Stable Diffusion 2"),
+        (sdxl_file, "Stable Diffusion XL"),
+        (sd2_file, "Stable Diffusion 2"),
+    ]:
         code, _, stderr = run(
             ["edit", str(clip), "-o", str(tmp_path / "out.mp4"), "-p", "x", "--model", str(model)], capsys
         )
