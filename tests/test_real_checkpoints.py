@@ -570,6 +570,18 @@ def test_kohya_and_alpha_loras_give_the_peft_files_video(loras, sample, tiny_dir
             },
             "holds only text-encoder LoRA weights",
         ),
+        (
+            {"unet.foo.lora_A.weight": (4, 32), "unet.foo.lora_B.weight": (32, 4)},
+            "names layers this UNet does not have",
+        ),
+        (  # kohya's SDXL naming (the original UNet's block numbers)
+            {
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_down.weight": (4, 32),
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.lora_up.weight": (32, 4),
+                "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.alpha": (),
+            },
+            "does not fit this UNet",
+        ),
     ],
 )
 def test_a_lora_with_wrong_keys_is_one_line_naming_the_file(tiny_dir, tmp_path, tensors, says):

@@ -3,8 +3,11 @@
 A model set comes from a diffusers folder, a hub id (resolved from the local Hugging Face cache;
 ``local_files_only`` whenever the hub is offline) or a single ``.safetensors`` checkpoint. ε1 and
 ε2 are either two UNets or LoRA adapters over one shared base, so the usual case costs one UNet of
-memory. Weights are read as safetensors only; pickled checkpoints run arbitrary code when loaded,
-so they need an explicit ``allow_pickle=True``.
+memory. Weights are read as safetensors only, in the variant the dtype asks for when a folder has
+it (an fp16 download has only ``*.fp16.safetensors``); pickled checkpoints run arbitrary code when
+loaded, so they need an explicit ``allow_pickle=True``. Models of another Stable Diffusion
+generation (SD-2.x, SDXL) are refused in one line. LoRAs go through diffusers' ``lora_state_dict``:
+peft/diffusers files with the LoraConfig they record, kohya/A1111 files converted.
 """
 
 from __future__ import annotations
@@ -581,6 +584,12 @@ def _load_adapter(
                 metadata=metadata if not network_alphas else None,
             )
         except Exception as error:  # peft raises several types for a mismatched adapter
+            missing = re.search(r"Target modules (\{.*?\}) not found", str(error))
+            if missing:  # a LoRA of another architecture (or an SDXL one): its layers are not here
+                names = missing[1] if len(missing[1]) <= 120 else missing[1][:120] + " …"
+                raise FileProblem(
+                    f"does not fit this UNet: it names layers this UNet does not have ({names})"
+                ) from None
             raise FileProblem(f"does not fit this UNet ({short_detail(error)})") from None
         if name not in (getattr(unet, "peft_config", None) or {}):
             raise FileProblem("holds no LoRA weights for this UNet (none of its tensors matched a layer)")
