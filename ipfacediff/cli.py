@@ -399,6 +399,8 @@ def train_identity_command(
     output: Path = TrainOutputOption,
     resume: bool = TrainResumeOption,
     identity_net: Optional[Path] = IdentityNetOption,
+    config: Optional[str] = ConfigOption,
+    allow_pickle: bool = AllowPickleOption,
     *,
     settings: IdentityTrainingSettings,
 ) -> None:
@@ -407,7 +409,15 @@ def train_identity_command(
 
     with progress_bars() as progress:
         result = train_identity(
-            model, data, output, settings, resume=resume, identity=identity_net, progress=_loss_progress(progress)
+            model,
+            data,
+            output,
+            settings,
+            resume=resume,
+            identity=identity_net,
+            progress=_loss_progress(progress),
+            config=config,
+            allow_pickle=allow_pickle,
         )
     typer.echo(
         f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
@@ -438,6 +448,8 @@ def train_edit_command(
         "compared with its edited face, and each pair gives CLIP's direction.",
     ),
     identity_net: Optional[Path] = IdentityNetOption,
+    config: Optional[str] = ConfigOption,
+    allow_pickle: bool = AllowPickleOption,
     *,
     settings: EditTrainingSettings,
 ) -> None:
@@ -458,6 +470,8 @@ def train_edit_command(
             resume=resume,
             identity=identity_net,
             progress=_loss_progress(progress),
+            config=config,
+            allow_pickle=allow_pickle,
         )
     typer.echo(
         f"trained {result.steps} steps in {result.seconds:.0f} s; adapter: {result.adapter} "
@@ -519,6 +533,8 @@ def train_library_command(
     resume: bool = typer.Option(
         False, "--resume", help="Continue a killed run in OUTPUT (finished adapters are kept), or add edits to it."
     ),
+    config: Optional[str] = ConfigOption,
+    allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Train ε1 and one ε2 per edit for MODEL into the adapter library OUTPUT (edit with --adapters-dir OUTPUT)."""
     from ipfacediff.library import build_library, parse_edits
@@ -543,6 +559,8 @@ def train_library_command(
             resume=resume,
             progress=progress,
             log=lambda m: console.print(m, markup=False, highlight=False),
+            config=config,
+            allow_pickle=allow_pickle,
         )
     names = ", ".join(report.get("edits", {}))
     typer.echo(

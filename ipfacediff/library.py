@@ -332,6 +332,8 @@ def build_library(
     report_extra: dict | None = None,
     progress: LibraryProgress | None = None,
     log: Callable[[str], None] | None = None,
+    config: str | None = None,
+    allow_pickle: bool = False,
 ) -> dict:
     """Train ε1 and one ε2 per edit for ``model`` into the library folder ``output``; returns the
     report written to ``output/training.json``.
@@ -349,6 +351,7 @@ def build_library(
     (finished adapters are skipped, edits may be added); without it, an existing non-empty
     ``output`` is an error. ``defaults_from``: the mark of the built-in edits' tuned values in
     adapters.json (None: tuned on this model). ``report_extra``: keys the report starts with.
+    ``config`` / ``allow_pickle``: how ``model`` loads, as :func:`~ipfacediff.models.load_model_set`'s.
 
     Everything that can be wrong with the arguments (the model, the data, the CLIP model, the
     identity net, the edits) is one UserError line before any training starts. ``adapters.json``
@@ -398,7 +401,7 @@ def build_library(
         for name in todo:  # a missing or empty --data fails at once, before the model loads
             for item in _sources((edit_data or {}).get(name, data)):
                 _data_files(item)
-        side = resolution or _model_side(model)
+        side = resolution or _model_side(model, config=config, allow_pickle=allow_pickle)
         clip = clip or _default_clip(model)
         if any(name != IDENTITY for name in todo):
             _check_clip(clip)
@@ -438,7 +441,9 @@ def build_library(
             progress("adapters", done, len(todo))
         face_set = sets[name]
         trainer_progress = _trainer_progress(progress, name)
-        common = dict(resume=True, identity=encoder, progress=trainer_progress)
+        common = dict(
+            resume=True, identity=encoder, progress=trainer_progress, config=config, allow_pickle=allow_pickle
+        )
         own = dict(resolution=side, seed=seed, max_images=max_images if face_set.direct else None)
         if name == IDENTITY:
             log("ε1 (identity adapter)")
@@ -571,11 +576,11 @@ def _trainer_settings(cls: type[S], options: dict | None, resolution: int | None
     return settings
 
 
-def _model_side(model: str) -> int:
+def _model_side(model: str, **loading) -> int:
     """The base model's image side (its faces are cropped at it); loading it checks it, too."""
     from ipfacediff.models import load_model_set, model_resolution
 
-    models = load_model_set(str(model), adapters=False)
+    models = load_model_set(str(model), adapters=False, **loading)
     side = model_resolution(models.vae, models.unet)
     del models
     gc.collect()

@@ -389,8 +389,9 @@ def _accelerator(mixed_precision: str, gradient_accumulation: int):
         ) from None
 
 
-def _load_models(model: str, accelerator, weight_dtype: torch.dtype, full: bool):
-    models = load_model_set(model, adapters=False)  # adapters are trained from the base model
+def _load_models(model: str, accelerator, weight_dtype: torch.dtype, full: bool, loading: dict):
+    # Adapters are trained from the base model; ``loading``: load_model_set's config / allow_pickle.
+    models = load_model_set(model, adapters=False, **loading)
     check_scheduler(models.scheduler)
     device = accelerator.device
     # The frozen parts run in the training precision; in full mode the VAE and text encoder stay
@@ -417,14 +418,25 @@ class Trainer:
     the same whatever the loss.
     """
 
-    def __init__(self, mode: str, model: str, output: Path, settings: TrainingSettings, *, resume: bool):
+    def __init__(
+        self,
+        mode: str,
+        model: str,
+        output: Path,
+        settings: TrainingSettings,
+        *,
+        resume: bool,
+        config: str | None = None,
+        allow_pickle: bool = False,
+    ):
         _check_output(output, resume)
         self.mode, self.output, self.settings, self.resume = mode, output, settings, resume
         self.started = time.perf_counter()
         self.accelerator = _accelerator(settings.mixed_precision, settings.gradient_accumulation)
         self.device = self.accelerator.device
         self.weight_dtype = _weight_dtype(settings.mixed_precision)
-        self.models = _load_models(model, self.accelerator, self.weight_dtype, settings.full)
+        loading = dict(config=config, allow_pickle=allow_pickle)
+        self.models = _load_models(model, self.accelerator, self.weight_dtype, settings.full, loading)
         self.resolution = settings.resolution or model_resolution(self.models.vae, self.models.unet)
         self.record: dict = {}  # what decides the result, in every checkpoint and training.json
         self.faces = 0
@@ -785,6 +797,8 @@ def train_identity(
     resume: bool = False,
     identity=None,
     progress: TrainingProgress | None = None,
+    config: str | None = None,
+    allow_pickle: bool = False,
     **options: Any,
 ) -> TrainingResult:
     """Fine-tune ε1 on one subject's faces (``data``: image folder or video(s)); see the module doc.
@@ -792,10 +806,13 @@ def train_identity(
     ``settings``: the run's :class:`IdentityTrainingSettings`; ``options``: any of its fields,
     over it. ``identity``: an IdentityEncoder, a path for IdentityEncoder.from_pretrained, or None
     (dlib's net). With ``full``, the whole UNet is saved as OUTPUT/unet (``--identity-model OUTPUT``).
+    ``config`` / ``allow_pickle``: how ``model`` loads, as :func:`~ipfacediff.models.load_model_set`'s.
     """
     settings = _settings(IdentityTrainingSettings, settings, options)
     training_files(data)  # a missing or empty data folder fails before any model is loaded
-    trainer = Trainer("identity", model, Path(output).expanduser(), settings, resume=resume)
+    trainer = Trainer(
+        "identity", model, Path(output).expanduser(), settings, resume=resume, config=config, allow_pickle=allow_pickle
+    )
     models, device, weight_dtype = trainer.models, trainer.device, trainer.weight_dtype
     faces = load_training_faces(data, trainer.resolution, max_images=settings.max_images, progress=progress)
     encoder = _identity_encoder(identity, device) if settings.lambda_id > 0 else None
@@ -865,6 +882,8 @@ def train_edit(
     resume: bool = False,
     identity=None,
     progress: TrainingProgress | None = None,
+    config: str | None = None,
+    allow_pickle: bool = False,
     **options: Any,
 ) -> TrainingResult:
     """Fine-tune ε2 to turn ``source`` faces into ``target`` ones (DiffusionCLIP); see the module doc.
@@ -879,6 +898,7 @@ def train_edit(
     (a tinted patch for "blonde", a glow for "beard"). ``paired_targets``: a folder holding each
     training image (``data``, a folder of images) edited, under the same file name; the loss then
     compares the result with the edited face (module doc). Not with ``target_images``.
+    ``config`` / ``allow_pickle``: how ``model`` loads, as :func:`~ipfacediff.models.load_model_set`'s.
     """
     settings = _settings(EditTrainingSettings, settings, options)
     if not source.strip() or not target.strip():
@@ -893,7 +913,9 @@ def train_edit(
     if paired_targets is not None:
         _option_files("--paired-targets", paired_targets)
     scorer = load_clip(clip)
-    trainer = Trainer("edit", model, Path(output).expanduser(), settings, resume=resume)
+    trainer = Trainer(
+        "edit", model, Path(output).expanduser(), settings, resume=resume, config=config, allow_pickle=allow_pickle
+    )
     models, device, size = trainer.models, trainer.device, trainer.resolution
     scorer.to(device, trainer.weight_dtype)
     if paired_targets is None:

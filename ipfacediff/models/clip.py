@@ -15,11 +15,27 @@ from transformers import CLIPTokenizer
 from ipfacediff.errors import UserError
 from ipfacediff.files import FileProblem, read_json, reading, safetensors_header, short_detail
 
-from ipfacediff.models.loading import _is_hub_id, _snapshot, _weight_files, hub_offline
+from ipfacediff.models.loading import _is_hub_id, _snapshot, _weight_files, folder_files, hub_offline
 
 # OpenAI CLIP's image normalisation; a model folder's preprocessor_config.json overrides it.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The files of a CLIPModel repo besides its weights that loading reads.
+CLIP_FILES = (
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+)
+
+
+def clip_hub_files(listing: list[str]) -> list[str]:
+    """Of a CLIPModel hub repo's files, those loading reads: config, tokenizer, preprocessor and
+    one copy of the weights (model.safetensors, else pytorch_model.bin, which transformers reads
+    with torch's weights-only loader: tensors, no code), not the TensorFlow and Flax copies."""
+    return folder_files(listing, "", torch.float32, pickled_ok=True) + [n for n in listing if n in CLIP_FILES]
 
 
 @dataclass
@@ -78,7 +94,8 @@ def _pooled(output) -> torch.Tensor:
 
 def load_clip(source: str, *, local_files_only: bool | None = None) -> ClipScorer:
     """A frozen CLIPModel and its tokenizer from a folder or a hub id (from the local Hugging Face
-    cache only whenever the hub is offline), on the CPU. Weights are read as safetensors only."""
+    cache only whenever the hub is offline), on the CPU. Weights are model.safetensors or, as
+    openai's CLIP repos serve them, pytorch_model.bin read weights-only (no code runs)."""
     from transformers import CLIPModel
 
     if local_files_only is None:
@@ -100,23 +117,28 @@ def load_clip(source: str, *, local_files_only: bool | None = None) -> ClipScore
             "openai/clip-vit-base-patch32"
         )
     clip_fix = "pass a folder written by CLIPModel.save_pretrained (with its tokenizer files) or a hub id"
-    if path.is_dir():  # its files read behind reading(): a damaged one is named, not a library's error
-        read_json(path / "config.json", "CLIP config", clip_fix)
-        for file in _weight_files(path, "CLIP model", allow_pickle=False):
-            safetensors_header(file, "CLIP weight file", clip_fix)
     try:
-        folder = path if path.is_dir() else Path(_snapshot(source, local_files_only))
+        folder = path if path.is_dir() else Path(_snapshot(source, local_files_only, clip_hub_files))
+    except Exception as error:  # hub errors come in many classes; all mean "not available"
+        raise UserError(
+            f"cannot load the CLIP model {source} ({short_detail(error)}); download it first with `hf download {source}`"
+        ) from None
+    # Its files read behind reading(): a damaged one is named, not a library's error.
+    read_json(folder / "config.json", "CLIP config", clip_fix)
+    files = _weight_files(folder, "CLIP model", allow_pickle=True, fix=clip_fix)
+    for name in () if files.pickled else files.names:
+        safetensors_header(folder / name, "CLIP weight file", clip_fix)
+    try:
+        # A pytorch_model.bin is read by transformers with torch.load(weights_only=True): tensors, no code.
         model = CLIPModel.from_pretrained(
-            str(folder), local_files_only=True, use_safetensors=True, dtype=torch.float32
+            str(folder), local_files_only=True, use_safetensors=not files.pickled, dtype=torch.float32
         )  # FaceWorld ships fp16 weights
         tokenizer = CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as error:  # hub, config and weight errors come in many classes; all mean "unusable"
-        hint = (
-            "it must hold a CLIPModel (config.json, model.safetensors) and its tokenizer files"
-            if path.is_dir()
-            else f"download it first with `huggingface-cli download {source}`"
-        )
-        raise UserError(f"cannot load the CLIP model {source} ({short_detail(error)}); {hint}") from None
+    except Exception as error:  # config and weight errors come in many classes; all mean "unusable"
+        raise UserError(
+            f"cannot load the CLIP model {source} ({short_detail(error)}); it must hold a CLIPModel (config.json, "
+            "model.safetensors or pytorch_model.bin) and its tokenizer files"
+        ) from None
     mean, std = CLIP_MEAN, CLIP_STD
     config_file = folder / "preprocessor_config.json"
     if os.path.lexists(config_file):
