@@ -63,6 +63,30 @@ def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
     return path
 
 
+def check_writable_folder(path: str | os.PathLike, *, what: str = "output folder") -> Path:
+    """Fail in a second, with one line, if the folder ``path`` cannot be made and written into,
+    rather than after the work. A file is created and removed in it, or in the nearest folder above
+    it that exists (the work makes the missing ones): permission bits alone do not tell (root
+    writes where they say no; a read-only mount, /proc refuse root too)."""
+    from ipfacediff.errors import UserError
+
+    path = Path(path).expanduser()
+    existing = path
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "it" if existing == path else existing
+        raise UserError(f"{what} {path} cannot be made: {where} is not a folder; choose another path")
+    probe = existing / f".ipfacediff.{secrets.token_hex(4)}.probe"
+    try:
+        with open(probe, "xb"):
+            pass
+    except OSError as error:
+        raise UserError(f"{what} {path} cannot be written ({error.strerror or error}); choose another path") from None
+    probe.unlink(missing_ok=True)
+    return path
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading the files a user names (weights, configs, adapters): every failure is one line.
 
