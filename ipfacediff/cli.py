@@ -962,12 +962,11 @@ def usage_line(error: click.ClickException) -> str:
     context = getattr(error, "ctx", None)
     if context is None:
         return message
-    names = []
-    while context.parent is not None:  # the subcommands' names, without the program's
-        names.append(context.info_name)
-        context = context.parent
+    names, level = [], context
+    while level.parent is not None:  # the subcommands' names, without the program's
+        names.append(level.info_name)
+        level = level.parent
     command = " ".join(reversed(names))
-    context = error.ctx
     return f"{command + ': ' if command else ''}{message} (see `{context.command_path} --help`)"
 
 

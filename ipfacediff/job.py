@@ -387,8 +387,9 @@ def edit_video(
     input_path, output_path = Path(input_path), Path(output_path)
     info = check_paths(input_path, output_path)
     frames_to_edit = settings.frame_range(info.fps, info.frame_count)
-    if settings.fade_note(frames_to_edit):
-        log(settings.fade_note(frames_to_edit))
+    fade_note = settings.fade_note(frames_to_edit)
+    if fade_note:
+        log(fade_note)
     pipeline.plan_edit(settings)  # an unknown adapter name fails before any work
     size = settings.resolution or model_resolution(pipeline.vae, pipeline.unet)
     cache = cache if cache is not None else InversionCache()
