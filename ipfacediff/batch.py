@@ -574,6 +574,7 @@ def run_batch(
     if importlib.util.find_spec("ray") is None:  # an optional extra: say how to get it
         raise UserError('ray is not installed: pip install "ipfacediff[batch]"')
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console()
     started = time.perf_counter()
@@ -632,7 +633,8 @@ def run_batch(
         console.print(summary.metrics_table())
     for row in summary.rows:
         if row["status"] == "failed":
-            console.print(f"[red]failed[/red] {Path(row['output']).name}: {row['error']}", highlight=False)
+            line = escape(f"{Path(row['output']).name}: {row['error']}")
+            console.print(f"[red]failed[/red] {line}", highlight=False, soft_wrap=True)  # one line, as the error
     console.print(f"results: {results_path}", highlight=False)
     return summary
 

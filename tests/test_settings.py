@@ -227,10 +227,22 @@ def test_usage_mistakes_of_the_entry_point_are_one_line_and_exit_2(tmp_path, arg
     assert "--help" in lines[0] and not list(tmp_path.iterdir())
 
 
-def test_a_failed_batch_row_makes_the_entry_point_exit_1(tmp_path):
+def test_a_failed_batch_row_makes_the_entry_point_exit_1(tmp_path, tiny_dir):
     pytest.importorskip("ray")
+    from ipfacediff.video import write_video
+    import numpy as np
+
+    write_video(tmp_path / "in.mp4", (np.full((64, 64, 3), i * 20, np.uint8) for i in range(4)), 10.0)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"input": "missing.mp4", "prompt": "a face"}) + "\n")
-    done = run_entry_point("batch", str(manifest), "-o", str(tmp_path / "out"), "--workers", "1")
+    rows = [
+        {"input": "missing.mp4", "prompt": "a face"},
+        {"input": "in.mp4", "prompt": "a face", "face_prompts": ["7=a beard"], "whole_frame": True, "steps": 2},
+    ]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = run_entry_point(
+        "batch", str(manifest), "-o", str(tmp_path / "out"), "--workers", "1", "--model", str(tiny_dir)
+    )
     assert done.returncode == 1, (done.stdout, done.stderr)
-    assert "0 done, 1 failed" in done.stdout
+    assert "0 done, 2 failed" in done.stdout
+    failed = [line for line in done.stderr.splitlines() if line.startswith("failed ")]
+    assert len(failed) == 2 and any("no face track 7 among the faces edited (ids: 0;" in line for line in failed)
