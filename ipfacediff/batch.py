@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ipfacediff.errors import UserError
-from ipfacediff.files import write_atomic, write_json
+from ipfacediff.files import check_writable_folder, write_atomic, write_json
 from ipfacediff.models import parse_lora_spec
+from ipfacediff.settings import check_option
 
 Progress = Callable[[str, int, int], None]
 
@@ -110,20 +111,19 @@ def _read_rows(manifest: Path) -> list[tuple[int, dict]]:
     rows: list[tuple[int, dict]] = []
     if suffix == ".csv":
         lines = text.splitlines()
-        reader = csv.DictReader(lines)
-        if not reader.fieldnames:
+        header = [name.strip() for name in _csv_cells(lines[0], f"{manifest.name} line 1")] if lines else []
+        if not any(header):
             raise UserError(f"manifest {manifest.name} is empty: it needs a header row such as input,prompt")
-        header = [(name or "").strip() for name in reader.fieldnames]
-        reader.fieldnames = header
-        for record in reader:
-            line = reader.line_num
-            if None in record:
+        for line, raw in enumerate(lines[1:], start=2):
+            cells = _csv_cells(raw, f"{manifest.name} line {line}")
+            if len(cells) > len(header):
                 raise UserError(
                     f"{manifest.name} line {line}: more cells than header columns (quote cells with commas)"
                 )
-            if all(v is None or not str(v).strip() for v in record.values()):
+            if all(not cell.strip() for cell in cells):
                 continue
-            rows.append((line, {k: (v.strip() if isinstance(v, str) else v) for k, v in record.items() if k}))
+            record = dict(zip(header, [cell.strip() for cell in cells] + [None] * (len(header) - len(cells))))
+            rows.append((line, {k: v for k, v in record.items() if k}))
     elif suffix in (".jsonl", ".ndjson"):
         for line, raw in enumerate(text.splitlines(), start=1):
             if not raw.strip() or raw.lstrip().startswith("#"):
@@ -140,6 +140,20 @@ def _read_rows(manifest: Path) -> list[tuple[int, dict]]:
     if not rows:
         raise UserError(f"manifest {manifest.name} has no rows: add one line per clip (input and prompt)")
     return rows
+
+
+def _csv_cells(raw: str, where: str) -> list[str]:
+    """The cells of one CSV line. A row is one line: a quote left open would otherwise take the
+    lines after it into one cell (a prompt holding the rest of the manifest), so it is refused."""
+    try:
+        return next(csv.reader([raw], strict=True), [])
+    except csv.Error as error:
+        problem = (
+            "a quoted cell is not closed on this line" if "end of data" in str(error) else f"not valid CSV ({error})"
+        )
+        raise UserError(
+            f'{where}: {problem}: a cell in quotes ends with " on its own line; write a " inside it as ""'
+        ) from None
 
 
 def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) -> list[BatchJob]:
@@ -560,20 +574,17 @@ def run_batch(
     if importlib.util.find_spec("ray") is None:  # an optional extra: say how to get it
         raise UserError('ray is not installed: pip install "ipfacediff[batch]"')
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console()
     started = time.perf_counter()
     manifest, output_dir = Path(manifest), Path(output_dir)
-    if gpus_per_task < 0:
-        raise UserError(f"--gpus-per-task must be 0 or more, got {gpus_per_task}")
-    if num_workers is not None and num_workers < 1:
-        raise UserError(f"--workers must be at least 1, got {num_workers}")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"output folder {output_dir} is a file; choose a folder")
+    gpus_per_task = check_option(gpus_per_task, "--gpus-per-task", low=0)
+    num_workers = check_option(num_workers, "--workers", kind=int, low=1)
+    retries = check_option(retries, "--retries", kind=int, low=0)
+    check_writable_folder(output_dir)
     jobs = read_manifest(manifest, output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise UserError(f"output folder {output_dir} is not writable")
     output_dir = output_dir.resolve()
     results_path = output_dir / RESULTS_NAME
 
@@ -622,7 +633,8 @@ def run_batch(
         console.print(summary.metrics_table())
     for row in summary.rows:
         if row["status"] == "failed":
-            console.print(f"[red]failed[/red] {Path(row['output']).name}: {row['error']}", highlight=False)
+            line = escape(f"{Path(row['output']).name}: {row['error']}")
+            console.print(f"[red]failed[/red] {line}", highlight=False, soft_wrap=True)  # one line, as the error
     console.print(f"results: {results_path}", highlight=False)
     return summary
 

@@ -23,7 +23,7 @@ from rich.console import Console
 from ipfacediff.errors import UserError
 from ipfacediff.files import check_writable
 from ipfacediff.progress import progress_bars as rich_progress_bars
-from ipfacediff.settings import EditSettings, Settings, field_type, flag_of
+from ipfacediff.settings import EditSettings, Settings, check_option, field_type, flag_of
 from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings, TrainingSettings
 
 app = typer.Typer(
@@ -36,6 +36,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 # typer (0.2x) parses with its own copy of click, whose errors are not click's classes.
 CLICK_ERRORS = (click.ClickException, typer_click_exceptions.ClickException)
+HELP_ERRORS = (click.exceptions.NoArgsIsHelpError, typer_click_exceptions.NoArgsIsHelpError)
+LARGEST_CACHE_GB = 1_000_000  # a petabyte: far past any disk, and its bytes fit an integer
 
 
 def _quiet_libraries() -> None:
@@ -216,9 +218,7 @@ def _cache_bytes(cache_max_gb: Optional[float]) -> Optional[int]:
     """--cache-max-gb in bytes, checked."""
     if cache_max_gb is None:
         return None
-    if not cache_max_gb > 0 or cache_max_gb == float("inf"):
-        raise UserError(f"--cache-max-gb must be a number of GB above 0, got {cache_max_gb}")
-    return int(cache_max_gb * 2**30)
+    return int(check_option(cache_max_gb, "--cache-max-gb", low=0, low_open=True, high=LARGEST_CACHE_GB) * 2**30)
 
 
 def _cache(cache_dir: Optional[Path], cache_max_gb: Optional[float] = None):
@@ -270,7 +270,8 @@ def edit(
     """Edit the faces of INPUT so they show PROMPT; writes OUTPUT and OUTPUT's .run.json."""
     from ipfacediff.job import check_paths, edit_video, run_metadata_path
 
-    check_paths(input, output)  # before the slow model load
+    info = check_paths(input, output)  # before the slow model load
+    settings.frame_range(info.fps, info.frame_count, times=info.times.seconds())  # so is a range outside the clip
     cache = _cache(cache_dir, cache_max_gb)
     metrics_path, html_path = (
         output.with_name(output.stem + ".metrics.json"),
@@ -300,7 +301,7 @@ def edit(
             tracks_path=tracks,
             cache=cache,
             progress=progress,
-            log=lambda m: console.print(m),
+            log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
         )
     share = report.inversion_reused_share
     reused = (
@@ -972,6 +973,21 @@ def demo(
         typer.echo(line)
 
 
+def usage_line(error: click.ClickException) -> str:
+    """click's (and typer's) message of a usage error as one line, naming the command and where
+    its options are listed: "edit: No such option: --x (see `ipfacediff edit --help`)"."""
+    message = " ".join(error.format_message().split())
+    context = getattr(error, "ctx", None)
+    if context is None:
+        return message
+    names, level = [], context
+    while level.parent is not None:  # the subcommands' names, without the program's
+        names.append(level.info_name)
+        level = level.parent
+    command = " ".join(reversed(names))
+    return f"{command + ': ' if command else ''}{message} (see `{context.command_path} --help`)"
+
+
 def main(argv: list[str] | None = None, *, command: typer.Typer = app, prog_name: str | None = None) -> None:
     """Entry point: run the app (or one of its groups, ``command``, under ``prog_name``), turning
     user mistakes into one line and exit code 2."""
@@ -990,8 +1006,11 @@ def main(argv: list[str] | None = None, *, command: typer.Typer = app, prog_name
     except (click.exceptions.Abort, typer.Abort):
         console.print("aborted", markup=False)
         sys.exit(130)
-    except CLICK_ERRORS as error:  # usage errors: click's own message, no traceback
+    except HELP_ERRORS as error:  # a group named without its command: its help
         error.show()
+        sys.exit(error.exit_code)
+    except CLICK_ERRORS as error:  # unknown option, bad value, missing option: one line like ours
+        console.print(f"error: {usage_line(error)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except (click.exceptions.Exit, typer.Exit) as done:
         sys.exit(done.exit_code)

@@ -319,7 +319,7 @@ class InversionCache:
 
     def __init__(self, root: str | Path | None = None, *, max_bytes: int | None = None):
         self.root = Path(root) if root is not None else default_cache_dir() / "inversion"
-        check_writable_folder(self.root, "the inversion cache", CACHE_FIX)
+        check_writable_folder(self.root, "the inversion cache", CACHE_FIX, create=True)
         self.max_bytes = max_bytes
         self.in_use: set[str] = set()
         self._size: int | None = None  # bytes on disk, counted once and then kept up to date

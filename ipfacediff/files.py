@@ -80,24 +80,30 @@ def check_writable(path: str | os.PathLike, *, what: str = "output") -> Path:
     return path
 
 
-def check_writable_folder(folder: str | os.PathLike, what: str, fix: str) -> Path:
-    """``folder`` (expanded), created with its parents if need be, once a file could be created in
-    it; else one UserError line ``"{what} {folder} cannot be written (...); {fix}"`` -- before any
-    work, rather than a traceback at the first write after it. As in :func:`check_writable`, a
-    file is really created and removed: permission bits say nothing about a read-only mount, and
-    nothing at all for root."""
+def check_writable_folder(
+    folder: str | os.PathLike, what: str = "output folder", fix: str = "choose another path", *, create: bool = False
+) -> Path:
+    """``folder`` (expanded) once a file could be created in it, or in the nearest folder above it
+    that exists (the work makes the missing ones; ``create``: made now, with its parents); else one
+    UserError line ``"{what} {folder} cannot be ... ; {fix}"`` -- before any work, rather than a
+    traceback at the first write after it. As in :func:`check_writable`, a file is really created
+    and removed: permission bits say nothing about a read-only mount, and nothing at all for root."""
     from ipfacediff.errors import UserError
 
     folder = Path(folder).expanduser()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except FileExistsError:
-        raise UserError(f"{what} {folder} is a file, not a folder; {fix}") from None
-    except OSError as error:
-        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
-        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
-        raise UserError(f"{what} {folder} cannot be created ({reason}); {fix}") from None
-    problem = _cannot_create_in(folder, "folder")
+    existing = folder
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        blocker = "it" if existing == folder else existing
+        raise UserError(f"{what} {folder} cannot be made ({blocker} is a file, not a folder); {fix}")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise UserError(f"{what} {folder} cannot be made ({error.strerror or error}); {fix}") from None
+        existing = folder
+    problem = _cannot_create_in(existing, "folder")
     if problem:
         raise UserError(f"{what} {folder} cannot be written ({problem}); {fix}")
     return folder

@@ -388,6 +388,9 @@ def edit_video(
     input_path, output_path = Path(input_path), Path(output_path)
     info = check_paths(input_path, output_path)
     frames_to_edit = settings.frame_range(info.fps, info.frame_count, times=info.times.seconds())
+    fade_note = settings.fade_note(frames_to_edit)
+    if fade_note:
+        log(fade_note)
     pipeline.plan_edit(settings)  # an unknown adapter name fails before any work
     size = settings.resolution or model_resolution(pipeline.vae, pipeline.unet)
     cache = cache if cache is not None else InversionCache()
@@ -409,6 +412,7 @@ def edit_video(
             in_memory=settings.window,
         )
     tracks, transforms, crops = found.tracks, found.transforms, found.crops
+    check_face_prompts(settings, tracks)
     to_edit = {t.id: crops[t.id] for t in tracks.tracks if settings.prompt_for(t.id) is not None}
     domain = check_domain(pipeline, to_edit, input_path.name, allow_out_of_domain=settings.allow_out_of_domain)
 
@@ -521,6 +525,18 @@ def edit_video(
     )
     report.save(run_metadata_path(output_path))
     return report
+
+
+def check_face_prompts(settings: EditSettings, tracks) -> None:
+    """Every face ``--face-prompt`` names is one of the faces being edited, as ``--faces`` ids are
+    (a prompt for a face that is not there would be ignored); nothing to check without faces."""
+    have = [t.id for t in tracks.tracks]
+    for face in settings.face_prompt_ids():
+        if have and face not in have:
+            raise UserError(
+                f"--face-prompt {face}=...: no face track {face} among the faces edited "
+                f"(ids: {', '.join(map(str, have))}; `ipfacediff faces` lists a video's faces)"
+            )
 
 
 def faded(source: np.ndarray, edited: np.ndarray, weight: float) -> np.ndarray:

@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 
 from ipfacediff.errors import UserError
-from ipfacediff.files import write_json
+from ipfacediff.files import check_writable_folder, write_json
 from ipfacediff.models import ADAPTER_LIBRARY, library_versions
 from ipfacediff.training import (
     ADAPTER_FILE,
@@ -378,6 +378,8 @@ def build_library(
     edit_settings = _trainer_settings(EditTrainingSettings, edit_options, resolution, max_images)
 
     report = _read_report(output) or {}
+    if resume and not report:
+        _nothing_to_resume(output, log)
     _check_resume(output, report, model=model, source=source, edits=edits)
     recorded = dict(report.get("edits", {}))
     for edit in edits:  # an edit asked again keeps its place, takes its (re)derived words and values
@@ -396,6 +398,7 @@ def build_library(
 
     encoder = side = None
     sets: dict[str, _FaceSet] = {}
+    check_writable_folder(output, what="--output")  # not a PermissionError after the faces are found
     if todo:
         # Everything that can be wrong, before any training: data, model, CLIP, identity net, faces.
         for name in todo:  # a missing or empty --data fails at once, before the model loads
@@ -535,6 +538,22 @@ def _read_json(path: Path):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def _nothing_to_resume(output: Path, log: Callable[[str], None]) -> None:
+    """``--resume`` where no library was started: said, and refused where the folder holds files
+    of something else (a run killed before its training.json has only the staged faces)."""
+    foreign = (
+        sorted(p.name for p in output.iterdir() if p.name not in (WORK_DIR, IDENTITY_NET_DIR))
+        if output.is_dir()
+        else []
+    )
+    if foreign:
+        raise UserError(
+            f"--resume: {output} holds no library to resume (no {REPORT_FILE}, but {foreign[0]}): "
+            "choose the --output of the run to continue, or a new folder"
+        )
+    log(f"--resume: nothing to resume in {output} yet: training the library from the start")
 
 
 def _check_resume(output: Path, report: dict, *, model: str, source: str, edits: list[LibraryEdit]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -43,6 +44,7 @@ DEFAULT_IDENTITY_GRADIENT_FROM = 400
 LARGEST_SEED = 2**63 - 1  # torch.Generator takes 64 bits; JSON readers keep 63 exactly
 LARGEST_RESOLUTION = 4096
 
+_TRACK_ID = re.compile(r"[0-9]+")  # ASCII digits: str.isdigit() also takes "²", which int() refuses
 _TRUE_WORDS = {"1", "true", "yes", "y", "on"}
 _FALSE_WORDS = {"0", "false", "no", "n", "off", ""}
 
@@ -151,6 +153,29 @@ def check_number(value: Any, kind: type, label: str, meta: dict) -> int | float:
     if meta["multiple_of"] and value % meta["multiple_of"]:
         raise UserError(f"{label} must be a multiple of {meta['multiple_of']}, got {_number_text(value)}")
     return value
+
+
+def check_option(
+    value: Any,
+    label: str,
+    *,
+    kind: type = float,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
+    """A command-line number that is not a setting of an edit (``--cache-max-gb``), checked as the
+    settings are: finite, of its kind, in its range; None passes (the option was not given)."""
+    if value is None:
+        return None
+    meta = {"low": low, "high": high, "low_open": low_open, "high_open": high_open, "multiple_of": None}
+    return check_number(value, kind, label, meta)
+
+
+def is_track_id(text: str) -> bool:
+    """A face track's id as a person types it: ASCII digits, spaces around allowed."""
+    return bool(_TRACK_ID.fullmatch(text.strip()))
 
 
 def parse_value(value: Any, kind: type, optional: bool, label: str) -> Any:
@@ -389,7 +414,8 @@ class EditSettings(Settings):
     )
     fade: int = setting(
         DEFAULT_FADE,
-        "Frames over which the edit fades in after --start and out before --end, so it does not pop in.",
+        "Frames over which the edit fades in after --start and out before --end, so it does not pop in; "
+        "shortened, with a note, where the range is too short for the edit to reach full strength.",
         low=0,
         high=10_000,
     )
@@ -433,7 +459,7 @@ class EditSettings(Settings):
         face_ids: set[int] = set()
         for item in self.face_prompts:
             key, sep, _ = item.partition("=")
-            if not sep or not key.strip().isdigit():
+            if not sep or not is_track_id(key):
                 raise UserError(f"--face-prompt must be ID=TEXT, e.g. '1=a face with a beard', got {item!r}")
             if int(key) in face_ids:
                 raise UserError(f"--face-prompt gives face {int(key)} two prompts")
@@ -444,8 +470,12 @@ class EditSettings(Settings):
         if not self.prompt.strip():
             raise UserError('the prompt is empty: say what to change, e.g. --prompt "a face with eyeglasses"')
         faces = self.faces.strip()
-        if faces not in ("all", "largest") and not all(p.strip().isdigit() for p in faces.split(",")):
+        if faces not in ("all", "largest") and not all(is_track_id(p) for p in faces.split(",")):
             raise UserError(f'--faces: bad face selection "{self.faces}": use "all", "largest" or track ids like "0,2"')
+
+    def face_prompt_ids(self) -> list[int]:
+        """The track ids ``--face-prompt`` names, in the order given."""
+        return [int(item.partition("=")[0]) for item in self.face_prompts]
 
     def prompt_for(self, face: int) -> str | None:
         """The prompt of one face: its own, else ``prompt``; None leaves it unedited (``ID=``)."""
@@ -467,7 +497,10 @@ class EditSettings(Settings):
             unit, value = parse_time(text, label)
             if unit == "frame":
                 return int(value)
-            return math.ceil(value * fps - 1e-6) if times is None else bisect.bisect_left(times, value - 1e-6)
+            if times is not None:
+                return bisect.bisect_left(times, value - 1e-6)
+            # A time past the clip (1e308 s, whose frame index is inf) is the clip's end.
+            return math.ceil(min(value * fps, frame_count) - 1e-6)
 
         first, stop = index(self.start, "--start", 0), index(self.end, "--end", frame_count)
         where = f"--start {self.start or 0} --end {self.end or 'end'}"
@@ -480,14 +513,37 @@ class EditSettings(Settings):
             raise UserError(f"{where}: the range is empty or reversed (frames {first} to {stop})")
         return range(first, min(stop, frame_count))
 
+    def fade_frames(self, frames: range) -> int:
+        """The frames the edit fades over at each faded end of ``frames``: ``fade``, shortened so
+        that at least one frame of the range shows the whole edit (a fade longer than the range would
+        never let the edit reach its full strength)."""
+        ends = bool(self.start.strip()) + bool(self.end.strip())
+        if not ends:
+            return 0
+        return max(0, min(self.fade, (len(frames) - 1) // ends))
+
+    def fade_note(self, frames: range) -> str | None:
+        """One line saying that the fade was shortened to fit ``frames``, or None when it was not."""
+        used = self.fade_frames(frames)
+        ends = bool(self.start.strip()) + bool(self.end.strip())
+        if not ends or used == self.fade:
+            return None
+        where = "at each end of" if ends == 2 else "at the start of" if self.start.strip() else "at the end of"
+        return (
+            f"--fade {self.fade} does not fit {where} the {len(frames)}-frame range: the edit fades over "
+            f"{used} frame(s) instead, so that it reaches full strength"
+        )
+
     def fade_weight(self, frame: int, frames: range) -> float:
-        """How much of the edit a frame of the range shows: rising over ``fade`` frames after the
-        range's start and falling before its end, unless the range starts or ends with the clip."""
+        """How much of the edit a frame of the range shows: rising over :meth:`fade_frames` frames
+        after the range's start and falling before its end, unless the range starts or ends with
+        the clip."""
+        fade = self.fade_frames(frames)
         weight = 1.0
-        if self.fade and self.start.strip():
-            weight = min(weight, (frame - frames.start + 1) / (self.fade + 1))
-        if self.fade and self.end.strip():
-            weight = min(weight, (frames.stop - frame) / (self.fade + 1))
+        if fade and self.start.strip():
+            weight = min(weight, (frame - frames.start + 1) / (fade + 1))
+        if fade and self.end.strip():
+            weight = min(weight, (frames.stop - frame) / (fade + 1))
         return max(0.0, weight)
 
 

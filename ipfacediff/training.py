@@ -79,7 +79,7 @@ from ipfacediff.diffusion import (
     predicted_noise,
 )
 from ipfacediff.errors import UserError
-from ipfacediff.files import write_atomic, write_json
+from ipfacediff.files import check_file, write_atomic, write_json
 from ipfacediff.models import library_versions, load_clip, load_model_set, model_resolution, module_fingerprint
 from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings, TrainingSettings
 
@@ -145,7 +145,8 @@ def load_training_faces(
     cropped to a square and resized), a video, or a folder mixing both; every face of a video
     goes through the face module's detection, tracking and aligned crops (at most
     VIDEO_MAX_FACES per video, evenly spread). Only the folder's own files are read, in name
-    order. ``max_images`` keeps that many, evenly spread. Unreadable images are skipped.
+    order (one that is not a regular file this process can read is an error). ``max_images`` keeps
+    that many, evenly spread. Images that do not decode are skipped.
     ``detect_images``: images are photos, and each of their faces is detected and aligned as a
     video's are (a photo without a face gives none). ``strict``: an unreadable image is an error.
     """
@@ -260,8 +261,10 @@ def training_files(data: str | Path) -> list[Path]:
     files = sorted(
         p
         for p in path.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES
+        if not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES + VIDEO_SUFFIXES and not p.is_dir()
     )
+    for file in files:  # one that cannot be read (a pipe, a broken link) is named, not skipped
+        check_file(file, "training data", "remove it from the folder or replace it with the file itself")
     if not files:
         raise UserError(f"training data folder {data} holds no {kinds}")
     return files

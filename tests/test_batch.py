@@ -151,6 +151,40 @@ def test_manifest_mistakes_are_one_line_user_errors(tmp_path):
         read_manifest(tmp_path / "missing.csv", tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "rows, words",
+    [
+        ('a.mp4,"a face with eyeglasses\nb.mp4,a smiling face\n', "m.csv line 2: a quoted cell is not closed"),
+        ('a.mp4,a smile\nb.mp4,"a face\nwith eyeglasses"\n', "m.csv line 3: a quoted cell is not closed"),
+        ('a.mp4,"a face"with eyeglasses\n', "m.csv line 2: not valid CSV"),
+    ],
+)
+def test_a_csv_row_is_one_line_and_an_open_quote_is_refused_with_its_line(tmp_path, rows, words):
+    """An open quote would take the rest of the manifest into one prompt and run it."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("input,prompt\n" + rows)
+    with pytest.raises(UserError, match=words) as caught:
+        read_manifest(manifest, tmp_path / "out")
+    assert "\n" not in str(caught.value)
+    manifest.write_text('input,prompt\na.mp4,"a face, with ""quotes"""\n')  # closed quotes are still read
+    assert [job.prompt for job in read_manifest(manifest, tmp_path / "out")] == ['a face, with "quotes"']
+
+
+def test_batch_numbers_and_output_folder_are_checked_before_any_work(tmp_path):
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({"input": "a.mp4", "prompt": "a face"}) + "\n")
+    (tmp_path / "file").write_text("")
+    for output, options, words in [
+        (tmp_path / "file" / "out", {}, r"output folder .* cannot be made \(.*file is a file, not a folder\)"),
+        (Path("/proc/ipfacediff-out"), {}, "output folder /proc/ipfacediff-out cannot be written"),
+        (tmp_path / "out", {"gpus_per_task": float("nan")}, "--gpus-per-task must be a finite number"),
+        (tmp_path / "out", {"retries": -1}, "--retries must be at least 0"),
+    ]:
+        with pytest.raises(UserError, match=words):
+            run_batch(manifest, output, console=quiet_console(), **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "m.jsonl"]
+
+
 def test_manifest_paths_names_and_settings(tmp_path):
     (tmp_path / "sub").mkdir()
     manifest = tmp_path / "sub" / "m.csv"
@@ -199,5 +233,15 @@ def test_worker_loads_models_once_and_records_failures(clips, tmp_path, tiny_dir
         )
         [row] = worker.run_clip(f"b{index}", [job], 1)
         assert row["status"] == "done" and row["inversion_reused"] is (index == 1)
+    stray = BatchJob(
+        line=4,
+        index=0,
+        input=str(clips / "b.mp4"),
+        output=str(tmp_path / "stray.mp4"),
+        settings={"prompt": "glasses", "face_prompts": ["7=a face with a beard"], **settings},
+    )
+    [row] = worker.run_clip("b-stray", [stray], 1)  # a prompt for a face the clip lacks fails its row
+    assert row["status"] == "failed" and "no face track 7" in row["error"] and "\n" not in row["error"]
+    assert not (tmp_path / "stray.mp4").exists()
     assert worker.info()["loads"] == 1
     assert not list((tmp_path / "run").iterdir())

@@ -444,8 +444,57 @@ def test_faceworld_subcommands_render_and_refuse_in_one_line(tmp_path, capsys):
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: ") and "FaceWorld model folder" in err
 
 
-def test_usage_mistakes_print_clicks_message_not_a_traceback(capsys):
-    for argv in (["demo", "an-extra-argument"], ["edit", "--no-such-option"]):
-        code, out, err = run(argv, capsys)
-        assert code == 2, argv
-        assert "Traceback" not in out + err and "Error:" in err, (argv, err)
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["demo", "an-extra-argument"], "demo: Got unexpected extra argument"),
+        (["edit", "--no-such-option"], "edit: No such option: --no-such-option"),
+        (["edit", "in.mp4", "-p", "x"], "edit: Missing option '--output'"),
+        (["edit", "in.mp4", "-o", "o.mp4", "-p", "x", "--steps", "abc"], "edit: Invalid value for '--steps'"),
+        (["train", "library", "--data", "d"], "train library: Missing option '--model'"),
+        (["train", "identity", "--bogus"], "train identity: No such option: --bogus"),
+        (["faceworld", "render", "clip", "c.mp4", "--frames", "x"], "faceworld render clip: Invalid value"),
+        (["no-such-command"], "No such command 'no-such-command'"),
+    ],
+)
+def test_usage_mistakes_are_one_error_line_and_exit_2(argv, words, capsys):
+    code, out, err = run(argv, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (argv, err)
+    assert words in lines[0] and "--help`" in lines[0], lines[0]
+    assert "Traceback" not in out + err and "Usage" not in err
+
+
+def test_a_group_without_its_command_shows_its_help(capsys):
+    code, out, err = run(["train"], capsys)
+    assert code == 2 and "identity" in out + err and "library" in out + err and "error:" not in out + err
+
+
+def test_a_face_prompt_for_a_face_the_clip_lacks_is_refused(sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample  # one face: track 0
+    argv = ["edit", str(clip), "-o", str(tmp_path / "o.mp4"), "-p", "x", "--model", str(tiny_dir), "--steps", "2"]
+    code, _, stderr = run([*argv, "--tracks", str(tracks), "--face-prompt", "7=a face with a beard"], capsys)
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: --face-prompt 7=..."), stderr
+    assert "no face track 7" in lines[0] and "ids: 0" in lines[0]
+    assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.run.json").exists()
+    code, _, stderr = run([*argv, "--whole-frame", "--face-prompt", "1=a face with a beard"], capsys)
+    assert code == 2 and "no face track 1" in stderr  # the whole frame is face 0
+
+
+def test_a_fade_longer_than_the_range_is_shortened_and_said(tiny_dir, tmp_path, capsys):
+    frames = [np.full((48, 64, 3), 40 + 20 * i, np.uint8) for i in range(8)]
+    clip = write_video(tmp_path / "in.mp4", frames, 10.0)
+    argv = ["edit", str(clip), "-p", "x", "--model", str(tiny_dir), "--steps", "2", "--whole-frame"]
+    argv += ["--start", "frame:2", "--end", "frame:5", "--cache-dir", str(tmp_path / "cache")]
+    code, _, stderr = run([*argv, "-o", str(tmp_path / "long.mp4"), "--fade", "50"], capsys)
+    assert code == 0, stderr
+    notes = [line for line in stderr.splitlines() if "--fade" in line]
+    assert len(notes) == 1 and "--fade 50" in notes[0] and "1 frame(s) instead" in notes[0], stderr
+    code, _, stderr = run([*argv, "-o", str(tmp_path / "one.mp4"), "--fade", "1"], capsys)
+    assert code == 0 and "--fade" not in stderr, stderr
+    from ipfacediff.video import iter_frames
+
+    shortened, asked = list(iter_frames(tmp_path / "long.mp4")), list(iter_frames(tmp_path / "one.mp4"))
+    assert all(np.array_equal(a, b) for a, b in zip(shortened, asked)) and len(shortened) == 8
+    assert np.abs(shortened[3].astype(int) - frames[3]).mean() > 1  # the middle frame is edited in full

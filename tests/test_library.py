@@ -7,6 +7,7 @@ resume and errors, not what the adapters learned."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -205,11 +206,16 @@ def test_a_bad_library_is_one_line(library, sample, tiny_dir, tmp_path, capsys):
     (bad_json / "adapters.json").write_text('{"edits": [1')
     empty = tmp_path / "empty"
     empty.mkdir()
+    wrong_type = tmp_path / "wrong-type"
+    shutil.copytree(library, wrong_type)
+    spec = json.loads((wrong_type / "adapters.json").read_text())
+    (wrong_type / "adapters.json").write_text(json.dumps({**spec, "identity_net": 5}))
     cases = [
         (tmp_path / "nowhere", "does not exist"),
         (empty, "has no adapters.json"),
         (bad_json, "is not JSON"),
         (missing_adapter, str(missing_adapter / "ink" / ADAPTER_FILE)),
+        (wrong_type, f"{wrong_type / 'adapters.json'} is not a valid adapter library (identity_net: "),
     ]
     for command in ("edit", "invert"):
         for folder, expected in cases:
@@ -359,6 +365,12 @@ def bad_data(tmp_path_factory):
     cv2.imwrite(str(folder / "faceless" / "grey.png"), np.full((128, 128, 3), 120, np.uint8))
     write_video(folder / "noface.mp4", [np.full((64, 64, 3), 100, np.uint8)] * 4, 4.0)
     (folder / "notes.txt").write_text("hi")
+    (folder / "pipe").mkdir()
+    cv2.imwrite(str(folder / "pipe" / "a.png"), np.full((64, 64, 3), 120, np.uint8))
+    os.mkfifo(folder / "pipe" / "b.png")  # reading it would hang: it is named, not skipped
+    (folder / "link").mkdir()
+    cv2.imwrite(str(folder / "link" / "a.png"), np.full((64, 64, 3), 120, np.uint8))
+    (folder / "link" / "b.png").symlink_to(folder / "gone.png")
     return folder
 
 
@@ -371,6 +383,8 @@ def bad_data(tmp_path_factory):
         (["{bad}/faceless"], [], "--data: no usable faces", "no face found in 1 image(s)"),
         (["{faces}", "{bad}/noface.mp4"], ["--aligned"], "--data: no usable faces", "no face found in 1 video(s)"),
         (["{bad}/notes.txt"], [], "--data: training data notes.txt", "is not one of"),
+        (["{bad}/pipe"], ["--aligned"], "--data: training data", "b.png is not a regular file (it is a pipe)"),
+        (["{bad}/link"], ["--aligned"], "--data: training data", "b.png does not exist"),
     ],
 )
 def test_bad_data_is_one_line_before_any_training(case, bad_data, aligned_faces, tiny_dir, tmp_path, capsys):
@@ -514,6 +528,66 @@ def test_the_reader_keeps_unknown_keys_harmless(tmp_path):
     library = AdapterLibrary.read_dir(Path(tmp_path))
     assert library.identity is None and library.edits[0].words == ("x",)
     assert library.edits[0].defaults_from == FACEWORLD_DEFAULTS
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"identity_net": 5}, "identity_net: input should be a valid string, got 5"),
+        ({"identity": ["a", "b"]}, "identity: input should be a valid string"),
+        ({"edits": ["x"]}, "edits must be a JSON object, got ['x']"),
+        ({"edits": {"x": 5}}, "edits.x must be a JSON object, got 5"),
+        ({"edits": {"x": {"path": "x/a"}}}, "edits.x.words is missing"),
+        ({"edits": {"x": {"path": "x/a", "words": "x"}}}, "edits.x.words: input should be a valid list"),
+        ({"edits": {"x": {"path": "x/a", "words": ["x"], "hair": "yes"}}}, "edits.x.hair: input should be a valid"),
+        ({"edits": {"x": {"path": "x/a", "words": ["x"], "weight": "0.5"}}}, "edits.x.weight: input should be a"),
+        ({"edits": {"x": {"path": "x/a", "words": ["x"], "weight": 1e308 * 10}}}, "edits.x.weight: input should be"),
+        ({"edits": {"x": {"path": "x/a", "words": ["x"], "guidance": 99}}}, "edits.x.guidance: input should be less"),
+        (
+            {"edits": {"x": {"path": 3, "words": [1]}}},
+            "edits.x.path: input should be a valid string, got 3 (and 1 more)",
+        ),
+    ],
+)
+def test_the_library_file_is_checked_against_its_schema_naming_the_key_and_the_file(tmp_path, change, words):
+    """adapters.json is one declarative schema (models/adapters.py): a wrong type or value anywhere
+    is one line naming the file and the key, never a TypeError from deep inside."""
+    (tmp_path / "adapters.json").write_text(json.dumps({"identity": None, "edits": {}, **change}))
+    with pytest.raises(UserError) as caught:
+        AdapterLibrary.read_dir(tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'adapters.json'} is not a valid adapter library")
+    assert words in message, message
+
+
+def test_an_unwritable_output_is_one_line_before_any_face_is_found(aligned_faces, tiny_dir, tmp_path, capsys):
+    """Root writes through permission bits, so the check makes a file there: a path under a regular
+    file and one in /proc are refused even for root."""
+    (tmp_path / "file").write_text("")
+    for output, words in [
+        (tmp_path / "file" / "lib", "cannot be made (" + str(tmp_path / "file") + " is a file, not a folder)"),
+        (Path("/proc/ipfacediff-lib"), "cannot be written"),
+    ]:
+        argv = ["train", "library", "--model", str(tiny_dir), "--data", str(aligned_faces), "--aligned"]
+        code, _, stderr = run([*argv, "--edits", "smile", "--output", str(output), *FAST], capsys)
+        lines = stderr.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and lines[0].startswith(f"error: --output {output} {words}"), stderr
+        stages: list[str] = []
+        with pytest.raises(UserError, match="--output"):
+            build_library(str(tiny_dir), [aligned_faces], "smile", output, progress=lambda *a: stages.append(a[0]))
+        assert stages == []  # before any face was looked for
+
+
+def test_resume_with_nothing_to_resume_says_so_and_refuses_a_folder_that_is_no_library(tmp_path):
+    said: list[str] = []
+    with pytest.raises(UserError, match="--data"):  # the note comes first, then the run goes on to its data
+        build_library("m", [tmp_path / "nowhere"], "smile", tmp_path / "new", resume=True, log=said.append)
+    assert said == [f"--resume: nothing to resume in {tmp_path / 'new'} yet: training the library from the start"]
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="holds no library to resume .*holiday.jpg") as caught:
+        build_library("m", [tmp_path / "nowhere"], "smile", tmp_path / "photos", resume=True)
+    assert "\n" not in str(caught.value)
 
 
 def test_train_library_has_help(capsys):

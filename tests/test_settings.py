@@ -50,10 +50,40 @@ def one_line_error(**values) -> str:
         ({"faces": "0,x"}, "bad face selection"),
         ({"prompt": "   "}, "the prompt is empty"),
         ({"local_blend": "no"}, "--local-blend must be true or false"),
+        ({"face_prompts": ("²=a face with a beard",)}, "--face-prompt must be ID=TEXT"),
+        ({"face_prompts": ("٣=a face with a beard",)}, "--face-prompt must be ID=TEXT"),
+        ({"faces": "0,²"}, "bad face selection"),
+        ({"start": "inf"}, "--start must be seconds"),
+        ({"end": "frame:" + "9" * 5000}, "--end must be seconds"),
     ],
 )
 def test_every_bad_value_is_one_line_naming_its_option(values, words):
     assert words in one_line_error(**values)
+
+
+def test_times_past_any_clip_are_its_end_not_an_overflow():
+    assert EditSettings(prompt="x", end="1e308").frame_range(24.0, 10) == range(0, 10)
+    assert EditSettings(prompt="x", end="frame:" + "9" * 400).frame_range(24.0, 10) == range(0, 10)
+    for start in ("1e308", "frame:" + "9" * 400):
+        with pytest.raises(UserError, match="the range starts after the clip's last frame"):
+            EditSettings(prompt="x", start=start).frame_range(24.0, 10)
+
+
+def test_a_fade_too_long_for_its_range_is_shortened_and_said():
+    settings = EditSettings(prompt="x", start="frame:2", end="frame:5", fade=50)
+    frames = settings.frame_range(10.0, 8)
+    weights = [settings.fade_weight(f, frames) for f in frames]
+    assert max(weights) == 1.0 and weights == [0.5, 1.0, 0.5]  # a 50-frame fade would peak at 2/51
+    note = settings.fade_note(frames)
+    assert note and "\n" not in note and "--fade 50" in note and "3-frame range" in note and "1 frame" in note
+    start_only = EditSettings(prompt="x", start="frame:5", fade=50)
+    frames = start_only.frame_range(10.0, 8)
+    assert [start_only.fade_weight(f, frames) for f in frames] == [1 / 3, 2 / 3, 1.0]
+    assert "at the start of the 3-frame range" in start_only.fade_note(frames)
+    fitting = EditSettings(prompt="x", start="frame:2", end="frame:20", fade=4)
+    frames = fitting.frame_range(10.0, 30)
+    assert fitting.fade_note(frames) is None and fitting.fade_weight(2, frames) == 1 / 5
+    assert EditSettings(prompt="x", fade=50).fade_note(range(0, 3)) is None  # the whole clip: no fade at all
 
 
 def test_values_are_typed_and_frozen():
@@ -137,6 +167,9 @@ def run_entry_point(*args: str, cwd: Path | None = None) -> subprocess.Completed
         ("--resolution", "0", "--resolution must be in [8, 4096]"),
         ("--resolution", "-64", "--resolution must be in [8, 4096]"),
         ("--edit-lora", "adapter.safetensors:nan", "nan"),
+        ("--start", "1e308", "the range starts after the clip's last frame"),
+        ("--cache-max-gb", "1e300", "--cache-max-gb must be in (0, 1000000]"),
+        ("--face-prompt", "²=a face with a beard", "--face-prompt must be ID=TEXT"),
     ],
 )
 def test_hostile_numbers_exit_2_with_one_line_and_no_output(tmp_path, option, value, words):
@@ -179,10 +212,37 @@ def test_mediapipe_logging_is_silent_unless_verbose(shared_clip, tmp_path):
     assert loud.returncode == 0 and loud.stderr.strip() != ""
 
 
-def test_a_failed_batch_row_makes_the_entry_point_exit_1(tmp_path):
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["faceworld", "train", "out", "--no-such-option"], "faceworld train: No such option: --no-such-option"),
+        (["edit", "in.mp4", "-o", "o.mp4", "-p", "x", "--steps", "abc"], "edit: Invalid value for '--steps'"),
+    ],
+)
+def test_usage_mistakes_of_the_entry_point_are_one_line_and_exit_2(tmp_path, argv, words):
+    done = run_entry_point(*argv, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], done.stderr
+    assert "--help" in lines[0] and not list(tmp_path.iterdir())
+
+
+def test_a_failed_batch_row_makes_the_entry_point_exit_1(tmp_path, tiny_dir):
     pytest.importorskip("ray")
+    from ipfacediff.video import write_video
+    import numpy as np
+
+    write_video(tmp_path / "in.mp4", (np.full((64, 64, 3), i * 20, np.uint8) for i in range(4)), 10.0)
     manifest = tmp_path / "m.jsonl"
-    manifest.write_text(json.dumps({"input": "missing.mp4", "prompt": "a face"}) + "\n")
-    done = run_entry_point("batch", str(manifest), "-o", str(tmp_path / "out"), "--workers", "1")
+    rows = [
+        {"input": "missing.mp4", "prompt": "a face"},
+        {"input": "in.mp4", "prompt": "a face", "face_prompts": ["7=a beard"], "whole_frame": True, "steps": 2},
+    ]
+    manifest.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    done = run_entry_point(
+        "batch", str(manifest), "-o", str(tmp_path / "out"), "--workers", "1", "--model", str(tiny_dir)
+    )
     assert done.returncode == 1, (done.stdout, done.stderr)
-    assert "0 done, 1 failed" in done.stdout
+    assert "0 done, 2 failed" in done.stdout
+    failed = [line for line in done.stderr.splitlines() if line.startswith("failed ")]
+    assert len(failed) == 2 and any("no face track 7 among the faces edited (ids: 0;" in line for line in failed)

@@ -8,12 +8,42 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field
 
 from ipfacediff.errors import UserError
 from ipfacediff.files import check_file, read_json
 
 
 ADAPTER_LIBRARY = Path("adapters") / "adapters.json"
+
+
+class _Schema(BaseModel):
+    """adapters.json as written: exact JSON types (no "0.5" for 0.5, no 1 for true), finite numbers,
+    unknown keys ignored (a newer writer's)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+
+class _EditEntry(_Schema):
+    """One entry of ``edits`` (see :class:`AdapterLibrary` for what each key does)."""
+
+    path: str = Field(min_length=1)
+    words: list[str]
+    target: str = ""
+    hair: bool = False
+    blend_threshold: float | None = Field(None, ge=0, lt=1)
+    weight: float = Field(1.0, ge=0, le=4)
+    guidance: float | None = Field(None, ge=0, le=50)
+    defaults_from: str | None = None
+    identity_gradient: float | None = Field(None, ge=0, le=10)
+
+
+class _LibraryFile(_Schema):
+    """The whole file: paths relative to its folder."""
+
+    identity: str | None = None
+    edits: dict[str, _EditEntry] = {}
+    identity_net: str | None = None
 
 
 @dataclass(frozen=True)
@@ -117,33 +147,30 @@ class AdapterLibrary:
 
     @classmethod
     def _read_file(cls, file: Path, fix: str) -> "AdapterLibrary":
+        from pydantic import ValidationError
+
         spec = read_json(file, "adapter library", fix)
         try:
-            identity = file.parent / spec["identity"] if spec.get("identity") else None
-            edits = tuple(
-                EditAdapter(
-                    name,
-                    file.parent / entry["path"],
-                    tuple(w.lower() for w in entry["words"]),
-                    entry.get("target", ""),
-                    bool(entry.get("hair", False)),
-                    None
-                    if entry.get("blend_threshold") is None
-                    else _number("blend_threshold", entry["blend_threshold"], lambda v: 0 <= v < 1, "[0, 1)"),
-                    _number("weight", entry.get("weight", 1.0), lambda v: 0 <= v <= 4, "[0, 4]"),
-                    None
-                    if entry.get("guidance") is None
-                    else _number("guidance", entry["guidance"], lambda v: 0 <= v <= 50, "[0, 50]"),
-                    None if entry.get("defaults_from") is None else str(entry["defaults_from"]),
-                    None
-                    if entry.get("identity_gradient") is None
-                    else _number("identity_gradient", entry["identity_gradient"], lambda v: 0 <= v <= 10, "[0, 10]"),
-                )
-                for name, entry in spec.get("edits", {}).items()
+            valid = _LibraryFile.model_validate(spec)
+        except ValidationError as error:
+            raise UserError(f"{file} is not a valid adapter library ({_first_problem(error)}); {fix}") from None
+        edits = tuple(
+            EditAdapter(
+                name,
+                file.parent / entry.path,
+                tuple(w.lower() for w in entry.words),
+                entry.target,
+                entry.hair,
+                entry.blend_threshold,
+                entry.weight,
+                entry.guidance,
+                entry.defaults_from,
+                entry.identity_gradient,
             )
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise UserError(f"{file} is not a valid adapter library ({type(error).__name__}: {error}); {fix}") from None
-        identity_net = file.parent / spec["identity_net"] if spec.get("identity_net") else None
+            for name, entry in valid.edits.items()
+        )
+        identity = file.parent / valid.identity if valid.identity else None
+        identity_net = file.parent / valid.identity_net if valid.identity_net else None
         return cls(identity, edits, identity_net)
 
     def words(self) -> dict[str, list[str]]:
@@ -163,11 +190,19 @@ class AdapterLibrary:
         return {e.name: e.weight for e in self.edits if e.weight != 1.0}
 
 
-def _number(name: str, value: object, ok, interval: str) -> float:
-    """A library entry's number, checked: ``ok(value)`` must hold (``interval`` says it in words)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(value):
-        raise ValueError(f"{name} must be a number in {interval}, got {value!r}")
-    return float(value)
+def _first_problem(error) -> str:
+    """A pydantic validation error's first problem in words: the key (``edits.smile.weight``),
+    what is wrong, and the value found."""
+    problem = error.errors()[0]
+    where = ".".join(str(part) for part in problem["loc"]) or "the file"
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    found = repr(problem["input"])
+    found = found if len(found) <= 60 else found[:57] + "..."
+    if problem["type"] == "missing":
+        return f"{where} is missing{more}"
+    if problem["type"] in ("model_type", "dict_type"):
+        return f"{where} must be a JSON object, got {found}{more}"
+    return f"{where}: {problem['msg'][0].lower()}{problem['msg'][1:]}, got {found}{more}"
 
 
 def pick_edit_adapters(words: dict[str, list[str]], prompt: str, source_prompt: str = "") -> list[str]:
