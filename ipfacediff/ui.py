@@ -112,6 +112,7 @@ class Loaded:
     fps: float = 0.0
     width: int = 0
     height: int = 0
+    times: list[float] | None = None  # each frame's time (s): a variable-frame-rate range selects by it
 
     @property
     def seconds(self) -> float:
@@ -379,6 +380,7 @@ class Server:
             float(info.fps or 0.0),
             info.width,
             info.height,
+            info.times.seconds(),
         )
 
     def load_sample(self, request) -> Loaded:
@@ -927,7 +929,7 @@ def build(server: Server):
                 )
                 frames = range(loaded.frames)
                 if loaded.fps:  # a bad range is refused before any model loads
-                    frames = settings.frame_range(loaded.fps, loaded.frames)
+                    frames = settings.frame_range(loaded.fps, loaded.frames, times=loaded.times)
                 identity_lora = adapter_file(identity_file, "identity adapter")
                 edit_paths = [adapter_file(f, "edit adapter") for f in edit_files or []]
                 edit_loras = tuple(zip(edit_paths, adapter_weights(edit_weights, len(edit_paths))))
