@@ -26,3 +26,24 @@ class OutOfDomainError(UserError):
         self.description = description  # what the model edits, e.g. "FaceWorld's drawn faces"
         self.score = score
         self.threshold = threshold
+
+
+class SettingError(UserError):
+    """A user mistake about one setting, raised below the front-ends, which each name a setting in
+    their own words: the command line its flag, the web page its label, a batch manifest its column.
+
+    ``template`` holds ``{setting}`` where the setting is named; ``setting`` is the field's name in
+    :class:`~ipfacediff.settings.EditSettings` or :class:`~ipfacediff.settings.ModelSpec`. ``str()``
+    is the command line's wording (the flag), so a front-end that does not reword it still says a
+    complete line.
+    """
+
+    def __init__(self, setting: str, template: str):
+        self.setting = setting
+        self.template = template
+        super().__init__(self.worded({}))
+
+    def worded(self, names: dict[str, str]) -> str:
+        """The line with the setting called ``names[setting]`` (else its command-line flag)."""
+        name = names.get(self.setting) or "--" + self.setting.replace("_", "-")
+        return self.template.replace("{setting}", name)
