@@ -28,7 +28,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ipfacediff.errors import UserError
+from ipfacediff.errors import SettingError, UserError
+from ipfacediff.evaluation.metrics import SUMMARY_KEYS
 from ipfacediff.files import check_writable_folder, write_atomic, write_json
 from ipfacediff.models import parse_lora_spec
 from ipfacediff.settings import check_option
@@ -37,18 +38,6 @@ Progress = Callable[[str, int, int], None]
 
 RESULTS_NAME = "results.jsonl"
 CACHE_NAME = ".cache"
-SUMMARY_METRICS = (
-    "id_sim",
-    "id_drift",
-    "tl_id",
-    "tg_id",
-    "clip_direction",
-    "clip_score",
-    "warp_error_ratio",
-    "flicker",
-    "background_psnr",
-    "face_detection_rate",
-)
 DEFAULT_RETRIES = 2  # a clip whose worker dies is tried this many more times on a fresh worker
 _COLUMNS = ("input", "prompt", "prompts", "output", "tracks", "identity_lora", "edit_lora", "adapters_dir")
 _VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
@@ -283,7 +272,7 @@ def job_state(job: BatchJob, evaluate: bool) -> str:
 def _summary_metrics(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    return {k: metrics.get(k) for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float))} or None
+    return {k: metrics.get(k) for k in SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))} or None
 
 
 def _row(
@@ -526,7 +515,7 @@ class BatchSummary:
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     means = {}
-    for key in SUMMARY_METRICS:
+    for key in SUMMARY_KEYS:
         values = [
             r["metrics"][key] for r in rows if r.get("metrics") and isinstance(r["metrics"].get(key), (int, float))
         ]
