@@ -191,6 +191,8 @@ class EditService:
             progress=progress,
         )
         written = Evaluation(metrics)
+        if progress is not None and (metrics_path is not None or report_path is not None):
+            progress("report", 0, 1)
         if metrics_path is not None:
             written.metrics_path = write_metrics_json({**metrics, **(metrics_extra or {})}, metrics_path)
         if report_path is not None:
