@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ipfacediff.errors import SettingError
+from ipfacediff.models.tiny import build_tiny_models
 
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "assets" / "faceworld"
 
@@ -23,7 +24,7 @@ def default_model_dir() -> Path:
     folder = _default_cache_dir() / "models" / "tiny-seed0"
     if not (folder / "model_index.json").is_file():
         staging = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        _build_tiny(staging, seed=0)
+        build_tiny_models(staging, seed=0)
         if folder.exists():  # another process got there first
             shutil.rmtree(staging)
         else:
@@ -32,15 +33,9 @@ def default_model_dir() -> Path:
 
 
 def _default_cache_dir() -> Path:
-    from ipfacediff.diffusion import default_cache_dir
+    from ipfacediff.diffusion import default_cache_dir  # the inversion cache's root holds the tiny set too
 
     return default_cache_dir()
-
-
-def _build_tiny(folder: Path, *, seed: int) -> None:
-    from ipfacediff.models.tiny import build_tiny_models
-
-    build_tiny_models(folder, seed=seed)
 
 
 def pick_device(device: str = "auto") -> torch.device:
