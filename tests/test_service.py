@@ -146,3 +146,26 @@ def test_a_manifest_names_settings_by_column_and_reads_the_old_column(tmp_path):
     assert notes == ["note: manifest column identity_guidance is now feature_injection"]
     spec = job.model_spec(None, "cpu", "auto")
     assert spec == ModelSpec(device="cpu") and spec.edit_loras == ()
+
+
+def test_the_web_pages_server_edits_and_scores_through_the_service(tiny_dir, tmp_path, one_thread):
+    pytest.importorskip("gradio")
+    from ipfacediff.ui import Server
+
+    server = Server(model=str(tiny_dir), work_dir=tmp_path, max_upload_mb=10, max_seconds=60, device="cpu")
+    loaded = server.load_sample("session")
+    settings = EditSettings(prompt=PROMPT, steps=2, resolution=32, faces="0")
+    assert not server.has_pipeline()
+    done = server.run(loaded, settings, "session", identity_lora=None, edit_loras=())
+    assert server.has_pipeline() and server.service.loads == 1
+    assert server.pipeline() is server.service.pipeline(server.model_spec())
+    written = json.loads(Path(done["metrics_path"]).read_text())
+    assert (written["original"], written["edited"], written["run_metadata"]) == (
+        "sample.mp4",
+        "edited.mp4",
+        "edited.run.json",
+    )
+    named = ("original", "edited", "run_metadata")  # by file name in the download, not the server's path
+    scores = {k: v for k, v in done["metrics"].items() if k not in named}
+    assert {k: written[k] for k in scores} == json.loads(json.dumps(scores)) and "id_sim" in scores
+    assert Path(done["report_path"]).is_file() and done["report"].settings["faces"] == "0"
