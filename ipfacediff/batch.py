@@ -309,11 +309,22 @@ def job_state(job: BatchJob, evaluate: bool) -> str:
 
     output = Path(job.output)
     meta = _read_json(run_metadata_path(output)) if output.is_file() else None
-    if not meta or meta.get("settings") != job.settings or Path(str(meta.get("input"))).resolve() != Path(job.input):
+    if not meta or _current_names(meta.get("settings")) != job.settings:
+        return "todo"
+    if Path(str(meta.get("input"))).resolve() != Path(job.input):
         return "todo"
     if evaluate and _read_json(_metrics_path(output)) is None:
         return "evaluate"
     return "complete"
+
+
+def _current_names(settings: Any) -> Any:
+    """A run's recorded settings under today's names (an output made before a rename is complete)."""
+    from ipfacediff.settings import EditSettings
+
+    if not isinstance(settings, dict):
+        return settings
+    return {EditSettings.renamed.get(name, name): value for name, value in settings.items()}
 
 
 def _summary_metrics(metrics: dict | None) -> dict | None:

@@ -169,3 +169,24 @@ def test_the_web_pages_server_edits_and_scores_through_the_service(tiny_dir, tmp
     scores = {k: v for k, v in done["metrics"].items() if k not in named}
     assert {k: written[k] for k in scores} == json.loads(json.dumps(scores)) and "id_sim" in scores
     assert Path(done["report_path"]).is_file() and done["report"].settings["faces"] == "0"
+
+
+def test_a_batch_output_made_before_the_rename_stays_complete(tmp_path):
+    from ipfacediff.batch import job_state, read_manifest
+    from ipfacediff.runs import run_metadata_path
+    from ipfacediff.video import write_video
+    from test_long_video import drifting
+
+    write_video(tmp_path / "clip.mp4", iter(drifting(4, size=32)), 8.0)
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("input,prompt,output\nclip.mp4,a face with eyeglasses,edited.mp4\n")
+    [job] = read_manifest(manifest, tmp_path / "out")
+    Path(job.output).parent.mkdir()
+    write_video(Path(job.output), iter(drifting(4, size=32)), 8.0)
+    old = {("identity_guidance" if k == "feature_injection" else k): v for k, v in job.settings.items()}
+    record = {"input": job.input, "settings": old}
+    run_metadata_path(Path(job.output)).write_text(json.dumps(record))
+    assert job_state(job, evaluate=False) == "complete"
+    record["settings"] = {**old, "identity_guidance": False}  # another edit than the job's
+    run_metadata_path(Path(job.output)).write_text(json.dumps(record))
+    assert job_state(job, evaluate=False) == "todo"
