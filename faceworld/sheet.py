@@ -1,20 +1,14 @@
-"""Look at FaceWorld; ``python -m ipfacediff.faceworld`` runs the ``ipfacediff faceworld`` commands.
-
-    ipfacediff faceworld render sheet [--out faceworld_sheet.png] [--size 64] [--ids 0,1,1000]
-    ipfacediff faceworld render clip OUT.mp4 [--ids 3,14] [--seed 1] [--frames 24] [--size 256]
-           [--edit beard] [--tracks OUT.json]
-
-``sheet``: rows are identities, columns the plain face, each scored edit, then (old + hat) and
-two head turns with a blink and talking. ``clip``: a scene video with its ground-truth tracks.
-"""
+"""A contact sheet of FaceWorld (``ipfacediff faceworld render sheet``): rows are identities,
+columns the plain face, each scored edit, then (old + hat) and two head turns with a blink and
+talking."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from ipfacediff.faceworld.attributes import EDITS, Attributes
-from ipfacediff.faceworld.identity import identity
-from ipfacediff.faceworld.render import Pose, render_face
+from faceworld.attributes import EDITS, Attributes
+from faceworld.identity import identity
+from faceworld.render import Pose, render_face
 
 SHEET_COLUMNS = ("face", *EDITS, "old + hat", "yaw 25", "yaw -25, blink, talk")
 
@@ -34,14 +28,3 @@ def contact_sheet(ids, size: int = 64, upscale: int = 1) -> np.ndarray:
         rows.append(np.concatenate(row, 1))
     sheet = np.concatenate(rows, 0)
     return sheet.repeat(upscale, 0).repeat(upscale, 1) if upscale > 1 else sheet
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ipfacediff.faceworld``: the ``ipfacediff faceworld`` commands under that name."""
-    from ipfacediff.cli import faceworld_main
-
-    faceworld_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -20,8 +20,8 @@ from integer ids and seeds.
 * :func:`dataset` -- aligned training images (image, identity id, attributes, caption).
 """
 
-from ipfacediff.faceworld.attributes import EDITS, OLD_AGE, SMILING, Attributes, Edit, caption, region_mask
-from ipfacediff.faceworld.identity import (
+from faceworld.attributes import EDITS, OLD_AGE, SMILING, Attributes, Edit, caption, region_mask
+from faceworld.identity import (
     HAIR_COLOURS,
     HAIR_STYLES,
     HELD_OUT,
@@ -33,7 +33,7 @@ from ipfacediff.faceworld.identity import (
     is_held_out,
     split_ids,
 )
-from ipfacediff.faceworld.render import (
+from faceworld.render import (
     NEUTRAL_POSE,
     Lighting,
     Pose,
@@ -45,7 +45,7 @@ from ipfacediff.faceworld.render import (
     render_face,
     render_scene,
 )
-from ipfacediff.faceworld.scene import (
+from faceworld.scene import (
     Clip,
     DatasetItem,
     Sample,
