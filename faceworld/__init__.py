@@ -20,80 +20,77 @@ from integer ids and seeds.
 * :func:`dataset` -- aligned training images (image, identity id, attributes, caption).
 """
 
-from faceworld.attributes import EDITS, OLD_AGE, SMILING, Attributes, Edit, caption, region_mask
-from faceworld.identity import (
-    HAIR_COLOURS,
-    HAIR_STYLES,
-    HELD_OUT,
-    HELD_OUT_IDS,
-    TRAIN_IDS,
-    WORLD_SEED,
-    Identity,
-    identity,
-    is_held_out,
-    split_ids,
-)
-from faceworld.render import (
-    NEUTRAL_POSE,
-    Lighting,
-    Pose,
-    canonical_warp,
-    face_outline,
-    face_points,
-    hair_rgb,
-    make_background,
-    render_face,
-    render_scene,
-)
-from faceworld.scene import (
-    Clip,
-    DatasetItem,
-    Sample,
-    align_pose,
-    box_from_points,
-    dataset,
-    dataset_item,
-    random_attributes,
-    render_clip,
-    write_clip,
-)
+from __future__ import annotations
 
-__all__ = [
-    "EDITS",
-    "OLD_AGE",
-    "SMILING",
-    "Attributes",
-    "Edit",
-    "caption",
-    "region_mask",
-    "HAIR_COLOURS",
-    "HAIR_STYLES",
-    "HELD_OUT",
-    "HELD_OUT_IDS",
-    "TRAIN_IDS",
-    "WORLD_SEED",
-    "Identity",
-    "identity",
-    "is_held_out",
-    "split_ids",
-    "NEUTRAL_POSE",
-    "Lighting",
-    "Pose",
-    "canonical_warp",
-    "face_outline",
-    "face_points",
-    "hair_rgb",
-    "make_background",
-    "render_face",
-    "render_scene",
-    "Clip",
-    "DatasetItem",
-    "Sample",
-    "align_pose",
-    "box_from_points",
-    "dataset",
-    "dataset_item",
-    "random_attributes",
-    "render_clip",
-    "write_clip",
-]
+import importlib
+import sys
+import types
+
+# Where each name lives. They are imported on first use, so that loading the command group
+# (an entry point read by every `ipfacediff` start) does not draw the world.
+_HOMES = {
+    "EDITS": "attributes",
+    "OLD_AGE": "attributes",
+    "SMILING": "attributes",
+    "Attributes": "attributes",
+    "Edit": "attributes",
+    "caption": "attributes",
+    "region_mask": "attributes",
+    "HAIR_COLOURS": "identity",
+    "HAIR_STYLES": "identity",
+    "HELD_OUT": "identity",
+    "HELD_OUT_IDS": "identity",
+    "TRAIN_IDS": "identity",
+    "WORLD_SEED": "identity",
+    "Identity": "identity",
+    "identity": "identity",
+    "is_held_out": "identity",
+    "split_ids": "identity",
+    "NEUTRAL_POSE": "render",
+    "Lighting": "render",
+    "Pose": "render",
+    "canonical_warp": "render",
+    "face_outline": "render",
+    "face_points": "render",
+    "hair_rgb": "render",
+    "make_background": "render",
+    "render_face": "render",
+    "render_scene": "render",
+    "Clip": "scene",
+    "DatasetItem": "scene",
+    "Sample": "scene",
+    "align_pose": "scene",
+    "box_from_points": "scene",
+    "dataset": "scene",
+    "dataset_item": "scene",
+    "random_attributes": "scene",
+    "render_clip": "scene",
+    "write_clip": "scene",
+}
+
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))
+
+
+class _World(types.ModuleType):
+    """Importing the module faceworld.identity binds it as ``faceworld.identity``, where the
+    package's name is the function ``identity``: the function is kept."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _HOMES.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _World
