@@ -172,6 +172,17 @@ def test_python_m_runs_the_group_in_a_process_of_its_own(module, tmp_path):
     assert not (tmp_path / "c.mp4").exists()
 
 
+def test_the_demo_edits_the_clip_faceworld_registers(tmp_path):
+    """``ipfacediff demo`` names no FaceWorld module: its clip comes through the entry point."""
+    from faceworld.scene import demo_clip as registered
+    from ipfacediff.demo import demo_clip
+    from ipfacediff.video import probe_video
+
+    tracks = demo_clip(tmp_path / "d.mp4", frames=3)
+    assert tracks.to_json() == registered(frames=3).tracks.to_json()
+    assert probe_video(tmp_path / "d.mp4").frame_count == 3 and not (tmp_path / "d.tone.mp4").exists()
+
+
 def test_edit_definitions():
     assert set(EDITS) == {"eyeglasses", "blonde_hair", "beard", "smile"}
     base = Attributes()
