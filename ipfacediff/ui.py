@@ -1213,6 +1213,11 @@ def edit_settings(page: Page, values: dict) -> tuple[Loaded, EditSettings, list[
     mapping = {name: setting_value(name, values[control]) for name, control in page.settings.items()}
     if not mapping["prompt"].strip() and own and len(own) == len(chosen):  # every face has its own
         mapping["prompt"] = own[0].partition("=")[2]
+    if not mapping["prompt"].strip():  # in the page's words: the settings' own line names the flag
+        raise UserError(
+            'the prompt is empty: say what the faces should show, e.g. "a face with eyeglasses", '
+            "or give each ticked face its own prompt"
+        )
     mapping |= {
         "faces": "all" if chosen == sorted(loaded.ids) else ",".join(str(i) for i in chosen),
         "face_prompts": own,

@@ -210,8 +210,15 @@ def test_the_page_reads_its_controls_into_one_settings_object(tmp_path):
         ("guidance", "x", "Guidance scale must be a number, or empty for the default"),
         ("inject_feature_until", 1001, "Inject features until timestep must be in [0, 1000]"),
     ]:
-        with pytest.raises(UserError, match=re.escape(says)):
+        with pytest.raises(UserError, match=re.escape(says)) as refused:
             edit_settings(page, values | {page.settings[name]: value})
+        assert "--" not in str(refused.value)
+    # an empty prompt is taken from the faces' own when each ticked face has one, else refused
+    values[page.settings["prompt"]] = " "
+    assert edit_settings(page, values)[1].prompt == "a beard"
+    with pytest.raises(UserError, match="the prompt is empty: say what the faces should show") as refused:
+        edit_settings(page, values | {page.faces: [0, 3]})
+    assert "--" not in str(refused.value)
     server = Server(model=None, work_dir=tmp_path, max_upload_mb=10, max_seconds=60)
     for setting, said in [
         ("fade", "Fade (frames)"),
