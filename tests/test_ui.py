@@ -76,7 +76,7 @@ def test_range_and_face_prompt_fields():
 
 
 def test_the_overall_progress_runs_once_from_0_to_1_through_every_stage():
-    from ipfacediff.progress import OverallProgress, duration_words
+    from ipfacediff.progress import OverallProgress, Stage, duration_words
     from ipfacediff.settings import EditSettings
     from ipfacediff.ui import PER_FACE_STAGES, run_phases
 
@@ -86,11 +86,11 @@ def test_the_overall_progress_runs_once_from_0_to_1_through_every_stage():
     overall = OverallProgress(phases, per_face=PER_FACE_STAGES, faces=2, clock=lambda: now[0])
     # two faces, the second a long clip's two windows; the stages start again at 0 each time
     reports = [("loading models", 0, 1)]
-    for windows in ([""], [" window 1/2", " window 2/2"]):
+    for windows in ([(0, 1)], [(0, 2), (1, 2)]):
         for window in windows:
-            reports += [(f"invert{window}", d, 4) for d in range(1, 5)]
-            reports += [(f"edit region{window}", d, 3) for d in range(1, 4)]
-            reports += [(f"edit{window}", d, 4) for d in range(1, 5)]
+            reports += [(Stage("invert", *window), d, 4) for d in range(1, 5)]
+            reports += [(Stage("edit region", *window), d, 3) for d in range(1, 4)]
+            reports += [(Stage("edit", *window), d, 4) for d in range(1, 5)]
     reports += [(stage, d, 20) for stage in ("write", "faces (edited)", "evaluate") for d in (1, 10, 20)]
     reports += [("report", 0, 1), ("report", 1, 1)]
     fractions, texts = [], []
