@@ -64,7 +64,7 @@ from ipfacediff.domain import (  # noqa: E402
     vae_round_trip_parts,
 )
 from ipfacediff.face import FaceTracks, alignment_transforms, crop_face  # noqa: E402
-from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, caption, random_attributes, render_clip  # noqa: E402
+from faceworld import EDITS, HELD_OUT_IDS, caption, random_attributes, render_clip  # noqa: E402
 from ipfacediff.files import write_json  # noqa: E402
 from ipfacediff.job import SHIPPED_MODELS, edit_video, face_crops, load_pipeline  # noqa: E402
 from ipfacediff.settings import EditSettings  # noqa: E402

@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ipfacediff.face import box_iou, detect_video_faces  # noqa: E402
-from ipfacediff.faceworld import HELD_OUT_IDS, render_clip  # noqa: E402
+from faceworld import HELD_OUT_IDS, render_clip  # noqa: E402
 from ipfacediff.video import write_video  # noqa: E402
 
 

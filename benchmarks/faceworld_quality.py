@@ -58,8 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ipfacediff.diffusion import InversionCache, decode_latents, encode_frames  # noqa: E402
 from ipfacediff.editing import transfer_detail  # noqa: E402
-from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, caption, render_clip  # noqa: E402
-from ipfacediff.faceworld.oracles import ATTRIBUTE_NAMES, AttributeOracle, FaceWorldIdentity  # noqa: E402
+from faceworld import EDITS, HELD_OUT_IDS, caption, render_clip  # noqa: E402
+from faceworld.oracles import ATTRIBUTE_NAMES, AttributeOracle, FaceWorldIdentity  # noqa: E402
 from ipfacediff.face import alignment_transforms, crop_face  # noqa: E402
 from ipfacediff.job import SHIPPED_MODELS, edit_video, load_pipeline  # noqa: E402
 from ipfacediff.settings import EditSettings  # noqa: E402

@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from faceworld_quality import crops_of  # noqa: E402
 
-from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, render_clip  # noqa: E402
-from ipfacediff.faceworld.identity import identity  # noqa: E402
-from ipfacediff.faceworld.oracles import FaceWorldIdentity  # noqa: E402
-from ipfacediff.faceworld.scene import Clip  # noqa: E402
+from faceworld import EDITS, HELD_OUT_IDS, render_clip  # noqa: E402
+from faceworld.identity import identity  # noqa: E402
+from faceworld.oracles import FaceWorldIdentity  # noqa: E402
+from faceworld.scene import Clip  # noqa: E402
 from ipfacediff.job import SHIPPED_MODELS  # noqa: E402
 
 STYLE_FIELDS = {"eyeglasses": ("glasses_style", "glasses"), "beard": ("beard_style",)}

@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from faceworld_quality import crops_of  # noqa: E402
 
-from ipfacediff.faceworld import EDITS, render_clip  # noqa: E402
-from ipfacediff.faceworld.identity import TRAIN_IDS  # noqa: E402
-from ipfacediff.faceworld.oracles import FaceWorldIdentity  # noqa: E402
+from faceworld import EDITS, render_clip  # noqa: E402
+from faceworld.identity import TRAIN_IDS  # noqa: E402
+from faceworld.oracles import FaceWorldIdentity  # noqa: E402
 from ipfacediff.identity import IdentityEncoder  # noqa: E402
 from ipfacediff.job import SHIPPED_MODELS  # noqa: E402
 

@@ -178,8 +178,8 @@ def borders(args: argparse.Namespace) -> dict:
     from faceworld_quality import crops_of
     from ipfacediff.diffusion import chunk_bounds
     from ipfacediff.editing import edit_windows
-    from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, caption, render_clip
-    from ipfacediff.faceworld.oracles import AttributeOracle
+    from faceworld import EDITS, HELD_OUT_IDS, caption, render_clip
+    from faceworld.oracles import AttributeOracle
     from ipfacediff.job import SHIPPED_MODELS, edit_video, load_pipeline
     from ipfacediff.video import read_frames, write_video
 

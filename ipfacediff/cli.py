@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
-import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import click
 import typer
-from typer._click import exceptions as typer_click_exceptions
-from rich.console import Console
 
-from ipfacediff.errors import SettingError, UserError
+from ipfacediff.errors import UserError
 from ipfacediff.files import check_writable
 from ipfacediff.progress import progress_bars as rich_progress_bars
+from ipfacediff.runner import CLICK_ERRORS, HELP_ERRORS, console, run_command, usage_line  # noqa: F401
 from ipfacediff.settings import (
     EditSettings,
     ModelSpec,
@@ -30,7 +26,6 @@ from ipfacediff.settings import (
     Settings,
     field_type,
     flag_of,
-    flags,
     option_names,
 )
 from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings, TrainingSettings
@@ -42,47 +37,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(stderr=True)
-# typer (0.2x) parses with its own copy of click, whose errors are not click's classes.
-CLICK_ERRORS = (click.ClickException, typer_click_exceptions.ClickException)
-HELP_ERRORS = (click.exceptions.NoArgsIsHelpError, typer_click_exceptions.NoArgsIsHelpError)
+COMMAND_GROUPS = "ipfacediff.commands"  # entry points: typer groups added as subcommands
 LARGEST_CACHE_GB = 1_000_000  # a petabyte: far past any disk, and its bytes fit an integer
-
-
-def _quiet_libraries() -> None:
-    """Library chatter (weight-loading bars, torchvision notices) would bury our progress bars."""
-    import warnings
-
-    # mediapipe 0.10.14 calls a protobuf API that protobuf 4 deprecates, once per graph.
-    warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-
-
-def _silence_native_logging() -> None:
-    """mediapipe's and TensorFlow Lite's C++ code log to file descriptor 2 from their own threads,
-    up to six lines before an ``error:`` line and a dozen in a normal run, and no flag or variable
-    stops all of it (absl writes "All log messages before absl::InitializeLog()" regardless). So
-    descriptor 2 is pointed at /dev/null and Python's own stderr (our messages, progress bars,
-    tracebacks of real bugs) keeps writing to a copy of the original."""
-    import logging
-
-    sys.stderr.flush()
-    original = os.dup(2)
-    quiet = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(quiet, 2)
-    os.close(quiet)
-    sys.stderr = os.fdopen(
-        original, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8", errors="backslashreplace"
-    )
-    logging.getLogger("absl").setLevel(logging.ERROR)
 
 
 @app.callback()
@@ -525,210 +481,16 @@ def train_library_command(
     )
 
 
-faceworld_app = typer.Typer(
-    help="FaceWorld: look at it, and train the embedded default models on it.", no_args_is_help=True
-)
-app.add_typer(faceworld_app, name="faceworld")
-faceworld_render_app = typer.Typer(
-    help="Draw FaceWorld: a contact sheet, or a scene clip with its ground-truth tracks.", no_args_is_help=True
-)
-faceworld_app.add_typer(faceworld_render_app, name="render")
-FaceworldDeviceOption = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+def add_plugin_groups(parent: typer.Typer) -> None:
+    """Attach the command groups other packages register as ``ipfacediff.commands`` entry points
+    (FaceWorld's ``ipfacediff faceworld``): the CLI names no plug-in."""
+    from importlib.metadata import entry_points
+
+    for entry in sorted(entry_points(group=COMMAND_GROUPS), key=lambda e: e.name):
+        parent.add_typer(entry.load(), name=entry.name)
 
 
-def _one_of(flag: str, value: str, choices) -> str:
-    if value not in choices:
-        raise UserError(f"{flag} must be one of {', '.join(sorted(choices))}, got {value!r}")
-    return value
-
-
-def _ids(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",")]
-    except ValueError:
-        raise UserError(f"--ids must be identity numbers separated by commas, e.g. 3,14; got {text!r}") from None
-
-
-@faceworld_app.command("train")
-def faceworld_train_command(
-    output: Path = typer.Argument(..., help="Folder for the model set (empty or new, unless --resume)."),
-    preset: str = typer.Option(
-        "cpu",
-        "--preset",
-        help="smoke: seconds (tests); cpu-1h: ~84 min and cpu: ~130 min on 2 cores; gpu: ~4.5 min on one H100.",
-    ),
-    device: str = FaceworldDeviceOption,
-    seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        help="Continue the run a killed process left in OUTPUT, or add the stages a finished run lacks.",
-    ),
-) -> None:
-    """Train the FaceWorld SD-1.x model set (and its CLIP) from scratch."""
-    from ipfacediff.faceworld.train import PRESETS, progress_lines, train_faceworld_models
-
-    report = train_faceworld_models(
-        output,
-        preset=_one_of("--preset", preset, PRESETS),
-        device=device,
-        seed=seed,
-        progress=progress_lines(),
-        resume=resume,
-    )
-    stages = report["stages"]
-    typer.echo(
-        f"{output}: {report['seconds']['total']:.0f} s on {report['device_name']}; "
-        f"CLIP pair accuracy {stages['clip']['held_out_pair_accuracy']:.3f}, "
-        f"VAE PSNR {stages['vae']['held_out_psnr_db']:.2f} dB, "
-        f"UNet held-out ε-MSE {stages['unet']['held_out_eps_mse']:.4f}, "
-        + (f"decoder face PSNR {stages['decoder']['held_out_face_psnr_db']:.2f} dB, " if "decoder" in stages else "")
-        + f"{report['weights_total_bytes'] / 1e6:.1f} MB of weights"
-    )
-
-
-@faceworld_app.command("oracles")
-def faceworld_oracles_command(
-    output: Path = typer.Argument(..., help="Folder for identity/, attributes/ and oracles.json."),
-    preset: str = typer.Option(
-        "cpu",
-        "--preset",
-        help="smoke (seconds; the tests), cpu (about 13 min on 2 cores), cpu-large (the gpu preset's wider identity net: about 35 min on one core) or gpu.",
-    ),
-    device: str = FaceworldDeviceOption,
-    seed: int = typer.Option(0, "--seed"),
-    workers: Optional[int] = typer.Option(None, "--workers", help="Render processes. Default: the preset's."),
-) -> None:
-    """Train the identity net and attribute oracle FaceWorld's benchmark scores with."""
-    import json
-    import time
-
-    from ipfacediff.faceworld.oracles import PRESETS, train_oracles
-
-    started = time.perf_counter()
-
-    def log(message: str) -> None:
-        console.print(f"[{time.perf_counter() - started:7.1f}s] {message}", markup=False, highlight=False)
-
-    report = train_oracles(
-        output, preset=_one_of("--preset", preset, PRESETS), device=device, seed=seed, progress=log, workers=workers
-    )
-    identity, attributes = report["identity"]["held_out"], report["attributes"]["held_out"]
-    typer.echo(
-        json.dumps(
-            {
-                "output": str(output),
-                "seconds": report["seconds"],
-                "identity": {
-                    k: identity[k]
-                    for k in (
-                        "mean_cosine_same",
-                        "mean_cosine_different",
-                        "same_person_threshold",
-                        "verification_accuracy",
-                        "verification_accuracy_2fold",
-                        "auc",
-                    )
-                },
-                "edit_invariance_mean_cosine": {k: v["mean_cosine"] for k, v in identity["edit_invariance"].items()},
-                "attribute_accuracy": {k: v["accuracy"] for k, v in attributes["per_attribute"].items()},
-                "edit_flag_rate": {k: v["flag_rate"] for k, v in attributes["edit_flag"].items()},
-            },
-            indent=2,
-        )
-    )
-
-
-@faceworld_app.command("adapters")
-def faceworld_adapters_command(
-    model: Path = typer.Argument(..., help="FaceWorld model folder (from `ipfacediff faceworld train`)."),
-    preset: str = typer.Option("cpu", "--preset", help="smoke, cpu or gpu."),
-    identity_net: Optional[Path] = typer.Option(
-        None, "--identity-net", help="Identity net for the trainers' identity loss. Default: train one (seed + 1)."
-    ),
-    edits: str = typer.Option(
-        "eyeglasses,blonde_hair,beard,smile",
-        "--edits",
-        help="Comma-separated subset of eyeglasses, blonde_hair, beard, smile.",
-    ),
-    seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume", help="Continue or complete MODEL/adapters."),
-    paired: bool = typer.Option(
-        False, "--paired", help="Train each ε2 on before/after renders as well (not the shipped adapters' way)."
-    ),
-) -> None:
-    """Train ε1 and the four ε2 adapters into MODEL/adapters, the library the loader applies."""
-    from ipfacediff.faceworld.adapters import PRESETS, train_adapters
-    from ipfacediff.faceworld.attributes import EDITS
-    from ipfacediff.models import ADAPTER_LIBRARY
-
-    chosen = [e.strip() for e in edits.split(",") if e.strip()]
-    unknown = [e for e in chosen if e not in EDITS]
-    if unknown:
-        raise UserError(f"unknown edit(s) {', '.join(unknown)}: choose from {', '.join(EDITS)}")
-    report = train_adapters(
-        model,
-        preset=_one_of("--preset", preset, PRESETS),
-        identity_net=identity_net,
-        edits=chosen,
-        seed=seed,
-        resume=resume,
-        paired=paired,
-        log=lambda m: console.print(m, markup=False, highlight=False),
-    )
-    typer.echo(
-        f"{model / ADAPTER_LIBRARY}: {report['seconds']:.0f} s, {report['weights_bytes'] / 1e6:.2f} MB of adapters"
-    )
-
-
-@faceworld_render_app.command("sheet")
-def faceworld_sheet_command(
-    out: Path = typer.Option(Path("faceworld_sheet.png"), "--out", help="The image to write."),
-    size: int = typer.Option(64, "--size", help="Side of each face."),
-    ids: str = typer.Option("0,1,2,3,4,5,6,7,1000,1001", "--ids", help="Identities, one row each."),
-    upscale: int = typer.Option(3, "--upscale", help="Pixel repeat of the whole sheet."),
-) -> None:
-    """A contact sheet: rows are identities, columns the plain face, each scored edit, old + hat, head turns."""
-    from PIL import Image
-
-    from ipfacediff.faceworld.__main__ import SHEET_COLUMNS, contact_sheet
-
-    rows = _ids(ids)
-    _check_outputs(out)
-    Image.fromarray(contact_sheet(rows, size, upscale)).save(out)
-    typer.echo(f"{out}: rows = ids {rows}; columns = {', '.join(SHEET_COLUMNS)}")
-
-
-@faceworld_render_app.command("clip")
-def faceworld_clip_command(
-    out: Path = typer.Argument(..., help="The video to write (.mp4)."),
-    ids: str = typer.Option("3,14", "--ids", help="The identities in the scene."),
-    seed: int = typer.Option(1, "--seed", help="Seed of the motion."),
-    frames: int = typer.Option(24, "--frames"),
-    size: int = typer.Option(256, "--size", help="Side of the square video."),
-    edit: Optional[str] = typer.Option(
-        None, "--edit", help="Render the same clip with this edit made: eyeglasses, blonde_hair, beard or smile."
-    ),
-    tracks: Optional[Path] = typer.Option(
-        None, "--tracks", help="The ground-truth tracks (JSON). Default: beside OUT as OUT.json."
-    ),
-) -> None:
-    """A scene clip of moving faces with its ground-truth tracks."""
-    from ipfacediff.faceworld import EDITS, render_clip, write_clip
-
-    people = _ids(ids)
-    if edit is not None:
-        _one_of("--edit", edit, EDITS)
-    clip = render_clip(people, seed=seed, frames=frames, size=size)
-    if edit:
-        clip = clip.with_edit(EDITS[edit])
-    video, tracks_path = write_clip(clip, out, tracks or out.with_suffix(".json"))
-    typer.echo(f"{video} {tracks_path}")
-
-
-def faceworld_main(argv: list[str] | None = None) -> None:
-    """``python -m ipfacediff.faceworld``: the ``ipfacediff faceworld`` commands under that name."""
-    main(argv, command=faceworld_app, prog_name="python -m ipfacediff.faceworld")
+add_plugin_groups(app)
 
 
 @app.command()
@@ -898,50 +660,10 @@ def demo(
         typer.echo(line)
 
 
-def usage_line(error: click.ClickException) -> str:
-    """click's (and typer's) message of a usage error as one line, naming the command and where
-    its options are listed: "edit: No such option: --x (see `ipfacediff edit --help`)"."""
-    message = " ".join(error.format_message().split())
-    context = getattr(error, "ctx", None)
-    if context is None:
-        return message
-    names, level = [], context
-    while level.parent is not None:  # the subcommands' names, without the program's
-        names.append(level.info_name)
-        level = level.parent
-    command = " ".join(reversed(names))
-    return f"{command + ': ' if command else ''}{message} (see `{context.command_path} --help`)"
-
-
 def main(argv: list[str] | None = None, *, command: typer.Typer = app, prog_name: str | None = None) -> None:
     """Entry point: run the app (or one of its groups, ``command``, under ``prog_name``), turning
     user mistakes into one line and exit code 2."""
-    _quiet_libraries()
-    # Only the installed command owns the process's stderr; a caller of main(argv) keeps its own.
-    if argv is None and "--verbose" not in sys.argv[1:] and os.environ.get("IPFACEDIFF_VERBOSE", "0") == "0":
-        _silence_native_logging()
-    try:
-        # Without standalone mode click returns an ``Exit``'s code instead of exiting with it.
-        code = command(args=argv, prog_name=prog_name, standalone_mode=False)
-        if isinstance(code, int) and code:
-            sys.exit(code)
-    except SettingError as error:  # worded with the setting's flag
-        console.print(f"error: {error.worded(flags())}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except UserError as error:
-        console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
-    except (click.exceptions.Abort, typer.Abort):
-        console.print("aborted", markup=False)
-        sys.exit(130)
-    except HELP_ERRORS as error:  # a group named without its command: its help
-        error.show()
-        sys.exit(error.exit_code)
-    except CLICK_ERRORS as error:  # unknown option, bad value, missing option: one line like ours
-        console.print(f"error: {usage_line(error)}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
-    except (click.exceptions.Exit, typer.Exit) as done:
-        sys.exit(done.exit_code)
+    run_command(command, argv, prog_name=prog_name)
 
 
 if __name__ == "__main__":

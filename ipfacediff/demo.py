@@ -1,7 +1,8 @@
 """The offline demo: a held-out FaceWorld clip, edited with the embedded default models.
 
 ``sample_clip`` (a plain cartoon face with a tone) is the small built-in sample of the tests and
-the web page; the demo renders a FaceWorld person who was never in any training set.
+the web page; the demo renders the clip a plug-in registers (FaceWorld: a person who was never in
+any training set).
 """
 
 from __future__ import annotations
@@ -87,15 +88,19 @@ def side_by_side(original: Path, edited: Path, output: Path) -> Path:
     return write_video(output, (np.concatenate([a, b], axis=1) for a, b in pairs), info.fps, times=info.times)
 
 
-DEMO_IDENTITY = 1007  # held out: never rendered for training (ids >= 1000)
+DEMO_CLIPS = "ipfacediff.demo_clips"  # entry points: frames -> a clip (frames, .fps, .tracks) to edit
 
 
-def faceworld_clip(path: Path, *, identity_id: int = DEMO_IDENTITY, frames: int = 24, seed: int = 3) -> FaceTracks:
-    """Write a held-out FaceWorld person moving, turning, blinking and talking, with a tone as audio;
-    return the ground-truth tracks."""
-    from ipfacediff.faceworld import render_clip
+def demo_clip(path: Path, *, frames: int = 24) -> FaceTracks:
+    """Write the demo's input with a tone as audio and return its true tracks: the clip a plug-in
+    registers (FaceWorld's held-out person, whose world the embedded models know), else
+    :func:`sample_clip`."""
+    from importlib.metadata import entry_points
 
-    clip = render_clip(identity_id, seed=seed, frames=frames, size=256, fps=12.0)
+    registered = sorted(entry_points(group=DEMO_CLIPS), key=lambda e: e.name)
+    if not registered:
+        return sample_clip(path, frames=frames)
+    clip = registered[0].load()(frames=frames)
     tone = _tone_clip(path.with_suffix(".tone.mp4"), frames / clip.fps)
     write_video(path, iter(clip), clip.fps, audio_from=tone)
     tone.unlink()
@@ -111,7 +116,7 @@ def run_demo(
 
     output_dir.mkdir(parents=True, exist_ok=True)
     clip = output_dir / "sample.mp4"
-    tracks = faceworld_clip(clip)
+    tracks = demo_clip(clip)
     tracks_path = tracks.save(output_dir / "sample.tracks.json")
     edited = output_dir / "edited.mp4"
     pipe = load_pipeline()

@@ -11,11 +11,36 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+class Stage(str):
+    """A stage's name as a person reads it ("edit window 2/5"), carrying the window it belongs to as
+    data: ``base`` ("edit"), ``window`` (0-based) and ``windows``. A callback that only shows the
+    name takes it as the string it is; the bars and :class:`OverallProgress` read the fields.
+    A plain string is a stage without a window (window 0 of 1)."""
+
+    base: str
+    window: int
+    windows: int
+
+    def __new__(cls, base: str, window: int = 0, windows: int = 1) -> "Stage":
+        name = f"{base} window {window + 1}/{windows}" if windows > 1 else base
+        stage = super().__new__(cls, name)
+        stage.base, stage.window, stage.windows = base, window, windows
+        return stage
+
+
+def window_of(stage: str) -> tuple[str, int, int]:
+    """(stage without its window, window, windows) of a reported stage: window 0 of 1 for a plain name."""
+    if isinstance(stage, Stage):
+        return stage.base, stage.window, stage.windows
+    return stage, 0, 1
+
+
 @contextmanager
 def progress_bars(console: Console) -> Iterator:
     """One bar per stage, created when the stage first reports; silent when ``console`` is not a
-    terminal (logs and tests get no bar noise). A long clip's windows ("edit window 2/5") reuse
-    their stage's bar, started afresh; the "windows" bar's remaining time is the whole edit's."""
+    terminal (logs and tests get no bar noise). A long clip's windows ("edit window 2/5", a
+    :class:`Stage`) reuse their stage's bar, started afresh; the "windows" bar's remaining time is
+    the whole edit's."""
     columns = (
         TextColumn("{task.description:>10}"),
         BarColumn(),
@@ -28,7 +53,7 @@ def progress_bars(console: Console) -> Iterator:
         shown: dict[str, str] = {}
 
         def update(stage: str, done: int, total: int) -> None:
-            bar = stage.split(" window ")[0]
+            bar = window_of(stage)[0]
             if bar not in tasks:
                 tasks[bar] = bars.add_task(stage, total=total)
             elif shown[bar] != stage:  # the next window
@@ -52,15 +77,6 @@ STAGE_WORDS = {
     "evaluate": "scoring identity and flicker",
     "report": "writing the report",
 }
-
-
-def split_window(stage: str) -> tuple[str, int, int]:
-    """``"edit window 2/5"`` -> ``("edit", 1, 5)``; a stage without a window is window 0 of 1."""
-    base, _, rest = stage.partition(" window ")
-    number, _, count = rest.partition("/")
-    if number.isdigit() and count.isdigit() and int(count) > 0:
-        return base, min(max(int(number) - 1, 0), int(count) - 1), int(count)
-    return stage, 0, 1
 
 
 def duration_words(seconds: float) -> str:
@@ -108,7 +124,7 @@ class OverallProgress:
 
     def update(self, stage: str, done: float, total: float) -> float:
         """Take one stage's report; returns the run's fraction done (0 to 1)."""
-        base, window, windows = split_window(stage)
+        base, window, windows = window_of(stage)
         self.stage = base
         if base not in self.stages:
             return self.fraction

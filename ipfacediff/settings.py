@@ -66,13 +66,15 @@ def setting(
     short: str | None = None,
     negative: str | None = None,
     own_check: bool = False,
+    label: str | None = None,
 ) -> Any:
     """A dataclass field that knows its range and its command-line form.
 
     ``flag`` is the option's name when it is not the field's (``--prompt`` for ``prompt``);
     ``negative`` makes a switch that is on by default an ``--x/--no-x`` pair whose off form is
     the one users type (``--no-local-blend``); ``own_check``: a value the class's own
-    ``__post_init__`` reads and checks (not one of the plain kinds)."""
+    ``__post_init__`` reads and checks (not one of the plain kinds); ``label`` is the web page's
+    name for it where the field's name, in words, is not a good one."""
     meta = {
         "help": help,
         "low": low,
@@ -84,6 +86,7 @@ def setting(
         "short": short,
         "negative": negative,
         "own_check": own_check,
+        "label": label,
     }
     return field(default=default, metadata=meta)
 
@@ -390,6 +393,7 @@ class EditSettings(Settings):
         f"Classifier-free guidance. Default: the value the edit's adapter was tuned with, else {DEFAULT_GUIDANCE}.",
         low=0,
         high=100,
+        label="Guidance scale",
     )
     keyframes: int | None = setting(
         None, "Keyframes edited jointly per step. Default: one per 8 frames.", low=1, high=10_000
@@ -420,12 +424,14 @@ class EditSettings(Settings):
         "ε1's residual features are injected while the timestep is above this (PnP: the first 80 % of the schedule).",
         low=0,
         high=1000,
+        label="Inject features until timestep",
     )
     inject_attention_until: int = setting(
         DEFAULT_INJECT_ATTENTION_UNTIL,
         "ε1's self-attention Q/K are injected while the timestep is above this (PnP: the first 50 %).",
         low=0,
         high=1000,
+        label="Inject attention until timestep",
     )
     all_keyframes_below: int = setting(
         DEFAULT_ALL_KEYFRAMES_BELOW,
@@ -433,6 +439,7 @@ class EditSettings(Settings):
         "edit (less flicker, more time); 0 = off.",
         low=0,
         high=1000,
+        label="Every frame a keyframe below timestep",
     )
     strength: float = setting(
         1.0, "Fraction of the schedule re-generated (1 = from the fully inverted noise).", low=0, high=1, low_open=True
@@ -454,6 +461,7 @@ class EditSettings(Settings):
         f"adapter was tuned with, else {DEFAULT_IDENTITY_GRADIENT:g}.",
         low=0,
         high=10,
+        label="Identity guidance",
     )
     identity_gradient_from: int = setting(
         DEFAULT_IDENTITY_GRADIENT_FROM,
@@ -461,6 +469,7 @@ class EditSettings(Settings):
         "steps, which draw the detail identity rests on).",
         low=0,
         high=1000,
+        label="Identity guidance from timestep",
     )
     every_frame: bool = setting(False, "Ablation: edit each frame on its own (the naive baseline).")
     window: int = setting(
@@ -499,6 +508,7 @@ class EditSettings(Settings):
         "shortened, with a note, where the range is too short for the edit to reach full strength.",
         low=0,
         high=10_000,
+        label="Fade (frames)",
     )
     require_face: bool = setting(
         False, "Exit with an error when the video has no face (otherwise its frames pass through)."
@@ -508,11 +518,13 @@ class EditSettings(Settings):
         False,
         "An edit of the hair: keep the inner face (brows to mouth) and blend the whole crop "
         "back, not just the face (on for a hair adapter).",
+        label="Hair edit",
     )
     adapters: str = setting(
         "auto",
         "ε2 adapters of the model's library: \"auto\" (picked by the prompt's words), "
         '"none", or names "eyeglasses" / "eyeglasses:0.8,smile".',
+        label="Library adapters (ε2)",
     )
     detail_transfer: bool = setting(
         True, "Put the detail the VAE loses back where the edit changed nothing.", negative="--no-detail-transfer"

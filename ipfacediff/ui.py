@@ -16,8 +16,10 @@ the metrics (JSON), by buttons (a file list's × would take them off the page fo
 * The page's state follows its input: a new or cleared input clears the faces and the results.
 * A user's mistake (a file that is not a video, no face, an empty prompt, a bad adapter file, a
   video over the size or duration limit) is shown once, in the status line, as the same one-line
-  message as the CLI prints; the page's own fields (range, identity guidance) are named as the
-  page names them.
+  message as the CLI prints, except that a setting is named by its label on the page, never by a
+  flag (the page's settings are checked in its words; a SettingError is worded with its labels).
+* The edit settings' controls are made from EditSettings' fields (PAGE_SETTINGS says which the page
+  shows, and where); the Edit button's callback reads them as one mapping into one EditSettings.
 * A face the model's card refuses is refused in the page's words, and brings up the override box
   ("Edit anyway") under the Edit button; a new input unticks and hides it again, and says so. An
   overridden result says it is out of domain as loudly as the report, and its scores get no verdict.
@@ -38,16 +40,26 @@ import sys
 import tempfile
 import threading
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+import typing
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ipfacediff.errors import OutOfDomainError, UserError
+from ipfacediff.errors import OutOfDomainError, SettingError, UserError
 from ipfacediff.progress import OverallProgress
-from ipfacediff.settings import ModelSpec
+from ipfacediff.settings import (
+    DEFAULT_IDENTITY_GRADIENT,
+    EditSettings,
+    ModelSpec,
+    check_number,
+    default_of,
+    field_type,
+    parse_value,
+)
 
 DEFAULT_PROMPT = "a face with eyeglasses"
 START = "upload a video or take the built-in sample"
@@ -577,21 +589,18 @@ def seconds_text(value: Any, *, clip_seconds: float = 0.0, end: bool = False) ->
 
 
 def optional_number(text: Any, name: str, setting: str) -> float | None:
-    """A text field's number for the EditSettings field ``setting``, checked against its range in
-    the field's ``name``; None when it is empty (the setting's default)."""
-    from dataclasses import fields
-
-    from ipfacediff.settings import EditSettings, check_number
-
+    """A text field's number for the EditSettings field ``setting`` (an int or float that may be
+    unset), checked against its range in the field's ``name``; None when it is empty (the setting's
+    default)."""
     text = "" if text is None else str(text).strip()
     if not text:
         return None
     try:
         value = float(text)
     except ValueError:
-        raise UserError(f"{name} must be a number, or empty for the tuned default, not {text!r}") from None
-    meta = next(f for f in fields(EditSettings) if f.name == setting).metadata
-    return check_number(value, float, name, meta)
+        raise UserError(f"{name} must be a number, or empty for the default, not {text!r}") from None
+    kind, _ = setting_kind(setting)
+    return check_number(value, kind, name, dict(_field(setting).metadata))
 
 
 def check_range(start: Any, end: Any, clip_seconds: float) -> None:
@@ -715,292 +724,229 @@ def face_summary(faces: list[dict], settings) -> list[str]:
     return lines
 
 
-def build(server: Server):
-    """The Gradio Blocks of the page, bound to ``server``."""
-    import gradio as gr
+# --- the edit settings the page shows ----------------------------------------------------------
 
-    from ipfacediff.settings import DEFAULT_IDENTITY_GRADIENT, EditSettings, default_of
 
-    def cleanup(value):
-        # Gradio calls this an hour after the tab closed (its STATE_TTL_WHEN_CLOSED), if ever: the
-        # page's unload event ends the session at once; this only catches what that missed.
-        if isinstance(value, dict) and value.get("key"):
-            server.end_session(value["key"])
+@dataclass(frozen=True)
+class Control:
+    """One :class:`~ipfacediff.settings.EditSettings` field on the page. The control, its label,
+    first value and range check come from the field (:func:`setting_control`); this says only how
+    the page presents it."""
 
-    def on_unload(request: gr.Request):
-        server.end_session(server.session_key(request))
+    setting: str
+    hint: str = ""  # after the label, in brackets: what an empty field means, or "optional"
+    info: str | None = None  # the line under the label; None: the setting's help, "": none
+    placeholder: str | None = None
+    step: float | None = None  # a slider's step
+    elem_id: str | None = None  # default: the setting's name with dashes
+    value: Any = None  # the page's first value, for a setting without a default (the prompt)
+    min_width: int = 160
+    scale: int | None = None  # its share of the row's width
 
-    def shown(error: Exception) -> str:
-        """The one-line message, without the session folders' paths (the user knows the file by name)."""
-        return re.sub(re.escape(str(server.work_dir)) + r"[^\s:]*/", "", str(error)).replace("\n", " ")
+    @property
+    def id(self) -> str:
+        return self.elem_id or self.setting.replace("_", "-")
 
-    def progress_adapter(bar, overall: OverallProgress):
-        """The library's per-stage reports as one bar over the whole run, with the time left."""
+    @property
+    def label(self) -> str:
+        return setting_label(self.setting) + (f" ({self.hint})" if self.hint else "")
 
-        def update(stage: str, done: int, total: int) -> None:
-            bar(overall.update(stage, done, total), desc=overall.text(), unit="")
 
-        return update
-
-    def no_download():
-        return gr.update(value=None, interactive=False)
-
-    # side by side, the three downloads (edited video, report, metrics), metrics JSON, result line
-    no_result = (None, no_download(), no_download(), no_download(), None, "")
-
-    def input_controls(loaded: Loaded | None):
-        """For a new input (or none): the range fields (start, end), the override box (unticked and
-        hidden: an override is for the video it was given for) and the per-face prompt boxes."""
-        seconds = round(loaded.seconds, 3) if loaded else None
-        end_label = f"End (s; the clip is {seconds:g} s)" if seconds else "End (s)"
-        ranges = (
-            gr.update(value=0 if loaded else None),
-            gr.update(value=seconds if seconds else None, label=end_label),
-            gr.update(value=False, visible=False),
-        )
-        ids = loaded.ids if loaded else []
-        boxes = tuple(
-            gr.update(
-                visible=i < len(ids),
-                value="",
-                label=f"Prompt for face {ids[i]} (empty = the main prompt)" if i < len(ids) else None,
-            )
-            for i in range(FACE_PROMPT_SLOTS)
-        )
-        return ranges + boxes
-
-    def unticked(message: str, allow) -> str:
-        """The status for a new input; says so when it unticked the override box."""
-        return message + (f" ({OVERRIDE_RESET})" if allow else "")
-
-    def cleared(kind: str, message: str):
-        """No video loaded: the state, faces image, face choices and results empty."""
-        return (None, None, gr.update(choices=[], value=[]), _status(kind, message)) + no_result + input_controls(None)
-
-    def loaded_outputs(loaded: Loaded, request, message: str):
-        thumb = server.thumbnail(loaded)
-        server.claim(request, "input", [loaded.video, thumb])
-        choices = [(f"face {i}", i) for i in loaded.ids]
-        state = {
-            "loaded": loaded.__dict__,
-            "session": str(server.session_dir(request)),
-            "key": server.session_key(request),
-        }
-        return (
-            (state, str(thumb), gr.update(choices=choices, value=list(loaded.ids)), _status("info", message))
-            + no_result
-            + input_controls(loaded)
-        )
-
-    def on_upload(video, state, allow, request: gr.Request, bar=gr.Progress()):
-        with server.busy(request):
-            server.forget_input(request, state, keep=[video])
-            if not video:
-                return (gr.update(),) + cleared("info", unticked(START, allow))
-            server.claim(request, "input", [video])
-            try:
-                overall = OverallProgress([("faces", 1.0)])
-                loaded = server.load_upload(video, request, progress_adapter(bar, overall))
-            except UserError as error:  # shown once, in the status line; the rejected file goes
-                server.release(request, "input")
-                return (None,) + cleared("error", f"error: {shown(error)}")
-            return (gr.update(),) + loaded_outputs(
-                loaded,
-                request,
-                unticked(
-                    f"{len(loaded.ids)} face(s) found in {loaded.frames} frames: choose the faces to edit and "
-                    "type a prompt",
-                    allow,
-                ),
-            )
-
-    def on_sample(state, allow, request: gr.Request):
-        with server.busy(request):
-            server.forget_input(request, state)
-            loaded = server.load_sample(request)
-            return (loaded.video,) + loaded_outputs(
-                loaded,
-                request,
-                unticked(
-                    f"built-in sample: {loaded.frames} frames, face tracks given (a cartoon face that the "
-                    "detector may miss)",
-                    allow,
-                ),
-            )
-
-    def on_clear(state, allow, request: gr.Request):
-        with server.busy(request):
-            server.forget_input(request, state)
-            return cleared("info", unticked(START, allow))
-
-    def adapter_file(path, what: str) -> str | None:
-        if not path:
-            return None
-        if Path(path).suffix.lower() != ".safetensors":
-            raise UserError(f"{what} {Path(path).name} is not a .safetensors file; upload the adapter's .safetensors")
-        return str(path)
-
-    def adapter_weights(text: str | None, count: int) -> list[float]:
-        from ipfacediff.models import LORA_WEIGHT_RANGE
-
-        items = [t for t in re.split(r"[,;\s]+", text or "") if t]
-        if not items:
-            return [1.0] * count
-        if len(items) != count:
-            raise UserError(
-                f"{len(items)} weight(s) for {count} edit adapter(s): give one weight per uploaded edit "
-                "adapter, in order, or none (1 each)"
-            )
-        low, high = LORA_WEIGHT_RANGE
-        weights = []
-        for item in items:
-            try:
-                weight = float(item)
-            except ValueError:
-                weight = math.nan
-            if not math.isfinite(weight) or not low <= weight <= high:
-                raise UserError(
-                    f"edit adapter weight {item!r} must be a number from {low:g} to {high:g} "
-                    "(1 = the adapter as trained)"
-                )
-            weights.append(weight)
-        return weights
-
-    def on_run(
-        state,
-        faces,
-        prompt,
-        source_prompt,
-        strength,
-        keyframes,
-        steps,
-        seed,
-        identity_file,
-        edit_files,
-        edit_weights,
-        start,
-        end,
-        fade,
-        identity_gradient,
-        identity_gradient_from,
-        allow_out_of_domain,
-        request: gr.Request,
-        bar=gr.Progress(),
-        *face_texts,
-    ):
-        with server.busy(request) as session:
-            try:
-                if not state or not state.get("loaded"):
-                    raise UserError("no video yet: upload a video or take the built-in sample first")
-                loaded = Loaded(**state["loaded"])
-                if not faces:
-                    raise UserError("no face chosen: tick at least one face to edit")
-                chosen = sorted(int(f) for f in faces)
-                spec = "all" if chosen == sorted(loaded.ids) else ",".join(str(i) for i in chosen)
-                own = face_prompt_items(loaded.ids, chosen, face_texts)
-                if not (prompt or "").strip() and own and len(own) == len(chosen):  # every face has its own
-                    prompt = own[0].partition("=")[2]
-                check_range(start, end, loaded.seconds)
-                settings = EditSettings.from_mapping(
-                    {
-                        "prompt": prompt or "",
-                        "source_prompt": source_prompt or "",
-                        "steps": steps,
-                        "keyframes": keyframes or None,
-                        "strength": strength,
-                        "seed": seed or 0,
-                        "faces": spec,
-                        "face_prompts": own,
-                        "start": seconds_text(start),
-                        "end": seconds_text(end, clip_seconds=loaded.seconds, end=True),
-                        "fade": fade,
-                        "identity_gradient": optional_number(
-                            identity_gradient, "Identity guidance", "identity_gradient"
-                        ),
-                        "identity_gradient_from": identity_gradient_from,
-                        "allow_out_of_domain": bool(allow_out_of_domain),
-                    }
-                )
-                frames = range(loaded.frames)
-                if loaded.fps:  # a bad range is refused before any model loads
-                    frames = settings.frame_range(loaded.fps, loaded.frames, times=loaded.times)
-                identity_lora = adapter_file(identity_file, "identity adapter")
-                edit_paths = [adapter_file(f, "edit adapter") for f in edit_files or []]
-                edit_loras = tuple(zip(edit_paths, adapter_weights(edit_weights, len(edit_paths))))
-                server.claim(request, "adapters", [identity_lora, *edit_paths])
-                overall = OverallProgress(
-                    run_phases(
-                        settings,
-                        frames=len(frames),
-                        clip_frames=loaded.frames,
-                        megapixels=loaded.megapixels,
-                        load_models=not server.has_pipeline(identity_lora, edit_loras),
-                    ),
-                    per_face=PER_FACE_STAGES,
-                    faces=sum(settings.prompt_for(face) is not None for face in chosen),
-                )
-                out = server.run(
-                    loaded,
-                    settings,
-                    request,
-                    identity_lora=identity_lora,
-                    edit_loras=edit_loras,
-                    progress=progress_adapter(bar, overall),
-                )
-            except OutOfDomainError as error:  # in the page's words, and the override box shown
-                shutil.rmtree(session / "runs", ignore_errors=True)
-                server.release(request, "result")
-                return no_result + (_status("error", refusal_text(error)), gr.update(visible=True))
-            except UserError as error:  # shown once, in the status line; no stale result beside it
-                shutil.rmtree(session / "runs", ignore_errors=True)
-                server.release(request, "result")
-                return no_result + (_status("error", f"error: {shown(error)}"), gr.update())
-            shown_files = [out["preview"], out["edited"], out["report_path"], out["metrics_path"]]
-            for old in (session / "runs").iterdir():  # the previous result leaves the page: and the disk
-                if old != Path(out["edited"]).parent:
-                    shutil.rmtree(old, ignore_errors=True)
-            server.release(request, "result", keep=shown_files)
-            server.claim(request, "result", shown_files)
-        report, metrics = out["report"], out["metrics"]
-        reused = (
-            " — inversion reused from the cache (same video, same source prompt and steps)"
-            if report.inversion_reused
-            else ""
-        )
-        overridden = overridden_faces(report.domain)
-        took = f"{overall.clock() - overall.started:.1f} s"  # the whole run: the edit, the preview and the scores
-        if overridden:
-            kind = "warn"
-            text = (
-                f"done, out of the model's domain: {report.message} in {took}, but the model is not made for "
-                f"face(s) {', '.join(overridden)} (\u201cEdit anyway\u201d is ticked). Expect nonsense, whatever "
-                f"the scores below say.{reused}"
-            )
-        else:
-            kind, text = "ok", f"done: {report.message} in {took}{reused}."
-        return (
-            str(out["preview"]),
-            gr.update(value=str(out["edited"]), interactive=True),
-            gr.update(value=str(out["report_path"]), interactive=True),
-            gr.update(value=str(out["metrics_path"]), interactive=True),
-            json.dumps(
-                {
-                    k: metrics.get(k)
-                    for k in ("id_sim", "id_drift", "tl_id", "tg_id", "warp_error_ratio", "flicker", "frames")
-                },
-                default=str,
+TUNED = "empty = the tuned default"
+# Which settings the page shows, and where: each section's rows of controls, left to right. Settings
+# not listed keep their defaults; the page's own fields (range in seconds, faces, per-face prompts,
+# the override box) go into the settings beside these, in `edit_settings`.
+PAGE_SETTINGS: dict[str, tuple[tuple[Control, ...], ...]] = {
+    "range": ((Control("fade", info="", elem_id="range-fade", min_width=100),),),  # beside Start and End (s)
+    "prompts": (
+        (Control("prompt", info="", value=DEFAULT_PROMPT, placeholder="what the face should show"),),
+        (Control("source_prompt", hint="optional", info="", placeholder="what the input shows, e.g. a face"),),
+    ),
+    "main": (
+        (Control("strength", info="", step=0.05), Control("steps", info="")),
+        (
+            Control("keyframes", hint="empty = one per 8 frames", info="", placeholder="one per 8 frames", scale=2),
+            Control("seed", info="", scale=1),
+        ),
+    ),
+    "identity": (
+        (
+            Control(
+                "identity_gradient",
+                hint=TUNED,
+                info="pulls each keyframe's face towards the input's identity in the late steps; empty: the value the "
+                f"edit's adapter was tuned with (else {DEFAULT_IDENTITY_GRADIENT:g}); 0 = off. The result says the "
+                "value used",
+                placeholder="tuned default",
             ),
-            _result_line(
-                *result_summary(metrics, overridden=bool(overridden)),
-                face_summary(report.faces, settings),
-                warning=override_warning(report.domain) if overridden else "",
-            ),
-            _status(kind, text),
-            gr.update(),
-        )
+            Control("identity_gradient_from", info="acts at this timestep and below"),
+        ),
+    ),
+    "adapters": ((Control("adapters"),),),
+    "more": (
+        (
+            Control("guidance", hint=TUNED, placeholder="tuned default"),
+            Control("blend_threshold", hint=TUNED, placeholder="tuned default"),
+        ),
+        (Control("local_blend"), Control("detail_transfer")),
+        (Control("temporal_smoothing", step=0.05),),
+        (Control("propagation_temperature", step=0.1),),
+        (
+            Control("random_keyframes", info="a new random offset of the keyframes every step (off: evenly spaced)"),
+            Control("all_keyframes_below"),
+        ),
+        (Control("inject_feature_until"), Control("inject_attention_until")),
+        (Control("hair"),),
+    ),
+}
+# The page's names of the settings it fills from its own fields (the others: `setting_label`).
+OWN_FIELD_LABELS = {
+    "start": "Start (s)",
+    "end": "End (s)",
+    "faces": "Faces to edit",
+    "face_prompts": "Prompt for this face",
+    "allow_out_of_domain": OVERRIDE_LABEL,
+}
 
+
+def _field(name: str):
+    return next(f for f in fields(EditSettings) if f.name == name)
+
+
+def setting_kind(name: str) -> tuple[type, bool]:
+    """(int, float, bool or str; whether it may be unset) of an EditSettings field."""
+    hint = field_type(EditSettings, name)
+    args = typing.get_args(hint)
+    return next((a for a in args if a is not type(None)), hint), type(None) in args
+
+
+def setting_label(name: str) -> str:
+    """The page's name of a setting: its ``label``, else its field name in words."""
+    return _field(name).metadata.get("label") or name.replace("_", " ").capitalize()
+
+
+def page_labels() -> dict[str, str]:
+    """Every setting's name on the page, for :meth:`SettingError.worded`."""
+    return {f.name: setting_label(f.name) for f in fields(EditSettings)} | OWN_FIELD_LABELS
+
+
+def control_info(control: Control) -> str:
+    return _field(control.setting).metadata["help"] if control.info is None else control.info
+
+
+def setting_control(gr, control: Control):
+    """The Gradio control of a setting, made from its field: a checkbox for a switch, a textbox for
+    text, a slider for a float in a closed range, a number field for another number, and a one-line
+    textbox for a number that may be unset (empty is its default: Gradio's number field shows 0 for
+    empty, and 0 is not the default)."""
+    meta = _field(control.setting).metadata
+    kind, optional = setting_kind(control.setting)
+    value = default_of(EditSettings, control.setting) if control.value is None else control.value
+    common = dict(label=control.label, elem_id=control.id, info=control_info(control) or None)
+    common |= dict(min_width=control.min_width, scale=control.scale)
+    if kind is bool:
+        return gr.Checkbox(value=value, **common)
+    if kind is str:
+        return gr.Textbox(value=value, placeholder=control.placeholder, **common)
+    if optional:
+        text = "" if value is None else str(value)
+        return gr.Textbox(value=text, lines=1, max_lines=1, placeholder=control.placeholder, **common)
+    low, high = meta["low"], meta["high"]
+    if kind is float and low is not None and high is not None:
+        step = control.step or (high - low) / 100
+        low, high = low + (step if meta["low_open"] else 0), high - (step if meta["high_open"] else 0)
+        return gr.Slider(low, high, value=value, step=step, **common)
+    return gr.Number(value=value, precision=0 if kind is int else None, placeholder=control.placeholder, **common)
+
+
+def setting_value(name: str, value: Any) -> Any:
+    """A control's value as its setting takes it, checked against the setting's range in the
+    page's name for it (the command line's checks would name its flag); an emptied field is the
+    setting's default."""
+    kind, optional = setting_kind(name)
+    label = setting_label(name)
+    if kind is bool:
+        return bool(value)
+    if kind is str:  # an emptied text with a default (the library adapters' "auto") is that default
+        text, default = value or "", default_of(EditSettings, name)
+        return default if not text.strip() and isinstance(default, str) and default else text
+    if optional:
+        return optional_number(value, label, name)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return default_of(EditSettings, name)
+    if isinstance(value, str):
+        value = parse_value(value, kind, False, label)
+    return check_number(value, kind, label, dict(_field(name).metadata))
+
+
+def shown_settings() -> list[str]:
+    """The settings the page shows, in their order on it."""
+    return [c.setting for rows in PAGE_SETTINGS.values() for row in rows for c in row]
+
+
+# --- the page -------------------------------------------------------------------------------
+
+
+@dataclass
+class Page:
+    """The page's components, as :func:`layout` declares them, for the events to read and set."""
+
+    demo: Any
+    state: Any
+    video: Any
+    sample: Any
+    start: Any
+    end: Any
+    thumb: Any
+    faces: Any
+    face_prompts: list
+    settings: dict[str, Any]  # EditSettings field -> its control (PAGE_SETTINGS)
+    identity_file: Any
+    edit_files: Any
+    edit_weights: Any
+    run: Any
+    allow_out_of_domain: Any
+    status: Any
+    result: Any
+    result_line: Any
+    edited: Any
+    report_file: Any
+    metrics_file: Any
+    summary: Any
+
+    @property
+    def results(self) -> list:
+        """Side by side, the three downloads (edited video, report, metrics), metrics JSON, result line."""
+        return [self.result, self.edited, self.report_file, self.metrics_file, self.summary, self.result_line]
+
+    @property
+    def load_outputs(self) -> list:
+        """What a new input sets: the loaded state, faces and results together (see `_cleared`)."""
+        inputs = [self.start, self.end, self.allow_out_of_domain]
+        return [self.state, self.thumb, self.faces, self.status] + self.results + inputs + self.face_prompts
+
+    @property
+    def run_inputs(self) -> set:
+        """What an edit reads: a set, so that the callback gets one mapping of component to value."""
+        own = {self.state, self.faces, self.start, self.end, self.allow_out_of_domain, *self.face_prompts}
+        return own | {self.identity_file, self.edit_files, self.edit_weights, *self.settings.values()}
+
+
+def _place(gr, controls: dict, section: str, *, inline: bool = False) -> None:
+    """The controls of a section of PAGE_SETTINGS, a row each (or into the row it is in)."""
+    for row in PAGE_SETTINGS[section]:
+        with nullcontext() if inline or len(row) == 1 else gr.Row(equal_height=False):
+            for control in row:
+                controls[control.setting] = setting_control(gr, control)
+
+
+def layout(gr, on_state_deleted) -> Page:
+    """The page, declared: what goes where. The edit settings' controls are made from the settings
+    (PAGE_SETTINGS says which, in which section); the rest is the page's own."""
+    settings: dict[str, Any] = {}
+    place = partial(_place, gr, settings)
     with gr.Blocks(title="ipfacediff") as demo:
-        state = gr.State(None, delete_callback=cleanup)
+        state = gr.State(None, delete_callback=on_state_deleted)
         gr.Markdown(
             "# ipfacediff\nEdit the faces in a video from a text prompt; the person stays "
             "recognisable and the result does not flicker. Upload a video or take the built-in sample."
@@ -1011,18 +957,12 @@ def build(server: Server):
                 sample = gr.Button("Use the built-in sample", elem_id="sample-button", variant="secondary")
                 with gr.Row(equal_height=False):
                     start = gr.Number(
-                        value=None, label="Start (s)", elem_id="range-start", placeholder="clip start", min_width=100
+                        label=OWN_FIELD_LABELS["start"], elem_id="range-start", placeholder="clip start", min_width=100
                     )
                     end = gr.Number(
-                        value=None, label="End (s)", elem_id="range-end", placeholder="clip end", min_width=100
+                        label=OWN_FIELD_LABELS["end"], elem_id="range-end", placeholder="clip end", min_width=100
                     )
-                    fade = gr.Number(
-                        value=default_of(EditSettings, "fade"),
-                        precision=0,
-                        label="Fade (frames)",
-                        elem_id="range-fade",
-                        min_width=100,
-                    )
+                    place("range", inline=True)
                 thumb = gr.Image(
                     label="Detected faces (track ids)",
                     interactive=False,
@@ -1032,7 +972,7 @@ def build(server: Server):
                 )
                 with gr.Row(equal_height=False):
                     faces = gr.CheckboxGroup(
-                        label="Faces to edit", choices=[], elem_id="faces-choice", scale=1, min_width=120
+                        label=OWN_FIELD_LABELS["faces"], choices=[], elem_id="faces-choice", scale=1, min_width=120
                     )
                     with gr.Column(scale=3, min_width=200):
                         face_prompts = [
@@ -1047,49 +987,12 @@ def build(server: Server):
                             for i in range(FACE_PROMPT_SLOTS)
                         ]
             with gr.Column(scale=1):
-                prompt = gr.Textbox(
-                    label="Prompt", value=DEFAULT_PROMPT, elem_id="prompt", placeholder="what the face should show"
-                )
-                source_prompt = gr.Textbox(
-                    label="Source prompt (optional)",
-                    elem_id="source-prompt",
-                    placeholder="what the input shows, e.g. a face",
-                )
-                with gr.Row():
-                    strength = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Strength", elem_id="strength")
-                    steps = gr.Slider(
-                        1, 100, value=default_of(EditSettings, "steps"), step=1, label="Steps", elem_id="steps"
-                    )
-                with gr.Row():
-                    keyframes = gr.Number(
-                        value=0, precision=0, minimum=0, label="Keyframes (0 = one per 8 frames)", elem_id="keyframes"
-                    )
-                    seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                place("prompts")
+                place("main")
                 with gr.Accordion("Identity", open=False):
-                    with gr.Row():
-                        # Text, not a number field: Gradio's number field shows 0 for empty, and
-                        # empty (the tuned default) is not 0 (off).
-                        identity_gradient = gr.Textbox(
-                            value="",
-                            lines=1,
-                            max_lines=1,
-                            label="Identity guidance (empty = the tuned default)",
-                            elem_id="identity-gradient",
-                            placeholder="tuned default",
-                            info="pulls each keyframe's face towards the input's identity in the late steps; "
-                            f"empty: the value the edit's adapter was tuned with (else {DEFAULT_IDENTITY_GRADIENT:g}); "
-                            "0 = off. The result says the value used",
-                        )
-                        identity_gradient_from = gr.Number(
-                            value=default_of(EditSettings, "identity_gradient_from"),
-                            precision=0,
-                            minimum=0,
-                            maximum=1000,
-                            label="From timestep",
-                            elem_id="identity-gradient-from",
-                            info="acts at this timestep and below",
-                        )
+                    place("identity")
                 with gr.Accordion("Adapters (LoRA)", open=False):
+                    place("adapters")
                     identity_file = gr.File(
                         label="Identity adapter ε1 (.safetensors)",
                         file_count="single",
@@ -1109,6 +1012,8 @@ def build(server: Server):
                         placeholder="e.g. 0.8, 1",
                         elem_id="edit-lora-weights",
                     )
+                with gr.Accordion("More settings", open=False):
+                    place("more")
                 run = gr.Button("Edit faces", variant="primary", elem_id="run-button")
                 # Shown when the model refuses a face of this video; a new video unticks and hides it.
                 allow_out_of_domain = gr.Checkbox(
@@ -1135,42 +1040,337 @@ def build(server: Server):
                     "Download the metrics (JSON)", interactive=False, elem_id="metrics-file"
                 )
                 summary = gr.Code(label="Metrics", language="json", interactive=False, elem_id="metrics", visible=False)
+    return Page(
+        demo=demo,
+        state=state,
+        video=video,
+        sample=sample,
+        start=start,
+        end=end,
+        thumb=thumb,
+        faces=faces,
+        face_prompts=face_prompts,
+        settings=settings,
+        identity_file=identity_file,
+        edit_files=edit_files,
+        edit_weights=edit_weights,
+        run=run,
+        allow_out_of_domain=allow_out_of_domain,
+        status=status,
+        result=result,
+        result_line=result_line,
+        edited=edited,
+        report_file=report_file,
+        metrics_file=metrics_file,
+        summary=summary,
+    )
 
+
+# --- the page's events ----------------------------------------------------------------------
+
+
+def _no_download():
+    import gradio as gr
+
+    return gr.update(value=None, interactive=False)
+
+
+def _no_result() -> tuple:
+    """Page.results emptied."""
+    return (None, _no_download(), _no_download(), _no_download(), None, "")
+
+
+def _input_controls(loaded: Loaded | None) -> tuple:
+    """For a new input (or none): the range fields (start, end), the override box (unticked and
+    hidden: an override is for the video it was given for) and the per-face prompt boxes."""
+    import gradio as gr
+
+    seconds = round(loaded.seconds, 3) if loaded else None
+    end_label = f"End (s; the clip is {seconds:g} s)" if seconds else OWN_FIELD_LABELS["end"]
+    ranges = (
+        gr.update(value=0 if loaded else None),
+        gr.update(value=seconds if seconds else None, label=end_label),
+        gr.update(value=False, visible=False),
+    )
+    ids = loaded.ids if loaded else []
+    boxes = tuple(
+        gr.update(
+            visible=i < len(ids),
+            value="",
+            label=f"Prompt for face {ids[i]} (empty = the main prompt)" if i < len(ids) else None,
+        )
+        for i in range(FACE_PROMPT_SLOTS)
+    )
+    return ranges + boxes
+
+
+def _unticked(message: str, allow) -> str:
+    """The status for a new input; says so when it unticked the override box."""
+    return message + (f" ({OVERRIDE_RESET})" if allow else "")
+
+
+def _cleared(kind: str, message: str) -> tuple:
+    """Page.load_outputs with no video loaded: the state, faces image, face choices and results empty."""
+    import gradio as gr
+
+    return (None, None, gr.update(choices=[], value=[]), _status(kind, message)) + _no_result() + _input_controls(None)
+
+
+def _loaded_outputs(server: Server, loaded: Loaded, request, message: str) -> tuple:
+    """Page.load_outputs for a loaded video."""
+    import gradio as gr
+
+    thumb = server.thumbnail(loaded)
+    server.claim(request, "input", [loaded.video, thumb])
+    choices = [(f"face {i}", i) for i in loaded.ids]
+    state = {"loaded": loaded.__dict__, "session": str(server.session_dir(request)), "key": server.session_key(request)}
+    return (
+        (state, str(thumb), gr.update(choices=choices, value=list(loaded.ids)), _status("info", message))
+        + _no_result()
+        + _input_controls(loaded)
+    )
+
+
+def _message(server: Server, error: UserError) -> str:
+    """The one-line message in the page's words (a setting by its label, never a flag), without the
+    session folders' paths (the user knows the file by name)."""
+    text = error.worded(page_labels()) if isinstance(error, SettingError) else str(error)
+    return re.sub(re.escape(str(server.work_dir)) + r"[^\s:]*/", "", text).replace("\n", " ")
+
+
+def _progress_adapter(bar, overall: OverallProgress):
+    """The library's per-stage reports as one bar over the whole run, with the time left."""
+
+    def update(stage: str, done: int, total: int) -> None:
+        bar(overall.update(stage, done, total), desc=overall.text(), unit="")
+
+    return update
+
+
+def _end_state_session(server: Server, value) -> None:
+    # Gradio calls this an hour after the tab closed (its STATE_TTL_WHEN_CLOSED), if ever: the
+    # page's unload event ends the session at once; this only catches what that missed.
+    if isinstance(value, dict) and value.get("key"):
+        server.end_session(value["key"])
+
+
+def adapter_file(path, what: str) -> str | None:
+    """An uploaded adapter's path, refused unless it is a .safetensors file."""
+    if not path:
+        return None
+    if Path(path).suffix.lower() != ".safetensors":
+        raise UserError(f"{what} {Path(path).name} is not a .safetensors file; upload the adapter's .safetensors")
+    return str(path)
+
+
+def adapter_weights(text: str | None, count: int) -> list[float]:
+    """The weights typed for ``count`` uploaded edit adapters (none: 1 each)."""
+    from ipfacediff.models import LORA_WEIGHT_RANGE
+
+    items = [t for t in re.split(r"[,;\s]+", text or "") if t]
+    if not items:
+        return [1.0] * count
+    if len(items) != count:
+        raise UserError(
+            f"{len(items)} weight(s) for {count} edit adapter(s): give one weight per uploaded edit "
+            "adapter, in order, or none (1 each)"
+        )
+    low, high = LORA_WEIGHT_RANGE
+    weights = []
+    for item in items:
+        try:
+            weight = float(item)
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or not low <= weight <= high:
+            raise UserError(
+                f"edit adapter weight {item!r} must be a number from {low:g} to {high:g} (1 = the adapter as trained)"
+            )
+        weights.append(weight)
+    return weights
+
+
+def edit_settings(page: Page, values: dict) -> tuple[Loaded, EditSettings, list[int]]:
+    """The video, the edit's settings and the faces ticked, from the page's values (component ->
+    value): the settings' own controls, and the page's fields that fill settings (the range in
+    seconds, the faces ticked and their prompts, the override box); a mistake is one line."""
+    state = values[page.state]
+    if not state or not state.get("loaded"):
+        raise UserError("no video yet: upload a video or take the built-in sample first")
+    loaded = Loaded(**state["loaded"])
+    if not values[page.faces]:
+        raise UserError("no face chosen: tick at least one face to edit")
+    chosen = sorted(int(f) for f in values[page.faces])
+    own = face_prompt_items(loaded.ids, chosen, [values[box] for box in page.face_prompts])
+    start, end = values[page.start], values[page.end]
+    check_range(start, end, loaded.seconds)
+    mapping = {name: setting_value(name, values[control]) for name, control in page.settings.items()}
+    if not mapping["prompt"].strip() and own and len(own) == len(chosen):  # every face has its own
+        mapping["prompt"] = own[0].partition("=")[2]
+    if not mapping["prompt"].strip():  # in the page's words: the settings' own line names the flag
+        raise UserError(
+            'the prompt is empty: say what the faces should show, e.g. "a face with eyeglasses", '
+            "or give each ticked face its own prompt"
+        )
+    mapping |= {
+        "faces": "all" if chosen == sorted(loaded.ids) else ",".join(str(i) for i in chosen),
+        "face_prompts": own,
+        "start": seconds_text(start),
+        "end": seconds_text(end, clip_seconds=loaded.seconds, end=True),
+        "allow_out_of_domain": bool(values[page.allow_out_of_domain]),
+    }
+    return loaded, EditSettings.from_mapping(mapping), chosen
+
+
+def _run_outputs(out: dict, settings: EditSettings, took: str) -> tuple:
+    """Page.results and the status line for a finished edit (an overridden one says so loudly)."""
+    import gradio as gr
+
+    report, metrics = out["report"], out["metrics"]
+    reused = (
+        " — inversion reused from the cache (same video, same source prompt and steps)"
+        if report.inversion_reused
+        else ""
+    )
+    overridden = overridden_faces(report.domain)
+    if overridden:
+        kind = "warn"
+        text = (
+            f"done, out of the model's domain: {report.message} in {took}, but the model is not made for "
+            f"face(s) {', '.join(overridden)} (\u201cEdit anyway\u201d is ticked). Expect nonsense, whatever "
+            f"the scores below say.{reused}"
+        )
+    else:
+        kind, text = "ok", f"done: {report.message} in {took}{reused}."
+    scores = {
+        k: metrics.get(k) for k in ("id_sim", "id_drift", "tl_id", "tg_id", "warp_error_ratio", "flicker", "frames")
+    }
+    return (
+        str(out["preview"]),
+        gr.update(value=str(out["edited"]), interactive=True),
+        gr.update(value=str(out["report_path"]), interactive=True),
+        gr.update(value=str(out["metrics_path"]), interactive=True),
+        json.dumps(scores, default=str),
+        _result_line(
+            *result_summary(metrics, overridden=bool(overridden)),
+            face_summary(report.faces, settings),
+            warning=override_warning(report.domain) if overridden else "",
+        ),
+        _status(kind, text),
+        gr.update(),
+    )
+
+
+def _input_events(server: Server):
+    """The events of a new input (upload, sample, ×): each sets Page.load_outputs."""
+    import gradio as gr
+
+    def on_upload(video, state, allow, request: gr.Request, bar=gr.Progress()):
+        with server.busy(request):
+            server.forget_input(request, state, keep=[video])
+            if not video:
+                return (gr.update(),) + _cleared("info", _unticked(START, allow))
+            server.claim(request, "input", [video])
+            try:
+                overall = OverallProgress([("faces", 1.0)])
+                loaded = server.load_upload(video, request, _progress_adapter(bar, overall))
+            except UserError as error:  # shown once, in the status line; the rejected file goes
+                server.release(request, "input")
+                return (None,) + _cleared("error", f"error: {_message(server, error)}")
+            found = (
+                f"{len(loaded.ids)} face(s) found in {loaded.frames} frames: choose the faces to edit and type a prompt"
+            )
+            return (gr.update(),) + _loaded_outputs(server, loaded, request, _unticked(found, allow))
+
+    def on_sample(state, allow, request: gr.Request):
+        with server.busy(request):
+            server.forget_input(request, state)
+            loaded = server.load_sample(request)
+            said = f"built-in sample: {loaded.frames} frames, face tracks given (a cartoon face that the detector may miss)"
+            return (loaded.video,) + _loaded_outputs(server, loaded, request, _unticked(said, allow))
+
+    def on_clear(state, allow, request: gr.Request):
+        with server.busy(request):
+            server.forget_input(request, state)
+            return _cleared("info", _unticked(START, allow))
+
+    def on_unload(request: gr.Request):
+        server.end_session(server.session_key(request))
+
+    return on_upload, on_sample, on_clear, on_unload
+
+
+def _run_event(server: Server, page: Page):
+    """The Edit button's event: reads Page.run_inputs as one mapping, sets Page.results, the status
+    line and the override box."""
+    import gradio as gr
+
+    def on_run(values: dict, request: gr.Request, bar=gr.Progress()):
+        with server.busy(request) as session:
+            try:
+                loaded, settings, chosen = edit_settings(page, values)
+                frames = range(loaded.frames)
+                if loaded.fps:  # a bad range is refused before any model loads
+                    frames = settings.frame_range(loaded.fps, loaded.frames, times=loaded.times)
+                identity_lora = adapter_file(values[page.identity_file], "identity adapter")
+                edit_paths = [adapter_file(f, "edit adapter") for f in values[page.edit_files] or []]
+                edit_loras = tuple(zip(edit_paths, adapter_weights(values[page.edit_weights], len(edit_paths))))
+                server.claim(request, "adapters", [identity_lora, *edit_paths])
+                overall = OverallProgress(
+                    run_phases(
+                        settings,
+                        frames=len(frames),
+                        clip_frames=loaded.frames,
+                        megapixels=loaded.megapixels,
+                        load_models=not server.has_pipeline(identity_lora, edit_loras),
+                    ),
+                    per_face=PER_FACE_STAGES,
+                    faces=sum(settings.prompt_for(face) is not None for face in chosen),
+                )
+                out = server.run(
+                    loaded,
+                    settings,
+                    request,
+                    identity_lora=identity_lora,
+                    edit_loras=edit_loras,
+                    progress=_progress_adapter(bar, overall),
+                )
+            except UserError as error:  # shown once, in the status line; no stale result beside it
+                shutil.rmtree(session / "runs", ignore_errors=True)
+                server.release(request, "result")
+                if isinstance(error, OutOfDomainError):  # in the page's words, and the override box shown
+                    return _no_result() + (_status("error", refusal_text(error)), gr.update(visible=True))
+                return _no_result() + (_status("error", f"error: {_message(server, error)}"), gr.update())
+            shown_files = [out["preview"], out["edited"], out["report_path"], out["metrics_path"]]
+            for old in (session / "runs").iterdir():  # the previous result leaves the page: and the disk
+                if old != Path(out["edited"]).parent:
+                    shutil.rmtree(old, ignore_errors=True)
+            server.release(request, "result", keep=shown_files)
+            server.claim(request, "result", shown_files)
+        took = f"{overall.clock() - overall.started:.1f} s"  # the whole run: the edit, the preview and the scores
+        return _run_outputs(out, settings, took)
+
+    return on_run
+
+
+def build(server: Server):
+    """The Gradio Blocks of the page, bound to ``server``."""
+    import gradio as gr
+
+    page = layout(gr, partial(_end_state_session, server))
+    on_upload, on_sample, on_clear, on_unload = _input_events(server)
+    with page.demo:
         # Every new input (upload, sample, ×) sets the loaded state, faces and results together; one
         # progress bar, on the status line, follows the stages as the pipeline reports them.
-        results = [result, edited, report_file, metrics_file, summary, result_line]
-        load_outputs = [state, thumb, faces, status] + results + [start, end, allow_out_of_domain] + face_prompts
-        once = dict(show_progress="full", show_progress_on=[status])
-        video.upload(on_upload, [video, state, allow_out_of_domain], [video] + load_outputs, **once)
-        video.clear(on_clear, [state, allow_out_of_domain], load_outputs, show_progress="hidden")
-        sample.click(on_sample, [state, allow_out_of_domain], [video] + load_outputs, **once)
-        run.click(
-            on_run,
-            [
-                state,
-                faces,
-                prompt,
-                source_prompt,
-                strength,
-                keyframes,
-                steps,
-                seed,
-                identity_file,
-                edit_files,
-                edit_weights,
-                start,
-                end,
-                fade,
-                identity_gradient,
-                identity_gradient_from,
-                allow_out_of_domain,
-            ]
-            + face_prompts,
-            results + [status, allow_out_of_domain],
-            **once,
-        )
-        demo.unload(on_unload)
-    return demo
+        once = dict(show_progress="full", show_progress_on=[page.status])
+        new_input = [page.state, page.allow_out_of_domain]
+        page.video.upload(on_upload, [page.video] + new_input, [page.video] + page.load_outputs, **once)
+        page.video.clear(on_clear, new_input, page.load_outputs, show_progress="hidden")
+        page.sample.click(on_sample, new_input, [page.video] + page.load_outputs, **once)
+        run_outputs = page.results + [page.status, page.allow_out_of_domain]
+        page.run.click(_run_event(server, page), page.run_inputs, run_outputs, **once)
+        page.demo.unload(on_unload)
+    return page.demo
 
 
 def launch(

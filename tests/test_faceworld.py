@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ipfacediff.face import CANONICAL_FIVE_POINTS, FaceTracks
-from ipfacediff.faceworld import (
+from faceworld import (
     EDITS,
     HAIR_COLOURS,
     HELD_OUT_IDS,
@@ -26,8 +26,8 @@ from ipfacediff.faceworld import (
     render_face,
     write_clip,
 )
-from ipfacediff.faceworld import render as fw_render
-from ipfacediff.faceworld.identity import WORLD_SEED
+from faceworld import render as fw_render
+from faceworld.identity import WORLD_SEED
 
 GREY = (128, 128, 128)
 
@@ -111,7 +111,8 @@ def test_edits_touch_only_their_region_in_aligned_crops():
 
 
 def test_contact_sheet(tmp_path):
-    from ipfacediff.faceworld.__main__ import SHEET_COLUMNS, contact_sheet, main
+    from faceworld.cli import main
+    from faceworld.sheet import SHEET_COLUMNS, contact_sheet
 
     sheet = contact_sheet([0, 1000], size=32)
     assert sheet.shape == (64, 32 * len(SHEET_COLUMNS), 3)
@@ -120,10 +121,10 @@ def test_contact_sheet(tmp_path):
 
 
 def test_faceworld_commands_are_typer_subcommands_with_one_line_errors(tmp_path, capsys):
-    """`ipfacediff faceworld` and its alias `python -m ipfacediff.faceworld` are one typer app: every
+    """`ipfacediff faceworld` and `python -m faceworld` are one typer app: every
     subcommand has its --help, and a mistake is one `error:` line with exit code 2."""
     from ipfacediff.cli import main as cli_main
-    from ipfacediff.faceworld.__main__ import main
+    from faceworld.cli import main
 
     def run(command, argv):
         try:
@@ -144,7 +145,7 @@ def test_faceworld_commands_are_typer_subcommands_with_one_line_errors(tmp_path,
         (["render", "clip"], ["--ids", "--seed", "--frames", "--size", "--edit", "--tracks"]),
     ):
         code, text, _ = run(main, [*argv, "--help"])
-        assert code == 0 and "python -m ipfacediff.faceworld " + " ".join(argv) in " ".join(text.split())
+        assert code == 0 and "python -m faceworld " + " ".join(argv) in " ".join(text.split())
         assert all(option in text for option in options), (argv, text)
     for argv, message in (
         (["render", "clip", str(tmp_path / "c.mp4"), "--edit", "wings"], "--edit must be one of"),
@@ -153,6 +154,33 @@ def test_faceworld_commands_are_typer_subcommands_with_one_line_errors(tmp_path,
     ):
         code, _, err = run(main, argv)
         assert code == 2 and err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("module", ["faceworld", "ipfacediff.faceworld"])
+def test_python_m_runs_the_group_in_a_process_of_its_own(module, tmp_path):
+    """``python -m faceworld`` (and the deprecated ``python -m ipfacediff.faceworld``): the core's
+    runner, so a usage mistake is one ``error:`` line naming the program, with exit code 2."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", module, "render", "clip", str(tmp_path / "c.mp4"), "--frames", "x"]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith("error: render clip: Invalid value for '--frames'")
+    assert lines[0].endswith(f"(see `python -m {module} render clip --help`)")
+    assert not (tmp_path / "c.mp4").exists()
+
+
+def test_the_demo_edits_the_clip_faceworld_registers(tmp_path):
+    """``ipfacediff demo`` names no FaceWorld module: its clip comes through the entry point."""
+    from faceworld.scene import demo_clip as registered
+    from ipfacediff.demo import demo_clip
+    from ipfacediff.video import probe_video
+
+    tracks = demo_clip(tmp_path / "d.mp4", frames=3)
+    assert tracks.to_json() == registered(frames=3).tracks.to_json()
+    assert probe_video(tmp_path / "d.mp4").frame_count == 3 and not (tmp_path / "d.tone.mp4").exists()
 
 
 def test_edit_definitions():

@@ -11,15 +11,15 @@ import pytest
 import torch
 
 from ipfacediff.errors import UserError
-from ipfacediff.faceworld.adapters import (
+from faceworld.adapters import (
     ADAPTER_GUIDANCES,
     ADAPTER_WEIGHTS,
     BLEND_THRESHOLDS,
     EDIT_WORDS,
     train_adapters,
 )
-from ipfacediff.faceworld.attributes import EDITS, Attributes, caption
-from ipfacediff.faceworld.train import train_faceworld_models
+from faceworld.attributes import EDITS, Attributes, caption
+from faceworld.train import train_faceworld_models
 from ipfacediff.models import ADAPTER_LIBRARY, AdapterLibrary, pick_edit_adapters
 from ipfacediff.settings import EditSettings
 
@@ -208,7 +208,7 @@ def test_a_broken_library_is_one_clear_error(tmp_path, edit):
 
 def test_cli_rejects_an_unknown_adapter_in_one_line(model, tmp_path, capsys):
     from ipfacediff.cli import main
-    from ipfacediff.faceworld import render_clip
+    from faceworld import render_clip
     from ipfacediff.video import write_video
 
     folder, _ = model
@@ -241,7 +241,7 @@ def test_edit_pairs_are_the_same_render_with_the_edit_made(tmp_path):
     """ε2's before/after pairs: same names, same person, pose and background; only the edit differs."""
     import cv2
 
-    from ipfacediff.faceworld.adapters import write_faces
+    from faceworld.adapters import write_faces
 
     before = write_faces(tmp_path / "before", 4, seed=3, without="eyeglasses", edited=tmp_path / "after")
     names = sorted(p.name for p in before.glob("*.png"))

@@ -31,7 +31,7 @@ def test_shipped_models_load_through_the_normal_loader():
 
 
 def test_shipped_models_bring_their_identity_and_edit_adapters():
-    from ipfacediff.faceworld import EDITS, Attributes
+    from faceworld import EDITS, Attributes
     from ipfacediff.job import load_pipeline
     from ipfacediff.models import AdapterLibrary
 
@@ -48,8 +48,8 @@ def test_shipped_models_bring_their_identity_and_edit_adapters():
 
 
 def test_an_edit_of_a_held_out_person_raises_the_oracles_probability(tmp_path):
-    from ipfacediff.faceworld import render_clip
-    from ipfacediff.faceworld.oracles import AttributeOracle
+    from faceworld import render_clip
+    from faceworld.oracles import AttributeOracle
     from ipfacediff.face import alignment_transforms, crop_face
     from ipfacediff.job import edit_video, load_pipeline
     from ipfacediff.models import AdapterLibrary

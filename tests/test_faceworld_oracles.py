@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, Attributes, dataset, identity, is_held_out
-from ipfacediff.faceworld.oracles import (
+from faceworld import EDITS, HELD_OUT_IDS, Attributes, dataset, identity, is_held_out
+from faceworld.oracles import (
     ATTRIBUTE_NAMES,
     PRESETS,
     AttributeOracle,

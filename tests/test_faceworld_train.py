@@ -12,15 +12,15 @@ from transformers import CLIPModel, CLIPTokenizer
 
 from ipfacediff.errors import UserError
 from ipfacediff.settings import EditSettings
-from ipfacediff.faceworld import caption, dataset, random_attributes
-from ipfacediff.faceworld.train import (
+from faceworld import caption, dataset, random_attributes
+from faceworld.cli import main
+from faceworld.train import (
     PRESETS,
     PROMPT_WORDS,
     SHIPPED_LIMIT_BYTES,
     STATE_DIR,
     build_tokenizer,
     caption_words,
-    main,
     shipped_fp16_bytes,
     train_faceworld_models,
 )
@@ -71,7 +71,7 @@ def test_resume_continues_where_the_run_was_killed(run):
     with pytest.raises(UserError, match="--resume"):
         train_faceworld_models(output, preset="smoke")
     with pytest.raises(SystemExit) as exit_info:
-        main([str(output), "--preset", "smoke"])
+        main(["train", str(output), "--preset", "smoke"])
     assert exit_info.value.code == 2
 
 

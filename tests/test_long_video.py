@@ -7,8 +7,8 @@ import errno
 import numpy as np
 import pytest
 
-from ipfacediff import diffusion
 from ipfacediff.diffusion import CACHE_CHUNK, InversionCache, chunk_bounds
+from ipfacediff.diffusion import cache as cache_files
 from ipfacediff.editing import ANCHOR_KEYFRAMES, cross_fade, edit_windows
 from ipfacediff.errors import UserError
 from ipfacediff.settings import EditSettings
@@ -55,21 +55,27 @@ def test_a_clip_within_one_window_is_edited_exactly_as_before(tiny_pipe, tmp_pat
 
 def test_a_long_clip_is_edited_in_windows_holding_one_window_of_latents(tiny_pipe, tmp_path, monkeypatch):
     frames = drifting(75)
-    held = []
-    invert = type(tiny_pipe).invert
+    held, anchored = [], []
+    invert, denoise = type(tiny_pipe).invert, type(tiny_pipe).denoise
 
     def recording(self, *args, **kwargs):
         inverted, source = invert(self, *args, **kwargs)
         held.append(len(inverted.clean))
         return inverted, source
 
+    def recording_anchors(self, inverted, embeds, settings, plan, window, *args, **kwargs):
+        anchored.append(window.anchor_rows)
+        return denoise(self, inverted, embeds, settings, plan, window, *args, **kwargs)
+
     monkeypatch.setattr(type(tiny_pipe), "invert", recording)
+    monkeypatch.setattr(type(tiny_pipe), "denoise", recording_anchors)
     stages = set()
     cache = InversionCache(tmp_path / "cache")
     result = tiny_pipe(frames, settings(window=32), cache=cache, progress=lambda stage, done, total: stages.add(stage))
     assert result.windows == 4 and result.frames.shape == frames.shape
-    # one window and its anchors in memory, never the clip
-    assert held == [32] + [32 + ANCHOR_KEYFRAMES] * 2 + [27 + ANCHOR_KEYFRAMES]
+    # one window and its anchors in memory, never the clip; the inversion holds the window's frames only
+    assert held == [32] * 3 + [27]
+    assert anchored == [0] + [ANCHOR_KEYFRAMES] * 3
     assert {"windows", "edit window 1/4", "edit window 4/4", "invert window 2/4"} <= stages
     # every frame keyframed somewhere, and the anchors (the first window's) at every step
     assert all(len(step) > 4 for step in result.keyframes_per_step)
@@ -125,7 +131,7 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path, monkeypatc
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(diffusion, "write_atomic", full)
+    monkeypatch.setattr(cache_files, "write_atomic", full)
     with pytest.raises(UserError) as error:
         cache.save("a", "step_0000", tensors(1))
     assert "\n" not in str(error.value) and "full" in str(error.value) and "--cache-max-gb" in str(error.value)
@@ -197,12 +203,12 @@ def test_a_windows_stages_share_their_bar_and_start_it_afresh():
     from rich.console import Console
     from rich.progress import Progress
 
-    from ipfacediff.progress import progress_bars
+    from ipfacediff.progress import Stage, progress_bars
 
     with progress_bars(Console(force_terminal=True, width=100, file=io.StringIO())) as update:
         update("windows", 0, 3)
-        update("edit window 1/3", 4, 4)
-        update("edit window 2/3", 1, 4)
+        update(Stage("edit", 0, 3), 4, 4)
+        update(Stage("edit", 1, 3), 1, 4)
         # the rich display, reached through the callback's closure
         bars = next(c.cell_contents for c in update.__closure__ if isinstance(c.cell_contents, Progress))
         assert [t.description for t in bars.tasks] == ["windows", "edit window 2/3"]

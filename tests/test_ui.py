@@ -3,6 +3,7 @@
 Skipped when gradio, playwright (the Python client) or /usr/bin/chromium is missing.
 """
 
+import dataclasses
 import os
 import re
 import signal
@@ -75,7 +76,7 @@ def test_range_and_face_prompt_fields():
 
 
 def test_the_overall_progress_runs_once_from_0_to_1_through_every_stage():
-    from ipfacediff.progress import OverallProgress, duration_words
+    from ipfacediff.progress import OverallProgress, Stage, duration_words
     from ipfacediff.settings import EditSettings
     from ipfacediff.ui import PER_FACE_STAGES, run_phases
 
@@ -85,11 +86,11 @@ def test_the_overall_progress_runs_once_from_0_to_1_through_every_stage():
     overall = OverallProgress(phases, per_face=PER_FACE_STAGES, faces=2, clock=lambda: now[0])
     # two faces, the second a long clip's two windows; the stages start again at 0 each time
     reports = [("loading models", 0, 1)]
-    for windows in ([""], [" window 1/2", " window 2/2"]):
+    for windows in ([(0, 1)], [(0, 2), (1, 2)]):
         for window in windows:
-            reports += [(f"invert{window}", d, 4) for d in range(1, 5)]
-            reports += [(f"edit region{window}", d, 3) for d in range(1, 4)]
-            reports += [(f"edit{window}", d, 4) for d in range(1, 5)]
+            reports += [(Stage("invert", *window), d, 4) for d in range(1, 5)]
+            reports += [(Stage("edit region", *window), d, 3) for d in range(1, 4)]
+            reports += [(Stage("edit", *window), d, 4) for d in range(1, 5)]
     reports += [(stage, d, 20) for stage in ("write", "faces (edited)", "evaluate") for d in (1, 10, 20)]
     reports += [("report", 0, 1), ("report", 1, 1)]
     fractions, texts = [], []
@@ -137,6 +138,95 @@ def test_range_fields_are_checked_against_the_clip():
         with pytest.raises(UserError, match=re.escape(says)):
             optional_number(text, "Identity guidance", "identity_gradient")
     assert minutes_words(1) == "1 minute" and minutes_words(0.5) == "0.5 minutes" and minutes_words(60) == "60 minutes"
+
+
+def test_the_page_controls_are_made_from_the_settings():
+    """Each control the page shows for a setting is made from its field: kind, label, first value
+    and range; no label or help on the page names a flag."""
+    import gradio as gr
+
+    from ipfacediff.settings import EditSettings, default_of, flag_of
+    from ipfacediff.ui import DEFAULT_PROMPT, PAGE_SETTINGS, control_info, layout, setting_label, shown_settings
+
+    page = layout(gr, lambda value: None)
+    shown = shown_settings()
+    assert list(page.settings) == shown and len(set(shown)) == len(shown)
+    assert len(shown) >= 20  # more than the 14 the page once filled by hand, with the page's own fields
+    fields = {f.name: f for f in dataclasses.fields(EditSettings)}
+    for control in (c for rows in PAGE_SETTINGS.values() for row in rows for c in row):
+        component, meta = page.settings[control.setting], fields[control.setting].metadata
+        assert component.label.startswith(setting_label(control.setting)), component.label
+        assert component.elem_id == control.id
+        for text in (component.label, control_info(control)):
+            assert "--" not in text and flag_of(control.setting, meta) not in text, text
+        default = default_of(EditSettings, control.setting)
+        if isinstance(component, gr.Slider):
+            low = meta["low"] + (control.step if meta["low_open"] else 0)
+            high = meta["high"] - (control.step if meta["high_open"] else 0)
+            assert (component.minimum, component.maximum, component.value) == (low, high, default), control
+        elif isinstance(component, gr.Number):
+            assert component.value == default and component.precision == (0 if isinstance(default, int) else None)
+        elif isinstance(component, gr.Checkbox):
+            assert component.value is default
+        elif default is None:  # a number that may be unset: empty text, not Gradio's 0
+            assert isinstance(component, gr.Textbox) and component.value == "" and "empty =" in component.label
+        else:
+            assert component.value == (DEFAULT_PROMPT if control.setting == "prompt" else default), control
+    assert isinstance(page.settings["strength"], gr.Slider) and page.settings["strength"].minimum == 0.05
+    assert isinstance(page.settings["identity_gradient"], gr.Textbox)
+    assert page.settings["fade"].label == "Fade (frames)" and page.settings["fade"].elem_id == "range-fade"
+
+
+def test_the_page_reads_its_controls_into_one_settings_object(tmp_path):
+    """The Edit button's one mapping of controls becomes the settings: untouched, the command
+    line's defaults; a bad value is one line in the page's words."""
+    import gradio as gr
+
+    from ipfacediff.errors import SettingError, UserError
+    from ipfacediff.settings import EditSettings
+    from ipfacediff.ui import DEFAULT_PROMPT, Loaded, Server, _message, edit_settings, layout
+
+    page = layout(gr, lambda value: None)
+    loaded = Loaded("v.mp4", "t.json", 24, [0, 3], 12.0, 64, 64)
+    values = {component: component.value for component in page.run_inputs}
+    values |= {page.state: {"loaded": loaded.__dict__}, page.faces: [0, 3], page.start: 0, page.end: 2.0}
+    _, settings, chosen = edit_settings(page, values)
+    assert chosen == [0, 3]
+    assert settings == EditSettings(prompt=DEFAULT_PROMPT), settings.to_dict()
+
+    values |= {page.faces: [3], page.face_prompts[1]: "a beard", page.end: 1.5}
+    values |= {page.settings[k]: v for k, v in [("seed", None), ("steps", 7), ("keyframes", " 3 ")]}
+    values |= {page.settings["identity_gradient"]: "0", page.settings["local_blend"]: False}
+    values |= {page.settings["adapters"]: " "}  # emptied: the default, "auto"
+    _, settings, _ = edit_settings(page, values)
+    assert settings.adapters == "auto"
+    assert (settings.faces, settings.face_prompts, settings.end, settings.seed) == ("3", ("3=a beard",), "1.5", 0)
+    assert (settings.steps, settings.keyframes, settings.identity_gradient, settings.local_blend) == (7, 3, 0.0, False)
+
+    for name, value, says in [
+        ("steps", 0, "Steps must be in [1, 1000], got 0"),
+        ("keyframes", "2.5", "Keyframes must be an integer, got 2.5"),
+        ("fade", -1, "Fade (frames) must be in [0, 10000], got -1"),
+        ("guidance", "x", "Guidance scale must be a number, or empty for the default"),
+        ("inject_feature_until", 1001, "Inject features until timestep must be in [0, 1000]"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(says)) as refused:
+            edit_settings(page, values | {page.settings[name]: value})
+        assert "--" not in str(refused.value)
+    # an empty prompt is taken from the faces' own when each ticked face has one, else refused
+    values[page.settings["prompt"]] = " "
+    assert edit_settings(page, values)[1].prompt == "a beard"
+    with pytest.raises(UserError, match="the prompt is empty: say what the faces should show") as refused:
+        edit_settings(page, values | {page.faces: [0, 3]})
+    assert "--" not in str(refused.value)
+    server = Server(model=None, work_dir=tmp_path, max_upload_mb=10, max_seconds=60)
+    for setting, said in [
+        ("fade", "Fade (frames)"),
+        ("start", "Start (s)"),
+        ("identity_gradient", "Identity guidance"),
+    ]:
+        error = SettingError(setting, f"{{setting}} is wrong in {tmp_path}/sessions/abc/v.mp4")
+        assert str(error).startswith("--") and _message(server, error) == f"{said} is wrong in v.mp4"
 
 
 def free_port() -> int:

@@ -8,11 +8,11 @@ whole CLIPModel with its tokenizer, for the directional CLIP loss and the evalua
 ``OUTPUT/training.json`` (what was trained, for how long, how well, with which versions).
 
     ipfacediff faceworld train OUTPUT [--preset smoke|cpu-1h|cpu|gpu] [--device auto] [--resume]
-    (the same as python -m ipfacediff.faceworld.train ...)
+    (the same as python -m faceworld train ...)
 
 The stages run in order, each on the last one's result:
 
-1. data: training-split items of :func:`ipfacediff.faceworld.dataset`, each rendered twice, with
+1. data: training-split items of :func:`faceworld.dataset`, each rendered twice, with
    its own attributes and with one captioned attribute changed (same person, pose, light and
    backdrop: the hard negative CLIP needs to look at the attributes rather than the person);
    a few more items, never trained on, are held out for the scores;
@@ -49,7 +49,6 @@ import math
 import os
 import re
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -67,10 +66,11 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, C
 
 from ipfacediff.diffusion import Progress
 from ipfacediff.errors import UserError
-from ipfacediff.faceworld.attributes import Attributes, caption
-from ipfacediff.faceworld.identity import HAIR_COLOURS
-from ipfacediff.faceworld.scene import dataset_item, random_attributes
+from faceworld.attributes import Attributes, caption
+from faceworld.identity import HAIR_COLOURS
+from faceworld.scene import dataset_item, random_attributes
 from ipfacediff.files import write_json
+from ipfacediff.job import pick_device
 from ipfacediff.models import CLIP_MEAN, CLIP_STD, SD1_SCHEDULER_CONFIG, byte_symbols, library_versions
 
 SIZE = 64  # image side: FaceWorld's aligned crops, and the SD folder's resolution
@@ -773,12 +773,6 @@ def train_decoder(ctx: _Context, data: Data, vae: AutoencoderKL) -> tuple[Autoen
 # The whole run
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _start(output: Path, preset: str, seed: int, resume: bool) -> dict | None:
     """Check the output folder; returns the report of a run that is already complete."""
     state = output / STATE_DIR
@@ -821,7 +815,7 @@ def train_faceworld_models(
     output = Path(output)
     finished = _start(output, preset, seed, resume)
     chosen = PRESETS[preset]
-    target = resolve_device(device)
+    target = pick_device(device)
     if finished is not None:
         if chosen.decoder is None or "decoder" in finished["stages"]:
             return finished
@@ -992,14 +986,3 @@ def progress_lines() -> Progress:
             print(f"{stage}: {done}/{total}", flush=True)
 
     return show
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ipfacediff.faceworld.train``: ``ipfacediff faceworld train`` under that name."""
-    from ipfacediff.cli import faceworld_main
-
-    faceworld_main(["train", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

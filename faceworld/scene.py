@@ -37,9 +37,9 @@ from ipfacediff.face import (
     box_from_points,
     similarity_transform,
 )
-from ipfacediff.faceworld.attributes import Attributes, Edit, caption, region_mask
-from ipfacediff.faceworld.identity import HAIR_COLOURS, identity, split_ids
-from ipfacediff.faceworld.render import (
+from faceworld.attributes import Attributes, Edit, caption, region_mask
+from faceworld.identity import HAIR_COLOURS, identity, split_ids
+from faceworld.render import (
     Lighting,
     Pose,
     _draw_faces,
@@ -308,6 +308,15 @@ def render_clip(
     ids = (int(identity_ids),) if np.isscalar(identity_ids) else tuple(int(i) for i in identity_ids)
     wh = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
     return Clip(ids, _per_face(attributes_per_face, len(ids)), int(seed), int(frames), wh, float(fps))
+
+
+DEMO_IDENTITY = 1007  # held out: never rendered for training (ids >= 1000)
+
+
+def demo_clip(frames: int = 24) -> Clip:
+    """The clip ``ipfacediff demo`` edits (an ``ipfacediff.demo_clips`` entry point): a held-out
+    person moving, turning, blinking and talking."""
+    return render_clip(DEMO_IDENTITY, seed=3, frames=frames, size=256, fps=12.0)
 
 
 def write_clip(

@@ -3,7 +3,7 @@
 How a face is drawn
     Every part of a face (head, ears, hair, eyes, brows, nose, mouth, beard, glasses, hat, neck
     and shoulders) is a polygon or polyline in *face-local* coordinates (a crop of side 1.0, see
-    :mod:`ipfacediff.faceworld.identity`). For a pose the points go through one chain:
+    :mod:`faceworld.identity`). For a pose the points go through one chain:
 
     1. head turn: each point gets a depth (a flattened ellipsoid head plus the part's protrusion,
        e.g. the nose tip stands out) and is rotated by yaw about a vertical axis and by pitch about
@@ -42,8 +42,8 @@ import cv2
 import numpy as np
 
 from ipfacediff.face import ALIGNMENT_WEIGHTS, CANONICAL_FIVE_POINTS, similarity_transform
-from ipfacediff.faceworld.attributes import Attributes
-from ipfacediff.faceworld.identity import HAIR_COLOURS, Identity
+from faceworld.attributes import Attributes
+from faceworld.identity import HAIR_COLOURS, Identity
 
 # --- poses and light ---------------------------------------------------------------------------
 

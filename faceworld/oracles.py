@@ -28,7 +28,7 @@ held-out identities and writes ``OUTPUT/identity/``, ``OUTPUT/attributes/`` (``c
 ``model.safetensors``, fp16) and ``OUTPUT/oracles.json``::
 
     ipfacediff faceworld oracles OUTPUT --preset smoke|cpu|gpu [--device auto] [--seed 0]
-    (the same as python -m ipfacediff.faceworld.oracles ...)
+    (the same as python -m faceworld oracles ...)
 
 Presets: ``smoke`` (seconds; the tests), ``cpu`` (about 13 minutes on two busy cores: 16k renders,
 8 minutes for the identity net, 2 for the oracle), ``gpu`` (about 85 s on one H100 with 16 cores:
@@ -48,7 +48,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -61,10 +60,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ipfacediff.faceworld.attributes import EDITS, OLD_AGE, SMILING, Attributes
-from ipfacediff.faceworld.identity import HAIR_COLOURS, HELD_OUT_IDS, TRAIN_IDS, Identity, identity, is_held_out
-from ipfacediff.faceworld.render import Lighting, Pose, hair_rgb, render_scene
-from ipfacediff.faceworld.scene import DatasetItem, align_pose, misaligned, random_attributes
+from ipfacediff.job import pick_device
+from faceworld.attributes import EDITS, OLD_AGE, SMILING, Attributes
+from faceworld.identity import HAIR_COLOURS, HELD_OUT_IDS, TRAIN_IDS, Identity, identity, is_held_out
+from faceworld.render import Lighting, Pose, hair_rgb, render_scene
+from faceworld.scene import DatasetItem, align_pose, misaligned, random_attributes
 
 __all__ = [
     "ATTRIBUTE_NAMES",
@@ -166,7 +166,7 @@ _COLOUR_PARAMS = ("skin", "iris", "lip", "hair")
 def identity_parameters(person: int | Identity) -> np.ndarray:
     """A person's visible parameters as one float vector (scalars, colours / 255, hair style and
     parting one-hot, freckles, number of moles); :func:`_standardised_parameters` scales them."""
-    from ipfacediff.faceworld.identity import HAIR_STYLES
+    from faceworld.identity import HAIR_STYLES
 
     idt = identity(person) if isinstance(person, (int, np.integer)) else person
     values = [float(getattr(idt, k)) for k in _SCALAR_PARAMS]
@@ -599,7 +599,7 @@ class AttributeOracle(nn.Module):
             "alignment": "ipfacediff.face.CANONICAL_FIVE_POINTS",
             "attributes": list(ATTRIBUTE_NAMES),
             "arch": self.net.arch,
-            "labels": "ipfacediff.faceworld.oracles.attribute_labels",
+            "labels": "faceworld.oracles.attribute_labels",
             "dtype_on_disk": "float16",
             **{k: v for k, v in self.metadata.items() if k not in ("kind", "arch", "attributes")},
         }
@@ -726,12 +726,6 @@ def _augment(x: torch.Tensor, gen: torch.Generator, *, flip: bool) -> torch.Tens
     noisy = (torch.rand(b, 1, 1, 1, generator=gen, device=dev) < 0.3).float()
     x = x + noisy * torch.randn(x.shape, generator=gen, device=dev) * u(0.0, 0.04, 1, 1, 1)
     return x.clamp(-1, 1)
-
-
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 class _Schedule:
@@ -1058,7 +1052,7 @@ def train_oracles(
             raise ValueError(f"unknown preset {preset!r}: choose from {sorted(PRESETS)}")
         preset = PRESETS[preset]
     log = progress or (lambda message: None)
-    dev = _resolve_device(device)
+    dev = pick_device(str(device))
     if workers is None:
         workers = preset.workers if preset.workers is not None else (os.cpu_count() or 1)
     output = Path(output)
@@ -1098,7 +1092,7 @@ def train_oracles(
     seconds["evaluate"] = round(time.perf_counter() - t, 1)
     id_model.same_person_threshold = metrics["identity"]["same_person_threshold"]
     id_model.metadata = {
-        "trained_by": "ipfacediff.faceworld.oracles",
+        "trained_by": "faceworld.oracles",
         "preset": name,
         "seed": seed,
         "held_out": {
@@ -1107,7 +1101,7 @@ def train_oracles(
         },
     }
     oracle.metadata = {
-        "trained_by": "ipfacediff.faceworld.oracles",
+        "trained_by": "faceworld.oracles",
         "preset": name,
         "seed": seed,
         "held_out_accuracy": {k: v["accuracy"] for k, v in metrics["attributes"]["per_attribute"].items()},
@@ -1144,14 +1138,3 @@ def train_oracles(
     (output / "oracles.json").write_text(json.dumps(report, indent=2) + "\n")
     log(f"wrote {output} in {seconds['total']}s")
     return {**report, "training_identity_ids": used, "heldout_ids": [int(i) for i in heldout.identity_ids]}
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ipfacediff.faceworld.oracles``: ``ipfacediff faceworld oracles`` under that name."""
-    from ipfacediff.cli import faceworld_main
-
-    faceworld_main(["oracles", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

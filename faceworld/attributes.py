@@ -16,7 +16,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ipfacediff.faceworld.identity import HAIR_COLOURS
+from faceworld.identity import HAIR_COLOURS
 
 
 @dataclass(frozen=True)

@@ -7,11 +7,11 @@ renders of *training* identities, and writes ``MODEL/adapters/`` so that the nor
 them without flags (:class:`ipfacediff.models.AdapterLibrary`)::
 
     ipfacediff faceworld adapters MODEL [--preset smoke|cpu|gpu] [--identity-net DIR] [--resume]
-    (the same as python -m ipfacediff.faceworld.adapters ...)
+    (the same as python -m faceworld adapters ...)
 
 1. identity net: the trainers' identity loss needs an ArcFace stand-in. It is *not* the identity
    net the benchmark scores with (``MODEL/oracles/identity``): unless ``--identity-net`` is given,
-   a second one is trained here (:func:`ipfacediff.faceworld.oracles.train_oracles`, seed + 1), so
+   a second one is trained here (:func:`faceworld.oracles.train_oracles`, seed + 1), so
    the adapters are not fitted to their judge;
 2. ε1 (``adapters/identity``): the denoising loss on FaceWorld faces with the empty prompt plus the
    identity term on one-step estimates;
@@ -27,7 +27,6 @@ validation losses; ``MODEL/adapters/adapters.json`` is written last.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -35,8 +34,8 @@ from pathlib import Path
 import cv2
 
 from ipfacediff.errors import UserError
-from ipfacediff.faceworld.attributes import EDITS, Attributes, caption
-from ipfacediff.faceworld.scene import dataset_item
+from faceworld.attributes import EDITS, Attributes, caption
+from faceworld.scene import dataset_item
 from ipfacediff.library import (  # noqa: F401 - EDIT_WORDS and the tuned values are FaceWorld's, kept importable here
     ADAPTER_GUIDANCES,
     ADAPTER_WEIGHTS,
@@ -180,7 +179,7 @@ def train_adapters(
     if identity_net is None:
         identity_net = work / "identity_net" / "identity"
         if not (identity_net / "config.json").is_file():
-            from ipfacediff.faceworld.oracles import train_oracles
+            from faceworld.oracles import train_oracles
 
             log(f"identity net for the trainers: oracles preset {chosen.oracles_preset}, seed {seed + 1}")
             tick = time.perf_counter()
@@ -253,14 +252,3 @@ def train_adapters(
             text = text.replace(json.dumps(prefix)[1:-1], "MODEL")
         report_file.write_text(text)
     return report
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m ipfacediff.faceworld.adapters``: ``ipfacediff faceworld adapters`` under that name."""
-    from ipfacediff.cli import faceworld_main
-
-    faceworld_main(["adapters", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,250 @@
+"""Cached DDIM inversion of a clip's frames, and the guiding UNet's correspondence features.
+
+Inversion is the expensive, edit-independent part of every edit, so it runs once per clip and
+model and is cached on disk step by step (:class:`~ipfacediff.diffusion.cache.InversionCache`):
+a second edit of the same clip makes no UNet call, and an interrupted inversion resumes at the
+last finished step. While inverting, the guiding UNet's decoder features are projected to a few
+dozen channels and cached too; the editing stage finds its frame-to-keyframe correspondences in
+them without running the UNet again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from diffusers import DDIMScheduler, UNet2DConditionModel
+
+from ipfacediff.diffusion.cache import InversionCache
+from ipfacediff.diffusion.ddim import (
+    alpha_pairs,
+    ddim_inverse_step,
+    ddim_step,
+    eps_between,
+    predicted_noise,
+    sampling_timesteps,
+)
+from ipfacediff.diffusion.timing import Progress
+
+
+FEATURE_DIM = 64
+
+
+@dataclass
+class InvertedVideo:
+    """Per-step latents of an inverted clip, and the guiding UNet's projected decoder features.
+
+    ``latents[i]`` is at the noise level of ``timesteps[i]`` (noisiest first); ``clean`` is the
+    encoded clip. ``features`` maps a step index to (N, tokens, FEATURE_DIM) float16.
+    """
+
+    timesteps: torch.Tensor
+    latents: list[torch.Tensor]
+    clean: torch.Tensor
+    alphas: list[tuple[float, float]]
+    features: dict[int, torch.Tensor] = field(default_factory=dict)
+    unet_calls: int = 0
+    cache_key: str | None = None  # its folder in the InversionCache, when it has one
+    # Steps read from the cache rather than computed (a resumed run reuses some); averaged over
+    # the frames when the clip was put together from several cache entries.
+    reused_steps: float = 0
+    # (first row, end row, cache key or None, steps read from the cache) of each cache entry the
+    # rows came from.
+    chunks: list[tuple[int, int, str | None, int]] = field(default_factory=list)
+
+    @property
+    def reused_share(self) -> float:
+        """Share of the inversion's steps that came from the cache: 1 for a re-edit, in between
+        for a run resumed after a kill."""
+        return self.reused_steps / len(self.latents) if self.latents else 0.0
+
+    def source_eps(self, step: int) -> torch.Tensor:
+        """The noise that takes the source latents from step ``step`` to the next, less noisy one."""
+        alpha_t, alpha_prev = self.alphas[step]
+        lower = self.latents[step + 1] if step + 1 < len(self.latents) else self.clean
+        return eps_between(lower, self.latents[step], alpha_prev, alpha_t)
+
+    def features_at(self, step: int) -> torch.Tensor:
+        """Correspondence features of the captured step nearest to ``step``."""
+        nearest = min(self.features, key=lambda captured: (abs(captured - step), captured))
+        return self.features[nearest]
+
+
+def feature_projection(channels: int, dim: int = FEATURE_DIM, seed: int = 0) -> torch.Tensor:
+    """A fixed random orthonormal map channels -> dim: keeps cosine similarities, shrinks the cache."""
+    if channels <= dim:
+        return torch.eye(channels)
+    gaussian = torch.randn(channels, dim, generator=torch.Generator().manual_seed(seed))
+    return torch.linalg.qr(gaussian).Q
+
+
+@contextmanager
+def capture_output(module: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """Record the outputs of ``module`` while the context is open; the hook is always removed."""
+    outputs: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda _m, _i, output: outputs.append(output))
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+def default_feature_steps(steps: int, count: int = 10) -> list[int]:
+    """Which inversion steps keep correspondence features: about ``count``, spread evenly."""
+    return sorted({round(i * (steps - 1) / max(count - 1, 1)) for i in range(min(count, steps))})
+
+
+@torch.no_grad()
+def invert_frames(
+    unet: UNet2DConditionModel,
+    scheduler: DDIMScheduler,
+    clean: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    steps: int,
+    cache: InversionCache | None = None,
+    cache_key: str | None = None,
+    batch_size: int = 8,
+    feature_steps: list[int] | None = None,
+    progress: Progress | None = None,
+) -> InvertedVideo:
+    """DDIM-invert clean latents (N, 4, h, w) through every sampling step, cached and resumable.
+
+    ``prompt_embeds`` is (1, 77, D): the inversion prompt, usually the empty one. Features of the
+    UNet's last decoder block are kept at ``feature_steps`` (indices into the noisiest-first
+    timesteps; default: about ten, evenly spread). The inversion has one step per timestep of
+    :func:`sampling_timesteps`, which can be fewer than ``steps``.
+    """
+    timesteps = sampling_timesteps(scheduler, steps)
+    alphas = alpha_pairs(scheduler, timesteps)
+    prediction = scheduler.config.prediction_type
+    steps = len(timesteps)
+    feature_steps = default_feature_steps(steps) if feature_steps is None else feature_steps
+    projection = feature_projection(unet.config.block_out_channels[0]).to(unet.device, unet.dtype)
+    count = len(clean)
+    # Ascending order: inversion step j produces the latents of timesteps[steps - 1 - j].
+    latents_by_step: dict[int, torch.Tensor] = {}
+    features: dict[int, torch.Tensor] = {}
+    current = clean
+    calls = reused = 0
+    for j in range(steps):
+        step = steps - 1 - j
+        cached = cache.load(cache_key, f"step_{step:04d}") if cache is not None and cache_key else None
+        if cached is not None:
+            current = cached["latents"]
+            latents_by_step[step] = current
+            if "features" in cached:
+                features[step] = cached["features"]
+            reused += 1
+            if progress:
+                progress("invert", j + 1, steps)
+            continue
+        alpha_t, alpha_prev = alphas[step]
+        t = timesteps[step]
+        next_latents, step_features = [], []
+        with capture_output(unet.up_blocks[-1]) as captured:
+            for start in range(0, count, batch_size):
+                batch = current[start : start + batch_size].to(unet.device, unet.dtype)
+                emb = prompt_embeds.to(unet.device, unet.dtype).expand(len(batch), -1, -1)
+                output = unet(batch, t, encoder_hidden_states=emb).sample
+                calls += 1
+                eps = predicted_noise(output.float(), batch.float(), alpha_t, prediction)
+                next_latents.append(ddim_inverse_step(batch.float(), eps, alpha_prev, alpha_t).cpu())
+                if step in feature_steps:
+                    hidden = captured.pop()
+                    tokens = hidden.flatten(2).transpose(1, 2) @ projection
+                    step_features.append(tokens.to(torch.float16).cpu())
+                captured.clear()
+        # Row-major like the cached copy: CPU kernels round differently on channels-last inputs,
+        # and a re-edit from the cache must match the first edit bit for bit.
+        current = torch.cat(next_latents).contiguous()
+        latents_by_step[step] = current
+        tensors = {"latents": current}
+        if step_features:
+            features[step] = tensors["features"] = torch.cat(step_features)
+        if cache is not None and cache_key:
+            cache.save(cache_key, f"step_{step:04d}", tensors)
+        if progress:
+            progress("invert", j + 1, steps)
+    return InvertedVideo(
+        timesteps=timesteps,
+        latents=[latents_by_step[i] for i in range(steps)],
+        clean=clean,
+        alphas=alphas,
+        features=features,
+        unet_calls=calls,
+        cache_key=cache_key if cache is not None else None,
+        reused_steps=reused,
+    )
+
+
+def join_inverted(pieces: Iterator[tuple[int, int, InvertedVideo]], count: int) -> InvertedVideo:
+    """One clip's inversion of ``count`` frames from the inversions of its cache chunks (first row,
+    end row, piece). Each piece is copied into tensors made once and then dropped: holding all
+    pieces and their concatenation would double the peak."""
+    joined: InvertedVideo | None = None
+    reused = 0
+
+    def rows_like(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.new_empty(count, *tensor.shape[1:])
+
+    for begin, end, piece in pieces:
+        if joined is None:
+            joined = InvertedVideo(
+                timesteps=piece.timesteps,
+                latents=[rows_like(x) for x in piece.latents],
+                clean=rows_like(piece.clean),
+                alphas=piece.alphas,
+                features={s: rows_like(f) for s, f in piece.features.items()},
+            )
+        for whole, part in zip(joined.latents, piece.latents):
+            whole[begin:end] = part
+        joined.clean[begin:end] = piece.clean
+        for step, part in piece.features.items():
+            joined.features[step][begin:end] = part
+        joined.unet_calls += piece.unet_calls
+        joined.chunks.append((begin, end, piece.cache_key, int(piece.reused_steps)))
+        reused += int(piece.reused_steps) * (end - begin)
+    assert joined is not None, "no frames to invert"
+    joined.reused_steps = reused / count
+    if len(joined.chunks) == 1:
+        joined.cache_key = joined.chunks[0][2]
+    return joined
+
+
+def select_rows(inverted: InvertedVideo, rows: list[int]) -> InvertedVideo:
+    """The inversion of some frames of a clip only, copied."""
+    return InvertedVideo(
+        timesteps=inverted.timesteps,
+        latents=[x[rows].clone() for x in inverted.latents],
+        clean=inverted.clean[rows].clone(),
+        alphas=inverted.alphas,
+        features={s: f[rows].clone() for s, f in inverted.features.items()},
+    )
+
+
+@torch.no_grad()
+def sample_from_inverted(
+    unet: UNet2DConditionModel,
+    inverted: InvertedVideo,
+    prompt_embeds: torch.Tensor,
+    *,
+    prediction_type: str,
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Plain DDIM sampling from the noisiest inverted latents, no guidance: the reconstruction.
+    ``prediction_type``: what the UNet predicts (its scheduler's)."""
+    current = inverted.latents[0]
+    for step, t in enumerate(inverted.timesteps):
+        alpha_t, alpha_prev = inverted.alphas[step]
+        out = []
+        for start in range(0, len(current), batch_size):
+            batch = current[start : start + batch_size].to(unet.device, unet.dtype)
+            emb = prompt_embeds.to(unet.device, unet.dtype).expand(len(batch), -1, -1)
+            output = unet(batch, t, encoder_hidden_states=emb).sample
+            eps = predicted_noise(output.float(), batch.float(), alpha_t, prediction_type)
+            out.append(ddim_step(batch.float(), eps, alpha_t, alpha_prev).cpu())
+        current = torch.cat(out)
+    return current
