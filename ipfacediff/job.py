@@ -16,7 +16,8 @@ from ipfacediff.edit import (
     model_card,
     paste_whole_frame,
 )
-from ipfacediff.models.defaults import SHIPPED_MODELS, default_model_dir, pick_device, pick_dtype
+from ipfacediff.models.defaults import SHIPPED_MODELS, default_model_dir
+from ipfacediff.models.devices import pick_device, pick_dtype
 from ipfacediff.runs import VIDEO_SUFFIXES, RunReport, check_paths, run_metadata_path
 from ipfacediff.service import load_pipeline
 

@@ -11,7 +11,7 @@ that names them, and runs that sequence once; a front-end only turns what a pers
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -33,8 +33,8 @@ def load_pipeline(model: str | ModelSpec | None = None, **options: Any) -> IPFac
     from ipfacediff.models.defaults import default_model_dir
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model=model, **options)
-    pipeline = IPFaceDiffPipeline.from_model_set(load_model_set(spec))
     source = Path(spec.model) if spec.model else default_model_dir()
+    pipeline = IPFaceDiffPipeline.from_model_set(load_model_set(replace(spec, model=spec.model or str(source))))
     card = ModelCard.read(source) if source.is_dir() else None
     pipeline.register_to_config(model_card=card.to_dict() if card else None)
     return pipeline

@@ -1,6 +1,5 @@
-"""What "auto" and "the default" mean when no model, device or dtype is named: the embedded model
-set, CUDA when a GPU is visible, float16 on it. One place, so every front-end (and FaceWorld's
-trainers) resolves them the same way."""
+"""The model an edit runs on when none is named: the embedded set. With :mod:`~ipfacediff.models.devices`
+(what "auto" device and dtype mean), the one place every front-end resolves its defaults."""
 
 from __future__ import annotations
 
@@ -8,10 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
-from ipfacediff.errors import SettingError
+from ipfacediff.models.devices import pick_device, pick_dtype
 from ipfacediff.models.tiny import build_tiny_models
+
+__all__ = ["SHIPPED_MODELS", "default_model_dir", "pick_device", "pick_dtype"]
 
 SHIPPED_MODELS = Path(__file__).resolve().parent.parent / "assets" / "faceworld"
 
@@ -36,22 +35,3 @@ def _default_cache_dir() -> Path:
     from ipfacediff.diffusion import default_cache_dir  # the inversion cache's root holds the tiny set too
 
     return default_cache_dir()
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    """``device`` as torch's; "auto" is CUDA when a GPU is visible."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SettingError("device", "{setting} cuda was asked for but no CUDA GPU is visible; use {setting} cpu")
-    return torch.device(device)
-
-
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``dtype`` as torch's; "auto" is float16 on CUDA (its speed, SD's usual), float32 elsewhere."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise SettingError("dtype", f"{{setting}} must be one of auto, {', '.join(table)}; got {dtype}")
-    return table[dtype]

@@ -603,13 +603,16 @@ def _load_adapter(
 
 
 def model_set_options(spec: ModelSpec) -> dict:
-    """:func:`load_model_set`'s keywords from a spec: "auto" device and dtype and the default
-    model resolved as every front-end resolves them."""
-    from ipfacediff.models.defaults import default_model_dir, pick_device, pick_dtype
+    """:func:`load_model_set`'s keywords from a spec, its "auto" device and dtype resolved as every
+    front-end resolves them. The spec names its model: the embedded default is resolved above the
+    loader (:func:`ipfacediff.service.load_pipeline`), as the tiny set it may build is made with it."""
+    from ipfacediff.models.devices import pick_device, pick_dtype
 
+    if spec.model is None:
+        raise ValueError("load_model_set(spec) needs spec.model; ipfacediff.service.load_pipeline gives the default")
     device = pick_device(spec.device)
     return {
-        "model": spec.model or str(default_model_dir()),
+        "model": spec.model,
         "identity_model": spec.identity_model,
         "identity_lora": spec.identity_lora,
         "edit_loras": list(spec.edit_loras) or None,
@@ -645,8 +648,7 @@ def load_model_set(
     model folder's own; checked before the model loads.
 
     ``model`` may be a :class:`~ipfacediff.settings.ModelSpec`, every option in one record (its
-    device and dtype words resolved, its model defaulting to the embedded set); the keywords are
-    then not given.
+    device and dtype words resolved); the keywords are then not given.
     """
     if isinstance(model, ModelSpec):
         return load_model_set(local_files_only=local_files_only, **model_set_options(model))
