@@ -55,20 +55,14 @@ from ipfacediff.face import inner_face_share
 from ipfacediff.identity import IdentityEncoder, IdentityNet
 from ipfacediff.settings import (
     DEFAULT_BLEND_THRESHOLD,
-    DEFAULT_GUIDANCE,
+    DEFAULT_GUIDANCE,  # noqa: F401 - the plan's default, importable here as before
     DEFAULT_IDENTITY_GRADIENT,
     DEFAULT_KEYFRAME_SPACING,
     DEFAULT_STEPS,
     EditSettings,
 )
-from ipfacediff.models import (
-    ModelSet,
-    activate_role,
-    edit_adapter_name,
-    module_fingerprint,
-    parse_lora_spec,
-    pick_edit_adapters,
-)
+from ipfacediff.adapters import AdapterLibrary, combine_tuned, edit_adapter_name, parse_lora_spec, pick_edit_adapters
+from ipfacediff.models import ModelSet, activate_role, module_fingerprint
 
 DEFAULT_KEYFRAME_BATCH = 8
 # Keyframes of the first window of a long clip that every later window's keyframe batches attend
@@ -374,15 +368,7 @@ class EditPlan:
 
 
 def plan_edit(
-    settings: EditSettings,
-    *,
-    loaded_edit_weights: dict[str, float],
-    words: dict[str, list[str]],
-    tuned_weights: dict[str, float],
-    tuned_guidances: dict[str, float],
-    tuned_thresholds: dict[str, float],
-    hair_adapters: list[str],
-    tuned_identity_gradients: dict[str, float] | None = None,
+    settings: EditSettings, library: AdapterLibrary | None, loaded_edit_weights: dict[str, float] | None = None
 ) -> EditPlan:
     """The plan of an edit under an adapter library.
 
@@ -390,18 +376,17 @@ def plan_edit(
     decides: "auto" picks the library's adapters whose words the prompt has and the source prompt
     has not, "none" edits with the base model, or names them ("eyeglasses", "eyeglasses:0.8,smile");
     one picked or named without a weight edits at the library's tuned weight (1 unless tuned).
-    Guidance left unset is the highest the picked adapters were tuned with (an untuned one counts
-    as :data:`DEFAULT_GUIDANCE`), so none of their attributes is drawn weaker than tuned; a blend
-    threshold left unset is the lowest they were tuned with. A hair adapter makes it a hair edit.
-    Identity guidance left unset is the lowest the picked adapters were tuned with (an untuned one
-    counts as :data:`DEFAULT_IDENTITY_GRADIENT`), so it pulls back none of their attributes more
-    than tuned.
+    The other tuned values (guidance, blend threshold, hair, identity guidance) are the edit's
+    setting when given, else each :class:`~ipfacediff.adapters.AdapterEntry` field's own rule over
+    the picked adapters (:func:`~ipfacediff.adapters.combine_tuned`).
     """
+    library = library or AdapterLibrary(None, ())
+    words = library.words()
     if loaded_edit_weights:
         weights = dict(loaded_edit_weights)
     elif settings.adapters == "auto":
         weights = {
-            edit_adapter_name(n): tuned_weights.get(n, 1.0)
+            edit_adapter_name(n): library.entry(n).tuned_value("weight")
             for n in pick_edit_adapters(words, settings.prompt, settings.source_prompt)
         }
     elif settings.adapters == "none":
@@ -413,23 +398,9 @@ def plan_edit(
             if name not in words:
                 offered = ", ".join(words) if words else "none: this model has no adapter library"
                 raise UserError(f"unknown edit adapter {name!r}; this model offers: {offered}")
-            weights[edit_adapter_name(name)] = weight if name != spec else tuned_weights.get(name, 1.0)
-    names = [n.removeprefix("edit:") for n in weights]
-    guidance = settings.guidance
-    if guidance is None:
-        guidance = max((tuned_guidances.get(n, DEFAULT_GUIDANCE) for n in names), default=DEFAULT_GUIDANCE)
-    threshold = settings.blend_threshold
-    if threshold is None:
-        threshold = min((tuned_thresholds[n] for n in names if n in tuned_thresholds), default=DEFAULT_BLEND_THRESHOLD)
-    identity_gradient = settings.identity_gradient
-    if identity_gradient is None:
-        tuned = tuned_identity_gradients or {}
-        identity_gradient = min(
-            (tuned.get(n, DEFAULT_IDENTITY_GRADIENT) for n in names), default=DEFAULT_IDENTITY_GRADIENT
-        )
-    return EditPlan(
-        weights, guidance, threshold, settings.hair or any(n in hair_adapters for n in names), identity_gradient
-    )
+            weights[edit_adapter_name(name)] = weight if name != spec else library.entry(name).tuned_value("weight")
+    entries = [library.entry(n.removeprefix("edit:")) for n in weights]
+    return EditPlan(weights, **combine_tuned(entries, settings))
 
 
 @dataclass
@@ -498,14 +469,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         scheduler: DDIMScheduler,
         edit_adapter_weights: dict[str, float] | None = None,
         model_source: str | None = None,
-        adapter_words: dict[str, list[str]] | None = None,
-        hair_adapters: list[str] | None = None,
-        adapter_blend_thresholds: dict[str, float] | None = None,
-        adapter_weights: dict[str, float] | None = None,
-        adapter_guidances: dict[str, float] | None = None,
         model_card: dict | None = None,
-        adapter_identity_gradients: dict[str, float] | None = None,
-        adapter_identity_net: str | None = None,
+        adapter_library: dict | None = None,
     ):
         super().__init__()
         if scheduler is not None:  # a model whose output the DDIM maths cannot read fails here, at loading
@@ -521,14 +486,8 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         self.register_to_config(
             edit_adapter_weights=dict(edit_adapter_weights or {}),
             model_source=model_source,
-            adapter_words=dict(adapter_words or {}),
-            hair_adapters=list(hair_adapters or []),
-            adapter_blend_thresholds=dict(adapter_blend_thresholds or {}),
-            adapter_weights=dict(adapter_weights or {}),
-            adapter_guidances=dict(adapter_guidances or {}),
             model_card=dict(model_card) if model_card else None,
-            adapter_identity_gradients=dict(adapter_identity_gradients or {}),
-            adapter_identity_net=adapter_identity_net,
+            adapter_library=dict(adapter_library) if adapter_library else None,  # AdapterLibrary.to_json()
         )
 
     @classmethod
@@ -542,30 +501,18 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             scheduler=DDIMScheduler.from_config(models.scheduler.config),
             edit_adapter_weights=models.edit_adapter_weights,
             model_source=models.source,
-            adapter_words=models.library.words() if models.library else None,
-            hair_adapters=[e.name for e in models.library.edits if e.hair] if models.library else None,
-            adapter_blend_thresholds=models.library.blend_thresholds() if models.library else None,
-            adapter_weights=models.library.weights() if models.library else None,
-            adapter_guidances=models.library.guidances() if models.library else None,
-            adapter_identity_gradients=models.library.identity_gradients() if models.library else None,
-            adapter_identity_net=str(models.library.identity_net)
-            if models.library and models.library.identity_net
-            else None,
+            adapter_library=models.library.to_json() if models.library else None,
         )
+
+    @property
+    def adapter_library(self) -> AdapterLibrary | None:
+        """The model's adapter library (None: it has none), as its config holds it."""
+        spec = self.config.get("adapter_library")
+        return AdapterLibrary.from_json(spec) if spec else None
 
     def plan_edit(self, settings: EditSettings) -> EditPlan:
         """The plan of ``settings`` under this model's adapter library (:func:`plan_edit`)."""
-        c = self.config
-        return plan_edit(
-            settings,
-            loaded_edit_weights=c.edit_adapter_weights,
-            words=c.adapter_words,
-            tuned_weights=c.adapter_weights,
-            tuned_guidances=c.adapter_guidances,
-            tuned_thresholds=c.adapter_blend_thresholds,
-            hair_adapters=c.hair_adapters,
-            tuned_identity_gradients=c.get("adapter_identity_gradients"),
-        )
+        return plan_edit(settings, self.adapter_library, self.config.edit_adapter_weights)
 
     def set_identity_net(self, net: IdentityNet | None) -> None:
         """The identity net that identity guidance differentiates (None: the model card's, else
@@ -579,7 +526,9 @@ class IPFaceDiffPipeline(DiffusionPipeline):
         Loaded on first use."""
         net = getattr(self, "_identity_net", None)
         if net is None:
-            named = (self.config.model_card or {}).get("identity_net") or self.config.get("adapter_identity_net")
+            library = self.adapter_library
+            own = str(library.identity_net) if library and library.identity_net else None
+            named = (self.config.model_card or {}).get("identity_net") or own
             net = IdentityEncoder.from_pretrained(named)
             self._identity_net = net
         return net.to(self.vae.device)

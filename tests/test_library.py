@@ -17,16 +17,13 @@ import pytest
 
 from ipfacediff.cli import main
 from ipfacediff.errors import UserError
-from ipfacediff.library import (
+from ipfacediff.adapters import build_library, derive_words, parse_edits, split_edits
+from ipfacediff.adapters.edits import (
     ADAPTER_GUIDANCES,
     ADAPTER_WEIGHTS,
     BLEND_THRESHOLDS,
     EDIT_TARGETS,
     FACEWORLD_DEFAULTS,
-    build_library,
-    derive_words,
-    parse_edits,
-    split_edits,
 )
 from ipfacediff.models import AdapterLibrary
 from ipfacediff.training import ADAPTER_FILE
@@ -264,8 +261,13 @@ def test_a_batch_manifest_carries_adapters_dir_to_the_workers_pipeline(library, 
     jobs = read_manifest(manifest, tmp_path / "out")
     assert [job.adapters_dir for job in jobs] == [str((tmp_path / "lib").resolve()), None]
     worker = BatchWorker(str(tiny_dir), "cpu", "float32", str(tmp_path / "cache"), str(tmp_path / "running"), False)
-    assert set(worker._get_pipeline(jobs[0]).config.adapter_words) == {"eyeglasses", "blonde_hair", "ink", "red_hair"}
-    assert worker._get_pipeline(jobs[1]).config.adapter_words == {}
+    assert set(worker._get_pipeline(jobs[0]).adapter_library.words()) == {
+        "eyeglasses",
+        "blonde_hair",
+        "ink",
+        "red_hair",
+    }
+    assert worker._get_pipeline(jobs[1]).adapter_library is None
     (tmp_path / "lib" / "adapters.json").unlink()
     with pytest.raises(UserError, match=r"clips.csv line 2: adapter library folder .* has no adapters.json"):
         read_manifest(manifest, tmp_path / "out")
