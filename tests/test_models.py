@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -284,3 +286,29 @@ def test_a_junk_adapter_library_is_one_line(tiny_dir, hostile):
     with pytest.raises(UserError) as error:
         load_model_set(str(model))
     one_line_naming(error, model / "adapters" / "glasses.safetensors", "not a safetensors file", str(library))
+
+
+def test_explicit_edit_loras_replace_a_librarys_edits_but_keep_its_identity_net(tiny_dir, tmp_path):
+    """``--edit-lora`` with ``--adapters-dir``: the library's ε2 edits give way, its ε1 and the identity
+    net ε1 was trained against (which identity guidance uses) stay."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from ipfacediff.adapters import AdapterLibrary
+    from ipfacediff.editing import IPFaceDiffPipeline
+    from ipfacediff.files import write_json
+    from ipfacediff.job import SHIPPED_MODELS
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    lora = tmp_path / "glasses.safetensors"
+    save_file({f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}, str(lora))
+    library = tmp_path / "lib"
+    shutil.copytree(SHIPPED_MODELS / "identity_net", library / "identity_net" / "net")
+    write_json(library / "adapters.json", AdapterLibrary(None, (), Path("identity_net/net")).to_json())
+    models = load_model_set(str(tiny_dir), adapters_dir=library, edit_loras=[(str(lora), 0.5)])
+    assert models.edit_adapter_weights == {"edit_0": 0.5}
+    assert models.library.edits == () and models.library.identity_net == library / "identity_net" / "net"
+    assert type(IPFaceDiffPipeline.from_model_set(models).identity_net()).__name__ == "FaceWorldIdentity"
