@@ -595,3 +595,35 @@ def test_resume_with_nothing_to_resume_says_so_and_refuses_a_folder_that_is_no_l
 def test_train_library_has_help(capsys):
     code, stdout, _ = run(["train", "library", "--help"], capsys)
     assert code == 0 and "--adapters-dir" in stdout and "--resume" in stdout and "--edits" in stdout
+
+
+def test_the_shipped_library_reads_and_writes_back_byte_for_byte():
+    """One record, one reader and one writer: the FaceWorld library as `ipfacediff faceworld adapters`
+    wrote it comes back unchanged (the shipped file also ends in a newline, which write_json does not write)."""
+    from ipfacediff.job import SHIPPED_MODELS
+
+    folder = SHIPPED_MODELS / "adapters"
+    library = AdapterLibrary.read(SHIPPED_MODELS)
+    assert json.dumps(library.to_json(folder), indent=2) == (folder / "adapters.json").read_text().rstrip("\n")
+    assert {e.name: e.to_json(folder) for e in library.edits} == json.loads((folder / "adapters.json").read_text())[
+        "edits"
+    ]
+
+
+def test_the_schema_and_the_plan_are_built_from_the_records_fields():
+    """Each AdapterEntry field is a key of adapters.json, checked with the limits written beside the
+    field; each tuned field says how several adapters combine, and the plan follows it."""
+    from dataclasses import fields
+
+    from ipfacediff.adapters import AdapterEntry, combine_tuned, tuned_fields
+    from ipfacediff.adapters.record import entry_schema
+    from ipfacediff.settings import DEFAULT_GUIDANCE, EditSettings
+
+    assert list(entry_schema().model_fields) == [f.name for f in fields(AdapterEntry)[1:]]
+    assert {"hair", "blend_threshold", "weight", "guidance", "identity_gradient"} <= set(tuned_fields())
+    entries = [AdapterEntry("a", guidance=5.0, blend_threshold=0.6), AdapterEntry("b", hair=True, blend_threshold=0.3)]
+    combined = combine_tuned(entries, EditSettings(prompt="x"))
+    # The highest guidance (b counts as untuned: the default), the lowest threshold, any hair.
+    assert combined["guidance"] == DEFAULT_GUIDANCE and combined["blend_threshold"] == 0.3 and combined["hair"]
+    assert combine_tuned(entries, EditSettings(prompt="x", guidance=2.0, blend_threshold=0.9))["guidance"] == 2.0
+    assert combine_tuned([], EditSettings(prompt="x", hair=True))["hair"] is True

@@ -312,3 +312,29 @@ def test_explicit_edit_loras_replace_a_librarys_edits_but_keep_its_identity_net(
     assert models.edit_adapter_weights == {"edit_0": 0.5}
     assert models.library.edits == () and models.library.identity_net == library / "identity_net" / "net"
     assert type(IPFaceDiffPipeline.from_model_set(models).identity_net()).__name__ == "FaceWorldIdentity"
+
+
+def test_a_pipeline_with_an_adapter_library_saves_and_loads_it(tiny_pipe, tmp_path):
+    """The pipeline's config holds the library once (its adapters.json form), so from_pretrained plans
+    edits as the saved pipeline did."""
+    from ipfacediff.adapters import AdapterEntry, AdapterLibrary
+    from ipfacediff.editing import IPFaceDiffPipeline
+    from ipfacediff.settings import EditSettings
+
+    library = AdapterLibrary(
+        tmp_path / "identity.safetensors",
+        (
+            AdapterEntry("glasses", path=tmp_path / "g.safetensors", words=("glasses",), weight=0.3, guidance=5.0),
+            AdapterEntry("smile", path=tmp_path / "s.safetensors", words=("smiling",), hair=True, blend_threshold=0.3),
+        ),
+        tmp_path / "net",
+    )
+    pipe = IPFaceDiffPipeline(**tiny_pipe.components, model_source="tiny", adapter_library=library.to_json())
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = IPFaceDiffPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.adapter_library == library
+    settings = EditSettings(prompt="a smiling face with glasses")
+    plan = loaded.plan_edit(settings)
+    assert plan == pipe.plan_edit(settings)
+    assert plan.edit_weights == {"edit:glasses": 0.3, "edit:smile": 1.0}
+    assert (plan.guidance, plan.blend_threshold, plan.hair) == (7.5, 0.3, True)
