@@ -360,6 +360,7 @@ class EditPlan:
     blend_threshold: float
     hair: bool
     identity_gradient: float = DEFAULT_IDENTITY_GRADIENT
+    strength: float | None = None  # the share of the schedule regenerated (None: the settings')
 
     @property
     def edit_adapters(self) -> dict[str, float]:
@@ -910,7 +911,7 @@ class IPFaceDiffPipeline(DiffusionPipeline):
             if settings.every_frame
             else (window.keyframes or settings.keyframes or math.ceil(count / DEFAULT_KEYFRAME_SPACING))
         )
-        start = min(steps - 1, steps - round(settings.strength * steps))
+        start = min(steps - 1, steps - round((settings.strength if plan.strength is None else plan.strength) * steps))
         edited = inverted.latents[start].clone()
         over_time = self.over_time(settings)
         role = "identity" if settings.identity_guidance else "edit"

@@ -627,3 +627,26 @@ def test_the_schema_and_the_plan_are_built_from_the_records_fields():
     assert combined["guidance"] == DEFAULT_GUIDANCE and combined["blend_threshold"] == 0.3 and combined["hair"]
     assert combine_tuned(entries, EditSettings(prompt="x", guidance=2.0, blend_threshold=0.9))["guidance"] == 2.0
     assert combine_tuned([], EditSettings(prompt="x", hair=True))["hair"] is True
+
+
+def test_a_tuned_strength_in_adapters_json_is_used_and_recorded(library, sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    shutil.copytree(library, tmp_path / "lib")
+    spec = json.loads((tmp_path / "lib" / "adapters.json").read_text())
+    spec["edits"]["ink"]["strength"] = 0.5
+    (tmp_path / "lib" / "adapters.json").write_text(json.dumps(spec))
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--steps",
+        "2",
+        "--tracks",
+        str(tracks),
+        "--adapters-dir",
+        str(tmp_path / "lib"),
+    ]
+    for name, prompt in (("ink", "a face with a tattoo"), ("plain", "a face with red hair")):
+        code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / f"{name}.mp4"), "-p", prompt, *common], capsys)
+        assert code == 0, stderr
+    assert {face["strength"] for face in json.loads((tmp_path / "ink.run.json").read_text())["faces"]} == {0.5}
+    assert {face["strength"] for face in json.loads((tmp_path / "plain.run.json").read_text())["faces"]} == {1.0}

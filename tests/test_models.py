@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -338,3 +339,29 @@ def test_a_pipeline_with_an_adapter_library_saves_and_loads_it(tiny_pipe, tmp_pa
     assert plan == pipe.plan_edit(settings)
     assert plan.edit_weights == {"edit:glasses": 0.3, "edit:smile": 1.0}
     assert (plan.guidance, plan.blend_threshold, plan.hair) == (7.5, 0.3, True)
+
+
+def test_an_adapters_tuned_strength_caps_the_edits_strength(tiny_pipe, tmp_path):
+    """A tuned value added as one field of AdapterEntry (``strength``): read from the library, combined
+    by its rule (the lowest of the setting and the picked adapters'), used by the edit."""
+    from conftest import moving_texture
+
+    from ipfacediff.adapters import AdapterEntry, AdapterLibrary
+    from ipfacediff.editing import IPFaceDiffPipeline
+    from ipfacediff.settings import EditSettings
+
+    entries = (
+        AdapterEntry("tattoo", path=tmp_path / "t.safetensors", words=("tattoo",), strength=0.5),
+        AdapterEntry("smile", path=tmp_path / "s.safetensors", words=("smiling",)),
+    )
+    pipe = IPFaceDiffPipeline(
+        **tiny_pipe.components, model_source="tiny", adapter_library=AdapterLibrary(None, entries).to_json()
+    )
+    assert pipe.plan_edit(EditSettings(prompt="a face with a tattoo")).strength == 0.5
+    assert pipe.plan_edit(EditSettings(prompt="a face with a tattoo", strength=0.25)).strength == 0.25
+    assert pipe.plan_edit(EditSettings(prompt="a smiling face", strength=0.75)).strength == 0.75  # untuned
+    frames = moving_texture(3)
+    tuned = pipe(frames, EditSettings(prompt="a face with a tattoo", steps=4))
+    by_hand = tiny_pipe(frames, EditSettings(prompt="a face with a tattoo", steps=4, strength=0.5))
+    full = tiny_pipe(frames, EditSettings(prompt="a face with a tattoo", steps=4))
+    assert np.array_equal(tuned.frames, by_hand.frames) and not np.array_equal(tuned.frames, full.frames)

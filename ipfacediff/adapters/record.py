@@ -77,6 +77,9 @@ class AdapterEntry:
     identity_gradient: float | None = _key(
         tuned=Tuned(min, default=DEFAULT_IDENTITY_GRADIENT, untuned=DEFAULT_IDENTITY_GRADIENT), ge=0, le=10
     )
+    # The share of the schedule its edits regenerate, at most: an attribute that needs less change keeps
+    # more of the input. The edit's strength joins: the lowest of it and the picked adapters' values.
+    strength: float | None = _key(tuned=Tuned(min, default=None, joins_setting=True), gt=0, le=1)
     # Where the tuned values came from when they were not tuned on this model ("faceworld tuning":
     # FaceWorld's values, a starting point); None: tuned on it, or none. Kept, not acted on.
     defaults_from: str | None = _key()
