@@ -377,9 +377,9 @@ def plan_edit(
     decides: "auto" picks the library's adapters whose words the prompt has and the source prompt
     has not, "none" edits with the base model, or names them ("eyeglasses", "eyeglasses:0.8,smile");
     one picked or named without a weight edits at the library's tuned weight (1 unless tuned).
-    The other tuned values (guidance, blend threshold, hair, identity guidance) are the edit's
-    setting when given, else each :class:`~ipfacediff.adapters.AdapterEntry` field's own rule over
-    the picked adapters (:func:`~ipfacediff.adapters.combine_tuned`).
+    Every other tuned value (guidance, blend threshold, hair, ...: the fields of
+    :class:`~ipfacediff.adapters.AdapterEntry` with a rule) is the edit's setting when given, else
+    its field's rule over the picked adapters (:func:`~ipfacediff.adapters.combine_tuned`).
     """
     library = library or AdapterLibrary(None, ())
     words = library.words()

@@ -552,7 +552,7 @@ def test_the_reader_keeps_unknown_keys_harmless(tmp_path):
     ],
 )
 def test_the_library_file_is_checked_against_its_schema_naming_the_key_and_the_file(tmp_path, change, words):
-    """adapters.json is one declarative schema (models/adapters.py): a wrong type or value anywhere
+    """adapters.json is one declarative schema (adapters/record.py, from AdapterEntry): a wrong type or value anywhere
     is one line naming the file and the key, never a TypeError from deep inside."""
     (tmp_path / "adapters.json").write_text(json.dumps({"identity": None, "edits": {}, **change}))
     with pytest.raises(UserError) as caught:
