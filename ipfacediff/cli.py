@@ -495,7 +495,8 @@ def train_library_command(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Train ε1 and one ε2 per edit for MODEL into the adapter library OUTPUT (edit with --adapters-dir OUTPUT)."""
-    from ipfacediff.library import build_library, parse_edits
+    from ipfacediff.adapters import parse_edits
+    from ipfacediff.adapters.build import build_library
 
     steps = {} if max_steps is None else {"max_steps": max_steps}
     common = dict(rank=rank, learning_rate=learning_rate, mixed_precision=mixed_precision, **steps)
