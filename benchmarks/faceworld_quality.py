@@ -226,7 +226,7 @@ def main() -> None:
         overrides["blend_threshold"] = args.blend_threshold
 
     pipe = load_pipeline(args.model, device=args.device)
-    has_library = bool(pipe.config.adapter_words)
+    has_library = bool(pipe.adapter_library and pipe.adapter_library.edits)
     if not has_library:
         methods.pop("no_adapters", None)  # the same as full
     base = load_pipeline(args.model, device=args.device, adapter_library=False) if "no_adapters" in methods else None

@@ -36,16 +36,15 @@ import cv2
 from ipfacediff.errors import UserError
 from faceworld.attributes import EDITS, Attributes, caption
 from faceworld.scene import dataset_item
-from ipfacediff.library import (  # noqa: F401 - EDIT_WORDS and the tuned values are FaceWorld's, kept importable here
+from ipfacediff.adapters.build import build_library, finished_adapters
+from ipfacediff.adapters.edits import (  # noqa: F401 - EDIT_WORDS and the tuned values are FaceWorld's, kept importable here
     ADAPTER_GUIDANCES,
     ADAPTER_WEIGHTS,
     BLEND_THRESHOLDS,
     EDIT_WORDS,
     HAIR_EDITS,
     WORK_DIR,
-    build_library,
     builtin_edit,
-    finished_adapters,
 )
 from ipfacediff.models import ADAPTER_LIBRARY
 
@@ -147,7 +146,7 @@ def train_adapters(
     """Train ε1 and the edit adapters for ``model`` (a FaceWorld model folder) into
     ``model/adapters``; returns the report written to ``adapters/training.json``.
 
-    The training is :func:`ipfacediff.library.build_library`'s, with FaceWorld's data (renders of
+    The training is :func:`ipfacediff.adapters.build.build_library`'s, with FaceWorld's data (renders of
     training identities, each edit's faces without its attribute), its own identity net and the
     preset's settings; the library's tuned values are FaceWorld's own (no ``defaults_from`` mark).
 

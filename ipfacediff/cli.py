@@ -447,7 +447,7 @@ def train_library_command(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Train ε1 and one ε2 per edit for MODEL into the adapter library OUTPUT (edit with --adapters-dir OUTPUT)."""
-    from ipfacediff.library import parse_edits
+    from ipfacediff.adapters import parse_edits
     from ipfacediff.service import EditService
 
     steps = {} if max_steps is None else {"max_steps": max_steps}

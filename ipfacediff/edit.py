@@ -176,10 +176,11 @@ def edit_video(
             face_reports.append({"id": track.id, "frames": 0, "prompt": prompt})
             continue
         face_settings = replace(settings, prompt=prompt)
+        face_plan = pipeline.plan_edit(face_settings)
         result = pipeline(
             crops[track.id].rows(order),
             face_settings,
-            plan=pipeline.plan_edit(face_settings),
+            plan=face_plan,
             cache=cache,
             progress=progress,
             frame_indices=order,
@@ -203,6 +204,7 @@ def edit_video(
                 "edit_adapters": result.edit_adapters,
                 "guidance": result.guidance,
                 "identity_gradient": result.identity_gradient,
+                "strength": face_plan.strength,
                 "inversion_reused_share": round(result.inversion_reused_share, 4),
             }
         )

@@ -232,7 +232,7 @@ class EditService:
         """Fine-tune an adapter: ``kind`` "identity" (ε1), "edit" (ε2) or "library" (ε1 and one ε2
         per edit); the arguments are those of :mod:`ipfacediff.training`'s / the library's builder."""
         if kind == "library":
-            from ipfacediff.library import build_library
+            from ipfacediff.adapters.build import build_library
 
             return build_library(*args, **options)
         from ipfacediff import training

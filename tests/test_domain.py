@@ -76,7 +76,7 @@ def test_embedded_card_reads(card):
 
 
 def test_held_out_faceworld_clips_pass(card, vae, tmp_path):
-    from ipfacediff.faceworld import EDITS, HELD_OUT_IDS, render_clip
+    from faceworld import EDITS, HELD_OUT_IDS, render_clip
 
     person = HELD_OUT_IDS[0]
     clip = render_clip(person, seed=person, frames=12, size=128)  # as the quality benchmark renders it
@@ -139,7 +139,7 @@ def test_flat_and_noise_crops_are_refused(card, vae):
 def test_crops_of_another_resolution_are_scored_at_the_cards(card, vae, tmp_path):
     import cv2
 
-    from ipfacediff.faceworld import HELD_OUT_IDS, render_clip
+    from faceworld import HELD_OUT_IDS, render_clip
 
     crops = clip_crops(render_clip(HELD_OUT_IDS[3], seed=5, frames=6, size=128), tmp_path)[0]
     big = np.stack([cv2.resize(c, (128, 128), interpolation=cv2.INTER_CUBIC) for c in crops])

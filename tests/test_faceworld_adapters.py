@@ -100,7 +100,7 @@ def test_the_loader_applies_the_library_and_the_prompt_picks_adapters(model):
         plain = base(frames, EditSettings(prompt="a face with a beard", steps=3))
     assert with_adapter.edit_adapters == {"beard": 1.0} and without.edit_adapters == {}
     assert not np.array_equal(with_adapter.frames, without.frames)
-    assert base.config.adapter_words == {} and not getattr(base.unet, "peft_config", None)
+    assert base.adapter_library is None and not getattr(base.unet, "peft_config", None)
     # Without edit adapters the library's ε1 is still on: it guides, so the result is not the base's.
     assert not np.array_equal(without.frames, plain.frames)
 
@@ -111,7 +111,7 @@ def test_an_adapters_tuned_blend_threshold_is_the_default_an_edit_can_override(m
     folder, _ = model
     pipe = load_pipeline(str(folder), device="cpu")
     tuned = BLEND_THRESHOLDS["smile"]
-    assert pipe.config.adapter_blend_thresholds == BLEND_THRESHOLDS
+    assert pipe.adapter_library.blend_thresholds() == BLEND_THRESHOLDS
     frames = (np.random.default_rng(1).random((2, 64, 64, 3)) * 255).astype(np.uint8)
     with one_thread():
         default = pipe(frames, EditSettings(prompt="a smiling face", steps=3))
@@ -127,7 +127,7 @@ def test_an_adapters_tuned_guidance_is_the_default_an_edit_can_override(model):
 
     folder, _ = model
     pipe = load_pipeline(str(folder), device="cpu")
-    assert pipe.config.adapter_guidances == ADAPTER_GUIDANCES
+    assert pipe.adapter_library.guidances() == ADAPTER_GUIDANCES
     name, tuned = next(iter(ADAPTER_GUIDANCES.items()))
     prompt = caption(EDITS[name].apply(Attributes()))
     untuned = next(e for e in EDIT_WORDS if e not in ADAPTER_GUIDANCES)
@@ -150,7 +150,7 @@ def test_an_adapters_tuned_weight_is_the_default_an_edit_can_override(model):
     folder, _ = model
     pipe = load_pipeline(str(folder), device="cpu")
     tuned = ADAPTER_WEIGHTS["eyeglasses"]
-    assert pipe.config.adapter_weights == ADAPTER_WEIGHTS
+    assert pipe.adapter_library.weights() == ADAPTER_WEIGHTS
     assert pipe.plan_edit(EditSettings(prompt="a face with eyeglasses")).edit_weights == {"edit:eyeglasses": tuned}
     assert pipe.plan_edit(EditSettings(prompt="a face", adapters="eyeglasses, beard")).edit_weights == {
         "edit:eyeglasses": tuned,

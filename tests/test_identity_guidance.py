@@ -108,22 +108,21 @@ def test_cli_refuses_a_bad_scale_or_range(tmp_path, capsys):
 
 
 def test_the_plan_takes_the_lowest_tuned_scale_of_the_picked_adapters_unless_one_is_given():
+    from ipfacediff.adapters import AdapterEntry, AdapterLibrary
     from ipfacediff.editing import plan_edit
     from ipfacediff.settings import DEFAULT_IDENTITY_GRADIENT
 
-    words = {"beard": ["beard"], "smile": ["smiling"], "eyeglasses": ["eyeglasses"]}
+    library = AdapterLibrary(
+        None,
+        (
+            AdapterEntry("beard", words=("beard",), identity_gradient=0.3),
+            AdapterEntry("smile", words=("smiling",), identity_gradient=2.0),
+            AdapterEntry("eyeglasses", words=("eyeglasses",)),
+        ),
+    )
 
     def plan(prompt: str, **settings):
-        return plan_edit(
-            EditSettings(prompt=prompt, **settings),
-            loaded_edit_weights={},
-            words=words,
-            tuned_weights={},
-            tuned_guidances={},
-            tuned_thresholds={},
-            hair_adapters=[],
-            tuned_identity_gradients={"beard": 0.3, "smile": 2.0},
-        )
+        return plan_edit(EditSettings(prompt=prompt, **settings), library)
 
     assert plan("a smiling face").identity_gradient == 2.0
     assert plan("a smiling face with a beard").identity_gradient == 0.3  # pulls back neither attribute
@@ -153,7 +152,7 @@ def test_an_adapter_library_names_the_net_its_e1_was_trained_against(tiny_dir, t
     import shutil
 
     from ipfacediff.job import SHIPPED_MODELS
-    from ipfacediff.library import _copy_identity_net, _library
+    from ipfacediff.adapters.build import _copy_identity_net, _library
 
     library = tmp_path / "lib"
     library.mkdir()

@@ -17,16 +17,14 @@ import pytest
 
 from ipfacediff.cli import main
 from ipfacediff.errors import UserError
-from ipfacediff.library import (
+from ipfacediff.adapters import derive_words, parse_edits, split_edits
+from ipfacediff.adapters.build import build_library
+from ipfacediff.adapters.edits import (
     ADAPTER_GUIDANCES,
     ADAPTER_WEIGHTS,
     BLEND_THRESHOLDS,
     EDIT_TARGETS,
     FACEWORLD_DEFAULTS,
-    build_library,
-    derive_words,
-    parse_edits,
-    split_edits,
 )
 from ipfacediff.models import AdapterLibrary
 from ipfacediff.training import ADAPTER_FILE
@@ -264,8 +262,13 @@ def test_a_batch_manifest_carries_adapters_dir_to_the_workers_pipeline(library, 
     jobs = read_manifest(manifest, tmp_path / "out")
     assert [job.adapters_dir for job in jobs] == [str((tmp_path / "lib").resolve()), None]
     worker = BatchWorker(str(tiny_dir), "cpu", "float32", str(tmp_path / "cache"), str(tmp_path / "running"), False)
-    assert set(worker._get_pipeline(jobs[0]).config.adapter_words) == {"eyeglasses", "blonde_hair", "ink", "red_hair"}
-    assert worker._get_pipeline(jobs[1]).config.adapter_words == {}
+    assert set(worker._get_pipeline(jobs[0]).adapter_library.words()) == {
+        "eyeglasses",
+        "blonde_hair",
+        "ink",
+        "red_hair",
+    }
+    assert worker._get_pipeline(jobs[1]).adapter_library is None
     (tmp_path / "lib" / "adapters.json").unlink()
     with pytest.raises(UserError, match=r"clips.csv line 2: adapter library folder .* has no adapters.json"):
         read_manifest(manifest, tmp_path / "out")
@@ -550,7 +553,7 @@ def test_the_reader_keeps_unknown_keys_harmless(tmp_path):
     ],
 )
 def test_the_library_file_is_checked_against_its_schema_naming_the_key_and_the_file(tmp_path, change, words):
-    """adapters.json is one declarative schema (models/adapters.py): a wrong type or value anywhere
+    """adapters.json is one declarative schema (adapters/record.py, from AdapterEntry): a wrong type or value anywhere
     is one line naming the file and the key, never a TypeError from deep inside."""
     (tmp_path / "adapters.json").write_text(json.dumps({"identity": None, "edits": {}, **change}))
     with pytest.raises(UserError) as caught:
@@ -593,3 +596,58 @@ def test_resume_with_nothing_to_resume_says_so_and_refuses_a_folder_that_is_no_l
 def test_train_library_has_help(capsys):
     code, stdout, _ = run(["train", "library", "--help"], capsys)
     assert code == 0 and "--adapters-dir" in stdout and "--resume" in stdout and "--edits" in stdout
+
+
+def test_the_shipped_library_reads_and_writes_back_byte_for_byte():
+    """One record, one reader and one writer: the FaceWorld library as `ipfacediff faceworld adapters`
+    wrote it comes back unchanged (the shipped file also ends in a newline, which write_json does not write)."""
+    from ipfacediff.job import SHIPPED_MODELS
+
+    folder = SHIPPED_MODELS / "adapters"
+    library = AdapterLibrary.read(SHIPPED_MODELS)
+    assert json.dumps(library.to_json(folder), indent=2) == (folder / "adapters.json").read_text().rstrip("\n")
+    assert {e.name: e.to_json(folder) for e in library.edits} == json.loads((folder / "adapters.json").read_text())[
+        "edits"
+    ]
+
+
+def test_the_schema_and_the_plan_are_built_from_the_records_fields():
+    """Each AdapterEntry field is a key of adapters.json, checked with the limits written beside the
+    field; each tuned field says how several adapters combine, and the plan follows it."""
+    from dataclasses import fields
+
+    from ipfacediff.adapters import AdapterEntry, combine_tuned, tuned_fields
+    from ipfacediff.adapters.record import entry_schema
+    from ipfacediff.settings import DEFAULT_GUIDANCE, EditSettings
+
+    assert list(entry_schema().model_fields) == [f.name for f in fields(AdapterEntry)[1:]]
+    assert {"hair", "blend_threshold", "weight", "guidance", "identity_gradient"} <= set(tuned_fields())
+    entries = [AdapterEntry("a", guidance=5.0, blend_threshold=0.6), AdapterEntry("b", hair=True, blend_threshold=0.3)]
+    combined = combine_tuned(entries, EditSettings(prompt="x"))
+    # The highest guidance (b counts as untuned: the default), the lowest threshold, any hair.
+    assert combined["guidance"] == DEFAULT_GUIDANCE and combined["blend_threshold"] == 0.3 and combined["hair"]
+    assert combine_tuned(entries, EditSettings(prompt="x", guidance=2.0, blend_threshold=0.9))["guidance"] == 2.0
+    assert combine_tuned([], EditSettings(prompt="x", hair=True))["hair"] is True
+
+
+def test_a_tuned_strength_in_adapters_json_is_used_and_recorded(library, sample, tiny_dir, tmp_path, capsys):
+    clip, tracks = sample
+    shutil.copytree(library, tmp_path / "lib")
+    spec = json.loads((tmp_path / "lib" / "adapters.json").read_text())
+    spec["edits"]["ink"]["strength"] = 0.5
+    (tmp_path / "lib" / "adapters.json").write_text(json.dumps(spec))
+    common = [
+        "--model",
+        str(tiny_dir),
+        "--steps",
+        "2",
+        "--tracks",
+        str(tracks),
+        "--adapters-dir",
+        str(tmp_path / "lib"),
+    ]
+    for name, prompt in (("ink", "a face with a tattoo"), ("plain", "a face with red hair")):
+        code, _, stderr = run(["edit", str(clip), "-o", str(tmp_path / f"{name}.mp4"), "-p", prompt, *common], capsys)
+        assert code == 0, stderr
+    assert {face["strength"] for face in json.loads((tmp_path / "ink.run.json").read_text())["faces"]} == {0.5}
+    assert {face["strength"] for face in json.loads((tmp_path / "plain.run.json").read_text())["faces"]} == {1.0}

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -284,3 +287,81 @@ def test_a_junk_adapter_library_is_one_line(tiny_dir, hostile):
     with pytest.raises(UserError) as error:
         load_model_set(str(model))
     one_line_naming(error, model / "adapters" / "glasses.safetensors", "not a safetensors file", str(library))
+
+
+def test_explicit_edit_loras_replace_a_librarys_edits_but_keep_its_identity_net(tiny_dir, tmp_path):
+    """``--edit-lora`` with ``--adapters-dir``: the library's ε2 edits give way, its ε1 and the identity
+    net ε1 was trained against (which identity guidance uses) stay."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    from ipfacediff.adapters import AdapterLibrary
+    from ipfacediff.editing import IPFaceDiffPipeline
+    from ipfacediff.files import write_json
+    from ipfacediff.job import SHIPPED_MODELS
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_dir / "unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    lora = tmp_path / "glasses.safetensors"
+    save_file({f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}, str(lora))
+    library = tmp_path / "lib"
+    shutil.copytree(SHIPPED_MODELS / "identity_net", library / "identity_net" / "net")
+    write_json(library / "adapters.json", AdapterLibrary(None, (), Path("identity_net/net")).to_json())
+    models = load_model_set(str(tiny_dir), adapters_dir=library, edit_loras=[(str(lora), 0.5)])
+    assert models.edit_adapter_weights == {"edit_0": 0.5}
+    assert models.library.edits == () and models.library.identity_net == library / "identity_net" / "net"
+    assert type(IPFaceDiffPipeline.from_model_set(models).identity_net()).__name__ == "FaceWorldIdentity"
+
+
+def test_a_pipeline_with_an_adapter_library_saves_and_loads_it(tiny_pipe, tmp_path):
+    """The pipeline's config holds the library once (its adapters.json form), so from_pretrained plans
+    edits as the saved pipeline did."""
+    from ipfacediff.adapters import AdapterEntry, AdapterLibrary
+    from ipfacediff.editing import IPFaceDiffPipeline
+    from ipfacediff.settings import EditSettings
+
+    library = AdapterLibrary(
+        tmp_path / "identity.safetensors",
+        (
+            AdapterEntry("glasses", path=tmp_path / "g.safetensors", words=("glasses",), weight=0.3, guidance=5.0),
+            AdapterEntry("smile", path=tmp_path / "s.safetensors", words=("smiling",), hair=True, blend_threshold=0.3),
+        ),
+        tmp_path / "net",
+    )
+    pipe = IPFaceDiffPipeline(**tiny_pipe.components, model_source="tiny", adapter_library=library.to_json())
+    pipe.save_pretrained(tmp_path / "pipe")
+    loaded = IPFaceDiffPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.adapter_library == library
+    settings = EditSettings(prompt="a smiling face with glasses")
+    plan = loaded.plan_edit(settings)
+    assert plan == pipe.plan_edit(settings)
+    assert plan.edit_weights == {"edit:glasses": 0.3, "edit:smile": 1.0}
+    assert (plan.guidance, plan.blend_threshold, plan.hair) == (7.5, 0.3, True)
+
+
+def test_an_adapters_tuned_strength_caps_the_edits_strength(tiny_pipe, tmp_path):
+    """A tuned value added as one field of AdapterEntry (``strength``): read from the library, combined
+    by its rule (the lowest of the setting and the picked adapters'), used by the edit."""
+    from conftest import moving_texture
+
+    from ipfacediff.adapters import AdapterEntry, AdapterLibrary
+    from ipfacediff.editing import IPFaceDiffPipeline
+    from ipfacediff.settings import EditSettings
+
+    entries = (
+        AdapterEntry("tattoo", path=tmp_path / "t.safetensors", words=("tattoo",), strength=0.5),
+        AdapterEntry("smile", path=tmp_path / "s.safetensors", words=("smiling",)),
+    )
+    pipe = IPFaceDiffPipeline(
+        **tiny_pipe.components, model_source="tiny", adapter_library=AdapterLibrary(None, entries).to_json()
+    )
+    assert pipe.plan_edit(EditSettings(prompt="a face with a tattoo")).strength == 0.5
+    assert pipe.plan_edit(EditSettings(prompt="a face with a tattoo", strength=0.25)).strength == 0.25
+    assert pipe.plan_edit(EditSettings(prompt="a smiling face", strength=0.75)).strength == 0.75  # untuned
+    frames = moving_texture(3)
+    tuned = pipe(frames, EditSettings(prompt="a face with a tattoo", steps=4))
+    by_hand = tiny_pipe(frames, EditSettings(prompt="a face with a tattoo", steps=4, strength=0.5))
+    full = tiny_pipe(frames, EditSettings(prompt="a face with a tattoo", steps=4))
+    assert np.array_equal(tuned.frames, by_hand.frames) and not np.array_equal(tuned.frames, full.frames)

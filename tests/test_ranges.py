@@ -124,9 +124,9 @@ def test_the_fade_rises_after_start_and_falls_before_end():
 def test_two_faces_each_get_their_own_edit_and_the_oracle_sees_it(tmp_path, capsys):
     """A FaceWorld scene of two held-out people: eyeglasses on face 0, a beard on face 1."""
     from ipfacediff.face import FaceTracks, alignment_transforms, crop_face
-    from ipfacediff.faceworld import HELD_OUT_IDS, render_clip
-    from ipfacediff.faceworld.oracles import AttributeOracle
-    from ipfacediff.faceworld.scene import write_clip
+    from faceworld import HELD_OUT_IDS, render_clip
+    from faceworld.oracles import AttributeOracle
+    from faceworld.scene import write_clip
     from ipfacediff.job import SHIPPED_MODELS
 
     if not (SHIPPED_MODELS / "oracles" / "attributes").is_dir():

@@ -141,7 +141,8 @@ class WindowDenoiser:
 
     def run(self) -> Denoised:
         steps = len(self.inverted.timesteps)
-        start = min(steps - 1, steps - round(self.settings.strength * steps))
+        strength = self.settings.strength if self.plan.strength is None else self.plan.strength
+        start = min(steps - 1, steps - round(strength * steps))
         edited = self.inverted.latents[start].clone()
         history: list[list[int]] = []
         unets: list[UNet2DConditionModel] = [self.pipe.unet, self.pipe.identity_unet]

@@ -46,7 +46,9 @@ class IdentityGuidanceMixin:
         Loaded on first use."""
         net = getattr(self, "_identity_net", None)
         if net is None:
-            named = (self.config.model_card or {}).get("identity_net") or self.config.get("adapter_identity_net")
+            library = self.adapter_library
+            own = str(library.identity_net) if library and library.identity_net else None
+            named = (self.config.model_card or {}).get("identity_net") or own
             net = IdentityEncoder.from_pretrained(named)
             self._identity_net = net
         return net.to(self.vae.device)

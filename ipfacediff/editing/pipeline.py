@@ -26,6 +26,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from ipfacediff.adapters import AdapterLibrary
 from ipfacediff.diffusion import (
     InversionCache,
     InvertedVideo,
@@ -114,14 +115,8 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         scheduler: DDIMScheduler,
         edit_adapter_weights: dict[str, float] | None = None,
         model_source: str | None = None,
-        adapter_words: dict[str, list[str]] | None = None,
-        hair_adapters: list[str] | None = None,
-        adapter_blend_thresholds: dict[str, float] | None = None,
-        adapter_weights: dict[str, float] | None = None,
-        adapter_guidances: dict[str, float] | None = None,
         model_card: dict | None = None,
-        adapter_identity_gradients: dict[str, float] | None = None,
-        adapter_identity_net: str | None = None,
+        adapter_library: dict | None = None,
     ):
         super().__init__()
         if scheduler is not None:  # a model whose output the DDIM maths cannot read fails here, at loading
@@ -137,14 +132,8 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         self.register_to_config(
             edit_adapter_weights=dict(edit_adapter_weights or {}),
             model_source=model_source,
-            adapter_words=dict(adapter_words or {}),
-            hair_adapters=list(hair_adapters or []),
-            adapter_blend_thresholds=dict(adapter_blend_thresholds or {}),
-            adapter_weights=dict(adapter_weights or {}),
-            adapter_guidances=dict(adapter_guidances or {}),
             model_card=dict(model_card) if model_card else None,
-            adapter_identity_gradients=dict(adapter_identity_gradients or {}),
-            adapter_identity_net=adapter_identity_net,
+            adapter_library=dict(adapter_library) if adapter_library else None,  # AdapterLibrary.to_json()
         )
 
     @classmethod
@@ -158,30 +147,18 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             scheduler=DDIMScheduler.from_config(models.scheduler.config),
             edit_adapter_weights=models.edit_adapter_weights,
             model_source=models.source,
-            adapter_words=models.library.words() if models.library else None,
-            hair_adapters=[e.name for e in models.library.edits if e.hair] if models.library else None,
-            adapter_blend_thresholds=models.library.blend_thresholds() if models.library else None,
-            adapter_weights=models.library.weights() if models.library else None,
-            adapter_guidances=models.library.guidances() if models.library else None,
-            adapter_identity_gradients=models.library.identity_gradients() if models.library else None,
-            adapter_identity_net=str(models.library.identity_net)
-            if models.library and models.library.identity_net
-            else None,
+            adapter_library=models.library.to_json() if models.library else None,
         )
+
+    @property
+    def adapter_library(self) -> AdapterLibrary | None:
+        """The model's adapter library (None: it has none), as its config holds it."""
+        spec = self.config.get("adapter_library")
+        return AdapterLibrary.from_json(spec) if spec else None
 
     def plan_edit(self, settings: EditSettings) -> EditPlan:
         """The plan of ``settings`` under this model's adapter library (:func:`plan_edit`)."""
-        c = self.config
-        return plan_edit(
-            settings,
-            loaded_edit_weights=c.edit_adapter_weights,
-            words=c.adapter_words,
-            tuned_weights=c.adapter_weights,
-            tuned_guidances=c.adapter_guidances,
-            tuned_thresholds=c.adapter_blend_thresholds,
-            hair_adapters=c.hair_adapters,
-            tuned_identity_gradients=c.get("adapter_identity_gradients"),
-        )
+        return plan_edit(settings, self.adapter_library, self.config.edit_adapter_weights)
 
     def _role(self, role: str, edit_weights: dict[str, float] | None = None) -> UNet2DConditionModel:
         unet = self.identity_unet if role == "identity" else self.unet

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ipfacediff.errors import UserError
-from ipfacediff.models import edit_adapter_name, parse_lora_spec, pick_edit_adapters
-from ipfacediff.settings import DEFAULT_BLEND_THRESHOLD, DEFAULT_GUIDANCE, DEFAULT_IDENTITY_GRADIENT, EditSettings
+from ipfacediff.adapters import AdapterLibrary, combine_tuned, edit_adapter_name, parse_lora_spec, pick_edit_adapters
+from ipfacediff.settings import DEFAULT_IDENTITY_GRADIENT, EditSettings
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class EditPlan:
     blend_threshold: float
     hair: bool
     identity_gradient: float = DEFAULT_IDENTITY_GRADIENT
+    strength: float | None = None  # the share of the schedule regenerated (None: the settings')
 
     @property
     def edit_adapters(self) -> dict[str, float]:
@@ -30,15 +31,7 @@ class EditPlan:
 
 
 def plan_edit(
-    settings: EditSettings,
-    *,
-    loaded_edit_weights: dict[str, float],
-    words: dict[str, list[str]],
-    tuned_weights: dict[str, float],
-    tuned_guidances: dict[str, float],
-    tuned_thresholds: dict[str, float],
-    hair_adapters: list[str],
-    tuned_identity_gradients: dict[str, float] | None = None,
+    settings: EditSettings, library: AdapterLibrary | None, loaded_edit_weights: dict[str, float] | None = None
 ) -> EditPlan:
     """The plan of an edit under an adapter library.
 
@@ -46,18 +39,17 @@ def plan_edit(
     decides: "auto" picks the library's adapters whose words the prompt has and the source prompt
     has not, "none" edits with the base model, or names them ("eyeglasses", "eyeglasses:0.8,smile");
     one picked or named without a weight edits at the library's tuned weight (1 unless tuned).
-    Guidance left unset is the highest the picked adapters were tuned with (an untuned one counts
-    as :data:`DEFAULT_GUIDANCE`), so none of their attributes is drawn weaker than tuned; a blend
-    threshold left unset is the lowest they were tuned with. A hair adapter makes it a hair edit.
-    Identity guidance left unset is the lowest the picked adapters were tuned with (an untuned one
-    counts as :data:`DEFAULT_IDENTITY_GRADIENT`), so it pulls back none of their attributes more
-    than tuned.
+    Every other tuned value (guidance, blend threshold, hair, ...: the fields of
+    :class:`~ipfacediff.adapters.AdapterEntry` with a rule) is the edit's setting when given, else
+    its field's rule over the picked adapters (:func:`~ipfacediff.adapters.combine_tuned`).
     """
+    library = library or AdapterLibrary(None, ())
+    words = library.words()
     if loaded_edit_weights:
         weights = dict(loaded_edit_weights)
     elif settings.adapters == "auto":
         weights = {
-            edit_adapter_name(n): tuned_weights.get(n, 1.0)
+            edit_adapter_name(n): library.entry(n).tuned_value("weight")
             for n in pick_edit_adapters(words, settings.prompt, settings.source_prompt)
         }
     elif settings.adapters == "none":
@@ -69,20 +61,6 @@ def plan_edit(
             if name not in words:
                 offered = ", ".join(words) if words else "none: this model has no adapter library"
                 raise UserError(f"unknown edit adapter {name!r}; this model offers: {offered}")
-            weights[edit_adapter_name(name)] = weight if name != spec else tuned_weights.get(name, 1.0)
-    names = [n.removeprefix("edit:") for n in weights]
-    guidance = settings.guidance
-    if guidance is None:
-        guidance = max((tuned_guidances.get(n, DEFAULT_GUIDANCE) for n in names), default=DEFAULT_GUIDANCE)
-    threshold = settings.blend_threshold
-    if threshold is None:
-        threshold = min((tuned_thresholds[n] for n in names if n in tuned_thresholds), default=DEFAULT_BLEND_THRESHOLD)
-    identity_gradient = settings.identity_gradient
-    if identity_gradient is None:
-        tuned = tuned_identity_gradients or {}
-        identity_gradient = min(
-            (tuned.get(n, DEFAULT_IDENTITY_GRADIENT) for n in names), default=DEFAULT_IDENTITY_GRADIENT
-        )
-    return EditPlan(
-        weights, guidance, threshold, settings.hair or any(n in hair_adapters for n in names), identity_gradient
-    )
+            weights[edit_adapter_name(name)] = weight if name != spec else library.entry(name).tuned_value("weight")
+    entries = [library.entry(n.removeprefix("edit:")) for n in weights]
+    return EditPlan(weights, **combine_tuned(entries, settings))

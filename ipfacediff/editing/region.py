@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ipfacediff.adapters.words import FRAME_WORDS
 from ipfacediff.diffusion import InvertedVideo, Progress, StageTimer, encode_prompt, predicted_noise
 from ipfacediff.editing.plan import EditPlan
 from ipfacediff.editing.propagation import smooth_over_time
@@ -29,14 +30,6 @@ BLEND_TIMESTEPS = (300, 500, 700)
 # [w, 1 − 2w, w] (w = 0.25: 8 passes ≈ a Gaussian of σ = 2 frames); tuned on blonde hair, the
 # largest region (benchmarks/README.md).
 MASK_SMOOTHING_PASSES = 8
-
-
-# Words that name the subject or join words rather than say what changes.
-FRAME_WORDS = frozenset(
-    "a an the of and or with without in on to into add make turn give wearing has have is are "
-    "he she they him her them his their "
-    "face faces person people photo picture portrait image man woman boy girl head".split()
-)
 
 
 def mask_reference_prompt(prompt: str, source_prompt: str = "") -> str:

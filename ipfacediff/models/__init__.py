@@ -1,17 +1,17 @@
 """The model set: an SD-1.x model (VAE, text encoder, tokenizer, ε2 edit UNet, ε1 identity UNet),
 its adapter library, the CLIP scorer that training and evaluation share, and tiny stand-ins.
 
-Four independent parts, one module each: :mod:`~ipfacediff.models.loading` (a diffusers folder,
-hub id or single file, safetensors only unless pickles are allowed), :mod:`~ipfacediff.models.adapters`
-(which ε1/ε2 adapters a model brings and how a prompt picks them), :mod:`~ipfacediff.models.clip`
+Three independent parts, one module each: :mod:`~ipfacediff.models.loading` (a diffusers folder,
+hub id or single file, safetensors only unless pickles are allowed; the adapter library it applies
+is :mod:`ipfacediff.adapters`'s), :mod:`~ipfacediff.models.clip`
 and :mod:`~ipfacediff.models.tiny` (the real classes at toy size, for tests and the offline demo).
 """
 
-from ipfacediff.models.adapters import (
+from ipfacediff.adapters import (
     ADAPTER_LIBRARY,
     LORA_WEIGHT_RANGE,
+    AdapterEntry,
     AdapterLibrary,
-    EditAdapter,
     edit_adapter_name,
     lora_weight,
     parse_lora_spec,
@@ -32,6 +32,8 @@ from ipfacediff.models.loading import (
 )
 from ipfacediff.models.tiny import build_tiny_models, byte_symbols, clip_bpe_tokenizer
 
+EditAdapter = AdapterEntry  # the former name of an adapter library's entry
+
 __all__ = [
     "ADAPTER_LIBRARY",
     "CLIP_MEAN",
@@ -39,6 +41,7 @@ __all__ = [
     "IDENTITY_ADAPTER",
     "LORA_WEIGHT_RANGE",
     "SD1_SCHEDULER_CONFIG",
+    "AdapterEntry",
     "AdapterLibrary",
     "ClipScorer",
     "EditAdapter",

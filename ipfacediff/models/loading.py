@@ -687,8 +687,8 @@ def load_model_set(
             notices += _load_adapter(
                 unet, str(entry.path), edit_adapter_name(entry.name), f"LoRA of adapter {entry.name!r}", library_fix
             )
-    elif library is not None:
-        library = AdapterLibrary(library.identity, ())
+    elif library is not None:  # explicit edit LoRAs replace its edits; ε1 and its identity net stay
+        library = library.without_edits()
     if identity_model:
         identity_unet = _load_identity_unet(identity_model, dtype, allow_pickle, local_files_only)
     else:
