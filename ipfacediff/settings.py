@@ -725,7 +725,7 @@ def _lora_pairs(items: Any) -> tuple[tuple[str, float], ...]:
     pairs = []
     for item in items:
         if isinstance(item, str):
-            from ipfacediff.models.adapters import parse_lora_spec
+            from ipfacediff.adapters.weights import parse_lora_spec
 
             path, weight = parse_lora_spec(item)
         elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
