@@ -28,30 +28,22 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ipfacediff.errors import UserError
+from ipfacediff.errors import SettingError, UserError
+from ipfacediff.evaluation.metrics import SUMMARY_KEYS
 from ipfacediff.files import check_writable_folder, write_atomic, write_json
 from ipfacediff.models import parse_lora_spec
-from ipfacediff.settings import check_option
+from ipfacediff.settings import ModelSpec, check_option
 
 Progress = Callable[[str, int, int], None]
 
 RESULTS_NAME = "results.jsonl"
 CACHE_NAME = ".cache"
-SUMMARY_METRICS = (
-    "id_sim",
-    "id_drift",
-    "tl_id",
-    "tg_id",
-    "clip_direction",
-    "clip_score",
-    "warp_error_ratio",
-    "flicker",
-    "background_psnr",
-    "face_detection_rate",
-)
+SUMMARY_METRICS = SUMMARY_KEYS  # the old name
 DEFAULT_RETRIES = 2  # a clip whose worker dies is tried this many more times on a fresh worker
 _COLUMNS = ("input", "prompt", "prompts", "output", "tracks", "identity_lora", "edit_lora", "adapters_dir")
 _VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov")
+# A manifest names a setting by its column: the setting's own name, except these model options.
+_MODEL_COLUMNS = {"edit_loras": "edit_lora"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -75,6 +67,30 @@ class BatchJob:
     @property
     def prompt(self) -> str:
         return self.settings["prompt"]
+
+    def model_spec(self, model: str | None, device: str, dtype: str) -> ModelSpec:
+        """The models this job runs on: the batch's model, device and dtype, the row's adapters."""
+        return ModelSpec(
+            model=model,
+            identity_lora=self.identity_lora,
+            edit_loras=tuple(tuple(x) for x in self.edit_loras),
+            adapters_dir=self.adapters_dir,
+            device=device,
+            dtype=dtype,
+        )
+
+
+def column_names() -> dict[str, str]:
+    """Each setting's manifest column, the words a :class:`SettingError` is said in here."""
+    from ipfacediff.settings import EditSettings
+
+    names = {f.name: f.name for cls in (EditSettings, ModelSpec) for f in fields(cls)}
+    return names | _MODEL_COLUMNS
+
+
+def in_columns(error: UserError) -> UserError:
+    """``error`` as one line naming its setting by the manifest's column (a :class:`SettingError`)."""
+    return UserError(error.worded(column_names())) if isinstance(error, SettingError) else error
 
 
 def _setting_names() -> list[str]:
@@ -156,16 +172,28 @@ def _csv_cells(raw: str, where: str) -> list[str]:
         ) from None
 
 
-def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) -> list[BatchJob]:
-    """Read a CSV/JSONL manifest into jobs, one per output; any mistake is one :class:`UserError` line."""
+def read_manifest(
+    manifest: str | os.PathLike, output_dir: str | os.PathLike, *, log: Callable[[str], None] | None = None
+) -> list[BatchJob]:
+    """Read a CSV/JSONL manifest into jobs, one per output; any mistake is one :class:`UserError`
+    line, naming a setting by its column. A renamed setting's old column is read as the new one,
+    with one ``note:`` line to ``log``."""
+    try:
+        return _read_manifest(Path(manifest), Path(output_dir), log or (lambda _line: None))
+    except SettingError as error:
+        raise in_columns(error) from None
+
+
+def _read_manifest(manifest: Path, output_dir: Path, log: Callable[[str], None]) -> list[BatchJob]:
     from ipfacediff.settings import EditSettings
 
-    manifest, output_dir = Path(manifest), Path(output_dir).resolve()
+    output_dir = output_dir.resolve()
     base = manifest.resolve().parent
     setting_names = _setting_names()
-    known = set(_COLUMNS) | set(setting_names)
+    known = set(_COLUMNS) | set(setting_names) | set(EditSettings.renamed)
     jobs: list[BatchJob] = []
     explicit: dict[str, int] = {}
+    noted: set[str] = set()
     for line, record in _read_rows(manifest):
         where = f"{manifest.name} line {line}"
         unknown = sorted(k for k in record if k not in known)
@@ -178,8 +206,16 @@ def read_manifest(manifest: str | os.PathLike, output_dir: str | os.PathLike) ->
         prompts = _split(record.get("prompts"), "|") + _split(record.get("prompt"), "|")
         if not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
             raise UserError(f'{where}: no prompt: fill prompt (or prompts, "|"-separated) with the edit to make')
+        for old, new in EditSettings.renamed.items():
+            if old in record and old not in noted:
+                noted.add(old)
+                log(f"note: manifest column {old} is now {new}")
         # An empty cell takes the setting's default.
-        settings = {name: record[name] for name in setting_names if name in record and not _blank(record[name])}
+        settings = {
+            name: record[name]
+            for name in [*setting_names, *EditSettings.renamed]
+            if name in record and not _blank(record[name])
+        }
         names = _split(record.get("output"), "|")
         if names and len(names) not in (1, len(prompts)):
             raise UserError(
@@ -269,21 +305,32 @@ def job_state(job: BatchJob, evaluate: bool) -> str:
     An output is complete when the video and its ``.run.json`` exist (both are written atomically,
     the metadata last) and the metadata holds the same input and settings as the job.
     """
-    from ipfacediff.job import run_metadata_path
+    from ipfacediff.runs import run_metadata_path
 
     output = Path(job.output)
     meta = _read_json(run_metadata_path(output)) if output.is_file() else None
-    if not meta or meta.get("settings") != job.settings or Path(str(meta.get("input"))).resolve() != Path(job.input):
+    if not meta or _current_names(meta.get("settings")) != job.settings:
+        return "todo"
+    if Path(str(meta.get("input"))).resolve() != Path(job.input):
         return "todo"
     if evaluate and _read_json(_metrics_path(output)) is None:
         return "evaluate"
     return "complete"
 
 
+def _current_names(settings: Any) -> Any:
+    """A run's recorded settings under today's names (an output made before a rename is complete)."""
+    from ipfacediff.settings import EditSettings
+
+    if not isinstance(settings, dict):
+        return settings
+    return {EditSettings.renamed.get(name, name): value for name, value in settings.items()}
+
+
 def _summary_metrics(metrics: dict | None) -> dict | None:
     if not metrics:
         return None
-    return {k: metrics.get(k) for k in SUMMARY_METRICS if isinstance(metrics.get(k), (int, float))} or None
+    return {k: metrics.get(k) for k in SUMMARY_KEYS if isinstance(metrics.get(k), (int, float))} or None
 
 
 def _row(
@@ -297,7 +344,7 @@ def _row(
     attempts: int = 0,
     worker: str | None = None,
 ) -> dict:
-    from ipfacediff.job import run_metadata_path
+    from ipfacediff.runs import run_metadata_path
 
     done = status in ("done", "skipped")
     return {
@@ -317,7 +364,7 @@ def _row(
 
 
 def _skipped_row(job: BatchJob) -> dict:
-    from ipfacediff.job import run_metadata_path
+    from ipfacediff.runs import run_metadata_path
 
     output = Path(job.output)
     meta = _read_json(run_metadata_path(output)) or {}
@@ -330,6 +377,8 @@ def one_line(exc: BaseException) -> str:
     """The error of a failed clip as one line."""
     from ipfacediff.errors import UserError as _UserError
 
+    if isinstance(exc, SettingError):
+        exc = in_columns(exc)
     text = str(exc).strip().splitlines()
     message = text[0] if text else ""
     if not isinstance(exc, _UserError):
@@ -360,31 +409,16 @@ class BatchWorker:
         self.cache_root, self.running_dir = cache_root, Path(running_dir)
         self.cache_max_bytes = cache_max_bytes
         self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self._pipeline_key: tuple | None = None
-        self._pipeline = None
-        self._identity = None
-        self.loads = 0
+        from ipfacediff.service import EditService
+
+        self.service = EditService(max_pipelines=1)  # one model set in memory at a time
+
+    @property
+    def loads(self) -> int:
+        return self.service.loads
 
     def info(self) -> dict:
         return {"worker": self.name, "pid": os.getpid(), "loads": self.loads}
-
-    def _get_pipeline(self, job: BatchJob):
-        key = (job.identity_lora, tuple(map(tuple, job.edit_loras)), job.adapters_dir)
-        if self._pipeline is None or self._pipeline_key != key:
-            from ipfacediff.job import load_pipeline
-
-            self._pipeline = None  # one model set in memory at a time
-            self._pipeline = load_pipeline(
-                self.model,
-                identity_lora=job.identity_lora,
-                edit_loras=[tuple(x) for x in job.edit_loras] or None,
-                adapters_dir=job.adapters_dir,
-                device=self.device,
-                dtype=self.dtype,
-            )
-            self._pipeline_key = key
-            self.loads += 1
-        return self._pipeline
 
     def run_clip(self, clip_id: str, jobs: list[BatchJob], attempt: int) -> list[dict]:
         """Edit every job of one clip, in order; a failing job gives a failed row, never an exception."""
@@ -407,7 +441,6 @@ class BatchWorker:
 
     def _run_job(self, job: BatchJob, attempt: int) -> dict:
         from ipfacediff.diffusion import InversionCache
-        from ipfacediff.job import edit_video
         from ipfacediff.settings import EditSettings
 
         started = time.perf_counter()
@@ -417,18 +450,18 @@ class BatchWorker:
             if state == "todo":  # (a killed earlier attempt may have finished it)
                 output = Path(job.output)
                 output.parent.mkdir(parents=True, exist_ok=True)
-                report = edit_video(
+                result = self.service.edit(
                     job.input,
                     output,
                     EditSettings(**job.settings),
-                    pipeline=self._get_pipeline(job),
-                    tracks_path=job.tracks,
+                    job.model_spec(self.model, self.device, self.dtype),
+                    tracks=job.tracks,
                     cache=InversionCache(self.cache_root, max_bytes=self.cache_max_bytes),
                     log=lambda _message: None,
                 )
-                reused = report.inversion_reused
+                reused = result.report.inversion_reused
             else:
-                from ipfacediff.job import run_metadata_path
+                from ipfacediff.runs import run_metadata_path
 
                 reused = (_read_json(run_metadata_path(Path(job.output))) or {}).get("inversion_reused")
             stage = "evaluate: "  # the edit is kept; a re-run only evaluates
@@ -458,17 +491,9 @@ class BatchWorker:
         )
 
     def _evaluate(self, job: BatchJob) -> dict:
-        from ipfacediff.evaluation import evaluate_videos, write_metrics_json
-        from ipfacediff.face import FaceTracks
-
-        if self._identity is None:
-            from ipfacediff.identity import IdentityEncoder
-
-            self._identity = IdentityEncoder.from_pretrained(None)
-        tracks = FaceTracks.load(job.tracks) if job.tracks else None
-        metrics = evaluate_videos(job.input, job.output, tracks=tracks, identity=self._identity)
-        write_metrics_json(metrics, _metrics_path(Path(job.output)))
-        return metrics
+        return self.service.evaluate(
+            job.input, job.output, tracks=job.tracks, shared_identity=True, metrics_path=_metrics_path(Path(job.output))
+        ).metrics
 
     @staticmethod
     def _after_failure(exc: BaseException) -> None:
@@ -526,7 +551,7 @@ class BatchSummary:
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     means = {}
-    for key in SUMMARY_METRICS:
+    for key in SUMMARY_KEYS:
         values = [
             r["metrics"][key] for r in rows if r.get("metrics") and isinstance(r["metrics"].get(key), (int, float))
         ]
@@ -583,7 +608,7 @@ def run_batch(
     num_workers = check_option(num_workers, "--workers", kind=int, low=1)
     retries = check_option(retries, "--retries", kind=int, low=0)
     check_writable_folder(output_dir)
-    jobs = read_manifest(manifest, output_dir)
+    jobs = read_manifest(manifest, output_dir, log=lambda m: console.print(m, markup=False, highlight=False))
     output_dir.mkdir(parents=True, exist_ok=True)
     output_dir = output_dir.resolve()
     results_path = output_dir / RESULTS_NAME

@@ -19,7 +19,15 @@ from ipfacediff.errors import UserError
 from ipfacediff.files import check_writable
 from ipfacediff.progress import progress_bars as rich_progress_bars
 from ipfacediff.runner import CLICK_ERRORS, HELP_ERRORS, console, run_command, usage_line  # noqa: F401
-from ipfacediff.settings import EditSettings, Settings, check_option, field_type, flag_of
+from ipfacediff.settings import (
+    EditSettings,
+    ModelSpec,
+    check_option,
+    Settings,
+    field_type,
+    flag_of,
+    option_names,
+)
 from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings, TrainingSettings
 
 app = typer.Typer(
@@ -59,72 +67,65 @@ def setting_option(cls: type[Settings], name: str, **overrides: Any) -> Any:
     return typer.Option(overrides.pop("default", default), *names, help=overrides.pop("help", meta["help"]))
 
 
-def with_settings(cls: type[Settings]) -> Callable:
-    """Give a command every option of ``cls``; the command receives them built into one
-    ``settings`` object, checked before the command's body runs."""
+def with_settings(cls: type[Settings], *, into: str = "settings", only: tuple[str, ...] | None = None) -> Callable:
+    """Give a command every option of ``cls`` (or those named in ``only``); the command receives
+    them built into one object, its parameter ``into``, checked before the command's body runs. A
+    renamed setting's old flag (``cls.renamed``) is still read, with a note naming the new one."""
 
     def decorate(command: Callable) -> Callable:
-        own = [p for p in inspect.signature(command).parameters.values() if p.name != "settings"]
-        names = [f.name for f in fields(cls)]
+        own = [p for p in inspect.signature(command).parameters.values() if p.name != into]
+        names = [f.name for f in fields(cls) if only is None or f.name in only]
         added = [
             inspect.Parameter(
                 n, inspect.Parameter.KEYWORD_ONLY, default=setting_option(cls, n), annotation=field_type(cls, n)
             )
             for n in names
         ]
+        renamed = {old: new for old, new in cls.renamed.items() if new in names}
+        aliases = [
+            inspect.Parameter(
+                old,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, "/".join(_switch_flags(cls, old)), hidden=True),
+                annotation=Optional[bool],
+            )
+            for old in renamed
+        ]
 
         @functools.wraps(command)
         def run(**values: Any) -> Any:
-            settings = cls(**{n: values.pop(n) for n in names})
-            return command(settings=settings, **values)
+            for old, new in renamed.items():
+                value = values.pop(old)
+                if value is not None:
+                    typed, now = (_switch_flags(cls, name)[0 if value else -1] for name in (old, new))
+                    console.print(f"note: {typed} is now {now}", markup=False, highlight=False, soft_wrap=True)
+                    values[new] = value
+            built = cls(**{n: values.pop(n) for n in names})
+            return command(**{into: built}, **values)
 
-        run.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+        run.__signature__ = inspect.Signature([*own, *added, *aliases])  # type: ignore[attr-defined]
         run.__annotations__ = {
-            **{k: v for k, v in command.__annotations__.items() if k != "settings"},
-            **{p.name: p.annotation for p in added},
+            **{k: v for k, v in command.__annotations__.items() if k != into},
+            **{p.name: p.annotation for p in [*added, *aliases]},
         }
         return run
 
     return decorate
 
 
-ModelOption = typer.Option(
-    None,
-    "--model",
-    "-m",
-    help="SD-1.x model: diffusers folder, hub id (from the local cache when offline) or single .safetensors file. Default: the embedded model set.",
-)
-IdentityModelOption = typer.Option(
-    None,
-    "--identity-model",
-    help="ε1 as a separate UNet (diffusers model or UNet folder, or hub id). Default: the base UNet.",
-)
-IdentityLoraOption = typer.Option(
-    None, "--identity-lora", help="ε1 as a LoRA adapter (.safetensors, diffusers format) over the base UNet."
-)
-EditLoraOption = typer.Option(
-    None, "--edit-lora", help="ε2 LoRA adapter, PATH or PATH:WEIGHT; repeat for multi-attribute edits."
-)
-ConfigOption = typer.Option(
-    None, "--config", help="Architecture (diffusers folder or cached hub id) for a single-file checkpoint."
-)
-DeviceOption = typer.Option("auto", "--device", help="auto (CUDA when available), cpu, cuda or cuda:N.")
-DtypeOption = typer.Option(
-    "auto", "--dtype", help="auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16."
-)
-AllowPickleOption = typer.Option(
-    False, "--allow-pickle", help="Also read pickled .bin/.ckpt weights (they can run code: only for files you trust)."
-)
-NoAdapterLibraryOption = typer.Option(
-    False,
-    "--no-adapter-library",
-    help="Ignore the ε1/ε2 adapters the model folder ships (ε1 = ε2 = base unless --identity-lora/--edit-lora).",
-)
-AdaptersDirOption = typer.Option(
-    None,
-    "--adapters-dir",
-    help="An adapter library kept outside the model folder (what `ipfacediff train library --output LIB` wrote), used instead of the model folder's own.",
-)
+def _switch_flags(cls: type[Settings], name: str) -> list[str]:
+    """A switch's flags, on form first: ``--feature-injection``, ``--no-feature-injection`` (an old
+    name, no longer a field, has the same pair built from the name)."""
+    known = {f.name: f.metadata for f in fields(cls)}
+    if name in known:
+        return option_names(name, known[name]).split("/")
+    flag = "--" + name.replace("_", "-")
+    return [flag, "--no-" + flag.removeprefix("--")]
+
+
+MODEL_ONLY = ("model", "adapters_dir", "device", "dtype")  # the web page's model options
+ConfigOption = setting_option(ModelSpec, "config")  # the trainers' model options
+AllowPickleOption = setting_option(ModelSpec, "allow_pickle")
 CacheOption = typer.Option(
     None, "--cache-dir", help="Inversion cache folder. Default: $IPFACEDIFF_CACHE or ~/.cache/ipfacediff."
 )
@@ -133,35 +134,6 @@ CacheMaxOption = typer.Option(
     "--cache-max-gb",
     help="Keep the inversion cache under this many GB: the entries used longest ago are removed (never the running edit's). Default: no limit.",
 )
-
-
-def _pipeline(
-    model,
-    identity_model,
-    identity_lora,
-    edit_lora,
-    config,
-    device,
-    dtype,
-    allow_pickle,
-    adapter_library=True,
-    adapters_dir=None,
-):
-    from ipfacediff.job import load_pipeline
-    from ipfacediff.models import parse_lora_spec
-
-    return load_pipeline(
-        model,
-        identity_model=identity_model,
-        identity_lora=identity_lora,
-        edit_loras=[parse_lora_spec(s) for s in edit_lora or []],
-        config=config,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        adapter_library=adapter_library,
-        adapters_dir=adapters_dir,
-    )
 
 
 def _check_outputs(*paths: Optional[Path]) -> None:
@@ -196,17 +168,11 @@ def _size(count: int) -> str:
 
 
 @app.command()
+@with_settings(ModelSpec, into="spec")
 @with_settings(EditSettings)
 def edit(
     input: Path = typer.Argument(..., help="Video to edit (any format ffmpeg reads)."),
     output: Path = typer.Option(..., "--output", "-o", help="Edited video to write (.mp4); never the input."),
-    model: Optional[str] = ModelOption,
-    identity_model: Optional[str] = IdentityModelOption,
-    identity_lora: Optional[str] = IdentityLoraOption,
-    edit_lora: Optional[list[str]] = EditLoraOption,
-    no_adapter_library: bool = NoAdapterLibraryOption,
-    adapters_dir: Optional[Path] = AdaptersDirOption,
-    config: Optional[str] = ConfigOption,
     tracks: Optional[Path] = typer.Option(
         None, "--tracks", help="Face tracks JSON (the `faces` schema) to use instead of detection."
     ),
@@ -216,16 +182,15 @@ def edit(
     clip: Optional[str] = typer.Option(
         None, "--clip", help="With --evaluate: CLIPModel folder or hub id for clip_direction/clip_score."
     ),
-    device: str = DeviceOption,
-    dtype: str = DtypeOption,
-    allow_pickle: bool = AllowPickleOption,
     cache_dir: Optional[Path] = CacheOption,
     cache_max_gb: Optional[float] = CacheMaxOption,
     *,
     settings: EditSettings,
+    spec: ModelSpec,
 ) -> None:
     """Edit the faces of INPUT so they show PROMPT; writes OUTPUT and OUTPUT's .run.json."""
-    from ipfacediff.job import check_paths, edit_video, run_metadata_path
+    from ipfacediff.runs import check_paths, run_metadata_path
+    from ipfacediff.service import EditService
 
     info = check_paths(input, output)  # before the slow model load
     settings.frame_range(info.fps, info.frame_count, times=info.times.seconds())  # so is a range outside the clip
@@ -237,29 +202,22 @@ def edit(
     if evaluate:
         check_writable(metrics_path, what="metrics")
         check_writable(html_path, what="report")
-    pipe = _pipeline(
-        model,
-        identity_model,
-        identity_lora,
-        edit_lora,
-        config,
-        device,
-        dtype,
-        allow_pickle,
-        adapter_library=not no_adapter_library,
-        adapters_dir=adapters_dir,
-    )
     with progress_bars() as progress:
-        report = edit_video(
+        result = EditService().edit(
             input,
             output,
             settings,
-            pipeline=pipe,
-            tracks_path=tracks,
+            spec,
+            tracks=tracks,
             cache=cache,
             progress=progress,
             log=lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True),
+            evaluate=evaluate,
+            clip=clip,
+            metrics_path=metrics_path,
+            report_path=html_path,
         )
+    report = result.report
     share = report.inversion_reused_share
     reused = (
         " (inversion reused from the cache)"
@@ -271,31 +229,18 @@ def edit(
     console.print(f"{report.message}{reused} in {report.seconds['total']:.1f} s")
     console.print(_cache_line(cache), markup=False, highlight=False)
     typer.echo(f"wrote {output} and {run_metadata_path(output)}")
-    if evaluate:
-        _evaluate(
-            input,
-            output,
-            prompt=settings.prompt,
-            source_prompt=settings.source_prompt or None,
-            clip=clip,
-            json_path=metrics_path,
-            html_path=html_path,
-        )
+    if result.evaluation is not None:
+        _said(result.evaluation)
 
 
-def _evaluate(original: Path, edited: Path, *, prompt, source_prompt, clip, json_path, html_path) -> dict:
-    from ipfacediff.evaluation import evaluate_videos, summary_line, write_html_report, write_metrics_json
+def _said(evaluation) -> None:
+    """An evaluation's summary line and the files it wrote."""
+    from ipfacediff.evaluation import summary_line
 
-    with progress_bars() as progress:
-        metrics = evaluate_videos(
-            original, edited, prompt=prompt, source_prompt=source_prompt, clip=clip, progress=progress
-        )
-    typer.echo(summary_line(metrics))
-    if json_path:
-        typer.echo(f"wrote {write_metrics_json(metrics, json_path)}")
-    if html_path:
-        typer.echo(f"wrote {write_html_report(metrics, original, edited, html_path)}")
-    return metrics
+    typer.echo(summary_line(evaluation.metrics))
+    for path in (evaluation.metrics_path, evaluation.report_path):
+        if path:
+            typer.echo(f"wrote {path}")
 
 
 @app.command("evaluate")
@@ -315,16 +260,21 @@ def evaluate_command(
     html_path: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
 ) -> None:
     """Score an edit: identity kept (id_sim, id_drift, tl_id, tg_id), edit made (CLIP), flicker (warp error)."""
+    from ipfacediff.service import EditService
+
     _check_outputs(json_path, html_path)
-    _evaluate(
-        original,
-        edited,
-        prompt=prompt,
-        source_prompt=source_prompt,
-        clip=clip,
-        json_path=json_path,
-        html_path=html_path,
-    )
+    with progress_bars() as progress:
+        evaluation = EditService().evaluate(
+            original,
+            edited,
+            prompt=prompt,
+            source_prompt=source_prompt,
+            clip=clip,
+            metrics_path=json_path,
+            report_path=html_path,
+            progress=progress,
+        )
+    _said(evaluation)
 
 
 train_app = typer.Typer(help="Fine-tune ε1 (identity) or ε2 (edit) as LoRA adapters.", no_args_is_help=True)
@@ -363,10 +313,11 @@ def train_identity_command(
     settings: IdentityTrainingSettings,
 ) -> None:
     """Fine-tune ε1 with MSE + λ_id·(1 − cos(ID(x̂0), ID(x0))), prompt ""."""
-    from ipfacediff.training import train_identity
+    from ipfacediff.service import EditService
 
     with progress_bars() as progress:
-        result = train_identity(
+        result = EditService.train(
+            "identity",
             model,
             data,
             output,
@@ -412,10 +363,11 @@ def train_edit_command(
     settings: EditTrainingSettings,
 ) -> None:
     """Fine-tune ε2 with the directional CLIP loss (DiffusionCLIP-style), plus identity and L1 terms."""
-    from ipfacediff.training import train_edit
+    from ipfacediff.service import EditService
 
     with progress_bars() as progress:
-        result = train_edit(
+        result = EditService.train(
+            "edit",
             model,
             source,
             target,
@@ -496,12 +448,13 @@ def train_library_command(
 ) -> None:
     """Train ε1 and one ε2 per edit for MODEL into the adapter library OUTPUT (edit with --adapters-dir OUTPUT)."""
     from ipfacediff.adapters import parse_edits
-    from ipfacediff.adapters.build import build_library
+    from ipfacediff.service import EditService
 
     steps = {} if max_steps is None else {"max_steps": max_steps}
     common = dict(rank=rank, learning_rate=learning_rate, mixed_precision=mixed_precision, **steps)
     with progress_bars() as progress:
-        report = build_library(
+        report = EditService.train(
+            "library",
             model,
             data,
             parse_edits(edits, source),
@@ -541,12 +494,9 @@ add_plugin_groups(app)
 
 
 @app.command()
+@with_settings(ModelSpec, into="spec", only=tuple(f.name for f in fields(ModelSpec) if f.name != "edit_loras"))
 def invert(
     input: Path = typer.Argument(..., help="Video whose faces to invert."),
-    model: Optional[str] = ModelOption,
-    identity_model: Optional[str] = IdentityModelOption,
-    identity_lora: Optional[str] = IdentityLoraOption,
-    config: Optional[str] = ConfigOption,
     source_prompt: str = setting_option(EditSettings, "source_prompt", help="Inversion prompt."),
     resolution: Optional[int] = setting_option(EditSettings, "resolution"),
     steps: int = setting_option(EditSettings, "steps", help="DDIM inversion steps."),
@@ -556,59 +506,33 @@ def invert(
         EditSettings, "whole_frame", help="Invert the whole frame instead of face crops."
     ),
     allow_out_of_domain: bool = setting_option(EditSettings, "allow_out_of_domain"),
-    no_adapter_library: bool = NoAdapterLibraryOption,
-    adapters_dir: Optional[Path] = AdaptersDirOption,
-    device: str = DeviceOption,
-    dtype: str = DtypeOption,
-    allow_pickle: bool = AllowPickleOption,
     cache_dir: Optional[Path] = CacheOption,
     cache_max_gb: Optional[float] = CacheMaxOption,
+    *,
+    spec: ModelSpec,
 ) -> None:
     """DDIM-invert the faces of INPUT into the cache, so later edits of it start at once."""
-    from ipfacediff.job import invert_video
+    from ipfacediff.service import EditService
 
     # The edit's own checks of the numbers and the face selection; the prompt is the edit's.
-    EditSettings(
+    settings = EditSettings(
         prompt="-",
         source_prompt=source_prompt,
         resolution=resolution,
         steps=steps,
         faces=faces,
         whole_frame=whole_frame,
+        allow_out_of_domain=allow_out_of_domain,
     )
     cache = _cache(cache_dir, cache_max_gb)
-
-    pipe = _pipeline(
-        model,
-        identity_model,
-        identity_lora,
-        None,
-        config,
-        device,
-        dtype,
-        allow_pickle,
-        adapter_library=not no_adapter_library,
-        adapters_dir=adapters_dir,
-    )
     with progress_bars() as progress:
-        summary = invert_video(
-            input,
-            pipeline=pipe,
-            source_prompt=source_prompt,
-            resolution=resolution,
-            steps=steps,
-            faces=faces,
-            tracks_path=tracks,
-            whole_frame=whole_frame,
-            cache=cache,
-            progress=progress,
-            allow_out_of_domain=allow_out_of_domain,
-        )
+        summary = EditService().invert(input, spec, settings, tracks=tracks, cache=cache, progress=progress)
     for line in summary:
         typer.echo(line)
 
 
 @app.command()
+@with_settings(ModelSpec, into="spec", only=("model", "dtype"))
 def batch(
     manifest: Path = typer.Argument(..., help="CSV or JSONL: one row per clip (input, prompt or prompts, settings)."),
     output: Path = typer.Option(..., "--output", "-o", help="Folder for the edited videos and results.jsonl."),
@@ -617,11 +541,11 @@ def batch(
     ),
     gpus_per_task: float = typer.Option(0.0, "--gpus-per-task", help="GPU share of each worker (0: CPU)."),
     evaluate: bool = typer.Option(False, "--evaluate", help="Also score every output (metrics next to it)."),
-    model: Optional[str] = ModelOption,
     workers: Optional[int] = typer.Option(None, "--workers", help="At most this many workers."),
     retries: int = typer.Option(2, "--retries", help="Times a clip is resent after its worker died."),
-    dtype: str = DtypeOption,
     cache_max_gb: Optional[float] = CacheMaxOption,
+    *,
+    spec: ModelSpec,
 ) -> None:
     """Edit many clips with many prompts on Ray: models loaded once per worker, each clip inverted once."""
     from ipfacediff.batch import run_batch
@@ -633,10 +557,10 @@ def batch(
             address=address,
             gpus_per_task=gpus_per_task,
             evaluate=evaluate,
-            model=model,
+            model=spec.model,
             num_workers=workers,
             retries=retries,
-            dtype=dtype,
+            dtype=spec.dtype,
             progress=progress,
             console=console,
             cache_max_bytes=_cache_bytes(cache_max_gb),
@@ -647,10 +571,10 @@ def batch(
 
 
 @app.command()
+@with_settings(ModelSpec, into="spec", only=MODEL_ONLY)
 def ui(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to serve on (localhost by default)."),
     port: int = typer.Option(7860, "--port", help="Port to serve on."),
-    model: Optional[str] = ModelOption,
     work_dir: Optional[Path] = typer.Option(
         None, "--work-dir", help="Where uploads and results go (one folder per session)."
     ),
@@ -661,9 +585,8 @@ def ui(
         "--keep-minutes",
         help="Remove a session's videos and results after this many idle minutes (they are also removed when its tab closes and when the server stops).",
     ),
-    adapters_dir: Optional[Path] = AdaptersDirOption,
-    device: str = DeviceOption,
-    dtype: str = DtypeOption,
+    *,
+    spec: ModelSpec,
 ) -> None:
     """Serve the web page: upload, pick faces, prompt, preview, download."""
     from ipfacediff.ui import launch
@@ -671,14 +594,14 @@ def ui(
     launch(
         host,
         port,
-        model=model,
+        model=spec.model,
         work_dir=work_dir,
         max_upload_mb=max_upload_mb,
         max_seconds=max_seconds,
-        device=device,
-        dtype=dtype,
+        device=spec.device,
+        dtype=spec.dtype,
         keep_minutes=keep_minutes,
-        adapters_dir=adapters_dir,
+        adapters_dir=spec.adapters_dir,
     )
 
 

@@ -13,13 +13,17 @@ is refused where it enters, in one line, before any model is loaded.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import functools
 import math
+import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from ipfacediff.errors import UserError
+from ipfacediff.errors import SettingError, UserError
 
 # Defaults from plug-and-play / TokenFlow: features injected over the first 80 % of a 1000-step
 # schedule, attention over the first 50 %; CFG 7.5; one keyframe every 8 frames.
@@ -61,14 +65,16 @@ def setting(
     flag: str | None = None,
     short: str | None = None,
     negative: str | None = None,
+    own_check: bool = False,
     label: str | None = None,
 ) -> Any:
     """A dataclass field that knows its range and its command-line form.
 
     ``flag`` is the option's name when it is not the field's (``--prompt`` for ``prompt``);
     ``negative`` makes a switch that is on by default an ``--x/--no-x`` pair whose off form is
-    the one users type (``--no-local-blend``); ``label`` is the web page's name for it where the
-    field's name, in words, is not a good one."""
+    the one users type (``--no-local-blend``); ``own_check``: a value the class's own
+    ``__post_init__`` reads and checks (not one of the plain kinds); ``label`` is the web page's
+    name for it where the field's name, in words, is not a good one."""
     meta = {
         "help": help,
         "low": low,
@@ -79,6 +85,7 @@ def setting(
         "flag": flag,
         "short": short,
         "negative": negative,
+        "own_check": own_check,
         "label": label,
     }
     return field(default=default, metadata=meta)
@@ -117,7 +124,9 @@ def _kind(annotation: str) -> tuple[type, bool]:
     """(base type, may be None) from a field's string annotation."""
     optional = "None" in annotation
     base = annotation.replace("| None", "").replace("None |", "").strip()
-    return {"int": int, "float": float, "bool": bool, "str": str, "tuple[str, ...]": tuple}.get(base, str), optional
+    kinds = {"int": int, "float": float, "bool": bool, "str": str, "tuple[str, ...]": tuple}
+    kinds["tuple[tuple[str, float], ...]"] = tuple  # typed as texts (PATH:WEIGHT), read into pairs
+    return kinds.get(base, str), optional
 
 
 def field_type(cls: type, name: str) -> Any:
@@ -209,28 +218,93 @@ def parse_value(value: Any, kind: type, optional: bool, label: str) -> Any:
     return value  # checked by the settings object
 
 
+SETTING = "{setting}"  # where a SettingError's line names its setting
+
+
+@contextlib.contextmanager
+def naming(name: str) -> Iterator[None]:
+    """A one-line error about setting ``name`` (written with :data:`SETTING` where it is named)
+    raised as a :class:`SettingError`, which each front-end words its own way."""
+    try:
+        yield
+    except SettingError:
+        raise
+    except UserError as error:
+        raise setting_error(name, str(error)) from None
+
+
+def flags() -> dict[str, str]:
+    """Every setting's command-line flag by field name (``face_prompts`` → ``--face-prompt``), the
+    command line's words for a :class:`SettingError`."""
+    found: dict[str, str] = {}
+    classes = list(Settings.__subclasses__())
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        found.update({f.name: flag_of(f.name, f.metadata) for f in fields(cls)})  # type: ignore[arg-type]
+    return found
+
+
+def setting_error(name: str, template: str) -> SettingError:
+    """A :class:`SettingError` whose plain wording (``str()``) is the setting's own flag."""
+    error = SettingError(name, template)
+    error.args = (error.worded(flags()),)
+    return error
+
+
+def renamed_values(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each setting's old name (``cls.renamed``) read as its new one, warning once
+    per use that the old name is deprecated; a value given under both names is a one-line error."""
+    renamed = getattr(cls, "renamed", {})
+    if not any(old in values for old in renamed):
+        return values
+    values = dict(values)
+    for old, new in renamed.items():
+        if old in values:
+            warnings.warn(f"setting {old!r} is now called {new!r}", DeprecationWarning, stacklevel=3)
+            if new in values:
+                raise UserError(f"{old} is the old name of {new}: give only {new}")
+            values[new] = values.pop(old)
+    return values
+
+
+def accept_renamed(cls: type) -> type:
+    """Let ``cls(old_name=...)`` keep working for each renamed setting (``cls.renamed``), with a
+    DeprecationWarning, so code written against the old names still runs."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args: Any, **values: Any) -> None:
+        init(self, *args, **renamed_values(cls, values))
+
+    cls.__init__ = __init__  # type: ignore[method-assign]
+    return cls
+
+
 class Settings:
     """Shared behaviour of the frozen settings dataclasses: checks on creation, reading from a
     mapping of strings, and the table of options for the docs."""
+
+    renamed: dict[str, str] = {}  # a setting's old name -> its name now (still read, deprecated)
 
     def __post_init__(self) -> None:
         for f in fields(self):  # type: ignore[arg-type]
             kind, optional = _kind(str(f.type))
             value = getattr(self, f.name)
-            label = flag_of(f.name, f.metadata)
-            if value is None and optional:
+            if (value is None and optional) or f.metadata.get("own_check"):
                 continue
-            if kind is tuple:
-                value = () if value is None else value
-                if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                    raise UserError(f"{label} must be a list of texts, got {value!r}")
-                object.__setattr__(self, f.name, tuple(value))
-            elif kind in (int, float):
-                object.__setattr__(self, f.name, check_number(value, kind, label, dict(f.metadata)))
-            elif kind is bool and not isinstance(value, bool):
-                raise UserError(f"{label} must be true or false, got {value!r}")
-            elif kind is str and not isinstance(value, str):
-                raise UserError(f"{label} must be text, got {value!r}")
+            with naming(f.name):
+                if kind is tuple:
+                    value = () if value is None else value
+                    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                        raise UserError(f"{SETTING} must be a list of texts, got {value!r}")
+                    object.__setattr__(self, f.name, tuple(value))
+                elif kind in (int, float):
+                    object.__setattr__(self, f.name, check_number(value, kind, SETTING, dict(f.metadata)))
+                elif kind is bool and not isinstance(value, bool):
+                    raise UserError(f"{SETTING} must be true or false, got {value!r}")
+                elif kind is str and not isinstance(value, str):
+                    raise UserError(f"{SETTING} must be text, got {value!r}")
         self.check()
 
     def check(self) -> None:
@@ -241,6 +315,7 @@ class Settings:
         """Settings from values a person typed (strings, numbers, booleans); unknown names and
         bad values are one-line errors prefixed with ``where``."""
         known = {f.name: f for f in fields(cls)}  # type: ignore[arg-type]
+        values = renamed_values(cls, values)
         unknown = sorted(set(values) - set(known))
         prefix = f"{where}: " if where else ""
         if unknown:
@@ -249,8 +324,11 @@ class Settings:
         try:
             for name, value in values.items():
                 kind, optional = _kind(str(known[name].type))
-                parsed[name] = parse_value(value, kind, optional, name)
+                with naming(name):
+                    parsed[name] = parse_value(value, kind, optional, SETTING)
             return cls(**parsed)
+        except SettingError as error:
+            raise setting_error(error.setting, f"{prefix}{error.template}") from None
         except UserError as error:
             raise UserError(f"{prefix}{error}") from None
         except TypeError as error:  # a required setting is missing
@@ -298,6 +376,8 @@ def parse_time(text: str, label: str) -> tuple[str, float]:
 @dataclass(frozen=True)
 class EditSettings(Settings):
     """Everything that decides the result of an edit: written to the run's metadata as it is."""
+
+    renamed = {"identity_guidance": "feature_injection"}  # it switches ε1's feature injection
 
     prompt: str = setting(MISSING, 'What the face should show, e.g. "a face with eyeglasses".', short="-p")
     source_prompt: str = setting("", "What the input shows; used for inversion and ε1's features.")
@@ -367,10 +447,11 @@ class EditSettings(Settings):
     seed: int = setting(
         0, "Seed of the keyframe draws; the same seed gives bit-identical output.", low=0, high=LARGEST_SEED
     )
-    identity_guidance: bool = setting(
+    feature_injection: bool = setting(
         True,
-        "ε1 guides the edit (off: ε2 guides itself, TokenFlow-like; an ablation).",
-        negative="--no-identity-guidance",
+        "ε1's features and self-attention are injected into ε2 and ε1 inverts the input (off: ε2 inverts and "
+        "injects its own, TokenFlow-like; an ablation). Was --identity-guidance.",
+        negative="--no-feature-injection",
     )
     identity_gradient: float | None = setting(
         None,
@@ -472,18 +553,30 @@ class EditSettings(Settings):
         for item in self.face_prompts:
             key, sep, _ = item.partition("=")
             if not sep or not is_track_id(key):
-                raise UserError(f"--face-prompt must be ID=TEXT, e.g. '1=a face with a beard', got {item!r}")
+                raise setting_error(
+                    "face_prompts", f"{SETTING} must be ID=TEXT, e.g. '1=a face with a beard', got {item!r}"
+                )
             if int(key) in face_ids:
-                raise UserError(f"--face-prompt gives face {int(key)} two prompts")
+                raise setting_error("face_prompts", f"{SETTING} gives face {int(key)} two prompts")
             face_ids.add(int(key))
         for name in ("start", "end"):
             if getattr(self, name).strip():
-                parse_time(getattr(self, name), f"--{name}")
+                with naming(name):
+                    parse_time(getattr(self, name), SETTING)
         if not self.prompt.strip():
-            raise UserError('the prompt is empty: say what to change, e.g. --prompt "a face with eyeglasses"')
+            raise setting_error(
+                "prompt", 'the prompt is empty: say what to change, e.g. {setting} "a face with eyeglasses"'
+            )
         faces = self.faces.strip()
         if faces not in ("all", "largest") and not all(is_track_id(p) for p in faces.split(",")):
-            raise UserError(f'--faces: bad face selection "{self.faces}": use "all", "largest" or track ids like "0,2"')
+            raise setting_error(
+                "faces", f'{SETTING}: bad face selection "{self.faces}": use "all", "largest" or track ids like "0,2"'
+            )
+
+    @property
+    def identity_guidance(self) -> bool:
+        """The old name of :attr:`feature_injection` (read-only), for code written against it."""
+        return self.feature_injection
 
     def face_prompt_ids(self) -> list[int]:
         """The track ids ``--face-prompt`` names, in the order given."""
@@ -557,6 +650,95 @@ class EditSettings(Settings):
         if fade and self.end.strip():
             weight = min(weight, (frames.stop - frame) / (fade + 1))
         return max(0.0, weight)
+
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelSpec(Settings):
+    """Which models an edit runs on, as one record: the key a loaded pipeline is cached under
+    (so two requests for the same models share one load), and what the command line, the web page
+    and a batch manifest each fill in their own way."""
+
+    model: str | None = setting(
+        None,
+        "SD-1.x model: diffusers folder, hub id (from the local cache when offline) or single .safetensors file. "
+        "Default: the embedded model set.",
+        short="-m",
+    )
+    identity_model: str | None = setting(
+        None, "ε1 as a separate UNet (diffusers model or UNet folder, or hub id). Default: the base UNet."
+    )
+    identity_lora: str | None = setting(
+        None, "ε1 as a LoRA adapter (.safetensors, diffusers format) over the base UNet."
+    )
+    edit_loras: tuple[tuple[str, float], ...] = setting(
+        (),
+        "ε2 LoRA adapter, PATH or PATH:WEIGHT; repeat for multi-attribute edits.",
+        flag="--edit-lora",
+        own_check=True,
+    )
+    adapter_library: bool = setting(
+        True,
+        "Use the ε1/ε2 adapters the model folder ships (--no-adapter-library: ε1 = ε2 = base unless "
+        "--identity-lora/--edit-lora).",
+        negative="--no-adapter-library",
+    )
+    adapters_dir: str | None = setting(
+        None,
+        "An adapter library kept outside the model folder (what `ipfacediff train library --output LIB` wrote), "
+        "used instead of the model folder's own.",
+    )
+    config: str | None = setting(None, "Architecture (diffusers folder or cached hub id) for a single-file checkpoint.")
+    device: str = setting("auto", "auto (CUDA when available), cpu, cuda or cuda:N.")
+    dtype: str = setting("auto", "auto (float16 on CUDA, float32 on CPU), float32, float16 or bfloat16.")
+    allow_pickle: bool = setting(
+        False, "Also read pickled .bin/.ckpt weights (they can run code: only for files you trust)."
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("model", "identity_model", "identity_lora", "adapters_dir", "config"):
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        object.__setattr__(self, "edit_loras", _lora_pairs(self.edit_loras))
+        super().__post_init__()
+
+    def check(self) -> None:
+        if self.identity_model and self.identity_lora:
+            raise setting_error("identity_lora", "give either --identity-model or {setting}, not both")
+        if self.adapters_dir is not None and not self.adapter_library:
+            raise setting_error(
+                "adapters_dir",
+                "{setting} names an adapter library and --no-adapter-library turns libraries off: give one of them",
+            )
+        if self.dtype not in DTYPES:
+            raise setting_error("dtype", f"{{setting}} must be one of {', '.join(DTYPES)}; got {self.dtype}")
+
+
+def _lora_pairs(items: Any) -> tuple[tuple[str, float], ...]:
+    """ε2 LoRAs as (path, weight) pairs, from pairs or from texts ``PATH[:WEIGHT]`` as typed."""
+    if items is None:
+        return ()
+    if isinstance(items, str) or not isinstance(items, (list, tuple)):
+        raise setting_error("edit_loras", f"{{setting}} must be a list of PATH[:WEIGHT], got {items!r}")
+    pairs = []
+    for item in items:
+        if isinstance(item, str):
+            from ipfacediff.adapters.weights import parse_lora_spec
+
+            path, weight = parse_lora_spec(item)
+        elif isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (str, os.PathLike)):
+            path, weight = os.fspath(item[0]), item[1]
+        else:
+            raise setting_error("edit_loras", f"{{setting}} must be PATH or PATH:WEIGHT, got {item!r}")
+        pairs.append(
+            (path, float(weight) if isinstance(weight, (int, float)) and not isinstance(weight, bool) else weight)
+        )
+    return tuple(pairs)
+
+
+accept_renamed(EditSettings)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ from ipfacediff.progress import OverallProgress
 from ipfacediff.settings import (
     DEFAULT_IDENTITY_GRADIENT,
     EditSettings,
+    ModelSpec,
     check_number,
     default_of,
     field_type,
@@ -160,8 +161,10 @@ class Server:
         self.device, self.dtype = device, dtype
         self.keep_minutes = keep_minutes
         self.owns_work_dir = owns_work_dir  # made by the server: removed whole when it stops
-        self._pipes: dict[tuple, Any] = {}
-        self._identity = None
+        from ipfacediff.service import EditService
+
+        # the models, by the adapters a run adds to the server's own; those keep their place
+        self.service = EditService(max_pipelines=MAX_CACHED_PIPELINES, base=self.model_spec())
         self._lock = threading.Lock()
         # per session (key = its folder's name): last activity, running events, ended while running,
         # and the folders of Gradio's cache holding its files, by kind ("input", "result", "adapters")
@@ -173,37 +176,26 @@ class Server:
 
     # --- shared, loaded once ---------------------------------------------------------------
 
-    def pipeline(self, identity_lora: str | None = None, edit_loras: tuple[tuple[str, float], ...] = ()):
-        from ipfacediff.job import load_pipeline
+    def model_spec(self, identity_lora: str | None = None, edit_loras: tuple[tuple[str, float], ...] = ()) -> ModelSpec:
+        """The server's models, with a run's own ε1/ε2 adapters."""
+        return ModelSpec(
+            model=self.model,
+            identity_lora=identity_lora,
+            edit_loras=edit_loras,
+            adapters_dir=self.adapters_dir,
+            device=self.device,
+            dtype=self.dtype,
+        )
 
-        key = (identity_lora, edit_loras)
-        with self._lock:
-            if key not in self._pipes:
-                if len(self._pipes) >= MAX_CACHED_PIPELINES:  # keep the base, drop adapter sets
-                    for old in [k for k in self._pipes if k != (None, ())]:
-                        del self._pipes[old]
-                self._pipes[key] = load_pipeline(
-                    self.model,
-                    identity_lora=identity_lora,
-                    edit_loras=list(edit_loras) or None,
-                    adapters_dir=self.adapters_dir,
-                    device=self.device,
-                    dtype=self.dtype,
-                )
-            return self._pipes[key]
+    def pipeline(self, identity_lora: str | None = None, edit_loras: tuple[tuple[str, float], ...] = ()):
+        return self.service.pipeline(self.model_spec(identity_lora, edit_loras))
 
     def has_pipeline(self, identity_lora: str | None = None, edit_loras: tuple[tuple[str, float], ...] = ()) -> bool:
         """Whether :meth:`pipeline` has these models loaded already."""
-        with self._lock:
-            return (identity_lora, edit_loras) in self._pipes
+        return self.service.has_pipeline(self.model_spec(identity_lora, edit_loras))
 
     def identity(self):
-        from ipfacediff.identity import IdentityEncoder
-
-        with self._lock:
-            if self._identity is None:
-                self._identity = IdentityEncoder.from_pretrained(None)
-            return self._identity
+        return self.service.identity()
 
     # --- per session -----------------------------------------------------------------------
 
@@ -437,9 +429,6 @@ class Server:
     ) -> dict:
         from ipfacediff.demo import side_by_side
         from ipfacediff.diffusion import InversionCache
-        from ipfacediff.evaluation import evaluate_videos, write_html_report, write_metrics_json
-        from ipfacediff.face import FaceTracks
-        from ipfacediff.job import edit_video
 
         session = self.session_dir(request)
         if not Path(loaded.video).is_file() or not Path(loaded.tracks).is_file():
@@ -449,35 +438,40 @@ class Server:
             )
         if progress:
             progress("loading models", 0, 1)
-        pipe = self.pipeline(identity_lora, edit_loras)
+        spec = self.model_spec(identity_lora, edit_loras)
+        self.service.pipeline(spec)
         folder = self.new_folder(session, "runs")
         edited = folder / "edited.mp4"
-        report = edit_video(
+        report = self.service.edit(
             loaded.video,
             edited,
             settings,
-            pipeline=pipe,
-            tracks_path=loaded.tracks,
+            spec,
+            tracks=loaded.tracks,
             cache=InversionCache(session / "inversion"),
             progress=progress,
             log=lambda m: None,
-        )
+        ).report
         if progress:
             progress("side by side", 0, 1)
         preview = side_by_side(Path(loaded.video), edited, folder / "side_by_side.mp4")
-        tracks = FaceTracks.load(loaded.tracks).select(settings.faces)
-        metrics = evaluate_videos(loaded.video, edited, tracks=tracks, identity=self.identity(), progress=progress)
-        if progress:
-            progress("report", 0, 1)
         # The downloads name the videos by file name: the server's folders are none of the user's business.
-        named = {
-            **metrics,
-            "original": Path(loaded.video).name,
-            "edited": edited.name,
-            "run_metadata": "edited.run.json",
-        }
-        metrics_path = write_metrics_json(named, folder / "metrics.json")
-        report_path = write_html_report(metrics, loaded.video, edited, folder / "report.html")
+        evaluation = self.service.evaluate(
+            loaded.video,
+            edited,
+            tracks=loaded.tracks,
+            faces=settings.faces,
+            shared_identity=True,
+            progress=progress,
+            metrics_path=folder / "metrics.json",
+            report_path=folder / "report.html",
+            metrics_extra={
+                "original": Path(loaded.video).name,
+                "edited": edited.name,
+                "run_metadata": "edited.run.json",
+            },
+        )
+        metrics, metrics_path, report_path = evaluation.metrics, evaluation.metrics_path, evaluation.report_path
         return {
             "report": report,
             "edited": edited,

@@ -274,10 +274,11 @@ def test_whole_frame_mode_and_no_face(tiny_dir, tmp_path, capsys):
 
 
 def test_whole_frame_paste_keeps_the_frame_where_the_edit_changed_nothing():
-    from ipfacediff.job import _resize, paste_whole_frame
+    from ipfacediff.crops import resize_image
+    from ipfacediff.edit import paste_whole_frame
 
     frame = np.random.default_rng(1).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    small = _resize(frame, (32, 32))  # what a whole-frame edit sees
+    small = resize_image(frame, (32, 32))  # what a whole-frame edit sees
     assert np.array_equal(paste_whole_frame(frame, small), frame)
     edited = small.copy()
     edited[:8, :8] = 255

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from ipfacediff.job import SHIPPED_MODELS, load_pipeline, model_card
+from ipfacediff.edit import model_card
+from ipfacediff.models.defaults import SHIPPED_MODELS
+from ipfacediff.service import load_pipeline
 
 from test_cli import run
 

@@ -6,6 +6,8 @@ from ipfacediff.evaluation.metrics import (
     DEFAULT_SOURCE_PROMPT,
     ID_SAME_PERSON_COSINE,
     METRIC_KEYS,
+    SUMMARY_KEYS,
+    TRACK_KEYS,
     evaluate_videos,
     write_metrics_json,
 )
@@ -15,6 +17,8 @@ __all__ = [
     "DEFAULT_SOURCE_PROMPT",
     "ID_SAME_PERSON_COSINE",
     "METRIC_KEYS",
+    "SUMMARY_KEYS",
+    "TRACK_KEYS",
     "edit_judged",
     "evaluate_videos",
     "summary_line",

@@ -73,6 +73,8 @@ if TYPE_CHECKING:
 __all__ = [
     "ID_SAME_PERSON_COSINE",
     "METRIC_KEYS",
+    "SUMMARY_KEYS",
+    "TRACK_KEYS",
     "evaluate_videos",
     "write_metrics_json",
 ]
@@ -94,6 +96,10 @@ METRIC_KEYS = (
     "face_detection_rate",
     "seconds",
 )
+# Read from METRIC_KEYS, so a new metric is added once: a batch's mean figures (no timing, and
+# id_sim rather than its distance twin), and the columns of the report's per-face table.
+SUMMARY_KEYS = tuple(k for k in METRIC_KEYS if k not in ("id_dist", "seconds"))
+TRACK_KEYS = tuple(k for k in METRIC_KEYS if k not in ("background_psnr", "seconds"))
 
 # Cosine of identity embeddings matching dlib's 0.6 distance: dlib's descriptors have a norm of
 # about 1.45 (1.39 and 1.54 on the two shared clips), and |a - b|^2 = 2 r^2 (1 - cos) gives

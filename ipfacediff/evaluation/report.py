@@ -18,7 +18,7 @@ import numpy as np
 from ipfacediff.files import write_atomic
 from ipfacediff.identity import DLIB_SAME_PERSON_THRESHOLD
 
-from ipfacediff.evaluation.metrics import ID_SAME_PERSON_COSINE, METRIC_KEYS, _jsonable, _output_path
+from ipfacediff.evaluation.metrics import ID_SAME_PERSON_COSINE, METRIC_KEYS, TRACK_KEYS, _jsonable, _output_path
 
 
 def write_html_report(
@@ -188,19 +188,7 @@ def _metrics_table(metrics: dict) -> str:
 
 
 def _tracks_table(tracks: list[dict]) -> str:
-    keys = [
-        "frames",
-        "id_sim",
-        "id_dist",
-        "id_drift",
-        "tl_id",
-        "tg_id",
-        "clip_direction",
-        "clip_score",
-        "warp_error_ratio",
-        "flicker",
-        "face_detection_rate",
-    ]
+    keys = ["frames", *TRACK_KEYS]
     head = "".join(f"<th>{k}</th>" for k in keys)
     rows = [f"<table><tr><th>face</th>{head}</tr>"]
     for track in tracks:

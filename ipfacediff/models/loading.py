@@ -42,6 +42,7 @@ from ipfacediff.files import (
     short_detail,
 )
 
+from ipfacediff.settings import ModelSpec
 from ipfacediff.models.adapters import ADAPTER_LIBRARY, AdapterLibrary, edit_adapter_name, lora_weight
 
 Role = Literal["identity", "edit"]
@@ -601,8 +602,31 @@ def _load_adapter(
     ]
 
 
+def model_set_options(spec: ModelSpec) -> dict:
+    """:func:`load_model_set`'s keywords from a spec, its "auto" device and dtype resolved as every
+    front-end resolves them. The spec names its model: the embedded default is resolved above the
+    loader (:func:`ipfacediff.service.load_pipeline`), as the tiny set it may build is made with it."""
+    from ipfacediff.models.devices import pick_device, pick_dtype
+
+    if spec.model is None:
+        raise ValueError("load_model_set(spec) needs spec.model; ipfacediff.service.load_pipeline gives the default")
+    device = pick_device(spec.device)
+    return {
+        "model": spec.model,
+        "identity_model": spec.identity_model,
+        "identity_lora": spec.identity_lora,
+        "edit_loras": list(spec.edit_loras) or None,
+        "config": spec.config,
+        "dtype": pick_dtype(spec.dtype, device),
+        "device": device,
+        "allow_pickle": spec.allow_pickle,
+        "adapters": spec.adapter_library,
+        "adapters_dir": spec.adapters_dir,
+    }
+
+
 def load_model_set(
-    model: str,
+    model: str | ModelSpec,
     *,
     identity_model: str | None = None,
     identity_lora: str | None = None,
@@ -622,7 +646,12 @@ def load_model_set(
     per prompt at edit time) unless ``edit_loras`` is given. ``adapters_dir``: a library kept
     outside the model folder (``ipfacediff train library --output LIB``), used instead of the
     model folder's own; checked before the model loads.
+
+    ``model`` may be a :class:`~ipfacediff.settings.ModelSpec`, every option in one record (its
+    device and dtype words resolved); the keywords are then not given.
     """
+    if isinstance(model, ModelSpec):
+        return load_model_set(local_files_only=local_files_only, **model_set_options(model))
     if local_files_only is None:
         local_files_only = hub_offline()
     if identity_model and identity_lora:

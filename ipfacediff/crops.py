@@ -1,0 +1,158 @@
+"""A video's faces as aligned crops: found (or read) tracks, each track's crops in one array by
+frame (in memory or spilled to a file), and the frame↔crop transforms to paste them back."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import numpy as np
+
+from ipfacediff.errors import UserError
+from ipfacediff.settings import DEFAULT_WINDOW
+from ipfacediff.video import VideoInfo, iter_frames
+
+if TYPE_CHECKING:
+    from ipfacediff.face import FaceTracks
+
+Progress = Callable[[str, int, int], None]
+
+
+def _whole_frame_track(info: VideoInfo):
+    from ipfacediff.face import FaceTrack, FaceTracks
+
+    box = [0.0, 0.0, float(info.width), float(info.height)]
+    frames = list(range(info.frame_count))
+    return FaceTracks(
+        info.frame_count,
+        info.width,
+        info.height,
+        info.fps,
+        [FaceTrack(0, frames, [box] * len(frames), [np.zeros((5, 2))] * len(frames))],
+    )
+
+
+class CropStore(Mapping[int, np.ndarray]):
+    """One face track's aligned crops by frame number, in one array in frame order: in memory,
+    or with ``folder`` in a file there (a memory map), so that a long clip's crops (768 kB a frame
+    at 512²) are not all held in memory. Crops are added in frame order."""
+
+    def __init__(self, frames: Sequence[int], size: int, *, folder: Path | None = None):
+        self.position = {frame: row for row, frame in enumerate(frames)}
+        self.folder = folder
+        shape = (max(1, len(self.position)), size, size, 3)
+        if folder is None:
+            self.array = np.empty(shape, np.uint8)
+        else:
+            path = folder / f"crops-{secrets.token_hex(6)}.npy"
+            self.array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+        self.filled: dict[int, None] = {}  # the frames whose crops are in, in order
+
+    def __setitem__(self, frame: int, crop: np.ndarray) -> None:
+        self.array[self.position[frame]] = crop
+        self.filled[frame] = None
+
+    def __getitem__(self, frame: int) -> np.ndarray:
+        if frame not in self.filled:
+            raise KeyError(frame)
+        return self.array[self.position[frame]]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.filled)
+
+    def __len__(self) -> int:
+        return len(self.filled)
+
+    def rows(self, frames: Sequence[int]) -> np.ndarray:
+        """The crops of ``frames`` (N, size, size, 3): a view of the array when they are stored
+        one after another, as a range of the track is."""
+        rows = [self.position[f] for f in frames]
+        if rows == list(range(rows[0], rows[0] + len(rows))):
+            return self.array[rows[0] : rows[0] + len(rows)]
+        return self.array[rows]
+
+    def empty_like(self, frames: Sequence[int]) -> "CropStore":
+        """A store of the same kind (memory or file) for other crops of ``frames``."""
+        return CropStore(frames, self.array.shape[1], folder=self.folder)
+
+
+@dataclass
+class FaceCrops:
+    """The faces to edit: their tracks, frame→crop transforms and aligned crops, by track id."""
+
+    tracks: FaceTracks
+    transforms: dict[int, dict[int, np.ndarray]]
+    crops: dict[int, dict[int, np.ndarray]]
+
+
+def face_crops(
+    input_path: Path,
+    info: VideoInfo,
+    size: int,
+    *,
+    faces: str = "all",
+    tracks_path: str | Path | None = None,
+    whole_frame: bool = False,
+    require_face: bool = False,
+    progress: Progress | None = None,
+    frames: range | None = None,
+    spill: Path | None = None,
+    in_memory: int = DEFAULT_WINDOW,
+) -> FaceCrops:
+    """Find (or read) the face tracks and collect every track's aligned crops in one streaming pass
+    (only those of ``frames`` when given: a time range is all that is inverted and edited). With
+    ``spill``, a track of more than ``in_memory`` crops keeps them in a file in that folder."""
+    from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, detect_video_faces, require_face as check
+
+    if whole_frame:
+        tracks = _whole_frame_track(info)
+    elif tracks_path is not None:
+        tracks = FaceTracks.load(tracks_path)
+        if (tracks.width, tracks.height) != (info.width, info.height):
+            raise UserError(
+                f"face tracks are for {tracks.width}x{tracks.height} frames but the video is {info.width}x{info.height}"
+            )
+        last = max((t.frames[-1] for t in tracks.tracks if t.frames), default=-1)
+        if last >= info.frame_count:
+            raise UserError(
+                f"face tracks reach frame {last} but {input_path.name} has {info.frame_count} frames "
+                f"(0-{info.frame_count - 1}): they are for another clip"
+            )
+    else:
+        report = (lambda done: progress("faces", done, info.frame_count)) if progress else None
+        tracks = detect_video_faces(input_path, progress=report)
+    if require_face:
+        check(tracks, input_path)
+    tracks = tracks.select(faces)
+    if whole_frame:
+        scale = np.array([[size / info.width, 0, 0], [0, size / info.height, 0]])
+        transforms = {0: dict.fromkeys(range(info.frame_count), scale)}
+    else:
+        transforms = {t.id: alignment_transforms(t, size) for t in tracks.tracks}
+    crops: dict[int, CropStore] = {}
+    for track in tracks.tracks:
+        wanted = [f for f in sorted(transforms[track.id]) if frames is None or f in frames]
+        crops[track.id] = CropStore(wanted, size, folder=spill if len(wanted) > in_memory else None)
+    if tracks.tracks:
+        for index, frame in enumerate(iter_frames(input_path)):
+            if frames is not None and index >= frames.stop:
+                break
+            if frames is not None and index < frames.start:
+                continue
+            for track in tracks.tracks:
+                M = transforms[track.id].get(index)
+                if M is not None:
+                    crops[track.id][index] = (
+                        resize_image(frame, (size, size)) if whole_frame else crop_face(frame, M, size)
+                    )
+    return FaceCrops(tracks, transforms, crops)
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    import cv2
+
+    shrink = size[0] * size[1] < image.shape[0] * image.shape[1]
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)

@@ -1,0 +1,308 @@
+"""The edit of a video file: faces → aligned crops → editing pipeline → paste back → video, and
+the inversion of a video's faces into the cache. What :class:`~ipfacediff.service.EditService`
+runs; the Python API's :func:`edit_video`."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ipfacediff.crops import face_crops, resize_image
+from ipfacediff.diffusion import InversionCache, Progress, StageTimer
+from ipfacediff.domain import ModelCard, check_faces
+from ipfacediff.editing import IPFaceDiffPipeline
+from ipfacediff.models import library_versions, model_resolution
+from ipfacediff.runs import RunReport, check_paths, run_metadata_path
+from ipfacediff.settings import DEFAULT_STEPS, EditSettings, setting_error
+from ipfacediff.video import probe_video, write_video
+
+
+def model_card(pipeline: IPFaceDiffPipeline) -> ModelCard | None:
+    """The card of the model the pipeline was loaded from (None: no card, nothing is checked)."""
+    data = pipeline.config.get("model_card")
+    return ModelCard.from_dict(data) if data else None
+
+
+def check_domain(
+    pipeline: IPFaceDiffPipeline, crops: dict[int, dict[int, np.ndarray]], video_name: str, *, allow_out_of_domain: bool
+) -> dict:
+    """Every face to be edited checked against the model's card, before any UNet work; a face the
+    model is not made for stops the run (one line) unless overridden. Returns what .run.json records."""
+    from ipfacediff.domain import sample_indices
+
+    card = model_card(pipeline)
+    if card is None:
+        return {"checked": False}
+    # Only the frames the check looks at: stacking every crop of a long clip would fill memory.
+    sampled = {}
+    for track_id, by_frame in crops.items():
+        frames = sorted(by_frame)
+        sampled[track_id] = {frames[i]: by_frame[frames[i]] for i in sample_indices(len(frames))}
+    results = check_faces(card, pipeline.vae, sampled, video_name)
+    refused = [r for r in results.values() if not r.passed]
+    if refused and not allow_out_of_domain:
+        raise refused[0].error()
+    return {
+        "checked": True,
+        "domain": card.domain,
+        "description": card.description,
+        "check": card.check,
+        "threshold": card.threshold,
+        "overridden": bool(refused),
+        "faces": {str(i): {"passed": r.passed, "score": round(r.score, 3)} for i, r in results.items()},
+    }
+
+
+def invert_video(
+    input_path: str | Path,
+    *,
+    pipeline: IPFaceDiffPipeline,
+    source_prompt: str = "",
+    resolution: int | None = None,
+    steps: int = DEFAULT_STEPS,
+    faces: str = "all",
+    tracks_path: str | Path | None = None,
+    whole_frame: bool = False,
+    cache: InversionCache | None = None,
+    progress: Progress | None = None,
+    allow_out_of_domain: bool = False,
+) -> list[str]:
+    """Fill the inversion cache for every selected face; returns lines describing what was done."""
+    input_path = Path(input_path)
+    info = probe_video(input_path)
+    size = resolution or model_resolution(pipeline.vae, pipeline.unet)
+    cache = cache if cache is not None else InversionCache()
+    spill = tempfile.TemporaryDirectory(prefix="ipfacediff-crops-")
+    found = face_crops(
+        input_path,
+        info,
+        size,
+        faces=faces,
+        tracks_path=tracks_path,
+        whole_frame=whole_frame,
+        progress=progress,
+        spill=Path(spill.name),
+    )
+    if not found.tracks.tracks:
+        return [f"no face found in {input_path.name}: nothing to invert"]
+    check_domain(pipeline, found.crops, input_path.name, allow_out_of_domain=allow_out_of_domain)
+    lines = []
+    for track in found.tracks.tracks:
+        order = sorted(found.crops[track.id])
+        timer = StageTimer(pipeline.unet.device)
+        inverted, _ = pipeline.invert(
+            found.crops[track.id].rows(order),
+            source_prompt=source_prompt,
+            steps=steps,
+            cache=cache,
+            progress=progress,
+            timer=timer,
+            frame_indices=order,
+        )
+        if inverted.unet_calls == 0:
+            state = "already cached"
+        elif inverted.reused_steps:
+            state = f"{inverted.reused_share:.0%} of the steps from the cache, {inverted.unet_calls} UNet calls"
+        else:
+            state = f"{inverted.unet_calls} UNet calls"
+        lines.append(
+            f"face {track.id}: {len(order)} frames at {size}px, {steps} steps, {state}, "
+            f"{sum(timer.seconds.values()):.1f} s"
+        )
+    lines.append(f"cache: {cache.root} ({cache.size_bytes() / 2**30:.2f} GB)")
+    spill.cleanup()
+    return lines
+
+
+def edit_video(
+    input_path: str | Path,
+    output_path: str | Path,
+    settings: EditSettings,
+    *,
+    pipeline: IPFaceDiffPipeline,
+    tracks_path: str | Path | None = None,
+    cache: InversionCache | None = None,
+    progress: Progress | None = None,
+    log: Callable[[str], None] = print,
+) -> RunReport:
+    """Edit every selected face of a video and write the result with the input's audio."""
+    from ipfacediff.diffusion import schedule_record
+    from ipfacediff.face import face_mask, paste_face
+
+    from dataclasses import replace
+
+    input_path, output_path = Path(input_path), Path(output_path)
+    info = check_paths(input_path, output_path)
+    frames_to_edit = settings.frame_range(info.fps, info.frame_count, times=info.times.seconds())
+    fade_note = settings.fade_note(frames_to_edit)
+    if fade_note:
+        log(fade_note)
+    pipeline.plan_edit(settings)  # an unknown adapter name fails before any work
+    size = settings.resolution or model_resolution(pipeline.vae, pipeline.unet)
+    cache = cache if cache is not None else InversionCache()
+    timer = StageTimer(pipeline.unet.device)
+
+    spill = tempfile.TemporaryDirectory(prefix="ipfacediff-crops-")  # long tracks' crops, removed at the end
+    with timer("faces"):
+        found = face_crops(
+            input_path,
+            info,
+            size,
+            faces=settings.faces,
+            tracks_path=tracks_path,
+            whole_frame=settings.whole_frame,
+            require_face=settings.require_face,
+            progress=progress,
+            frames=frames_to_edit,
+            spill=Path(spill.name),
+            in_memory=settings.window,
+        )
+    tracks, transforms, crops = found.tracks, found.transforms, found.crops
+    check_face_prompts(settings, tracks)
+    to_edit = {t.id: crops[t.id] for t in tracks.tracks if settings.prompt_for(t.id) is not None}
+    domain = check_domain(pipeline, to_edit, input_path.name, allow_out_of_domain=settings.allow_out_of_domain)
+
+    edited: dict[int, dict[int, np.ndarray]] = {}
+    hair_by_track: dict[int, bool] = {}  # pasted with the hair mask: asked for, or a hair adapter edited
+    face_reports = []
+    reused_steps = total_steps = 0
+    for track in tracks.tracks:
+        prompt = settings.prompt_for(track.id)
+        order = [f for f in sorted(crops[track.id]) if f in frames_to_edit]
+        if not order or prompt is None:  # outside the range, or left unedited by its own prompt
+            face_reports.append({"id": track.id, "frames": 0, "prompt": prompt})
+            continue
+        face_settings = replace(settings, prompt=prompt)
+        face_plan = pipeline.plan_edit(face_settings)
+        result = pipeline(
+            crops[track.id].rows(order),
+            face_settings,
+            plan=face_plan,
+            cache=cache,
+            progress=progress,
+            frame_indices=order,
+            output=crops[track.id].empty_like(order).array,
+        )
+        edited[track.id] = {
+            f: faded(crops[track.id][f], crop, settings.fade_weight(f, frames_to_edit))
+            for f, crop in zip(order, result.frames)
+        }
+        hair_by_track[track.id] = result.hair
+        reused_steps += result.inversion_reused_share * settings.steps  # a share of the frames: not whole steps
+        total_steps += settings.steps
+        for stage, value in result.timings.items():
+            timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value
+        face_reports.append(
+            {
+                "id": track.id,
+                "frames": len(order),
+                "prompt": prompt,
+                "unet_calls": result.unet_calls,
+                "edit_adapters": result.edit_adapters,
+                "guidance": result.guidance,
+                "identity_gradient": result.identity_gradient,
+                "strength": face_plan.strength,
+                "inversion_reused_share": round(result.inversion_reused_share, 4),
+            }
+        )
+
+    if not tracks.tracks:
+        message = f"no face found in {input_path.name}: frames pass through unchanged"
+        log(message)
+    elif len(frames_to_edit) < info.frame_count:
+        message = (
+            f"edited {len(edited)} face(s) in frames {frames_to_edit.start}-{frames_to_edit.stop - 1} "
+            f"of {info.frame_count}"
+        )
+    else:
+        message = f"edited {len(edited)} face(s) in {info.frame_count} frames"
+
+    def output_frames():
+        # A frame where nothing is pasted goes out as the input's own decoded picture (no RGB round
+        # trip); write_video takes the output's colours from audio_from, the input.
+        from ipfacediff.video import iter_source_frames
+
+        for index, (frame, source) in enumerate(iter_source_frames(input_path)):
+            pasted = False
+            for track in tracks.tracks:
+                crop = edited.get(track.id, {}).get(index)
+                if crop is None:
+                    continue
+                M = transforms[track.id][index]
+                if settings.whole_frame:
+                    frame = paste_whole_frame(frame, crop)
+                else:
+                    frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=hair_by_track[track.id]))
+                pasted = True
+            if progress:
+                progress("write", index + 1, info.frame_count)
+            yield frame if pasted or source is None else source
+
+    with timer("paste_and_write"):
+        write_video(output_path, output_frames(), info.fps, times=info.times, audio_from=input_path)
+    spill.cleanup()
+    seconds = dict(timer.seconds)
+    seconds["total"] = sum(seconds.values())
+    share = reused_steps / total_steps if total_steps else 0.0
+    report = RunReport(
+        input=str(input_path),
+        output=str(output_path),
+        settings=settings.to_dict(),
+        model={
+            "source": pipeline.config.get("model_source"),
+            "resolution": size,
+            "dtype": str(pipeline.unet.dtype),
+            "device": str(pipeline.unet.device),
+            "schedule": schedule_record(pipeline.scheduler, settings.steps),
+        },
+        video={
+            "frames": info.frame_count,
+            "width": info.width,
+            "height": info.height,
+            "fps": info.fps,
+            "has_audio": info.has_audio,
+        },
+        faces=face_reports,
+        seconds={k: round(v, 4) for k, v in seconds.items()},
+        inversion_reused=bool(face_reports) and share == 1.0,
+        inversion_reused_share=round(share, 4),
+        domain=domain,
+        cache_bytes=cache.size_bytes(),
+        versions=library_versions(),
+        message=message,
+    )
+    report.save(run_metadata_path(output_path))
+    return report
+
+
+def check_face_prompts(settings: EditSettings, tracks) -> None:
+    """Every face ``--face-prompt`` names is one of the faces being edited, as ``--faces`` ids are
+    (a prompt for a face that is not there would be ignored); nothing to check without faces."""
+    have = [t.id for t in tracks.tracks]
+    for face in settings.face_prompt_ids():
+        if have and face not in have:
+            raise setting_error(
+                "face_prompts",
+                f"{{setting}} {face}=...: no face track {face} among the faces edited "
+                f"(ids: {', '.join(map(str, have))}; `ipfacediff faces` lists a video's faces)",
+            )
+
+
+def faded(source: np.ndarray, edited: np.ndarray, weight: float) -> np.ndarray:
+    """The crop showing ``weight`` of the edit (the range's fade in and out)."""
+    if weight >= 1.0:
+        return edited
+    mixed = source.astype(np.float32) + weight * (edited.astype(np.float32) - source.astype(np.float32))
+    return np.clip(mixed, 0, 255).round().astype(np.uint8)
+
+
+def paste_whole_frame(frame: np.ndarray, edited: np.ndarray) -> np.ndarray:
+    """``frame`` plus the change a whole-frame edit made to its resized copy, scaled back up: as
+    :func:`~ipfacediff.face.paste_face` does for a face, so the frame keeps its own resolution
+    wherever the edit changed nothing (scaling the edited copy up would blur all of it)."""
+    height, width = frame.shape[:2]
+    change = edited.astype(np.float32) - resize_image(frame, edited.shape[1::-1]).astype(np.float32)
+    return np.clip(frame + resize_image(change, (width, height)), 0, 255).round().astype(np.uint8)
