@@ -67,7 +67,7 @@ from ipfacediff.video import read_frames, write_video  # noqa: E402
 
 METHODS = {
     "full": {},
-    "no_identity_guidance": {"identity_guidance": False},
+    "no_identity_guidance": {"feature_injection": False},
     "no_identity_gradient": {"identity_gradient": 0.0},
     "every_frame": {"every_frame": True},
     "no_adapters": {},

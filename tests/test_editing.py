@@ -178,7 +178,7 @@ def test_identity_features_change_the_edit(tiny_pipe):
     without = tiny_pipe(
         frames, EditSettings(prompt=PROMPT, steps=4, inject_feature_until=1000, inject_attention_until=1000)
     )
-    ablated = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, identity_guidance=False))
+    ablated = tiny_pipe(frames, EditSettings(prompt=PROMPT, steps=4, feature_injection=False))
     assert with_injection.unet_calls["identity"] > 0 and without.unet_calls["identity"] == 0
     assert not np.array_equal(with_injection.frames, without.frames)
     assert ablated.frames.shape == with_injection.frames.shape

@@ -135,7 +135,7 @@ class WindowDenoiser:
         spaced = window.keyframes or settings.keyframes or math.ceil(self.count / DEFAULT_KEYFRAME_SPACING)
         self.keyframe_count = self.count if settings.every_frame else spaced
         self.over_time = pipe.over_time(settings)
-        self.role = "identity" if settings.identity_guidance else "edit"
+        self.role = "identity" if settings.feature_injection else "edit"
         self.controller = FeatureController()
         self.calls = {"identity": 0, "edit": 0}
 

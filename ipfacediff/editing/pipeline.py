@@ -172,7 +172,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         *,
         source_prompt: str = "",
         steps: int = DEFAULT_STEPS,
-        identity_guidance: bool = True,
+        feature_injection: bool = True,
         cache: InversionCache | None = None,
         batch_size: int = 8,
         progress: Progress | None = None,
@@ -188,7 +188,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         overlapping time range, neither encodes nor inverts the frames it shares.
         """
         timer = timer or StageTimer(self.unet.device)
-        role = "identity" if identity_guidance else "edit"
+        role = "identity" if feature_injection else "edit"
         edit_weights = self.config.edit_adapter_weights if edit_weights is None else edit_weights
         guide = self._role(role, edit_weights)
         levels = len(sampling_timesteps(self.scheduler, steps))  # the DDIM steps the schedule gives
@@ -363,7 +363,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             frames,
             source_prompt=settings.source_prompt,
             steps=settings.steps,
-            identity_guidance=settings.identity_guidance,
+            feature_injection=settings.feature_injection,
             cache=cache,
             batch_size=batch_size,
             progress=window.progress,
