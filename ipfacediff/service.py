@@ -50,7 +50,7 @@ class Evaluation:
 
 
 @dataclass
-class EditResult:
+class EditOutcome:
     """An edited video: its run metadata and, when asked for, its evaluation."""
 
     report: RunReport
@@ -118,7 +118,7 @@ class EditService:
         score_tracks: bool = False,
         shared_identity: bool = False,
         metrics_extra: dict | None = None,
-    ) -> EditResult:
+    ) -> EditOutcome:
         """Edit ``input`` into ``output`` (and its ``.run.json``) with the pipeline of ``spec``;
         with ``evaluate``, score it (:meth:`evaluate`) into ``metrics_path`` / ``report_path``."""
         from ipfacediff.edit import edit_video
@@ -134,7 +134,7 @@ class EditService:
             progress=progress,
             log=log,
         )
-        result = EditResult(report, output)
+        result = EditOutcome(report, output)
         if evaluate:
             result.evaluation = self.evaluate(
                 input,
