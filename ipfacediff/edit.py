@@ -5,19 +5,23 @@ runs; the Python API's :func:`edit_video`."""
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from ipfacediff.crops import face_crops, resize_image
+from ipfacediff.crops import FaceCrops, face_crops, resize_image
 from ipfacediff.diffusion import InversionCache, Progress, StageTimer
 from ipfacediff.domain import ModelCard, check_faces
 from ipfacediff.editing import IPFaceDiffPipeline
 from ipfacediff.models import library_versions, model_resolution
 from ipfacediff.runs import RunReport, check_paths, run_metadata_path
 from ipfacediff.settings import DEFAULT_STEPS, EditSettings, setting_error
-from ipfacediff.video import probe_video, write_video
+from ipfacediff.video import VideoInfo, probe_video, write_video
+
+if TYPE_CHECKING:
+    from ipfacediff.face import FaceTracks
 
 
 def model_card(pipeline: IPFaceDiffPipeline) -> ModelCard | None:
@@ -129,11 +133,6 @@ def edit_video(
     log: Callable[[str], None] = print,
 ) -> RunReport:
     """Edit every selected face of a video and write the result with the input's audio."""
-    from ipfacediff.diffusion import schedule_record
-    from ipfacediff.face import face_mask, paste_face
-
-    from dataclasses import replace
-
     input_path, output_path = Path(input_path), Path(output_path)
     info = check_paths(input_path, output_path)
     frames_to_edit = settings.frame_range(info.fps, info.frame_count, times=info.times.seconds())
@@ -160,42 +159,80 @@ def edit_video(
             spill=Path(spill.name),
             in_memory=settings.window,
         )
-    tracks, transforms, crops = found.tracks, found.transforms, found.crops
-    check_face_prompts(settings, tracks)
-    to_edit = {t.id: crops[t.id] for t in tracks.tracks if settings.prompt_for(t.id) is not None}
+    check_face_prompts(settings, found.tracks)
+    to_edit = {t.id: found.crops[t.id] for t in found.tracks.tracks if settings.prompt_for(t.id) is not None}
     domain = check_domain(pipeline, to_edit, input_path.name, allow_out_of_domain=settings.allow_out_of_domain)
 
-    edited: dict[int, dict[int, np.ndarray]] = {}
-    hair_by_track: dict[int, bool] = {}  # pasted with the hair mask: asked for, or a hair adapter edited
-    face_reports = []
-    reused_steps = total_steps = 0
-    for track in tracks.tracks:
+    faces = edit_faces(pipeline, settings, found, frames_to_edit, cache=cache, progress=progress, timer=timer)
+    message = run_message(input_path.name, info.frame_count, frames_to_edit, found.tracks, faces)
+    if not found.tracks.tracks:
+        log(message)
+    with timer("paste_and_write"):
+        frames = output_frames(input_path, info.frame_count, found, faces, size, settings.whole_frame, progress)
+        write_video(output_path, frames, info.fps, times=info.times, audio_from=input_path)
+    spill.cleanup()
+    report = run_report(input_path, output_path, settings, pipeline, info, size, faces, timer, domain, cache, message)
+    report.save(run_metadata_path(output_path))
+    return report
+
+
+@dataclass
+class EditedFaces:
+    """What editing the faces of a video gives the pasting and the run report."""
+
+    crops: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)  # by track, then frame
+    # pasted with the hair mask: asked for, or a hair adapter edited
+    hair: dict[int, bool] = field(default_factory=dict)
+    reports: list[dict] = field(default_factory=list)  # one per track, edited or not
+    reused_steps: float = 0.0  # steps read from the inversion cache, summed over the faces
+    total_steps: int = 0
+
+    @property
+    def reused_share(self) -> float:
+        """Weighted by each face's steps, as one figure for the run."""
+        return self.reused_steps / self.total_steps if self.total_steps else 0.0
+
+
+def edit_faces(
+    pipeline: IPFaceDiffPipeline,
+    settings: EditSettings,
+    found: FaceCrops,
+    frames_to_edit: range,
+    *,
+    cache: InversionCache,
+    progress: Progress | None,
+    timer: StageTimer,
+) -> EditedFaces:
+    """Each face goes through the pipeline on its own, with its own prompt (``--face-prompt``) and
+    so its own plan; the pipeline's stage times are added to ``timer``, which times the whole run."""
+    faces = EditedFaces()
+    for track in found.tracks.tracks:
         prompt = settings.prompt_for(track.id)
-        order = [f for f in sorted(crops[track.id]) if f in frames_to_edit]
+        crops = found.crops[track.id]
+        order = [f for f in sorted(crops) if f in frames_to_edit]
         if not order or prompt is None:  # outside the range, or left unedited by its own prompt
-            face_reports.append({"id": track.id, "frames": 0, "prompt": prompt})
+            faces.reports.append({"id": track.id, "frames": 0, "prompt": prompt})
             continue
         face_settings = replace(settings, prompt=prompt)
         face_plan = pipeline.plan_edit(face_settings)
         result = pipeline(
-            crops[track.id].rows(order),
+            crops.rows(order),
             face_settings,
             plan=face_plan,
             cache=cache,
             progress=progress,
             frame_indices=order,
-            output=crops[track.id].empty_like(order).array,
+            output=crops.empty_like(order).array,
         )
-        edited[track.id] = {
-            f: faded(crops[track.id][f], crop, settings.fade_weight(f, frames_to_edit))
-            for f, crop in zip(order, result.frames)
+        faces.crops[track.id] = {
+            f: faded(crops[f], crop, settings.fade_weight(f, frames_to_edit)) for f, crop in zip(order, result.frames)
         }
-        hair_by_track[track.id] = result.hair
-        reused_steps += result.inversion_reused_share * settings.steps  # a share of the frames: not whole steps
-        total_steps += settings.steps
+        faces.hair[track.id] = result.hair
+        faces.reused_steps += result.inversion_reused_share * settings.steps  # a share of the frames: not whole steps
+        faces.total_steps += settings.steps
         for stage, value in result.timings.items():
             timer.seconds[stage] = timer.seconds.get(stage, 0.0) + value
-        face_reports.append(
+        faces.reports.append(
             {
                 "id": track.id,
                 "frames": len(order),
@@ -208,46 +245,75 @@ def edit_video(
                 "inversion_reused_share": round(result.inversion_reused_share, 4),
             }
         )
+    return faces
 
+
+def run_message(
+    video_name: str, frame_count: int, frames_to_edit: range, tracks: FaceTracks, faces: EditedFaces
+) -> str:
+    """The run's one-line summary, as the front-ends show it and .run.json keeps it."""
     if not tracks.tracks:
-        message = f"no face found in {input_path.name}: frames pass through unchanged"
-        log(message)
-    elif len(frames_to_edit) < info.frame_count:
-        message = (
-            f"edited {len(edited)} face(s) in frames {frames_to_edit.start}-{frames_to_edit.stop - 1} "
-            f"of {info.frame_count}"
+        return f"no face found in {video_name}: frames pass through unchanged"
+    if len(frames_to_edit) < frame_count:
+        return (
+            f"edited {len(faces.crops)} face(s) in frames {frames_to_edit.start}-{frames_to_edit.stop - 1} "
+            f"of {frame_count}"
         )
-    else:
-        message = f"edited {len(edited)} face(s) in {info.frame_count} frames"
+    return f"edited {len(faces.crops)} face(s) in {frame_count} frames"
 
-    def output_frames():
-        # A frame where nothing is pasted goes out as the input's own decoded picture (no RGB round
-        # trip); write_video takes the output's colours from audio_from, the input.
-        from ipfacediff.video import iter_source_frames
 
-        for index, (frame, source) in enumerate(iter_source_frames(input_path)):
-            pasted = False
-            for track in tracks.tracks:
-                crop = edited.get(track.id, {}).get(index)
-                if crop is None:
-                    continue
-                M = transforms[track.id][index]
-                if settings.whole_frame:
-                    frame = paste_whole_frame(frame, crop)
-                else:
-                    frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=hair_by_track[track.id]))
-                pasted = True
-            if progress:
-                progress("write", index + 1, info.frame_count)
-            yield frame if pasted or source is None else source
+def output_frames(
+    input_path: Path,
+    frame_count: int,
+    found: FaceCrops,
+    faces: EditedFaces,
+    size: int,
+    whole_frame: bool,
+    progress: Progress | None,
+) -> Iterator[np.ndarray]:
+    """The input's frames with the edited faces pasted in, streamed so a long video never sits in
+    memory. A frame where nothing is pasted goes out as the input's own decoded picture (no RGB
+    round trip); write_video takes the output's colours from audio_from, the input."""
+    from ipfacediff.face import face_mask, paste_face
+    from ipfacediff.video import iter_source_frames
 
-    with timer("paste_and_write"):
-        write_video(output_path, output_frames(), info.fps, times=info.times, audio_from=input_path)
-    spill.cleanup()
+    for index, (frame, source) in enumerate(iter_source_frames(input_path)):
+        pasted = False
+        for track in found.tracks.tracks:
+            crop = faces.crops.get(track.id, {}).get(index)
+            if crop is None:
+                continue
+            M = found.transforms[track.id][index]
+            if whole_frame:
+                frame = paste_whole_frame(frame, crop)
+            else:
+                frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=faces.hair[track.id]))
+            pasted = True
+        if progress:
+            progress("write", index + 1, frame_count)
+        yield frame if pasted or source is None else source
+
+
+def run_report(
+    input_path: Path,
+    output_path: Path,
+    settings: EditSettings,
+    pipeline: IPFaceDiffPipeline,
+    info: VideoInfo,
+    size: int,
+    faces: EditedFaces,
+    timer: StageTimer,
+    domain: dict,
+    cache: InversionCache,
+    message: str,
+) -> RunReport:
+    """What .run.json keeps of a run: enough to tell how an output was made and to redo it."""
+    from ipfacediff.diffusion import schedule_record
+
     seconds = dict(timer.seconds)
     seconds["total"] = sum(seconds.values())
-    share = reused_steps / total_steps if total_steps else 0.0
-    report = RunReport(
+    share = faces.reused_share
+    return RunReport(
         input=str(input_path),
         output=str(output_path),
         settings=settings.to_dict(),
@@ -265,17 +331,15 @@ def edit_video(
             "fps": info.fps,
             "has_audio": info.has_audio,
         },
-        faces=face_reports,
+        faces=faces.reports,
         seconds={k: round(v, 4) for k, v in seconds.items()},
-        inversion_reused=bool(face_reports) and share == 1.0,
+        inversion_reused=bool(faces.reports) and share == 1.0,
         inversion_reused_share=round(share, 4),
         domain=domain,
         cache_bytes=cache.size_bytes(),
         versions=library_versions(),
         message=message,
     )
-    report.save(run_metadata_path(output_path))
-    return report
 
 
 def check_face_prompts(settings: EditSettings, tracks) -> None:

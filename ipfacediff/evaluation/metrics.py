@@ -69,6 +69,7 @@ if TYPE_CHECKING:
     from ipfacediff.face import FaceTrack, FaceTracks
     from ipfacediff.identity import IdentityEncoder
     from ipfacediff.models import ClipScorer
+    from ipfacediff.video import VideoInfo
 
 __all__ = [
     "ID_SAME_PERSON_COSINE",
@@ -142,12 +143,54 @@ def evaluate_videos(
     edited video.
     ``identity`` reuses a loaded encoder. ``progress(stage, done, total)`` follows the work.
     """
-    from ipfacediff.face import detect_video_faces
-    from ipfacediff.video import probe_video
-
     started = time.perf_counter()
     seconds: dict[str, Any] = {}
     original, edited = Path(original), Path(edited)
+    info = _comparable_videos(original, edited)
+    meta_path, meta = _read_run_metadata(run_metadata, edited)
+    settings = meta.get("settings") if meta and isinstance(meta.get("settings"), dict) else None
+    prompt, source_prompt = _edit_prompts(settings, prompt, source_prompt)
+
+    def stage_progress(stage: str) -> Callable[[int], None] | None:
+        return (lambda done: progress(stage, done, info.frame_count)) if progress else None
+
+    tracks, edited_tracks = _find_faces(original, edited, info, tracks, stage_progress, seconds)
+
+    tick = time.perf_counter()
+    identity, clip_scorer, text = _load_scorers(identity, clip, prompt, source_prompt)
+    seconds["models"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    measured = _measure(original, edited, info.frame_count, tracks, identity, clip_scorer, stage_progress("evaluate"))
+    seconds["measure"] = time.perf_counter() - tick
+
+    metrics = _assemble(measured, tracks, edited_tracks, info.frame_count, text)
+    metrics["seconds"] = seconds
+    seconds["total"] = time.perf_counter() - started
+    for key in list(seconds):
+        seconds[key] = round(seconds[key], 4)
+    seconds["edit_seconds"] = meta.get("seconds") if meta and isinstance(meta.get("seconds"), dict) else None
+    metrics.update(
+        _inputs_record(
+            original, edited, info, prompt, source_prompt, clip if clip_scorer else None, meta_path, settings, meta
+        )
+    )
+    return metrics
+
+
+def write_metrics_json(metrics: dict, path: str | os.PathLike) -> Path:
+    """Write ``metrics`` as JSON, atomically; NaN and infinities become null."""
+    return write_json(_output_path(path), _jsonable(metrics))
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+
+def _comparable_videos(original: Path, edited: Path) -> VideoInfo:
+    """The original's info, once both videos are known to be frame for frame comparable: every
+    figure pairs frame t of one with frame t of the other."""
+    from ipfacediff.video import probe_video
+
     info = probe_video(original)
     other = probe_video(edited)
     if (other.width, other.height) != (info.width, info.height):
@@ -162,16 +205,30 @@ def evaluate_videos(
         )
     if info.frame_count == 0:
         raise UserError(f"{original.name} has no frames to evaluate")
-    meta_path, meta = _read_run_metadata(run_metadata, edited)
-    settings = meta.get("settings") if meta and isinstance(meta.get("settings"), dict) else None
+    return info
+
+
+def _edit_prompts(settings: dict | None, prompt: str | None, source_prompt: str | None) -> tuple[str | None, str]:
+    """The prompts the edit was made with unless given: the CLIP figures score what was asked for."""
     if prompt is None and settings and isinstance(settings.get("prompt"), str) and settings["prompt"].strip():
         prompt = settings["prompt"]
     if source_prompt is None and settings and isinstance(settings.get("source_prompt"), str):
         source_prompt = settings["source_prompt"]
     source_prompt = source_prompt if source_prompt and source_prompt.strip() else DEFAULT_SOURCE_PROMPT
+    return prompt, source_prompt
 
-    def stage_progress(stage: str) -> Callable[[int], None] | None:
-        return (lambda done: progress(stage, done, info.frame_count)) if progress else None
+
+def _find_faces(
+    original: Path,
+    edited: Path,
+    info: VideoInfo,
+    tracks: FaceTracks | None,
+    stage_progress: Callable[[str], Callable[[int], None] | None],
+    seconds: dict[str, Any],
+) -> tuple[FaceTracks, FaceTracks]:
+    """The original's face tracks (found, or the given ones checked) and the edited video's, which
+    only the detection rate reads; each search's time goes into ``seconds``."""
+    from ipfacediff.face import detect_video_faces
 
     tick = time.perf_counter()
     if tracks is None:
@@ -184,8 +241,14 @@ def evaluate_videos(
     tick = time.perf_counter()
     edited_tracks = detect_video_faces(edited, progress=stage_progress("faces (edited)"))
     seconds["faces_edited"] = time.perf_counter() - tick
+    return tracks, edited_tracks
 
-    tick = time.perf_counter()
+
+def _load_scorers(
+    identity: IdentityEncoder | None, clip: str | None, prompt: str | None, source_prompt: str
+) -> tuple[IdentityEncoder, ClipScorer | None, torch.Tensor | None]:
+    """The identity net (the given one is reused), and CLIP with the prompts' text embeddings
+    (target, source) only when there is a prompt to score: without one CLIP is never loaded."""
     if identity is None:
         from ipfacediff.identity import IdentityEncoder
 
@@ -196,19 +259,22 @@ def evaluate_videos(
 
         clip_scorer = load_clip(clip).to(next(identity.parameters()).device)
         text = clip_scorer.text_embeddings([prompt, source_prompt]).cpu()  # (2, D): target, source
-    seconds["models"] = time.perf_counter() - tick
+    return identity, clip_scorer, text
 
-    tick = time.perf_counter()
-    measured = _measure(original, edited, info.frame_count, tracks, identity, clip_scorer, stage_progress("evaluate"))
-    seconds["measure"] = time.perf_counter() - tick
 
-    metrics = _assemble(measured, tracks, edited_tracks, info.frame_count, text)
-    metrics["seconds"] = seconds
-    seconds["total"] = time.perf_counter() - started
-    for key in list(seconds):
-        seconds[key] = round(seconds[key], 4)
-    seconds["edit_seconds"] = meta.get("seconds") if meta and isinstance(meta.get("seconds"), dict) else None
-    metrics.update(
+def _inputs_record(
+    original: Path,
+    edited: Path,
+    info: VideoInfo,
+    prompt: str | None,
+    source_prompt: str,
+    clip_model: str | None,
+    meta_path: Path | None,
+    settings: dict | None,
+    meta: dict | None,
+) -> dict:
+    """What the figures were measured on and against, so a metrics file explains itself."""
+    return dict(
         original=str(original),
         edited=str(edited),
         width=info.width,
@@ -216,18 +282,12 @@ def evaluate_videos(
         fps=info.fps,
         prompt=prompt,
         source_prompt=source_prompt if prompt else None,
-        clip_model=clip if clip_scorer else None,
+        clip_model=clip_model,
         thresholds={"id_dist": DLIB_SAME_PERSON_THRESHOLD, "id_sim": ID_SAME_PERSON_COSINE},
         run_metadata=str(meta_path) if meta_path else None,
         settings=settings,
         domain=meta.get("domain") if meta else None,
     )
-    return metrics
-
-
-def write_metrics_json(metrics: dict, path: str | os.PathLike) -> Path:
-    """Write ``metrics`` as JSON, atomically; NaN and infinities become null."""
-    return write_json(_output_path(path), _jsonable(metrics))
 
 
 # --- measurement ------------------------------------------------------------------------------
