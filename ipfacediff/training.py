@@ -904,6 +904,60 @@ def train_edit(
     ``config`` / ``allow_pickle``: how ``model`` loads, as :func:`~ipfacediff.models.load_model_set`'s.
     """
     settings = _settings(EditTrainingSettings, settings, options)
+    _check_edit_arguments(source, target, data, target_images, paired_targets)
+    scorer = load_clip(clip)
+    trainer = Trainer(
+        "edit", model, Path(output).expanduser(), settings, resume=resume, config=config, allow_pickle=allow_pickle
+    )
+    models, device, size = trainer.models, trainer.device, trainer.resolution
+    scorer.to(device, trainer.weight_dtype)
+    faces, edited = _edit_faces(data, paired_targets, size, max_images=settings.max_images, progress=progress)
+    encoder = _identity_encoder(identity, device) if settings.lambda_id > 0 else None
+
+    images = faces_to_tensor(faces)
+    wanted = images if edited is None else faces_to_tensor(edited)  # what a result is compared with
+    examples = (
+        None if target_images is None else load_training_faces(target_images, size, max_images=settings.max_images)
+    )
+    reference_clip, direction = _clip_direction(
+        scorer, images, device, edited=None if edited is None else wanted, examples=examples, texts=(source, target)
+    )
+    reference_id = _identity_embeddings(encoder, wanted, device) if encoder is not None else None
+    source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, trainer.weight_dtype)
+    target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, trainer.weight_dtype)
+    alphas = models.scheduler.alphas_cumprod.to(torch.float32)
+    inversion_levels, generation_levels = edit_levels(settings.t0, settings.inversion_steps, settings.generation_steps)
+    inputs = _edit_inputs(model, source, target, data, clip, faces, target_images, examples, paired_targets, edited)
+
+    # The base model is frozen: every face is inverted once, before the adapter exists.
+    inverted = _inverted_faces(
+        trainer, encode_frames(models.vae, faces), source_embeds, alphas, inversion_levels, inputs, progress
+    )
+    trainer.add_trainable(inputs, len(faces))
+    loss_of = _edit_loss(
+        trainer,
+        scorer,
+        encoder,
+        inverted,
+        target_embeds,
+        alphas,
+        generation_levels,
+        references=(reference_clip, direction, reference_id, wanted),
+    )
+    val_faces = trainer.validation_faces()
+    components = None
+    if settings.full:
+        components = dict(
+            vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, scheduler=models.scheduler
+        )
+    return trainer.fit(loss_of, lambda: float(loss_of(val_faces)), progress=progress, components=components)
+
+
+def _check_edit_arguments(
+    source: str, target: str, data: str | Path, target_images: str | Path | None, paired_targets: str | Path | None
+) -> None:
+    """The captions and folders of an ε2 run checked before any model loads: a mistake is one line
+    at once, not after minutes of loading."""
     if not source.strip() or not target.strip():
         raise UserError('--source and --target must both describe the face, e.g. "a face" and "a face with eyeglasses"')
     if source.strip() == target.strip():
@@ -915,40 +969,36 @@ def train_edit(
         _option_files("--target-images", target_images)
     if paired_targets is not None:
         _option_files("--paired-targets", paired_targets)
-    scorer = load_clip(clip)
-    trainer = Trainer(
-        "edit", model, Path(output).expanduser(), settings, resume=resume, config=config, allow_pickle=allow_pickle
-    )
-    models, device, size = trainer.models, trainer.device, trainer.resolution
-    scorer.to(device, trainer.weight_dtype)
-    if paired_targets is None:
-        faces, edited = load_training_faces(data, size, max_images=settings.max_images, progress=progress), None
-    else:
-        faces, edited = load_training_pairs(
-            data, paired_targets, size, max_images=settings.max_images, progress=progress
-        )
-    encoder = _identity_encoder(identity, device) if settings.lambda_id > 0 else None
 
-    images = faces_to_tensor(faces)
-    wanted = images if edited is None else faces_to_tensor(edited)  # what a result is compared with
-    examples = (
-        None if target_images is None else load_training_faces(target_images, size, max_images=settings.max_images)
-    )
-    with torch.no_grad():
-        reference_clip = _clip_embeddings(scorer, images, device)
-        if edited is not None:
-            direction = F.normalize(_clip_embeddings(scorer, wanted, device) - reference_clip, dim=-1)
-        elif examples is None:
-            direction = scorer.text_direction(source, target).to(device).expand(len(images), -1)
-        else:
-            direction = image_direction(reference_clip, _clip_embeddings(scorer, faces_to_tensor(examples), device))
-            direction = direction.expand(len(images), -1)
-    reference_id = _identity_embeddings(encoder, wanted, device) if encoder is not None else None
-    source_embeds = encode_prompt(models.tokenizer, models.text_encoder, [source]).to(device, trainer.weight_dtype)
-    target_embeds = encode_prompt(models.tokenizer, models.text_encoder, [target]).to(device, trainer.weight_dtype)
-    alphas = models.scheduler.alphas_cumprod.to(torch.float32)
-    prediction = models.scheduler.config.prediction_type
-    inversion_levels, generation_levels = edit_levels(settings.t0, settings.inversion_steps, settings.generation_steps)
+
+def _edit_faces(
+    data: str | Path,
+    paired_targets: str | Path | None,
+    size: int,
+    *,
+    max_images: int | None,
+    progress: TrainingProgress | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training faces and, with ``paired_targets``, each one's edited face (None without)."""
+    if paired_targets is None:
+        return load_training_faces(data, size, max_images=max_images, progress=progress), None
+    return load_training_pairs(data, paired_targets, size, max_images=max_images, progress=progress)
+
+
+def _edit_inputs(
+    model: str,
+    source: str,
+    target: str,
+    data: str | Path,
+    clip: str,
+    faces: np.ndarray,
+    target_images: str | Path | None,
+    examples: np.ndarray | None,
+    paired_targets: str | Path | None,
+    edited: np.ndarray | None,
+) -> dict:
+    """What an ε2 run was trained from, as its checkpoints record it: ``--resume`` continues only
+    the same run."""
     inputs = dict(
         model=str(model),
         source=source,
@@ -965,12 +1015,50 @@ def train_edit(
         inputs.update(
             paired_targets=str(Path(paired_targets).expanduser().resolve()), paired_targets_digest=frames_digest(edited)
         )
+    return inputs
 
-    # The base model is frozen: every face is inverted once, before the adapter exists.
-    inverted = _inverted_faces(
-        trainer, encode_frames(models.vae, faces), source_embeds, alphas, inversion_levels, inputs, progress
-    )
-    trainer.add_trainable(inputs, len(faces))
+
+def _clip_direction(
+    scorer,
+    images: torch.Tensor,
+    device,
+    *,
+    edited: torch.Tensor | None,
+    examples: np.ndarray | None,
+    texts: tuple[str, str],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training faces' CLIP image embeddings and, per face, the direction its change should
+    take in CLIP space: towards its edited face (pairs), towards the examples' mean, or else the
+    captions' text direction (module doc)."""
+    with torch.no_grad():
+        reference = _clip_embeddings(scorer, images, device)
+        if edited is not None:
+            direction = F.normalize(_clip_embeddings(scorer, edited, device) - reference, dim=-1)
+        elif examples is None:
+            direction = scorer.text_direction(*texts).to(device).expand(len(images), -1)
+        else:
+            direction = image_direction(reference, _clip_embeddings(scorer, faces_to_tensor(examples), device))
+            direction = direction.expand(len(images), -1)
+    return reference, direction
+
+
+def _edit_loss(
+    trainer: Trainer,
+    scorer,
+    encoder,
+    inverted: torch.Tensor,
+    target_embeds: torch.Tensor,
+    alphas: torch.Tensor,
+    generation_levels,
+    *,
+    references: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor],
+) -> Callable[[list[int]], torch.Tensor]:
+    """ε2's loss of a batch of face indices: each inverted face generated with the target caption
+    through the adapter being trained, then the directional CLIP term, and the identity and L1 terms
+    where their weights ask for them."""
+    reference_clip, direction, reference_id, wanted = references
+    settings, models, device = trainer.settings, trainer.models, trainer.device
+    prediction = models.scheduler.config.prediction_type
 
     def loss_of(batch: list[int]) -> torch.Tensor:
         clean = ddim_walk(
@@ -991,13 +1079,7 @@ def train_edit(
             loss = loss + settings.lambda_l1 * (generated - wanted[batch].to(device)).abs().mean()
         return loss
 
-    val_faces = trainer.validation_faces()
-    components = None
-    if settings.full:
-        components = dict(
-            vae=models.vae, text_encoder=models.text_encoder, tokenizer=models.tokenizer, scheduler=models.scheduler
-        )
-    return trainer.fit(loss_of, lambda: float(loss_of(val_faces)), progress=progress, components=components)
+    return loss_of
 
 
 def image_direction(reference: torch.Tensor, examples: torch.Tensor) -> torch.Tensor:

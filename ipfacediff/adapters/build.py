@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import cv2
 import numpy as np
@@ -155,32 +155,31 @@ def build_library(
     """
     started = time.perf_counter()
     log = log or (lambda _message: None)
-    edits = (
-        parse_edits(edits, source)
-        if isinstance(edits, str)
-        else [e for item in edits for e in ([item] if isinstance(item, AdapterEntry) else parse_edits(item, source))]
+    edits = _edit_entries(edits, source)
+    output = _library_folder(output, resume)
+    run = _LibraryRun(
+        model=model,
+        source=source,
+        edits=edits,
+        identity_settings=_trainer_settings(IdentityTrainingSettings, identity_options, resolution, max_images),
+        edit_settings=_trainer_settings(EditTrainingSettings, edit_options, resolution, max_images),
+        clip=clip,
+        identity_net=identity_net,
+        resolution=resolution,
+        max_images=max_images,
+        seed=seed,
+        paired_targets=paired_targets or {},
+        config=config,
+        allow_pickle=allow_pickle,
+        progress=progress,
+        log=log,
     )
-    if len({e.name for e in edits}) != len(edits):
-        raise UserError("an edit is named twice: give each edit once")
-    output = Path(output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file: it names the library folder to write")
-    if output.is_dir() and any(output.iterdir()) and not resume:
-        raise UserError(
-            f"{output} exists: pass --resume to continue or complete it (or add edits to it), "
-            "or choose another --output"
-        )
-    identity_settings = _trainer_settings(IdentityTrainingSettings, identity_options, resolution, max_images)
-    edit_settings = _trainer_settings(EditTrainingSettings, edit_options, resolution, max_images)
 
     report = _read_report(output) or {}
     if resume and not report:
         _nothing_to_resume(output, log)
     _check_resume(output, report, model=model, source=source, edits=edits)
-    recorded = dict(report.get("edits", {}))
-    for edit in edits:  # an edit asked again keeps its place, takes its (re)derived words and values
-        recorded[edit.name] = edit.to_record()
-    every = [IDENTITY, *recorded]
+    recorded = _recorded_edits(report, edits)
     finished = finished_adapters(output)
     todo = [name for name in [IDENTITY, *(e.name for e in edits)] if name not in finished]
     library_file = output / LIBRARY_FILE
@@ -192,93 +191,177 @@ def build_library(
         log(f"{library_file}: every adapter is trained already")
         return report
 
-    encoder = side = None
-    sets: dict[str, _FaceSet] = {}
     check_writable_folder(output, what="--output")  # not a PermissionError after the faces are found
-    if todo:
-        # Everything that can be wrong, before any training: data, model, CLIP, identity net, faces.
+    sets = run.prepare(todo, data, edit_data or {}, aligned=aligned, output=output) if todo else {}
+    _start_report(report, output, run, sets, recorded=recorded, todo=todo, report_extra=report_extra)
+    for done, name in enumerate(todo):
+        if progress:
+            progress("adapters", done, len(todo))
+        report["steps"][name] = run.train(name, sets[name], output)
+        report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        write_json(output / REPORT_FILE, report)
+    if progress and todo:
+        progress("adapters", len(todo), len(todo))
+    _complete_library(output, report, run, recorded=recorded, defaults_from=defaults_from, started=started)
+    return report
+
+
+def _edit_entries(edits: Sequence[AdapterEntry | str] | str, source: str) -> list[AdapterEntry]:
+    """Every way of naming edits (one string, strings, entries) as entries, each edit once: two
+    adapters of one name would overwrite each other's folder."""
+    entries = (
+        parse_edits(edits, source)
+        if isinstance(edits, str)
+        else [e for item in edits for e in ([item] if isinstance(item, AdapterEntry) else parse_edits(item, source))]
+    )
+    if len({e.name for e in entries}) != len(entries):
+        raise UserError("an edit is named twice: give each edit once")
+    return entries
+
+
+def _library_folder(output: str | Path, resume: bool) -> Path:
+    """The library folder, refused when it is a file or holds files and ``resume`` was not asked
+    for: a finished library is never overwritten by mistake."""
+    output = Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file: it names the library folder to write")
+    if output.is_dir() and any(output.iterdir()) and not resume:
+        raise UserError(
+            f"{output} exists: pass --resume to continue or complete it (or add edits to it), "
+            "or choose another --output"
+        )
+    return output
+
+
+def _recorded_edits(report: dict, edits: list[AdapterEntry]) -> dict:
+    """The edits of the library after this run: those recorded before, then the new ones; an edit
+    asked again keeps its place and takes its (re)derived words and values."""
+    recorded = dict(report.get("edits", {}))
+    for edit in edits:
+        recorded[edit.name] = edit.to_record()
+    return recorded
+
+
+@dataclass
+class _LibraryRun:
+    """What every adapter of one run is trained with. ``prepare`` fills in what needs the models
+    (the image side, the CLIP model, the identity encoder), only when something is left to train."""
+
+    model: str
+    source: str
+    edits: list[AdapterEntry]
+    identity_settings: IdentityTrainingSettings
+    edit_settings: EditTrainingSettings
+    clip: str | None
+    identity_net: Any
+    resolution: int | None
+    max_images: int | None
+    seed: int
+    paired_targets: dict[str, str | Path]
+    config: str | None
+    allow_pickle: bool
+    progress: LibraryProgress | None
+    log: Callable[[str], None]
+    side: int | None = None
+    encoder: Any = None
+
+    def prepare(self, todo: list[str], data, edit_data: dict, *, aligned: bool, output: Path) -> dict[str, _FaceSet]:
+        """Everything that can be wrong, before any training: data, model, CLIP, identity net, faces."""
         for name in todo:  # a missing or empty --data fails at once, before the model loads
-            for item in _sources((edit_data or {}).get(name, data)):
+            for item in _sources(edit_data.get(name, data)):
                 _data_files(item)
-        side = resolution or _model_side(model, config=config, allow_pickle=allow_pickle)
-        clip = clip or _default_clip(model)
+        self.side = self.resolution or _model_side(self.model, config=self.config, allow_pickle=self.allow_pickle)
+        self.clip = self.clip or _default_clip(self.model)
         if any(name != IDENTITY for name in todo):
-            _check_clip(clip)
-        encoder = _identity_encoder(identity_net)
-        sets = _face_sets(
+            _check_clip(self.clip)
+        self.encoder = _identity_encoder(self.identity_net)
+        return _face_sets(
             todo,
             data,
-            edit_data or {},
+            edit_data,
             aligned=aligned,
-            resolution=side,
-            max_images=max_images,
+            resolution=self.side,
+            max_images=self.max_images,
             output=output,
-            progress=progress,
+            progress=self.progress,
         )
 
+    def train(self, name: str, face_set: _FaceSet, output: Path) -> dict:
+        """One adapter trained, or continued from its trainer's last checkpoint; its summary for
+        training.json."""
+        trainer_progress = _trainer_progress(self.progress, name)
+        common = dict(
+            resume=True,
+            identity=self.encoder,
+            progress=trainer_progress,
+            config=self.config,
+            allow_pickle=self.allow_pickle,
+        )
+        own = dict(resolution=self.side, seed=self.seed, max_images=self.max_images if face_set.direct else None)
+        if name == IDENTITY:
+            self.log("ε1 (identity adapter)")
+            settings = dataclasses.replace(self.identity_settings, **own)
+            return _summary(train_identity(str(self.model), face_set.folder, output / name, settings, **common))
+        edit = next(e for e in self.edits if e.name == name)
+        self.log(f"ε2 for {name}: {self.source!r} -> {edit.target!r}")
+        result = train_edit(
+            str(self.model),
+            self.source,
+            edit.target,
+            face_set.folder,
+            self.clip,
+            output / name,
+            dataclasses.replace(self.edit_settings, **own),
+            paired_targets=self.paired_targets.get(name),
+            **common,
+        )
+        return {**_summary(result), "target": edit.target}
+
+
+def _start_report(
+    report: dict,
+    output: Path,
+    run: _LibraryRun,
+    sets: dict[str, _FaceSet],
+    *,
+    recorded: dict,
+    todo: list[str],
+    report_extra: dict | None,
+) -> None:
+    """training.json as training starts, with the faces staged: a killed run resumes from it."""
     output.mkdir(parents=True, exist_ok=True)
     for name, extra in (report_extra or {}).items():
         if name == "steps":
             report.setdefault("steps", {}).update(extra)
         else:
             report.setdefault(name, extra)
-    report.update(model=str(model), source=source, edits=recorded)
+    report.update(model=str(run.model), source=run.source, edits=recorded)
     if todo:
-        report.update(resolution=side, seed=seed, identity_net=_describe(identity_net))
-        if isinstance(identity_net, (str, Path)):  # identity guidance uses the net ε1 was trained against
-            report["identity_net_copy"] = _copy_identity_net(Path(identity_net).expanduser(), output)
+        report.update(resolution=run.side, seed=run.seed, identity_net=_describe(run.identity_net))
+        if isinstance(run.identity_net, (str, Path)):  # identity guidance uses the net ε1 was trained against
+            report["identity_net_copy"] = _copy_identity_net(Path(run.identity_net).expanduser(), output)
     report.setdefault("steps", {})
     report.setdefault("data", {})
     for face_set in {id(s): s for s in sets.values()}.values():
-        _stage(face_set, output, log)
+        _stage(face_set, output, run.log)
     for name, face_set in sets.items():
         report["data"][name] = {"sources": list(face_set.sources), "faces": face_set.count}
     write_json(output / REPORT_FILE, report)
 
-    for done, name in enumerate(todo):
-        if progress:
-            progress("adapters", done, len(todo))
-        face_set = sets[name]
-        trainer_progress = _trainer_progress(progress, name)
-        common = dict(
-            resume=True, identity=encoder, progress=trainer_progress, config=config, allow_pickle=allow_pickle
-        )
-        own = dict(resolution=side, seed=seed, max_images=max_images if face_set.direct else None)
-        if name == IDENTITY:
-            log("ε1 (identity adapter)")
-            result = train_identity(
-                str(model), face_set.folder, output / name, dataclasses.replace(identity_settings, **own), **common
-            )
-            report["steps"][name] = _summary(result)
-        else:
-            edit = next(e for e in edits if e.name == name)
-            log(f"ε2 for {name}: {source!r} -> {edit.target!r}")
-            paired = (paired_targets or {}).get(name)
-            result = train_edit(
-                str(model),
-                source,
-                edit.target,
-                face_set.folder,
-                clip,
-                output / name,
-                dataclasses.replace(edit_settings, **own),
-                paired_targets=paired,
-                **common,
-            )
-            report["steps"][name] = {**_summary(result), "target": edit.target}
-        report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
-        started = time.perf_counter()
-        write_json(output / REPORT_FILE, report)
-    if progress and todo:
-        progress("adapters", len(todo), len(todo))
 
+def _complete_library(
+    output: Path, report: dict, run: _LibraryRun, *, recorded: dict, defaults_from: str | None, started: float
+) -> None:
+    """The finished library: checkpoints and staged faces removed, training.json completed, and
+    adapters.json written last, so that every file it names exists."""
     finished = finished_adapters(output)
-    missing = [name for name in [IDENTITY, *(e.name for e in edits)] if name not in finished]
+    missing = [name for name in [IDENTITY, *(e.name for e in run.edits)] if name not in finished]
     if missing:  # cannot happen unless a file vanished under us
         raise UserError(
             f"{output}: the adapters {', '.join(missing)} are missing after training; run again with --resume"
         )
-    for name in every:  # keep the adapters and their reports, not the checkpoints
+    for name in [IDENTITY, *recorded]:  # keep the adapters and their reports, not the checkpoints
         shutil.rmtree(output / name / "checkpoints", ignore_errors=True)
         shutil.rmtree(output / name / "cache", ignore_errors=True)
     shutil.rmtree(output / WORK_DIR, ignore_errors=True)
@@ -286,8 +369,7 @@ def build_library(
     report["versions"] = library_versions()
     report["weights_bytes"] = sum(p.stat().st_size for p in output.rglob("*.safetensors"))
     write_json(output / REPORT_FILE, report)
-    write_json(library_file, _library(report, recorded, finished, defaults_from))  # last: every file it names exists
-    return report
+    write_json(output / LIBRARY_FILE, _library(report, recorded, finished, defaults_from))
 
 
 def _library(report: dict, recorded: dict, finished: set[str], defaults_from: str | None) -> dict:
