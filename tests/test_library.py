@@ -262,13 +262,17 @@ def test_a_batch_manifest_carries_adapters_dir_to_the_workers_pipeline(library, 
     jobs = read_manifest(manifest, tmp_path / "out")
     assert [job.adapters_dir for job in jobs] == [str((tmp_path / "lib").resolve()), None]
     worker = BatchWorker(str(tiny_dir), "cpu", "float32", str(tmp_path / "cache"), str(tmp_path / "running"), False)
-    assert set(worker._get_pipeline(jobs[0]).adapter_library.words()) == {
+
+    def pipeline(job):  # the pipeline the worker edits the row with
+        return worker.service.pipeline(job.model_spec(worker.model, worker.device, worker.dtype))
+
+    assert set(pipeline(jobs[0]).adapter_library.words()) == {
         "eyeglasses",
         "blonde_hair",
         "ink",
         "red_hair",
     }
-    assert worker._get_pipeline(jobs[1]).adapter_library is None
+    assert pipeline(jobs[1]).adapter_library is None
     (tmp_path / "lib" / "adapters.json").unlink()
     with pytest.raises(UserError, match=r"clips.csv line 2: adapter library folder .* has no adapters.json"):
         read_manifest(manifest, tmp_path / "out")
