@@ -41,7 +41,7 @@ HAND_FINGERS = ((1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12), (13, 14, 15, 16), (
 # margin the region grows by (the points are joint centres and can be off by a few pixels) and the
 # feather beyond it. At least the pixels below, so a hand in a small crop is still covered.
 HAND_FINGER_WIDTH = 0.42
-HAND_MARGIN = 0.08
+HAND_MARGIN = 0.12
 HAND_FEATHER = 0.10
 # The heel of the palm bulges past the wrist-to-little-finger line, and a hand in front of the face
 # has its wrist and forearm there too: the region takes in a point this far (palms) outside that
