@@ -187,3 +187,17 @@ def test_the_setting_round_trips():
     settings = EditSettings(prompt="x", occlusion=False)
     assert EditSettings.from_mapping(settings.to_dict()) == settings
     assert EditSettings(prompt="x").occlusion is True
+
+
+def test_the_preview_tints_the_hand_red(occluded, tmp_path):
+    from ipfacediff.face import write_preview
+
+    _, tracks, clean, frames, hands = occluded
+    shown = {}
+    for name, source in (("hand", frames), ("clean", clean)):
+        write_preview(tmp_path / f"{name}.mp4", source, tracks, 10.0)
+        shown[name] = np.stack(list(iter_frames(tmp_path / f"{name}.mp4"))).astype(int)
+    redder = (shown["hand"][..., 0] - shown["hand"][..., 1]) - (frames[..., 0].astype(int) - frames[..., 1])
+    assert np.median(redder[hands]) > 40
+    unchanged = (shown["clean"][..., 0] - shown["clean"][..., 1]) - (clean[..., 0].astype(int) - clean[..., 1])
+    assert np.median(unchanged[hands]) < 10  # where the hand would be: only the face's green tint
