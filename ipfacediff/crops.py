@@ -4,8 +4,9 @@ frame (in memory or spilled to a file), and the frame↔crop transforms to paste
 from __future__ import annotations
 
 import secrets
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
@@ -19,6 +20,10 @@ if TYPE_CHECKING:
     from ipfacediff.face import FaceTracks
 
 Progress = Callable[[str, int, int], None]
+
+# Side at which occlusion masks are kept: they are smooth (feathered), and a long clip's masks at a
+# 512 crop would take 256 kB a frame.
+OCCLUSION_SIDE = 128
 
 
 def _whole_frame_track(info: VideoInfo):
@@ -86,6 +91,19 @@ class FaceCrops:
     tracks: FaceTracks
     transforms: dict[int, dict[int, np.ndarray]]
     crops: dict[int, dict[int, np.ndarray]]
+    # What is in front of each face, by track then frame (with ``occlusion``): uint8 masks in the
+    # crop at OCCLUSION_SIDE at most (:func:`occlusion_at` scales one to a crop), and their time.
+    occlusion: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
+    occlusion_seconds: float = 0.0
+
+    def occlusion_at(self, track_id: int, frame: int, size: int) -> np.ndarray | None:
+        """The face's occlusion mask in ``frame`` as float32 (size, size), 1 where covered; None
+        where none was looked for."""
+        stored = self.occlusion.get(track_id, {}).get(frame)
+        if stored is None:
+            return None
+        mask = stored.astype(np.float32) / 255.0
+        return mask if mask.shape[0] == size else resize_image(mask, (size, size))
 
 
 def face_crops(
@@ -101,10 +119,12 @@ def face_crops(
     frames: range | None = None,
     spill: Path | None = None,
     in_memory: int = DEFAULT_WINDOW,
+    occlusion: bool = False,
 ) -> FaceCrops:
     """Find (or read) the face tracks and collect every track's aligned crops in one streaming pass
     (only those of ``frames`` when given: a time range is all that is inverted and edited). With
-    ``spill``, a track of more than ``in_memory`` crops keeps them in a file in that folder."""
+    ``spill``, a track of more than ``in_memory`` crops keeps them in a file in that folder. With
+    ``occlusion`` (aligned crops only), each crop's occlusion mask is found in the same pass."""
     from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, detect_video_faces, require_face as check
 
     if whole_frame:
@@ -136,6 +156,13 @@ def face_crops(
     for track in tracks.tracks:
         wanted = [f for f in sorted(transforms[track.id]) if frames is None or f in frames]
         crops[track.id] = CropStore(wanted, size, folder=spill if len(wanted) > in_memory else None)
+    found = FaceCrops(tracks, transforms, crops)
+    finder = None
+    if occlusion and not whole_frame:
+        from ipfacediff.occlusion import OcclusionFinder
+
+        finder = OcclusionFinder()
+        found.occlusion = {t.id: {} for t in tracks.tracks}
     if tracks.tracks:
         for index, frame in enumerate(iter_frames(input_path)):
             if frames is not None and index >= frames.stop:
@@ -144,11 +171,18 @@ def face_crops(
                 continue
             for track in tracks.tracks:
                 M = transforms[track.id].get(index)
-                if M is not None:
-                    crops[track.id][index] = (
-                        resize_image(frame, (size, size)) if whole_frame else crop_face(frame, M, size)
-                    )
-    return FaceCrops(tracks, transforms, crops)
+                if M is None:
+                    continue
+                crops[track.id][index] = resize_image(frame, (size, size)) if whole_frame else crop_face(frame, M, size)
+                if finder is not None:
+                    started = time.perf_counter()
+                    side = min(size, OCCLUSION_SIDE)
+                    mask = finder.mask(frame, M * (side / size), side, key=track.id)
+                    found.occlusion[track.id][index] = np.round(mask * 255).astype(np.uint8)
+                    found.occlusion_seconds += time.perf_counter() - started
+    if finder is not None:
+        finder.close()
+    return found
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -158,7 +158,11 @@ def edit_video(
             frames=frames_to_edit,
             spill=Path(spill.name),
             in_memory=settings.window,
+            occlusion=settings.occlusion,
         )
+    timer.seconds["faces"] -= found.occlusion_seconds  # timed on its own: what the masks cost
+    if settings.occlusion and not settings.whole_frame:
+        timer.seconds["occlusion"] = found.occlusion_seconds
     check_face_prompts(settings, found.tracks)
     to_edit = {t.id: found.crops[t.id] for t in found.tracks.tracks if settings.prompt_for(t.id) is not None}
     domain = check_domain(pipeline, to_edit, input_path.name, allow_out_of_domain=settings.allow_out_of_domain)
@@ -215,6 +219,7 @@ def edit_faces(
             continue
         face_settings = replace(settings, prompt=prompt)
         face_plan = pipeline.plan_edit(face_settings)
+        occlusion = occlusion_of(found, track.id, order, crops.array.shape[1])
         result = pipeline(
             crops.rows(order),
             face_settings,
@@ -223,6 +228,7 @@ def edit_faces(
             progress=progress,
             frame_indices=order,
             output=crops.empty_like(order).array,
+            occlusion=occlusion,
         )
         faces.crops[track.id] = {
             f: faded(crops[f], crop, settings.fade_weight(f, frames_to_edit)) for f, crop in zip(order, result.frames)
@@ -243,9 +249,47 @@ def edit_faces(
                 "identity_gradient": result.identity_gradient,
                 "strength": face_plan.strength,
                 "inversion_reused_share": round(result.inversion_reused_share, 4),
+                **occlusion_report(found, track, order),
             }
         )
     return faces
+
+
+def occlusion_of(found: FaceCrops, track_id: int, order: list[int], size: int) -> np.ndarray | None:
+    """(N, size, size) float32 occlusion masks of a face's frames ``order``, or None where
+    occlusion was not looked for; at most OCCLUSION_SIDE, which the local blend's grid is below."""
+    from ipfacediff.crops import OCCLUSION_SIDE
+
+    if track_id not in found.occlusion:
+        return None
+    side = min(size, OCCLUSION_SIDE)
+    return np.stack([found.occlusion_at(track_id, f, side) for f in order])
+
+
+def occlusion_report(found: FaceCrops, track, order: list[int]) -> dict:
+    """What .run.json keeps of a face's occlusion: the method, and per edited frame the share of
+    the face mask covered (:func:`~ipfacediff.occlusion.occluded_share`)."""
+    from ipfacediff.crops import OCCLUSION_SIDE
+    from ipfacediff.face import face_mask
+    from ipfacediff.occlusion import OCCLUSION_METHOD, occluded_share
+
+    if track.id not in found.occlusion:
+        return {"occlusion": None}
+    shares = []
+    for f in order:
+        mask = found.occlusion_at(track.id, f, OCCLUSION_SIDE)
+        M = found.transforms[track.id][f]
+        side = mask.shape[0]
+        scale = side / found.crops[track.id][f].shape[0]
+        shares.append(round(occluded_share(mask, face_mask(track, f, M * scale, side)), 4))
+    return {
+        "occlusion": {
+            "method": OCCLUSION_METHOD,
+            "frames_occluded": sum(share > 0 for share in shares),
+            "largest_share": max(shares, default=0.0),
+            "share": shares,
+        }
+    }
 
 
 def run_message(
@@ -287,7 +331,8 @@ def output_frames(
             if whole_frame:
                 frame = paste_whole_frame(frame, crop)
             else:
-                frame = paste_face(frame, crop, M, face_mask(track, index, M, size, hair=faces.hair[track.id]))
+                mask = face_mask(track, index, M, size, hair=faces.hair[track.id])
+                frame = paste_face(frame, crop, M, mask, occlusion=found.occlusion_at(track.id, index, size))
             pasted = True
         if progress:
             progress("write", index + 1, frame_count)

@@ -885,6 +885,7 @@ def paste_face(
     *,
     match_colour: bool = True,
     overlay: bool = False,
+    occlusion: np.ndarray | None = None,
 ) -> np.ndarray:
     """A copy of ``frame`` with ``edited_crop`` (the crop of transform M, edited) blended back in.
 
@@ -899,6 +900,11 @@ def paste_face(
     crop, measured where the mask is partial (the seam), is added back to the edited crop near the
     seam, fading out towards the face interior: a global tint or local shading change that the
     edit introduced then cannot draw a visible border.
+
+    ``occlusion`` (float, in the crop, any side: :mod:`ipfacediff.occlusion`) is what is in front
+    of the face: the mask is scaled by one minus it, so where it is 1 the frame is kept exactly
+    (a hand passing the eyes is not drawn over). The seam correction still measures at the face's
+    own edge.
     """
     size = edited_crop.shape[0]
     edited = edited_crop.astype(np.float32)
@@ -916,6 +922,10 @@ def paste_face(
     M_roi = M.copy()
     M_roi[:, 2] += M[:, :2] @ [x0, y0]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    if occlusion is not None:
+        if occlusion.shape != mask.shape:
+            occlusion = cv2.resize(occlusion, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
+        mask = mask * (1.0 - occlusion)
     alpha = cv2.warpAffine(mask, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT)
     roi = out[y0:y1, x0:x1].astype(np.float32)
     if overlay:
@@ -947,25 +957,40 @@ def _seam_correction(diff: np.ndarray, mask: np.ndarray) -> np.ndarray:
 # --- output -----------------------------------------------------------------------------------
 
 
-def write_preview(path: str | os.PathLike, frames: Iterable[np.ndarray], tracks: FaceTracks, fps: float) -> Path:
-    """Debug video: each face's box and id, alignment points, outline and mask tinted green."""
+def write_preview(
+    path: str | os.PathLike, frames: Iterable[np.ndarray], tracks: FaceTracks, fps: float, *, occlusion: bool = True
+) -> Path:
+    """Debug video: each face's box and id, alignment points, outline and mask tinted green, and
+    with ``occlusion`` what is in front of it (:mod:`ipfacediff.occlusion`) tinted red."""
+    from ipfacediff.occlusion import OcclusionFinder
     from ipfacediff.video import write_video
 
     size = 128
     transforms = {t.id: alignment_transforms(t, size) for t in tracks.tracks}
-    return write_video(path, _preview_frames(frames, tracks, transforms, size), fps)
+    with OcclusionFinder() as finder:
+        return write_video(path, _preview_frames(frames, tracks, transforms, size, finder if occlusion else None), fps)
 
 
 def _preview_frames(
-    frames: Iterable[np.ndarray], tracks: FaceTracks, transforms: dict[int, dict[int, np.ndarray]], size: int
+    frames: Iterable[np.ndarray],
+    tracks: FaceTracks,
+    transforms: dict[int, dict[int, np.ndarray]],
+    size: int,
+    finder: Any = None,
 ) -> Iterator[np.ndarray]:
     green = np.zeros((size, size, 3), np.uint8)
     green[..., 1] = 255
+    red = np.zeros((size, size, 3), np.uint8)
+    red[..., 0] = 255
     for t, frame in enumerate(frames):
         out = frame.copy()
         for track in tracks.in_frame(t):
             M = transforms[track.id][t]
-            out = paste_face(out, green, M, 0.35 * face_mask(track, t, M, size), match_colour=False, overlay=True)
+            mask = face_mask(track, t, M, size)
+            occluded = None if finder is None else finder.mask(frame, M, size, key=track.id)
+            out = paste_face(out, green, M, 0.35 * mask, match_colour=False, overlay=True, occlusion=occluded)
+            if occluded is not None and occluded.any():
+                out = paste_face(out, red, M, 0.5 * occluded * mask, match_colour=False, overlay=True)
         for track in tracks.in_frame(t):
             i = track.position(t)
             x0, y0, x1, y1 = (round(v) for v in track.boxes[i])

@@ -539,6 +539,12 @@ class EditSettings(Settings):
         "Confine the edit to where ε2's prediction under the prompt differs from that under the source prompt.",
         negative="--no-local-blend",
     )
+    occlusion: bool = setting(
+        True,
+        "Leave what is in front of a face (a hand) as it is: the paste-back keeps the frame there and the "
+        "local blend leaves it out.",
+        negative="--no-occlusion",
+    )
     blend_threshold: float | None = setting(
         None,
         "Where the edit may change the latents: above this share of the frame's largest prompt-vs-source "

@@ -385,6 +385,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         keyframe_batch: int = DEFAULT_KEYFRAME_BATCH,
         frame_indices: Sequence[int] | None = None,
         output: np.ndarray | None = None,
+        occlusion: np.ndarray | None = None,
     ) -> EditResult:
         """Edit face crops (N, H, W, 3) uint8 aligned to the canonical five points (whole frames
         with ``settings.whole_frame``) so they show ``settings.prompt``.
@@ -395,10 +396,13 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         follow. A clip of more than ``settings.window`` frames is edited window by window
         (:class:`~ipfacediff.editing.windows.ClipWindows`); with ``output`` (an array shaped as
         ``frames``, e.g. a memory map) the edited frames are written into it window by window.
+        ``occlusion`` (N, s, s) float, 1 where something is in front of the face
+        (:mod:`ipfacediff.occlusion`), is left out of the local blend's region.
         """
         stats, mapped = RunStats(StageTimer(self.unet.device, STAGES)), [frames, output]
         # 1. Check the inputs; runs of identical frames are edited once.
         frames, first_of_run, run_of = self.check_inputs(frames)
+        occlusion = None if occlusion is None else np.asarray(occlusion)[first_of_run]
         numbers = list(first_of_run) if frame_indices is None else [int(frame_indices[i]) for i in first_of_run]
         # 2. Plan the edit: adapters, guidance, blend threshold, hair, identity guidance.
         plan, clip, timer = plan or self.plan_edit(settings), ClipWindows(numbers, settings, progress), stats.timer
@@ -411,7 +415,10 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             )
             stats.count({"invert": inverted.unet_calls})
             # 4. Find the edit region (the local blend).
-            blend, difference, mask_calls = self.window_edit_region(inverted, settings, plan, window, timer, batch_size)
+            covered = None if occlusion is None else occlusion[window.begin : window.end]
+            blend, difference, mask_calls = self.window_edit_region(
+                inverted, settings, plan, window, timer, batch_size, occlusion=covered
+            )
             stats.count({"mask": mask_calls})
             # 5. The source faces' identities, for identity guidance (aligned crops only).
             targets = self.window_identities(part, settings, plan, window, timer, batch_size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,16 @@ def transfer_detail(
         keep = (1.0 - change / tolerance).clamp(0.0, 1.0).permute(0, 2, 3, 1)
         out[start : start + batch_size] = (new + keep * (src - rec)).clamp(0, 255).round().to(torch.uint8).cpu().numpy()
     return out
+
+
+def without_occluded(blend: torch.Tensor, occlusion: np.ndarray) -> torch.Tensor:
+    """The local blend's region (N, 1, h, w) less what is in front of the face: ``occlusion``
+    (N, s, s) float in the crop, area-averaged onto the latent grid, so a token half covered by a
+    hand takes half the edit and one under it none (the edit does not spend itself on the hand,
+    which the paste-back keeps as it was)."""
+    h, w = blend.shape[-2:]
+    share = np.stack([cv2.resize(np.asarray(m, np.float32), (w, h), interpolation=cv2.INTER_AREA) for m in occlusion])
+    return blend * (1.0 - torch.from_numpy(share).to(blend)[:, None])
 
 
 class EditRegionMixin:
@@ -230,15 +241,20 @@ class EditRegionMixin:
         window: EditWindow,
         timer: StageTimer,
         batch_size: int,
+        occlusion: np.ndarray | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """Step 4 for one window: the local blend's region and prompt differences
         (:meth:`find_edit_region`, from the differences of the frames it shares with the window
-        before), and the UNet passes that took; None, None, 0 without the local blend."""
+        before), and the UNet passes that took; None, None, 0 without the local blend. Where
+        ``occlusion`` (the window's frames' masks in the crop) covers the face, the region is
+        scaled down (:func:`without_occluded`)."""
         if not settings.local_blend:
             return None, None, 0
         with timer("mask"):
             blend, difference = self.find_edit_region(
                 inverted, settings, plan, batch_size=batch_size, progress=window.progress, known=window.known
             )
+        if occlusion is not None and not settings.whole_frame:
+            blend = without_occluded(blend, occlusion)
         known = len(window.known) if window.known is not None else 0
         return blend, difference, len(BLEND_TIMESTEPS) * math.ceil((len(inverted.clean) - known) / batch_size)

@@ -1,0 +1,203 @@
+"""What is in front of a face is never painted over (#36): a hand drawn over a real clip is found
+by mediapipe's hand landmarker, kept exactly in the paste-back and left out of the local blend."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import cv2
+import numpy as np
+import pytest
+
+from ipfacediff.editing.region import without_occluded
+from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, face_mask, paste_face, track_faces
+from ipfacediff.occlusion import OCCLUSION_METHOD, occluded_share, occlusion_masks
+from ipfacediff.settings import EditSettings
+from ipfacediff.video import iter_frames, write_video
+
+from test_cli import run
+
+FRAMES = 8
+SKIN = (224, 172, 140)
+
+
+def draw_hand(
+    frame: np.ndarray, centre: tuple[float, float], scale: float, angle: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``frame`` with an open hand drawn over it (a palm and five jointed fingers in a skin tone,
+    shaded towards the edges, creases at the joints), and the hand's pixels as a bool mask."""
+    palm = np.array([[-0.5, -0.45], [0.5, -0.5], [0.55, 0.1], [0.42, 0.55], [0.0, 0.7], [-0.42, 0.55], [-0.55, 0.05]])
+    fingers = []
+    for (x, y), length, tilt in zip(
+        [(-0.38, -0.45), (-0.13, -0.52), (0.13, -0.52), (0.38, -0.46)],
+        [0.75, 0.95, 0.9, 0.7],
+        [-0.18, -0.06, 0.06, 0.18],
+    ):
+        joints = [(x, y)]
+        for k in range(3):
+            step = length / 3 * (1.0 - 0.1 * k)
+            joints.append((joints[-1][0] + step * math.sin(tilt), joints[-1][1] - step * math.cos(tilt)))
+        fingers.append((np.array(joints), 0.2))
+    joints, turn = [(-0.5, 0.25)], -0.9
+    for step in (0.35, 0.3, 0.25):
+        turn += 0.15
+        joints.append((joints[-1][0] + step * math.sin(turn), joints[-1][1] - step * math.cos(turn)))
+    fingers.append((np.array(joints), 0.22))
+    rotation = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+
+    def place(points):
+        return np.asarray(points) @ rotation.T * scale + centre
+
+    shape = np.zeros(frame.shape[:2], np.uint8)
+    cv2.fillPoly(shape, [np.round(place(palm) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
+    creases = np.zeros_like(shape)
+    for joints, width in fingers:
+        points = np.round(place(joints)).astype(int)
+        for a, b in zip(points[:-1], points[1:]):
+            cv2.line(shape, tuple(a), tuple(b), 255, max(2, int(width * scale)), cv2.LINE_AA)
+        cv2.circle(shape, tuple(points[-1]), max(1, int(width * scale / 2)), 255, -1, cv2.LINE_AA)
+        across = np.array([math.cos(angle), math.sin(angle)]) * width * scale * 0.45
+        for p in place(joints)[1:-1]:
+            cv2.line(creases, tuple(np.round(p - across).astype(int)), tuple(np.round(p + across).astype(int)), 255, 1)
+    depth = cv2.distanceTransform((shape > 127).astype(np.uint8), cv2.DIST_L2, 5)
+    colour = (0.7 + 0.3 * np.clip(depth / (0.08 * scale), 0, 1))[..., None] * np.array(SKIN, np.float32)
+    colour *= 1 - 0.25 * creases[..., None] / 255.0
+    alpha = shape[..., None] / 255.0
+    return (frame * (1 - alpha) + colour * alpha).clip(0, 255).astype(np.uint8), shape > 127
+
+
+@pytest.fixture(scope="module")
+def occluded(shared_clip, tmp_path_factory):
+    """closeup.mp4's first frames with a hand passing over the face: the clip, its face tracks
+    (found on the clean frames, as a track file would give them), the frames and the hand masks."""
+    clean = []
+    for frame in iter_frames(shared_clip("closeup.mp4")):
+        clean.append(frame)
+        if len(clean) == FRAMES:
+            break
+    tracks = track_faces(clean, fps=10.0)
+    assert len(tracks.tracks) == 1, "closeup.mp4 shows one face"
+    drawn = [draw_hand(f, (150 + 7 * i, 320), 140, 0.1 * (i % 5 - 2)) for i, f in enumerate(clean)]
+    folder = tmp_path_factory.mktemp("occluded")
+    write_video(folder / "hand.mp4", [frame for frame, _ in drawn], 10.0)
+    tracks.save(folder / "hand.tracks.json")
+    return folder, tracks, np.stack(clean), np.stack([f for f, _ in drawn]), np.stack([h for _, h in drawn])
+
+
+def crop_transforms(tracks: FaceTracks, size: int) -> list[np.ndarray]:
+    by_frame = alignment_transforms(tracks.tracks[0], size)
+    return [by_frame[f] for f in sorted(by_frame)]
+
+
+def test_a_hand_over_the_face_is_covered_and_a_clean_face_is_not(occluded):
+    _, tracks, clean, frames, hands = occluded
+    transforms = crop_transforms(tracks, 256)
+    masks = occlusion_masks(frames, transforms, 256)
+    for mask, hand, M in zip(masks, hands, transforms):
+        hand_in_crop = cv2.warpAffine(hand.astype(np.uint8), M, (256, 256), flags=cv2.INTER_NEAREST) > 0
+        assert (mask[hand_in_crop] == 1.0).mean() > 0.99
+    assert not occlusion_masks(clean, transforms, 256).any()
+
+
+def synthetic_edit(crop: np.ndarray) -> np.ndarray:
+    """A stand-in for an edit that changes every pixel by 60 levels: a fine checkerboard up and down
+    (no low-frequency tint, which the paste-back's seam correction would take out near the seam)."""
+    y, x = np.indices(crop.shape[:2])
+    signs = np.where((x // 4 + y // 4) % 2, 60, -60)[..., None]
+    return np.clip(crop.astype(int) + signs, 0, 255).astype(np.uint8)
+
+
+def test_the_paste_back_keeps_the_hand_exactly_and_edits_the_face_around_it(occluded):
+    _, tracks, _, frames, hands = occluded
+    size, track = 256, tracks.tracks[0]
+    transforms = crop_transforms(tracks, size)
+    masks = occlusion_masks(frames, transforms, size)
+    for index in (0, FRAMES - 1):
+        M, frame = transforms[index], frames[index]
+        edit = synthetic_edit(crop_face(frame, M, size))
+        mask = face_mask(track, index, M, size)
+        on = paste_face(frame, edit, M, mask, occlusion=masks[index])
+        off = paste_face(frame, edit, M, mask)
+        inside = cv2.warpAffine(mask, cv2.invertAffineTransform(M), frame.shape[1::-1]) > 0.99
+        hand = hands[index] & inside
+        assert hand.sum() > 1000
+        assert (on[hand] == frame[hand]).all()
+        changed = np.abs(off.astype(int) - frame).max(-1) > 8
+        assert changed[hand].mean() > 0.9
+        face = inside & ~cv2.dilate(hands[index].astype(np.uint8), np.ones((61, 61), np.uint8)).astype(bool)
+        assert (np.abs(on.astype(int) - frame).max(-1) > 8)[face].mean() > 0.6  # most of the rest of the face is edited
+        assert 0.05 < occluded_share(masks[index], mask) < 0.8
+
+
+def test_the_local_blend_leaves_out_what_is_covered():
+    blend = torch_ones(2, 8)
+    covered = np.zeros((2, 64, 64), np.float32)
+    covered[0, :32] = 1.0  # the top half of the first frame
+    covered[1, :, :4] = 1.0  # half of the first token column of the second
+    out = without_occluded(blend, covered).numpy()
+    assert (out[0, 0, :4] == 0).all() and (out[0, 0, 4:] == 1).all()
+    assert np.allclose(out[1, 0, :, 0], 0.5) and (out[1, 0, :, 1:] == 1).all()
+
+
+def torch_ones(count: int, side: int):
+    import torch
+
+    return torch.ones(count, 1, side, side)
+
+
+def test_the_pipeline_leaves_a_fully_covered_face_as_it_was(tiny_pipe, one_thread):
+    from conftest import moving_texture
+
+    frames = moving_texture(4)
+    settings = EditSettings(prompt="a face with eyeglasses", steps=3, adapters="none", keyframes=2)
+    free = tiny_pipe(frames, settings)
+    covered = tiny_pipe(frames, settings, occlusion=np.ones((4, 64, 64), np.float32))
+    assert not np.array_equal(free.frames, frames)
+    assert np.array_equal(covered.frames, frames)
+
+
+def test_the_cli_edit_keeps_the_hand_with_occlusion_and_paints_it_without(occluded, tiny_dir, tmp_path, capsys):
+    folder, tracks, _, frames, hands = occluded
+    common = ["--prompt", "a face with eyeglasses", "--model", str(tiny_dir), "--resolution", "64", "--steps", "3"]
+    common += ["--tracks", str(folder / "hand.tracks.json"), "--no-local-blend", "--cache-dir", str(tmp_path / "c")]
+    diffs = {}
+    for flag in ("--occlusion", "--no-occlusion"):
+        out = tmp_path / f"{flag.strip('-')}.mp4"
+        code, _, stderr = run(["edit", str(folder / "hand.mp4"), "-o", str(out), *common, flag], capsys)
+        assert code == 0, stderr
+        edited = np.stack(list(iter_frames(out)))
+        source = np.stack(list(iter_frames(folder / "hand.mp4")))
+        report = json.loads(out.with_name(out.stem + ".run.json").read_text())
+        diffs[flag] = np.abs(edited.astype(int) - source).max(-1)[hands]
+        assert report["settings"]["occlusion"] is (flag == "--occlusion")
+        face = report["faces"][0]
+        if flag == "--occlusion":
+            assert face["occlusion"]["method"] == OCCLUSION_METHOD and face["occlusion"]["frames_occluded"] == FRAMES
+            assert len(face["occlusion"]["share"]) == FRAMES and min(face["occlusion"]["share"]) > 0.05
+            assert "occlusion" in report["seconds"]
+        else:
+            assert face["occlusion"] is None
+    # Re-encoding alone moves a pixel by a few levels; the edit painted over the hand moves it far more.
+    assert (diffs["--occlusion"] > 8).mean() < 0.02
+    assert (diffs["--no-occlusion"] > 8).mean() > 5 * max(0.01, (diffs["--occlusion"] > 8).mean())
+
+
+def test_the_setting_round_trips():
+    settings = EditSettings(prompt="x", occlusion=False)
+    assert EditSettings.from_mapping(settings.to_dict()) == settings
+    assert EditSettings(prompt="x").occlusion is True
+
+
+def test_the_preview_tints_the_hand_red(occluded, tmp_path):
+    from ipfacediff.face import write_preview
+
+    _, tracks, clean, frames, hands = occluded
+    shown = {}
+    for name, source in (("hand", frames), ("clean", clean)):
+        write_preview(tmp_path / f"{name}.mp4", source, tracks, 10.0)
+        shown[name] = np.stack(list(iter_frames(tmp_path / f"{name}.mp4"))).astype(int)
+    redder = (shown["hand"][..., 0] - shown["hand"][..., 1]) - (frames[..., 0].astype(int) - frames[..., 1])
+    assert np.median(redder[hands]) > 40
+    unchanged = (shown["clean"][..., 0] - shown["clean"][..., 1]) - (clean[..., 0].astype(int) - clean[..., 1])
+    assert np.median(unchanged[hands]) < 10  # where the hand would be: only the face's green tint
