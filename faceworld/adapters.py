@@ -46,6 +46,7 @@ from ipfacediff.adapters.edits import (  # noqa: F401 - EDIT_WORDS and the tuned
     WORK_DIR,
     builtin_edit,
 )
+from ipfacediff.adapters.record import VALUES_FACEWORLD
 from ipfacediff.models import ADAPTER_LIBRARY
 
 # The four edits' prompt words, hair flag and tuned values (guidance, blend threshold, weight) live
@@ -241,7 +242,7 @@ def train_adapters(
         paired_targets={e: t for e, t in truths.items() if t is not None},
         seed=seed,
         resume=True,
-        defaults_from=None,
+        values=VALUES_FACEWORLD,  # the table's values were tuned on FaceWorld's models: they are its own
         report_extra=extra,
         log=log,
     )
