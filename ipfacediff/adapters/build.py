@@ -178,7 +178,13 @@ def build_library(
     """
     started = time.perf_counter()
     log = log or (lambda _message: None)
-    grid = None if tune in (None, False) else tune if isinstance(tune, TuneGrid) else TuneGrid.parse(tune or None)
+    grid = (
+        None
+        if tune is None or tune is False
+        else tune
+        if isinstance(tune, TuneGrid)
+        else TuneGrid.parse(tune if isinstance(tune, str) else None)
+    )
     if grid is not None and not (isinstance(tune_frames, int) and tune_frames >= 1):
         raise UserError(f"--tune-frames must be at least 1, got {tune_frames!r}")
     edits = _starting_values(_edit_entries(edits, source), model, values)
