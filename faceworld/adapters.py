@@ -46,10 +46,11 @@ from ipfacediff.adapters.edits import (  # noqa: F401 - EDIT_WORDS and the tuned
     WORK_DIR,
     builtin_edit,
 )
+from ipfacediff.adapters.record import VALUES_FACEWORLD
 from ipfacediff.models import ADAPTER_LIBRARY
 
 # The four edits' prompt words, hair flag and tuned values (guidance, blend threshold, weight) live
-# with the generic library builder, which offers them to every model as starting values.
+# with the generic library builder; the tuned values are FaceWorld's only, passed in below.
 SOURCE = caption(Attributes())  # "a face"
 
 
@@ -148,7 +149,7 @@ def train_adapters(
 
     The training is :func:`ipfacediff.adapters.build.build_library`'s, with FaceWorld's data (renders of
     training identities, each edit's faces without its attribute), its own identity net and the
-    preset's settings; the library's tuned values are FaceWorld's own (no ``defaults_from`` mark).
+    preset's settings; the library's tuned values are FaceWorld's own (``"values_from": "faceworld"``).
 
     ``paired``: ε2 also sees each training face with its edit rendered (the world's truth for
     training identities) and learns from the pairs (train_edit's ``paired_targets``) instead of
@@ -241,7 +242,7 @@ def train_adapters(
         paired_targets={e: t for e, t in truths.items() if t is not None},
         seed=seed,
         resume=True,
-        defaults_from=None,
+        values=VALUES_FACEWORLD,  # the table's values were tuned on FaceWorld's models: they are its own
         report_extra=extra,
         log=log,
     )

@@ -28,7 +28,13 @@ from ipfacediff.settings import (
     flag_of,
     option_names,
 )
-from ipfacediff.training_settings import EditTrainingSettings, IdentityTrainingSettings, TrainingSettings
+from ipfacediff.training_settings import (
+    DEFAULT_TUNE_FRAMES,
+    DEFAULT_TUNE_STEPS,
+    EditTrainingSettings,
+    IdentityTrainingSettings,
+    TrainingSettings,
+)
 
 app = typer.Typer(
     name="ipfacediff",
@@ -443,12 +449,35 @@ def train_library_command(
     resume: bool = typer.Option(
         False, "--resume", help="Continue a killed run in OUTPUT (finished adapters are kept), or add edits to it."
     ),
+    tune: bool = typer.Option(
+        False,
+        "--tune",
+        help="Measure each edit's weight, guidance and blend threshold on faces of --data kept from training "
+        "(CLIP edit score and identity, as `evaluate` scores them) and write the chosen values.",
+    ),
+    tune_grid: Optional[str] = typer.Option(
+        None,
+        "--tune-grid",
+        help='The values --tune tries, e.g. "weight=0.5,1;guidance=5,7.5;blend_threshold=0.3,0.5" (a value not '
+        "named keeps its default list: weight 0.3,0.6,1; guidance 5,7.5; blend_threshold 0.3,0.5).",
+    ),
+    tune_frames: int = typer.Option(
+        DEFAULT_TUNE_FRAMES, "--tune-frames", min=1, help="--tune: faces of --data kept from training to measure on."
+    ),
+    tune_steps: int = typer.Option(
+        DEFAULT_TUNE_STEPS, "--tune-steps", min=1, max=1000, help="--tune: DDIM steps of each trial edit."
+    ),
     config: Optional[str] = ConfigOption,
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Train ε1 and one ε2 per edit for MODEL into the adapter library OUTPUT (edit with --adapters-dir OUTPUT)."""
     from ipfacediff.adapters import parse_edits
+    from ipfacediff.adapters.tune import TuneGrid
     from ipfacediff.service import EditService
+
+    if tune_grid is not None and not tune:
+        raise UserError("--tune-grid is the grid of --tune: pass --tune too")
+    grid = TuneGrid.parse(tune_grid) if tune else None
 
     steps = {} if max_steps is None else {"max_steps": max_steps}
     common = dict(rank=rank, learning_rate=learning_rate, mixed_precision=mixed_precision, **steps)
@@ -469,10 +498,19 @@ def train_library_command(
             edit_options=dict(common, inversion_steps=inversion_steps, generation_steps=generation_steps),
             seed=seed,
             resume=resume,
+            tune=grid,
+            tune_frames=tune_frames,
+            tune_steps=tune_steps,
             progress=progress,
             log=lambda m: console.print(m, markup=False, highlight=False),
             config=config,
             allow_pickle=allow_pickle,
+        )
+    for name, record in report.get("edits", {}).items() if grid else ():
+        chosen = record.get("tuned_scores") or {}
+        typer.echo(
+            f"{name}: weight {record['weight']}, guidance {record['guidance']}, blend threshold "
+            f"{record['blend_threshold']} (clip_direction {chosen.get('clip_direction')}, id_sim {chosen.get('id_sim')})"
         )
     names = ", ".join(report.get("edits", {}))
     typer.echo(

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from ipfacediff.errors import UserError
-from ipfacediff.settings import LARGEST_RESOLUTION, LARGEST_SEED, Settings, setting
+from ipfacediff.settings import DEFAULT_STEPS, LARGEST_RESOLUTION, LARGEST_SEED, Settings, setting
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # ε1: the identity term only where the one-step estimate of the clean image is still a face.
@@ -27,6 +27,10 @@ ID_MAX_TIMESTEP = 400
 DEFAULT_T0 = 500
 DEFAULT_INVERSION_STEPS = 40
 DEFAULT_GENERATION_STEPS = 6
+# `train library --tune`: the faces of --data kept from training to measure on (each grid point
+# edits them all), and each trial edit's DDIM steps: the values are for edits at the default steps.
+DEFAULT_TUNE_FRAMES = 4
+DEFAULT_TUNE_STEPS = DEFAULT_STEPS
 
 # Settings that decide how a run is carried out, not what it trains: they may change between a
 # run and its resumption, and the run's record leaves them out.

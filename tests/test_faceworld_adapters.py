@@ -55,6 +55,7 @@ def test_the_library_lists_every_adapter_and_they_exist(model):
     assert library.blend_thresholds() == BLEND_THRESHOLDS
     assert library.weights() == ADAPTER_WEIGHTS
     assert library.guidances() == ADAPTER_GUIDANCES
+    assert {e.values_from for e in library.edits} == {"faceworld"}  # the table's own model: marked as its values
     # The trainers' identity net is their own (seed + 1), not the benchmark's judge.
     assert report["steps"]["identity_net"]["seed"] == 1
     for name in ["identity", *EDIT_WORDS]:

@@ -27,6 +27,7 @@ from ipfacediff.adapters.edits import (
     FACEWORLD_DEFAULTS,
 )
 from ipfacediff.models import AdapterLibrary
+from ipfacediff.settings import DEFAULT_BLEND_THRESHOLD
 from ipfacediff.training import ADAPTER_FILE
 
 from test_cli import run
@@ -118,16 +119,16 @@ def test_train_library_writes_adapters_json_identity_and_every_edit(library, sha
     }
 
 
-def test_built_in_edits_start_from_faceworlds_tuned_values_marked_as_such(library):
+def test_a_library_for_another_model_has_neutral_values_and_says_so(library):
+    """FaceWorld's table is FaceWorld's: the tiny model's built-in edits get no tuned value."""
     spec = json.loads((library / "adapters.json").read_text())["edits"]
-    assert spec["eyeglasses"]["weight"] == ADAPTER_WEIGHTS["eyeglasses"]
-    assert spec["eyeglasses"]["guidance"] == ADAPTER_GUIDANCES["eyeglasses"]
-    assert spec["blonde_hair"]["blend_threshold"] == BLEND_THRESHOLDS["blonde_hair"]
-    assert spec["eyeglasses"]["defaults_from"] == spec["blonde_hair"]["defaults_from"] == FACEWORLD_DEFAULTS
-    assert "defaults_from" not in spec["ink"] and "weight" not in spec["ink"] and "guidance" not in spec["ink"]
+    assert ADAPTER_WEIGHTS and ADAPTER_GUIDANCES and BLEND_THRESHOLDS  # the table has values to leave out
+    for entry in spec.values():
+        assert not {"weight", "guidance", "blend_threshold", "identity_gradient"} & set(entry), entry
+        assert entry["values_from"] == "neutral"
     loaded = {e.name: e for e in AdapterLibrary.read_dir(library).edits}
-    assert loaded["eyeglasses"].defaults_from == FACEWORLD_DEFAULTS and loaded["ink"].defaults_from is None
-    assert loaded["blonde_hair"].words == ("blonde", "blond")
+    assert {e.values_from for e in loaded.values()} == {"neutral"} and not loaded["eyeglasses"].has_tuned_values()
+    assert loaded["blonde_hair"].words == ("blonde", "blond") and loaded["blonde_hair"].hair
 
 
 def test_a_custom_edit_gets_words_from_its_prompt_and_a_hair_edit_the_hair_flag(library):
@@ -146,9 +147,7 @@ def test_edit_with_adapters_dir_picks_adapters_by_the_prompts_words(library, sam
     )
     assert code == 0, stderr
     faces = json.loads((tmp_path / "a.run.json").read_text())["faces"]
-    assert faces and all(
-        face["edit_adapters"] == {"eyeglasses": ADAPTER_WEIGHTS["eyeglasses"], "ink": 1.0} for face in faces
-    )
+    assert faces and all(face["edit_adapters"] == {"eyeglasses": 1.0, "ink": 1.0} for face in faces)
     code, _, stderr = run(
         ["edit", str(clip), "-o", str(tmp_path / "b.mp4"), "-p", "a face with red hair", *common], capsys
     )
@@ -189,7 +188,7 @@ def test_the_python_api_loads_a_library_from_outside_the_model_folder(library, t
     plan = pipe.plan_edit(EditSettings(prompt="a face with red hair"))
     assert plan.edit_weights == {"edit:red_hair": 1.0} and plan.hair
     blonde = pipe.plan_edit(EditSettings(prompt="a blond face"))
-    assert blonde.blend_threshold == BLEND_THRESHOLDS["blonde_hair"] and blonde.hair
+    assert blonde.blend_threshold == DEFAULT_BLEND_THRESHOLD and blonde.hair
     # The file itself is accepted as well as its folder.
     assert AdapterLibrary.read_dir(library / "adapters.json") == AdapterLibrary.read_dir(library)
 
@@ -518,7 +517,7 @@ def test_photos_go_through_face_detection(photos):
     assert np.abs(faces.astype(int) - whole.astype(int)).mean() > 10
 
 
-def test_the_reader_keeps_unknown_keys_harmless(tmp_path):
+def test_the_reader_keeps_unknown_keys_harmless_and_reads_a_version_1_mark(tmp_path):
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / ADAPTER_FILE).write_bytes(b"")
     (tmp_path / "adapters.json").write_text(
@@ -527,14 +526,14 @@ def test_the_reader_keeps_unknown_keys_harmless(tmp_path):
                 "identity": None,
                 "future": 1,
                 "edits": {
-                    "x": {"path": f"x/{ADAPTER_FILE}", "words": ["X"], "defaults_from": FACEWORLD_DEFAULTS, "new": 2}
+                    "x": {"path": f"x/{ADAPTER_FILE}", "words": ["X"], "defaults_from": "faceworld tuning", "new": 2}
                 },
             }
         )
     )
     library = AdapterLibrary.read_dir(Path(tmp_path))
     assert library.identity is None and library.edits[0].words == ("x",)
-    assert library.edits[0].defaults_from == FACEWORLD_DEFAULTS
+    assert library.edits[0].values_from == FACEWORLD_DEFAULTS == "faceworld"  # version 1's "faceworld tuning"
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,9 @@
   edits and the ``--edits`` parser;
 - :mod:`~ipfacediff.adapters.weights`: how an adapter and its weight are written (``PATH[:WEIGHT]``);
 - :mod:`~ipfacediff.adapters.build`: ``ipfacediff train library`` (imported from there: it brings
-  the trainers, which read the library's records from this package).
+  the trainers, which read the library's records from this package);
+- :mod:`~ipfacediff.adapters.tune`: ``train library --tune``, each edit's values measured on the
+  model (imported from there too).
 """
 
 from ipfacediff.adapters.edits import (

@@ -21,10 +21,12 @@ any training, so a bad ``--data`` is one error line at once; the crops are kept 
 ``LIB/train_data`` until the library is complete. A killed run continues with ``--resume``:
 finished adapters are skipped, the unfinished one continues from its trainer's last checkpoint.
 
-An edit is a built-in name (:data:`~ipfacediff.adapters.edits.BUILTIN_EDITS`: a target prompt, the prompt words that ask for
-it and FaceWorld's tuned guidance / blend threshold / weight as starting values, marked
-``"defaults_from": "faceworld tuning"`` in adapters.json) or ``NAME="target prompt"``, whose words
-come from its name and prompt (:func:`~ipfacediff.adapters.words.derive_words`).
+An edit is a built-in name (:data:`~ipfacediff.adapters.edits.BUILTIN_EDITS`: a target prompt and
+the prompt words that ask for it) or ``NAME="target prompt"``, whose words come from its name and
+prompt (:func:`~ipfacediff.adapters.words.derive_words`). Its values (weight, guidance, blend
+threshold, identity gradient) are neutral (the edit's settings' defaults) unless the model's card
+names FaceWorld's domain, where they are FaceWorld's table; ``tune`` measures them on the model
+instead (:mod:`~ipfacediff.adapters.tune`). adapters.json says which (``values_from``).
 """
 
 from __future__ import annotations
@@ -44,14 +46,22 @@ import cv2
 import numpy as np
 
 from ipfacediff.adapters.edits import (
-    FACEWORLD_DEFAULTS,
     IDENTITY,
     IDENTITY_NET_DIR,
     SOURCE_PROMPT,
+    TABLE_DOMAIN,
     WORK_DIR,
     parse_edits,
 )
-from ipfacediff.adapters.record import ADAPTER_LIBRARY, AdapterEntry, AdapterLibrary
+from ipfacediff.adapters.record import (
+    ADAPTER_LIBRARY,
+    VALUES_FACEWORLD,
+    VALUES_NEUTRAL,
+    VALUES_TUNED,
+    AdapterEntry,
+    AdapterLibrary,
+)
+from ipfacediff.adapters.tune import DEFAULT_TUNE_FRAMES, DEFAULT_TUNE_STEPS, RULE, TuneGrid
 from ipfacediff.errors import UserError
 from ipfacediff.files import check_writable_folder, write_json
 from ipfacediff.models import library_versions
@@ -73,6 +83,7 @@ LIBRARY_FILE = ADAPTER_LIBRARY.name  # adapters.json
 REPORT_FILE = "training.json"
 S = TypeVar("S", bound=TrainingSettings)
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+_TUNE = "tune"  # the face set of --data that holds the faces tuning measures on (not an adapter)
 
 
 @dataclass
@@ -85,6 +96,8 @@ class _FaceSet:
     direct: bool = False  # a folder of aligned crops used as it is (the trainers apply max_images)
     count: int = 0  # faces in it
     key: dict = field(default_factory=dict)
+    held_out: int = 0  # faces of it kept from training, for --tune to measure on
+    held_faces: np.ndarray | None = None  # those faces (loaded or extracted)
 
 
 def finished_adapters(output: str | Path) -> set[str]:
@@ -124,7 +137,10 @@ def build_library(
     paired_targets: dict[str, str | Path] | None = None,
     seed: int = 0,
     resume: bool = False,
-    defaults_from: str | None = FACEWORLD_DEFAULTS,
+    values: str = "auto",
+    tune: TuneGrid | str | bool | None = None,
+    tune_frames: int = DEFAULT_TUNE_FRAMES,
+    tune_steps: int = DEFAULT_TUNE_STEPS,
     report_extra: dict | None = None,
     progress: LibraryProgress | None = None,
     log: Callable[[str], None] | None = None,
@@ -145,8 +161,15 @@ def build_library(
     ``edit_data``: another ``data`` for some edits (a folder or a list), ``paired_targets``: a
     before/after folder per edit (train_edit's). ``resume``: continue or complete ``output``
     (finished adapters are skipped, edits may be added); without it, an existing non-empty
-    ``output`` is an error. ``defaults_from``: the mark of the built-in edits' tuned values in
-    adapters.json (None: tuned on this model). ``report_extra``: keys the report starts with.
+    ``output`` is an error. ``values``: what the edits' values start from, the ``values_from`` mark
+    of adapters.json: "neutral" (none: the edit's settings' defaults), "auto" (the entries' own
+    values, FaceWorld's table for built-in edits, when the model's card names FaceWorld's domain,
+    else neutral), or another mark, kept with the entries' own values (FaceWorld's build passes
+    "faceworld"). ``tune``: a :class:`~ipfacediff.adapters.tune.TuneGrid` (or its ``--tune-grid``
+    text; True: the default grid) to measure each edit's weight, guidance and blend threshold on
+    ``tune_frames`` faces of ``data`` kept from training, each trial edit of ``tune_steps`` steps;
+    the chosen values and every point's scores are written (adapters.json, training.json).
+    ``report_extra``: keys the report starts with.
     ``config`` / ``allow_pickle``: how ``model`` loads, as :func:`~ipfacediff.models.load_model_set`'s.
 
     Everything that can be wrong with the arguments (the model, the data, the CLIP model, the
@@ -155,7 +178,16 @@ def build_library(
     """
     started = time.perf_counter()
     log = log or (lambda _message: None)
-    edits = _edit_entries(edits, source)
+    grid = (
+        None
+        if tune is None or tune is False
+        else tune
+        if isinstance(tune, TuneGrid)
+        else TuneGrid.parse(tune if isinstance(tune, str) else None)
+    )
+    if grid is not None and not (isinstance(tune_frames, int) and tune_frames >= 1):
+        raise UserError(f"--tune-frames must be at least 1, got {tune_frames!r}")
+    edits = _starting_values(_edit_entries(edits, source), model, values)
     output = _library_folder(output, resume)
     run = _LibraryRun(
         model=model,
@@ -179,20 +211,27 @@ def build_library(
     if resume and not report:
         _nothing_to_resume(output, log)
     _check_resume(output, report, model=model, source=source, edits=edits)
+    held_out = _held_out_count(output, report, grid, tune_frames)
     recorded = _recorded_edits(report, edits)
     finished = finished_adapters(output)
     todo = [name for name in [IDENTITY, *(e.name for e in edits)] if name not in finished]
     library_file = output / LIBRARY_FILE
+    tuned = grid is None or _tuned_already(report, recorded, edits, grid, tune_steps)
     if (
         not todo
+        and tuned
         and library_file.is_file()
-        and _library(report, recorded, finished, defaults_from) == _read_json(library_file)
+        and _library(report, recorded, finished) == _read_json(library_file)
     ):
-        log(f"{library_file}: every adapter is trained already")
+        log(f"{library_file}: every adapter is trained{' and tuned' if grid else ''} already")
         return report
 
     check_writable_folder(output, what="--output")  # not a PermissionError after the faces are found
-    sets = run.prepare(todo, data, edit_data or {}, aligned=aligned, output=output) if todo else {}
+    sets = (
+        run.prepare(todo, data, edit_data or {}, aligned=aligned, output=output, held_out=held_out, tune=not tuned)
+        if todo or not tuned
+        else {}
+    )
     _start_report(report, output, run, sets, recorded=recorded, todo=todo, report_extra=report_extra)
     for done, name in enumerate(todo):
         if progress:
@@ -203,7 +242,11 @@ def build_library(
         write_json(output / REPORT_FILE, report)
     if progress and todo:
         progress("adapters", len(todo), len(todo))
-    _complete_library(output, report, run, recorded=recorded, defaults_from=defaults_from, started=started)
+    if not tuned:
+        _complete_library(output, report, run, recorded=recorded, started=started, keep_work=True)
+        started = time.perf_counter()
+        _tune_library(output, report, run, recorded, sets[_TUNE], grid, tune_steps)
+    _complete_library(output, report, run, recorded=recorded, started=started)
     return report
 
 
@@ -239,8 +282,33 @@ def _recorded_edits(report: dict, edits: list[AdapterEntry]) -> dict:
     asked again keeps its place and takes its (re)derived words and values."""
     recorded = dict(report.get("edits", {}))
     for edit in edits:
+        before = recorded.get(edit.name) or {}
+        if before.get("values_from") == VALUES_TUNED and before.get("target") == edit.target:
+            continue  # measured on this model: asked again (resumed), it keeps what was measured
         recorded[edit.name] = edit.to_record()
     return recorded
+
+
+def _starting_values(edits: list[AdapterEntry], model: str, values: str) -> list[AdapterEntry]:
+    """The edits with the values a library starts from (see :func:`build_library`'s ``values``).
+    FaceWorld's table is FaceWorld's: another model's best weight, guidance and blend threshold
+    are its own, so it starts from the edit's settings' defaults, which suit any model as they
+    suit an edit without a library."""
+    if values == "auto":
+        values = VALUES_FACEWORLD if _card_domain(model) == TABLE_DOMAIN else VALUES_NEUTRAL
+    if values == VALUES_NEUTRAL:
+        return [e.without_tuned_values() for e in edits]
+    return [
+        dataclasses.replace(e, values_from=values) if e.has_tuned_values() else e.without_tuned_values() for e in edits
+    ]
+
+
+def _card_domain(model: str) -> str | None:
+    """The domain the model's card (``MODEL/ipfacediff.json``) names; None without one."""
+    from ipfacediff.domain import ModelCard
+
+    card = ModelCard.read(model)
+    return card.domain if card is not None else None
 
 
 @dataclass
@@ -266,18 +334,24 @@ class _LibraryRun:
     side: int | None = None
     encoder: Any = None
 
-    def prepare(self, todo: list[str], data, edit_data: dict, *, aligned: bool, output: Path) -> dict[str, _FaceSet]:
-        """Everything that can be wrong, before any training: data, model, CLIP, identity net, faces."""
-        for name in todo:  # a missing or empty --data fails at once, before the model loads
+    def prepare(
+        self, todo: list[str], data, edit_data: dict, *, aligned: bool, output: Path, held_out: int, tune: bool
+    ) -> dict[str, _FaceSet]:
+        """Everything that can be wrong, before any training: data, model, CLIP, identity net, faces.
+        ``held_out``: faces of ``data`` kept from training; ``tune``: the set :data:`_TUNE` is
+        ``data``'s, the one that holds them."""
+        names = [*todo, *([_TUNE] if tune else [])]
+        for name in names:  # a missing or empty --data fails at once, before the model loads
             for item in _sources(edit_data.get(name, data)):
                 _data_files(item)
         self.side = self.resolution or _model_side(self.model, config=self.config, allow_pickle=self.allow_pickle)
         self.clip = self.clip or _default_clip(self.model)
-        if any(name != IDENTITY for name in todo):
+        if tune or any(name != IDENTITY for name in todo):
             _check_clip(self.clip)
-        self.encoder = _identity_encoder(self.identity_net)
+        if todo:
+            self.encoder = _identity_encoder(self.identity_net)
         return _face_sets(
-            todo,
+            names,
             data,
             edit_data,
             aligned=aligned,
@@ -285,6 +359,7 @@ class _LibraryRun:
             max_images=self.max_images,
             output=output,
             progress=self.progress,
+            held_out=held_out,
         )
 
     def train(self, name: str, face_set: _FaceSet, output: Path) -> dict:
@@ -346,15 +421,19 @@ def _start_report(
     for face_set in {id(s): s for s in sets.values()}.values():
         _stage(face_set, output, run.log)
     for name, face_set in sets.items():
-        report["data"][name] = {"sources": list(face_set.sources), "faces": face_set.count}
+        if name != _TUNE:
+            report["data"][name] = {"sources": list(face_set.sources), "faces": face_set.count}
+        if face_set.held_out:
+            report["held_out"] = {"sources": list(face_set.sources), "faces": face_set.held_out}
     write_json(output / REPORT_FILE, report)
 
 
 def _complete_library(
-    output: Path, report: dict, run: _LibraryRun, *, recorded: dict, defaults_from: str | None, started: float
+    output: Path, report: dict, run: _LibraryRun, *, recorded: dict, started: float, keep_work: bool = False
 ) -> None:
-    """The finished library: checkpoints and staged faces removed, training.json completed, and
-    adapters.json written last, so that every file it names exists."""
+    """The finished library: checkpoints and staged faces removed (``keep_work``: the staged faces
+    kept, for tuning), training.json completed, and adapters.json written last, so that every
+    file it names exists."""
     finished = finished_adapters(output)
     missing = [name for name in [IDENTITY, *(e.name for e in run.edits)] if name not in finished]
     if missing:  # cannot happen unless a file vanished under us
@@ -364,26 +443,120 @@ def _complete_library(
     for name in [IDENTITY, *recorded]:  # keep the adapters and their reports, not the checkpoints
         shutil.rmtree(output / name / "checkpoints", ignore_errors=True)
         shutil.rmtree(output / name / "cache", ignore_errors=True)
-    shutil.rmtree(output / WORK_DIR, ignore_errors=True)
+    if not keep_work:
+        shutil.rmtree(output / WORK_DIR, ignore_errors=True)
     report["seconds"] = round(report.get("seconds", 0.0) + time.perf_counter() - started, 1)
     report["versions"] = library_versions()
     report["weights_bytes"] = sum(p.stat().st_size for p in output.rglob("*.safetensors"))
     write_json(output / REPORT_FILE, report)
-    write_json(output / LIBRARY_FILE, _library(report, recorded, finished, defaults_from))
+    write_json(output / LIBRARY_FILE, _library(report, recorded, finished))
 
 
-def _library(report: dict, recorded: dict, finished: set[str], defaults_from: str | None) -> dict:
+def _library(report: dict, recorded: dict, finished: set[str]) -> dict:
     """adapters.json: ε1 and every finished edit, in the order first asked for, and the identity net
     ε1 was trained against when it was not dlib's (identity guidance then uses it)."""
     edits = []
     for name, record in recorded.items():
         if name in finished:
             entry = AdapterEntry.from_record(record)
-            mark = defaults_from if entry.has_tuned_values() else None
-            edits.append(dataclasses.replace(entry, path=Path(name, ADAPTER_FILE), defaults_from=mark))
+            edits.append(dataclasses.replace(entry, path=Path(name, ADAPTER_FILE)))
     copy = report.get("identity_net_copy")
     identity = Path(IDENTITY, ADAPTER_FILE) if IDENTITY in finished else None
     return AdapterLibrary(identity, tuple(edits), Path(copy) if copy else None).to_json()
+
+
+def _held_out_count(output: Path, report: dict, grid: TuneGrid | None, tune_frames: int) -> int:
+    """How many faces of ``data`` are kept from training: those of the run that started the
+    library (kept whether or not this run tunes, so that a later ``--tune`` measures on faces no
+    adapter saw), else ``tune_frames`` when tuning a library that starts now. Tuning a library
+    whose adapters trained on every face is refused: it would measure on faces they know."""
+    before = (report.get("held_out") or {}).get("faces")
+    if before:
+        if grid is not None and before != tune_frames:
+            raise UserError(
+                f"cannot tune {output} with --tune-frames {tune_frames}: its adapters were trained without "
+                f"{before} faces kept for tuning; pass --tune-frames {before}"
+            )
+        return int(before)
+    if grid is not None and report.get("steps"):
+        raise UserError(
+            f"cannot tune {output}: its adapters were trained on every face of --data, and tuning measures on "
+            "faces they did not see; build the library with --tune from the start (another --output)"
+        )
+    return tune_frames if grid is not None else 0
+
+
+def _tuned_already(report: dict, recorded: dict, edits: list[AdapterEntry], grid: TuneGrid, steps: int) -> bool:
+    """Whether every edit of this run carries values chosen on this grid at these steps."""
+    tuning = report.get("tuning") or {}
+    if tuning.get("grid") != grid.to_json() or tuning.get("steps") != steps:
+        return False
+    chosen = tuning.get("edits", {})
+    return all(
+        "chosen" in chosen.get(e.name, {}) and recorded.get(e.name, {}).get("values_from") == VALUES_TUNED
+        for e in edits
+    )
+
+
+def _tune_library(
+    output: Path, report: dict, run: _LibraryRun, recorded: dict, face_set: _FaceSet, grid: TuneGrid, steps: int
+) -> None:
+    """Every edit's weight, guidance and blend threshold measured on the held-out faces with the
+    library just written (:func:`~ipfacediff.adapters.tune.tune_edits`), each point's scores saved
+    to training.json as measured, and the chosen values written into the edits' records."""
+    from ipfacediff.adapters.tune import tune_edits
+    from ipfacediff.diffusion import InversionCache
+    from ipfacediff.editing.pipeline import IPFaceDiffPipeline
+    from ipfacediff.evaluation import CropScorer
+    from ipfacediff.models import load_model_set
+    from ipfacediff.settings import ModelSpec
+
+    faces = face_set.held_faces
+    previous = report.get("tuning") or {}
+    report["tuning"] = tuning = {
+        "rule": RULE,
+        "grid": grid.to_json(),
+        "steps": steps,
+        "seed": run.seed,
+        "frames": len(faces),
+        "scored_with": {"clip": str(run.clip), "identity_net": "dlib"},
+        "edits": previous.get("edits", {}),
+    }
+    run.log(f"tuning {len(run.edits)} edit(s) on {len(faces)} held-out faces: {len(grid.points())} grid points each")
+    spec = ModelSpec(model=str(run.model), adapters_dir=str(output), config=run.config, allow_pickle=run.allow_pickle)
+    pipeline = IPFaceDiffPipeline.from_model_set(load_model_set(spec))
+    tune_edits(
+        pipeline,
+        faces,
+        run.edits,
+        {e.name: output / e.name / ADAPTER_FILE for e in run.edits},
+        tuning["edits"],
+        grid=grid,
+        scorer=CropScorer(str(run.clip)),
+        source=run.source,
+        steps=steps,
+        seed=run.seed,
+        clip=str(run.clip),
+        cache=InversionCache(output / WORK_DIR / "inversion"),
+        save=lambda: write_json(output / REPORT_FILE, report),
+        progress=run.progress,
+    )
+    for edit in run.edits:
+        chosen = tuning["edits"][edit.name]["chosen"]
+        recorded[edit.name] = {
+            **recorded[edit.name],
+            **{name: chosen[name] for name in grid.to_json()},
+            "values_from": VALUES_TUNED,
+            "tuned_scores": {
+                "clip_direction": chosen["clip_direction"],
+                "id_sim": chosen["id_sim"],
+                "frames": len(faces),
+                "points": len(grid.points()),
+            },
+        }
+    report["edits"] = recorded
+    del pipeline
+    gc.collect()
 
 
 def _copy_identity_net(source: Path, output: Path) -> str:
@@ -520,9 +693,11 @@ def _face_sets(
     max_images: int | None,
     output: Path,
     progress: LibraryProgress | None,
+    held_out: int = 0,
 ) -> dict[str, _FaceSet]:
     """The training faces of every adapter to train: every source checked (all of them, the cheap
-    checks first), the faces found, or staged faces of an earlier run reused."""
+    checks first), the faces found, or staged faces of an earlier run reused. ``held_out``: faces
+    of ``data``'s set kept from training (spread over it), for tuning to measure on."""
     by_sources: dict[tuple[str, ...], _FaceSet] = {}
     sets: dict[str, _FaceSet] = {}
     for name in todo:
@@ -530,32 +705,55 @@ def _face_sets(
         if not sources:
             raise UserError("--data is needed: a video, a photo or a folder of them, with the face(s) to train on")
         sets[name] = by_sources.setdefault(sources, _FaceSet(sources))
+    if held_out and _sources(data) in by_sources:
+        by_sources[_sources(data)].held_out = held_out
     for face_set in by_sources.values():
         face_set.key = {
             "sources": list(face_set.sources),
             "resolution": resolution,
             "aligned": aligned,
             "max_images": max_images,
+            **({"held_out": face_set.held_out} if face_set.held_out else {}),
         }
         single = Path(face_set.sources[0])
-        if aligned and len(face_set.sources) == 1 and single.is_dir():
+        if aligned and len(face_set.sources) == 1 and single.is_dir() and not face_set.held_out:
             # Aligned crops in one folder are the trainers' data as they are (before/after pairs keep their names).
             faces = _load_faces(single, resolution, aligned=True, max_images=max_images, progress=progress)
             face_set.folder, face_set.direct, face_set.count = single, True, len(faces)
             continue
         folder = output / WORK_DIR / f"faces-{_digest(face_set.key)}"
-        if _staged(folder, face_set.key):
+        held_folder = folder.with_name(f"held-out-{_digest(face_set.key)}")
+        if _staged(folder, face_set.key) and (not face_set.held_out or _staged(held_folder, face_set.key)):
             face_set.folder, face_set.count = folder, _read_json(folder / "faces.json")["count"]
+            if face_set.held_out:
+                face_set.held_faces = np.stack(
+                    [cv2.imread(str(p))[..., ::-1] for p in sorted(held_folder.glob("*.png"))]
+                )
             continue
         faces = [
             _load_faces(Path(source), resolution, aligned=aligned, max_images=None, progress=progress)
             for source in face_set.sources
         ]
         stacked = np.concatenate(faces)
+        if face_set.held_out:
+            face_set.held_faces, stacked = _hold_out(stacked, face_set.held_out)
         if max_images is not None and len(stacked) > max_images:
             stacked = stacked[evenly_spaced(len(stacked), max_images)]
         face_set.faces, face_set.count = stacked, len(stacked)
     return sets
+
+
+def _hold_out(faces: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` faces spread over ``faces`` (the middle of equal parts, so a clip's held-out
+    frames are not its neighbours), and the others, in order."""
+    if len(faces) <= count:
+        raise UserError(
+            f"--tune keeps {count} faces of --data from training to measure the edits on, and --data has "
+            f"{len(faces)}: give more faces, or a smaller --tune-frames"
+        )
+    picked = np.unique(((np.arange(count) + 0.5) * len(faces) / count).astype(int))
+    kept = np.setdiff1d(np.arange(len(faces)), picked)
+    return faces[picked], faces[kept]
 
 
 def _data_files(source: str) -> list[Path]:
@@ -597,17 +795,23 @@ def _stage(face_set: _FaceSet, output: Path, log: Callable[[str], None]) -> None
     if face_set.faces is None:
         return
     folder = output / WORK_DIR / f"faces-{_digest(face_set.key)}"
+    if face_set.held_out:
+        _write_faces(folder.with_name(f"held-out-{_digest(face_set.key)}"), face_set.held_faces, face_set.key)
+    _write_faces(folder, face_set.faces, face_set.key)
+    log(f"{len(face_set.faces)} aligned faces from {', '.join(Path(s).name for s in face_set.sources)}")
+    face_set.folder, face_set.faces = folder, None
+
+
+def _write_faces(folder: Path, faces: np.ndarray, key: dict) -> None:
     temporary = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
-    for index, face in enumerate(face_set.faces):
+    for index, face in enumerate(faces):
         if not cv2.imwrite(str(temporary / f"{index:05d}.png"), np.ascontiguousarray(face[..., ::-1])):
             raise UserError(f"cannot write the training faces to {temporary}: is the disk full?")
-    write_json(temporary / "faces.json", {"key": face_set.key, "count": len(face_set.faces)})
+    write_json(temporary / "faces.json", {"key": key, "count": len(faces)})
     shutil.rmtree(folder, ignore_errors=True)
     temporary.rename(folder)
-    log(f"{len(face_set.faces)} aligned faces from {', '.join(Path(s).name for s in face_set.sources)}")
-    face_set.folder, face_set.faces = folder, None
 
 
 def _trainer_progress(progress: LibraryProgress | None, name: str):

@@ -7,12 +7,15 @@ import re
 from collections.abc import Iterable
 from dataclasses import replace
 
-from ipfacediff.adapters.record import AdapterEntry
+from ipfacediff.adapters.record import VALUES_FACEWORLD, AdapterEntry
 from ipfacediff.adapters.words import derive_words, is_hair_edit
 from ipfacediff.errors import UserError
 
 SOURCE_PROMPT = "a face"
-FACEWORLD_DEFAULTS = "faceworld tuning"  # the mark of tuned values copied from FaceWorld's models
+FACEWORLD_DEFAULTS = VALUES_FACEWORLD  # the mark (values_from) of the table's values below
+# The domain (a model card's, ipfacediff/domain.py) of the models the table below was tuned on: a
+# library built for a model whose card names it starts from the table, any other from neutral values.
+TABLE_DOMAIN = "faceworld"
 IDENTITY = "identity"
 WORK_DIR = "train_data"  # the aligned training faces (and a caller's own files) until the library is complete
 IDENTITY_NET_DIR = "identity_net"
@@ -21,8 +24,9 @@ _NAME = re.compile(r"[a-z0-9][a-z0-9_-]*\Z")
 
 # The built-in edits: FaceWorld's captions (faceworld.adapters.edit_target), the prompt words that ask
 # for each, and the values tuned on FaceWorld's models, on held-out people the quality report does
-# not use (their measurements: benchmarks/README.md); for another model they are starting values
-# (adapters.json marks them "defaults_from": "faceworld tuning"). Why each value:
+# not use (their measurements: benchmarks/README.md). They are FaceWorld's only: a library for another
+# model gets neutral values (the edit's settings' defaults) or measures its own (`train library
+# --tune`); adapters.json says which ("values_from"). Why each value on FaceWorld:
 # - eyeglasses: the base model already draws eyeglasses, and the adapter at full weight, pushed along
 #   CLIP's direction, darkens the lenses and ages the face (weight 0.3); they show on every face with
 #   less guidance than the edit command's default, and less push leaves more of the face (5).

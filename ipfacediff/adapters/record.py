@@ -23,6 +23,13 @@ from ipfacediff.files import check_file, read_json
 from ipfacediff.settings import DEFAULT_BLEND_THRESHOLD, DEFAULT_GUIDANCE, DEFAULT_IDENTITY_GRADIENT
 
 ADAPTER_LIBRARY = Path("adapters") / "adapters.json"
+# adapters.json's format: 2 added ``values_from`` (a version 1 file's ``"defaults_from": "faceworld
+# tuning"`` reads as ``"values_from": "faceworld"``) and ``format_version`` itself.
+LIBRARY_FORMAT = 2
+VALUES_NEUTRAL = "neutral"  # an entry's values_from: see AdapterEntry
+VALUES_FACEWORLD = "faceworld"
+VALUES_TUNED = "tuned"
+_LEGACY_FACEWORLD_MARK = "faceworld tuning"  # version 1's defaults_from
 
 
 @dataclass(frozen=True)
@@ -80,9 +87,14 @@ class AdapterEntry:
     # The share of the schedule its edits regenerate, at most: an attribute that needs less change keeps
     # more of the input. The edit's strength joins: the lowest of it and the picked adapters' values.
     strength: float | None = _key(tuned=Tuned(min, default=None, joins_setting=True), gt=0, le=1)
-    # Where the tuned values came from when they were not tuned on this model ("faceworld tuning":
-    # FaceWorld's values, a starting point); None: tuned on it, or none. Kept, not acted on.
-    defaults_from: str | None = _key()
+    # Where its tuned values came from (kept, not acted on): "neutral" (none: every value is the edit's
+    # setting, else its default), "faceworld" (FaceWorld's table, tuned on FaceWorld's models), "tuned"
+    # (measured on this model by `train library --tune`; ``tuned_scores`` says how it scored), or
+    # another caller's mark; None: a library written before the mark.
+    values_from: str | None = _key()
+    # The evaluation's scores of the chosen values on the held-out faces (``tuned`` entries): edit
+    # score, identity, frames; each grid point's are in the library's training.json.
+    tuned_scores: dict[str, float | int] | None = _key()
 
     def tuned_value(self, name: str) -> Any:
         """The value of tuned field ``name`` an edit with this adapter uses (its default when unset)."""
@@ -127,7 +139,15 @@ class AdapterEntry:
             "target": self.target,
             "words": list(self.words),
             **{name: getattr(self, name) for name in tuned_fields()},
+            "values_from": self.values_from,
+            "tuned_scores": self.tuned_scores,
         }
+
+    def without_tuned_values(self) -> "AdapterEntry":
+        """The entry with every tuned value unset (its hair flag is what it does, not a tuned value):
+        an edit with it uses the edit's settings, else their defaults. Marked ``neutral``."""
+        unset = {f.name: None for f in fields(self) if f.metadata.get("tuned") and f.default is None}
+        return replace(self, **unset, values_from=VALUES_NEUTRAL, tuned_scores=None)
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "AdapterEntry":
@@ -190,7 +210,27 @@ def library_schema() -> type[BaseModel]:
         identity=(str | None, None),
         edits=(dict[str, entry_schema()], {}),
         identity_net=(str | None, None),
+        format_version=(int, Field(1, ge=1)),
     )
+
+
+def _upgrade(spec: Any) -> Any:
+    """A version 1 adapters.json as version 2 reads it: its FaceWorld mark becomes ``values_from``
+    (other content, and anything not a JSON object, is left for the schema to judge)."""
+    if (
+        not isinstance(spec, Mapping)
+        or spec.get("format_version", 1) != 1
+        or not isinstance(spec.get("edits"), Mapping)
+    ):
+        return spec
+    edits = {}
+    for name, entry in spec["edits"].items():
+        if isinstance(entry, Mapping) and "values_from" not in entry and "defaults_from" in entry:
+            entry = {k: v for k, v in entry.items() if k != "defaults_from"}
+            if spec["edits"][name]["defaults_from"] == _LEGACY_FACEWORLD_MARK:
+                entry["values_from"] = VALUES_FACEWORLD
+        edits[name] = entry
+    return {**spec, "edits": edits}
 
 
 @dataclass(frozen=True)
@@ -227,7 +267,11 @@ class AdapterLibrary:
                 None if path is None else (Path(path).relative_to(root) if root is not None else Path(path)).as_posix()
             )
 
-        library = {"identity": relative(self.identity), "edits": {e.name: e.to_json(root) for e in self.edits}}
+        library = {
+            "format_version": LIBRARY_FORMAT,
+            "identity": relative(self.identity),
+            "edits": {e.name: e.to_json(root) for e in self.edits},
+        }
         if self.identity_net is not None:
             library["identity_net"] = relative(self.identity_net)
         return library
@@ -241,7 +285,7 @@ class AdapterLibrary:
         from pydantic import ValidationError
 
         try:
-            valid = library_schema().model_validate(spec)
+            valid = library_schema().model_validate(_upgrade(spec))
         except ValidationError as error:
             where = file if file is not None else "the adapter library"
             raise UserError(f"{where} is not a valid adapter library ({_first_problem(error)}); {fix}") from None

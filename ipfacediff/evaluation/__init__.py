@@ -4,6 +4,7 @@ report and the one-line summary): two independent parts, one module each."""
 
 from ipfacediff.evaluation.metrics import (
     DEFAULT_SOURCE_PROMPT,
+    CropScorer,
     ID_SAME_PERSON_COSINE,
     METRIC_KEYS,
     SUMMARY_KEYS,
@@ -15,6 +16,7 @@ from ipfacediff.evaluation.report import edit_judged, summary_line, write_html_r
 
 __all__ = [
     "DEFAULT_SOURCE_PROMPT",
+    "CropScorer",
     "ID_SAME_PERSON_COSINE",
     "METRIC_KEYS",
     "SUMMARY_KEYS",

@@ -73,6 +73,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ID_SAME_PERSON_COSINE",
+    "CropScorer",
     "METRIC_KEYS",
     "SUMMARY_KEYS",
     "TRACK_KEYS",
@@ -563,13 +564,7 @@ def _track_metrics(
         global_o = (e_o[pick] @ e_o[pick].T)[upper].mean()
         global_e = (e_e[pick] @ e_e[pick].T)[upper].mean()
         tg_id = float(global_e / global_o.clamp_min(1e-6))
-    clip_direction = clip_score = clip_score_original = None
-    if text is not None and state.clip_o:
-        c_o, c_e = torch.cat(state.clip_o), torch.cat(state.clip_e)
-        change = (c_e - c_o).mean(0)  # per-frame noise averages out; 0 for an unchanged face
-        clip_direction = float(F.cosine_similarity(change, text[0] - text[1], dim=0))
-        clip_score = float((c_e @ text[0]).mean())
-        clip_score_original = float((c_o @ text[0]).mean())
+    clip_direction, clip_score, clip_score_original = _clip_figures(state, text)
     track = next(t for t in tracks.tracks if t.id == state.id)
     found = 0
     for f, box in zip(track.frames, track.boxes):
@@ -597,6 +592,59 @@ def _track_metrics(
             "boxes": state.boxes,
         },
     }
+
+
+def _clip_figures(state: _TrackState, text: torch.Tensor | None) -> tuple[float | None, float | None, float | None]:
+    """A track's clip_direction, clip_score and clip_score_original (None without CLIP)."""
+    if text is None or not state.clip_o:
+        return None, None, None
+    c_o, c_e = torch.cat(state.clip_o), torch.cat(state.clip_e)
+    change = (c_e - c_o).mean(0)  # per-frame noise averages out; 0 for an unchanged face
+    clip_direction = float(F.cosine_similarity(change, text[0] - text[1], dim=0))
+    return clip_direction, float((c_e @ text[0]).mean()), float((c_o @ text[0]).mean())
+
+
+class CropScorer:
+    """The evaluation's identity and CLIP figures of edited aligned face crops (the pipeline's
+    input and output), without videos to find faces in: what ``train library --tune`` judges each
+    trial edit by, with the same networks, crop side and formulas as :func:`evaluate_videos`.
+    The networks load once; each call gives ``id_sim``, ``clip_direction``, ``clip_score`` and
+    ``clip_score_original`` as a track of :func:`evaluate_videos` has them."""
+
+    def __init__(self, clip: str, *, identity: IdentityEncoder | None = None):
+        from ipfacediff.identity import IdentityEncoder
+        from ipfacediff.models import load_clip
+
+        self.identity = identity if identity is not None else IdentityEncoder.from_pretrained(None)
+        self.clip = load_clip(clip).to(next(self.identity.parameters()).device)
+
+    def __call__(
+        self, original: np.ndarray, edited: np.ndarray, prompt: str, source_prompt: str = DEFAULT_SOURCE_PROMPT
+    ) -> dict[str, float | None]:
+        state = _TrackState(0)
+        text = self.clip.text_embeddings([prompt, source_prompt]).cpu()
+        with torch.inference_mode():
+            for o, e in zip(original, edited):
+                state.pending.append((_crop_side(o), _crop_side(e)))
+                if len(state.pending) >= BATCH:
+                    _flush(state, self.identity, self.clip)
+            _flush(state, self.identity, self.clip)
+        d_o, d_e = torch.cat(state.desc_o), torch.cat(state.desc_e)
+        clip_direction, clip_score, clip_score_original = _clip_figures(state, text)
+        return {
+            "id_sim": float(F.cosine_similarity(d_e, d_o, dim=-1).mean()),
+            "clip_direction": clip_direction,
+            "clip_score": clip_score,
+            "clip_score_original": clip_score_original,
+        }
+
+
+def _crop_side(crop: np.ndarray) -> np.ndarray:
+    """An aligned crop at the evaluation's crop side (the canonical alignment scales with the side)."""
+    if crop.shape[:2] == (CROP_SIZE, CROP_SIZE):
+        return np.ascontiguousarray(crop)
+    shrink = crop.shape[0] > CROP_SIZE
+    return cv2.resize(crop, (CROP_SIZE, CROP_SIZE), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_CUBIC)
 
 
 def _ratio(sums: np.ndarray) -> float | None:
