@@ -62,6 +62,7 @@ _HOMES = {
     "Clip": "scene",
     "DatasetItem": "scene",
     "Occluder": "scene",
+    "occlude_frames": "scene",
     "Sample": "scene",
     "align_pose": "scene",
     "box_from_points": "scene",

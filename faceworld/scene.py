@@ -202,6 +202,36 @@ class Occluder:
             return 0.53, 0.79 + 0.75 * (1 - math.sin(math.pi * u))
         return 0.5 - 1.25 + 2.5 * u, 0.55  # object: a board passing across the whole face
 
+    def draw(self, canvas: np.ndarray | None, crop_to_frame: np.ndarray, u: float, size: tuple[int, int]) -> np.ndarray:
+        """Draw it at progress ``u`` in front of the face whose aligned crop (side 1) maps to the
+        frame by ``crop_to_frame`` (2x3); returns its coverage (see :func:`draw_occluder`)."""
+        place = np.array(crop_to_frame, np.float64)
+        place[:, 2] += place[:, :2] @ self.anchor(u)
+        return draw_occluder(canvas, occluder_parts(self.kind, self.variant), place, size)
+
+
+def occlude_frames(
+    frames: Sequence[np.ndarray], crop_to_frame: dict[int, np.ndarray], occluders: Sequence[Occluder | str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Any video (a real clip, say) with FaceWorld occluders composited in front of one face:
+    ``crop_to_frame`` maps each frame index to the 2x3 taking that face's aligned crop (side 1) to
+    the frame (the inverse of ``alignment_transforms(track, 1)``); frames without one are left as
+    they are. Returns the frames (uint8) and the true coverage (float32, frames x H x W, 0..1)."""
+    kinds = [o if isinstance(o, Occluder) else Occluder(o) for o in occluders]
+    out, masks = [], []
+    for i, frame in enumerate(frames):
+        h, w = frame.shape[:2]
+        canvas = frame.astype(np.float32)
+        coverage = np.zeros((h, w), np.float32)
+        if i in crop_to_frame:
+            u = i / (len(frames) - 1) if len(frames) > 1 else 0.5
+            for occluder in kinds:
+                drawn = occluder.draw(canvas, crop_to_frame[i], u, (w, h))
+                coverage += drawn * (1 - coverage)
+        out.append(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+        masks.append(coverage)
+    return np.stack(out), np.stack(masks)
+
 
 # --- clips ----------------------------------------------------------------------------------------
 
@@ -310,10 +340,9 @@ class Clip:
         coverage = np.zeros((h, w), np.float32)
         u = index / (self.frames - 1) if self.frames > 1 else 0.5
         for occluder in self.occluders:
-            x, y = occluder.anchor(u)
-            place = _placement(self.pose(occluder.face, index), self.size, roll=False)
-            place[:, 2] += place[:, :2] @ [x, y]
-            drawn = draw_occluder(canvas, occluder_parts(occluder.kind, occluder.variant), place, self.size)
+            drawn = occluder.draw(
+                canvas, _placement(self.pose(occluder.face, index), self.size, roll=False), u, self.size
+            )
             coverage += drawn * (1 - coverage)
         return coverage
 
