@@ -232,9 +232,8 @@ def main() -> None:
     known = has_occlusion_setting()
     choice = args.occlusion or ("both" if known else "off")
     if choice != "off" and not known:
-        sys.exit(
-            f"error: --occlusion {choice}: this checkout's EditSettings has no occlusion setting; use --occlusion off"
-        )
+        print(f"error: --occlusion {choice}: this checkout's EditSettings has no occlusion setting", file=sys.stderr)
+        sys.exit(2)
     settings_on = {"off": [False], "on": [True], "both": [False, True]}[choice]
     args.occluders = [k for k in args.occluders.split(",") if k]
     args.real_occluders = [k for k in args.real_occluders.split(",") if k]
