@@ -152,27 +152,26 @@ APPEARANCE_MIN_NCC = 0.6
 # whatever a network or a correlation says. Levels of 0-255; a face square has tens.
 BRIDGE_MIN_STD = 2.0
 # A face hidden for longer than max_gap (a board or a passer-by in front of it) comes back as a new
-# track; the two are one face again when the new one starts within this many seconds, where the
-# old one was last seen (box IoU of at least BRIDGE_MIN_IOU) and looking like it (REJOIN_MIN_NCC
-# between one of the last REJOIN_LOOKS looks before and one of the first after). The hidden frames stay out of the joined track,
-# so they pass through unedited, while the face keeps one id, one prompt and one edit either side.
-# The look's bar is lower than a gap frame's: looks next to a long gap are of a face turned since
-# and partly covered (FaceWorld faces behind a passing board: 0.49-0.92 over six people), and a
-# different scene at the face's place scores at most 0.28 (above). It does not tell two people
-# apart (FaceWorld: one person swapped for another behind the board scores 0.25-0.84 too).
+# track; the two are one face again when the new one starts within REJOIN_MAX_SECONDS, where the
+# old one was last seen (box IoU of at least BRIDGE_MIN_IOU) and looking like it: REJOIN_MIN_NCC
+# between one of the last REJOIN_LOOKS looks before and one of the first after. The hidden frames
+# stay out of the joined track, so they pass through unedited, while the face keeps one id, one
+# prompt and one edit on either side. The look's bar is lower than a gap frame's: the looks next to
+# a long gap are of a face turned since and partly covered, while a different scene at the face's
+# place stays far below it; it does not tell two similar faces apart (benchmarks/README.md, #36).
 REJOIN_MAX_SECONDS = 3.0
 REJOIN_LOOKS = 8  # observations either side compared
 REJOIN_MIN_NCC = 0.4
-# Landmarks of a face partly covered (a hand passing) keep a face's shape no longer: the mesh bends
-# the five points towards what covers them, differently from frame to frame. An observation whose
-# points change shape (the largest residual of the similarity fit onto the neighbour's points, in
-# inter-ocular distances) by more than this from both the observation before and the one after is
-# such a frame: it stays in the track (the face is there, so it is edited) with its points
-# interpolated between the nearest observations that are not. Measured: a face moving, turning and
-# talking changes shape by at most 0.043 from frame to frame (closeup.mp4: 0.021; FaceWorld people
-# turning by up to 30 degrees), the frames under a passing hand by 0.05-0.21.
+# Landmarks of a partly covered face (a hand passing) no longer keep a face's shape: the mesh bends
+# the five points towards what covers them, differently from frame to frame, while a face moving,
+# turning and talking changes the shape of its points smoothly. An observation whose points change
+# shape (_shape_change) by more than SHAPE_JUMP from both the observation before and the one after
+# is such a frame: it stays in the track (the face is there, so it is edited) with its points
+# interpolated between the nearest observations that are not. A gap of at most COVERED_GAP frames
+# between two such observations (a hand's widest part hides the face from the mesh and its look)
+# is bridged as well: the face is behind the hand there as on both sides.
 SHAPE_JUMP = 0.05
-COVERED_GAP = 2  # frames: a hand's widest part hides the face from the mesh and from its look
+COVERED_GAP = 2
 
 
 @dataclass
