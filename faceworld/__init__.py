@@ -16,7 +16,9 @@ from integer ids and seeds.
   ``CANONICAL_FIVE_POINTS * size``), or any pose; :func:`face_points` gives the points.
 * :func:`render_clip` -- a scene video (:class:`Clip`) of one or two moving faces with its
   ground-truth tracks; ``clip.with_attributes(...)`` is the same video edited.
-  :func:`write_clip` writes the mp4 and the tracks JSON.
+  :func:`write_clip` writes the mp4 and the tracks JSON. ``render_clip(..., occluders=["hand"])``
+  puts a hand, microphone, cup or passing board (:class:`Occluder`) in front of a face, with its
+  true coverage (``clip.occluder_mask(i)``, :func:`save_occluder_masks`).
 * :func:`dataset` -- aligned training images (image, identity id, attributes, caption).
 """
 
@@ -47,6 +49,7 @@ _HOMES = {
     "is_held_out": "identity",
     "split_ids": "identity",
     "NEUTRAL_POSE": "render",
+    "OCCLUDER_KINDS": "render",
     "Lighting": "render",
     "Pose": "render",
     "canonical_warp": "render",
@@ -58,6 +61,8 @@ _HOMES = {
     "render_scene": "render",
     "Clip": "scene",
     "DatasetItem": "scene",
+    "Occluder": "scene",
+    "occlude_frames": "scene",
     "Sample": "scene",
     "align_pose": "scene",
     "box_from_points": "scene",
@@ -66,6 +71,8 @@ _HOMES = {
     "random_attributes": "scene",
     "render_clip": "scene",
     "write_clip": "scene",
+    "save_occluder_masks": "scene",
+    "load_occluder_masks": "scene",
 }
 
 __all__ = list(_HOMES)

@@ -201,18 +201,38 @@ def clip_command(
     tracks: Optional[Path] = typer.Option(
         None, "--tracks", help="The ground-truth tracks (JSON). Default: beside OUT as OUT.json."
     ),
+    occluder: Optional[str] = typer.Option(
+        None,
+        "--occluder",
+        help="Put something in front of the first face: hand (passing across the eyes), microphone (at the "
+        "mouth), cup (raised to the mouth) or object (a board passing across, hiding the face for a few frames). "
+        "Comma-separated for several.",
+    ),
+    occluder_mask: Optional[Path] = typer.Option(
+        None,
+        "--occluder-mask",
+        help="The occluders' true coverage (npz: masks, face_coverage, kinds). Default with --occluder: beside OUT "
+        "as OUT.occluder.npz.",
+    ),
 ) -> None:
-    """A scene clip of moving faces with its ground-truth tracks."""
-    from faceworld import EDITS, render_clip, write_clip
+    """A scene clip of moving faces with its ground-truth tracks (and occluders with their masks)."""
+    from faceworld import EDITS, OCCLUDER_KINDS, render_clip, write_clip
 
     people = _ids(ids)
     if edit is not None:
         _one_of("--edit", edit, EDITS)
-    clip = render_clip(people, seed=seed, frames=frames, size=size)
+    kinds = [_one_of("--occluder", k.strip(), OCCLUDER_KINDS) for k in (occluder or "").split(",") if k.strip()]
+    if occluder_mask is not None and not kinds:
+        raise UserError("--occluder-mask needs --occluder")
+    mask_path = (occluder_mask or out.with_suffix(".occluder.npz")) if kinds else None
+    for path in (out, mask_path):
+        if path is not None:
+            check_writable(path)
+    clip = render_clip(people, seed=seed, frames=frames, size=size, occluders=kinds)
     if edit:
         clip = clip.with_edit(EDITS[edit])
-    video, tracks_path = write_clip(clip, out, tracks or out.with_suffix(".json"))
-    typer.echo(f"{video} {tracks_path}")
+    video, tracks_path = write_clip(clip, out, tracks or out.with_suffix(".json"), mask_path)
+    typer.echo(" ".join(str(p) for p in (video, tracks_path, mask_path) if p is not None))
 
 
 def main(argv: list[str] | None = None, *, prog_name: str = "python -m faceworld") -> None:

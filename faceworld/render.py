@@ -1177,3 +1177,110 @@ def render_face(
     """One face. With the neutral pose the image is an aligned crop: the five points lie on
     ``CANONICAL_FIVE_POINTS * size`` (see :func:`face_points` for any pose)."""
     return render_scene([(identity, attributes or Attributes(), pose)], size, background, lighting)
+
+
+# --- occluders ------------------------------------------------------------------------------------
+
+OCCLUDER_KINDS = ("hand", "microphone", "cup", "object")
+_HAND_TONES = ((233, 190, 160), (205, 150, 115), (160, 110, 80), (110, 75, 55))
+_CUP_COLOURS = ((236, 236, 230), (200, 60, 55), (60, 95, 170), (240, 200, 70))
+_BOARD_COLOURS = ((70, 130, 90), (180, 90, 50), (90, 80, 150), (200, 190, 170))
+
+
+def _chords(cx: float, cy: float, r: float, offsets, vertical: bool) -> list[np.ndarray]:
+    """Straight chords of a circle at ``offsets`` from its centre (the grille of a microphone)."""
+    out = []
+    for d in offsets:
+        half = math.sqrt(max(r * r - d * d, 0.0))
+        a, b = ((cx + d, cy - half), (cx + d, cy + half)) if vertical else ((cx - half, cy + d), (cx + half, cy + d))
+        out.append(np.array([a, b]))
+    return out
+
+
+def occluder_parts(kind: str, variant: int = 0) -> list:
+    """An occluder as (kind, points, rgb, thickness) parts in its own units: one unit is the side
+    of the aligned crop of the face it covers, the origin its anchor (palm centre, microphone head,
+    cup centre, board centre). ``variant`` picks colours. Shapes carry inner lines (creases, a
+    grille, stripes) so that they do not look like a flat patch of skin or backdrop."""
+    if kind == "hand":
+        skin = _HAND_TONES[variant % len(_HAND_TONES)]
+        crease = _scale(skin, 0.72)
+        fingers = [(-0.105, 0.25, -0.03), (-0.035, 0.29, -0.01), (0.035, 0.28, 0.01), (0.105, 0.22, 0.03)]
+        parts = [("fill", _ellipse(0.0, 0.0, 0.155, 0.175, 24), skin, 0.0)]
+        for x, length, lean in fingers:
+            parts.append(("line", np.array([(x, -0.08), (x + lean, -0.08 - length)]), skin, 0.072))
+        parts.append(("line", np.array([(0.12, 0.07), (0.25, -0.07)]), skin, 0.078))
+        for x, _, lean in fingers[:3]:  # the dark gaps between fingers
+            parts.append(("line", np.array([(x + 0.035, -0.13), (x + 0.035 + lean, -0.20)]), crease, 0.006))
+        parts.append(("line", _qcurve((-0.12, 0.02), (0.0, 0.05), (0.11, -0.03), 7), crease, 0.008))
+        parts.append(("line", _qcurve((-0.10, -0.05), (0.0, -0.03), (0.12, -0.08), 7), crease, 0.007))
+        return parts
+    if kind == "microphone":
+        metal, dark = (176.0, 178.0, 184.0), (38.0, 38.0, 44.0)
+        parts = [
+            ("line", np.array([(0.0, 0.05), (0.05, 0.62)]), dark, 0.07),
+            ("fill", _ellipse(0.0, 0.0, 0.1, 0.1, 28), metal, 0.0),
+            ("line", _ellipse(0.0, 0.06, 0.085, 0.03, 12, a0=0.0, a1=np.pi), (90.0, 92.0, 98.0), 0.02),
+        ]
+        grille = (-0.06, -0.03, 0.0, 0.03, 0.06)
+        for chord in _chords(0.0, 0.0, 0.095, grille, True) + _chords(0.0, 0.0, 0.095, grille, False):
+            parts.append(("line", chord, (120.0, 122.0, 128.0), 0.006))
+        return parts
+    if kind == "cup":
+        body = _CUP_COLOURS[variant % len(_CUP_COLOURS)]
+        band = _CUP_COLOURS[(variant + 1) % len(_CUP_COLOURS)]
+        return [
+            ("closed", _ellipse(0.155, 0.0, 0.055, 0.075, 16), body, 0.03),
+            ("fill", np.array([(-0.12, -0.14), (0.12, -0.14), (0.095, 0.14), (-0.095, 0.14)]), body, 0.0),
+            ("fill", np.array([(-0.111, -0.04), (0.111, -0.04), (0.104, 0.03), (-0.104, 0.03)]), band, 0.0),
+            ("line", np.array([(-0.12, -0.14), (0.12, -0.14)]), _scale(body, 0.8), 0.012),
+        ]
+    if kind == "object":
+        board = _BOARD_COLOURS[variant % len(_BOARD_COLOURS)]
+        stripe = _scale(board, 0.65, 30)
+        w, h = 0.56, 0.8
+        parts = [("fill", np.array([(-w, -h), (w, -h), (w, h), (-w, h)]), board, 0.0)]
+        for k in range(-4, 5):
+            y = 0.17 * k
+            parts.append(("line", np.array([(-w + 0.04, y), (w - 0.04, y + 0.05)]), stripe, 0.03 + 0.015 * (k % 2)))
+        parts.append(("fill", np.array([(-0.3, -0.62), (0.25, -0.62), (0.25, -0.42), (-0.3, -0.42)]), stripe, 0.0))
+        parts.append(("closed", np.array([(-w, -h), (w, -h), (w, h), (-w, h)]), _scale(board, 0.5), 0.03))
+        return parts
+    raise ValueError(f"unknown occluder {kind!r}: choose from {', '.join(OCCLUDER_KINDS)}")
+
+
+def draw_occluder(frame: np.ndarray | None, parts: list, M: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Composite ``parts`` (:func:`occluder_parts`) placed by ``M`` (2x3, occluder units -> image
+    pixels) onto ``frame`` (float32 RGB, or None for the coverage alone) and return the coverage
+    (float32 H x W, 0..1): supersampled hard-edged drawing box-downsampled, as faces are drawn, so
+    the coverage is exactly the weight the occluder has in each pixel."""
+    w, h = shape
+    coverage = np.zeros((h, w), np.float32)
+    px = [q[1] @ M[:, :2].T + M[:, 2] for q in parts]
+    allpts = np.concatenate(px)
+    side = float(np.hypot(*M[:, 0]))
+    pad = max(q[3] for q in parts) * side + 2
+    x0 = int(max(0, math.floor(allpts[:, 0].min() - pad)))
+    y0 = int(max(0, math.floor(allpts[:, 1].min() - pad)))
+    x1 = int(min(w, math.ceil(allpts[:, 0].max() + pad)))
+    y1 = int(min(h, math.ceil(allpts[:, 1].max() + pad)))
+    if x1 <= x0 or y1 <= y0:
+        return coverage
+    ss = supersampling(side)
+    canvas = np.zeros(((y1 - y0) * ss, (x1 - x0) * ss, 4), np.uint8)
+    for (kind, _, rgb, thick), pts in zip(parts, px):
+        poly = np.round(((pts - [x0, y0]) * ss + (ss - 1) / 2) * 16).astype(np.int32)
+        col = (*(float(c) for c in rgb), 255.0)
+        if kind == "fill":
+            cv2.fillPoly(canvas, [poly], col, cv2.LINE_8, 4)
+        else:
+            t = max(1, int(round(thick * side * ss)))
+            cv2.polylines(canvas, [poly], kind == "closed", col, t, cv2.LINE_8, 4)
+    small = cv2.resize(canvas, (x1 - x0, y1 - y0), interpolation=cv2.INTER_AREA).astype(np.float32)
+    alpha = small[..., 3] / 255.0
+    coverage[y0:y1, x0:x1] = alpha
+    if frame is not None:
+        roi = frame[y0:y1, x0:x1]
+        roi *= 1 - alpha[..., None]
+        roi += small[..., :3]  # the box average of hard-edged colour is already weighted by coverage
+    return coverage

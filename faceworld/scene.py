@@ -22,11 +22,12 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
+import cv2
 import numpy as np
 
 from ipfacediff.face import (
@@ -40,14 +41,18 @@ from ipfacediff.face import (
 from faceworld.attributes import Attributes, Edit, caption, region_mask
 from faceworld.identity import HAIR_COLOURS, identity, split_ids
 from faceworld.render import (
+    OCCLUDER_KINDS,
     Lighting,
     Pose,
     _draw_faces,
     _finish,
+    _placement,
     canonical_warp,
+    draw_occluder,
     face_outline,
     face_points,
     make_background,
+    occluder_parts,
     render_scene,
 )
 
@@ -165,6 +170,69 @@ class LightDrift:
         )
 
 
+# --- occluders -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Occluder:
+    """Something held or passing in front of face ``face``: a hand passing across the eyes and
+    nose, a microphone held at the mouth, a cup raised to the mouth and lowered, or a board
+    ("object") passing across the whole face, which hides it completely for a few frames in the
+    middle of the clip. Its path is a function of the clip's progress (so any length of clip
+    shows the whole pass) and of the face's placement, never of the attributes: an edited clip
+    has the very same occluder in front of it."""
+
+    kind: str
+    face: int = 0
+    variant: int = 0  # colours
+
+    def __post_init__(self) -> None:
+        if self.kind not in OCCLUDER_KINDS:
+            raise ValueError(f"unknown occluder {self.kind!r}: choose from {', '.join(OCCLUDER_KINDS)}")
+
+    def anchor(self, u: float) -> tuple[float, float]:
+        """Where the occluder's origin is at progress ``u`` (0 = first frame, 1 = last), in the
+        face's aligned-crop coordinates (the eyes near y 0.47, the mouth near 0.72)."""
+        wobble = math.sin(2 * math.pi * 1.5 * u)
+        if self.kind == "hand":  # across, fingers up over the eyes, palm over the nose
+            return 0.5 - 0.64 + 1.28 * u, 0.6 + 0.015 * wobble
+        if self.kind == "microphone":  # held at the mouth and chin the whole time
+            return 0.52 + 0.02 * wobble, 0.8 + 0.015 * math.cos(2 * math.pi * u)
+        if self.kind == "cup":  # raised from below to the mouth and lowered again
+            return 0.53, 0.79 + 0.75 * (1 - math.sin(math.pi * u))
+        return 0.5 - 1.25 + 2.5 * u, 0.55  # object: a board passing across the whole face
+
+    def draw(self, canvas: np.ndarray | None, crop_to_frame: np.ndarray, u: float, size: tuple[int, int]) -> np.ndarray:
+        """Draw it at progress ``u`` in front of the face whose aligned crop (side 1) maps to the
+        frame by ``crop_to_frame`` (2x3); returns its coverage (see :func:`draw_occluder`)."""
+        place = np.array(crop_to_frame, np.float64)
+        place[:, 2] += place[:, :2] @ self.anchor(u)
+        return draw_occluder(canvas, occluder_parts(self.kind, self.variant), place, size)
+
+
+def occlude_frames(
+    frames: Sequence[np.ndarray], crop_to_frame: dict[int, np.ndarray], occluders: Sequence[Occluder | str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Any video (a real clip, say) with FaceWorld occluders composited in front of one face:
+    ``crop_to_frame`` maps each frame index to the 2x3 taking that face's aligned crop (side 1) to
+    the frame (the inverse of ``alignment_transforms(track, 1)``); frames without one are left as
+    they are. Returns the frames (uint8) and the true coverage (float32, frames x H x W, 0..1)."""
+    kinds = [o if isinstance(o, Occluder) else Occluder(o) for o in occluders]
+    out, masks = [], []
+    for i, frame in enumerate(frames):
+        h, w = frame.shape[:2]
+        canvas = frame.astype(np.float32)
+        coverage = np.zeros((h, w), np.float32)
+        if i in crop_to_frame:
+            u = i / (len(frames) - 1) if len(frames) > 1 else 0.5
+            for occluder in kinds:
+                drawn = occluder.draw(canvas, crop_to_frame[i], u, (w, h))
+                coverage += drawn * (1 - coverage)
+        out.append(np.clip(canvas + 0.5, 0, 255).astype(np.uint8))
+        masks.append(coverage)
+    return np.stack(out), np.stack(masks)
+
+
 # --- clips ----------------------------------------------------------------------------------------
 
 
@@ -178,18 +246,20 @@ class Clip:
     frames: int = 24
     size: tuple[int, int] = (256, 256)  # width, height
     fps: float = 12.0
+    occluders: tuple[Occluder, ...] = ()  # drawn in front of every face, in order
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.identity_ids) <= 2:
             raise ValueError("a clip has one or two faces")
         if len(self.attributes) != len(self.identity_ids):
             raise ValueError("give one Attributes per face")
+        if any(not 0 <= o.face < len(self.identity_ids) for o in self.occluders):
+            raise ValueError("an occluder covers a face of the clip")
 
     # -- variants --
     def with_attributes(self, attributes: Attributes | Sequence[Attributes]) -> Clip:
         """The same video (motion, light, backdrop) with other attributes: the edit's ground truth."""
-        attrs = _per_face(attributes, len(self.identity_ids))
-        return Clip(self.identity_ids, attrs, self.seed, self.frames, self.size, self.fps)
+        return replace(self, attributes=_per_face(attributes, len(self.identity_ids)))
 
     def with_edit(self, edit: Edit, face: int | None = None) -> Clip:
         """The same video with ``edit`` applied to one face (or to all when ``face`` is None)."""
@@ -201,7 +271,12 @@ class Clip:
         ids = tuple(int(i) for i in identity_ids)
         if len(ids) != len(self.identity_ids):
             raise ValueError("with_identities keeps the number of faces")
-        return Clip(ids, self.attributes, self.seed, self.frames, self.size, self.fps)
+        return replace(self, identity_ids=ids)
+
+    def with_occluders(self, occluders: Sequence[Occluder | str]) -> Clip:
+        """The same video with these occluders in front (kinds alone cover face 0); ``()`` takes
+        them away, which gives the unoccluded clip behind them."""
+        return replace(self, occluders=tuple(o if isinstance(o, Occluder) else Occluder(o) for o in occluders))
 
     # -- ground truth --
     @cached_property
@@ -259,6 +334,40 @@ class Clip:
                 mask |= region_mask(edit.region, None, (w, h), dilate_px, warp=canonical_warp(idt, pose, self.size))
         return mask
 
+    # -- occluders --
+    def _draw_occluders(self, canvas: np.ndarray | None, index: int) -> np.ndarray:
+        w, h = self.size
+        coverage = np.zeros((h, w), np.float32)
+        u = index / (self.frames - 1) if self.frames > 1 else 0.5
+        for occluder in self.occluders:
+            drawn = occluder.draw(
+                canvas, _placement(self.pose(occluder.face, index), self.size, roll=False), u, self.size
+            )
+            coverage += drawn * (1 - coverage)
+        return coverage
+
+    def occluder_mask(self, index: int) -> np.ndarray:
+        """How much of each pixel of frame ``index`` the occluders cover (float32 H x W, 0..1; 1
+        where the pixel is the occluder alone): the ground truth of an occlusion mask."""
+        if not 0 <= index < self.frames:
+            raise IndexError(index)
+        return self._draw_occluders(None, index)
+
+    def occluder_masks(self) -> np.ndarray:
+        """Every frame's :meth:`occluder_mask` as (frames, H, W) uint8 coverage, 0..255 (the
+        saved ground truth)."""
+        return np.stack([np.round(self.occluder_mask(i) * 255).astype(np.uint8) for i in range(self.frames)])
+
+    def face_coverage(self, face: int, index: int) -> float:
+        """The share of face ``face``'s silhouette (forehead to chin) the occluders hide in frame
+        ``index``: 0 unoccluded, 1 fully covered."""
+        idt, _, pose = self.faces(index)[face]
+        w, h = self.size
+        inside = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(inside, [np.round(face_outline(idt, pose, self.size) * 16).astype(np.int32)], 1, cv2.LINE_8, 4)
+        area = inside.sum()
+        return float((self.occluder_mask(index) * inside).sum() / area) if area else 0.0
+
     # -- frames --
     def frame(self, index: int) -> np.ndarray:
         if not 0 <= index < self.frames:
@@ -266,6 +375,7 @@ class Clip:
         lighting = self.lighting(index)
         canvas = self.background.copy()
         _draw_faces(canvas, self.faces(index), lighting)
+        self._draw_occluders(canvas, index)
         return _finish(canvas, lighting)
 
     def __len__(self) -> int:
@@ -303,11 +413,14 @@ def render_clip(
     frames: int = 24,
     size: int | tuple[int, int] = 256,
     fps: float = 12.0,
+    occluders: Sequence[Occluder | str] = (),
 ) -> Clip:
-    """A scene video of one or two moving faces (see :class:`Clip`; frames are drawn lazily)."""
+    """A scene video of one or two moving faces (see :class:`Clip`; frames are drawn lazily),
+    with ``occluders`` (kinds of :data:`OCCLUDER_KINDS` or :class:`Occluder`) in front."""
     ids = (int(identity_ids),) if np.isscalar(identity_ids) else tuple(int(i) for i in identity_ids)
     wh = (int(size), int(size)) if np.isscalar(size) else (int(size[0]), int(size[1]))
-    return Clip(ids, _per_face(attributes_per_face, len(ids)), int(seed), int(frames), wh, float(fps))
+    clip = Clip(ids, _per_face(attributes_per_face, len(ids)), int(seed), int(frames), wh, float(fps))
+    return clip.with_occluders(occluders) if occluders else clip
 
 
 DEMO_IDENTITY = 1007  # held out: never rendered for training (ids >= 1000)
@@ -320,15 +433,47 @@ def demo_clip(frames: int = 24) -> Clip:
 
 
 def write_clip(
-    clip: Clip, path_mp4: str | os.PathLike, tracks_json: str | os.PathLike | None = None
+    clip: Clip,
+    path_mp4: str | os.PathLike,
+    tracks_json: str | os.PathLike | None = None,
+    occluder_npz: str | os.PathLike | None = None,
 ) -> tuple[Path, Path | None]:
     """Write the video (H.264 via :func:`ipfacediff.video.write_video`) and, when asked, its
-    ground-truth tracks (:meth:`FaceTracks.save`)."""
+    ground-truth tracks (:meth:`FaceTracks.save`) and occluder masks (:func:`save_occluder_masks`)."""
     from ipfacediff.video import write_video
 
     video = write_video(path_mp4, iter(clip), clip.fps)
     tracks = clip.tracks.save(tracks_json) if tracks_json is not None else None
+    if occluder_npz is not None:
+        save_occluder_masks(clip, occluder_npz)
     return video, tracks
+
+
+def save_occluder_masks(clip: Clip, path: str | os.PathLike) -> Path:
+    """The occluders' ground truth, written atomically as an npz: ``masks`` (frames, H, W) uint8
+    coverage 0..255 (:meth:`Clip.occluder_masks`), ``face_coverage`` (faces, frames) float32 (the
+    share of each face hidden, :meth:`Clip.face_coverage`) and ``kinds``. The video's pixels are
+    ``mask/255 * occluder + (1 - mask/255) * scene``; the truth of an edit behind the occluder is
+    the edited clip (:meth:`Clip.with_edit`), which keeps it."""
+    import io
+
+    from ipfacediff.files import write_atomic
+
+    coverage = [[clip.face_coverage(k, i) for i in range(clip.frames)] for k in range(len(clip.identity_ids))]
+    buffer = io.BytesIO()
+    np.savez_compressed(
+        buffer,
+        masks=clip.occluder_masks(),
+        face_coverage=np.asarray(coverage, np.float32),
+        kinds=np.array([o.kind for o in clip.occluders], dtype=str),
+    )
+    return write_atomic(Path(path), buffer.getvalue())
+
+
+def load_occluder_masks(path: str | os.PathLike) -> np.ndarray:
+    """The ``masks`` of a :func:`save_occluder_masks` file as float32 coverage, 0..1."""
+    with np.load(path) as data:
+        return data["masks"].astype(np.float32) / 255.0
 
 
 # --- aligned training images ------------------------------------------------------------------------

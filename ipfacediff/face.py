@@ -15,6 +15,7 @@ import json
 import math
 import os
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -150,6 +151,27 @@ APPEARANCE_MIN_NCC = 0.6
 # A square whose every channel has less spread than this (a black or faded frame) shows no face,
 # whatever a network or a correlation says. Levels of 0-255; a face square has tens.
 BRIDGE_MIN_STD = 2.0
+# A face hidden for longer than max_gap (a board or a passer-by in front of it) comes back as a new
+# track; the two are one face again when the new one starts within REJOIN_MAX_SECONDS, where the
+# old one was last seen (box IoU of at least BRIDGE_MIN_IOU) and looking like it: REJOIN_MIN_NCC
+# between one of the last REJOIN_LOOKS looks before and one of the first after. The hidden frames
+# stay out of the joined track, so they pass through unedited, while the face keeps one id, one
+# prompt and one edit on either side. The look's bar is lower than a gap frame's: the looks next to
+# a long gap are of a face turned since and partly covered, while a different scene at the face's
+# place stays far below it; it does not tell two similar faces apart (benchmarks/README.md, #36).
+REJOIN_MAX_SECONDS = 3.0
+REJOIN_LOOKS = 8  # observations either side compared
+REJOIN_MIN_NCC = 0.4
+# Landmarks of a partly covered face (a hand passing) no longer keep a face's shape: the mesh bends
+# the five points towards what covers them, differently from frame to frame, while a face moving,
+# turning and talking changes the shape of its points smoothly. An observation whose points change
+# shape (_shape_change) by more than SHAPE_JUMP from both the observation before and the one after
+# is such a frame: it stays in the track (the face is there, so it is edited) with its points
+# interpolated between the nearest observations that are not. A gap of at most COVERED_GAP frames
+# between two such observations (a hand's widest part hides the face from the mesh and its look)
+# is bridged as well: the face is behind the hand there as on both sides.
+SHAPE_JUMP = 0.05
+COVERED_GAP = 2
 
 
 @dataclass
@@ -547,6 +569,10 @@ class _LiveTrack:
     # the only gap frames that to_track bridges.
     confirmed: set[int] = field(default_factory=set)
     look: np.ndarray | None = None  # _appearance at the last observation
+    # The looks of the first and the last REJOIN_LOOKS observations (None where near-uniform): an
+    # occluder that hides the face for long covers part of it on the frames next to the gap too.
+    first_looks: list[np.ndarray | None] = field(default_factory=list)
+    last_looks: deque = field(default_factory=lambda: deque(maxlen=REJOIN_LOOKS))
 
     def predict(self, t: int) -> list[float]:
         """Box at frame t, moving at the velocity of the last two observations."""
@@ -569,17 +595,43 @@ class _LiveTrack:
         self.frames.append(t)
         self.faces.append(face)
         self.look = _appearance(frame, face.points)
+        if len(self.first_looks) < REJOIN_LOOKS:
+            self.first_looks.append(self.look)
+        self.last_looks.append(self.look)
+
+    def continues_as(self, later: _LiveTrack, max_gap: int) -> bool:
+        """Whether ``later``, which starts after this track's last frame, is this face back after
+        being hidden (see REJOIN_MAX_SECONDS)."""
+        gap = later.frames[0] - self.frames[-1]
+        if not 0 < gap <= max_gap:
+            return False
+        if float(box_iou(self.faces[-1].box, later.faces[0].box)[0, 0]) < BRIDGE_MIN_IOU:
+            return False
+        pairs = [(a, b) for a in self.last_looks for b in later.first_looks if a is not None and b is not None]
+        return any(float((a * b).sum()) >= REJOIN_MIN_NCC for a, b in pairs)
+
+    def join(self, later: _LiveTrack) -> None:
+        """Take ``later``'s frames on: the frames between stay out unless confirmed (to_track)."""
+        self.frames += later.frames
+        self.faces += later.faces
+        self.confirmed |= later.confirmed
+        self.look = later.look
+        self.last_looks = later.last_looks
 
     def to_track(self) -> FaceTrack:
         """Bridge the gaps between observations by linear interpolation, on the confirmed frames
         only: a gap frame without face evidence stays out of the track, so it is not edited (a face
-        that leaves for a few frames must not leave a ghost of its edit on them)."""
+        that leaves for a few frames must not leave a ghost of its edit on them). Also bridged: a
+        gap of at most COVERED_GAP frames between two observations of the face partly covered
+        (their shape jumps, SHAPE_JUMP): the face is behind what covers it, as on both sides."""
         frames, points, outlines = [], [], []
-        for k, (t, face) in enumerate(zip(self.frames, self.faces)):
+        faces, jumped = _steadied(self.frames, self.faces)
+        for k, (t, face) in enumerate(zip(self.frames, faces)):
             if k:
-                t0, prev = self.frames[k - 1], self.faces[k - 1]
+                t0, prev = self.frames[k - 1], faces[k - 1]
+                covered = t - t0 - 1 <= COVERED_GAP and jumped[k - 1] and jumped[k]
                 for g in range(t0 + 1, t):
-                    if g not in self.confirmed:
+                    if g not in self.confirmed and not covered:
                         continue
                     w = (g - t0) / (t - t0)
                     frames.append(g)
@@ -590,6 +642,31 @@ class _LiveTrack:
             points.append(face.points)
             outlines.append(face.outline)
         return FaceTrack(-1, frames, [box_from_points(p) for p in points], points, outlines)
+
+
+def _shape_change(a: np.ndarray, b: np.ndarray) -> float:
+    """How much the five points ``b`` differ from ``a`` other than by a similarity: the largest
+    residual of the fit of ``b`` onto ``a``, in ``a``'s inter-ocular distances (see SHAPE_JUMP)."""
+    fitted = _apply(similarity_transform(b, a), b)
+    return float(np.linalg.norm(fitted - a, axis=1).max() / max(np.linalg.norm(a[1] - a[0]), 1e-6))
+
+
+def _steadied(frames: list[int], faces: list[_Face]) -> tuple[list[_Face], list[bool]]:
+    """``faces`` with the observations whose shape jumps from both neighbours (SHAPE_JUMP) given
+    points and outline interpolated between the nearest observations that do not; and which
+    observations those are."""
+    n = len(faces)
+    change = [_shape_change(faces[k - 1].points, faces[k].points) for k in range(1, n)]
+    jumped = [0 < k < n - 1 and change[k - 1] > SHAPE_JUMP and change[k] > SHAPE_JUMP for k in range(n)]
+    out = list(faces)
+    for k in (k for k in range(n) if jumped[k]):
+        i = max(j for j in range(k) if not jumped[j])
+        j = min(j for j in range(k + 1, n) if not jumped[j])
+        w = (frames[k] - frames[i]) / (frames[j] - frames[i])
+        a, b = faces[i], faces[j]
+        both = a.outline is not None and b.outline is not None
+        out[k] = _Face((1 - w) * a.points + w * b.points, (1 - w) * a.outline + w * b.outline if both else None)
+    return out, jumped
 
 
 def track_faces(
@@ -608,7 +685,9 @@ def track_faces(
     face the detector misses for a moment (head turn, motion blur) is still followed. A track
     unseen for more than ``max_gap`` frames ends; the frames of a shorter gap are interpolated
     where the frame still shows the face at the prediction (_gap_has_face: its look, or the
-    detector there) and left out of the track, hence unedited, where it does not. A track is kept
+    detector there) and left out of the track, hence unedited, where it does not. A face hidden
+    for longer (a board passing in front) keeps its track when it comes back where it was, looking
+    the same (REJOIN_MAX_SECONDS); the hidden frames stay out of it. A track is kept
     with ``min_track_frames`` frames (or as many as the video has), or with
     :func:`min_track_length` frames if the face mesh found the face in one of them; shorter ones
     are dropped as flukes (a detector-only track of 3 frames just below a small face, measured in
@@ -633,7 +712,8 @@ def track_faces(
     finally:
         if finder is not None:
             finder.close()
-    tracks = [tr.to_track() for tr in done + live]
+    rejoin = max(max_gap + 1, round(REJOIN_MAX_SECONDS * fps))
+    tracks = [tr.to_track() for tr in _rejoined(done + live, rejoin)]
     shortest = min_track_length(count, min_track_frames)
     tracks = [
         tr
@@ -645,6 +725,19 @@ def track_faces(
     for i, tr in enumerate(tracks):
         tr.id = i
     return FaceTracks(count, width, height, float(fps), tracks)
+
+
+def _rejoined(tracks: list[_LiveTrack], max_gap: int) -> list[_LiveTrack]:
+    """Tracks of one face hidden for a while joined into one (_LiveTrack.continues_as): each
+    track, in order of its start, continues the latest-ending earlier track it matches."""
+    kept: list[_LiveTrack] = []
+    for track in sorted(tracks, key=lambda tr: tr.frames[0]):
+        before = [k for k in kept if k.continues_as(track, max_gap)]
+        if before:
+            max(before, key=lambda k: k.frames[-1]).join(track)
+        else:
+            kept.append(track)
+    return kept
 
 
 def min_track_length(count: int, longest: int = 5) -> int:
