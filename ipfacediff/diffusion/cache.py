@@ -24,6 +24,10 @@ from ipfacediff.files import check_writable_folder, short_detail, write_atomic
 # multiple of this, so an edit of an overlapping time range finds the same entries.
 CACHE_CHUNK = 16
 
+# What an entry's files hold; raised when that changes (2: features in a per-chunk fitted basis,
+# stored with it), so that entries written before are never read as the new kind.
+CACHE_FORMAT = 2
+
 
 def default_cache_dir() -> Path:
     """$IPFACEDIFF_CACHE, else ~/.cache/ipfacediff: shared by every run of the same user."""
@@ -57,7 +61,7 @@ class InversionCache:
 
     @staticmethod
     def key(**parts: object) -> str:
-        text = json.dumps(parts, sort_keys=True, default=str)
+        text = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:24]
 
     def folder(self, key: str) -> Path:

@@ -5,7 +5,9 @@ model and is cached on disk step by step (:class:`~ipfacediff.diffusion.cache.In
 a second edit of the same clip makes no UNet call, and an interrupted inversion resumes at the
 last finished step. While inverting, the guiding UNet's decoder features are projected to a few
 dozen channels and cached too; the editing stage finds its frame-to-keyframe correspondences in
-them without running the UNet again.
+them without running the UNet again. The projection is the features' own principal directions
+(:func:`feature_basis`), fitted on each cached chunk of frames and brought to one basis for the
+whole clip when chunks are joined (:func:`common_feature_basis`).
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ class InvertedVideo:
     """Per-step latents of an inverted clip, and the guiding UNet's projected decoder features.
 
     ``latents[i]`` is at the noise level of ``timesteps[i]`` (noisiest first); ``clean`` is the
-    encoded clip. ``features`` maps a step index to (N, tokens, FEATURE_DIM) float16.
+    encoded clip. ``features`` maps a step index to (N, tokens, D) float16, D = min(channels,
+    FEATURE_DIM), the coordinates of the decoder's features in ``feature_bases[step]``, an
+    orthonormal (channels, D) float32 basis (:func:`feature_basis`).
     """
 
     timesteps: torch.Tensor
@@ -45,6 +49,7 @@ class InvertedVideo:
     clean: torch.Tensor
     alphas: list[tuple[float, float]]
     features: dict[int, torch.Tensor] = field(default_factory=dict)
+    feature_bases: dict[int, torch.Tensor] = field(default_factory=dict)
     unet_calls: int = 0
     cache_key: str | None = None  # its folder in the InversionCache, when it has one
     # Steps read from the cache rather than computed (a resumed run reuses some); averaged over
@@ -72,12 +77,36 @@ class InvertedVideo:
         return self.features[nearest]
 
 
-def feature_projection(channels: int, dim: int = FEATURE_DIM, seed: int = 0) -> torch.Tensor:
-    """A fixed random orthonormal map channels -> dim: keeps cosine similarities, shrinks the cache."""
+def feature_basis(gram: torch.Tensor, dim: int = FEATURE_DIM) -> torch.Tensor:
+    """The ``dim`` principal directions (uncentred) of features whose Gram matrix Σ xᵀx is ``gram``
+    (channels, channels): an orthonormal (channels, dim) float32 basis, the identity when the
+    features have no more than ``dim`` channels.
+
+    Correspondences are the cosine nearest neighbours of the features; the directions that hold
+    most of their energy keep those cosines best. A fixed random map keeps them only on average:
+    from SD's 320 channels to 64 it moves near-ties enough to change many tokens' neighbours.
+    """
+    channels = gram.shape[0]
     if channels <= dim:
         return torch.eye(channels)
-    gaussian = torch.randn(channels, dim, generator=torch.Generator().manual_seed(seed))
-    return torch.linalg.qr(gaussian).Q
+    _, vectors = torch.linalg.eigh(gram.double())  # ascending eigenvalues
+    return vectors[:, -dim:].flip(-1).float().contiguous()
+
+
+def gram_matrix(tokens: torch.Tensor) -> torch.Tensor:
+    """Σ xᵀx over the tokens (..., channels), in float32: what :func:`feature_basis` is fitted on."""
+    flat = tokens.reshape(-1, tokens.shape[-1]).float()
+    return (flat.T @ flat).cpu()
+
+
+def common_feature_basis(parts: list[tuple[torch.Tensor, torch.Tensor]], dim: int = FEATURE_DIM) -> torch.Tensor:
+    """One basis for features held in several bases: (coordinates (..., d), basis (channels, d))
+    per part, e.g. the cache chunks of a clip. Each chunk's basis is fitted on its own frames, so
+    frames of two chunks are only comparable in a shared one; it is fitted, like each chunk's, on
+    the Gram matrix of all their (reconstructed) features, so no chunk's full features are needed.
+    """
+    gram = sum(basis @ gram_matrix(coordinates) @ basis.T for coordinates, basis in parts)
+    return feature_basis(gram, dim)
 
 
 @contextmanager
@@ -122,11 +151,11 @@ def invert_frames(
     prediction = scheduler.config.prediction_type
     steps = len(timesteps)
     feature_steps = default_feature_steps(steps) if feature_steps is None else feature_steps
-    projection = feature_projection(unet.config.block_out_channels[0]).to(unet.device, unet.dtype)
     count = len(clean)
     # Ascending order: inversion step j produces the latents of timesteps[steps - 1 - j].
     latents_by_step: dict[int, torch.Tensor] = {}
     features: dict[int, torch.Tensor] = {}
+    bases: dict[int, torch.Tensor] = {}
     current = clean
     calls = reused = 0
     for j in range(steps):
@@ -136,7 +165,7 @@ def invert_frames(
             current = cached["latents"]
             latents_by_step[step] = current
             if "features" in cached:
-                features[step] = cached["features"]
+                features[step], bases[step] = cached["features"], cached["feature_basis"]
             reused += 1
             if progress:
                 progress("invert", j + 1, steps)
@@ -153,9 +182,7 @@ def invert_frames(
                 eps = predicted_noise(output.float(), batch.float(), alpha_t, prediction)
                 next_latents.append(ddim_inverse_step(batch.float(), eps, alpha_prev, alpha_t).cpu())
                 if step in feature_steps:
-                    hidden = captured.pop()
-                    tokens = hidden.flatten(2).transpose(1, 2) @ projection
-                    step_features.append(tokens.to(torch.float16).cpu())
+                    step_features.append(captured.pop().flatten(2).transpose(1, 2))
                 captured.clear()
         # Row-major like the cached copy: CPU kernels round differently on channels-last inputs,
         # and a re-edit from the cache must match the first edit bit for bit.
@@ -163,7 +190,13 @@ def invert_frames(
         latents_by_step[step] = current
         tensors = {"latents": current}
         if step_features:
-            features[step] = tensors["features"] = torch.cat(step_features)
+            # The chunk's full features live only here, one step at a time: fitted on, then projected.
+            tokens = torch.cat(step_features).float()
+            step_features.clear()
+            basis = feature_basis(gram_matrix(tokens))
+            features[step] = tensors["features"] = (tokens @ basis.to(tokens.device)).to(torch.float16).cpu()
+            bases[step] = tensors["feature_basis"] = basis
+            del tokens
         if cache is not None and cache_key:
             cache.save(cache_key, f"step_{step:04d}", tensors)
         if progress:
@@ -174,6 +207,7 @@ def invert_frames(
         clean=clean,
         alphas=alphas,
         features=features,
+        feature_bases=bases,
         unet_calls=calls,
         cache_key=cache_key if cache is not None else None,
         reused_steps=reused,
@@ -183,9 +217,11 @@ def invert_frames(
 def join_inverted(pieces: Iterator[tuple[int, int, InvertedVideo]], count: int) -> InvertedVideo:
     """One clip's inversion of ``count`` frames from the inversions of its cache chunks (first row,
     end row, piece). Each piece is copied into tensors made once and then dropped: holding all
-    pieces and their concatenation would double the peak."""
+    pieces and their concatenation would double the peak. Features of chunks fitted in different
+    bases are brought to one (:func:`common_feature_basis`)."""
     joined: InvertedVideo | None = None
     reused = 0
+    bases: dict[int, list[tuple[int, int, torch.Tensor]]] = {}
 
     def rows_like(tensor: torch.Tensor) -> torch.Tensor:
         return tensor.new_empty(count, *tensor.shape[1:])
@@ -204,14 +240,29 @@ def join_inverted(pieces: Iterator[tuple[int, int, InvertedVideo]], count: int) 
         joined.clean[begin:end] = piece.clean
         for step, part in piece.features.items():
             joined.features[step][begin:end] = part
+            bases.setdefault(step, []).append((begin, end, piece.feature_bases[step]))
         joined.unet_calls += piece.unet_calls
         joined.chunks.append((begin, end, piece.cache_key, int(piece.reused_steps)))
         reused += int(piece.reused_steps) * (end - begin)
     assert joined is not None, "no frames to invert"
+    for step, parts in bases.items():
+        joined.feature_bases[step] = join_feature_bases(joined.features[step], parts)
     joined.reused_steps = reused / count
     if len(joined.chunks) == 1:
         joined.cache_key = joined.chunks[0][2]
     return joined
+
+
+def join_feature_bases(features: torch.Tensor, parts: list[tuple[int, int, torch.Tensor]]) -> torch.Tensor:
+    """The basis of one step's joined features (N, tokens, D), rows ``begin:end`` of which are in
+    their chunk's ``basis``: the chunks' shared basis, the rows converted to it in place."""
+    first = parts[0][2]
+    if all(torch.equal(basis, first) for _, _, basis in parts[1:]):
+        return first
+    common = common_feature_basis([(features[begin:end], basis) for begin, end, basis in parts])
+    for begin, end, basis in parts:
+        features[begin:end] = (features[begin:end].float() @ (basis.T @ common)).to(features.dtype)
+    return common
 
 
 def select_rows(inverted: InvertedVideo, rows: list[int]) -> InvertedVideo:
@@ -222,6 +273,7 @@ def select_rows(inverted: InvertedVideo, rows: list[int]) -> InvertedVideo:
         clean=inverted.clean[rows].clone(),
         alphas=inverted.alphas,
         features={s: f[rows].clone() for s, f in inverted.features.items()},
+        feature_bases=dict(inverted.feature_bases),
     )
 
 

@@ -17,10 +17,10 @@ from diffusers.models.attention_processor import Attention
 class FeatureController:
     """What the hooked UNet does on its next forward pass; shared by all processors and hooks.
 
-    mode "plain": ordinary attention. "capture": record Q/K of decoder self-attention and the
-    injection block's output (ε1 on source latents). "edit": attention extended over groups of
-    ``group`` consecutive frames of each half of the CFG batch, with the captured Q/K and residual
-    features injected when the flags say so.
+    mode "plain": ordinary attention. "capture": record Q/K of the injected decoder self-attention
+    layers and the injection resnet's output (ε1 on source latents). "edit": attention
+    extended over groups of ``group`` consecutive frames of each half of the CFG batch, with the
+    captured Q/K and residual features injected when the flags say so.
     """
 
     mode: str = "plain"
@@ -81,14 +81,31 @@ def extended_attention(
 
 
 def residual_injection_block(unet: UNet2DConditionModel) -> torch.nn.Module:
-    """The decoder block whose output plug-and-play injects (SD: up_blocks[1].resnets[1])."""
+    """The decoder resnet whose features plug-and-play injects (SD: up_blocks[1].resnets[1])."""
     block = unet.up_blocks[min(1, len(unet.up_blocks) - 1)]
     return block.resnets[min(1, len(block.resnets) - 1)]
 
 
+def injected_attention_layers(processor_names: list[str]) -> set[str]:
+    """The decoder self-attention layers whose Q/K ε1 gives ε2: all but the decoder's first
+    attention block (SD: up_blocks.1.attentions.0), whose coarse layout PnP and TokenFlow leave to
+    ε2 so the edit may change shapes there."""
+    decoder = [name for name in processor_names if name.startswith("up_blocks") and name.endswith("attn1.processor")]
+    if not decoder:
+        return set()
+    first_block = decoder[0].split(".transformer_blocks.")[0] + "."
+    return {name for name in decoder if not name.startswith(first_block)}
+
+
 @contextmanager
 def feature_hooks(unets: list[UNet2DConditionModel], controller: FeatureController) -> Iterator[None]:
-    """Install our processors and the residual hook on each UNet; restore them on exit."""
+    """Install our processors and the residual hook on each UNet; restore them on exit.
+
+    The hook gives ε2 ε1's whole output of the injection resnet, shortcut included. PnP and
+    TokenFlow inject only its residual branch (``conv2``'s output) and keep ε2's shortcut; with
+    FaceWorld's ε1/ε2 pair that made edits more often succeed but cost identity and steadiness
+    over time (benchmarks/README.md, session 15), so ε1's features here hold the face more firmly.
+    """
     saved, handles = [], []
 
     def residual_hook(_module, _inputs, output):
@@ -102,12 +119,11 @@ def feature_hooks(unets: list[UNet2DConditionModel], controller: FeatureControll
         for unet in {id(u): u for u in unets}.values():
             original = dict(unet.attn_processors)
             saved.append((unet, original))
+            injected = injected_attention_layers(list(original))
             processors = {}
             for name, processor in original.items():
                 if name.endswith("attn1.processor"):
-                    processors[name] = IPFaceDiffAttnProcessor(
-                        name, controller, injectable=name.startswith("up_blocks")
-                    )
+                    processors[name] = IPFaceDiffAttnProcessor(name, controller, injectable=name in injected)
                 else:
                     processors[name] = processor
             unet.set_attn_processor(processors)
