@@ -165,7 +165,7 @@ def invert_frames(
         if step_features:
             features[step] = tensors["features"] = torch.cat(step_features)
         if cache is not None and cache_key:
-            cache.save(cache_key, f"step_{step:04d}", tensors)
+            cache.save(cache_key, f"step_{step:04d}", tensors, dtype=unet.dtype)
         if progress:
             progress("invert", j + 1, steps)
     return InvertedVideo(
