@@ -249,6 +249,7 @@ def edit_faces(
                 "identity_gradient": result.identity_gradient,
                 "strength": face_plan.strength,
                 "inversion_reused_share": round(result.inversion_reused_share, 4),
+                "identity_steps_skipped": result.identity_steps_skipped,
                 **occlusion_report(found, track, order),
             }
         )

@@ -47,3 +47,32 @@ class SettingError(UserError):
         """The line with the setting called ``names[setting]`` (else its command-line flag)."""
         name = names.get(self.setting) or "--" + self.setting.replace("_", "-")
         return self.template.replace("{setting}", name)
+
+
+HALF_DTYPES = ("torch.float16", "float16")
+
+
+class NonFiniteError(UserError):
+    """A stage's output holds NaN or inf: float16's range overflowed (or the weights are broken).
+
+    Raised where a stage's latents are kept (the inversion cache) or made into pictures (the
+    decoder), so that what the arithmetic lost is neither stored for the next edit nor shown as
+    a black or grey video: one line naming the stage and what to run instead.
+    """
+
+    def __init__(self, stage: str, dtype: object = None):
+        self.stage = stage
+        if dtype is None:
+            fix = "in float16, run again with --dtype float32; in float32, the model's weights give NaN or inf"
+        elif str(dtype) in HALF_DTYPES:
+            fix = f"the model runs in {str(dtype).removeprefix('torch.')}, whose range it overflowed: "
+            fix += "run again with --dtype float32"
+        else:
+            fix = f"the model gives NaN or inf even in {str(dtype).removeprefix('torch.')}: check its weights"
+        super().__init__(f"{stage} gave values that are not finite (NaN or inf); {fix}")
+
+    @classmethod
+    def check(cls, tensor, stage: str, dtype: object = None) -> None:
+        """Raise for ``tensor`` (a torch tensor) with any NaN or inf: one pass over it, at a stage's end."""
+        if not bool(tensor.isfinite().all()):
+            raise cls(stage, dtype)

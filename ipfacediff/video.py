@@ -75,6 +75,9 @@ _MP4_AUDIO_CODECS = frozenset({"aac", "mp3", "alac", "opus"})
 # libx264 quality. 16 keeps pass-through frames of the closeup test clip at >= 45.6 dB PSNR
 # against the input (crf 18: 44.4 dB); 16 is the highest crf with >= 45.5 dB there.
 DEFAULT_CRF = 16
+# Without the macroblock tree, libx264 (even on one thread) encodes the same frames into different
+# files from run to run, up to 20/255 apart once decoded: the same seed must give the same video.
+X264_PARAMS = "mbtree=0"
 
 
 @dataclass(frozen=True)
@@ -552,7 +555,7 @@ def _source_colour(path: Path, *, required: bool) -> _Colour | None:
 def _video_stream(
     output: OutputContainer, rate: Fraction, time_base: Fraction, crf: int, colour: _Colour, *, width: int, height: int
 ) -> VideoStream:
-    stream = output.add_stream("libx264", rate=rate, options={"crf": str(crf)})
+    stream = output.add_stream("libx264", rate=rate, options={"crf": str(crf), "x264-params": X264_PARAMS})
     stream.codec_context.time_base = stream.time_base = time_base  # the muxer may refine it, exactly
     stream.width = width + width % 2
     stream.height = height + height % 2

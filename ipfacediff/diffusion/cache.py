@@ -16,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from ipfacediff.errors import UserError
+from ipfacediff.errors import NonFiniteError, UserError
 from ipfacediff.files import check_writable_folder, short_detail, write_atomic
 
 
@@ -95,7 +95,12 @@ class InversionCache:
             pass
         self._size = None  # counted again when next asked
 
-    def save(self, key: str, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    def save(self, key: str, name: str, tensors: dict[str, torch.Tensor], *, dtype: torch.dtype | None = None) -> None:
+        """Write ``tensors`` as ``name`` of entry ``key``. Latents that are not finite are refused
+        (:class:`NonFiniteError`, worded for the model's ``dtype`` when given): kept, they would
+        spoil every later edit of the clip."""
+        if "latents" in tensors:
+            NonFiniteError.check(tensors["latents"], stage_of(name), dtype)
         data = save({k: v.contiguous() for k, v in tensors.items()})
         self.in_use.add(key)
         if not self.make_room(len(data)):
@@ -166,6 +171,15 @@ class InversionCache:
             total -= size
         self._size = total
         return total + incoming <= self.max_bytes
+
+
+def stage_of(name: str) -> str:
+    """The stage that made the cache file ``name``, as an error line names it."""
+    if name == "clean":
+        return "encoding the frames (the VAE encoder)"
+    if name.startswith("step_"):
+        return f"the DDIM inversion (the latents of step {int(name.removeprefix('step_'))})"
+    return f"the inversion cache's {name}"
 
 
 def chunk_bounds(frame_indices: Sequence[int], size: int = CACHE_CHUNK) -> list[tuple[int, int]]:

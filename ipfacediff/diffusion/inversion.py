@@ -198,7 +198,7 @@ def invert_frames(
             bases[step] = tensors["feature_basis"] = basis
             del tokens
         if cache is not None and cache_key:
-            cache.save(cache_key, f"step_{step:04d}", tensors)
+            cache.save(cache_key, f"step_{step:04d}", tensors, dtype=unet.dtype)
         if progress:
             progress("invert", j + 1, steps)
     return InvertedVideo(

@@ -5,16 +5,43 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+import math
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
 from ipfacediff.diffusion import StageTimer
 from ipfacediff.editing.plan import EditPlan
 from ipfacediff.editing.windows import EditWindow
 from ipfacediff.identity import IdentityEncoder, IdentityNet
 from ipfacediff.settings import EditSettings
+
+
+# The identity similarity is multiplied by this before the backward pass through a float16
+# decoder, and the gradient divided by it in float32 (mixed-precision training's loss scaling):
+# at 512² the gradient of one pixel lies in float16's subnormal range and would lose its digits.
+HALF_GRADIENT_SCALE = 2.0**10
+
+
+def identity_gradient(
+    vae: AutoencoderKL, net: IdentityNet, point: torch.Tensor, target: torch.Tensor, *, scale: float | None = None
+) -> tuple[torch.Tensor, float]:
+    """The gradient, float32 on the CPU, of the identity similarity between the face ``point``
+    (one scaled latent, (1, 4, h, w)) decodes to and ``target`` (1, D), and that similarity.
+
+    ``scale``: the loss scale of the backward pass (default :data:`HALF_GRADIENT_SCALE` for a
+    float16 decoder, else 1); what the decoder's float16 range still loses shows as NaN or inf,
+    which the caller checks."""
+    if scale is None:
+        scale = HALF_GRADIENT_SCALE if vae.dtype == torch.float16 else 1.0
+    with torch.enable_grad():
+        point = point.to(vae.device, vae.dtype).requires_grad_(True)
+        image = vae.decode(point / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+        similarity = F.cosine_similarity(net(image), target.to(image.device), dim=-1).sum()
+        (gradient,) = torch.autograd.grad(similarity * scale, point)
+    return gradient.float().cpu() / scale, similarity.item()
 
 
 @contextmanager
@@ -33,6 +60,8 @@ def one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 class IdentityGuidanceMixin:
     """The pipeline's identity guidance (step 5, and in step 6 the late steps): needs its ``vae``."""
+
+    identity_steps_skipped: int = 0  # keyframe steps left unguided, their gradient not finite (a running count)
 
     def set_identity_net(self, net: IdentityNet | None) -> None:
         """The identity net that identity guidance differentiates (None: the model card's, else
@@ -76,21 +105,25 @@ class IdentityGuidanceMixin:
         the net's gradient magnitude. One frame at a time: the decoder's backward at 512² needs
         several GB per frame. On the CPU on one thread: some of the convolutions' backward passes
         sum in an order that varies between threads, and the same seed must give the same edit.
+
+        A frame whose gradient is not finite (a float16 decoder overflowed) keeps ``eps`` as it
+        was: NaN would reach every frame through the blend and the propagation. Such frames are
+        counted in :attr:`identity_steps_skipped`, which the edit reports once.
         """
         net, vae = self.identity_net(), self.vae
         x0 = (x_t.float() - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
-        moved = []
+        guided = eps.float().clone()
         for row in range(len(x0)):
-            with torch.enable_grad(), one_cpu_thread(vae.device):
-                point = x0[row : row + 1].to(vae.device, vae.dtype).requires_grad_(True)
-                image = vae.decode(point / vae.config.scaling_factor).sample.float().clamp(-1, 1)
-                similarity = F.cosine_similarity(net(image), targets[row : row + 1].to(image.device), dim=-1).sum()
-                (gradient,) = torch.autograd.grad(similarity, point)
-            gradient = gradient.float().cpu()[0]
+            with one_cpu_thread(vae.device):
+                gradient, similarity = identity_gradient(vae, net, x0[row : row + 1], targets[row : row + 1])
+            gradient = gradient[0]
+            if not (math.isfinite(similarity) and bool(gradient.isfinite().all())):
+                self.identity_steps_skipped += 1
+                continue
             size = gradient.pow(2).mean().sqrt().clamp_min(1e-12)
-            moved.append(x0[row] + scale * max(0.0, 1.0 - similarity.item()) * gradient / size)
-        x0 = torch.stack(moved)
-        return (x_t.float() - alpha_t**0.5 * x0) / (1 - alpha_t) ** 0.5
+            moved = x0[row] + scale * max(0.0, 1.0 - similarity) * gradient / size
+            guided[row] = (x_t[row].float() - alpha_t**0.5 * moved) / (1 - alpha_t) ** 0.5
+        return guided
 
     def window_identities(
         self,

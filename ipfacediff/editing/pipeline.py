@@ -41,6 +41,7 @@ from ipfacediff.diffusion import (
     frames_digest,
     invert_frames,
     join_inverted,
+    logger,
     sampling_timesteps,
 )
 from ipfacediff.editing.denoise import DEFAULT_KEYFRAME_BATCH, Denoised, KeyframeEditMixin, WindowDenoiser
@@ -48,6 +49,7 @@ from ipfacediff.editing.guidance import IdentityGuidanceMixin
 from ipfacediff.editing.plan import EditPlan, plan_edit
 from ipfacediff.editing.region import EditRegionMixin, transfer_detail
 from ipfacediff.editing.windows import ClipWindows, EditWindow, release_pages
+from ipfacediff.errors import NonFiniteError
 from ipfacediff.models import ModelSet, activate_role, module_fingerprint
 from ipfacediff.settings import DEFAULT_STEPS, EditSettings
 
@@ -80,6 +82,7 @@ class EditResult:
     identity_gradient: float = 0.0  # the identity guidance while sampling it was edited with (0: none)
     inversion_reused_share: float = 0.0  # share of the inversion's steps read from the cache
     windows: int = 1  # windows the clip was edited in (settings.window)
+    identity_steps_skipped: int = 0  # keyframe steps identity guidance left out, their gradient not finite
 
 
 @dataclass
@@ -90,6 +93,7 @@ class RunStats:
 
     timer: StageTimer
     calls: dict[str, int] = field(default_factory=lambda: {"invert": 0, "mask": 0, "identity": 0, "edit": 0})
+    skipped_from: int = 0  # the pipeline's count of unguided keyframe steps when the edit began
 
     def count(self, calls: dict[str, int]) -> None:
         for kind, number in calls.items():
@@ -250,7 +254,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         # Row-major like the cached copy, so a re-edit decodes it bit for bit the same.
         clean = encode_frames(self.vae, chunk, batch_size=batch_size).contiguous()
         if cache is not None:
-            cache.save(key, "clean", {"latents": clean})
+            cache.save(key, "clean", {"latents": clean}, dtype=self.vae.dtype)
         return clean
 
     @torch.no_grad()
@@ -338,7 +342,9 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         batch_size: int = 8,
     ) -> np.ndarray:
         """The edited latents as pictures, with the detail the VAE loses put back where the edit
-        changed nothing (:func:`transfer_detail`)."""
+        changed nothing (:func:`transfer_detail`). Latents that are not finite are refused
+        (:class:`NonFiniteError`): decoded, they are a grey or black video."""
+        NonFiniteError.check(edited, "denoising (the edited latents)", self.unet.dtype)
         output = decode_latents(self.vae, edited, batch_size=batch_size)
         if settings.detail_transfer:
             reconstruction = self.reconstruction(inverted, cache, batch_size=batch_size, rows=len(edited))
@@ -400,6 +406,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         (:mod:`ipfacediff.occlusion`), is left out of the local blend's region.
         """
         stats, mapped = RunStats(StageTimer(self.unet.device, STAGES)), [frames, output]
+        stats.skipped_from = self.identity_steps_skipped
         # 1. Check the inputs; runs of identical frames are edited once.
         frames, first_of_run, run_of = self.check_inputs(frames)
         occlusion = None if occlusion is None else np.asarray(occlusion)[first_of_run]
@@ -414,6 +421,8 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
                 part, numbered, settings, plan, window, cache=cache, timer=timer, batch_size=batch_size
             )
             stats.count({"invert": inverted.unet_calls})
+            # NaN or inf in any step reaches the noisiest one: one check for the window's inversion.
+            NonFiniteError.check(inverted.latents[0], "the DDIM inversion", self.identity_unet.dtype)
             # 4. Find the edit region (the local blend).
             covered = None if occlusion is None else occlusion[window.begin : window.end]
             blend, difference, mask_calls = self.window_edit_region(
@@ -451,6 +460,12 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         """The :class:`EditResult` of an edit: its frames, what it counted, and what it was edited with."""
         levels = len(sampling_timesteps(self.scheduler, settings.steps))
         edited = torch.cat(clip.latents)
+        skipped = self.identity_steps_skipped - stats.skipped_from
+        if skipped:
+            logger.warning(
+                f"note: identity guidance left {skipped} keyframe step(s) unguided: their gradient through the "
+                f"{str(self.vae.dtype).removeprefix('torch.')} decoder was not finite; --dtype float32 guides them"
+            )
         return EditResult(
             frames=output,
             timings=stats.timer.seconds,
@@ -464,4 +479,5 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             inversion_reused_share=clip.reused / (len(first_of_run) * levels),
             identity_gradient=0.0 if settings.whole_frame else plan.identity_gradient,
             windows=len(clip),
+            identity_steps_skipped=skipped,
         )
