@@ -174,3 +174,22 @@ def test_a_keyframe_whose_gradient_overflows_keeps_its_noise_and_is_counted(tiny
     assert guided.isfinite().all()
     torch.testing.assert_close(guided, noise)
     assert pipe.identity_steps_skipped == 2
+
+
+def test_a_decoder_that_overflows_float16_is_one_error_not_a_video(tiny_dir):
+    """Finite latents through a float16 decoder whose activations pass 65504: refused, not written
+    as arbitrary bytes."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ipfacediff.diffusion import decode_latents, encode_frames
+    from ipfacediff.errors import NonFiniteError
+
+    half = AutoencoderKL.from_pretrained(tiny_dir / "vae", torch_dtype=torch.float16)
+    latents = encode_frames(AutoencoderKL.from_pretrained(tiny_dir / "vae"), moving_texture(2))
+    frames = decode_latents(half, latents)
+    assert frames.shape[0] == 2
+    with torch.no_grad():
+        half.decoder.conv_in.weight.mul_(1e6)
+    with pytest.raises(NonFiniteError, match=r"^the VAE decoder .*not finite.*float16.*--dtype float32"):
+        decode_latents(half, latents)

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL
 
+from ipfacediff.errors import NonFiniteError
+
 logger = logging.getLogger("ipfacediff.diffusion")
 
 
@@ -28,11 +30,17 @@ def encode_frames(vae: AutoencoderKL, frames: np.ndarray | torch.Tensor, *, batc
 
 @torch.no_grad()
 def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, batch_size: int = 8) -> np.ndarray:
-    """Scaled latents -> RGB uint8 frames (N, H, W, 3)."""
+    """Scaled latents -> RGB uint8 frames (N, H, W, 3).
+
+    The decoder can overflow float16 with finite latents going in; its NaN would become arbitrary
+    bytes in the video, so that is one error line too.
+    """
     out = []
     for start in range(0, len(latents), batch_size):
         chunk = latents[start : start + batch_size].to(vae.device, vae.dtype) / vae.config.scaling_factor
-        image = vae.decode(chunk).sample.float().clamp(-1, 1)
+        image = vae.decode(chunk).sample.float()
+        NonFiniteError.check(image, "the VAE decoder (the edited frames)", vae.dtype)
+        image = image.clamp(-1, 1)
         out.append(((image + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
 
