@@ -170,6 +170,24 @@ def estimate(sizes: dict, frames: int = 10_000, steps: int = DEFAULT_STEPS, wind
     }
 
 
+def growth(runs: dict, lengths: list[int]) -> dict:
+    """Peak memory growth in MB per 1,000 frames, from the first clip length to the last: what an
+    edit holds for the whole clip rather than for one window (medians of the repeats, and each
+    repeat's own, paired by order, to show how stable it is)."""
+    first, last = runs[str(lengths[0])], runs[str(lengths[-1])]
+    scale = 1000 / (lengths[-1] - lengths[0])
+    out = {}
+    for key in ("peak_memory_mb", "peak_anon_mb"):
+        if key in first and key in last:
+            out[key.replace("peak_", "").replace("_mb", "") + "_mb_per_1000_frames"] = round(
+                (last[key] - first[key]) * scale, 2
+            )
+            out[key.replace("peak_", "").replace("_mb", "") + "_per_repeat"] = [
+                round((b[key] - a[key]) * scale, 2) for a, b in zip(first["repeats"], last["repeats"])
+            ]
+    return out
+
+
 def borders(args: argparse.Namespace) -> dict:
     """A FaceWorld clip edited in windows of ``--border-window`` frames and as one window: warp
     error (|Δ_t edited − Δ_t truth|, Δ_t the change from frame t to t+1) of the transitions in the
@@ -339,6 +357,8 @@ def main() -> None:
         results["ratios"][f"anon_rss_{lengths[-1]}_over_{lengths[0]}"] = round(
             last["peak_anon_mb"] / first["peak_anon_mb"], 3
         )
+    results["growth"] = growth(results["runs"], lengths)
+    print("growth:", json.dumps(results["growth"]), flush=True)
     save()
     results["sizes"] = in_child("sizes", [])
     results["estimate"] = estimate(results["sizes"])
