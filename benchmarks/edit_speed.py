@@ -44,8 +44,11 @@ from ipfacediff.models import (  # noqa: E402
 from ipfacediff.settings import EditSettings  # noqa: E402
 
 
-def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> IPFaceDiffPipeline:
-    """SD-1.5's published architecture with random weights, built directly on the device."""
+def full_size_pipeline(
+    device: torch.device, dtype: torch.dtype, *, unets: torch.device | None = None
+) -> IPFaceDiffPipeline:
+    """SD-1.5's published architecture with random weights, built directly on the device
+    (the UNets on ``unets`` when given: "meta" where only the VAE runs)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -60,10 +63,11 @@ def full_size_pipeline(device: torch.device, dtype: torch.dtype) -> IPFaceDiffPi
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     )
-    with torch.device(device):
+    with torch.device(unets or device):
         torch.manual_seed(0)
         unet = UNet2DConditionModel(**unet_config)
         identity_unet = UNet2DConditionModel(**unet_config)
+    with torch.device(device):
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -208,41 +212,46 @@ class PeakMemory:
 
 def measure(pipe, frames, cache, device, *, batch_size: int, gflops: float, **kwargs) -> dict:
     with PeakMemory(device) as memory, EvaluationCounter(pipe) as evaluations:
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = pipe(
             frames, EditSettings(prompt="a face with eyeglasses", **kwargs), cache=cache, batch_size=batch_size
         )
         if device.type == "cuda":
             torch.cuda.synchronize()
-        total = time.perf_counter() - started
+        total, cpu = time.perf_counter() - started, time.process_time() - cpu_started
     per_frame = evaluations.count / len(frames)
     return {
         "seconds": round(total, 3),
+        # the process's CPU seconds: on a CPU shared with other work, steadier than the wall clock
+        "cpu_seconds": round(cpu, 3),
         "stages": {k: round(result.timings[k], 3) for k in STAGES},
         "peak_memory_mb": round(memory.peak / 2**20, 1),
         "unet_calls": result.unet_calls,
         "unet_evaluations_per_frame": round(per_frame, 2),
-        "unet_tflops_per_frame": round(per_frame * gflops / 1e3, 4),
+        "unet_tflops_per_frame": float(f"{per_frame * gflops / 1e3:.4g}"),
         "inversion_reused": result.inversion_reused,
     }
 
 
 def measure_identity_call(pipe, size: int, device) -> dict:
-    """Seconds of one identity-guidance call (:meth:`guide_identity` on one keyframe), after a
-    first call that loads the identity net."""
+    """Seconds of one identity-guidance call (:meth:`guide_identity` on one keyframe), the
+    identity net loaded before."""
     latent = size // 8
     generator = torch.Generator().manual_seed(0)
     x_t, eps = (torch.randn(1, 4, latent, latent, generator=generator) for _ in range(2))
     target = torch.nn.functional.normalize(torch.randn(1, 128, generator=generator), dim=-1)
-    pipe.guide_identity(x_t, eps, 0.5, target, 0.3)
-    seconds = []
-    for _ in range(2):
-        started = time.perf_counter()
+    pipe.identity_net()
+    if device.type == "cuda":  # kernels and the allocator; on the CPU one call is minutes
         pipe.guide_identity(x_t, eps, 0.5, target, 0.3)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - started)
-    return {"seconds": round(min(seconds), 3), "gflops": round(identity_call_gflops(pipe, latent), 1)}
+    started, cpu_started = time.perf_counter(), time.process_time()
+    pipe.guide_identity(x_t, eps, 0.5, target, 0.3)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return {
+        "seconds": round(time.perf_counter() - started, 3),
+        "cpu_seconds": round(time.process_time() - cpu_started, 3),
+        "gflops": round(identity_call_gflops(pipe, latent), 1),
+    }
 
 
 def main() -> None:
@@ -275,13 +284,17 @@ def main() -> None:
 
     device = torch.device(args.device)
     dtype = torch.float16 if args.full_size and device.type == "cuda" else torch.float32
-    pipe = full_size_pipeline(device, dtype) if args.full_size else tiny_pipeline().to(device)
+    plan = [(method, int(n)) for method, n in (item.split(":") for item in args.plan.split(","))]
+    edits = [n for method, n in plan if method != "identity_call"]
+    if args.full_size:  # only the VAE runs for identity_call alone: the UNets need no memory then
+        pipe = full_size_pipeline(device, dtype, unets=None if edits else torch.device("meta"))
+    else:
+        pipe = tiny_pipeline().to(device)
     if args.compile:
         compile_unets([pipe.unet, pipe.identity_unet])
     size = 512 if args.full_size else 64
     batch = args.batch_size or (16 if device.type == "cuda" else 8)
     common = dict(steps=args.steps, batch_size=batch)
-    plan = [(method, int(n)) for method, n in (item.split(":") for item in args.plan.split(","))]
     scratch = Path(tempfile.mkdtemp(prefix="edit-speed-"))
     gflops = unet_gflops(pipe, size // 8)
 
@@ -293,10 +306,9 @@ def main() -> None:
         "steps": args.steps,
         "batch_size": batch,
         "compiled": args.compile,
-        "unet_gflops_per_evaluation": round(gflops, 2),
+        "unet_gflops_per_evaluation": float(f"{gflops:.4g}"),
         "runs": rows,
     }
-    edits = [n for method, n in plan if method != "identity_call"]
     if edits:
         # Warm-up, not measured: kernels, the allocator, the compiled graphs and every batch shape
         # the runs below use (a keyframe batch of every size the step loop draws).
@@ -319,7 +331,8 @@ def main() -> None:
             continue
         frames = clip_frames(n, size, seed=n)
         base = method.removesuffix("_unguided")  # identity guidance off: what the prompt's work costs without it
-        folder = scratch / ("every" if base == "every_frame" else "full") / str(n)
+        unguided = "-unguided" if base != method else ""
+        folder = scratch / (("every" if base == "every_frame" else "full") + unguided) / str(n)
         guided = {"identity_gradient": args.identity_gradient} if base == "identity_gradient" else {}
         guided = {"identity_gradient": 0.0} if base != method else guided
         rows[f"{method}/{n}"] = measure(
@@ -343,6 +356,8 @@ def main() -> None:
         "every_frame_over_full": ratio(f"every_frame/{ref}", f"full/{ref}"),
         "reedit_over_full": ratio(f"reedit/{ref}", f"full/{ref}"),
         "reedit_over_full_unguided": ratio(f"reedit_unguided/{ref}", f"full_unguided/{ref}"),
+        "reedit_over_full_cpu_seconds": ratio(f"reedit/{ref}", f"full/{ref}", "cpu_seconds"),
+        "reedit_over_full_unguided_cpu_seconds": ratio(f"reedit_unguided/{ref}", f"full_unguided/{ref}", "cpu_seconds"),
         "identity_gradient_over_reedit": ratio(f"identity_gradient/{ref}", f"reedit/{ref}"),
         "time_160_over_40": ratio("full/160", "full/40"),
         "memory_160_over_40": ratio("full/160", "full/40", "peak_memory_mb"),
@@ -350,7 +365,7 @@ def main() -> None:
     save()
 
     header = (
-        f"{'run':<20}{'total s':>9}"
+        f"{'run':<20}{'total s':>9}{'CPU s':>8}"
         + "".join(f"{s:>19}" for s in STAGES)
         + f"{'peak MB':>10}{'UNet evals/frame':>18}{'TFLOPs/frame':>14}"
     )
@@ -364,7 +379,7 @@ def main() -> None:
             print(f"{name:<20}{row['seconds']:>9.2f}  ({row['gflops']:.0f} GFLOPs)")
             continue
         print(
-            f"{name:<20}{row['seconds']:>9.2f}"
+            f"{name:<20}{row['seconds']:>9.2f}{row['cpu_seconds']:>8.2f}"
             + "".join(f"{row['stages'][s]:>19.2f}" for s in STAGES)
             + f"{row['peak_memory_mb']:>10.0f}{row['unet_evaluations_per_frame']:>18.1f}{row['unet_tflops_per_frame']:>14.4f}"
         )

@@ -92,7 +92,9 @@ def one_run(frames: int, args: argparse.Namespace) -> dict:
     clip = np.load(scratch / "crops.npy", mmap_mode="r")
     edited = np.lib.format.open_memmap(scratch / "edited.npy", mode="w+", dtype=np.uint8, shape=clip.shape)
     cache = InversionCache(scratch / "cache")
-    settings = EditSettings(prompt=PROMPT, steps=args.steps, window=args.window)
+    settings = EditSettings(
+        prompt=PROMPT, steps=args.steps, window=args.window, identity_gradient=args.identity_gradient
+    )
     with PeakMemory(device) as memory, HostPeak() as host:
         started = time.perf_counter()
         result = pipe(clip, settings, cache=cache, batch_size=batch, output=edited)
@@ -297,6 +299,9 @@ def main() -> None:
         default=3,
         help="runs per length; seconds and peaks are their medians (a few MB of RSS is noise here)",
     )
+    parser.add_argument(
+        "--identity-gradient", type=float, default=None, help="identity guidance (default: the edit's; 0 = off)"
+    )
     parser.add_argument("--no-borders", action="store_true", help="skip the FaceWorld border measurement")
     parser.add_argument("--only-borders", action="store_true", help="only the FaceWorld border measurement")
     parser.add_argument("--border-frames", type=int, default=96)
@@ -319,7 +324,9 @@ def main() -> None:
         str(args.window),
         "--device",
         args.device,
-    ] + (["--full-size"] if args.full_size else [])
+    ]
+    forwarded += ["--full-size"] if args.full_size else []
+    forwarded += ["--identity-gradient", str(args.identity_gradient)] if args.identity_gradient is not None else []
     results: dict = {
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "full_size": args.full_size,

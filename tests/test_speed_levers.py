@@ -54,3 +54,13 @@ def test_compiled_unets_give_the_same_video_within_rounding(tiny_dir, tmp_path, 
     assert result.unet_calls["invert"] > 0
     torch.testing.assert_close(result.latents, reference.latents, atol=1e-4, rtol=1e-4)
     assert np.abs(result.frames.astype(int) - reference.frames.astype(int)).max() <= 2
+
+
+def test_model_spec_compile_loads_compiled_unets_and_leaves_the_default_eager(tiny_dir):
+    """Compilation itself waits for the first call, so loading stays quick; the default is eager."""
+    from ipfacediff.models import is_compiled, load_model_set
+    from ipfacediff.settings import ModelSpec
+
+    compiled = load_model_set(ModelSpec(model=str(tiny_dir), device="cpu", compile=True))
+    assert is_compiled(compiled.unet) and is_compiled(compiled.identity_unet)
+    assert not is_compiled(load_model_set(ModelSpec(model=str(tiny_dir), device="cpu")).unet)

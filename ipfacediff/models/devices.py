@@ -33,15 +33,17 @@ def compile_unets(unets: list[torch.nn.Module], *, backend: str = "inductor") ->
 
     In place (``Module.compile``) so the module stays the one the pipeline's attention processors,
     hooks and LoRA adapters are set on, and its state dict keeps its names (the weights'
-    fingerprint). Shapes are fixed (``dynamic=False``): the pipeline batches frames in fixed sizes,
-    and each new shape or attention mode compiles once more, the first time it is met. The result
-    differs from eager execution in rounding only, so it is a setting (``ModelSpec.compile``) and
-    the inversion cache keeps compiled runs apart (:func:`is_compiled`)."""
+    fingerprint). The pipeline batches frames in a few sizes (full batches, a remainder, keyframe
+    batches, CFG's doubled ones): each new size or attention mode compiles once more, the first
+    time it is met, and a size that keeps changing turns symbolic (torch's automatic dynamic
+    shapes) rather than compiling without end. The result differs from eager execution in rounding
+    only, so it is a setting (``ModelSpec.compile``) and the inversion cache keeps compiled runs
+    apart (:func:`is_compiled`)."""
     for unet in {id(u): u for u in unets}.values():
         if is_compiled(unet):
             continue
         unet.to(memory_format=torch.channels_last)
-        unet.compile(backend=backend, dynamic=False)
+        unet.compile(backend=backend)
 
 
 def is_compiled(module: torch.nn.Module) -> bool:
