@@ -111,7 +111,23 @@ def one_run(frames: int, args: argparse.Namespace) -> dict:
         "stages": {k: round(v, 3) for k, v in result.timings.items()},
     }
     run["peak_anon_mb"] = round(host.peak["anon"] / 2**20, 1)  # host memory, also on a GPU
+    run["stores"] = clip_stores(result)
     return run
+
+
+def clip_stores(result) -> dict:
+    """Bytes of what an edit's result holds for every frame of the clip, measured on the result:
+    the edited latents (and what they would be at SD-1.5's 4×64×64), the keyframes of every step.
+    The crops and the edited frames are memory-mapped files here, as ``ipfacediff edit`` keeps them."""
+    latents = result.latents
+    per_frame = latents[0].numel() * latents.element_size()
+    keyframes = sum(sys.getsizeof(step) + 28 * len(step) for step in result.keyframes_per_step)
+    return {
+        "latents_bytes": latents.numel() * latents.element_size(),
+        "latents_shape": list(latents.shape[1:]),
+        "latents_bytes_at_sd15": len(latents) * per_frame * (64 * 64) // (latents.shape[-1] * latents.shape[-2]),
+        "keyframes_per_step_bytes": keyframes,
+    }
 
 
 def inversion_sizes(steps: int = 2, frames: int = 2) -> dict:
@@ -178,7 +194,11 @@ def growth(runs: dict, lengths: list[int]) -> dict:
     repeat's own, paired by order, to show how stable it is)."""
     first, last = runs[str(lengths[0])], runs[str(lengths[-1])]
     scale = 1000 / (lengths[-1] - lengths[0])
-    out = {}
+    out = {
+        f"{name}_mb_per_1000_frames": round((last["stores"][name] - first["stores"][name]) * scale / 2**20, 3)
+        for name in ("latents_bytes", "latents_bytes_at_sd15", "keyframes_per_step_bytes")
+        if "stores" in first
+    }
     for key in ("peak_memory_mb", "peak_anon_mb"):
         if key in first and key in last:
             out[key.replace("peak_", "").replace("_mb", "") + "_mb_per_1000_frames"] = round(
