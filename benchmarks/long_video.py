@@ -92,7 +92,9 @@ def one_run(frames: int, args: argparse.Namespace) -> dict:
     clip = np.load(scratch / "crops.npy", mmap_mode="r")
     edited = np.lib.format.open_memmap(scratch / "edited.npy", mode="w+", dtype=np.uint8, shape=clip.shape)
     cache = InversionCache(scratch / "cache")
-    settings = EditSettings(prompt=PROMPT, steps=args.steps, window=args.window)
+    settings = EditSettings(
+        prompt=PROMPT, steps=args.steps, window=args.window, identity_gradient=args.identity_gradient
+    )
     with PeakMemory(device) as memory, HostPeak() as host:
         started = time.perf_counter()
         result = pipe(clip, settings, cache=cache, batch_size=batch, output=edited)
@@ -109,7 +111,23 @@ def one_run(frames: int, args: argparse.Namespace) -> dict:
         "stages": {k: round(v, 3) for k, v in result.timings.items()},
     }
     run["peak_anon_mb"] = round(host.peak["anon"] / 2**20, 1)  # host memory, also on a GPU
+    run["stores"] = clip_stores(result)
     return run
+
+
+def clip_stores(result) -> dict:
+    """Bytes of what an edit's result holds for every frame of the clip, measured on the result:
+    the edited latents (and what they would be at SD-1.5's 4×64×64), the keyframes of every step.
+    The crops and the edited frames are memory-mapped files here, as ``ipfacediff edit`` keeps them."""
+    latents = result.latents
+    per_frame = latents[0].numel() * latents.element_size()
+    keyframes = sum(sys.getsizeof(step) + 28 * len(step) for step in result.keyframes_per_step)
+    return {
+        "latents_bytes": latents.numel() * latents.element_size(),
+        "latents_shape": list(latents.shape[1:]),
+        "latents_bytes_at_sd15": len(latents) * per_frame * (64 * 64) // (latents.shape[-1] * latents.shape[-2]),
+        "keyframes_per_step_bytes": keyframes,
+    }
 
 
 def inversion_sizes(steps: int = 2, frames: int = 2) -> dict:
@@ -168,6 +186,28 @@ def estimate(sizes: dict, frames: int = 10_000, steps: int = DEFAULT_STEPS, wind
         "cache_gb": round(frames * (per_frame_inversion + latent + crop) / GB, 1),
         "before_this_change_gb": round((frames * (per_frame_inversion + 2 * crop) + baseline) / GB, 1),
     }
+
+
+def growth(runs: dict, lengths: list[int]) -> dict:
+    """Peak memory growth in MB per 1,000 frames, from the first clip length to the last: what an
+    edit holds for the whole clip rather than for one window (medians of the repeats, and each
+    repeat's own, paired by order, to show how stable it is)."""
+    first, last = runs[str(lengths[0])], runs[str(lengths[-1])]
+    scale = 1000 / (lengths[-1] - lengths[0])
+    out = {
+        f"{name}_mb_per_1000_frames": round((last["stores"][name] - first["stores"][name]) * scale / 2**20, 3)
+        for name in ("latents_bytes", "latents_bytes_at_sd15", "keyframes_per_step_bytes")
+        if "stores" in first
+    }
+    for key in ("peak_memory_mb", "peak_anon_mb"):
+        if key in first and key in last:
+            out[key.replace("peak_", "").replace("_mb", "") + "_mb_per_1000_frames"] = round(
+                (last[key] - first[key]) * scale, 2
+            )
+            out[key.replace("peak_", "").replace("_mb", "") + "_per_repeat"] = [
+                round((b[key] - a[key]) * scale, 2) for a, b in zip(first["repeats"], last["repeats"])
+            ]
+    return out
 
 
 def borders(args: argparse.Namespace) -> dict:
@@ -279,6 +319,9 @@ def main() -> None:
         default=3,
         help="runs per length; seconds and peaks are their medians (a few MB of RSS is noise here)",
     )
+    parser.add_argument(
+        "--identity-gradient", type=float, default=None, help="identity guidance (default: the edit's; 0 = off)"
+    )
     parser.add_argument("--no-borders", action="store_true", help="skip the FaceWorld border measurement")
     parser.add_argument("--only-borders", action="store_true", help="only the FaceWorld border measurement")
     parser.add_argument("--border-frames", type=int, default=96)
@@ -301,7 +344,9 @@ def main() -> None:
         str(args.window),
         "--device",
         args.device,
-    ] + (["--full-size"] if args.full_size else [])
+    ]
+    forwarded += ["--full-size"] if args.full_size else []
+    forwarded += ["--identity-gradient", str(args.identity_gradient)] if args.identity_gradient is not None else []
     results: dict = {
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "full_size": args.full_size,
@@ -339,6 +384,8 @@ def main() -> None:
         results["ratios"][f"anon_rss_{lengths[-1]}_over_{lengths[0]}"] = round(
             last["peak_anon_mb"] / first["peak_anon_mb"], 3
         )
+    results["growth"] = growth(results["runs"], lengths)
+    print("growth:", json.dumps(results["growth"]), flush=True)
     save()
     results["sizes"] = in_child("sizes", [])
     results["estimate"] = estimate(results["sizes"])

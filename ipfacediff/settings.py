@@ -702,6 +702,11 @@ class ModelSpec(Settings):
     allow_pickle: bool = setting(
         False, "Also read pickled .bin/.ckpt weights (they can run code: only for files you trust)."
     )
+    compile: bool = setting(
+        False,
+        "torch.compile the UNets (channels-last) once per process: faster edits after a first one that compiles "
+        "(minutes); the output differs from the uncompiled one in rounding only. Needs a C compiler on the CPU.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("model", "identity_model", "identity_lora", "adapters_dir", "config"):

@@ -10,13 +10,21 @@ in :class:`Denoised`; the run's statistics are the pipeline's to add up.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel
 
-from ipfacediff.diffusion import InvertedVideo, StageTimer, ddim_step, encode_prompt, predicted_noise
+from ipfacediff.diffusion import (
+    InversionCache,
+    InvertedVideo,
+    StageTimer,
+    ddim_step,
+    encode_prompt,
+    predicted_noise,
+)
 from ipfacediff.editing.hooks import FeatureController, feature_hooks
 from ipfacediff.editing.plan import EditPlan
 from ipfacediff.editing.propagation import propagate_by_nearest_neighbour, select_keyframes, smooth_over_time
@@ -24,6 +32,10 @@ from ipfacediff.editing.windows import EditWindow, keyframe_batches
 from ipfacediff.settings import DEFAULT_KEYFRAME_SPACING, EditSettings
 
 DEFAULT_KEYFRAME_BATCH = 8
+
+# Bumped whenever what ε1's capture records changes (editing/hooks.py), so that features cached
+# by an older capture are not injected by a newer one.
+IDENTITY_FEATURES_VERSION = 1
 
 
 @dataclass
@@ -49,6 +61,56 @@ class Denoised:
     latents: torch.Tensor
     keyframes: list[list[int]]
     calls: dict[str, int]
+
+
+class IdentityFeatureStore:
+    """ε1's captured features of keyframe batches, kept in the inversion cache beside the window's
+    inversion: they depend on the source latents, the step and ε1 only, not on the prompt, so a
+    re-edit (a new prompt, the same clip and seed) reads them instead of running ε1 again.
+
+    One cache entry per window (keyed by its inversion's chunks), one file per step and batch,
+    named by a digest of the batch's source latents and what the step injects, so a batch with
+    other keyframes or anchors is a different file. Only what the step injects is kept: the
+    self-attention queries/keys while attention is injected, the residual while features are.
+    Without a cache, or for a window whose inversion is not cached, nothing is kept.
+    """
+
+    def __init__(self, cache: InversionCache | None, inverted: InvertedVideo, role: str):
+        chunks = [key for _, _, key, _ in inverted.chunks] or [inverted.cache_key]
+        usable = cache is not None and bool(chunks) and all(chunks)
+        self.cache = cache if usable else None
+        self.key = InversionCache.key(identity_features=IDENTITY_FEATURES_VERSION, chunks=chunks, role=role)
+
+    def name(self, index: int, sources: torch.Tensor, controller: FeatureController) -> str:
+        digest = hashlib.sha256(str((tuple(sources.shape), str(sources.dtype))).encode())
+        digest.update(sources.contiguous().numpy().tobytes())
+        flags = f"{int(controller.inject_attention)}{int(controller.inject_features)}"
+        return f"features_{index:04d}_{flags}_{digest.hexdigest()[:16]}"
+
+    def load(self, name: str, controller: FeatureController, device: torch.device) -> bool:
+        """Put the stored features of ``name`` into ``controller``; False when there are none."""
+        stored = self.cache.load(self.key, name) if self.cache is not None else None
+        if stored is None:
+            return False
+        residual = stored.pop("residual", None)
+        controller.residual = residual.to(device) if residual is not None else None
+        pairs: dict[str, list[torch.Tensor]] = {}
+        for tensor_name, tensor in sorted(stored.items()):
+            layer, _, part = tensor_name.rpartition("|")
+            pairs.setdefault(layer, [None, None])[part == "k"] = tensor.to(device)
+        controller.queries_keys = {layer: (q, k) for layer, (q, k) in pairs.items()}
+        return True
+
+    def save(self, name: str, controller: FeatureController) -> None:
+        if self.cache is None:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        if controller.inject_attention:
+            for layer, (query, key) in controller.queries_keys.items():
+                tensors[f"{layer}|q"], tensors[f"{layer}|k"] = query.cpu(), key.cpu()
+        if controller.inject_features and controller.residual is not None:
+            tensors["residual"] = controller.residual.cpu()
+        self.cache.save(self.key, name, tensors)
 
 
 class KeyframeEditMixin:
@@ -125,6 +187,7 @@ class WindowDenoiser:
         targets: torch.Tensor | None,
         keyframe_batch: int,
         timer: StageTimer,
+        cache: InversionCache | None = None,
     ):
         self.pipe, self.inverted, self.source_embeds = pipe, inverted, source_embeds
         self.settings, self.plan, self.window = settings, plan, window
@@ -137,6 +200,7 @@ class WindowDenoiser:
         self.over_time = pipe.over_time(settings)
         self.role = "identity" if settings.feature_injection else "edit"
         self.controller = FeatureController()
+        self.features = IdentityFeatureStore(cache, inverted, self.role)
         self.calls = {"identity": 0, "edit": 0}
 
     def run(self) -> Denoised:
@@ -184,8 +248,13 @@ class WindowDenoiser:
         if self.controller.inject_attention or self.controller.inject_features:
             with timer("identity_features"):
                 sources = window.batch_sources(state.index, self.inverted.latents[state.index][batch])
-                pipe.capture_identity_features(sources, state.t, self.source_embeds, self.role, plan, self.controller)
-            self.calls["identity"] += 1
+                name = self.features.name(state.index, sources, self.controller)
+                if not self.features.load(name, self.controller, pipe.unet.device):
+                    pipe.capture_identity_features(
+                        sources, state.t, self.source_embeds, self.role, plan, self.controller
+                    )
+                    self.calls["identity"] += 1
+                    self.features.save(name, self.controller)
         with timer("keyframe_edit"):
             group = 1 if self.settings.every_frame else len(rows)
             eps = pipe.edit_keyframes(

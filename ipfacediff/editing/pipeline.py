@@ -50,7 +50,7 @@ from ipfacediff.editing.plan import EditPlan, plan_edit
 from ipfacediff.editing.region import EditRegionMixin, transfer_detail
 from ipfacediff.editing.windows import ClipWindows, EditWindow, release_pages
 from ipfacediff.errors import NonFiniteError
-from ipfacediff.models import ModelSet, activate_role, module_fingerprint
+from ipfacediff.models import ModelSet, activate_role, is_compiled, module_fingerprint
 from ipfacediff.settings import DEFAULT_STEPS, EditSettings
 
 STAGES = (
@@ -207,6 +207,8 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             scheduler=dict(self.scheduler.config),
             features=feature_steps,
             dtype=str(guide.dtype),
+            # a compiled UNet rounds otherwise: its inversions are its own (uncompiled keys unchanged)
+            **({"compiled": True} if is_compiled(guide) else {}),
         )
         bounds = chunk_bounds(list(range(len(frames))) if frame_indices is None else list(frame_indices))
         with timer("invert"):
@@ -314,9 +316,11 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         *,
         keyframe_batch: int,
         timer: StageTimer,
+        cache: InversionCache | None = None,
     ) -> Denoised:
         """Step 6 for one window (:class:`~ipfacediff.editing.denoise.WindowDenoiser`): ``blend`` the
-        edit region (None: everywhere), ``targets`` the frames' identities (None: no identity guidance)."""
+        edit region (None: everywhere), ``targets`` the frames' identities (None: no identity guidance),
+        ``cache`` where ε1's features of the keyframes are kept for a re-edit."""
         denoiser = WindowDenoiser(
             self,
             inverted,
@@ -328,6 +332,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             targets=targets,
             keyframe_batch=keyframe_batch,
             timer=timer,
+            cache=cache,
         )
         return denoiser.run()
 
@@ -433,7 +438,16 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             targets = self.window_identities(part, settings, plan, window, timer, batch_size)
             # 6. Denoise: keyframes edited jointly, their edit propagated, each frame stepped and blended.
             denoised = self.denoise(
-                inverted, embeds, settings, plan, window, blend, targets, keyframe_batch=keyframe_batch, timer=timer
+                inverted,
+                embeds,
+                settings,
+                plan,
+                window,
+                blend,
+                targets,
+                keyframe_batch=keyframe_batch,
+                timer=timer,
+                cache=cache,
             )
             stats.count(denoised.calls)
             final = clip.finish(window, part, denoised.latents, inverted, difference, denoised.keyframes)
@@ -466,6 +480,8 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
                 f"note: identity guidance left {skipped} keyframe step(s) unguided: their gradient through the "
                 f"{str(self.vae.dtype).removeprefix('torch.')} decoder was not finite; --dtype float32 guides them"
             )
+        clip.latents.clear()
+        repeats = len(run_of) != len(first_of_run)
         return EditResult(
             frames=output,
             timings=stats.timer.seconds,
@@ -473,7 +489,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             keyframes_per_step=[[first_of_run[k] for k in chosen] for chosen in clip.history],
             unet_calls=stats.calls,
             edit_adapters=plan.edit_adapters,
-            latents=edited[run_of],
+            latents=edited[run_of] if repeats else edited,
             hair=plan.hair,
             guidance=plan.guidance,
             inversion_reused_share=clip.reused / (len(first_of_run) * levels),

@@ -18,6 +18,7 @@ from ipfacediff.adapters import (
     pick_edit_adapters,
 )
 from ipfacediff.models.clip import CLIP_MEAN, CLIP_STD, ClipScorer, load_clip
+from ipfacediff.models.devices import compile_unets, is_compiled
 from ipfacediff.models.loading import (
     IDENTITY_ADAPTER,
     SD1_SCHEDULER_CONFIG,
@@ -51,8 +52,10 @@ __all__ = [
     "build_tiny_models",
     "byte_symbols",
     "clip_bpe_tokenizer",
+    "compile_unets",
     "edit_adapter_name",
     "hub_offline",
+    "is_compiled",
     "library_versions",
     "load_clip",
     "load_model_set",

@@ -622,6 +622,7 @@ def model_set_options(spec: ModelSpec) -> dict:
         "allow_pickle": spec.allow_pickle,
         "adapters": spec.adapter_library,
         "adapters_dir": spec.adapters_dir,
+        "compile": spec.compile,
     }
 
 
@@ -638,6 +639,7 @@ def load_model_set(
     local_files_only: bool | None = None,
     adapters: bool = True,
     adapters_dir: str | Path | None = None,
+    compile: bool = False,
 ) -> ModelSet:
     """Load the full set; ε1 defaults to the base UNet when neither identity option is given.
 
@@ -715,4 +717,9 @@ def load_model_set(
         print(f"warning: {notice}", file=sys.stderr)
     for module in (models.vae, models.text_encoder, models.unet, models.identity_unet):
         module.eval().requires_grad_(False)
-    return models.to(device)
+    models = models.to(device)
+    if compile:
+        from ipfacediff.models.devices import compile_unets
+
+        compile_unets([models.unet, models.identity_unet])
+    return models
