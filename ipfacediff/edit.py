@@ -282,7 +282,7 @@ def occlusion_report(found: FaceCrops, track, order: list[int]) -> dict:
         M = found.transforms[track.id][f]
         side = mask.shape[0]
         scale = side / found.crops[track.id][f].shape[0]
-        shares.append(round(occluded_share(mask, face_mask(track, f, M * scale, side)), 4))
+        shares.append(round(max(0.0, occluded_share(mask, face_mask(track, f, M * scale, side))), 4))
     return {
         "occlusion": {
             "method": OCCLUSION_METHOD,
