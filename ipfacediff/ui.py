@@ -789,6 +789,7 @@ PAGE_SETTINGS: dict[str, tuple[tuple[Control, ...], ...]] = {
             Control("blend_threshold", hint=TUNED, placeholder="tuned default"),
         ),
         (Control("local_blend"), Control("detail_transfer")),
+        (Control("occlusion"),),
         (Control("temporal_smoothing", step=0.05),),
         (Control("propagation_temperature", step=0.1),),
         (
