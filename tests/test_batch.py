@@ -63,7 +63,10 @@ def test_batch_edits_shares_inversion_records_failure_and_resumes(clips, tiny_di
     assert glasses["inversion_reused"] is False and smile["inversion_reused"] is True
     assert by_prompt["a face with blonde hair"]["inversion_reused"] is False
     assert glasses["worker"] == smile["worker"]
-    assert len([p for p in (out / ".cache" / "inversion").iterdir() if p.is_dir()]) == 2  # clips a and b
+    entries = [p for p in (out / ".cache" / "inversion").iterdir() if p.is_dir()]
+    inversions = [p for p in entries if any(p.glob("step_*.safetensors"))]
+    assert len(inversions) == 2  # clips a and b; beside them, ε1's keyframe features of each
+    assert all(any(p.glob("features_*.safetensors")) for p in entries if p not in inversions)
     broken = by_prompt["a face"]
     assert broken["status"] == "failed" and "\n" not in broken["error"] and broken["error"]
     assert not Path(broken["output"]).exists()
