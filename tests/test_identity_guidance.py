@@ -158,7 +158,7 @@ def test_an_adapter_library_names_the_net_its_e1_was_trained_against(tiny_dir, t
     library.mkdir()
     copied = _copy_identity_net(SHIPPED_MODELS / "identity_net", library)
     assert (library / copied / "config.json").is_file()
-    written = _library({"identity_net_copy": copied}, {}, set(), None)
+    written = _library({"identity_net_copy": copied}, {}, set())
     assert written["identity_net"] == copied
     (library / "adapters.json").write_text(json.dumps(written))
     pipe = load_pipeline(str(tiny_dir), adapters_dir=library)
