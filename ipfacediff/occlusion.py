@@ -10,7 +10,9 @@ Hands come from mediapipe's hand landmarker (the palm detector and the 21-point 
 wheel bundles), run on a square of the frame around the face: a hand is the filled hull of its
 palm points with the fingers drawn as thick segments, grown by a margin and feathered outwards,
 so the hand itself is covered with weight 1 and the fade lies on the face. Other occluders are
-not found yet (:data:`OCCLUSION_METHOD` names what is).
+not found yet (:data:`OCCLUSION_METHOD` names what is): a person segmenter calls a held microphone
+part of the person, and neither a face's look over its track nor a small segmenter trained on
+pasted occluders found most of them without also marking clean faces (benchmarks/README.md).
 
 mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 """

@@ -201,3 +201,21 @@ def test_the_preview_tints_the_hand_red(occluded, tmp_path):
     assert np.median(redder[hands]) > 40
     unchanged = (shown["clean"][..., 0] - shown["clean"][..., 1]) - (clean[..., 0].astype(int) - clean[..., 1])
     assert np.median(unchanged[hands]) < 10  # where the hand would be: only the face's green tint
+
+
+def test_clean_faces_get_no_mask(shared_clip):
+    """Nothing in front of the face, nothing masked: a real clip other than the fixture's, and
+    FaceWorld people of the held-out split whose glasses, hats and beards belong to the face."""
+    from faceworld.scene import random_attributes, render_clip
+
+    jogger = [frame for _, frame in zip(range(FRAMES), iter_frames(shared_clip("jogger.mp4")))]
+    clips = [(jogger, track_faces(jogger, fps=10.0), 512)]
+    rng = np.random.default_rng(36)
+    for seed, identity in enumerate((1003, 1016)):
+        clip = render_clip(identity, random_attributes(rng), seed=seed, frames=4, size=256)
+        clips.append((list(clip), clip.tracks, 256))
+    for frames, tracks, size in clips:
+        transforms = crop_transforms(tracks, size)
+        assert len(transforms) == len(frames)
+        masks = occlusion_masks(frames, transforms, size)
+        assert masks.shape == (len(frames), size, size) and not masks.any()
