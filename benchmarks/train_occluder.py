@@ -10,7 +10,7 @@ in solid colours, gradients, stripes, grids, noise or patches of other images, h
 from the crop's edge. closeup.mp4 is left out: the benchmark measures on it.
 
     OMP_NUM_THREADS=1 python benchmarks/train_occluder.py --steps 3000 \
-        --out /tmp/occluder_segmenter.safetensors
+        --out outputs/occluder_segmenter.safetensors
 """
 
 from __future__ import annotations
