@@ -43,7 +43,7 @@ from ipfacediff.diffusion.inversion import (
     select_rows,
 )
 from ipfacediff.diffusion.latents import decode_latents, encode_frames, encode_prompt, logger, report_cut_prompts
-from ipfacediff.diffusion.timing import Progress, StageTimer
+from ipfacediff.diffusion.timing import Progress, StageObserver, StageTimer, observing_stages
 
 __all__ = [
     "CACHE_CHUNK",
@@ -54,6 +54,7 @@ __all__ = [
     "InversionCache",
     "InvertedVideo",
     "Progress",
+    "StageObserver",
     "StageTimer",
     "alpha_pairs",
     "capture_output",
@@ -73,6 +74,7 @@ __all__ = [
     "invert_frames",
     "join_inverted",
     "logger",
+    "observing_stages",
     "predicted_noise",
     "report_cut_prompts",
     "sample_from_inverted",
