@@ -5,9 +5,15 @@
     python benchmarks/edit_speed.py --full-size --device cuda --json OUT.json   # SD-1.5 architecture, fp16, 512²
     python benchmarks/edit_speed.py --full-size --device cuda --compile --plan full:40,reedit:40,full:160
     python benchmarks/edit_speed.py --full-size --device cpu --plan identity_call:1   # one identity-guidance call
+    python benchmarks/edit_speed.py --full-size --device cuda --shared-unet --plan full:40,reedit:40
 
 --full-size builds the real SD-1.5 configurations with random weights (no download: timing does
-not depend on the weights); ε1 and ε2 are two separate UNets, as with two fine-tuned models.
+not depend on the weights); ε1 and ε2 are two separate UNets, as with two fine-tuned models, or
+with --shared-unet LoRA adapters over one UNet, as a model set with an identity LoRA loads.
+Peak memory is reported per stage too ("peak_memory_mb_per_stage": the allocator's peak on a GPU,
+the resident set's growth on the CPU), and every run ends with an accounting of SD-1.5's memory
+computed on the CPU ("sd15_accounting": weights, each model call's activations under fake
+tensors, the host's share), so a memory budget can be reasoned about without a GPU.
 Cost that does not depend on the machine is counted too: UNet evaluations (one frame through one
 UNet, the two halves of classifier-free guidance two) per edited frame, and the FLOPs of one
 evaluation and of one identity-guidance call (VAE decoder forward and backward), counted by
@@ -35,7 +41,13 @@ from torch.utils._pytree import tree_flatten
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ipfacediff.diffusion import FEATURE_DIM, InversionCache, frames_digest, observing_stages  # noqa: E402
+from ipfacediff.diffusion import (  # noqa: E402
+    FEATURE_DIM,
+    InversionCache,
+    decoder_checkpointing,
+    frames_digest,
+    observing_stages,
+)
 from ipfacediff.editing import (  # noqa: E402
     ANCHOR_KEYFRAMES,
     DEFAULT_KEYFRAME_BATCH,
@@ -150,10 +162,15 @@ def add_role_adapters(unet, rank: int = 16) -> dict[str, float]:
     zero, so each role computes its own model. Returns the edit weights the pipeline switches to."""
     from peft import LoraConfig
 
+    import warnings
+
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
     generator = torch.Generator().manual_seed(1)
     for name in (IDENTITY_ADAPTER, "edit_0"):
-        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False), name)
+        with warnings.catch_warnings():  # peft's note that a second adapter joins the first: meant here
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
+            unet.add_adapter(config, name)
     with torch.no_grad():
         for module_name, tensor in unet.named_parameters():
             if "lora_B" in module_name:
@@ -281,8 +298,8 @@ def sd15_accounting(
                 latents(n), torch.tensor(500), encoder_hidden_states=torch.empty(n, 77, 768, dtype=half)
             )
 
-        def guided_decode():
-            with torch.enable_grad():
+        def guided_decode():  # as identity guidance runs it: checkpointed
+            with torch.enable_grad(), decoder_checkpointing(vae):
                 point = latents(1).requires_grad_(True)
                 torch.autograd.grad(vae.decode(point).sample.float().sum(), point)
 

@@ -62,6 +62,27 @@ def test_latents_are_kept_only_when_asked_and_are_what_the_frames_decode_from(ti
     assert np.array_equal(dropped.frames, kept.frames)
 
 
+def test_identity_guidance_recomputes_the_decoder_in_its_backward_for_the_same_gradient(tiny_pipe):
+    from ipfacediff.editing.guidance import identity_gradient
+
+    vae, net = tiny_pipe.vae, tiny_pipe.identity_net()
+    point = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    target = torch.nn.functional.normalize(torch.randn(1, 128, generator=torch.Generator().manual_seed(4)), dim=-1)
+    with torch.enable_grad():  # the gradient with every activation kept
+        leaf = point.clone().requires_grad_(True)
+        image = vae.decode(leaf / vae.config.scaling_factor).sample.float().clamp(-1, 1)
+        torch.nn.functional.cosine_similarity(net(image), target, dim=-1).sum().backward()
+    runs: list[int] = []
+    hook = vae.decoder.mid_block.register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        gradient, _ = identity_gradient(vae, net, point, target)
+    finally:
+        hook.remove()
+    assert len(runs) == 2  # forward, and again in the backward
+    assert torch.equal(gradient, leaf.grad)
+    assert not vae.is_gradient_checkpointing  # left as it was
+
+
 def test_an_observer_is_told_of_every_stage_as_it_begins_and_ends(tiny_pipe, tmp_path):
     events: list[tuple[str, bool]] = []
     with observing_stages(lambda stage, entering: events.append((stage, entering))):

@@ -42,7 +42,14 @@ from ipfacediff.diffusion.inversion import (
     sample_from_inverted,
     select_rows,
 )
-from ipfacediff.diffusion.latents import decode_latents, encode_frames, encode_prompt, logger, report_cut_prompts
+from ipfacediff.diffusion.latents import (
+    decode_latents,
+    decoder_checkpointing,
+    encode_frames,
+    encode_prompt,
+    logger,
+    report_cut_prompts,
+)
 from ipfacediff.diffusion.timing import Progress, StageObserver, StageTimer, observing_stages
 
 __all__ = [
@@ -64,6 +71,7 @@ __all__ = [
     "ddim_step",
     "ddim_walk",
     "decode_latents",
+    "decoder_checkpointing",
     "default_cache_dir",
     "default_feature_steps",
     "encode_frames",
