@@ -55,6 +55,7 @@ from ipfacediff.editing import (  # noqa: E402
     STAGES,
     IPFaceDiffPipeline,
 )
+from ipfacediff.editing.propagation import propagate_by_nearest_neighbour, squared_distances  # noqa: E402
 from ipfacediff.models import (  # noqa: E402
     IDENTITY_ADAPTER,
     SD1_SCHEDULER_CONFIG,
@@ -224,10 +225,11 @@ class LiveBytes(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.storages: dict[int, list[int]] = {}  # storage → [bytes, tensors alive on it]
-        self.seen: weakref.WeakSet = weakref.WeakSet()
+        self.tensors: set[int] = set()  # ids of the tensors counted and alive
         self.live = self.peak = 0
 
-    def release(self, key: int) -> None:
+    def release(self, key: int, tensor: int) -> None:
+        self.tensors.discard(tensor)
         entry = self.storages[key]
         entry[1] -= 1
         if entry[1] == 0:
@@ -237,8 +239,8 @@ class LiveBytes(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor) and tensor not in self.seen:
-                self.seen.add(tensor)
+            if isinstance(tensor, torch.Tensor) and id(tensor) not in self.tensors:  # in place: already counted
+                self.tensors.add(id(tensor))
                 storage = tensor.untyped_storage()
                 key = storage._cdata
                 if key not in self.storages:
@@ -246,7 +248,7 @@ class LiveBytes(TorchDispatchMode):
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)
                 self.storages[key][1] += 1
-                weakref.finalize(tensor, self.release, key)
+                weakref.finalize(tensor, self.release, key, id(tensor))
         return out
 
 
@@ -316,6 +318,16 @@ def sd15_accounting(
                 f"unet_batch_{keyframe_rows}_keyframes": peak(unet_call(keyframe_rows)),
             }
         calls["vae_decode_backward_batch_1"] = peak(guided_decode)
+        # the keyframes' edit carried to every other frame through their 64² tokens' similarities
+        keyframes = list(range(0, frames, max(1, frames // 8)))
+        deltas = {k: torch.empty(4, 64, 64) for k in keyframes}
+        features = torch.empty(frames, 64 * 64, FEATURE_DIM, dtype=half)
+        temperature = EditSettings(prompt="x").propagation_temperature
+        squared_distances.cache_clear()  # a cached grid of another fake mode, or a real one, is not this mode's
+        calls["propagation"] = peak(
+            lambda: propagate_by_nearest_neighbour(deltas, features, frames, temperature=temperature)
+        )
+        squared_distances.cache_clear()
     lora_mb = 0.0
     if shared_unet:  # ε1's and ε2's adapters, counted on a shape-only copy (peft's layers refuse fake tensors)
         with torch.device("meta"):
@@ -340,7 +352,7 @@ def sd15_accounting(
         "identity_features": calls[f"unet_batch_{batch}"],
         "keyframe_edit": calls[f"unet_batch_{keyframe_rows}_keyframes"],
         "identity_gradient": calls["vae_decode_backward_batch_1"],
-        "propagation": 0.0,
+        "propagation": calls["propagation"],
         "decode": calls[f"vae_decode_batch_{vae_batch}"],
     }
     held = min(frames, window) + (ANCHOR_KEYFRAMES if frames > window else 0)
@@ -593,6 +605,12 @@ def main() -> None:
         help="with --full-size: ε1 and ε2 as LoRA adapters over one UNet (default: two UNets, as two fine-tunes)",
     )
     parser.add_argument(
+        "--accounting-only",
+        action="store_true",
+        help="only the accounting of SD-1.5's memory at --vae-batch-size, --batch-size (default 16), --steps and "
+        "--shared-unet, for 40 frames: no model runs",
+    )
+    parser.add_argument(
         "--no-accounting",
         action="store_true",
         help="skip the accounting of SD-1.5's memory (weights, activations per call, host; about half a minute)",
@@ -601,6 +619,15 @@ def main() -> None:
         "--batch-size", type=int, default=None, help="frames per UNet batch (default 16 on CUDA, 8 on CPU)"
     )
     args = parser.parse_args()
+    if args.accounting_only:
+        account = sd15_accounting(
+            steps=args.steps, batch=args.batch_size or 16, vae_batch=args.vae_batch_size, shared_unet=args.shared_unet
+        )
+        print_accounting(account)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"sd15_accounting": account}, indent=2))
+        return
 
     device = torch.device(args.device)
     dtype = torch.float16 if args.full_size and device.type == "cuda" else torch.float32
