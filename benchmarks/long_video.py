@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edit_speed import PeakMemory, clip_frames, full_size_pipeline, tiny_pipeline  # noqa: E402
-from ipfacediff.diffusion import CACHE_CHUNK, FEATURE_DIM, InversionCache  # noqa: E402
-from ipfacediff.editing import ANCHOR_KEYFRAMES  # noqa: E402
+from ipfacediff.diffusion import CACHE_CHUNK, FEATURE_DIM, InversionCache, chunk_bounds, observing_stages  # noqa: E402
+from ipfacediff.editing import ANCHOR_KEYFRAMES, edit_windows  # noqa: E402
 from ipfacediff.settings import DEFAULT_STEPS, DEFAULT_WINDOW, EditSettings  # noqa: E402
 
 PROMPT = "a face with eyeglasses"
@@ -78,14 +78,43 @@ class HostPeak:
         return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "anon": int(fields["RssAnon"].split()[0]) * 1024}
 
 
+class WindowFloors:
+    """The anonymous resident set as each window after the first begins (the window before's
+    tensors gone), against the frames finished by then: what an edit holds for the clip so far,
+    without the transient peaks of one window's work. Told of the stages by :func:`observing_stages`."""
+
+    def __init__(self, starts: list[int]):
+        self.starts, self.points, self.decoded = starts, [], False
+
+    def __call__(self, stage: str, entering: bool) -> None:
+        if stage == "decode" and not entering:
+            self.decoded = True
+        elif stage == "invert" and entering and self.decoded:  # a new window's first stage
+            self.decoded = False
+            done = self.starts[len(self.points) + 1]
+            self.points.append((done, HostPeak.read()["anon"]))
+
+    def growth_mb_per_1000_frames(self) -> float | None:
+        """The least-squares slope of the floors (None: fewer than three windows after the first)."""
+        if len(self.points) < 3:
+            return None
+        done, anon = np.array(self.points, dtype=np.float64).T
+        return round(float(np.polyfit(done, anon, 1)[0]) * 1000 / 2**20, 3)
+
+
 def one_run(frames: int, args: argparse.Namespace) -> dict:
     """Edit a drifting texture of ``frames`` frames from an empty cache, in this process."""
     device = torch.device(args.device)
-    pipe = full_size_pipeline(device, torch.float16) if args.full_size else tiny_pipeline().to(device)
-    size = 512 if args.full_size else args.size
+    if args.full_size or args.sd15_shapes:
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        pipe = full_size_pipeline(device, dtype, narrow=args.sd15_shapes)
+    else:
+        pipe = tiny_pipeline().to(device)
+    size = 512 if args.full_size or args.sd15_shapes else args.size
     batch = 16 if device.type == "cuda" else 8
     scratch = Path(tempfile.mkdtemp(prefix="long-video-"))
-    pipe(clip_frames(16, size, seed=99), EditSettings(prompt="warm up", steps=2), batch_size=batch)  # not measured
+    warm = 4 if args.sd15_shapes else 16  # not measured: kernels and the allocator
+    pipe(clip_frames(warm, size, seed=99), EditSettings(prompt="warm up", steps=2), batch_size=batch)
     clip = np.lib.format.open_memmap(scratch / "crops.npy", mode="w+", dtype=np.uint8, shape=(frames, size, size, 3))
     clip[:] = clip_frames(frames, size, seed=frames)  # before the measurement, then dropped
     clip.flush()
@@ -95,9 +124,10 @@ def one_run(frames: int, args: argparse.Namespace) -> dict:
     settings = EditSettings(
         prompt=PROMPT, steps=args.steps, window=args.window, identity_gradient=args.identity_gradient
     )
-    with PeakMemory(device) as memory, HostPeak() as host:
+    floors = WindowFloors([begin for begin, _ in edit_windows(chunk_bounds(list(range(frames))), args.window)])
+    with PeakMemory(device) as memory, HostPeak() as host, observing_stages(floors):
         started = time.perf_counter()
-        result = pipe(clip, settings, cache=cache, batch_size=batch, output=edited)
+        result = pipe(clip, settings, cache=cache, batch_size=batch, output=edited, latents=args.keep_latents)
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started
@@ -111,6 +141,9 @@ def one_run(frames: int, args: argparse.Namespace) -> dict:
         "stages": {k: round(v, 3) for k, v in result.timings.items()},
     }
     run["peak_anon_mb"] = round(host.peak["anon"] / 2**20, 1)  # host memory, also on a GPU
+    run["peak_memory_mb_per_stage"] = memory.stages_mb()
+    run["window_floors_mb"] = [(done, round(anon / 2**20, 2)) for done, anon in floors.points]
+    run["floor_growth_mb_per_1000_frames"] = floors.growth_mb_per_1000_frames()
     run["stores"] = clip_stores(result)
     return run
 
@@ -120,8 +153,15 @@ def clip_stores(result) -> dict:
     the edited latents (and what they would be at SD-1.5's 4×64×64), the keyframes of every step.
     The crops and the edited frames are memory-mapped files here, as ``ipfacediff edit`` keeps them."""
     latents = result.latents
-    per_frame = latents[0].numel() * latents.element_size()
     keyframes = sum(sys.getsizeof(step) + 28 * len(step) for step in result.keyframes_per_step)
+    if latents is None:  # not kept (latents=False, as ``ipfacediff edit`` asks)
+        return {
+            "latents_bytes": 0,
+            "latents_shape": None,
+            "latents_bytes_at_sd15": 0,
+            "keyframes_per_step_bytes": keyframes,
+        }
+    per_frame = latents[0].numel() * latents.element_size()
     return {
         "latents_bytes": latents.numel() * latents.element_size(),
         "latents_shape": list(latents.shape[1:]),
@@ -199,6 +239,10 @@ def growth(runs: dict, lengths: list[int]) -> dict:
         for name in ("latents_bytes", "latents_bytes_at_sd15", "keyframes_per_step_bytes")
         if "stores" in first
     }
+    # within one run: the floor between windows against the frames done (the longest clip's repeats)
+    out["window_floor_mb_per_1000_frames_per_repeat"] = [
+        r.get("floor_growth_mb_per_1000_frames") for r in last["repeats"]
+    ]
     for key in ("peak_memory_mb", "peak_anon_mb"):
         if key in first and key in last:
             out[key.replace("peak_", "").replace("_mb", "") + "_mb_per_1000_frames"] = round(
@@ -216,8 +260,6 @@ def borders(args: argparse.Namespace) -> dict:
     windows' shared chunks against the others, and the attribute oracle's call of the target on
     the crops of each window border's two sides (the chunk before the shared one, the one after)."""
     from faceworld_quality import crops_of
-    from ipfacediff.diffusion import chunk_bounds
-    from ipfacediff.editing import edit_windows
     from faceworld import EDITS, HELD_OUT_IDS, caption, render_clip
     from faceworld.oracles import AttributeOracle
     from ipfacediff.job import SHIPPED_MODELS, edit_video, load_pipeline
@@ -305,6 +347,12 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=4, help="DDIM steps (default 4: a short CPU run)")
     parser.add_argument(
+        "--sd15-shapes",
+        action="store_true",
+        help="SD-1.5's shapes at narrow widths (512² crops, 4×64×64 latents, 64² feature tokens): host memory "
+        "per frame as at full size, on a CPU",
+    )
+    parser.add_argument(
         "--size", type=int, default=32, help="crop side with the tiny models (default 32: a short CPU run)"
     )
     parser.add_argument(
@@ -321,6 +369,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--identity-gradient", type=float, default=None, help="identity guidance (default: the edit's; 0 = off)"
+    )
+    parser.add_argument(
+        "--keep-latents",
+        action="store_true",
+        help="the result keeps the edited latents (the Python API's default; `ipfacediff edit` does not)",
     )
     parser.add_argument("--no-borders", action="store_true", help="skip the FaceWorld border measurement")
     parser.add_argument("--only-borders", action="store_true", help="only the FaceWorld border measurement")
@@ -346,13 +399,17 @@ def main() -> None:
         args.device,
     ]
     forwarded += ["--full-size"] if args.full_size else []
+    forwarded += ["--sd15-shapes"] if args.sd15_shapes else []
+    forwarded += ["--keep-latents"] if args.keep_latents else []
     forwarded += ["--identity-gradient", str(args.identity_gradient)] if args.identity_gradient is not None else []
     results: dict = {
         "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu",
         "full_size": args.full_size,
-        "resolution": 512 if args.full_size else args.size,
+        "sd15_shapes": args.sd15_shapes,
+        "resolution": 512 if args.full_size or args.sd15_shapes else args.size,
         "steps": args.steps,
         "window": args.window,
+        "keep_latents": args.keep_latents,
         "runs": {},
     }
 
@@ -371,19 +428,22 @@ def main() -> None:
         for key in ("seconds", "peak_memory_mb", "peak_anon_mb"):
             if key in run:
                 run[key] = float(np.median([r[key] for r in repeats]))
-        run["repeats"] = [{k: r[k] for k in ("seconds", "peak_memory_mb", "peak_anon_mb") if k in r} for r in repeats]
+        kept = ("seconds", "peak_memory_mb", "peak_anon_mb", "floor_growth_mb_per_1000_frames")
+        run["repeats"] = [{k: r[k] for k in kept if k in r} for r in repeats]
         results["runs"][str(n)] = run
         print(f"{n} frames: {json.dumps(run)}", flush=True)
         save()
     first, last = results["runs"][str(lengths[0])], results["runs"][str(lengths[-1])]
+
+    def ratio(key: str) -> float | None:  # None: the shorter clip's figure is zero
+        return round(last[key] / first[key], 3) if first.get(key) else None
+
     results["ratios"] = {
-        f"rss_{lengths[-1]}_over_{lengths[0]}": round(last["peak_memory_mb"] / first["peak_memory_mb"], 3),
-        f"time_{lengths[-1]}_over_{lengths[0]}": round(last["seconds"] / first["seconds"], 3),
+        f"rss_{lengths[-1]}_over_{lengths[0]}": ratio("peak_memory_mb"),
+        f"time_{lengths[-1]}_over_{lengths[0]}": ratio("seconds"),
     }
     if "peak_anon_mb" in first:
-        results["ratios"][f"anon_rss_{lengths[-1]}_over_{lengths[0]}"] = round(
-            last["peak_anon_mb"] / first["peak_anon_mb"], 3
-        )
+        results["ratios"][f"anon_rss_{lengths[-1]}_over_{lengths[0]}"] = ratio("peak_anon_mb")
     results["growth"] = growth(results["runs"], lengths)
     print("growth:", json.dumps(results["growth"]), flush=True)
     save()

@@ -229,6 +229,7 @@ def edit_faces(
             frame_indices=order,
             output=crops.empty_like(order).array,
             occlusion=occlusion,
+            latents=False,
         )
         faces.crops[track.id] = {
             f: faded(crops[f], crop, settings.fade_weight(f, frames_to_edit)) for f, crop in zip(order, result.frames)

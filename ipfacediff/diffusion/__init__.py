@@ -42,8 +42,15 @@ from ipfacediff.diffusion.inversion import (
     sample_from_inverted,
     select_rows,
 )
-from ipfacediff.diffusion.latents import decode_latents, encode_frames, encode_prompt, logger, report_cut_prompts
-from ipfacediff.diffusion.timing import Progress, StageTimer
+from ipfacediff.diffusion.latents import (
+    decode_latents,
+    decoder_checkpointing,
+    encode_frames,
+    encode_prompt,
+    logger,
+    report_cut_prompts,
+)
+from ipfacediff.diffusion.timing import Progress, StageObserver, StageTimer, observing_stages
 
 __all__ = [
     "CACHE_CHUNK",
@@ -54,6 +61,7 @@ __all__ = [
     "InversionCache",
     "InvertedVideo",
     "Progress",
+    "StageObserver",
     "StageTimer",
     "alpha_pairs",
     "capture_output",
@@ -63,6 +71,7 @@ __all__ = [
     "ddim_step",
     "ddim_walk",
     "decode_latents",
+    "decoder_checkpointing",
     "default_cache_dir",
     "default_feature_steps",
     "encode_frames",
@@ -73,6 +82,7 @@ __all__ = [
     "invert_frames",
     "join_inverted",
     "logger",
+    "observing_stages",
     "predicted_noise",
     "report_cut_prompts",
     "sample_from_inverted",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -43,6 +45,23 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor, *, batch_size: int
         image = image.clamp(-1, 1)
         out.append(((image + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy())
     return np.concatenate(out)
+
+
+@contextmanager
+def decoder_checkpointing(vae: AutoencoderKL) -> Iterator[None]:
+    """While open, a backward pass through the VAE recomputes each block's activations instead of
+    keeping them (diffusers' gradient checkpointing): the decoder's backward at 512² is the
+    largest allocation of an edit that guides identity, and with it that allocation is a block's,
+    not the decoder's, for one more decoder forward. The gradient is the same. A VAE that already
+    checkpoints (one being trained) is left as it is."""
+    if not getattr(vae, "_supports_gradient_checkpointing", False) or vae.is_gradient_checkpointing:
+        yield
+        return
+    vae.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        vae.disable_gradient_checkpointing()
 
 
 @torch.no_grad()

@@ -12,6 +12,22 @@ import torch
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as work advances, e.g. to drive a progress bar."""
 
+StageObserver = Callable[[str, bool], None]
+"""observer(stage, entering): told as a timed stage begins (True) and as it ends (False)."""
+
+_observers: list[StageObserver] = []
+
+
+@contextmanager
+def observing_stages(observer: StageObserver) -> Iterator[None]:
+    """Tell ``observer`` of every stage any :class:`StageTimer` times while open, so a measurement
+    beside the seconds (peak memory per stage) needs nothing passed through the pipeline."""
+    _observers.append(observer)
+    try:
+        yield
+    finally:
+        _observers.remove(observer)
+
 
 class StageTimer:
     """Seconds per named stage, summed over the stage's repeats.
@@ -25,6 +41,8 @@ class StageTimer:
 
     @contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
+        for observer in list(_observers):
+            observer(stage, True)
         started = time.perf_counter()
         try:
             yield
@@ -32,3 +50,5 @@ class StageTimer:
             if self.device is not None and self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - started
+            for observer in list(_observers):
+                observer(stage, False)

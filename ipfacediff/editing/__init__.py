@@ -19,7 +19,7 @@ from ipfacediff.editing.hooks import (
     feature_hooks,
     residual_injection_block,
 )
-from ipfacediff.editing.pipeline import STAGES, EditResult, IPFaceDiffPipeline, RunStats
+from ipfacediff.editing.pipeline import DEFAULT_VAE_BATCH, STAGES, EditResult, IPFaceDiffPipeline, RunStats
 from ipfacediff.editing.plan import EditPlan, plan_edit
 from ipfacediff.editing.propagation import (
     nearest_neighbour_field,
@@ -69,6 +69,7 @@ __all__ = [
     "DEFAULT_KEYFRAME_BATCH",
     "DEFAULT_KEYFRAME_SPACING",
     "DEFAULT_STEPS",
+    "DEFAULT_VAE_BATCH",
     "DETAIL_TOLERANCE",
     "FRAME_WORDS",
     "MASK_SMOOTHING_PASSES",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from ipfacediff.diffusion import StageTimer
+from ipfacediff.diffusion import StageTimer, decoder_checkpointing
 from ipfacediff.editing.plan import EditPlan
 from ipfacediff.editing.windows import EditWindow
 from ipfacediff.identity import IdentityEncoder, IdentityNet
@@ -36,7 +36,7 @@ def identity_gradient(
     which the caller checks."""
     if scale is None:
         scale = HALF_GRADIENT_SCALE if vae.dtype == torch.float16 else 1.0
-    with torch.enable_grad():
+    with torch.enable_grad(), decoder_checkpointing(vae):
         point = point.to(vae.device, vae.dtype).requires_grad_(True)
         image = vae.decode(point / vae.config.scaling_factor).sample.float().clamp(-1, 1)
         similarity = F.cosine_similarity(net(image), target.to(image.device), dim=-1).sum()

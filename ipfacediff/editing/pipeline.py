@@ -53,6 +53,11 @@ from ipfacediff.errors import NonFiniteError
 from ipfacediff.models import ModelSet, activate_role, is_compiled, module_fingerprint
 from ipfacediff.settings import DEFAULT_STEPS, EditSettings
 
+# Frames per VAE call, whatever the UNet's batch: at 512² the decoder's activations per frame are
+# several times the UNet's, so at the UNet's batch the decode would set the edit's peak memory.
+# Two, not one: a single frame takes other CPU convolution kernels, which round differently.
+DEFAULT_VAE_BATCH = 2
+
 STAGES = (
     "encode",
     "invert",
@@ -76,7 +81,7 @@ class EditResult:
     keyframes_per_step: list[list[int]]
     unet_calls: dict[str, int]
     edit_adapters: dict[str, float] = field(default_factory=dict)  # the ε2 adapters used, by name
-    latents: torch.Tensor | None = None  # the edited latents (N, 4, h, w), before decoding
+    latents: torch.Tensor | None = None  # the edited latents (N, 4, h, w), before decoding (None: not kept)
     hair: bool = False  # an edit of the hair (asked for, or by a hair adapter): paste with the hair mask
     guidance: float | None = None  # the classifier-free guidance it was edited with
     identity_gradient: float = 0.0  # the identity guidance while sampling it was edited with (0: none)
@@ -183,6 +188,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         timer: StageTimer | None = None,
         edit_weights: dict[str, float] | None = None,
         frame_indices: Sequence[int] | None = None,
+        vae_batch_size: int = DEFAULT_VAE_BATCH,
     ) -> tuple[InvertedVideo, torch.Tensor]:
         """Encode and DDIM-invert the frames with the guiding model (ε1, or ε2 when ablated).
 
@@ -219,7 +225,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
                 chunk = np.array(frames[begin:end])  # a copy: the frames may be a read-only memory map
                 key = InversionCache.key(frames=frames_digest(chunk), **parts)
                 with timer("encode"):
-                    clean = self.encode_chunk(chunk, key, cache, batch_size=batch_size)
+                    clean = self.encode_chunk(chunk, key, cache, batch_size=vae_batch_size)
                 report = None
                 if progress:
 
@@ -345,14 +351,15 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         cache: InversionCache | None,
         *,
         batch_size: int = 8,
+        vae_batch_size: int = DEFAULT_VAE_BATCH,
     ) -> np.ndarray:
         """The edited latents as pictures, with the detail the VAE loses put back where the edit
         changed nothing (:func:`transfer_detail`). Latents that are not finite are refused
         (:class:`NonFiniteError`): decoded, they are a grey or black video."""
         NonFiniteError.check(edited, "denoising (the edited latents)", self.unet.dtype)
-        output = decode_latents(self.vae, edited, batch_size=batch_size)
+        output = decode_latents(self.vae, edited, batch_size=vae_batch_size)
         if settings.detail_transfer:
-            reconstruction = self.reconstruction(inverted, cache, batch_size=batch_size, rows=len(edited))
+            reconstruction = self.reconstruction(inverted, cache, batch_size=vae_batch_size, rows=len(edited))
             output = transfer_detail(frames, output, reconstruction, device=self.vae.device, batch_size=batch_size)
         return output
 
@@ -367,6 +374,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         cache: InversionCache | None,
         timer: StageTimer,
         batch_size: int,
+        vae_batch_size: int = DEFAULT_VAE_BATCH,
     ) -> tuple[InvertedVideo, torch.Tensor]:
         """Step 3 for one window: its frames (numbered ``numbers`` in the video) inverted with the
         guiding model, as the settings and plan say (:meth:`invert`)."""
@@ -381,6 +389,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             timer=timer,
             edit_weights=plan.edit_weights,
             frame_indices=numbers,
+            vae_batch_size=vae_batch_size,
         )
 
     @torch.no_grad()
@@ -397,18 +406,23 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         frame_indices: Sequence[int] | None = None,
         output: np.ndarray | None = None,
         occlusion: np.ndarray | None = None,
+        latents: bool = True,
+        vae_batch_size: int = DEFAULT_VAE_BATCH,
     ) -> EditResult:
         """Edit face crops (N, H, W, 3) uint8 aligned to the canonical five points (whole frames
         with ``settings.whole_frame``) so they show ``settings.prompt``.
 
-        ``plan`` overrides the adapter library's choice (:meth:`plan_edit`); ``batch_size`` and
-        ``keyframe_batch`` bound memory and do not change the result. ``frame_indices`` are the
+        ``plan`` overrides the adapter library's choice (:meth:`plan_edit`); ``batch_size`` (UNet
+        calls), ``vae_batch_size`` (VAE calls) and ``keyframe_batch`` bound memory and do not change
+        the result. ``frame_indices`` are the
         frames' numbers in their video (default 0, 1, …), which the inversion cache's chunks
         follow. A clip of more than ``settings.window`` frames is edited window by window
         (:class:`~ipfacediff.editing.windows.ClipWindows`); with ``output`` (an array shaped as
         ``frames``, e.g. a memory map) the edited frames are written into it window by window.
         ``occlusion`` (N, s, s) float, 1 where something is in front of the face
-        (:mod:`ipfacediff.occlusion`), is left out of the local blend's region.
+        (:mod:`ipfacediff.occlusion`), is left out of the local blend's region. ``latents=False``
+        leaves :attr:`EditResult.latents` None: the frames do not need them, and kept they are
+        the one thing of an edit's memory that grows with the clip.
         """
         stats, mapped = RunStats(StageTimer(self.unet.device, STAGES)), [frames, output]
         stats.skipped_from = self.identity_steps_skipped
@@ -417,13 +431,25 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         occlusion = None if occlusion is None else np.asarray(occlusion)[first_of_run]
         numbers = list(first_of_run) if frame_indices is None else [int(frame_indices[i]) for i in first_of_run]
         # 2. Plan the edit: adapters, guidance, blend threshold, hair, identity guidance.
-        plan, clip, timer = plan or self.plan_edit(settings), ClipWindows(numbers, settings, progress), stats.timer
+        plan, clip, timer = (
+            plan or self.plan_edit(settings),
+            ClipWindows(numbers, settings, progress, keep_latents=latents),
+            stats.timer,
+        )
         output = np.empty((len(run_of), *frames.shape[1:]), np.uint8) if output is None else output
         for window in clip:  # one window of a long clip at a time (the whole clip when it is short)
             part, numbered = frames[window.begin : window.end], numbers[window.begin : window.end]
             # 3. Invert every frame with the guiding model (cached per chunk of frames and step).
             inverted, embeds = self.invert_window(
-                part, numbered, settings, plan, window, cache=cache, timer=timer, batch_size=batch_size
+                part,
+                numbered,
+                settings,
+                plan,
+                window,
+                cache=cache,
+                timer=timer,
+                batch_size=batch_size,
+                vae_batch_size=vae_batch_size,
             )
             stats.count({"invert": inverted.unet_calls})
             # NaN or inf in any step reaches the noisiest one: one check for the window's inversion.
@@ -453,7 +479,15 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             final = clip.finish(window, part, denoised.latents, inverted, difference, denoised.keyframes)
             # 7. Decode and restore the detail the VAE loses.
             with timer("decode"):
-                decoded = self.decode(final, part[: len(final)], inverted, settings, cache, batch_size=batch_size)
+                decoded = self.decode(
+                    final,
+                    part[: len(final)],
+                    inverted,
+                    settings,
+                    cache,
+                    batch_size=batch_size,
+                    vae_batch_size=vae_batch_size,
+                )
                 rows = np.flatnonzero((run_of >= window.begin) & (run_of < window.begin + len(final)))
                 output[rows] = decoded[run_of[rows] - window.begin]  # repeats included
             for array in mapped:
@@ -473,14 +507,13 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
     ) -> EditResult:
         """The :class:`EditResult` of an edit: its frames, what it counted, and what it was edited with."""
         levels = len(sampling_timesteps(self.scheduler, settings.steps))
-        edited = torch.cat(clip.latents)
+        edited, clip.latents = clip.latents, None
         skipped = self.identity_steps_skipped - stats.skipped_from
         if skipped:
             logger.warning(
                 f"note: identity guidance left {skipped} keyframe step(s) unguided: their gradient through the "
                 f"{str(self.vae.dtype).removeprefix('torch.')} decoder was not finite; --dtype float32 guides them"
             )
-        clip.latents.clear()
         repeats = len(run_of) != len(first_of_run)
         return EditResult(
             frames=output,
@@ -489,7 +522,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             keyframes_per_step=[[first_of_run[k] for k in chosen] for chosen in clip.history],
             unet_calls=stats.calls,
             edit_adapters=plan.edit_adapters,
-            latents=edited[run_of] if repeats else edited,
+            latents=edited[run_of] if repeats and edited is not None else edited,
             hair=plan.hair,
             guidance=plan.guidance,
             inversion_reused_share=clip.reused / (len(first_of_run) * levels),

@@ -127,13 +127,24 @@ class ClipWindows:
     of its latents are final (the rest is the next window's to fade into).
     """
 
-    def __init__(self, numbers: Sequence[int], settings: EditSettings, progress: Progress | None = None):
+    def __init__(
+        self,
+        numbers: Sequence[int],
+        settings: EditSettings,
+        progress: Progress | None = None,
+        *,
+        keep_latents: bool = True,
+    ):
         self.bounds = edit_windows(chunk_bounds(numbers), settings.window)
         self.settings, self.total, self.progress = settings, len(numbers), progress
         self.anchors: Anchors | None = None
         self.pending: torch.Tensor | None = None  # the window before's edit of the overlap, faded out
         self.known: torch.Tensor | None = None  # the local blend's prompt differences of the overlap
-        self.latents: list[torch.Tensor] = []
+        # The clip's final latents, filled window by window (None: not kept). One tensor, not a list
+        # of the windows' rows: a window's rows would hold its whole edit, overlap included, and
+        # joining them would hold the clip's latents twice.
+        self.keep_latents = keep_latents
+        self.latents: torch.Tensor | None = None
         self.history: list[list[int]] = []
         self.reused = 0
 
@@ -172,7 +183,10 @@ class ClipWindows:
         keep = self.bounds[number + 1][0] - begin if number + 1 < len(self.bounds) else end - begin
         self.pending = edited[keep:].clone() if keep < end - begin else None
         self.known = difference[keep:].clone() if difference is not None and self.pending is not None else None
-        self.latents.append(edited[:keep])
+        if self.keep_latents:
+            if self.latents is None:
+                self.latents = edited.new_empty((self.total, *edited.shape[1:]))
+            self.latents[begin : begin + keep] = edited[:keep]
         self.reused += sum(r * (b2 - b1) for b1, b2, _, r in inverted.chunks if number == 0 or b1 > 0)
         for step, keys in enumerate(keyframes):
             if step == len(self.history):
