@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--inject-attention-until", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--identity-gradient", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--identity-gradient-from", type=int, default=None, help="default: the edit command's")
+    parser.add_argument("--attention-merge", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     methods = {m: METHODS[m] for m in args.methods.split(",") if m}  # none: the reference rows only
@@ -215,6 +216,7 @@ def main() -> None:
             "identity_gradient_from",
             "inject_feature_until",
             "inject_attention_until",
+            "attention_merge",
         )
         if getattr(args, k) is not None
     }
@@ -361,6 +363,11 @@ def main() -> None:
             if m != "full" and full is not None
         },
         "unedited": summary(merged(scores["unedited"])),
+        # each (person, edit) item's scores, in the same order in every report, for paired comparisons
+        "items": {
+            m: {k: [round(float(v), 4) for v in values] for k, values in merged(by_edit).items()}
+            for m, by_edit in scores.items()
+        },
         "truth_through_vae": crop_summary(merged(reference_scores))
         | {"by_edit": {e: crop_summary(r) for e, r in reference_scores.items() if r["success"]}},
     }
