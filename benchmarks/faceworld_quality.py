@@ -101,6 +101,14 @@ def truth_through_vae(
     return transfer_detail(source_crops, through_vae(vae, truth_crops), source_reconstruction, device=vae.device)
 
 
+def write_json(path: Path, results: dict) -> None:
+    """Written whole or not at all: a reader polling a long run never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(results, indent=2))
+    staging.replace(path)
+
+
 def summary(rows: dict[str, list[float]]) -> dict:
     return {
         "attribute_success": round(float(np.mean(rows["success"])), 4),
@@ -198,6 +206,7 @@ def main() -> None:
     parser.add_argument("--inject-attention-until", type=int, default=None, help="default: the edit command's")
     parser.add_argument("--identity-gradient", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--identity-gradient-from", type=int, default=None, help="default: the edit command's")
+    parser.add_argument("--attention-merge", type=float, default=None, help="default: the edit command's")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     methods = {m: METHODS[m] for m in args.methods.split(",") if m}  # none: the reference rows only
@@ -215,6 +224,7 @@ def main() -> None:
             "identity_gradient_from",
             "inject_feature_until",
             "inject_attention_until",
+            "attention_merge",
         )
         if getattr(args, k) is not None
     }
@@ -281,6 +291,48 @@ def main() -> None:
         s["warp"].append(float(np.abs(change).mean()) if len(frames) > 1 else 0.0)
         s["seconds"].append(seconds)
 
+    def merged(by_edit: dict) -> dict[str, list[float]]:
+        return {k: [v for e in by_edit.values() for v in e[k]] for k in next(iter(by_edit.values()))}
+
+    def report(done: list[int]) -> dict:
+        """The report of the people done so far (written after each, so a cut-short run leaves its part)."""
+        full = merged(scores["full"]) if "full" in scores else None
+        return {
+            "identities": done,
+            "partial": len(done) < len(people),
+            "frames": args.frames,
+            "steps": args.steps,
+            "model": args.model or "embedded FaceWorld default",
+            "settings": overrides
+            | {"hair": args.hair, "source_prompt": args.source_prompt, "adapter_weight": args.adapter_weight},
+            "methods": {
+                m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
+                for m, by_edit in scores.items()
+                if m != "unedited"
+            },
+            "comparisons": {
+                f"full_vs_{m}": {
+                    metric: paired_difference(full[key], merged(scores[m])[key])
+                    for metric, key in (
+                        ("id_sim_to_truth", "id"),
+                        ("id_sim_to_input", "id_input"),
+                        ("warp_error", "warp"),
+                    )
+                }
+                | {"id_sim_to_truth_both_edited": both_edited(full, merged(scores[m]))}
+                for m in methods
+                if m != "full" and full is not None
+            },
+            "unedited": summary(merged(scores["unedited"])),
+            # each (person, edit) item's scores, in the same order in every report, for paired comparisons
+            "items": {
+                m: {k: [round(float(v), 4) for v in values] for k, values in merged(by_edit).items()}
+                for m, by_edit in scores.items()
+            },
+            "truth_through_vae": crop_summary(merged(reference_scores))
+            | {"by_edit": {e: crop_summary(r) for e, r in reference_scores.items() if r["success"]}},
+        }
+
     people = list(HELD_OUT_IDS)[args.offset : args.offset + args.identities]
     for person in people:
         clip = render_clip(person, seed=person, frames=args.frames, size=128, fps=12.0)
@@ -334,36 +386,10 @@ def main() -> None:
                 )
                 score(scores[method][edit.name], read_frames(out), *common, time.perf_counter() - started)
         print(f"identity {person}: done", flush=True)
+        if args.json:
+            write_json(args.json, report(people[: people.index(person) + 1]))
+    results = report(people)
 
-    def merged(by_edit: dict) -> dict[str, list[float]]:
-        return {k: [v for e in by_edit.values() for v in e[k]] for k in next(iter(by_edit.values()))}
-
-    full = merged(scores["full"]) if "full" in scores else None
-    results = {
-        "identities": people,
-        "frames": args.frames,
-        "steps": args.steps,
-        "model": args.model or "embedded FaceWorld default",
-        "settings": overrides
-        | {"hair": args.hair, "source_prompt": args.source_prompt, "adapter_weight": args.adapter_weight},
-        "methods": {
-            m: summary(merged(by_edit)) | {"by_edit": {e: summary(r) for e, r in by_edit.items() if r["success"]}}
-            for m, by_edit in scores.items()
-            if m != "unedited"
-        },
-        "comparisons": {
-            f"full_vs_{m}": {
-                metric: paired_difference(full[key], merged(scores[m])[key])
-                for metric, key in (("id_sim_to_truth", "id"), ("id_sim_to_input", "id_input"), ("warp_error", "warp"))
-            }
-            | {"id_sim_to_truth_both_edited": both_edited(full, merged(scores[m]))}
-            for m in methods
-            if m != "full" and full is not None
-        },
-        "unedited": summary(merged(scores["unedited"])),
-        "truth_through_vae": crop_summary(merged(reference_scores))
-        | {"by_edit": {e: crop_summary(r) for e, r in reference_scores.items() if r["success"]}},
-    }
     print(
         f"{'method':<22}{'attr success':>14}{'id sim':>10}{'id in':>8}{'guide in':>10}{'psnr out':>10}{'warp err':>10}{'s/edit':>9}"
         f"{'shown':>8}{'kept':>8}"
@@ -394,8 +420,7 @@ def main() -> None:
             )
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -441,6 +441,15 @@ class EditSettings(Settings):
         high=1000,
         label="Every frame a keyframe below timestep",
     )
+    attention_merge: float = setting(
+        0.0,
+        "Token merging in the keyframes' extended attention: in the UNet's highest-resolution self-attention "
+        "this share of each other keyframe's tokens is merged into its most similar ones (ToMe), fewer keys "
+        "to attend to; the frame's own tokens stay whole. 0 = off; it changes the result (quality: "
+        "benchmarks/README.md).",
+        low=0,
+        high=0.5,
+    )
     strength: float = setting(
         1.0, "Fraction of the schedule re-generated (1 = from the fully inverted noise).", low=0, high=1, low_open=True
     )

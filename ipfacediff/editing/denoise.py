@@ -199,7 +199,7 @@ class WindowDenoiser:
         self.keyframe_count = self.count if settings.every_frame else spaced
         self.over_time = pipe.over_time(settings)
         self.role = "identity" if settings.feature_injection else "edit"
-        self.controller = FeatureController()
+        self.controller = FeatureController(merge=settings.attention_merge)
         self.features = IdentityFeatureStore(cache, inverted, self.role)
         self.calls = {"identity": 0, "edit": 0}
 
