@@ -713,6 +713,7 @@ def main() -> None:
         "reedit_over_full_unguided": ratio(f"reedit_unguided/{ref}", f"full_unguided/{ref}"),
         "reedit_over_full_cpu_seconds": ratio(f"reedit/{ref}", f"full/{ref}", "cpu_seconds"),
         "reedit_over_full_unguided_cpu_seconds": ratio(f"reedit_unguided/{ref}", f"full_unguided/{ref}", "cpu_seconds"),
+        "reedit_over_full_evaluations": ratio(f"reedit/{ref}", f"full/{ref}", "unet_evaluations_per_frame"),
         "identity_gradient_over_reedit": ratio(f"identity_gradient/{ref}", f"reedit/{ref}"),
         "time_160_over_40": ratio("full/160", "full/40"),
         "memory_160_over_40": ratio("full/160", "full/40", "peak_memory_mb"),

@@ -65,8 +65,16 @@ def test_batch_edits_shares_inversion_records_failure_and_resumes(clips, tiny_di
     assert glasses["worker"] == smile["worker"]
     entries = [p for p in (out / ".cache" / "inversion").iterdir() if p.is_dir()]
     inversions = [p for p in entries if any(p.glob("step_*.safetensors"))]
-    assert len(inversions) == 2  # clips a and b; beside them, ε1's keyframe features of each
-    assert all(any(p.glob("features_*.safetensors")) for p in entries if p not in inversions)
+    assert len(inversions) == 2  # clips a and b; beside them, what a re-edit reads: ε1's keyframe features of each, ...
+    beside = [p for p in entries if p not in inversions]
+    assert sum(any(p.glob("features_*.safetensors")) for p in beside) == 2
+    kept = {f.name.split("_")[0] for p in beside for f in p.iterdir()}
+    assert kept <= {
+        "features",
+        "nearest",
+        "reference",
+        "source",
+    }  # ... the nearest tokens, the blend's reference, identities
     broken = by_prompt["a face"]
     assert broken["status"] == "failed" and "\n" not in broken["error"] and broken["error"]
     assert not Path(broken["output"]).exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ipfacediff.diffusion import InversionCache
 from ipfacediff.settings import EditSettings
@@ -14,22 +15,65 @@ def feature_files(cache: InversionCache) -> list[str]:
     return sorted(p.name for p in cache.root.glob("*/features_*.safetensors"))
 
 
-def test_reedit_reads_identity_features_and_gives_the_same_edit(tiny_pipe, tmp_path, one_thread):
+def test_reedit_reads_identity_features_and_gives_the_same_edit(tiny_pipe, tmp_path, one_thread, monkeypatch):
+    import ipfacediff.editing.denoise as denoise
+
+    searches = []  # the nearest-token searches of the propagation, each step's
+    search = denoise.nearest_tokens
+    monkeypatch.setattr(denoise, "nearest_tokens", lambda *a, **kw: searches.append(a[0]) or search(*a, **kw))
     frames = moving_texture(10)
     settings = dict(steps=4, seed=2, identity_gradient=0.0, inject_attention_until=600)
     cache = InversionCache(tmp_path / "shared")
     first = tiny_pipe(frames, EditSettings(prompt="a face with eyeglasses", **settings), cache=cache)
     assert first.unet_calls["identity"] > 0 and feature_files(cache)
-    # A new prompt on the same clip and seed: ε1's features come from the cache ...
+    assert len(searches) == 4 and len(list(cache.root.glob("*/nearest_*.safetensors"))) == 4
+    # A new prompt on the same clip and seed: ε1's features and the nearest tokens come from the cache ...
     reedit = tiny_pipe(frames, EditSettings(prompt="a smiling face", **settings), cache=cache)
-    assert reedit.unet_calls["identity"] == 0 and reedit.unet_calls["invert"] == 0
+    assert reedit.unet_calls["identity"] == 0 and reedit.unet_calls["invert"] == 0 and len(searches) == 4
     # ... and the edit is the one a fresh cache gives, bit for bit.
     fresh = tiny_pipe(frames, EditSettings(prompt="a smiling face", **settings), cache=InversionCache(tmp_path / "new"))
     assert fresh.unet_calls["identity"] == first.unet_calls["identity"]
     assert np.array_equal(reedit.frames, fresh.frames)
     # Another seed draws other keyframes: their features are computed, not mistaken for the cached ones.
     other = tiny_pipe(frames, EditSettings(prompt="a smiling face", **{**settings, "seed": 5}), cache=cache)
-    assert other.unet_calls["identity"] > 0
+    assert other.unet_calls["identity"] > 0 and len(searches) > 4 + 4
+
+
+def test_reedit_reads_the_blends_reference_branch_and_source_identities_and_gives_the_same_edit(
+    tiny_pipe, tmp_path, one_thread
+):
+    """What a new prompt does not change (ε2 under the local blend's reference, the source faces'
+    identities) is read from the cache beside the inversion; the edit is the uncached one."""
+    from ipfacediff.editing import IPFaceDiffPipeline
+
+    class Counting(IPFaceDiffPipeline):
+        measured = 0
+
+        def source_identities(self, frames, **kwargs):
+            self.measured += 1
+            return super().source_identities(frames, **kwargs)
+
+    pipe = Counting(**tiny_pipe.components, edit_adapter_weights={}, model_source="tiny")
+    frames = moving_texture(6)
+    settings = dict(steps=4, seed=2, identity_gradient=0.3)
+    cache = InversionCache(tmp_path / "shared")
+    # Both prompts' subject words are "a face with": the blend compares each with the same reference.
+    first = pipe(frames, EditSettings(prompt="a face with eyeglasses", **settings), cache=cache)
+    assert pipe.measured == 1 and sorted(p.name for p in cache.root.glob("*/reference_noise.safetensors"))
+    reedit = pipe(frames, EditSettings(prompt="a face with red lipstick", **settings), cache=cache)
+    assert pipe.measured == 1  # the source faces' identities were read
+    assert reedit.unet_calls["mask"] * 2 == first.unet_calls["mask"]  # only the prompt's branch ran
+    fresh = pipe(
+        frames, EditSettings(prompt="a face with red lipstick", **settings), cache=InversionCache(tmp_path / "new")
+    )
+    assert fresh.unet_calls["mask"] == first.unet_calls["mask"] and pipe.measured == 2
+    assert np.array_equal(reedit.frames, fresh.frames) and torch.equal(reedit.latents, fresh.latents)
+    # Another reference ("a face"): its branch is measured, not mistaken for the cached one.
+    other = pipe(frames, EditSettings(prompt="a smiling face", **settings), cache=cache)
+    assert other.unet_calls["mask"] == first.unet_calls["mask"]
+    # So is the same reference at another batch size: a UNet rounds by its batch.
+    batched = pipe(frames, EditSettings(prompt="a face with red lipstick", **settings), cache=cache, batch_size=4)
+    assert batched.unet_calls["mask"] == 2 * 3 * 2  # both branches, 3 levels, 2 batches of at most 4 frames
 
 
 def test_compiled_unets_give_the_same_video_within_rounding(tiny_dir, tmp_path, one_thread):

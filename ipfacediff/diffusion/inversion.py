@@ -65,6 +65,12 @@ class InvertedVideo:
         for a run resumed after a kill."""
         return self.reused_steps / len(self.latents) if self.latents else 0.0
 
+    def chunk_keys(self) -> list[str] | None:
+        """The cache keys of the entries its rows came from, in order; None when any rows were not
+        cached: what a store of something computed from this inversion keys its entry by."""
+        keys = [key for _, _, key, _ in self.chunks] or [self.cache_key]
+        return keys if all(keys) else None
+
     def source_eps(self, step: int) -> torch.Tensor:
         """The noise that takes the source latents from step ``step`` to the next, less noisy one."""
         alpha_t, alpha_prev = self.alphas[step]

@@ -27,7 +27,12 @@ from ipfacediff.diffusion import (
 )
 from ipfacediff.editing.hooks import FeatureController, feature_hooks
 from ipfacediff.editing.plan import EditPlan
-from ipfacediff.editing.propagation import propagate_by_nearest_neighbour, select_keyframes, smooth_over_time
+from ipfacediff.editing.propagation import (
+    nearest_tokens,
+    propagate_by_nearest_neighbour,
+    select_keyframes,
+    smooth_over_time,
+)
 from ipfacediff.editing.windows import EditWindow, keyframe_batches
 from ipfacediff.settings import DEFAULT_KEYFRAME_SPACING, EditSettings
 
@@ -36,6 +41,9 @@ DEFAULT_KEYFRAME_BATCH = 8
 # Bumped whenever what ε1's capture records changes (editing/hooks.py), so that features cached
 # by an older capture are not injected by a newer one.
 IDENTITY_FEATURES_VERSION = 1
+
+# Bumped whenever what a step's nearest tokens are (editing/propagation.py) changes.
+NEAREST_TOKENS_VERSION = 1
 
 
 @dataclass
@@ -76,9 +84,8 @@ class IdentityFeatureStore:
     """
 
     def __init__(self, cache: InversionCache | None, inverted: InvertedVideo, role: str):
-        chunks = [key for _, _, key, _ in inverted.chunks] or [inverted.cache_key]
-        usable = cache is not None and bool(chunks) and all(chunks)
-        self.cache = cache if usable else None
+        chunks = inverted.chunk_keys()
+        self.cache = cache if chunks else None
         self.key = InversionCache.key(identity_features=IDENTITY_FEATURES_VERSION, chunks=chunks, role=role)
 
     def name(self, index: int, sources: torch.Tensor, controller: FeatureController) -> str:
@@ -113,8 +120,45 @@ class IdentityFeatureStore:
         self.cache.save(self.key, name, tensors)
 
 
+class NearestTokenStore:
+    """Each step's nearest tokens of the followers in their keyframes (:func:`nearest_tokens`),
+    kept in the inversion cache beside the window's inversion: they depend on the source's
+    features and on the keyframes the seed draws, not on the prompt, so a re-edit reads them
+    instead of searching again. One file per step and keyframe set; without a cache, or for a
+    window whose inversion is not cached, nothing is kept."""
+
+    def __init__(self, cache: InversionCache | None, inverted: InvertedVideo):
+        chunks = inverted.chunk_keys()
+        self.cache = cache if chunks else None
+        self.key = InversionCache.key(nearest_tokens=NEAREST_TOKENS_VERSION, chunks=chunks)
+
+    def nearest(
+        self,
+        index: int,
+        keyframes: list[int],
+        features: torch.Tensor,
+        frame_count: int,
+        *,
+        side: int,
+        device: torch.device | str,
+    ) -> torch.Tensor:
+        """The nearest tokens of step ``index`` (:func:`nearest_tokens`), read or found and kept."""
+        drawn = hashlib.sha256(str((frame_count, sorted(keyframes))).encode()).hexdigest()[:16]
+        name = f"nearest_{index:04d}_{drawn}"
+        stored = self.cache.load(self.key, name) if self.cache is not None else None
+        if stored is not None:
+            return stored["nearest"].long()
+        found = nearest_tokens(keyframes, features, frame_count, side=side, device=device)
+        if self.cache is not None:  # token indices: 16 bits hold a 181² latent grid
+            small = torch.int16 if features.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+            self.cache.save(self.key, name, {"nearest": found.to(small)})
+        return found
+
+
 class KeyframeEditMixin:
-    """The pipeline's two UNet passes of a keyframe batch: ε1 capturing, ε2 editing."""
+    """The pipeline's two UNet passes of a keyframe batch: ε1 capturing, ε2 editing. ``device`` and
+    ``dtype`` are ε2's, given by a caller of many passes (a diffusers model looks them up through
+    all its modules at every ask); by default they are read."""
 
     def capture_identity_features(
         self,
@@ -124,10 +168,13 @@ class KeyframeEditMixin:
         role: str,
         plan: EditPlan,
         controller: FeatureController,
+        *,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """Run the guiding model (ε1) on the keyframes' source latents at this step, keeping its
         residual features and self-attention queries/keys for injection into ε2."""
-        device, dtype = self.unet.device, self.unet.dtype
+        device, dtype = device or self.unet.device, dtype or self.unet.dtype
         controller.mode, controller.queries_keys, controller.residual = "capture", {}, None
         guide = self._role(role, plan.edit_weights)
         guide(
@@ -147,10 +194,12 @@ class KeyframeEditMixin:
         controller: FeatureController,
         *,
         group: int,
+        device: torch.device | None = None,
+        dtype: torch.dtype | None = None,
     ) -> torch.Tensor:
         """ε2's guided noise prediction for a batch of keyframes at level ``alpha_t``, self-attention
         extended across the ``group`` frames of the batch, with ε1's captured features injected."""
-        device, dtype = self.unet.device, self.unet.dtype
+        device, dtype = device or self.unet.device, dtype or self.unet.dtype
         controller.mode, controller.group = "edit", group
         editor = self._role("edit", plan.edit_weights)
         n = len(x_edit)
@@ -201,7 +250,9 @@ class WindowDenoiser:
         self.role = "identity" if settings.feature_injection else "edit"
         self.controller = FeatureController(merge=settings.attention_merge)
         self.features = IdentityFeatureStore(cache, inverted, self.role)
+        self.nearest = NearestTokenStore(cache, inverted)
         self.calls = {"identity": 0, "edit": 0}
+        self.device, self.dtype = pipe.unet.device, pipe.unet.dtype  # read once: each read walks the UNet
 
     def run(self) -> Denoised:
         steps = len(self.inverted.timesteps)
@@ -249,16 +300,23 @@ class WindowDenoiser:
             with timer("identity_features"):
                 sources = window.batch_sources(state.index, self.inverted.latents[state.index][batch])
                 name = self.features.name(state.index, sources, self.controller)
-                if not self.features.load(name, self.controller, pipe.unet.device):
+                if not self.features.load(name, self.controller, self.device):
                     pipe.capture_identity_features(
-                        sources, state.t, self.source_embeds, self.role, plan, self.controller
+                        sources,
+                        state.t,
+                        self.source_embeds,
+                        self.role,
+                        plan,
+                        self.controller,
+                        device=self.device,
+                        dtype=self.dtype,
                     )
                     self.calls["identity"] += 1
                     self.features.save(name, self.controller)
         with timer("keyframe_edit"):
             group = 1 if self.settings.every_frame else len(rows)
             eps = pipe.edit_keyframes(
-                rows.to(pipe.unet.device, pipe.unet.dtype),
+                rows.to(self.device, self.dtype),
                 state.t,
                 state.alpha_t,
                 self.texts,
@@ -266,6 +324,8 @@ class WindowDenoiser:
                 plan,
                 self.controller,
                 group=group,
+                device=self.device,
+                dtype=self.dtype,
             )
         self.calls["edit"] += 1
         if self.targets is not None and int(state.t) <= self.settings.identity_gradient_from:
@@ -282,12 +342,15 @@ class WindowDenoiser:
         if len(state.deltas) == self.count:
             delta = torch.stack([state.deltas[f] for f in range(self.count)])
         else:
+            features, temperature = self.inverted.features_at(state.index), self.settings.propagation_temperature
+            nearest = None
+            if temperature == 0:  # TokenFlow's rule: the nearest tokens do not depend on the edit
+                side = self.inverted.clean.shape[-2]
+                nearest = self.nearest.nearest(
+                    state.index, list(state.deltas), features, self.count, side=side, device=self.device
+                )
             delta = propagate_by_nearest_neighbour(
-                state.deltas,
-                self.inverted.features_at(state.index),
-                self.count,
-                temperature=self.settings.propagation_temperature,
-                device=self.pipe.unet.device,
+                state.deltas, features, self.count, temperature=temperature, device=self.device, nearest=nearest
             )
         delta = smooth_over_time(delta, self.over_time)
         edited = ddim_step(edited, state.source_eps + delta, state.alpha_t, state.alpha_prev)

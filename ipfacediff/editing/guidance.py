@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
-from ipfacediff.diffusion import StageTimer, decoder_checkpointing
+from ipfacediff.diffusion import InversionCache, InvertedVideo, StageTimer, decoder_checkpointing, frames_digest
 from ipfacediff.editing.plan import EditPlan
 from ipfacediff.editing.windows import EditWindow
 from ipfacediff.identity import IdentityEncoder, IdentityNet
+from ipfacediff.models import module_fingerprint
 from ipfacediff.settings import EditSettings
 
 
@@ -24,20 +25,32 @@ from ipfacediff.settings import EditSettings
 # at 512² the gradient of one pixel lies in float16's subnormal range and would lose its digits.
 HALF_GRADIENT_SCALE = 2.0**10
 
+# Bumped whenever what the source identities' cache file holds changes, so that an older one is not read.
+SOURCE_IDENTITIES_VERSION = 1
+
 
 def identity_gradient(
-    vae: AutoencoderKL, net: IdentityNet, point: torch.Tensor, target: torch.Tensor, *, scale: float | None = None
+    vae: AutoencoderKL,
+    net: IdentityNet,
+    point: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    scale: float | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The gradient, float32 on the CPU, of the identity similarity between the face ``point``
     (one scaled latent, (1, 4, h, w)) decodes to and ``target`` (1, D), and that similarity.
 
     ``scale``: the loss scale of the backward pass (default :data:`HALF_GRADIENT_SCALE` for a
     float16 decoder, else 1); what the decoder's float16 range still loses shows as NaN or inf,
-    which the caller checks."""
+    which the caller checks. ``device``, ``dtype``: the VAE's, given by a caller of many calls
+    (a diffusers model looks them up through all its modules)."""
+    device, dtype = device or vae.device, dtype or vae.dtype
     if scale is None:
-        scale = HALF_GRADIENT_SCALE if vae.dtype == torch.float16 else 1.0
+        scale = HALF_GRADIENT_SCALE if dtype == torch.float16 else 1.0
     with torch.enable_grad(), decoder_checkpointing(vae):
-        point = point.to(vae.device, vae.dtype).requires_grad_(True)
+        point = point.to(device, dtype).requires_grad_(True)
         image = vae.decode(point / vae.config.scaling_factor).sample.float().clamp(-1, 1)
         similarity = F.cosine_similarity(net(image), target.to(image.device), dim=-1).sum()
         (gradient,) = torch.autograd.grad(similarity * scale, point)
@@ -111,11 +124,14 @@ class IdentityGuidanceMixin:
         counted in :attr:`identity_steps_skipped`, which the edit reports once.
         """
         net, vae = self.identity_net(), self.vae
+        device, dtype = vae.device, vae.dtype
         x0 = (x_t.float() - (1 - alpha_t) ** 0.5 * eps) / alpha_t**0.5
         guided = eps.float().clone()
         for row in range(len(x0)):
-            with one_cpu_thread(vae.device):
-                gradient, similarity = identity_gradient(vae, net, x0[row : row + 1], targets[row : row + 1])
+            with one_cpu_thread(device):
+                gradient, similarity = identity_gradient(
+                    vae, net, x0[row : row + 1], targets[row : row + 1], device=device, dtype=dtype
+                )
             gradient = gradient[0]
             if not (math.isfinite(similarity) and bool(gradient.isfinite().all())):
                 self.identity_steps_skipped += 1
@@ -133,11 +149,34 @@ class IdentityGuidanceMixin:
         window: EditWindow,
         timer: StageTimer,
         batch_size: int,
+        *,
+        inverted: InvertedVideo | None = None,
+        cache: InversionCache | None = None,
     ) -> torch.Tensor | None:
         """Step 5 for one window: its source faces' identities (:meth:`source_identities`, measured
         with its anchors'), which identity guidance holds each keyframe to; None when the plan
-        guides nothing or the frames are whole frames, not aligned crops."""
+        guides nothing or the frames are whole frames, not aligned crops. They do not depend on the
+        prompt: kept in ``cache`` under the window's inversion (``inverted``, whose keys digest the
+        frames), a re-edit reads them."""
         if plan.identity_gradient <= 0 or settings.whole_frame:
             return None
         with timer("identity_gradient"):
-            return window.split_identities(self.source_identities(window.faces(frames), batch_size=batch_size))
+            faces = window.faces(frames)
+            chunks = inverted.chunk_keys() if inverted is not None and cache is not None else None
+            key = None
+            if chunks:
+                anchors = frames_digest(window.anchors.frames) if window.anchors is not None else None
+                key = InversionCache.key(
+                    source_identities=SOURCE_IDENTITIES_VERSION,
+                    chunks=chunks,
+                    anchors=anchors,
+                    net=module_fingerprint(self.identity_net()),
+                    batch_size=batch_size,
+                )
+                stored = cache.load(key, "source_identities")
+                if stored is not None and len(stored["identities"]) == len(faces):
+                    return window.split_identities(stored["identities"])
+            identities = self.source_identities(faces, batch_size=batch_size)
+            if key is not None:
+                cache.save(key, "source_identities", {"identities": identities})
+            return window.split_identities(identities)

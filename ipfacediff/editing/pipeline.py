@@ -457,11 +457,13 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             # 4. Find the edit region (the local blend).
             covered = None if occlusion is None else occlusion[window.begin : window.end]
             blend, difference, mask_calls = self.window_edit_region(
-                inverted, settings, plan, window, timer, batch_size, occlusion=covered
+                inverted, settings, plan, window, timer, batch_size, occlusion=covered, cache=cache
             )
             stats.count({"mask": mask_calls})
             # 5. The source faces' identities, for identity guidance (aligned crops only).
-            targets = self.window_identities(part, settings, plan, window, timer, batch_size)
+            targets = self.window_identities(
+                part, settings, plan, window, timer, batch_size, inverted=inverted, cache=cache
+            )
             # 6. Denoise: keyframes edited jointly, their edit propagated, each frame stepped and blended.
             denoised = self.denoise(
                 inverted,

@@ -59,6 +59,32 @@ def squared_distances(side: int, device: str) -> torch.Tensor:
     return (torch.cdist(grid, grid).pow(2) / side**2).to(device)
 
 
+def nearest_tokens(
+    keyframes: list[int], features: torch.Tensor, frame_count: int, *, side: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """(F, 2, L) int64: for each follower (every frame not in ``keyframes``, in order) the index of
+    each token's nearest token in its first and its second closest keyframe (:func:`two_nearest`;
+    the same one twice when there is one). It depends on the source's features and the keyframes
+    only, not on the edit: a re-edit may read it (temperature 0, TokenFlow's rule)."""
+    keyframes = sorted(keyframes)
+    chosen = set(keyframes)
+    followers = [f for f in range(frame_count) if f not in chosen]
+    tokens = features.shape[1]
+    out = torch.empty(len(followers), 2, tokens, dtype=torch.int64)
+    position = {k: i for i, k in enumerate(keyframes)}
+    key_features = features[keyframes].to(device)
+    chunk = max(1, 2**28 // (tokens * tokens * 4))  # one (chunk, L, L) float32 similarity map
+    for start in range(0, len(followers), chunk):
+        batch = followers[start : start + chunk]
+        pairs = [two_nearest(f, keyframes) for f in batch]
+        frame_features = features[batch].to(device)
+        for column, which in enumerate(([p[0][0] for p in pairs], [p[-1][0] for p in pairs])):
+            index = torch.tensor([position[k] for k in which], device=device)
+            nearest = nearest_neighbour_field(frame_features, key_features[index], side=side)
+            out[start : start + len(batch), column] = nearest.cpu()
+    return out
+
+
 def propagate_by_nearest_neighbour(
     deltas: dict[int, torch.Tensor],
     features: torch.Tensor,
@@ -66,6 +92,7 @@ def propagate_by_nearest_neighbour(
     *,
     temperature: float = 0.0,
     device: torch.device | str = "cpu",
+    nearest: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Every frame's edit from the keyframes' edits ``deltas`` {keyframe: (C, h, w)}.
 
@@ -75,6 +102,7 @@ def propagate_by_nearest_neighbour(
     (TokenFlow); above 0, a softmax of the similarities over that temperature weighs the
     keyframe's tokens, so a token whose best match is a near tie between neighbours does not
     flip from one to the other between frames (flicker on the coarse latent grid).
+    ``nearest``: at temperature 0, those nearest tokens (:func:`nearest_tokens`), found already.
     Returns (N, C, h, w) on the CPU.
     """
     keyframes = sorted(deltas)
@@ -85,6 +113,8 @@ def propagate_by_nearest_neighbour(
     followers = [f for f in range(frame_count) if f not in deltas]
     if not followers:
         return out
+    if temperature == 0 and nearest is None:
+        nearest = nearest_tokens(keyframes, features, frame_count, side=height, device=device)
     position = {k: i for i, k in enumerate(keyframes)}
     key_features = features[keyframes].to(device)
     key_deltas = torch.stack([deltas[k] for k in keyframes]).reshape(len(keyframes), channels, -1).to(device)
@@ -96,14 +126,13 @@ def propagate_by_nearest_neighbour(
         first = torch.tensor([position[p[0][0]] for p in pairs], device=device)
         second = torch.tensor([position[p[-1][0]] for p in pairs], device=device)
         weight = torch.tensor([p[1][1] if len(p) == 2 else 0.0 for p in pairs], device=device)
-        frame_features = features[batch].to(device)
         gathered = []
-        for which in (first, second):
+        for column, which in enumerate((first, second)):
             if temperature > 0:
-                similarity = token_similarity(frame_features, key_features[which], side=height)
+                similarity = token_similarity(features[batch].to(device), key_features[which], side=height)
                 gathered.append(key_deltas[which] @ torch.softmax(similarity / temperature, -1).transpose(1, 2))
             else:
-                index = nearest_neighbour_field(frame_features, key_features[which], side=height)
+                index = nearest[start : start + len(batch), column].to(device)
                 gathered.append(torch.gather(key_deltas[which], 2, index[:, None, :].expand(-1, channels, -1)))
         # Written as a correction so that equal edits (and single keyframes) stay bit-identical.
         blended = gathered[0] + weight[:, None, None] * (gathered[1] - gathered[0])

@@ -11,11 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from ipfacediff.adapters.words import FRAME_WORDS
-from ipfacediff.diffusion import InvertedVideo, Progress, StageTimer, encode_prompt, predicted_noise
+from ipfacediff.diffusion import InversionCache, InvertedVideo, Progress, StageTimer, encode_prompt, predicted_noise
 from ipfacediff.editing.plan import EditPlan
 from ipfacediff.editing.propagation import smooth_over_time
 from ipfacediff.editing.windows import EditWindow
 from ipfacediff.face import inner_face_share
+from ipfacediff.models import is_compiled, module_fingerprint
 from ipfacediff.settings import DEFAULT_BLEND_THRESHOLD, EditSettings
 
 
@@ -31,6 +32,46 @@ BLEND_TIMESTEPS = (300, 500, 700)
 # [w, 1 − 2w, w] (w = 0.25: 8 passes ≈ a Gaussian of σ = 2 frames); tuned on blonde hair, the
 # largest region (benchmarks/README.md).
 MASK_SMOOTHING_PASSES = 8
+
+
+# Bumped whenever what the reference branch's store holds changes, so that an older entry is not read.
+REFERENCE_NOISE_VERSION = 1
+
+
+class ReferenceNoiseStore:
+    """ε2's noise prediction under the local blend's reference prompt at each level of
+    :data:`BLEND_TIMESTEPS`, kept in the inversion cache beside the window's inversion. It depends
+    on the source latents, the reference text and ε2 with its adapters, not on the prompt, so a
+    re-edit whose reference is the same (the same subject words or source prompt, the same ε2
+    adapters) runs only the prompt's branch. What decides its rounding is in the key too: the
+    batches it was measured in (a UNet rounds by its batch), the rows known from a window before.
+    Without a cache, or for a window whose inversion is not cached, nothing is kept."""
+
+    def __init__(self, cache: InversionCache | None, inverted: InvertedVideo, unet: torch.nn.Module, **parts: object):
+        chunks = inverted.chunk_keys()
+        self.cache = cache if chunks else None
+        if self.cache is None:
+            return
+        self.key = InversionCache.key(
+            reference_noise=REFERENCE_NOISE_VERSION,
+            chunks=chunks,
+            unet=module_fingerprint(unet),
+            dtype=str(unet.dtype),
+            **({"compiled": True} if is_compiled(unet) else {}),
+            **parts,
+        )
+
+    def load(self, levels: list[int], shape: tuple[int, ...]) -> dict[int, torch.Tensor] | None:
+        """The stored noise of each of ``levels`` ((rows, C, h, w) each), None when there is none."""
+        stored = self.cache.load(self.key, "reference_noise") if self.cache is not None else None
+        if stored is None or sorted(stored) != sorted(f"level_{level:04d}" for level in levels):
+            return None
+        noise = {level: stored[f"level_{level:04d}"] for level in levels}
+        return noise if all(tuple(n.shape) == shape for n in noise.values()) else None
+
+    def save(self, noise: dict[int, torch.Tensor]) -> None:
+        if self.cache is not None:
+            self.cache.save(self.key, "reference_noise", {f"level_{level:04d}": n for level, n in noise.items()})
 
 
 def mask_reference_prompt(prompt: str, source_prompt: str = "") -> str:
@@ -138,7 +179,7 @@ class EditRegionMixin:
         so it needs no noise draws and is the same on every run. ``differences``: those
         (:meth:`prompt_differences`), measured already."""
         if differences is None:
-            differences = self.prompt_differences(
+            differences, _ = self.prompt_differences(
                 inverted, prompt, reference, edit_weights, batch_size=batch_size, progress=progress
             )
         return local_blend_mask(differences, threshold, temporal_smoothing=temporal_smoothing)
@@ -154,10 +195,14 @@ class EditRegionMixin:
         batch_size: int = 8,
         progress: Progress | None = None,
         known: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        cache: InversionCache | None = None,
+    ) -> tuple[torch.Tensor, int]:
         """(N, 1, h, w) mean |ε(prompt) − ε(reference)| of each frame, summed over the levels of
-        :data:`BLEND_TIMESTEPS` (:meth:`edit_region_masks`). ``known``: those of the first frames,
-        measured already (the chunk a window shares with the window before)."""
+        :data:`BLEND_TIMESTEPS` (:meth:`edit_region_masks`), and the UNet passes that took.
+        ``known``: those of the first frames, measured already (the chunk a window shares with the
+        window before). The reference's branch is read from ``cache`` when an edit before measured
+        it (:class:`ReferenceNoiseStore`); the two branches are separate passes, so that a branch
+        read from the cache is the one an edit without it computes, bit for bit."""
         unet = self._role("edit", edit_weights)
         device, dtype = unet.device, unet.dtype
         prediction = self.scheduler.config.prediction_type
@@ -172,22 +217,42 @@ class EditRegionMixin:
         difference = torch.zeros(count, 1, *inverted.clean.shape[-2:])
         if known is not None:
             difference[:first] = known
-        batches = math.ceil((count - first) / batch_size)
+        store = ReferenceNoiseStore(
+            cache,
+            inverted,
+            unet,
+            reference=reference,
+            adapters=edit_weights,
+            levels=[int(inverted.timesteps[level]) for level in levels],
+            batch_size=batch_size,
+            first=first,
+        )
+        shape = (count - first, *inverted.clean.shape[1:])
+        stored = store.load(levels, shape)
+        noise = stored or {level: torch.empty(shape) for level in levels}
+
+        def predict(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, alpha: float) -> torch.Tensor:
+            output = unet(x, t, encoder_hidden_states=text.expand(len(x), -1, -1)).sample.float()
+            return predicted_noise(output, x.float(), alpha, prediction).cpu()
+
+        batches, calls = math.ceil((count - first) / batch_size), 0
         for index, level in enumerate(levels):
-            t = inverted.timesteps[level]
+            t, alpha = inverted.timesteps[level], inverted.alphas[level][0]
             for start in range(first, count, batch_size):
                 if progress:
                     progress("edit region", index * batches + (start - first) // batch_size, len(levels) * batches)
                 x = inverted.latents[level][start : min(start + batch_size, count)].to(device, dtype)
-                n = len(x)
-                embeds = torch.cat([texts[:1].expand(n, -1, -1), texts[1:].expand(n, -1, -1)])
-                output = unet(torch.cat([x, x]), t, encoder_hidden_states=embeds).sample.float()
-                eps = predicted_noise(output, torch.cat([x, x]).float(), inverted.alphas[level][0], prediction)
-                eps_reference, eps_prompt = eps.chunk(2)
-                difference[start : start + n] += (eps_prompt - eps_reference).abs().mean(1, keepdim=True).cpu()
+                rows = slice(start - first, start - first + len(x))
+                if stored is None:
+                    noise[level][rows] = predict(x, t, texts[:1], alpha)
+                eps_prompt = predict(x, t, texts[1:], alpha)
+                calls += 1 if stored is not None else 2
+                difference[start : start + len(x)] += (eps_prompt - noise[level][rows]).abs().mean(1, keepdim=True)
+        if stored is None and count > first:
+            store.save(noise)
         if progress:
             progress("edit region", len(levels) * batches, len(levels) * batches)
-        return difference
+        return difference, calls
 
     @staticmethod
     def over_time(settings: EditSettings) -> float:
@@ -204,14 +269,16 @@ class EditRegionMixin:
         batch_size: int = 8,
         progress: Progress | None = None,
         known: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cache: InversionCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
         """The local blend's region (:meth:`edit_region_masks`): the reference is the source prompt,
         or the prompt's subject words when there is none. A hair edit of aligned crops leaves out
         the inner face: a hair colour or style does not move the brows, eyes, nose or mouth.
-        Returns the region and the prompt differences it was found in (:meth:`prompt_differences`,
-        ``known`` those of the first frames), which the next window of a long clip starts from."""
+        Returns the region, the prompt differences it was found in (:meth:`prompt_differences`,
+        ``known`` those of the first frames), which the next window of a long clip starts from,
+        and the UNet passes they took (the reference's branch read from ``cache`` takes none)."""
         reference = mask_reference_prompt(settings.prompt, settings.source_prompt)
-        difference = self.prompt_differences(
+        difference, calls = self.prompt_differences(
             inverted,
             settings.prompt,
             reference,
@@ -219,6 +286,7 @@ class EditRegionMixin:
             batch_size=batch_size,
             progress=progress,
             known=known,
+            cache=cache,
         )
         blend = self.edit_region_masks(
             inverted,
@@ -231,7 +299,7 @@ class EditRegionMixin:
         )
         if plan.hair and not settings.whole_frame:
             blend = blend * (1 - torch.from_numpy(inner_face_share(blend.shape[-1])))
-        return blend, difference
+        return blend, difference, calls
 
     def window_edit_region(
         self,
@@ -242,19 +310,25 @@ class EditRegionMixin:
         timer: StageTimer,
         batch_size: int,
         occlusion: np.ndarray | None = None,
+        cache: InversionCache | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
         """Step 4 for one window: the local blend's region and prompt differences
         (:meth:`find_edit_region`, from the differences of the frames it shares with the window
-        before), and the UNet passes that took; None, None, 0 without the local blend. Where
-        ``occlusion`` (the window's frames' masks in the crop) covers the face, the region is
-        scaled down (:func:`without_occluded`)."""
+        before, the reference's branch from ``cache`` when kept there), and the UNet passes that
+        took; None, None, 0 without the local blend. Where ``occlusion`` (the window's frames'
+        masks in the crop) covers the face, the region is scaled down (:func:`without_occluded`)."""
         if not settings.local_blend:
             return None, None, 0
         with timer("mask"):
-            blend, difference = self.find_edit_region(
-                inverted, settings, plan, batch_size=batch_size, progress=window.progress, known=window.known
+            blend, difference, calls = self.find_edit_region(
+                inverted,
+                settings,
+                plan,
+                batch_size=batch_size,
+                progress=window.progress,
+                known=window.known,
+                cache=cache,
             )
         if occlusion is not None and not settings.whole_frame:
             blend = without_occluded(blend, occlusion)
-        known = len(window.known) if window.known is not None else 0
-        return blend, difference, len(BLEND_TIMESTEPS) * math.ceil((len(inverted.clean) - known) / batch_size)
+        return blend, difference, calls
