@@ -158,11 +158,12 @@ def face_crops(
         crops[track.id] = CropStore(wanted, size, folder=spill if len(wanted) > in_memory else None)
     found = FaceCrops(tracks, transforms, crops)
     finder = None
+    hands: dict[int, dict[int, list[np.ndarray]]] = {}
     if occlusion and not whole_frame:
         from ipfacediff.occlusion import OcclusionFinder
 
         finder = OcclusionFinder()
-        found.occlusion = {t.id: {} for t in tracks.tracks}
+        hands = {t.id: {} for t in tracks.tracks}
     if tracks.tracks:
         for index, frame in enumerate(iter_frames(input_path)):
             if frames is not None and index >= frames.stop:
@@ -176,13 +177,34 @@ def face_crops(
                 crops[track.id][index] = resize_image(frame, (size, size)) if whole_frame else crop_face(frame, M, size)
                 if finder is not None:
                     started = time.perf_counter()
-                    side = min(size, OCCLUSION_SIDE)
-                    mask = finder.mask(frame, M * (side / size), side, key=track.id)
-                    found.occlusion[track.id][index] = np.round(mask * 255).astype(np.uint8)
+                    hands[track.id][index] = finder.hands(frame, M, size, key=track.id)
                     found.occlusion_seconds += time.perf_counter() - started
     if finder is not None:
         finder.close()
+        started = time.perf_counter()
+        found.occlusion = {
+            t.id: occlusion_of_track(t, hands[t.id], transforms[t.id], crops[t.id], size) for t in tracks.tracks
+        }
+        found.occlusion_seconds += time.perf_counter() - started
     return found
+
+
+def occlusion_of_track(
+    track, hands: dict[int, list[np.ndarray]], transforms: dict[int, np.ndarray], crops: CropStore, size: int
+) -> dict[int, np.ndarray]:
+    """A track's occlusion masks (:func:`~ipfacediff.occlusion.track_occlusion`) of the frames
+    whose crops are in, as uint8 at OCCLUSION_SIDE at most."""
+    from ipfacediff.face import face_mask
+    from ipfacediff.occlusion import LOOK_SIDE, track_occlusion
+
+    side = min(size, OCCLUSION_SIDE)
+    scaled = {f: transforms[f] * (side / size) for f in crops}
+
+    def face_of(frame: int) -> np.ndarray:
+        return face_mask(track, frame, transforms[frame] * (LOOK_SIDE / size), LOOK_SIDE)
+
+    masks = track_occlusion(hands, scaled, crops.__getitem__, side, face_of)
+    return {f: np.round(mask * 255).astype(np.uint8) for f, mask in masks.items()}
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""What is in front of a face: per-frame occlusion masks in the aligned crop.
+"""What is in front of a face: occlusion masks in the aligned crop, per frame of a face's track.
 
 The paste-back adds the edit's change to the frame under the face mask, and the face mask is the
 face's outline: a hand passing the eyes, a microphone before the mouth lie inside it, so without
@@ -9,10 +9,14 @@ they keep the frame exactly, and out of the local blend, so the edit is not spen
 Hands come from mediapipe's hand landmarker (the palm detector and the 21-point hand model the
 wheel bundles), run on a square of the frame around the face: a hand is the filled hull of its
 palm points with the fingers drawn as thick segments, grown by a margin and feathered outwards,
-so the hand itself is covered with weight 1 and the fade lies on the face. Other occluders are
-not found yet (:data:`OCCLUSION_METHOD` names what is): a person segmenter calls a held microphone
-part of the person, and neither a face's look over its track nor a small segmenter trained on
-pasted occluders found most of them without also marking clean faces (benchmarks/README.md).
+so the hand itself is covered with weight 1 and the fade lies on the face. Then the face's track
+(:func:`track_occlusion`) adds what its other frames tell: hands carried over frames where the
+landmarker lost them, and what differs from the face's own look (each pixel's median over the
+neighbouring frames), near a hand or, anywhere on the face, as one solid region. What stays in
+front of the face the whole time (a microphone held still at the mouth) is part of that look and
+is not found (:data:`OCCLUSION_METHOD` names what is; benchmarks/README.md has the figures): a
+person segmenter calls a held microphone part of the person, and a small segmenter trained on
+pasted occluders marked clean faces or missed most of it.
 
 mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 """
@@ -20,13 +24,14 @@ mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
 
 # What the masks are made from, as .run.json records it.
-OCCLUSION_METHOD = "hands"
+OCCLUSION_METHOD = "hands+look"
 
 # The hand landmarker looks at the square this many times the crop's side in the frame, around the
 # crop's centre: a hand that reaches into the crop has its palm outside it more often than not.
@@ -34,6 +39,30 @@ HAND_CONTEXT = 2.0
 # That square is shrunk to at most this side (the palm detector looks at 192 px anyway).
 HAND_MAX_SIDE = 512
 HAND_MIN_CONFIDENCE = 0.5
+# Where the first look finds no hand, the second looks at the square shrunk to at most this side.
+HAND_SECOND_SIDE = 128
+# A face's frames between two with hands, at most this many, get hands carried over from both.
+HAND_GAP = 2
+# Within this many frames of a hand, and inside its hull grown by HAND_GATE palms, the region takes
+# in what differs from the face's own look (its pixel's median over LOOK_WINDOW frames either side)
+# by more than LOOK_THRESHOLD levels in some channel, compared in a crop of LOOK_SIDE; the pixels
+# taken grow by LOOK_MARGIN and fade over LOOK_FEATHER pixels of that crop.
+HAND_REACH = 3
+HAND_GATE = 0.6
+LOOK_SIDE = 64
+LOOK_WINDOW = 16
+LOOK_STRIDE = 2  # every other frame of the window goes into the median
+LOOK_THRESHOLD = 16
+LOOK_MARGIN = 1.5
+LOOK_FEATHER = 2.5
+# Anything else in front of the face: a region that differs from the face's look by more than this
+# many levels, of at least OBJECT_AREA of the face and OBJECT_THICKNESS of the crop thick.
+OBJECT_THRESHOLD = 30
+OBJECT_AREA = 0.03
+OBJECT_THICKNESS = 0.07
+# The look is found again this many times, each time without what the last found: an occluder
+# that moves slowly is part of the first median.
+LOOK_PASSES = 2
 
 # mediapipe's 21 hand points: 0 the wrist, then four per finger from its root to its tip.
 HAND_PALM = (0, 1, 2, 5, 9, 13, 17)
@@ -95,15 +124,17 @@ def hand_region(hands: Sequence[np.ndarray], size: int) -> np.ndarray:
 
 
 class OcclusionFinder:
-    """The occlusion masks of one pass over a video (``with OcclusionFinder() as finder``).
+    """The hands in front of the faces of one pass over a video (``with OcclusionFinder() as finder``).
 
     Each face (``key``: its track id) has its own hand landmarker, made on first use, in
     mediapipe's video mode: a hand found once is followed from its last landmarks, which finds it
     in frames where the palm detector alone misses it (a palm turned or cut by the square's edge).
-    A face's frames go in in order."""
+    Where that finds nothing, a second landmarker in image mode looks at the square shrunk to
+    HAND_SECOND_SIDE: at that scale a flat, drawn or blurred hand looks like the hands the palm
+    detector knows. A face's frames go in in order."""
 
     def __init__(self) -> None:
-        self._hands: dict[int, object] = {}
+        self._hands: dict[tuple[int, bool], object] = {}
 
     def __enter__(self) -> OcclusionFinder:
         return self
@@ -116,47 +147,216 @@ class OcclusionFinder:
             graph.close()
         self._hands.clear()
 
-    def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
-        """The hands near the face of crop transform ``M`` (side ``size``): (21, 2) points each,
-        in frame pixels."""
-        region = _context_square(frame, M, size)
-        if region is None:
-            return []
-        square, x0, y0, shrink = region
-        if key not in self._hands:
+    def _graph(self, key: int, static: bool):
+        if (key, static) not in self._hands:
             from mediapipe.python.solutions import hands
 
-            self._hands[key] = hands.Hands(
-                static_image_mode=False,
+            self._hands[key, static] = hands.Hands(
+                static_image_mode=static,
                 max_num_hands=2,
                 model_complexity=1,
                 min_detection_confidence=HAND_MIN_CONFIDENCE,
                 min_tracking_confidence=HAND_MIN_CONFIDENCE,
             )
-        result = self._hands[key].process(square)
-        found = []
-        for hand in result.multi_hand_landmarks or []:
-            xy = np.array([(p.x, p.y) for p in hand.landmark]) * [square.shape[1], square.shape[0]]
-            found.append(xy / shrink + [x0, y0])
+        return self._hands[key, static]
+
+    def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
+        """The hands near the face of crop transform ``M`` (side ``size``): (21, 2) points each,
+        in frame pixels."""
+        found: list[np.ndarray] = []
+        for static, side in ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE)):
+            region = _context_square(frame, M, size, side)
+            if region is None:
+                return []
+            square, x0, y0, shrink = region
+            result = self._graph(key, static).process(square)
+            for hand in result.multi_hand_landmarks or []:
+                xy = np.array([(p.x, p.y) for p in hand.landmark]) * [square.shape[1], square.shape[0]]
+                found.append(xy / shrink + [x0, y0])
+            if found:
+                break
         return found
 
     def mask(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> np.ndarray:
-        """(size, size) float32 occlusion mask in the crop of ``M``: 1 where something is in front
-        of the face (the paste-back keeps the frame there)."""
+        """(size, size) float32 occlusion mask of this frame alone in the crop of ``M``: 1 where
+        a hand is in front of the face (:func:`track_occlusion` adds what a face's other frames
+        tell)."""
         return hand_region([to_crop(M, points) for points in self.hands(frame, M, size, key)], size)
 
 
+def fill_hand_gaps(hands: dict[int, list[np.ndarray]]) -> dict[int, list[np.ndarray]]:
+    """A face's hands by frame with the frames of a short gap (at most HAND_GAP frames between two
+    frames with hands) given hands interpolated between both sides: a hand moving across a face is
+    there in the frames the landmarker lost it."""
+    filled = dict(hands)
+    seen = [f for f in sorted(hands) if hands[f]]
+    for a, b in zip(seen, seen[1:]):
+        if not 1 < b - a <= HAND_GAP + 1:
+            continue
+        for f in range(a + 1, b):
+            if f not in filled or filled[f]:
+                continue
+            t = (f - a) / (b - a)
+            if len(hands[a]) == len(hands[b]):
+                filled[f] = [(1 - t) * p + t * q for p, q in zip(hands[a], hands[b])]
+            else:
+                filled[f] = [*hands[a], *hands[b]]
+    return filled
+
+
+def track_occlusion(
+    hands: dict[int, list[np.ndarray]],
+    transforms: dict[int, np.ndarray],
+    crop_of: Callable[[int], np.ndarray],
+    size: int,
+    face_of: Callable[[int], np.ndarray] | None = None,
+) -> dict[int, np.ndarray]:
+    """One face's occlusion masks (size, size) float32 by frame, from its hands by frame (frame
+    pixels, :meth:`OcclusionFinder.hands`), its frame → crop transforms (side ``size``), its
+    aligned crops (``crop_of(frame)``, any side) and its face masks (``face_of(frame)`` at
+    LOOK_SIDE; the canonical face ellipse where not given).
+
+    Both go by the face's own look: each pixel's median over the LOOK_WINDOW frames either side in
+    the aligned crop (hands' regions left out), which is the face as it is while things pass in
+    front of it. A drawn hand, a hand seen edge-on or blurred, is found in most frames but not all,
+    and its 21 points are joint centres that a cartoon's or a blurred hand's outline need not
+    follow: so hands are carried over short gaps (:func:`fill_hand_gaps`), and near a hand (within
+    HAND_REACH frames of one, inside its hull grown by HAND_GATE palms) what differs from the look
+    by LOOK_THRESHOLD is covered too. Anything else (a cup raised to the mouth, a board passing)
+    is covered where it differs from the look by OBJECT_THRESHOLD over one region of at least
+    OBJECT_AREA of the face: an expression, a blink, a mouth opening or a head turn in the aligned
+    crop changes less, or in small pieces. An occluder held still in front of the face for the
+    whole window (a microphone at the mouth) is part of the look and is not found."""
+    hands = fill_hand_gaps(hands)
+    frames = sorted(transforms)
+    found = {f: hand_region([to_crop(transforms[f], p) for p in hands.get(f, [])], size) for f in frames}
+    if not frames:
+        return found
+    if face_of is None:
+        face = _canonical_face(LOOK_SIDE)
+        face_of = lambda _f: face  # noqa: E731
+    gates = {f: _hand_gate(hands, transforms[f] * (LOOK_SIDE / size), f) for f in frames}
+    masks = found
+    for _ in range(LOOK_PASSES):  # each pass leaves what the last one covered out of the look
+        masks = _look_pass(frames, masks, crop_of, face_of, gates, size)
+    return masks
+
+
+def _hand_gate(hands: dict[int, list[np.ndarray]], M: np.ndarray, frame: int) -> np.ndarray:
+    """uint8 (LOOK_SIDE, LOOK_SIDE): where the hands of the frames within HAND_REACH of
+    ``frame`` (crop transform ``M`` at LOOK_SIDE) are, hulls grown by HAND_GATE palms."""
+    gate = np.zeros((LOOK_SIDE, LOOK_SIDE), np.uint8)
+    for g in range(frame - HAND_REACH, frame + HAND_REACH + 1):
+        for points in hands.get(g, []):
+            inside = to_crop(M, points)
+            palm = max(1.0, float(np.linalg.norm(inside[9] - inside[0])))
+            hull = cv2.convexHull(np.round(inside * 16).astype(np.int32))
+            cv2.fillPoly(gate, [hull], 1, shift=4)
+            cv2.polylines(gate, [hull], True, 1, thickness=max(1, round(2 * HAND_GATE * palm)), shift=4)
+    return gate
+
+
+def _look_pass(
+    frames: list[int],
+    covered: dict[int, np.ndarray],
+    crop_of: Callable[[int], np.ndarray],
+    face_of: Callable[[int], np.ndarray],
+    gates: dict[int, np.ndarray],
+    size: int,
+) -> dict[int, np.ndarray]:
+    """``covered`` (the hands' masks, then the last pass's) with what differs from the face's look
+    added, the look being each pixel's median over the window with ``covered`` left out (see
+    :func:`track_occlusion`)."""
+    looks: dict[int, np.ndarray] = {}
+    opening = np.ones((2, 2), np.uint8)
+    out = dict(covered)
+
+    def look(frame: int) -> np.ndarray:
+        if frame not in looks:
+            crop = cv2.resize(np.asarray(crop_of(frame)), (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
+            crop = crop.astype(np.float32)
+            crop[cv2.resize(covered[frame], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0] = np.nan
+            looks[frame] = crop
+        return looks[frame]
+
+    for f in frames:
+        for old in [g for g in looks if g < f - LOOK_WINDOW]:
+            del looks[old]
+        window = np.stack([look(g) for g in frames if abs(g - f) <= LOOK_WINDOW and (g - f) % LOOK_STRIDE == 0])
+        with warnings.catch_warnings():  # a pixel covered in every frame of the window has no median
+            warnings.simplefilter("ignore", RuntimeWarning)
+            reference = np.nanmedian(window, axis=0) if np.isnan(window).any() else np.median(window, axis=0)
+        crop = cv2.resize(np.asarray(crop_of(f)), (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
+        differs = np.nan_to_num(np.abs(crop.astype(np.float32) - reference), nan=0.0).max(axis=-1)
+        picked = _large_regions(
+            cv2.morphologyEx((differs > OBJECT_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening),
+            face_of(f) > 0,
+        )
+        if gates[f].any():
+            near = cv2.morphologyEx((differs > LOOK_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening)
+            picked |= near & gates[f]
+        if not picked.any():
+            continue
+        picked = cv2.resize(picked, (size, size), interpolation=cv2.INTER_NEAREST)
+        outside = cv2.distanceTransform(1 - picked, cv2.DIST_L2, 5) / (size / LOOK_SIDE)
+        ramp = np.clip(1.0 - (outside - LOOK_MARGIN) / LOOK_FEATHER, 0.0, 1.0)
+        out[f] = np.maximum(covered[f], (ramp * ramp * (3 - 2 * ramp)).astype(np.float32))
+    return out
+
+
+def _large_regions(differs: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """uint8: the 8-connected regions of ``differs`` inside ``face`` (bool) of at least
+    OBJECT_AREA of the face and at least OBJECT_THICKNESS of the crop thick (twice the radius of
+    the largest disc inside): a head turn moves the face's edge against the hair and backdrop, in
+    thin strips along the outline, where a thing in front of the face is a solid piece."""
+    inside = ((differs > 0) & face).astype(np.uint8)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(inside, connectivity=8)
+    if count <= 1:
+        return np.zeros(differs.shape, np.uint8)
+    radius = np.zeros(count, np.float32)
+    np.maximum.at(radius, labels.ravel(), cv2.distanceTransform(inside, cv2.DIST_L2, 5).ravel())
+    keep = (stats[:, cv2.CC_STAT_AREA] >= OBJECT_AREA * max(1, int(face.sum()))) & (
+        2 * radius >= OBJECT_THICKNESS * face.shape[0]
+    )
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
+
+
+def _canonical_face(side: int) -> np.ndarray:
+    """The canonical face ellipse of the aligned crop, filled, (side, side) float32."""
+    from ipfacediff.face import CANONICAL_FACE_ELLIPSE
+
+    cx, cy, rx, ry = CANONICAL_FACE_ELLIPSE
+    face = np.zeros((side, side), np.float32)
+    cv2.ellipse(face, (round(cx * side), round(cy * side)), (round(rx * side), round(ry * side)), 0, 0, 360, 1.0, -1)
+    return face
+
+
 def occlusion_masks(
-    frames: np.ndarray | Iterable[np.ndarray], transforms: Sequence[np.ndarray], size: int
+    frames: np.ndarray | Iterable[np.ndarray], transforms: Sequence[np.ndarray], size: int, track=None
 ) -> np.ndarray:
-    """(N, size, size) float32 occlusion masks (:meth:`OcclusionFinder.mask`) of N RGB frames
-    (N, H, W, 3) uint8, each with its frame → crop transform (as
-    :func:`~ipfacediff.face.alignment_transforms` gives them, in frame order)."""
-    masks = []
+    """(N, size, size) float32 occlusion masks (:func:`track_occlusion`) of one face in N RGB
+    frames (N, H, W, 3) uint8, each with its frame → crop transform (as
+    :func:`~ipfacediff.face.alignment_transforms` gives them, in frame order); with ``track``
+    (that face's :class:`~ipfacediff.face.FaceTrack`, covering those frames in order) its face
+    masks bound what the look may cover, else the canonical face ellipse."""
+    from ipfacediff.face import crop_face, face_mask
+
+    hands, crops, by_frame = {}, {}, {}
     with OcclusionFinder() as finder:
-        for frame, M in zip(frames, transforms, strict=True):
-            masks.append(finder.mask(np.ascontiguousarray(frame), np.asarray(M, np.float64), size))
-    return np.stack(masks) if masks else np.zeros((0, size, size), np.float32)
+        for index, (frame, M) in enumerate(zip(frames, transforms, strict=True)):
+            M = np.asarray(M, np.float64)
+            frame = np.ascontiguousarray(frame)
+            hands[index] = finder.hands(frame, M, size)
+            crops[index] = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
+            by_frame[index] = M
+    if not by_frame:
+        return np.zeros((0, size, size), np.float32)
+    face_of = None
+    if track is not None:
+        face_of = lambda i: face_mask(track, track.frames[i], by_frame[i] * (LOOK_SIDE / size), LOOK_SIDE)  # noqa: E731
+    masks = track_occlusion(hands, by_frame, crops.__getitem__, size, face_of)
+    return np.stack([masks[i] for i in sorted(masks)])
 
 
 def occluded_share(occlusion: np.ndarray, face: np.ndarray) -> float:
@@ -172,9 +372,11 @@ def to_crop(M: np.ndarray, points: np.ndarray) -> np.ndarray:
     return np.asarray(points, np.float64) @ M[:, :2].T + M[:, 2]
 
 
-def _context_square(frame: np.ndarray, M: np.ndarray, size: int) -> tuple[np.ndarray, int, int, float] | None:
+def _context_square(
+    frame: np.ndarray, M: np.ndarray, size: int, max_side: int = HAND_MAX_SIDE
+) -> tuple[np.ndarray, int, int, float] | None:
     """The frame's square HAND_CONTEXT times the crop around its centre, clipped to the frame and
-    shrunk to at most HAND_MAX_SIDE: (square, its left, its top, the shrink), or None when too
+    shrunk to at most ``max_side``: (square, its left, its top, the shrink), or None when too
     little of it is in the frame."""
     inv = cv2.invertAffineTransform(M)
     cx, cy = to_crop(inv, np.array([[size / 2, size / 2]]))[0]
@@ -185,7 +387,7 @@ def _context_square(frame: np.ndarray, M: np.ndarray, size: int) -> tuple[np.nda
     if x1 - x0 < 16 or y1 - y0 < 16:
         return None
     square = frame[y0:y1, x0:x1]
-    shrink = min(1.0, HAND_MAX_SIDE / max(square.shape[:2]))
+    shrink = min(1.0, max_side / max(square.shape[:2]))
     if shrink < 1.0:
         square = cv2.resize(square, None, fx=shrink, fy=shrink, interpolation=cv2.INTER_AREA)
     return np.ascontiguousarray(square), x0, y0, shrink

@@ -219,3 +219,93 @@ def test_clean_faces_get_no_mask(shared_clip):
         assert len(transforms) == len(frames)
         masks = occlusion_masks(frames, transforms, size)
         assert masks.shape == (len(frames), size, size) and not masks.any()
+
+
+def changed_share_under_paste(frames, masks, transforms, track, coverage) -> float:
+    """The share of an occluder's solid pixels (coverage ≥ 0.99) that the synthetic edit, pasted
+    with ``masks``, changes by more than 8 levels."""
+    size = masks.shape[1]
+    changed = []
+    for i, (frame, M) in enumerate(zip(frames, transforms)):
+        edit = synthetic_edit(crop_face(frame, M, size))
+        out = paste_face(frame, edit, M, face_mask(track, track.frames[i], M, size), occlusion=masks[i])
+        changed.append((np.abs(out.astype(int) - frame).max(-1) > 8)[coverage[i] >= 0.99])
+    return float(np.concatenate(changed).mean())
+
+
+def test_a_faceworld_hand_is_kept_in_the_frames_the_landmarker_misses(tmp_path):
+    """A drawn cartoon hand passing over a FaceWorld face, as the edit reads it back from a video:
+    the landmarker alone misses it in some frames and misplaces the thumb in others; the face's
+    track (hands carried over gaps, what differs from the face's own look near a hand) keeps it."""
+    from faceworld import render_clip
+
+    from ipfacediff.occlusion import OcclusionFinder
+
+    clip = render_clip(1000, seed=1000, frames=12, size=128, fps=12.0).with_occluders(["hand"])
+    frames = np.stack(list(iter_frames(write_video(tmp_path / "hand.mp4", iter(clip), clip.fps))))
+    track, size = clip.tracks.tracks[0], 64
+    transforms = crop_transforms(clip.tracks, size)
+    coverage = clip.occluder_masks()
+    with OcclusionFinder() as finder:
+        alone = np.stack([finder.mask(f, M, size) for f, M in zip(frames, transforms)])
+    masks = occlusion_masks(frames, transforms, size)
+    assert changed_share_under_paste(frames, alone, transforms, track, coverage) > 0.05
+    assert changed_share_under_paste(frames, masks, transforms, track, coverage) <= 0.01
+    clean = np.stack(list(iter_frames(write_video(tmp_path / "clean.mp4", iter(clip.with_occluders([])), clip.fps))))
+    assert not occlusion_masks(clean, transforms, size).any()
+
+
+@pytest.mark.parametrize("kind", ["hand", "cup"])
+def test_a_faceworld_occluder_composited_on_a_real_clip_is_kept(shared_clip, kind):
+    """A cartoon hand (which the landmarker finds in some frames) and a cup raised to the mouth
+    (which it never finds) drawn over jogger.mp4's face along its own track."""
+    from faceworld import occlude_frames
+
+    from ipfacediff.face import _invert
+
+    frames = np.stack([f for _, f in zip(range(12), iter_frames(shared_clip("jogger.mp4")))])
+    tracks = track_faces(frames, fps=10.0)
+    face = max(tracks.tracks, key=lambda t: t.median_area)
+    to_frame = {f: _invert(M) for f, M in alignment_transforms(face, 1).items()}
+    composite, coverage = occlude_frames(frames, to_frame, [kind])
+    by_frame = alignment_transforms(face, 256)
+    order = sorted(by_frame)
+    transforms = [by_frame[f] for f in order]
+    masks = occlusion_masks(composite[order], transforms, 256, face)
+    assert coverage[order].max() == 1.0
+    assert changed_share_under_paste(composite[order], masks, transforms, face, coverage[order]) <= 0.01
+
+
+def test_hands_are_carried_over_short_gaps_only():
+    from ipfacediff.occlusion import HAND_GAP, fill_hand_gaps
+
+    hand = np.zeros((21, 2))
+    hands = {0: [hand], 1: [], 2: [], 3: [hand + 30], 4: []}
+    hands |= dict.fromkeys(range(5, 5 + HAND_GAP + 1), [])
+    hands[5 + HAND_GAP + 1] = [hand]
+    filled = fill_hand_gaps(hands)
+    assert np.allclose(filled[1][0], 10) and np.allclose(filled[2][0], 20)
+    assert all(filled[f] == [] for f in range(4, 5 + HAND_GAP + 1))
+    assert hands[1] == []  # the input is left as it was
+
+
+def test_a_faceworld_cup_is_kept_and_turning_heads_are_not_marked(tmp_path):
+    """A cup raised to the mouth and lowered again: no hand, so only the face's own look finds it.
+    Clean FaceWorld people who turn their heads and change expression over 24 frames (their face's
+    edge moves against hair and backdrop) get no mask."""
+    from faceworld import HELD_OUT_IDS, render_clip
+    from faceworld.scene import random_attributes
+
+    clip = render_clip(HELD_OUT_IDS[1], seed=HELD_OUT_IDS[1], frames=12, size=128, fps=12.0).with_occluders(["cup"])
+    frames = np.stack(list(iter_frames(write_video(tmp_path / "cup.mp4", iter(clip), clip.fps))))
+    track, transforms = clip.tracks.tracks[0], crop_transforms(clip.tracks, 64)
+    masks = occlusion_masks(frames, transforms, 64, track)
+    no_look = np.zeros_like(masks)
+    assert changed_share_under_paste(frames, no_look, transforms, track, clip.occluder_masks()) > 0.2
+    assert changed_share_under_paste(frames, masks, transforms, track, clip.occluder_masks()) <= 0.01
+    rng = np.random.default_rng(36)
+    for person in (1006, 1007):
+        clean = render_clip(person, random_attributes(rng), seed=person, frames=24, size=128, fps=12.0)
+        frames = np.stack(list(iter_frames(write_video(tmp_path / f"{person}.mp4", iter(clean), clean.fps))))
+        masks = occlusion_masks(frames, crop_transforms(clean.tracks, 64), 64, clean.tracks.tracks[0])
+        assert not masks.any()
