@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
+import cv2
 import numpy as np
 
 from ipfacediff.errors import UserError
@@ -205,6 +206,50 @@ def occlusion_of_track(
 
     masks = track_occlusion(hands, scaled, crops.__getitem__, side, face_of)
     return {f: np.round(mask * 255).astype(np.uint8) for f, mask in masks.items()}
+
+
+def occlusion_masks(
+    frames: np.ndarray | Iterable[np.ndarray], transforms: Sequence[np.ndarray], size: int, track=None
+) -> np.ndarray:
+    """(N, size, size) float32 occlusion masks (:func:`~ipfacediff.occlusion.track_occlusion`) of one face in N RGB
+    frames (N, H, W, 3) uint8, each with its frame → crop transform (as
+    :func:`~ipfacediff.face.alignment_transforms` gives them, in frame order); with ``track``
+    (that face's :class:`~ipfacediff.face.FaceTrack`, covering those frames in order) its face
+    masks bound what the look may cover, else the canonical face ellipse. (Here, not in
+    :mod:`ipfacediff.occlusion`, which :mod:`ipfacediff.face` imports.)"""
+    from ipfacediff.face import CANONICAL_FACE_ELLIPSE, crop_face, face_mask
+    from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, track_occlusion
+
+    hands, crops, by_frame = {}, {}, {}
+    with OcclusionFinder() as finder:
+        for index, (frame, M) in enumerate(zip(frames, transforms, strict=True)):
+            M = np.asarray(M, np.float64)
+            frame = np.ascontiguousarray(frame)
+            hands[index] = finder.hands(frame, M, size)
+            crops[index] = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
+            by_frame[index] = M
+    if not by_frame:
+        return np.zeros((0, size, size), np.float32)
+    cx, cy, rx, ry = CANONICAL_FACE_ELLIPSE
+    ellipse = np.zeros((LOOK_SIDE, LOOK_SIDE), np.float32)
+    cv2.ellipse(
+        ellipse,
+        (round(cx * LOOK_SIDE), round(cy * LOOK_SIDE)),
+        (round(rx * LOOK_SIDE), round(ry * LOOK_SIDE)),
+        0,
+        0,
+        360,
+        1.0,
+        -1,
+    )
+
+    def face_of(i: int) -> np.ndarray:
+        if track is None:
+            return ellipse
+        return face_mask(track, track.frames[i], by_frame[i] * (LOOK_SIDE / size), LOOK_SIDE)
+
+    masks = track_occlusion(hands, by_frame, crops.__getitem__, size, face_of)
+    return np.stack([masks[i] for i in sorted(masks)])
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:

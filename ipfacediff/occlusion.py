@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -209,12 +209,12 @@ def track_occlusion(
     transforms: dict[int, np.ndarray],
     crop_of: Callable[[int], np.ndarray],
     size: int,
-    face_of: Callable[[int], np.ndarray] | None = None,
+    face_of: Callable[[int], np.ndarray],
 ) -> dict[int, np.ndarray]:
     """One face's occlusion masks (size, size) float32 by frame, from its hands by frame (frame
     pixels, :meth:`OcclusionFinder.hands`), its frame → crop transforms (side ``size``), its
     aligned crops (``crop_of(frame)``, any side) and its face masks (``face_of(frame)`` at
-    LOOK_SIDE; the canonical face ellipse where not given).
+    LOOK_SIDE).
 
     Both go by the face's own look: each pixel's median over the LOOK_WINDOW frames either side in
     the aligned crop (hands' regions left out), which is the face as it is while things pass in
@@ -232,9 +232,6 @@ def track_occlusion(
     found = {f: hand_region([to_crop(transforms[f], p) for p in hands.get(f, [])], size) for f in frames}
     if not frames:
         return found
-    if face_of is None:
-        face = _canonical_face(LOOK_SIDE)
-        face_of = lambda _f: face  # noqa: E731
     gates = {f: _hand_gate(hands, transforms[f] * (LOOK_SIDE / size), f) for f in frames}
     masks = found
     for _ in range(LOOK_PASSES):  # each pass leaves what the last one covered out of the look
@@ -320,43 +317,6 @@ def _large_regions(differs: np.ndarray, face: np.ndarray) -> np.ndarray:
     )
     keep[0] = False
     return keep[labels].astype(np.uint8)
-
-
-def _canonical_face(side: int) -> np.ndarray:
-    """The canonical face ellipse of the aligned crop, filled, (side, side) float32."""
-    from ipfacediff.face import CANONICAL_FACE_ELLIPSE
-
-    cx, cy, rx, ry = CANONICAL_FACE_ELLIPSE
-    face = np.zeros((side, side), np.float32)
-    cv2.ellipse(face, (round(cx * side), round(cy * side)), (round(rx * side), round(ry * side)), 0, 0, 360, 1.0, -1)
-    return face
-
-
-def occlusion_masks(
-    frames: np.ndarray | Iterable[np.ndarray], transforms: Sequence[np.ndarray], size: int, track=None
-) -> np.ndarray:
-    """(N, size, size) float32 occlusion masks (:func:`track_occlusion`) of one face in N RGB
-    frames (N, H, W, 3) uint8, each with its frame → crop transform (as
-    :func:`~ipfacediff.face.alignment_transforms` gives them, in frame order); with ``track``
-    (that face's :class:`~ipfacediff.face.FaceTrack`, covering those frames in order) its face
-    masks bound what the look may cover, else the canonical face ellipse."""
-    from ipfacediff.face import crop_face, face_mask
-
-    hands, crops, by_frame = {}, {}, {}
-    with OcclusionFinder() as finder:
-        for index, (frame, M) in enumerate(zip(frames, transforms, strict=True)):
-            M = np.asarray(M, np.float64)
-            frame = np.ascontiguousarray(frame)
-            hands[index] = finder.hands(frame, M, size)
-            crops[index] = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
-            by_frame[index] = M
-    if not by_frame:
-        return np.zeros((0, size, size), np.float32)
-    face_of = None
-    if track is not None:
-        face_of = lambda i: face_mask(track, track.frames[i], by_frame[i] * (LOOK_SIDE / size), LOOK_SIDE)  # noqa: E731
-    masks = track_occlusion(hands, by_frame, crops.__getitem__, size, face_of)
-    return np.stack([masks[i] for i in sorted(masks)])
 
 
 def occluded_share(occlusion: np.ndarray, face: np.ndarray) -> float:

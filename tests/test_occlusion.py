@@ -12,7 +12,8 @@ import pytest
 
 from ipfacediff.editing.region import without_occluded
 from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, face_mask, paste_face, track_faces
-from ipfacediff.occlusion import OCCLUSION_METHOD, occluded_share, occlusion_masks
+from ipfacediff.crops import occlusion_masks
+from ipfacediff.occlusion import OCCLUSION_METHOD, occluded_share
 from ipfacediff.settings import EditSettings
 from ipfacediff.video import iter_frames, write_video
 
