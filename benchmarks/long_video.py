@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -410,6 +411,9 @@ def main() -> None:
         "steps": args.steps,
         "window": args.window,
         "keep_latents": args.keep_latents,
+        # glibc's mmap threshold: set low, freed tensors leave the resident set at once, so a window's
+        # floor is what is alive rather than what the heap kept
+        "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
         "runs": {},
     }
 
