@@ -32,9 +32,9 @@ if [ -n "${SMOKE:-}" ]; then
 else
     PYTHON=python3
     if ls .whl/*.whl >/dev/null 2>&1; then
-        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .whl/site \
             .whl/*.whl || exit 1
-        export PYTHONPATH=/tmp/site
+        export PYTHONPATH="$PWD/.whl/site"
     fi
     export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
