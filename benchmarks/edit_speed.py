@@ -66,6 +66,9 @@ from ipfacediff.models import (  # noqa: E402
 )
 from ipfacediff.settings import DEFAULT_WINDOW, EditSettings  # noqa: E402
 
+# The first edit's prompt, and a re-edit's: the same clip edited again with another prompt.
+PROMPT = "a face with eyeglasses"
+REEDIT_PROMPT = "a face with blonde hair"
 
 SD15_UNET = dict(
     sample_size=64,
@@ -519,12 +522,14 @@ def rss_peak() -> int:
     raise OSError("no VmHWM in /proc/self/status")
 
 
-def measure(pipe, frames, cache, device, *, batch_size: int, vae_batch_size: int, gflops: float, **kwargs) -> dict:
+def measure(
+    pipe, frames, cache, device, *, batch_size: int, vae_batch_size: int, gflops: float, prompt: str = PROMPT, **kwargs
+) -> dict:
     with PeakMemory(device) as memory, EvaluationCounter(pipe) as evaluations:
         started, cpu_started = time.perf_counter(), time.process_time()
         result = pipe(
             frames,
-            EditSettings(prompt="a face with eyeglasses", **kwargs),
+            EditSettings(prompt=prompt, **kwargs),
             cache=cache,
             batch_size=batch_size,
             vae_batch_size=vae_batch_size,
@@ -594,6 +599,9 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument(
+        "--attention-merge", type=float, default=0.0, help="the edits' --attention-merge (token merging; default off)"
+    )
+    parser.add_argument(
         "--vae-batch-size",
         type=int,
         default=DEFAULT_VAE_BATCH,
@@ -642,7 +650,9 @@ def main() -> None:
         compile_unets([pipe.unet, pipe.identity_unet])
     size = 512 if args.full_size else 64
     batch = args.batch_size or (16 if device.type == "cuda" else 8)
-    common = dict(steps=args.steps, batch_size=batch, vae_batch_size=args.vae_batch_size)
+    common = dict(
+        steps=args.steps, batch_size=batch, vae_batch_size=args.vae_batch_size, attention_merge=args.attention_merge
+    )
     scratch = Path(tempfile.mkdtemp(prefix="edit-speed-"))
     gflops = unet_gflops(pipe, size // 8)
 
@@ -656,6 +666,8 @@ def main() -> None:
         "vae_batch_size": args.vae_batch_size,
         "shared_unet": args.shared_unet,
         "compiled": args.compile,
+        "attention_merge": args.attention_merge,
+        "reedit_prompt": REEDIT_PROMPT,
         "unet_gflops_per_evaluation": float(f"{gflops:.4g}"),
         "runs": rows,
     }
@@ -690,6 +702,8 @@ def main() -> None:
         folder = scratch / (("every" if base == "every_frame" else "full") + unguided) / str(n)
         guided = {"identity_gradient": args.identity_gradient} if base == "identity_gradient" else {}
         guided = {"identity_gradient": 0.0} if base != method else guided
+        if base == "reedit":  # what a user re-edits: the same clip, another prompt
+            guided["prompt"] = REEDIT_PROMPT
         rows[f"{method}/{n}"] = measure(
             pipe,
             frames,

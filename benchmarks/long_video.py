@@ -79,6 +79,20 @@ class HostPeak:
         return {"rss": int(fields["VmRSS"].split()[0]) * 1024, "anon": int(fields["RssAnon"].split()[0]) * 1024}
 
 
+def live_anon_bytes() -> int:
+    """The anonymous resident set once Python's garbage and the heap's free pages are returned: what
+    is alive, not what the allocator happened to keep from the window before."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the floor keeps the heap's free pages
+        pass
+    return HostPeak.read()["anon"]
+
+
 class WindowFloors:
     """The anonymous resident set as each window after the first begins (the window before's
     tensors gone), against the frames finished by then: what an edit holds for the clip so far,
@@ -93,7 +107,7 @@ class WindowFloors:
         elif stage == "invert" and entering and self.decoded:  # a new window's first stage
             self.decoded = False
             done = self.starts[len(self.points) + 1]
-            self.points.append((done, HostPeak.read()["anon"]))
+            self.points.append((done, live_anon_bytes()))
 
     def growth_mb_per_1000_frames(self) -> float | None:
         """The least-squares slope of the floors (None: fewer than three windows after the first)."""
