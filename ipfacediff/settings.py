@@ -44,7 +44,7 @@ DEFAULT_FADE = 4  # frames: a sixth of a second at 24 fps
 DEFAULT_WINDOW = 256
 # Identity guidance while sampling, for an edit without a tuned value (tuning: benchmarks/README.md).
 DEFAULT_IDENTITY_GRADIENT = 0.3
-DEFAULT_IDENTITY_GRADIENT_FROM = 400
+DEFAULT_IDENTITY_GRADIENT_FROM = 200  # the steps feature injection leaves alone (tuning: benchmarks/README.md)
 LARGEST_SEED = 2**63 - 1  # torch.Generator takes 64 bits; JSON readers keep 63 exactly
 LARGEST_RESOLUTION = 4096
 
