@@ -131,10 +131,16 @@ class OcclusionFinder:
     in frames where the palm detector alone misses it (a palm turned or cut by the square's edge).
     Where that finds nothing, a second landmarker in image mode looks at the square shrunk to
     HAND_SECOND_SIDE: at that scale a flat, drawn or blurred hand looks like the hands the palm
-    detector knows. A face's frames go in in order."""
+    detector knows. Each run of the palm detector costs the same whatever the square's side, and
+    most frames have no hand: so while no hand was found in a face's last HAND_REACH frames, the
+    second look runs in every other frame only (a flat hand that comes in is found a frame later,
+    and :func:`track_occlusion` covers the frame before as near a hand). A face's frames go in in
+    order."""
 
     def __init__(self) -> None:
         self._hands: dict[tuple[int, bool], object] = {}
+        self._since_hand: dict[int, int] = {}  # by face: frames since one had a hand
+        self._turn: dict[int, int] = {}  # by face: frames looked at while none was near
 
     def __enter__(self) -> OcclusionFinder:
         return self
@@ -164,7 +170,12 @@ class OcclusionFinder:
         """The hands near the face of crop transform ``M`` (side ``size``): (21, 2) points each,
         in frame pixels."""
         found: list[np.ndarray] = []
-        for static, side in ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE)):
+        looks = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
+        if self._since_hand.get(key, HAND_REACH + 1) > HAND_REACH:
+            turn = self._turn.get(key, 0)
+            self._turn[key] = turn + 1
+            looks = looks[: 2 - turn % 2]
+        for static, side in looks:
             region = _context_square(frame, M, size, side)
             if region is None:
                 return []
@@ -175,6 +186,7 @@ class OcclusionFinder:
                 found.append(xy / shrink + [x0, y0])
             if found:
                 break
+        self._since_hand[key] = 0 if found else self._since_hand.get(key, HAND_REACH + 1) + 1
         return found
 
     def mask(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> np.ndarray:

@@ -101,6 +101,18 @@ def test_a_hand_over_the_face_is_covered_and_a_clean_face_is_not(occluded):
     assert not occlusion_masks(clean, transforms, 256).any()
 
 
+def test_a_hand_that_comes_in_later_is_covered_from_its_first_frame(occluded):
+    """Frames without a hand near run one of the two hand looks each, in turn: a hand that comes in
+    after a few clean frames is still covered in every frame it is in."""
+    _, tracks, clean, frames, hands = occluded
+    transforms = crop_transforms(tracks, 256)
+    late = np.concatenate([clean[:3], frames[3:]])
+    masks = occlusion_masks(late, transforms, 256)
+    for mask, hand, M in list(zip(masks, hands, transforms))[3:]:
+        hand_in_crop = cv2.warpAffine(hand.astype(np.uint8), M, (256, 256), flags=cv2.INTER_NEAREST) > 0
+        assert (mask[hand_in_crop] == 1.0).mean() > 0.99
+
+
 def synthetic_edit(crop: np.ndarray) -> np.ndarray:
     """A stand-in for an edit that changes every pixel by 60 levels: a fine checkerboard up and down
     (no low-frequency tint, which the paste-back's seam correction would take out near the seam)."""
