@@ -319,12 +319,14 @@ def output_frames(
 ) -> Iterator[np.ndarray]:
     """The input's frames with the edited faces pasted in, streamed so a long video never sits in
     memory. A frame where nothing is pasted goes out as the input's own decoded picture (no RGB
-    round trip); write_video takes the output's colours from audio_from, the input."""
+    round trip); write_video takes the output's colours from audio_from, the input. A pasted
+    frame keeps the decoded samples wherever the paste left the pixels (a hand in front of the face,
+    the backdrop) as they were."""
     from ipfacediff.face import face_mask, paste_face
-    from ipfacediff.video import iter_source_frames
+    from ipfacediff.video import iter_source_frames, keep_source_samples
 
     for index, (frame, source) in enumerate(iter_source_frames(input_path)):
-        pasted = False
+        original, pasted = frame, False
         for track in found.tracks.tracks:
             crop = faces.crops.get(track.id, {}).get(index)
             if crop is None:
@@ -338,7 +340,10 @@ def output_frames(
             pasted = True
         if progress:
             progress("write", index + 1, frame_count)
-        yield frame if pasted or source is None else source
+        if source is None:
+            yield frame
+        else:
+            yield keep_source_samples(frame, original, source) if pasted else source
 
 
 def run_report(
