@@ -96,6 +96,7 @@ class FaceCrops:
     # crop at OCCLUSION_SIDE at most (:func:`occlusion_at` scales one to a crop), and their time.
     occlusion: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
     occlusion_seconds: float = 0.0
+    hand_frames: dict[int, set[int]] = field(default_factory=dict)  # by track: frames the landmarker found a hand in
 
     def occlusion_at(self, track_id: int, frame: int, size: int) -> np.ndarray | None:
         """The face's occlusion mask in ``frame`` as float32 (size, size), 1 where covered; None
@@ -187,6 +188,7 @@ def face_crops(
             t.id: occlusion_of_track(t, hands[t.id], transforms[t.id], crops[t.id], size) for t in tracks.tracks
         }
         found.occlusion_seconds += time.perf_counter() - started
+        found.hand_frames = {t.id: {f for f, seen in hands[t.id].items() if seen} for t in tracks.tracks}
     return found
 
 

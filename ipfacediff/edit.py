@@ -269,8 +269,10 @@ def occlusion_of(found: FaceCrops, track_id: int, order: list[int], size: int) -
 
 
 def occlusion_report(found: FaceCrops, track, order: list[int]) -> dict:
-    """What .run.json keeps of a face's occlusion: the method, and per edited frame the share of
-    the face mask covered (:func:`~ipfacediff.occlusion.occluded_share`)."""
+    """What .run.json keeps of a face's occlusion: the method, how many edited frames have a mask
+    and in how many of them the hand landmarker found a hand itself (the rest are the face's own
+    look, or hands carried over a gap), and per edited frame the share of the face mask covered
+    (:func:`~ipfacediff.occlusion.occluded_share`)."""
     from ipfacediff.crops import OCCLUSION_SIDE
     from ipfacediff.face import face_mask
     from ipfacediff.occlusion import OCCLUSION_METHOD, occluded_share
@@ -288,6 +290,7 @@ def occlusion_report(found: FaceCrops, track, order: list[int]) -> dict:
         "occlusion": {
             "method": OCCLUSION_METHOD,
             "frames_occluded": sum(share > 0 for share in shares),
+            "frames_with_hands": len(found.hand_frames.get(track.id, set()) & set(order)),
             "largest_share": max(shares, default=0.0),
             "share": shares,
         }

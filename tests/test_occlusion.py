@@ -187,6 +187,7 @@ def test_the_cli_edit_keeps_the_hand_with_occlusion_and_paints_it_without(occlud
         face = report["faces"][0]
         if flag == "--occlusion":
             assert face["occlusion"]["method"] == OCCLUSION_METHOD and face["occlusion"]["frames_occluded"] == FRAMES
+            assert 0 < face["occlusion"]["frames_with_hands"] <= FRAMES
             assert len(face["occlusion"]["share"]) == FRAMES and min(face["occlusion"]["share"]) > 0.05
             assert "occlusion" in report["seconds"]
         else:
@@ -194,6 +195,23 @@ def test_the_cli_edit_keeps_the_hand_with_occlusion_and_paints_it_without(occlud
     # Re-encoding alone moves a pixel by a few levels; the edit painted over the hand moves it far more.
     assert (diffs["--occlusion"] > 8).mean() < 0.02
     assert (diffs["--no-occlusion"] > 8).mean() > 5 * max(0.01, (diffs["--occlusion"] > 8).mean())
+
+
+def test_the_run_report_says_what_found_a_cup(tiny_dir, tmp_path, capsys):
+    """A cup has no hand: .run.json says the face was covered in frames the landmarker found
+    nothing in (the face's own look found it)."""
+    from faceworld import HELD_OUT_IDS, render_clip
+
+    clip = render_clip(HELD_OUT_IDS[1], seed=HELD_OUT_IDS[1], frames=12, size=128, fps=12.0).with_occluders(["cup"])
+    video = write_video(tmp_path / "cup.mp4", iter(clip), clip.fps)
+    tracks = clip.tracks.save(tmp_path / "cup.tracks.json")
+    out = tmp_path / "out.mp4"
+    argv = ["edit", str(video), "-o", str(out), "--prompt", "a face with eyeglasses", "--model", str(tiny_dir)]
+    argv += ["--resolution", "64", "--steps", "2", "--tracks", str(tracks), "--cache-dir", str(tmp_path / "c")]
+    code, _, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    occlusion = json.loads(out.with_name("out.run.json").read_text())["faces"][0]["occlusion"]
+    assert occlusion["frames_occluded"] >= 3 and occlusion["frames_with_hands"] == 0
 
 
 def test_the_setting_round_trips():
@@ -214,6 +232,27 @@ def test_the_preview_tints_the_hand_red(occluded, tmp_path):
     assert np.median(redder[hands]) > 40
     unchanged = (shown["clean"][..., 0] - shown["clean"][..., 1]) - (clean[..., 0].astype(int) - clean[..., 1])
     assert np.median(unchanged[hands]) < 10  # where the hand would be: only the face's green tint
+
+
+def test_the_preview_tints_what_the_look_finds_too(tmp_path, capsys):
+    """A cup raised to the mouth has no hand: ``faces --preview`` shows the mask the edit uses (the
+    face's own look finds the cup), not the hand landmarker's alone; a clean clip shows none."""
+    from faceworld import HELD_OUT_IDS, render_clip
+
+    clip = render_clip(HELD_OUT_IDS[1], seed=HELD_OUT_IDS[1], frames=12, size=128, fps=12.0)
+    shown, inputs = {}, {}
+    for name, occluders in (("cup", ["cup"]), ("clean", [])):
+        video = write_video(tmp_path / f"{name}-in.mp4", iter(clip.with_occluders(occluders)), clip.fps)
+        code, stdout, stderr = run(["faces", str(video), "--preview", str(tmp_path / f"{name}.mp4")], capsys)
+        assert code == 0 and "face 0: frames 0-11" in stdout, stderr
+        shown[name] = np.stack(list(iter_frames(tmp_path / f"{name}.mp4"))).astype(int)
+        inputs[name] = np.stack(list(iter_frames(video))).astype(int)
+    cup = clip.with_occluders(["cup"]).occluder_masks() >= 252
+    face = np.stack([face_mask(clip.tracks.tracks[0], i, np.eye(2, 3), 128) for i in range(12)]) > 0.5
+    redness = {n: (shown[n][..., 0] - shown[n][..., 1]) - (inputs[n][..., 0] - inputs[n][..., 1]) for n in shown}
+    assert (cup & face).sum() > 200
+    assert np.median(redness["cup"][cup & face]) > 40
+    assert np.median(redness["clean"][cup & face]) < 10
 
 
 def test_clean_faces_get_no_mask(shared_clip):
