@@ -924,6 +924,10 @@ def crop_face(frame: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
 # Feather width of the mask edge and blur radius of the seam colour correction, in crop sides.
 MASK_FEATHER = 0.05
 SEAM_SIGMA = 0.06
+# The paste-back keeps this many frame pixels more around what is in front of a face: a written
+# frame shares its colour between 2x2 pixels and codes 4x4-8x8 blocks, so an edited pixel right
+# next to a kept one would move it.
+OCCLUSION_GROW_PX = 2
 
 
 def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, hair: bool = False) -> np.ndarray:
@@ -995,9 +999,9 @@ def paste_face(
     edit introduced then cannot draw a visible border.
 
     ``occlusion`` (float, in the crop, any side: :mod:`ipfacediff.occlusion`) is what is in front
-    of the face: the mask is scaled by one minus it, so where it is 1 the frame is kept exactly
-    (a hand passing the eyes is not drawn over). The seam correction still measures at the face's
-    own edge.
+    of the face: the mask is scaled by one minus it, grown by OCCLUSION_GROW_PX in the frame, so
+    where it is 1 the frame is kept exactly (a hand passing the eyes is not drawn over). The seam
+    correction still measures at the face's own edge.
     """
     size = edited_crop.shape[0]
     edited = edited_crop.astype(np.float32)
@@ -1015,11 +1019,13 @@ def paste_face(
     M_roi = M.copy()
     M_roi[:, 2] += M[:, :2] @ [x0, y0]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    alpha = cv2.warpAffine(mask, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT)
     if occlusion is not None:
         if occlusion.shape != mask.shape:
             occlusion = cv2.resize(occlusion, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
-        mask = mask * (1.0 - occlusion)
-    alpha = cv2.warpAffine(mask, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT)
+        kept = cv2.warpAffine(occlusion.astype(np.float32), M_roi, (x1 - x0, y1 - y0), flags=flags)
+        side = 2 * OCCLUSION_GROW_PX + 1
+        alpha *= 1.0 - cv2.dilate(kept, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
     roi = out[y0:y1, x0:x1].astype(np.float32)
     if overlay:
         face = cv2.warpAffine(edited, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
