@@ -24,7 +24,6 @@ mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import cv2
@@ -292,9 +291,7 @@ def _look_pass(
         for old in [g for g in looks if g < f - LOOK_WINDOW]:
             del looks[old]
         window = np.stack([look(g) for g in frames if abs(g - f) <= LOOK_WINDOW and (g - f) % LOOK_STRIDE == 0])
-        with warnings.catch_warnings():  # a pixel covered in every frame of the window has no median
-            warnings.simplefilter("ignore", RuntimeWarning)
-            reference = np.nanmedian(window, axis=0) if np.isnan(window).any() else np.median(window, axis=0)
+        reference = _median_of_seen(window)
         crop = cv2.resize(np.asarray(crop_of(f)), (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
         differs = np.nan_to_num(np.abs(crop.astype(np.float32) - reference), nan=0.0).max(axis=-1)
         picked = _large_regions(
@@ -311,6 +308,16 @@ def _look_pass(
         ramp = np.clip(1.0 - (outside - LOOK_MARGIN) / LOOK_FEATHER, 0.0, 1.0)
         out[f] = np.maximum(covered[f], (ramp * ramp * (3 - 2 * ramp)).astype(np.float32))
     return out
+
+
+def _median_of_seen(window: np.ndarray) -> np.ndarray:
+    """Each pixel's median over axis 0 of ``window`` leaving out its NaNs (NaN where all are):
+    np.nanmedian's, by one sort (NaNs sort last) rather than a median per pixel."""
+    ordered = np.sort(window, axis=0)
+    seen = np.count_nonzero(~np.isnan(window), axis=0)
+    low = np.take_along_axis(ordered, np.maximum(seen - 1, 0)[None] // 2, axis=0)[0]
+    high = np.take_along_axis(ordered, seen[None] // 2, axis=0)[0]
+    return np.where(seen > 0, (low + high) / 2, np.nan).astype(window.dtype)
 
 
 def _large_regions(differs: np.ndarray, face: np.ndarray) -> np.ndarray:

@@ -361,3 +361,15 @@ def test_a_faceworld_cup_is_kept_and_turning_heads_are_not_marked(tmp_path):
         frames = np.stack(list(iter_frames(write_video(tmp_path / f"{person}.mp4", iter(clean), clean.fps))))
         masks = occlusion_masks(frames, crop_transforms(clean.tracks, 64), 64, clean.tracks.tracks[0])
         assert not masks.any()
+
+
+def test_the_look_median_leaves_out_what_was_covered():
+    from ipfacediff.occlusion import _median_of_seen
+
+    rng = np.random.default_rng(36)
+    window = rng.random((9, 8, 8, 3)).astype(np.float32) * 255
+    window[rng.random(window.shape[:3]) < 0.5] = np.nan
+    window[:, 0, 0] = np.nan  # covered in every frame: no median
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        expected = np.nanmedian(window, axis=0)
+    np.testing.assert_array_equal(_median_of_seen(window), expected)
