@@ -179,7 +179,7 @@ def face_crops(
                 crops[track.id][index] = resize_image(frame, (size, size)) if whole_frame else crop_face(frame, M, size)
                 if finder is not None:
                     started = time.perf_counter()
-                    hands[track.id][index] = finder.hands(frame, M, size, key=track.id)
+                    finder.look(hands[track.id], index, frame, M, size, key=track.id)
                     found.occlusion_seconds += time.perf_counter() - started
     if finder is not None:
         finder.close()
@@ -227,7 +227,7 @@ def occlusion_masks(
         for index, (frame, M) in enumerate(zip(frames, transforms, strict=True)):
             M = np.asarray(M, np.float64)
             frame = np.ascontiguousarray(frame)
-            hands[index] = finder.hands(frame, M, size)
+            finder.look(hands, index, frame, M, size)
             crops[index] = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
             by_frame[index] = M
     if not by_frame:

@@ -1090,7 +1090,7 @@ def _preview_occlusion(
         for index, frame in enumerate(frames):
             for track in tracks.in_frame(index):
                 M = transforms[track.id][index]
-                hands[track.id][index] = finder.hands(frame, M, size, key=track.id)
+                finder.look(hands[track.id], index, frame, M, size, key=track.id)
                 looks[track.id][index] = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
     masks = {}
     for track in tracks.tracks:

@@ -131,15 +131,17 @@ class OcclusionFinder:
     Where that finds nothing, a second landmarker in image mode looks at the square shrunk to
     HAND_SECOND_SIDE: at that scale a flat, drawn or blurred hand looks like the hands the palm
     detector knows. Each run of the palm detector costs the same whatever the square's side, and
-    most frames have no hand: so while no hand was found in a face's last HAND_REACH frames, the
-    second look runs in every other frame only (a flat hand that comes in is found a frame later,
-    and :func:`track_occlusion` covers the frame before as near a hand). A face's frames go in in
-    order."""
+    most frames have no hand: so while no hand was found in a face's last HAND_REACH frames, one
+    of the two looks runs in a frame, in turn, and when one finds a hand the frame before is
+    looked at again the other way (:meth:`look` keeps a face's hands by frame). A face's frames go
+    in in order."""
 
     def __init__(self) -> None:
         self._hands: dict[tuple[int, bool], object] = {}
         self._since_hand: dict[int, int] = {}  # by face: frames since one had a hand
         self._turn: dict[int, int] = {}  # by face: frames looked at while none was near
+        # By face: the last frame looked at one way only, its number, its squares and the look it missed.
+        self._last: dict[int, tuple[int, dict[int, tuple], tuple[bool, int]]] = {}
 
     def __enter__(self) -> OcclusionFinder:
         return self
@@ -165,28 +167,54 @@ class OcclusionFinder:
             )
         return self._hands[key, static]
 
-    def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
-        """The hands near the face of crop transform ``M`` (side ``size``): (21, 2) points each,
-        in frame pixels."""
-        found: list[np.ndarray] = []
+    def _run(self, key: int, static: bool, region: tuple) -> list[np.ndarray]:
+        square, x0, y0, shrink = region
+        result = self._graph(key, static).process(square)
+        return [
+            np.array([(p.x, p.y) for p in hand.landmark]) * [square.shape[1], square.shape[0]] / shrink + [x0, y0]
+            for hand in result.multi_hand_landmarks or []
+        ]
+
+    def look(
+        self, found: dict[int, list[np.ndarray]], index: int, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0
+    ) -> None:
+        """Put the hands near the face of crop transform ``M`` (side ``size``) in frame ``index``
+        into ``found`` (that face's hands by frame: (21, 2) points each, in frame pixels), and
+        where they are the first after frames without, the hands of the frame before that its
+        other look finds."""
         looks = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
-        if self._since_hand.get(key, HAND_REACH + 1) > HAND_REACH:
+        idle = self._since_hand.get(key, HAND_REACH + 1) > HAND_REACH
+        if idle:
             turn = self._turn.get(key, 0)
             self._turn[key] = turn + 1
-            looks = looks[: 2 - turn % 2]
+            looks, missed = looks[turn % 2 : turn % 2 + 1], looks[1 - turn % 2]
+        hands: list[np.ndarray] = []
+        squares = {}
         for static, side in looks:
-            region = _context_square(frame, M, size, side)
-            if region is None:
-                return []
-            square, x0, y0, shrink = region
-            result = self._graph(key, static).process(square)
-            for hand in result.multi_hand_landmarks or []:
-                xy = np.array([(p.x, p.y) for p in hand.landmark]) * [square.shape[1], square.shape[0]]
-                found.append(xy / shrink + [x0, y0])
-            if found:
+            squares[side] = _context_square(frame, M, size, side)
+            if squares[side] is None:
                 break
-        self._since_hand[key] = 0 if found else self._since_hand.get(key, HAND_REACH + 1) + 1
-        return found
+            hands = self._run(key, static, squares[side])
+            if hands:
+                break
+        found[index] = hands
+        before = self._last.pop(key, None)
+        if hands and before is not None and before[0] in found and not found[before[0]]:
+            earlier, kept, (static, side) = before
+            found[earlier] = self._run(key, True, kept[side])  # image mode: no tracking to disturb
+        if idle and not hands and squares.get(looks[0][1]) is not None:
+            side = missed[1]
+            kept = {side: _context_square(frame, M, size, side)}
+            if kept[side] is not None:
+                self._last[key] = (index, kept, missed)
+        self._since_hand[key] = 0 if hands else self._since_hand.get(key, HAND_REACH + 1) + 1
+
+    def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
+        """The hands near the face of crop transform ``M`` (side ``size``) in this frame alone:
+        (21, 2) points each, in frame pixels (:meth:`look` keeps a face's frames)."""
+        found: dict[int, list[np.ndarray]] = {}
+        self.look(found, 0, frame, M, size, key)
+        return found[0]
 
     def mask(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> np.ndarray:
         """(size, size) float32 occlusion mask of this frame alone in the crop of ``M``: 1 where
