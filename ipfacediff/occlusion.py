@@ -274,7 +274,9 @@ def track_occlusion(
     gates = {f: _hand_gate(hands, transforms[f] * (LOOK_SIDE / size), f) for f in frames}
     masks = found
     for _ in range(LOOK_PASSES):  # each pass leaves what the last one covered out of the look
-        masks = _look_pass(frames, masks, crop_of, face_of, gates, size)
+        covered, masks = masks, _look_pass(frames, masks, crop_of, face_of, gates, size)
+        if all(masks[f] is covered[f] for f in frames):  # nothing new: a pass more finds the same
+            break
     return masks
 
 
