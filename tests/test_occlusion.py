@@ -373,3 +373,20 @@ def test_the_look_median_leaves_out_what_was_covered():
     with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
         expected = np.nanmedian(window, axis=0)
     np.testing.assert_array_equal(_median_of_seen(window), expected)
+
+
+def test_the_paste_back_keeps_a_rim_around_what_is_in_front():
+    """A written frame shares colour between 2x2 pixels and codes blocks: the pixels right beside
+    an occluder keep the frame too, the face a few pixels further is edited."""
+    from ipfacediff.face import OCCLUSION_GROW_PX
+
+    frame = np.full((96, 96, 3), 120, np.uint8)
+    M = np.array([[1.0, 0, 16], [0, 1.0, 16]])  # frame pixel (x, y) is crop pixel (x + 16, y + 16)
+    covered = np.zeros((128, 128), np.float32)
+    covered[40:80, 40:80] = 1.0  # frame pixels 24-63
+    out = paste_face(frame, np.full((128, 128, 3), 200, np.uint8), M, np.ones((128, 128), np.float32),
+                     match_colour=False, occlusion=covered)  # fmt: skip
+    changed = np.abs(out.astype(int) - frame).max(-1) > 0
+    rim, inside = slice(24 - OCCLUSION_GROW_PX, 64 + OCCLUSION_GROW_PX), slice(24, 64)
+    assert not changed[rim, inside].any() and not changed[inside, rim].any()
+    assert changed[24 - OCCLUSION_GROW_PX - 2, 40] and changed[40, 64 + OCCLUSION_GROW_PX + 2]
