@@ -23,7 +23,9 @@ right output is the input itself, so per setting of ``--occlusion`` it reports
 - id_sim_to_truth (FaceWorld's identity net, every frame, on the ground-truth-aligned crops, as
   faceworld_quality), against the truth behind the occluder;
 - seconds per edit, and the cost of ``--occlusion``: the masks' seconds (the run report's
-  "occlusion" stage) as a share of the edits' seconds with it on, and per frame.
+  "occlusion" stage) as a share of the edits' seconds with it on (which reuse the inversion of the
+  same clip's edit without it), of those edits without it (run first: the inversion is theirs),
+  and per frame.
 
 Real clips (../shared/data/clips; left out, saying so, when absent): the first frames of each, with
 a FaceWorld hand or board composited across the eyes and mouth (placed by the unoccluded clip's own
