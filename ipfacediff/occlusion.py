@@ -140,8 +140,9 @@ class OcclusionFinder:
         self._hands: dict[tuple[int, bool], object] = {}
         self._since_hand: dict[int, int] = {}  # by face: frames since one had a hand
         self._turn: dict[int, int] = {}  # by face: frames looked at while none was near
-        # By face: the last frame looked at one way only, its number, its squares and the look it missed.
-        self._last: dict[int, tuple[int, dict[int, tuple], tuple[bool, int]]] = {}
+        # By face: the frame before, where it was looked at one way only: its number and the square
+        # of the look it missed (:func:`_context_square`).
+        self._last: dict[int, tuple[int, tuple]] = {}
 
     def __enter__(self) -> OcclusionFinder:
         return self
@@ -187,26 +188,23 @@ class OcclusionFinder:
         if idle:
             turn = self._turn.get(key, 0)
             self._turn[key] = turn + 1
-            looks, missed = looks[turn % 2 : turn % 2 + 1], looks[1 - turn % 2]
+            looks, missed_side = looks[turn % 2 : turn % 2 + 1], looks[1 - turn % 2][1]
         hands: list[np.ndarray] = []
-        squares = {}
         for static, side in looks:
-            squares[side] = _context_square(frame, M, size, side)
-            if squares[side] is None:
+            region = _context_square(frame, M, size, side)
+            if region is None:
                 break
-            hands = self._run(key, static, squares[side])
+            hands = self._run(key, static, region)
             if hands:
                 break
         found[index] = hands
         before = self._last.pop(key, None)
-        if hands and before is not None and before[0] in found and not found[before[0]]:
-            earlier, kept, (static, side) = before
-            found[earlier] = self._run(key, True, kept[side])  # image mode: no tracking to disturb
-        if idle and not hands and squares.get(looks[0][1]) is not None:
-            side = missed[1]
-            kept = {side: _context_square(frame, M, size, side)}
-            if kept[side] is not None:
-                self._last[key] = (index, kept, missed)
+        if hands and before is not None and not found.get(before[0], True):
+            found[before[0]] = self._run(key, True, before[1])  # image mode: the tracker goes on undisturbed
+        if idle and not hands and region is not None:
+            missed = _context_square(frame, M, size, missed_side)
+            if missed is not None:
+                self._last[key] = (index, missed)
         self._since_hand[key] = 0 if hands else self._since_hand.get(key, HAND_REACH + 1) + 1
 
     def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
