@@ -96,6 +96,7 @@ class FaceCrops:
     # crop at OCCLUSION_SIDE at most (:func:`occlusion_at` scales one to a crop), and their time.
     occlusion: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
     occlusion_seconds: float = 0.0
+    hand_frames: dict[int, set[int]] = field(default_factory=dict)  # by track: frames the landmarker found a hand in
 
     def occlusion_at(self, track_id: int, frame: int, size: int) -> np.ndarray | None:
         """The face's occlusion mask in ``frame`` as float32 (size, size), 1 where covered; None
@@ -178,7 +179,7 @@ def face_crops(
                 crops[track.id][index] = resize_image(frame, (size, size)) if whole_frame else crop_face(frame, M, size)
                 if finder is not None:
                     started = time.perf_counter()
-                    hands[track.id][index] = finder.hands(frame, M, size, key=track.id)
+                    finder.look(hands[track.id], index, frame, M, size, key=track.id)
                     found.occlusion_seconds += time.perf_counter() - started
     if finder is not None:
         finder.close()
@@ -187,6 +188,7 @@ def face_crops(
             t.id: occlusion_of_track(t, hands[t.id], transforms[t.id], crops[t.id], size) for t in tracks.tracks
         }
         found.occlusion_seconds += time.perf_counter() - started
+        found.hand_frames = {t.id: {f for f, seen in hands[t.id].items() if seen} for t in tracks.tracks}
     return found
 
 
@@ -225,7 +227,7 @@ def occlusion_masks(
         for index, (frame, M) in enumerate(zip(frames, transforms, strict=True)):
             M = np.asarray(M, np.float64)
             frame = np.ascontiguousarray(frame)
-            hands[index] = finder.hands(frame, M, size)
+            finder.look(hands, index, frame, M, size)
             crops[index] = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
             by_frame[index] = M
     if not by_frame:

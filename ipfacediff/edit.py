@@ -269,8 +269,10 @@ def occlusion_of(found: FaceCrops, track_id: int, order: list[int], size: int) -
 
 
 def occlusion_report(found: FaceCrops, track, order: list[int]) -> dict:
-    """What .run.json keeps of a face's occlusion: the method, and per edited frame the share of
-    the face mask covered (:func:`~ipfacediff.occlusion.occluded_share`)."""
+    """What .run.json keeps of a face's occlusion: the method, how many edited frames have a mask
+    and in how many of them the hand landmarker found a hand itself (the rest are the face's own
+    look, or hands carried over a gap), and per edited frame the share of the face mask covered
+    (:func:`~ipfacediff.occlusion.occluded_share`)."""
     from ipfacediff.crops import OCCLUSION_SIDE
     from ipfacediff.face import face_mask
     from ipfacediff.occlusion import OCCLUSION_METHOD, occluded_share
@@ -288,6 +290,7 @@ def occlusion_report(found: FaceCrops, track, order: list[int]) -> dict:
         "occlusion": {
             "method": OCCLUSION_METHOD,
             "frames_occluded": sum(share > 0 for share in shares),
+            "frames_with_hands": len(found.hand_frames.get(track.id, set()) & set(order)),
             "largest_share": max(shares, default=0.0),
             "share": shares,
         }
@@ -319,12 +322,14 @@ def output_frames(
 ) -> Iterator[np.ndarray]:
     """The input's frames with the edited faces pasted in, streamed so a long video never sits in
     memory. A frame where nothing is pasted goes out as the input's own decoded picture (no RGB
-    round trip); write_video takes the output's colours from audio_from, the input."""
+    round trip); write_video takes the output's colours from audio_from, the input. A pasted
+    frame keeps the decoded samples wherever the paste left the pixels (a hand in front of the face,
+    the backdrop) as they were."""
     from ipfacediff.face import face_mask, paste_face
-    from ipfacediff.video import iter_source_frames
+    from ipfacediff.video import iter_source_frames, keep_source_samples
 
     for index, (frame, source) in enumerate(iter_source_frames(input_path)):
-        pasted = False
+        original, pasted = frame, False
         for track in found.tracks.tracks:
             crop = faces.crops.get(track.id, {}).get(index)
             if crop is None:
@@ -338,7 +343,10 @@ def output_frames(
             pasted = True
         if progress:
             progress("write", index + 1, frame_count)
-        yield frame if pasted or source is None else source
+        if source is None:
+            yield frame
+        else:
+            yield keep_source_samples(frame, original, source) if pasted else source
 
 
 def run_report(

@@ -16,7 +16,7 @@ import math
 import os
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -830,7 +830,7 @@ def faces_report(
     if preview_path is not None:
         from ipfacediff.video import iter_frames
 
-        write_preview(preview_path, iter_frames(input_path), tracks, tracks.fps)
+        write_preview(preview_path, lambda: iter_frames(input_path), tracks, tracks.fps)
     return tracks
 
 
@@ -924,6 +924,10 @@ def crop_face(frame: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
 # Feather width of the mask edge and blur radius of the seam colour correction, in crop sides.
 MASK_FEATHER = 0.05
 SEAM_SIGMA = 0.06
+# The paste-back keeps this many frame pixels more around what is in front of a face: a written
+# frame shares its colour between 2x2 pixels and codes 4x4-8x8 blocks, so an edited pixel right
+# next to a kept one would move it.
+OCCLUSION_GROW_PX = 2
 
 
 def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, hair: bool = False) -> np.ndarray:
@@ -995,9 +999,9 @@ def paste_face(
     edit introduced then cannot draw a visible border.
 
     ``occlusion`` (float, in the crop, any side: :mod:`ipfacediff.occlusion`) is what is in front
-    of the face: the mask is scaled by one minus it, so where it is 1 the frame is kept exactly
-    (a hand passing the eyes is not drawn over). The seam correction still measures at the face's
-    own edge.
+    of the face: the mask is scaled by one minus it, grown by OCCLUSION_GROW_PX in the frame, so
+    where it is 1 the frame is kept exactly (a hand passing the eyes is not drawn over). The seam
+    correction still measures at the face's own edge.
     """
     size = edited_crop.shape[0]
     edited = edited_crop.astype(np.float32)
@@ -1015,11 +1019,13 @@ def paste_face(
     M_roi = M.copy()
     M_roi[:, 2] += M[:, :2] @ [x0, y0]
     flags = cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP
+    alpha = cv2.warpAffine(mask, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT)
     if occlusion is not None:
         if occlusion.shape != mask.shape:
             occlusion = cv2.resize(occlusion, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
-        mask = mask * (1.0 - occlusion)
-    alpha = cv2.warpAffine(mask, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_CONSTANT)
+        kept = cv2.warpAffine(occlusion.astype(np.float32), M_roi, (x1 - x0, y1 - y0), flags=flags)
+        side = 2 * OCCLUSION_GROW_PX + 1
+        alpha *= 1.0 - cv2.dilate(kept, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
     roi = out[y0:y1, x0:x1].astype(np.float32)
     if overlay:
         face = cv2.warpAffine(edited, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
@@ -1051,17 +1057,51 @@ def _seam_correction(diff: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def write_preview(
-    path: str | os.PathLike, frames: Iterable[np.ndarray], tracks: FaceTracks, fps: float, *, occlusion: bool = True
+    path: str | os.PathLike,
+    frames: Sequence[np.ndarray] | Callable[[], Iterable[np.ndarray]],
+    tracks: FaceTracks,
+    fps: float,
+    *,
+    occlusion: bool = True,
 ) -> Path:
     """Debug video: each face's box and id, alignment points, outline and mask tinted green, and
-    with ``occlusion`` what is in front of it (:mod:`ipfacediff.occlusion`) tinted red."""
-    from ipfacediff.occlusion import OcclusionFinder
+    with ``occlusion`` its occlusion mask as an edit uses it (hands and what differs from the
+    face's own look over its track, :func:`~ipfacediff.occlusion.track_occlusion`) tinted red.
+    Those masks need the whole track before its first frame is drawn, so the frames are read twice:
+    ``frames`` is a sequence, or a callable that gives them afresh (a video read again)."""
     from ipfacediff.video import write_video
 
     size = 128
     transforms = {t.id: alignment_transforms(t, size) for t in tracks.tracks}
+    again = frames if callable(frames) else lambda: frames
+    masks = _preview_occlusion(again(), tracks, transforms, size) if occlusion else None
+    return write_video(path, _preview_frames(again(), tracks, transforms, size, masks), fps)
+
+
+def _preview_occlusion(
+    frames: Iterable[np.ndarray], tracks: FaceTracks, transforms: dict[int, dict[int, np.ndarray]], size: int
+) -> dict[int, dict[int, np.ndarray]]:
+    """Each face's occlusion masks (uint8, ``size``) by frame, found as an edit finds them."""
+    from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, track_occlusion
+
+    hands: dict[int, dict[int, list[np.ndarray]]] = {t.id: {} for t in tracks.tracks}
+    looks: dict[int, dict[int, np.ndarray]] = {t.id: {} for t in tracks.tracks}
     with OcclusionFinder() as finder:
-        return write_video(path, _preview_frames(frames, tracks, transforms, size, finder if occlusion else None), fps)
+        for index, frame in enumerate(frames):
+            for track in tracks.in_frame(index):
+                M = transforms[track.id][index]
+                finder.look(hands[track.id], index, frame, M, size, key=track.id)
+                looks[track.id][index] = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
+    masks = {}
+    for track in tracks.tracks:
+        by_frame = {f: transforms[track.id][f] for f in looks[track.id]}
+
+        def face_of(frame: int, track: FaceTrack = track) -> np.ndarray:
+            return face_mask(track, frame, transforms[track.id][frame] * (LOOK_SIDE / size), LOOK_SIDE)
+
+        found = track_occlusion(hands[track.id], by_frame, looks[track.id].__getitem__, size, face_of)
+        masks[track.id] = {f: np.round(m * 255).astype(np.uint8) for f, m in found.items()}
+    return masks
 
 
 def _preview_frames(
@@ -1069,7 +1109,7 @@ def _preview_frames(
     tracks: FaceTracks,
     transforms: dict[int, dict[int, np.ndarray]],
     size: int,
-    finder: Any = None,
+    occlusion: dict[int, dict[int, np.ndarray]] | None = None,
 ) -> Iterator[np.ndarray]:
     green = np.zeros((size, size, 3), np.uint8)
     green[..., 1] = 255
@@ -1080,7 +1120,8 @@ def _preview_frames(
         for track in tracks.in_frame(t):
             M = transforms[track.id][t]
             mask = face_mask(track, t, M, size)
-            occluded = None if finder is None else finder.mask(frame, M, size, key=track.id)
+            stored = None if occlusion is None else occlusion[track.id].get(t)
+            occluded = None if stored is None else stored.astype(np.float32) / 255.0
             out = paste_face(out, green, M, 0.35 * mask, match_colour=False, overlay=True, occlusion=occluded)
             if occluded is not None and occluded.any():
                 out = paste_face(out, red, M, 0.5 * occluded * mask, match_colour=False, overlay=True)

@@ -24,7 +24,6 @@ mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import cv2
@@ -131,10 +130,19 @@ class OcclusionFinder:
     in frames where the palm detector alone misses it (a palm turned or cut by the square's edge).
     Where that finds nothing, a second landmarker in image mode looks at the square shrunk to
     HAND_SECOND_SIDE: at that scale a flat, drawn or blurred hand looks like the hands the palm
-    detector knows. A face's frames go in in order."""
+    detector knows. Each run of the palm detector costs the same whatever the square's side, and
+    most frames have no hand: so while no hand was found in a face's last HAND_REACH frames, one
+    of the two looks runs in a frame, in turn, and when one finds a hand the frame before is
+    looked at again the other way (:meth:`look` keeps a face's hands by frame). A face's frames go
+    in in order."""
 
     def __init__(self) -> None:
         self._hands: dict[tuple[int, bool], object] = {}
+        self._since_hand: dict[int, int] = {}  # by face: frames since one had a hand
+        self._turn: dict[int, int] = {}  # by face: frames looked at while none was near
+        # By face: the frame before, where it was looked at one way only: its number and the square
+        # of the look it missed (:func:`_context_square`).
+        self._last: dict[int, tuple[int, tuple]] = {}
 
     def __enter__(self) -> OcclusionFinder:
         return self
@@ -160,22 +168,51 @@ class OcclusionFinder:
             )
         return self._hands[key, static]
 
-    def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
-        """The hands near the face of crop transform ``M`` (side ``size``): (21, 2) points each,
-        in frame pixels."""
-        found: list[np.ndarray] = []
-        for static, side in ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE)):
+    def _run(self, key: int, static: bool, region: tuple) -> list[np.ndarray]:
+        square, x0, y0, shrink = region
+        result = self._graph(key, static).process(square)
+        return [
+            np.array([(p.x, p.y) for p in hand.landmark]) * [square.shape[1], square.shape[0]] / shrink + [x0, y0]
+            for hand in result.multi_hand_landmarks or []
+        ]
+
+    def look(
+        self, found: dict[int, list[np.ndarray]], index: int, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0
+    ) -> None:
+        """Put the hands near the face of crop transform ``M`` (side ``size``) in frame ``index``
+        into ``found`` (that face's hands by frame: (21, 2) points each, in frame pixels), and
+        where they are the first after frames without, the hands of the frame before that its
+        other look finds."""
+        looks = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
+        idle = self._since_hand.get(key, HAND_REACH + 1) > HAND_REACH
+        if idle:
+            turn = self._turn.get(key, 0)
+            self._turn[key] = turn + 1
+            looks, missed_side = looks[turn % 2 : turn % 2 + 1], looks[1 - turn % 2][1]
+        hands: list[np.ndarray] = []
+        for static, side in looks:
             region = _context_square(frame, M, size, side)
             if region is None:
-                return []
-            square, x0, y0, shrink = region
-            result = self._graph(key, static).process(square)
-            for hand in result.multi_hand_landmarks or []:
-                xy = np.array([(p.x, p.y) for p in hand.landmark]) * [square.shape[1], square.shape[0]]
-                found.append(xy / shrink + [x0, y0])
-            if found:
                 break
-        return found
+            hands = self._run(key, static, region)
+            if hands:
+                break
+        found[index] = hands
+        before = self._last.pop(key, None)
+        if hands and before is not None and not found.get(before[0], True):
+            found[before[0]] = self._run(key, True, before[1])  # image mode: the tracker goes on undisturbed
+        if idle and not hands and region is not None:
+            missed = _context_square(frame, M, size, missed_side)
+            if missed is not None:
+                self._last[key] = (index, missed)
+        self._since_hand[key] = 0 if hands else self._since_hand.get(key, HAND_REACH + 1) + 1
+
+    def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
+        """The hands near the face of crop transform ``M`` (side ``size``) in this frame alone:
+        (21, 2) points each, in frame pixels (:meth:`look` keeps a face's frames)."""
+        found: dict[int, list[np.ndarray]] = {}
+        self.look(found, 0, frame, M, size, key)
+        return found[0]
 
     def mask(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> np.ndarray:
         """(size, size) float32 occlusion mask of this frame alone in the crop of ``M``: 1 where
@@ -235,7 +272,9 @@ def track_occlusion(
     gates = {f: _hand_gate(hands, transforms[f] * (LOOK_SIDE / size), f) for f in frames}
     masks = found
     for _ in range(LOOK_PASSES):  # each pass leaves what the last one covered out of the look
-        masks = _look_pass(frames, masks, crop_of, face_of, gates, size)
+        covered, masks = masks, _look_pass(frames, masks, crop_of, face_of, gates, size)
+        if all(masks[f] is covered[f] for f in frames):  # nothing new: a pass more finds the same
+            break
     return masks
 
 
@@ -280,9 +319,7 @@ def _look_pass(
         for old in [g for g in looks if g < f - LOOK_WINDOW]:
             del looks[old]
         window = np.stack([look(g) for g in frames if abs(g - f) <= LOOK_WINDOW and (g - f) % LOOK_STRIDE == 0])
-        with warnings.catch_warnings():  # a pixel covered in every frame of the window has no median
-            warnings.simplefilter("ignore", RuntimeWarning)
-            reference = np.nanmedian(window, axis=0) if np.isnan(window).any() else np.median(window, axis=0)
+        reference = _median_of_seen(window)
         crop = cv2.resize(np.asarray(crop_of(f)), (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
         differs = np.nan_to_num(np.abs(crop.astype(np.float32) - reference), nan=0.0).max(axis=-1)
         picked = _large_regions(
@@ -299,6 +336,16 @@ def _look_pass(
         ramp = np.clip(1.0 - (outside - LOOK_MARGIN) / LOOK_FEATHER, 0.0, 1.0)
         out[f] = np.maximum(covered[f], (ramp * ramp * (3 - 2 * ramp)).astype(np.float32))
     return out
+
+
+def _median_of_seen(window: np.ndarray) -> np.ndarray:
+    """Each pixel's median over axis 0 of ``window`` leaving out its NaNs (NaN where all are):
+    np.nanmedian's, by one sort (NaNs sort last) rather than a median per pixel."""
+    ordered = np.sort(window, axis=0)
+    seen = np.count_nonzero(~np.isnan(window), axis=0)
+    low = np.take_along_axis(ordered, np.maximum(seen - 1, 0)[None] // 2, axis=0)[0]
+    high = np.take_along_axis(ordered, seen[None] // 2, axis=0)[0]
+    return np.where(seen > 0, (low + high) / 2, np.nan).astype(window.dtype)
 
 
 def _large_regions(differs: np.ndarray, face: np.ndarray) -> np.ndarray:

@@ -197,6 +197,26 @@ def iter_source_frames(path: str | Path) -> Iterator[tuple[np.ndarray, SourceFra
     return _frames(timing, 0, timing.info.frame_count, lambda frame: _rgb_and_source(frame, rotation))
 
 
+def keep_source_samples(image: np.ndarray, original: np.ndarray, source: SourceFrame) -> SourceFrame:
+    """``image`` (RGB: ``original``, the decoded picture of ``source``, with some pixels changed)
+    as a SourceFrame holding ``source``'s own samples wherever ``image`` is ``original``: luma
+    per pixel, chroma per 2x2 block whose four pixels are all unchanged. An RGB round trip moves
+    sharp colour edges by up to 20 levels (chroma is upsampled when read and subsampled again when
+    written), so a hand in front of an edited face, or anything else the edit leaves, would change
+    where the paste-back kept it exactly."""
+    height, width = source.height, source.width
+    converted = _rgb_to_yuv(image, source.colorspace, source.color_range).to_ndarray()
+    same = (image == original).all(axis=-1)
+    converted[:height][same] = source.yuv[:height][same]
+    blocks = same.reshape(height // 2, 2, width // 2, 2).all(axis=(1, 3)).ravel()
+    chroma = height // 2 * (width // 2)
+    for plane in (0, 1):
+        start = height * width + plane * chroma
+        flat_out, flat_src = converted.reshape(-1), source.yuv.reshape(-1)
+        flat_out[start : start + chroma][blocks] = flat_src[start : start + chroma][blocks]
+    return SourceFrame(converted, colorspace=source.colorspace, color_range=source.color_range)
+
+
 def read_frames(path: str | Path, *, start: int = 0, count: int | None = None) -> np.ndarray:
     """All requested frames stacked as ``(N, H, W, 3)``; for short clips and tests."""
     frames = list(iter_frames(path, start=start, count=count))
@@ -582,11 +602,15 @@ def _to_yuv(image: np.ndarray | SourceFrame, size: tuple[int, int], colour: _Col
         # Other colours than the output's: decode it to RGB as the reader would, and convert.
         image = picture.to_ndarray(format="rgb24", src_colorspace=image.colorspace)
     even = np.pad(image, ((0, size[0] % 2), (0, size[1] % 2), (0, 0)), mode="edge")
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(even), format="rgb24")
+    return _rgb_to_yuv(even, colour.colorspace, colour.color_range)
+
+
+def _rgb_to_yuv(image: np.ndarray, colorspace: int, color_range: int) -> av.VideoFrame:
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
     return frame.reformat(
         format="yuv420p",
-        dst_colorspace=colour.colorspace,  # the number the reader hands swscale, see _Colour
-        dst_color_range="JPEG" if _full_range(colour.color_range) else "MPEG",
+        dst_colorspace=colorspace,  # the number the reader hands swscale, see _Colour
+        dst_color_range="JPEG" if _full_range(color_range) else "MPEG",
     )
 
 

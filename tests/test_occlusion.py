@@ -101,6 +101,18 @@ def test_a_hand_over_the_face_is_covered_and_a_clean_face_is_not(occluded):
     assert not occlusion_masks(clean, transforms, 256).any()
 
 
+def test_a_hand_that_comes_in_later_is_covered_from_its_first_frame(occluded):
+    """Frames without a hand near run one of the two hand looks each, in turn: a hand that comes in
+    after a few clean frames is still covered in every frame it is in."""
+    _, tracks, clean, frames, hands = occluded
+    transforms = crop_transforms(tracks, 256)
+    late = np.concatenate([clean[:3], frames[3:]])
+    masks = occlusion_masks(late, transforms, 256)
+    for mask, hand, M in list(zip(masks, hands, transforms))[3:]:
+        hand_in_crop = cv2.warpAffine(hand.astype(np.uint8), M, (256, 256), flags=cv2.INTER_NEAREST) > 0
+        assert (mask[hand_in_crop] == 1.0).mean() > 0.99
+
+
 def synthetic_edit(crop: np.ndarray) -> np.ndarray:
     """A stand-in for an edit that changes every pixel by 60 levels: a fine checkerboard up and down
     (no low-frequency tint, which the paste-back's seam correction would take out near the seam)."""
@@ -175,6 +187,7 @@ def test_the_cli_edit_keeps_the_hand_with_occlusion_and_paints_it_without(occlud
         face = report["faces"][0]
         if flag == "--occlusion":
             assert face["occlusion"]["method"] == OCCLUSION_METHOD and face["occlusion"]["frames_occluded"] == FRAMES
+            assert 0 < face["occlusion"]["frames_with_hands"] <= FRAMES
             assert len(face["occlusion"]["share"]) == FRAMES and min(face["occlusion"]["share"]) > 0.05
             assert "occlusion" in report["seconds"]
         else:
@@ -182,6 +195,23 @@ def test_the_cli_edit_keeps_the_hand_with_occlusion_and_paints_it_without(occlud
     # Re-encoding alone moves a pixel by a few levels; the edit painted over the hand moves it far more.
     assert (diffs["--occlusion"] > 8).mean() < 0.02
     assert (diffs["--no-occlusion"] > 8).mean() > 5 * max(0.01, (diffs["--occlusion"] > 8).mean())
+
+
+def test_the_run_report_says_what_found_a_cup(tiny_dir, tmp_path, capsys):
+    """A cup has no hand: .run.json says the face was covered in frames the landmarker found
+    nothing in (the face's own look found it)."""
+    from faceworld import HELD_OUT_IDS, render_clip
+
+    clip = render_clip(HELD_OUT_IDS[1], seed=HELD_OUT_IDS[1], frames=12, size=128, fps=12.0).with_occluders(["cup"])
+    video = write_video(tmp_path / "cup.mp4", iter(clip), clip.fps)
+    tracks = clip.tracks.save(tmp_path / "cup.tracks.json")
+    out = tmp_path / "out.mp4"
+    argv = ["edit", str(video), "-o", str(out), "--prompt", "a face with eyeglasses", "--model", str(tiny_dir)]
+    argv += ["--resolution", "64", "--steps", "2", "--tracks", str(tracks), "--cache-dir", str(tmp_path / "c")]
+    code, _, stderr = run(argv, capsys)
+    assert code == 0, stderr
+    occlusion = json.loads(out.with_name("out.run.json").read_text())["faces"][0]["occlusion"]
+    assert occlusion["frames_occluded"] >= 3 and occlusion["frames_with_hands"] == 0
 
 
 def test_the_setting_round_trips():
@@ -202,6 +232,27 @@ def test_the_preview_tints_the_hand_red(occluded, tmp_path):
     assert np.median(redder[hands]) > 40
     unchanged = (shown["clean"][..., 0] - shown["clean"][..., 1]) - (clean[..., 0].astype(int) - clean[..., 1])
     assert np.median(unchanged[hands]) < 10  # where the hand would be: only the face's green tint
+
+
+def test_the_preview_tints_what_the_look_finds_too(tmp_path, capsys):
+    """A cup raised to the mouth has no hand: ``faces --preview`` shows the mask the edit uses (the
+    face's own look finds the cup), not the hand landmarker's alone; a clean clip shows none."""
+    from faceworld import HELD_OUT_IDS, render_clip
+
+    clip = render_clip(HELD_OUT_IDS[1], seed=HELD_OUT_IDS[1], frames=12, size=128, fps=12.0)
+    shown, inputs = {}, {}
+    for name, occluders in (("cup", ["cup"]), ("clean", [])):
+        video = write_video(tmp_path / f"{name}-in.mp4", iter(clip.with_occluders(occluders)), clip.fps)
+        code, stdout, stderr = run(["faces", str(video), "--preview", str(tmp_path / f"{name}.mp4")], capsys)
+        assert code == 0 and "face 0: frames 0-11" in stdout, stderr
+        shown[name] = np.stack(list(iter_frames(tmp_path / f"{name}.mp4"))).astype(int)
+        inputs[name] = np.stack(list(iter_frames(video))).astype(int)
+    cup = clip.with_occluders(["cup"]).occluder_masks() >= 252
+    face = np.stack([face_mask(clip.tracks.tracks[0], i, np.eye(2, 3), 128) for i in range(12)]) > 0.5
+    redness = {n: (shown[n][..., 0] - shown[n][..., 1]) - (inputs[n][..., 0] - inputs[n][..., 1]) for n in shown}
+    assert (cup & face).sum() > 200
+    assert np.median(redness["cup"][cup & face]) > 40
+    assert np.median(redness["clean"][cup & face]) < 10
 
 
 def test_clean_faces_get_no_mask(shared_clip):
@@ -310,3 +361,32 @@ def test_a_faceworld_cup_is_kept_and_turning_heads_are_not_marked(tmp_path):
         frames = np.stack(list(iter_frames(write_video(tmp_path / f"{person}.mp4", iter(clean), clean.fps))))
         masks = occlusion_masks(frames, crop_transforms(clean.tracks, 64), 64, clean.tracks.tracks[0])
         assert not masks.any()
+
+
+def test_the_look_median_leaves_out_what_was_covered():
+    from ipfacediff.occlusion import _median_of_seen
+
+    rng = np.random.default_rng(36)
+    window = rng.random((9, 8, 8, 3)).astype(np.float32) * 255
+    window[rng.random(window.shape[:3]) < 0.5] = np.nan
+    window[:, 0, 0] = np.nan  # covered in every frame: no median
+    with np.errstate(all="ignore"), pytest.warns(RuntimeWarning):
+        expected = np.nanmedian(window, axis=0)
+    np.testing.assert_array_equal(_median_of_seen(window), expected)
+
+
+def test_the_paste_back_keeps_a_rim_around_what_is_in_front():
+    """A written frame shares colour between 2x2 pixels and codes blocks: the pixels right beside
+    an occluder keep the frame too, the face a few pixels further is edited."""
+    from ipfacediff.face import OCCLUSION_GROW_PX
+
+    frame = np.full((96, 96, 3), 120, np.uint8)
+    M = np.array([[1.0, 0, 16], [0, 1.0, 16]])  # frame pixel (x, y) is crop pixel (x + 16, y + 16)
+    covered = np.zeros((128, 128), np.float32)
+    covered[40:80, 40:80] = 1.0  # frame pixels 24-63
+    out = paste_face(frame, np.full((128, 128, 3), 200, np.uint8), M, np.ones((128, 128), np.float32),
+                     match_colour=False, occlusion=covered)  # fmt: skip
+    changed = np.abs(out.astype(int) - frame).max(-1) > 0
+    rim, inside = slice(24 - OCCLUSION_GROW_PX, 64 + OCCLUSION_GROW_PX), slice(24, 64)
+    assert not changed[rim, inside].any() and not changed[inside, rim].any()
+    assert changed[24 - OCCLUSION_GROW_PX - 2, 40] and changed[40, 64 + OCCLUSION_GROW_PX + 2]

@@ -23,6 +23,7 @@ from ipfacediff.video import (
     VideoInfo,
     iter_frames,
     iter_source_frames,
+    keep_source_samples,
     probe_video,
     read_frames,
     rotate_upright,
@@ -490,6 +491,25 @@ def test_pass_through_frames_read_back_as_the_input(tmp_path):
     assert min(through_db) >= 45, through_db
     # The RGB round trip this avoids loses colour detail: the clip tells the two apart.
     assert max(rgb_db) < 45, rgb_db
+
+
+def test_an_edited_frame_keeps_the_decoded_samples_where_it_is_unchanged(tmp_path):
+    """The paste-back changes part of a frame: the rest keeps the input's own samples (luma per
+    pixel, chroma per whole 2x2 block), where an RGB round trip would move its colour edges."""
+    clip = make_clip(tmp_path / "in.mp4", textured(4))
+    for rgb, source in iter_source_frames(clip):
+        edited = rgb.copy()
+        edited[:, :21] = 255 - edited[:, :21]  # columns 0-20: chroma blocks 0-9 changed, block 10 mixed
+        kept = keep_source_samples(edited, rgb, source)
+        luma, chroma = (slice(0, H), slice(None)), H * W
+        np.testing.assert_array_equal(kept.yuv[luma][:, 21:], source.yuv[luma][:, 21:])
+        planes = [p.reshape(H // 2, W // 2) for p in np.split(kept.yuv.reshape(-1)[chroma:], 2)]
+        originals = [p.reshape(H // 2, W // 2) for p in np.split(source.yuv.reshape(-1)[chroma:], 2)]
+        for plane, original in zip(planes, originals):
+            np.testing.assert_array_equal(plane[:, 11:], original[:, 11:])
+            assert not np.array_equal(plane[:, :10], original[:, :10])
+        assert not np.array_equal(kept.yuv[luma][:, :21], source.yuv[luma][:, :21])
+        np.testing.assert_array_equal(keep_source_samples(rgb, rgb, source).yuv, source.yuv)
 
 
 def test_real_clip_passes_through_at_45_db(shared_clip, tmp_path):
