@@ -40,6 +40,8 @@ HAND_MAX_SIDE = 512
 HAND_MIN_CONFIDENCE = 0.5
 # Where the first look finds no hand, the second looks at the square shrunk to at most this side.
 HAND_SECOND_SIDE = 128
+# The two looks: (image mode, the square's largest side); the first in video mode, tracking.
+HAND_LOOKS = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
 # A face's frames between two with hands, at most this many, get hands carried over from both.
 HAND_GAP = 2
 # Within this many frames of a hand, and inside its hull grown by HAND_GATE palms, the region takes
@@ -183,20 +185,13 @@ class OcclusionFinder:
         into ``found`` (that face's hands by frame: (21, 2) points each, in frame pixels), and
         where they are the first after frames without, the hands of the frame before that its
         other look finds."""
-        looks = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
+        looks = HAND_LOOKS
         idle = self._since_hand.get(key, HAND_REACH + 1) > HAND_REACH
         if idle:
             turn = self._turn.get(key, 0)
             self._turn[key] = turn + 1
             looks, missed_side = looks[turn % 2 : turn % 2 + 1], looks[1 - turn % 2][1]
-        hands: list[np.ndarray] = []
-        for static, side in looks:
-            region = _context_square(frame, M, size, side)
-            if region is None:
-                break
-            hands = self._run(key, static, region)
-            if hands:
-                break
+        hands, region = self._first_found(key, frame, M, size, looks)
         found[index] = hands
         before = self._last.pop(key, None)
         if hands and before is not None and not found.get(before[0], True):
@@ -207,12 +202,26 @@ class OcclusionFinder:
                 self._last[key] = (index, missed)
         self._since_hand[key] = 0 if hands else self._since_hand.get(key, HAND_REACH + 1) + 1
 
+    def _first_found(
+        self, key: int, frame: np.ndarray, M: np.ndarray, size: int, looks: Sequence[tuple[bool, int]]
+    ) -> tuple[list[np.ndarray], tuple | None]:
+        """The hands of the first of ``looks`` that finds any, and the square it looked at last
+        (None: the face's context square leaves the frame)."""
+        hands: list[np.ndarray] = []
+        region = None
+        for static, side in looks:
+            region = _context_square(frame, M, size, side)
+            if region is None:
+                break
+            hands = self._run(key, static, region)
+            if hands:
+                break
+        return hands, region
+
     def hands(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> list[np.ndarray]:
-        """The hands near the face of crop transform ``M`` (side ``size``) in this frame alone:
-        (21, 2) points each, in frame pixels (:meth:`look` keeps a face's frames)."""
-        found: dict[int, list[np.ndarray]] = {}
-        self.look(found, 0, frame, M, size, key)
-        return found[0]
+        """The hands near the face of crop transform ``M`` (side ``size``) in this frame alone, both
+        looks tried: (21, 2) points each, in frame pixels (:meth:`look` keeps a face's frames)."""
+        return self._first_found(key, frame, M, size, HAND_LOOKS)[0]
 
     def mask(self, frame: np.ndarray, M: np.ndarray, size: int, key: int = 0) -> np.ndarray:
         """(size, size) float32 occlusion mask of this frame alone in the crop of ``M``: 1 where
