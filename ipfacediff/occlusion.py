@@ -337,7 +337,8 @@ def _look_pass(
         )
         if gates[f].any():
             near = cv2.morphologyEx((differs > LOOK_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening)
-            picked |= near & gates[f]
+            held = cv2.resize(covered[f], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0
+            picked |= _attached_regions(near & gates[f], held, face_of(f) > 0)
         if not picked.any():
             continue
         picked = cv2.resize(picked, (size, size), interpolation=cv2.INTER_NEAREST)
@@ -355,6 +356,21 @@ def _median_of_seen(window: np.ndarray) -> np.ndarray:
     low = np.take_along_axis(ordered, np.maximum(seen - 1, 0)[None] // 2, axis=0)[0]
     high = np.take_along_axis(ordered, seen[None] // 2, axis=0)[0]
     return np.where(seen > 0, (low + high) / 2, np.nan).astype(window.dtype)
+
+
+def _attached_regions(near: np.ndarray, held: np.ndarray, face: np.ndarray) -> np.ndarray:
+    """uint8: the 8-connected regions of ``near`` (uint8) that touch ``held`` (bool: what this
+    frame already covers, its hand) or are at least OBJECT_AREA of ``face`` (a hand the landmarker
+    missed in this frame). Where a hand has just passed, the face's own features still differ from
+    the look in small pieces apart from it (a blink, the mouth opening): they stay editable."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(near, connectivity=8)
+    if count <= 1:
+        return np.zeros(near.shape, np.uint8)
+    touching = np.zeros(count, bool)
+    touching[np.unique(labels[cv2.dilate(held.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0])] = True
+    keep = touching | (stats[:, cv2.CC_STAT_AREA] >= OBJECT_AREA * max(1, int(face.sum())))
+    keep[0] = False
+    return keep[labels].astype(np.uint8)
 
 
 def _large_regions(differs: np.ndarray, face: np.ndarray) -> np.ndarray:

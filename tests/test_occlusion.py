@@ -390,3 +390,25 @@ def test_the_paste_back_keeps_a_rim_around_what_is_in_front():
     rim, inside = slice(24 - OCCLUSION_GROW_PX, 64 + OCCLUSION_GROW_PX), slice(24, 64)
     assert not changed[rim, inside].any() and not changed[inside, rim].any()
     assert changed[24 - OCCLUSION_GROW_PX - 2, 40] and changed[40, 64 + OCCLUSION_GROW_PX + 2]
+
+
+def test_a_blink_after_a_hand_has_passed_stays_editable(tmp_path):
+    """A FaceWorld hand passes the face and leaves it while the person blinks and smiles: the eye
+    and mouth then differ from the face's look (taken while the hand was there too), inside where
+    the hand was a few frames before. Only what touches the hand, or is as large as one, is
+    covered: every covered region in the crop reaches the true hand."""
+    from faceworld import render_clip
+
+    clip = render_clip(1000, seed=1000, frames=12, size=128, fps=12.0).with_occluders(["hand"])
+    frames = np.stack(list(iter_frames(write_video(tmp_path / "hand.mp4", iter(clip), clip.fps))))
+    transforms, size = crop_transforms(clip.tracks, 64), 64
+    masks = occlusion_masks(frames, transforms, size)
+    coverage = clip.occluder_masks()
+    apart = []
+    for mask, cover, M in zip(masks, coverage, transforms):
+        hand = cv2.warpAffine(cover.astype(np.float32), M, (size, size)) > 0.5
+        count, labels = cv2.connectedComponents((mask > 0.5).astype(np.uint8), connectivity=8)
+        reach = cv2.dilate(hand.astype(np.uint8), np.ones((5, 5), np.uint8)) > 0
+        apart.append(sum(not reach[labels == k].any() for k in range(1, count)))
+    assert masks[:9].any(axis=(1, 2)).all()  # the hand is covered while it is there
+    assert apart == [0] * len(masks), apart
