@@ -331,14 +331,14 @@ def _look_pass(
         reference = _median_of_seen(window)
         crop = cv2.resize(np.asarray(crop_of(f)), (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
         differs = np.nan_to_num(np.abs(crop.astype(np.float32) - reference), nan=0.0).max(axis=-1)
+        face = face_of(f) > 0
         picked = _large_regions(
-            cv2.morphologyEx((differs > OBJECT_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening),
-            face_of(f) > 0,
+            cv2.morphologyEx((differs > OBJECT_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening), face
         )
         if gates[f].any():
             near = cv2.morphologyEx((differs > LOOK_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening)
             held = cv2.resize(covered[f], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0
-            picked |= _attached_regions(near & gates[f], held, face_of(f) > 0)
+            picked |= _attached_regions(near & gates[f], held, face)
         if not picked.any():
             continue
         picked = cv2.resize(picked, (size, size), interpolation=cv2.INTER_NEAREST)
