@@ -5,7 +5,7 @@ tests/test_occlusion.py) with and without the occlusion mask. Prints the share o
 inside the face mask that the paste changed by more than 8/255, the share of the uncovered face
 changed (the edit still lands there), the mask's cost per frame, and the false positives: the
 share of face-mask pixels the mask covers on the clean clips and on FaceWorld clips of held-out
-people (their glasses, hats and beards belong to the face). ``--segmenter W`` adds a segmenter
+people (their glasses, hats and beards belong to the face). ``--segmenter DIR`` adds a segmenter
 trained by benchmarks/train_occluder.py (without closeup.mp4; jogger.mp4's frames were among its
 faces) to the hand landmarker's mask.
 
@@ -31,22 +31,26 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from test_occlusion import draw_hand, synthetic_edit  # noqa: E402
 
-from ipfacediff.face import alignment_transforms, crop_face, face_mask, paste_face, track_faces  # noqa: E402
-from ipfacediff.occlusion import OcclusionFinder  # noqa: E402
+from ipfacediff.face import CANONICAL_FACE_ELLIPSE, alignment_transforms, crop_face, face_mask, paste_face, track_faces  # noqa: E402
+from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, grown_region  # noqa: E402
 
-SEGMENTER = None  # benchmarks/train_occluder.py's model, with --segmenter
+SEGMENTER = None  # an OccluderSegmenter folder's model, with --segmenter
 
 
 class Finder(OcclusionFinder):
-    """The shipped masks, with SEGMENTER's regions added where one is given."""
+    """The shipped masks, with SEGMENTER's regions (inside the canonical face ellipse) added where one is given."""
 
     def mask(self, frame, M, size, key=0):
         hands = super().mask(frame, M, size, key)
         if SEGMENTER is None:
             return hands
-        from train_occluder import object_region, probability
-
-        return np.maximum(hands, object_region(probability(SEGMENTER, frame, M, size), size))
+        crop = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
+        cx, cy, rx, ry = CANONICAL_FACE_ELLIPSE
+        face = np.zeros((LOOK_SIDE, LOOK_SIDE), np.uint8)
+        centre, axes = (round(cx * LOOK_SIDE), round(cy * LOOK_SIDE)), (round(rx * LOOK_SIDE), round(ry * LOOK_SIDE))
+        cv2.ellipse(face, centre, axes, 0, 0, 360, 1, -1)
+        region = SEGMENTER.regions(crop[None], face[None])[0]
+        return np.maximum(hands, grown_region(region, size)) if region.any() else hands
 
 
 from ipfacediff.video import iter_frames  # noqa: E402
@@ -198,14 +202,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--clips", default="closeup.mp4,jogger.mp4")
     parser.add_argument("--faceworld-frames", type=int, default=10)
-    parser.add_argument("--segmenter", type=Path, help="weights from benchmarks/train_occluder.py")
+    parser.add_argument("--segmenter", type=Path, help="an OccluderSegmenter folder (benchmarks/train_occluder.py)")
     args = parser.parse_args()
     if args.segmenter:
         global SEGMENTER
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from train_occluder import load_segmenter
+        from ipfacediff.models.segmenter import load_occluder_segmenter
 
-        SEGMENTER = load_segmenter(args.segmenter)
+        SEGMENTER = load_occluder_segmenter(args.segmenter)
     results: dict = {"size": SIZE, "segmenter": str(args.segmenter) if args.segmenter else None}
     print(
         f"{'clip':<12} {'scene':<11} {'occluder changed: on':>21} {'off':>6} {'rest of face: on':>17} {'off':>6} {'s/frame':>8}"

@@ -668,13 +668,31 @@ def faces(
     preview: Optional[Path] = typer.Option(
         None, "--preview", help="Write a debug preview video (boxes, ids, landmarks, mask)."
     ),
+    model: Optional[Path] = typer.Option(
+        None,
+        "--model",
+        help="With --preview: a model folder whose card names an occluder segmenter (the embedded default: "
+        "ipfacediff/assets/faceworld); its regions join the occlusion mask, as in an edit with it. Only the card "
+        "is read: the in-domain check an edit makes is not.",
+    ),
 ) -> None:
     """Find, track and list the faces of INPUT."""
     from ipfacediff.face import faces_report
 
     _check_outputs(json_path, preview)
+    segmenter = None
+    if model is not None:
+        from ipfacediff.domain import ModelCard
+        from ipfacediff.models.segmenter import load_occluder_segmenter
 
-    tracks = faces_report(input, json_path, preview)
+        if preview is None:
+            raise UserError("--model is for --preview's occlusion mask; add --preview PATH")
+        card = ModelCard.read(model)
+        if card is None or card.occluder_segmenter is None:
+            raise UserError(f"{model} names no occluder segmenter in its card (ipfacediff.json); leave --model out")
+        segmenter = load_occluder_segmenter(card.occluder_segmenter)
+
+    tracks = faces_report(input, json_path, preview, segmenter)
     if not tracks.tracks:
         typer.echo(f"no face found in {input}")
     for track in tracks.tracks:

@@ -97,6 +97,26 @@ class FaceCrops:
     occlusion: dict[int, dict[int, np.ndarray]] = field(default_factory=dict)
     occlusion_seconds: float = 0.0
     hand_frames: dict[int, set[int]] = field(default_factory=dict)  # by track: frames the landmarker found a hand in
+    hands: dict[int, dict[int, list[np.ndarray]]] = field(default_factory=dict)  # by track, frame: frame points
+    segmented: set[int] = field(default_factory=set)  # the tracks whose masks have the segmenter's regions
+
+    def find_occlusion(self, segmenter=None, segment: Iterable[int] = ()) -> None:
+        """Every face's occlusion masks from the hands the pass found and its own look over its
+        track (:func:`occlusion_of_track`), with the regions of ``segmenter`` (the model set's
+        :class:`~ipfacediff.models.segmenter.OccluderSegmenter`) for the faces in ``segment``: those the
+        model's in-domain check passed, as the segmenter knows that world's faces only."""
+        started = time.perf_counter()
+        segment = set(segment) if segmenter is not None else set()
+        self.occlusion = {
+            t.id: occlusion_of_track(
+                t, self.hands[t.id], self.transforms[t.id], self.crops[t.id], self.crops[t.id].array.shape[1],
+                segmenter if t.id in segment else None,
+            )
+            for t in self.tracks.tracks
+            if t.id in self.hands
+        }  # fmt: skip
+        self.segmented = segment & set(self.occlusion)
+        self.occlusion_seconds += time.perf_counter() - started
 
     def occlusion_at(self, track_id: int, frame: int, size: int) -> np.ndarray | None:
         """The face's occlusion mask in ``frame`` as float32 (size, size), 1 where covered; None
@@ -126,7 +146,8 @@ def face_crops(
     """Find (or read) the face tracks and collect every track's aligned crops in one streaming pass
     (only those of ``frames`` when given: a time range is all that is inverted and edited). With
     ``spill``, a track of more than ``in_memory`` crops keeps them in a file in that folder. With
-    ``occlusion`` (aligned crops only), each crop's occlusion mask is found in the same pass."""
+    ``occlusion`` (aligned crops only), the hands in front of each face are looked for in the same
+    pass; :meth:`FaceCrops.find_occlusion` makes the masks from them."""
     from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, detect_video_faces, require_face as check
 
     if whole_frame:
@@ -183,20 +204,21 @@ def face_crops(
                     found.occlusion_seconds += time.perf_counter() - started
     if finder is not None:
         finder.close()
-        started = time.perf_counter()
-        found.occlusion = {
-            t.id: occlusion_of_track(t, hands[t.id], transforms[t.id], crops[t.id], size) for t in tracks.tracks
-        }
-        found.occlusion_seconds += time.perf_counter() - started
+        found.hands = hands
         found.hand_frames = {t.id: {f for f, seen in hands[t.id].items() if seen} for t in tracks.tracks}
     return found
 
 
 def occlusion_of_track(
-    track, hands: dict[int, list[np.ndarray]], transforms: dict[int, np.ndarray], crops: CropStore, size: int
+    track,
+    hands: dict[int, list[np.ndarray]],
+    transforms: dict[int, np.ndarray],
+    crops: CropStore,
+    size: int,
+    segmenter=None,
 ) -> dict[int, np.ndarray]:
     """A track's occlusion masks (:func:`~ipfacediff.occlusion.track_occlusion`) of the frames
-    whose crops are in, as uint8 at OCCLUSION_SIDE at most."""
+    whose crops are in, as uint8 at OCCLUSION_SIDE at most; with ``segmenter``, its regions too."""
     from ipfacediff.face import face_mask
     from ipfacediff.occlusion import LOOK_SIDE, track_occlusion
 
@@ -206,18 +228,40 @@ def occlusion_of_track(
     def face_of(frame: int) -> np.ndarray:
         return face_mask(track, frame, transforms[frame] * (LOOK_SIDE / size), LOOK_SIDE)
 
-    masks = track_occlusion(hands, scaled, crops.__getitem__, side, face_of)
+    held = segmented_regions(segmenter, list(crops), crops.__getitem__, face_of) if segmenter is not None else None
+    masks = track_occlusion(hands, scaled, crops.__getitem__, side, face_of, held)
     return {f: np.round(mask * 255).astype(np.uint8) for f, mask in masks.items()}
 
 
+def segmented_regions(segmenter, frames: Sequence[int], crop_of, face_of, batch: int = 64) -> dict[int, np.ndarray]:
+    """``segmenter``'s regions (uint8 at LOOK_SIDE) of the frames' crops (``crop_of(frame)``),
+    bounded by their face masks (``face_of(frame)`` at LOOK_SIDE), a batch of frames at a time."""
+    from ipfacediff.occlusion import LOOK_SIDE
+
+    side = segmenter.config.side
+    out = {}
+    for start in range(0, len(frames), batch):
+        chunk = frames[start : start + batch]
+        faces = [face_of(f) for f in chunk]
+        if side != LOOK_SIDE:
+            faces = [cv2.resize(face, (side, side), interpolation=cv2.INTER_LINEAR) for face in faces]
+        regions = segmenter.regions(np.stack([np.asarray(crop_of(f)) for f in chunk]), np.stack(faces))
+        for f, region in zip(chunk, regions):
+            if side != LOOK_SIDE:
+                region = cv2.resize(region, (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_NEAREST)
+            out[f] = region
+    return out
+
+
 def occlusion_masks(
-    frames: np.ndarray | Iterable[np.ndarray], transforms: Sequence[np.ndarray], size: int, track=None
+    frames: np.ndarray | Iterable[np.ndarray], transforms: Sequence[np.ndarray], size: int, track=None, segmenter=None
 ) -> np.ndarray:
     """(N, size, size) float32 occlusion masks (:func:`~ipfacediff.occlusion.track_occlusion`) of one face in N RGB
     frames (N, H, W, 3) uint8, each with its frame → crop transform (as
     :func:`~ipfacediff.face.alignment_transforms` gives them, in frame order); with ``track``
     (that face's :class:`~ipfacediff.face.FaceTrack`, covering those frames in order) its face
-    masks bound what the look may cover, else the canonical face ellipse. (Here, not in
+    masks bound what the look may cover, else the canonical face ellipse; ``segmenter``'s regions
+    (:class:`~ipfacediff.models.segmenter.OccluderSegmenter`) are added where given. (Here, not in
     :mod:`ipfacediff.occlusion`, which :mod:`ipfacediff.face` imports.)"""
     from ipfacediff.face import CANONICAL_FACE_ELLIPSE, crop_face, face_mask
     from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, track_occlusion
@@ -250,7 +294,8 @@ def occlusion_masks(
             return ellipse
         return face_mask(track, track.frames[i], by_frame[i] * (LOOK_SIDE / size), LOOK_SIDE)
 
-    masks = track_occlusion(hands, by_frame, crops.__getitem__, size, face_of)
+    held = segmented_regions(segmenter, sorted(crops), crops.__getitem__, face_of) if segmenter is not None else None
+    masks = track_occlusion(hands, by_frame, crops.__getitem__, size, face_of, held)
     return np.stack([masks[i] for i in sorted(masks)])
 
 

@@ -8,7 +8,7 @@ a small **model card**, ``ipfacediff.json`` beside ``model_index.json``::
      "description": "FaceWorld's drawn faces", "check": "vae_round_trip", "threshold": 16.0,
      "resolution": 64, "in_domain_min": 19.459, "out_of_domain_max": 11.405,
      "advice": "pass --model ... --device cuda for real videos, or run ipfacediff demo",
-     "identity_net": null}
+     "identity_net": null, "occluder_segmenter": null}
 
 and before any UNet work every face track to be edited is checked (:func:`check_track`): a track
 whose score is below the card's ``threshold`` is not what the model can edit, and the edit stops
@@ -71,6 +71,8 @@ class ModelCard:
     to it before scoring (None: scored as they come). ``advice``: what to do instead, the end of
     the refusal line. ``identity_net``: the identity network identity guidance should use with this
     model (absolute once read; a path relative to the folder in the file), or None.
+    ``occluder_segmenter``: likewise, the :class:`~ipfacediff.models.segmenter.OccluderSegmenter`
+    folder that finds what is held still in front of this world's faces, or None.
     ``measured``: free-form notes of how the numbers were measured (kept, not interpreted).
     """
 
@@ -84,6 +86,7 @@ class ModelCard:
     in_domain_min: float | None = None
     out_of_domain_max: float | None = None
     identity_net: Path | None = None
+    occluder_segmenter: Path | None = None
     measured: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
@@ -110,7 +113,7 @@ class ModelCard:
 
     @classmethod
     def from_dict(cls, data: Any, folder: str | os.PathLike | None = None) -> ModelCard:
-        """A card from its JSON object; ``folder`` resolves ``identity_net`` (ValueError,
+        """A card from its JSON object; ``folder`` resolves its paths (ValueError,
         KeyError or TypeError, with what is wrong, on a bad card)."""
         if not isinstance(data, dict):
             raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
@@ -129,13 +132,8 @@ class ModelCard:
             isinstance(resolution, bool) or not isinstance(resolution, int) or not 8 <= resolution <= 4096
         ):
             raise ValueError(f"resolution must be null or an integer from 8 to 4096, got {resolution!r}")
-        identity = data.get("identity_net")
-        if identity is not None:
-            if not isinstance(identity, str) or not identity.strip():
-                raise ValueError(f"identity_net must be null or a path relative to the model folder, got {identity!r}")
-            identity = Path(folder or ".").expanduser() / identity
-            if not identity.exists():
-                raise ValueError(f"identity_net {identity} does not exist")
+        identity = _model_path(data, "identity_net", folder)
+        segmenter = _model_path(data, "occluder_segmenter", folder)
         measured = data.get("measured", {})
         if not isinstance(measured, dict):
             raise ValueError(f"measured must be an object, got {type(measured).__name__}")
@@ -150,6 +148,7 @@ class ModelCard:
             in_domain_min=_finite(data, "in_domain_min", optional=True),
             out_of_domain_max=_finite(data, "out_of_domain_max", optional=True),
             identity_net=identity,
+            occluder_segmenter=segmenter,
             measured=measured,
             format_version=version,
         )
@@ -157,10 +156,11 @@ class ModelCard:
     def to_dict(self, folder: str | os.PathLike | None = None) -> dict:
         """The card as its JSON object (``identity_net`` relative to ``folder`` when given)."""
         data = asdict(self)
-        if self.identity_net is not None:
-            path = Path(self.identity_net)
-            relative = folder is not None and path.is_absolute()
-            data["identity_net"] = os.path.relpath(path, folder) if relative else str(path)
+        for key in ("identity_net", "occluder_segmenter"):
+            if data[key] is not None:
+                path = Path(data[key])
+                relative = folder is not None and path.is_absolute()
+                data[key] = os.path.relpath(path, folder) if relative else str(path)
         return data
 
     def write(self, model_folder: str | os.PathLike) -> Path:
@@ -169,6 +169,19 @@ class ModelCard:
 
         folder = Path(model_folder).expanduser()
         return write_json(folder / MODEL_CARD, self.to_dict(folder))
+
+
+def _model_path(data: dict, key: str, folder: str | os.PathLike | None) -> Path | None:
+    """``data[key]``: null, or a path relative to the model folder that exists (ValueError)."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} must be null or a path relative to the model folder, got {value!r}")
+    path = Path(os.path.abspath(Path(folder or ".").expanduser() / value))
+    if not path.exists():
+        raise ValueError(f"{key} {path} does not exist")
+    return path
 
 
 def _text(data: dict, key: str) -> str:

@@ -4,6 +4,7 @@ runs; the Python API's :func:`edit_video`."""
 
 from __future__ import annotations
 
+import functools
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,21 @@ def model_card(pipeline: IPFaceDiffPipeline) -> ModelCard | None:
     """The card of the model the pipeline was loaded from (None: no card, nothing is checked)."""
     data = pipeline.config.get("model_card")
     return ModelCard.from_dict(data) if data else None
+
+
+def occluder_segmenter(pipeline: IPFaceDiffPipeline):
+    """The occluder segmenter the model's card names, on the pipeline's device (None: none)."""
+    card = model_card(pipeline)
+    if card is None or card.occluder_segmenter is None:
+        return None
+    return _segmenter(str(card.occluder_segmenter), str(pipeline.unet.device))
+
+
+@functools.lru_cache(maxsize=2)
+def _segmenter(folder: str, device: str):
+    from ipfacediff.models.segmenter import load_occluder_segmenter
+
+    return load_occluder_segmenter(folder, device)
 
 
 def check_domain(
@@ -161,11 +177,13 @@ def edit_video(
             occlusion=settings.occlusion,
         )
     timer.seconds["faces"] -= found.occlusion_seconds  # timed on its own: what the masks cost
-    if settings.occlusion and not settings.whole_frame:
-        timer.seconds["occlusion"] = found.occlusion_seconds
     check_face_prompts(settings, found.tracks)
     to_edit = {t.id: found.crops[t.id] for t in found.tracks.tracks if settings.prompt_for(t.id) is not None}
     domain = check_domain(pipeline, to_edit, input_path.name, allow_out_of_domain=settings.allow_out_of_domain)
+    if settings.occlusion and not settings.whole_frame:
+        passed = [int(i) for i, face in domain.get("faces", {}).items() if face["passed"]]
+        found.find_occlusion(occluder_segmenter(pipeline), passed)
+        timer.seconds["occlusion"] = found.occlusion_seconds
 
     faces = edit_faces(pipeline, settings, found, frames_to_edit, cache=cache, progress=progress, timer=timer)
     message = run_message(input_path.name, info.frame_count, frames_to_edit, found.tracks, faces)
@@ -173,7 +191,7 @@ def edit_video(
         log(message)
     with timer("paste_and_write"):
         frames = output_frames(input_path, info.frame_count, found, faces, size, settings.whole_frame, progress)
-        write_video(output_path, frames, info.fps, times=info.times, audio_from=input_path)
+        write_video(output_path, frames, info.fps, crf=settings.crf, times=info.times, audio_from=input_path)
     spill.cleanup()
     report = run_report(input_path, output_path, settings, pipeline, info, size, faces, timer, domain, cache, message)
     report.save(run_metadata_path(output_path))
@@ -288,7 +306,7 @@ def occlusion_report(found: FaceCrops, track, order: list[int]) -> dict:
         shares.append(round(max(0.0, occluded_share(mask, face_mask(track, f, M * scale, side))), 4))
     return {
         "occlusion": {
-            "method": OCCLUSION_METHOD,
+            "method": OCCLUSION_METHOD + ("+segmenter" if track.id in found.segmented else ""),
             "frames_occluded": sum(share > 0 for share in shares),
             "frames_with_hands": len(found.hand_frames.get(track.id, set()) & set(order)),
             "largest_share": max(shares, default=0.0),

@@ -822,15 +822,17 @@ def faces_report(
     input_path: str | os.PathLike,
     json_path: str | os.PathLike | None = None,
     preview_path: str | os.PathLike | None = None,
+    segmenter=None,
 ) -> FaceTracks:
-    """The whole ``ipfacediff faces`` command: detect, write the track file and the preview."""
+    """The whole ``ipfacediff faces`` command: detect, write the track file and the preview (its
+    occlusion masks with ``segmenter``'s regions where one is given)."""
     tracks = detect_video_faces(input_path)
     if json_path is not None:
         tracks.save(json_path)
     if preview_path is not None:
         from ipfacediff.video import iter_frames
 
-        write_preview(preview_path, lambda: iter_frames(input_path), tracks, tracks.fps)
+        write_preview(preview_path, lambda: iter_frames(input_path), tracks, tracks.fps, segmenter=segmenter)
     return tracks
 
 
@@ -1063,25 +1065,33 @@ def write_preview(
     fps: float,
     *,
     occlusion: bool = True,
+    segmenter=None,
 ) -> Path:
     """Debug video: each face's box and id, alignment points, outline and mask tinted green, and
     with ``occlusion`` its occlusion mask as an edit uses it (hands and what differs from the
     face's own look over its track, :func:`~ipfacediff.occlusion.track_occlusion`) tinted red.
     Those masks need the whole track before its first frame is drawn, so the frames are read twice:
-    ``frames`` is a sequence, or a callable that gives them afresh (a video read again)."""
+    ``frames`` is a sequence, or a callable that gives them afresh (a video read again). With
+    ``segmenter`` (a model set's :class:`~ipfacediff.models.segmenter.OccluderSegmenter`) its
+    regions are in the masks, as in an edit with that model."""
     from ipfacediff.video import write_video
 
     size = 128
     transforms = {t.id: alignment_transforms(t, size) for t in tracks.tracks}
     again = frames if callable(frames) else lambda: frames
-    masks = _preview_occlusion(again(), tracks, transforms, size) if occlusion else None
+    masks = _preview_occlusion(again(), tracks, transforms, size, segmenter) if occlusion else None
     return write_video(path, _preview_frames(again(), tracks, transforms, size, masks), fps)
 
 
 def _preview_occlusion(
-    frames: Iterable[np.ndarray], tracks: FaceTracks, transforms: dict[int, dict[int, np.ndarray]], size: int
+    frames: Iterable[np.ndarray],
+    tracks: FaceTracks,
+    transforms: dict[int, dict[int, np.ndarray]],
+    size: int,
+    segmenter=None,
 ) -> dict[int, dict[int, np.ndarray]]:
     """Each face's occlusion masks (uint8, ``size``) by frame, found as an edit finds them."""
+    from ipfacediff.crops import segmented_regions
     from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, track_occlusion
 
     hands: dict[int, dict[int, list[np.ndarray]]] = {t.id: {} for t in tracks.tracks}
@@ -1099,7 +1109,9 @@ def _preview_occlusion(
         def face_of(frame: int, track: FaceTrack = track) -> np.ndarray:
             return face_mask(track, frame, transforms[track.id][frame] * (LOOK_SIDE / size), LOOK_SIDE)
 
-        found = track_occlusion(hands[track.id], by_frame, looks[track.id].__getitem__, size, face_of)
+        crop_of = looks[track.id].__getitem__
+        held = None if segmenter is None else segmented_regions(segmenter, sorted(by_frame), crop_of, face_of)
+        found = track_occlusion(hands[track.id], by_frame, crop_of, size, face_of, held)
         masks[track.id] = {f: np.round(m * 255).astype(np.uint8) for f, m in found.items()}
     return masks
 

@@ -13,10 +13,10 @@ so the hand itself is covered with weight 1 and the fade lies on the face. Then 
 (:func:`track_occlusion`) adds what its other frames tell: hands carried over frames where the
 landmarker lost them, and what differs from the face's own look (each pixel's median over the
 neighbouring frames), near a hand or, anywhere on the face, as one solid region. What stays in
-front of the face the whole time (a microphone held still at the mouth) is part of that look and
-is not found (:data:`OCCLUSION_METHOD` names what is; benchmarks/README.md has the figures): a
-person segmenter calls a held microphone part of the person, and a small segmenter trained on
-pasted occluders marked clean faces or missed most of it.
+front of the face the whole time (a microphone held still at the mouth) is part of that look: it
+is found by the model set's occluder segmenter (:mod:`ipfacediff.models.segmenter`) where the
+model ships one, for the faces of its world (the embedded FaceWorld model does; benchmarks/README.md
+has the figures, and why a segmenter for real faces could not be trained here).
 
 mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 """
@@ -64,6 +64,13 @@ OBJECT_THICKNESS = 0.07
 # The look is found again this many times, each time without what the last found: an occluder
 # that moves slowly is part of the first median.
 LOOK_PASSES = 2
+
+# The segmenter's regions count where it marks them in most of the frames this near (held_over_time).
+HELD_REACH = 2
+# They grow by HELD_MARGIN and fade over HELD_FEATHER pixels of LOOK_SIDE: what the segmenter marks
+# already reaches past the object's edge, and a microphone at the mouth leaves little of it.
+HELD_MARGIN = 0.0
+HELD_FEATHER = 1.0
 
 # mediapipe's 21 hand points: 0 the wrist, then four per finger from its root to its tip.
 HAND_PALM = (0, 1, 2, 5, 9, 13, 17)
@@ -256,11 +263,13 @@ def track_occlusion(
     crop_of: Callable[[int], np.ndarray],
     size: int,
     face_of: Callable[[int], np.ndarray],
+    held: dict[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
     """One face's occlusion masks (size, size) float32 by frame, from its hands by frame (frame
     pixels, :meth:`OcclusionFinder.hands`), its frame → crop transforms (side ``size``), its
-    aligned crops (``crop_of(frame)``, any side) and its face masks (``face_of(frame)`` at
-    LOOK_SIDE).
+    aligned crops (``crop_of(frame)``, any side), its face masks (``face_of(frame)`` at
+    LOOK_SIDE) and, where the model set has an occluder segmenter, the regions it marks (``held``:
+    uint8 at LOOK_SIDE by frame, :meth:`~ipfacediff.models.segmenter.OccluderSegmenter.regions`).
 
     Both go by the face's own look: each pixel's median over the LOOK_WINDOW frames either side in
     the aligned crop (hands' regions left out), which is the face as it is while things pass in
@@ -272,10 +281,14 @@ def track_occlusion(
     is covered where it differs from the look by OBJECT_THRESHOLD over one region of at least
     OBJECT_AREA of the face: an expression, a blink, a mouth opening or a head turn in the aligned
     crop changes less, or in small pieces. An occluder held still in front of the face for the
-    whole window (a microphone at the mouth) is part of the look and is not found."""
+    whole window (a microphone at the mouth) is part of the look and is not found by it: the
+    segmenter's regions are, and like the hands they are left out of the look."""
     hands = fill_hand_gaps(hands)
     frames = sorted(transforms)
     found = {f: hand_region([to_crop(transforms[f], p) for p in hands.get(f, [])], size) for f in frames}
+    for f, region in held_over_time(held or {}).items():
+        if f in found and region.any():
+            found[f] = np.maximum(found[f], grown_region(region, size, HELD_MARGIN, HELD_FEATHER))
     if not frames:
         return found
     gates = {f: _hand_gate(hands, transforms[f] * (LOOK_SIDE / size), f) for f in frames}
@@ -285,6 +298,23 @@ def track_occlusion(
         if all(masks[f] is covered[f] for f in frames):  # nothing new: a pass more finds the same
             break
     return masks
+
+
+def held_over_time(held: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
+    """The segmenter's regions by frame (uint8) where it marks them in most of the frames within
+    HELD_REACH either side: what is held in front of the face stays there for frames, while the
+    segmenter's slips (a lock of hair over a forehead in one frame) do not; a thing that moves in
+    and out is found by the face's look."""
+    frames = sorted(held)
+    out = {}
+    for k, f in enumerate(frames):
+        near = [held[g] for g in frames[max(0, k - HELD_REACH) : k + HELD_REACH + 1] if abs(g - f) <= HELD_REACH]
+        if not held[f].any():
+            out[f] = held[f]
+            continue
+        votes = np.sum([n > 0 for n in near], axis=0)
+        out[f] = ((held[f] > 0) & (2 * votes > len(near))).astype(np.uint8)
+    return out
 
 
 def _hand_gate(hands: dict[int, list[np.ndarray]], M: np.ndarray, frame: int) -> np.ndarray:
@@ -339,13 +369,20 @@ def _look_pass(
             near = cv2.morphologyEx((differs > LOOK_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening)
             held = cv2.resize(covered[f], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0
             picked |= _attached_regions(near & gates[f], held, face)
-        if not picked.any():
-            continue
-        picked = cv2.resize(picked, (size, size), interpolation=cv2.INTER_NEAREST)
-        outside = cv2.distanceTransform(1 - picked, cv2.DIST_L2, 5) / (size / LOOK_SIDE)
-        ramp = np.clip(1.0 - (outside - LOOK_MARGIN) / LOOK_FEATHER, 0.0, 1.0)
-        out[f] = np.maximum(covered[f], (ramp * ramp * (3 - 2 * ramp)).astype(np.float32))
+        if picked.any():
+            out[f] = np.maximum(covered[f], grown_region(picked, size))
     return out
+
+
+def grown_region(
+    picked: np.ndarray, size: int, margin: float = LOOK_MARGIN, feather: float = LOOK_FEATHER
+) -> np.ndarray:
+    """(size, size) float32 mask of ``picked`` (uint8 at LOOK_SIDE): 1 over it grown by
+    ``margin``, fading to 0 over ``feather`` (pixels of LOOK_SIDE) beyond."""
+    picked = cv2.resize(picked, (size, size), interpolation=cv2.INTER_NEAREST)
+    outside = cv2.distanceTransform(1 - picked, cv2.DIST_L2, 5) / (size / LOOK_SIDE)
+    ramp = np.clip(1.0 - (outside - margin) / feather, 0.0, 1.0)
+    return (ramp * ramp * (3 - 2 * ramp)).astype(np.float32)
 
 
 def _median_of_seen(window: np.ndarray) -> np.ndarray:

@@ -39,6 +39,9 @@ DEFAULT_ALL_KEYFRAMES_BELOW = 0  # off
 # under the reference by less than this share of the frame's range follow the source trajectory.
 DEFAULT_BLEND_THRESHOLD = 0.5
 DEFAULT_FADE = 4  # frames: a sixth of a second at 24 fps
+# The edited video's libx264 quality: at 16 the encoder moved 1.5 % of a red and white cup's pixels
+# in front of an edited face by more than 8 levels, at 12 0.4 % (benchmarks/README.md).
+DEFAULT_OUTPUT_CRF = 12
 # Frames edited at once: a longer clip is edited in windows that share anchor keyframes. A window's
 # inversion is held in memory (its size per frame: benchmarks/README.md).
 DEFAULT_WINDOW = 256
@@ -519,6 +522,15 @@ class EditSettings(Settings):
         high=10_000,
         label="Fade (frames)",
     )
+    crf: int = setting(
+        DEFAULT_OUTPUT_CRF,
+        "The edited video's quality (libx264's constant rate factor; lower is better): at 12 what the edit leaves, "
+        "sharp colour edges beside an edited face included, stays within 8 levels of the input; 16-18 give files "
+        "1.3-2 times smaller.",
+        low=0,
+        high=51,
+        label="Output quality (crf)",
+    )
     require_face: bool = setting(
         False, "Exit with an error when the video has no face (otherwise its frames pass through)."
     )
@@ -550,8 +562,8 @@ class EditSettings(Settings):
     )
     occlusion: bool = setting(
         True,
-        "Leave what is in front of a face (a hand) as it is: the paste-back keeps the frame there and the "
-        "local blend leaves it out.",
+        "Leave what is in front of a face (a hand, a cup, a microphone where the model ships a segmenter) as it is: "
+        "the paste-back keeps the frame there, the local blend leaves it out, and no frame hiding the edit's region is a keyframe.",
         negative="--no-occlusion",
     )
     blend_threshold: float | None = setting(

@@ -68,6 +68,7 @@ def test_embedded_card_reads(card):
     assert card.resolution == 64
     assert card.advice == ADVICE
     assert card.identity_net == SHIPPED_MODELS / "identity_net"  # the trainers' net, not the oracle
+    assert card.occluder_segmenter == SHIPPED_MODELS / "occluder_segmenter"
     assert card.format_version == 1
     # the threshold lies between the measured margins, with room on both sides
     assert card.out_of_domain_max + 2 < card.threshold < card.in_domain_min - 2
@@ -177,11 +178,14 @@ def test_card_round_trip(tmp_path):
         in_domain_min=20.5,
         out_of_domain_max=11.0,
         identity_net=tmp_path / "identity",
+        occluder_segmenter=tmp_path / "segmenter",
         measured={"by": "a test"},
     )
+    (tmp_path / "segmenter").mkdir()
     path = card.write(tmp_path)
     assert path == tmp_path / MODEL_CARD
     assert json.loads(path.read_text())["identity_net"] == "identity"  # relative in the file
+    assert json.loads(path.read_text())["occluder_segmenter"] == "segmenter"
     assert ModelCard.read(tmp_path) == card
     with pytest.raises(ValueError):  # strict JSON
         ModelCard("x", "x", "vae_round_trip", math.nan, "x").write(tmp_path / "identity")
@@ -209,6 +213,8 @@ GOOD = {
         (json.dumps(GOOD | {"check": "vibes"}), "check 'vibes' is not one of"),
         (json.dumps(GOOD | {"format_version": 99}), "newer than this ipfacediff reads"),
         (json.dumps(GOOD | {"identity_net": "nowhere/net"}), "does not exist"),
+        (json.dumps(GOOD | {"occluder_segmenter": "nowhere"}), "occluder_segmenter"),
+        (json.dumps(GOOD | {"occluder_segmenter": 3}), "must be null or a path"),
         (json.dumps(GOOD | {"resolution": 3}), "resolution must be"),
         (json.dumps(GOOD | {"description": "two\nlines"}), "one-line string"),
     ],

@@ -198,6 +198,18 @@ def test_keyframes_are_spread_and_batches_share_an_anchor():
     assert two_nearest(3, [3]) == [(3, 1.0)]
 
 
+def test_keyframes_are_drawn_from_the_frames_that_may_be_keyframes():
+    """Frames 10-19 are behind a board: the keyframes spread over the other 30, evenly."""
+    seen = [f for f in range(40) if not 10 <= f < 20]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        chosen = select_keyframes(40, 5, generator=generator, candidates=seen)
+        assert len(chosen) == 5 and set(chosen) <= set(seen)
+    assert select_keyframes(40, 5, candidates=seen) == [3, 9, 25, 31, 37]
+    assert select_keyframes(40, 5, candidates=range(40)) == select_keyframes(40, 5)
+    assert select_keyframes(40, 5, candidates=[]) == select_keyframes(40, 5)  # all hidden: as without
+
+
 def test_pipeline_saves_and_loads(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     loaded = IPFaceDiffPipeline.from_pretrained(tmp_path / "pipe")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import cv2
 import numpy as np
 import pytest
+import torch
 
 from ipfacediff.editing.region import without_occluded
 from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, face_mask, paste_face, track_faces
@@ -168,6 +170,31 @@ def test_the_pipeline_leaves_a_fully_covered_face_as_it_was(tiny_pipe, one_threa
     covered = tiny_pipe(frames, settings, occlusion=np.ones((4, 64, 64), np.float32))
     assert not np.array_equal(free.frames, frames)
     assert np.array_equal(covered.frames, frames)
+
+
+def test_frames_whose_edit_region_is_hidden_are_never_keyframes(tiny_pipe, one_thread):
+    """A board hides frames 2-5 of 8 whole: the keyframes, drawn anew every step, come from the
+    other frames, whose faces are seen (the frames after the board take their edit from them)."""
+    from conftest import moving_texture
+
+    from ipfacediff.editing.region import seen_share
+
+    frames = moving_texture(8)
+    covered = np.zeros((8, 64, 64), np.float32)
+    covered[2:6] = 1.0
+    settings = EditSettings(prompt="a face with eyeglasses", steps=6, adapters="none", keyframes=2)
+    for local_blend in (True, False):
+        result = tiny_pipe(frames, replace(settings, local_blend=local_blend), occlusion=covered)
+        drawn = {k for step in result.keyframes_per_step for k in step}
+        assert drawn and not drawn & {2, 3, 4, 5}, drawn
+    free = {k for step in tiny_pipe(frames, settings).keyframes_per_step for k in step}
+    assert free & {2, 3, 4, 5}  # without the board they are drawn too
+    region = torch.zeros(2, 1, 8, 8)
+    region[:, :, 2:4, :] = 1.0  # the eye band
+    hand = np.zeros((2, 64, 64), np.float32)
+    hand[1, 16:32, :32] = 1.0  # the left half of frame 1's eye band
+    assert np.allclose(seen_share(region, hand), [1.0, 0.5])
+    assert np.allclose(seen_share(None, hand), [1.0, 1 - 0.125])
 
 
 def test_the_cli_edit_keeps_the_hand_with_occlusion_and_paints_it_without(occluded, tiny_dir, tmp_path, capsys):

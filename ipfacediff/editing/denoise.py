@@ -14,6 +14,7 @@ import hashlib
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
@@ -37,6 +38,9 @@ from ipfacediff.editing.windows import EditWindow, keyframe_batches
 from ipfacediff.settings import DEFAULT_KEYFRAME_SPACING, EditSettings
 
 DEFAULT_KEYFRAME_BATCH = 8
+# A frame is a keyframe only where at least this share of its edit region is in view (not behind
+# a hand, a board: :func:`~ipfacediff.editing.region.seen_share`).
+SEEN_KEYFRAME = 0.5
 
 # Bumped whenever what ε1's capture records changes (editing/hooks.py), so that features cached
 # by an older capture are not injected by a newer one.
@@ -237,6 +241,7 @@ class WindowDenoiser:
         keyframe_batch: int,
         timer: StageTimer,
         cache: InversionCache | None = None,
+        seen: np.ndarray | None = None,
     ):
         self.pipe, self.inverted, self.source_embeds = pipe, inverted, source_embeds
         self.settings, self.plan, self.window = settings, plan, window
@@ -246,6 +251,8 @@ class WindowDenoiser:
         self.generator = torch.Generator().manual_seed(window.seed(settings.seed))
         spaced = window.keyframes or settings.keyframes or math.ceil(self.count / DEFAULT_KEYFRAME_SPACING)
         self.keyframe_count = self.count if settings.every_frame else spaced
+        # The frames that may be keyframes: those whose edit region is mostly in view.
+        self.candidates = None if seen is None else [f for f in range(self.count) if seen[f] >= SEEN_KEYFRAME]
         self.over_time = pipe.over_time(settings)
         self.role = "identity" if settings.feature_injection else "edit"
         self.controller = FeatureController(merge=settings.attention_merge)
@@ -288,7 +295,7 @@ class WindowDenoiser:
             chosen = list(range(self.count))
         else:
             generator = self.generator if settings.random_keyframes else None
-            chosen = select_keyframes(self.count, self.keyframe_count, generator=generator)
+            chosen = select_keyframes(self.count, self.keyframe_count, generator=generator, candidates=self.candidates)
         return StepState(index, t, alpha_t, alpha_prev, source_eps, self.window.keyframes_at(chosen))
 
     def edit_batch(self, state: StepState, edited: torch.Tensor, batch: list[int]) -> None:

@@ -323,10 +323,12 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         keyframe_batch: int,
         timer: StageTimer,
         cache: InversionCache | None = None,
+        seen: np.ndarray | None = None,
     ) -> Denoised:
         """Step 6 for one window (:class:`~ipfacediff.editing.denoise.WindowDenoiser`): ``blend`` the
         edit region (None: everywhere), ``targets`` the frames' identities (None: no identity guidance),
-        ``cache`` where ε1's features of the keyframes are kept for a re-edit."""
+        ``cache`` where ε1's features of the keyframes are kept for a re-edit, ``seen`` how much of
+        each frame's edit region is in view (None: all of it)."""
         denoiser = WindowDenoiser(
             self,
             inverted,
@@ -339,6 +341,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             keyframe_batch=keyframe_batch,
             timer=timer,
             cache=cache,
+            seen=seen,
         )
         return denoiser.run()
 
@@ -456,7 +459,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
             NonFiniteError.check(inverted.latents[0], "the DDIM inversion", self.identity_unet.dtype)
             # 4. Find the edit region (the local blend).
             covered = None if occlusion is None else occlusion[window.begin : window.end]
-            blend, difference, mask_calls = self.window_edit_region(
+            blend, difference, mask_calls, seen = self.window_edit_region(
                 inverted, settings, plan, window, timer, batch_size, occlusion=covered, cache=cache
             )
             stats.count({"mask": mask_calls})
@@ -476,6 +479,7 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
                 keyframe_batch=keyframe_batch,
                 timer=timer,
                 cache=cache,
+                seen=seen,
             )
             stats.count(denoised.calls)
             final = clip.finish(window, part, denoised.latents, inverted, difference, denoised.keyframes)

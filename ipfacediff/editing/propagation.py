@@ -3,18 +3,32 @@ other frame (nearest neighbours in ε1's source features, then smoothing over ti
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 
-def select_keyframes(frame_count: int, count: int, *, generator: torch.Generator | None = None) -> list[int]:
+def select_keyframes(
+    frame_count: int,
+    count: int,
+    *,
+    generator: torch.Generator | None = None,
+    candidates: Sequence[int] | None = None,
+) -> list[int]:
     """``count`` evenly spaced keyframes; with a generator the grid gets a random offset.
 
     TokenFlow draws new keyframes at every step so no frame is only ever a follower; one shared
-    random offset keeps the spacing even, so no frame is ever far from a keyframe.
+    random offset keeps the spacing even, so no frame is ever far from a keyframe. ``candidates``:
+    the frames that may be keyframes, spaced evenly among themselves (the frames whose edit region
+    something in front of the face does not hide; a keyframe behind a hand or a board has nothing
+    of the edit to give the frames that take theirs from it).
     """
+    if candidates is not None and 0 < len(candidates) < frame_count:
+        ordered = sorted(candidates)
+        return sorted({ordered[i] for i in select_keyframes(len(ordered), count, generator=generator)})
     count = max(1, min(count, frame_count))
     spacing = frame_count / count
     offset = spacing / 2 if generator is None else torch.rand(1, generator=generator).item() * spacing

@@ -155,6 +155,22 @@ def without_occluded(blend: torch.Tensor, occlusion: np.ndarray) -> torch.Tensor
     return blend * (1.0 - torch.from_numpy(share).to(blend)[:, None])
 
 
+def seen_share(blend: torch.Tensor | None, occlusion: np.ndarray | None) -> np.ndarray | None:
+    """(N,) the share of each frame's edit region (``blend`` (N, 1, h, w) before
+    :func:`without_occluded`; None: the whole crop) that ``occlusion`` (N, s, s) leaves seen;
+    None without occlusion masks."""
+    if occlusion is None:
+        return None
+    if blend is None:
+        return 1.0 - np.asarray(occlusion, np.float32).reshape(len(occlusion), -1).mean(1)
+    h, w = blend.shape[-2:]
+    covered = np.stack([cv2.resize(np.asarray(m, np.float32), (w, h), interpolation=cv2.INTER_AREA) for m in occlusion])
+    region = blend[:, 0].float().cpu().numpy()
+    total = region.reshape(len(region), -1).sum(1)
+    seen = (region * (1.0 - covered)).reshape(len(region), -1).sum(1)
+    return np.where(total > 0, seen / np.maximum(total, 1e-8), 1.0)
+
+
 class EditRegionMixin:
     """The pipeline's edit-region stage (step 4): needs its ``tokenizer``, ``text_encoder``, ``scheduler`` and ε2."""
 
@@ -311,14 +327,15 @@ class EditRegionMixin:
         batch_size: int,
         occlusion: np.ndarray | None = None,
         cache: InversionCache | None = None,
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, int, np.ndarray | None]:
         """Step 4 for one window: the local blend's region and prompt differences
         (:meth:`find_edit_region`, from the differences of the frames it shares with the window
-        before, the reference's branch from ``cache`` when kept there), and the UNet passes that
-        took; None, None, 0 without the local blend. Where ``occlusion`` (the window's frames'
-        masks in the crop) covers the face, the region is scaled down (:func:`without_occluded`)."""
+        before, the reference's branch from ``cache`` when kept there), the UNet passes that
+        took (None, None, 0 without the local blend), and how much of each frame's region is seen
+        (:func:`seen_share`; None without ``occlusion``). Where ``occlusion`` (the window's
+        frames' masks in the crop) covers the face, the region is scaled down (:func:`without_occluded`)."""
         if not settings.local_blend:
-            return None, None, 0
+            return None, None, 0, seen_share(None, None if settings.whole_frame else occlusion)
         with timer("mask"):
             blend, difference, calls = self.find_edit_region(
                 inverted,
@@ -329,6 +346,8 @@ class EditRegionMixin:
                 known=window.known,
                 cache=cache,
             )
+        seen = None
         if occlusion is not None and not settings.whole_frame:
+            seen = seen_share(blend, occlusion)
             blend = without_occluded(blend, occlusion)
-        return blend, difference, calls
+        return blend, difference, calls, seen
