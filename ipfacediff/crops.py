@@ -19,6 +19,7 @@ from ipfacediff.video import VideoInfo, iter_frames
 
 if TYPE_CHECKING:
     from ipfacediff.face import FaceTracks
+    from ipfacediff.models.segmenter import OccluderSegmenter
 
 Progress = Callable[[str, int, int], None]
 
@@ -100,7 +101,7 @@ class FaceCrops:
     hands: dict[int, dict[int, list[np.ndarray]]] = field(default_factory=dict)  # by track, frame: frame points
     segmented: set[int] = field(default_factory=set)  # the tracks whose masks have the segmenter's regions
 
-    def find_occlusion(self, segmenter=None, segment: Iterable[int] = ()) -> None:
+    def find_occlusion(self, segmenter: OccluderSegmenter | None = None, segment: Iterable[int] = ()) -> None:
         """Every face's occlusion masks from the hands the pass found and its own look over its
         track (:func:`occlusion_of_track`), with the regions of ``segmenter`` (the model set's
         :class:`~ipfacediff.models.segmenter.OccluderSegmenter`) for the faces in ``segment``: those the
@@ -215,7 +216,7 @@ def occlusion_of_track(
     transforms: dict[int, np.ndarray],
     crops: CropStore,
     size: int,
-    segmenter=None,
+    segmenter: OccluderSegmenter | None = None,
 ) -> dict[int, np.ndarray]:
     """A track's occlusion masks (:func:`~ipfacediff.occlusion.track_occlusion`) of the frames
     whose crops are in, as uint8 at OCCLUSION_SIDE at most; with ``segmenter``, its regions too."""
@@ -233,7 +234,13 @@ def occlusion_of_track(
     return {f: np.round(mask * 255).astype(np.uint8) for f, mask in masks.items()}
 
 
-def segmented_regions(segmenter, frames: Sequence[int], crop_of, face_of, batch: int = 64) -> dict[int, np.ndarray]:
+def segmented_regions(
+    segmenter: OccluderSegmenter,
+    frames: Sequence[int],
+    crop_of: Callable[[int], np.ndarray],
+    face_of: Callable[[int], np.ndarray],
+    batch: int = 64,
+) -> dict[int, np.ndarray]:
     """``segmenter``'s regions (uint8 at LOOK_SIDE) of the frames' crops (``crop_of(frame)``),
     bounded by their face masks (``face_of(frame)`` at LOOK_SIDE), a batch of frames at a time."""
     from ipfacediff.occlusion import LOOK_SIDE
@@ -254,7 +261,11 @@ def segmented_regions(segmenter, frames: Sequence[int], crop_of, face_of, batch:
 
 
 def occlusion_masks(
-    frames: np.ndarray | Iterable[np.ndarray], transforms: Sequence[np.ndarray], size: int, track=None, segmenter=None
+    frames: np.ndarray | Iterable[np.ndarray],
+    transforms: Sequence[np.ndarray],
+    size: int,
+    track=None,
+    segmenter: OccluderSegmenter | None = None,
 ) -> np.ndarray:
     """(N, size, size) float32 occlusion masks (:func:`~ipfacediff.occlusion.track_occlusion`) of one face in N RGB
     frames (N, H, W, 3) uint8, each with its frame → crop transform (as

@@ -23,6 +23,7 @@ from ipfacediff.video import VideoInfo, probe_video, write_video
 
 if TYPE_CHECKING:
     from ipfacediff.face import FaceTracks
+    from ipfacediff.models.segmenter import OccluderSegmenter
 
 
 def model_card(pipeline: IPFaceDiffPipeline) -> ModelCard | None:
@@ -31,7 +32,7 @@ def model_card(pipeline: IPFaceDiffPipeline) -> ModelCard | None:
     return ModelCard.from_dict(data) if data else None
 
 
-def occluder_segmenter(pipeline: IPFaceDiffPipeline):
+def occluder_segmenter(pipeline: IPFaceDiffPipeline) -> OccluderSegmenter | None:
     """The occluder segmenter the model's card names, on the pipeline's device (None: none)."""
     card = model_card(pipeline)
     if card is None or card.occluder_segmenter is None:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
@@ -28,6 +28,9 @@ from scipy.optimize import linear_sum_assignment
 
 from ipfacediff.errors import UserError
 from ipfacediff.files import write_atomic
+
+if TYPE_CHECKING:
+    from ipfacediff.models.segmenter import OccluderSegmenter
 
 # Canonical FFHQ-like positions of the five alignment points (left eye centre, right eye centre,
 # nose tip, left mouth corner, right mouth corner) in a crop of side 1.0, "left" meaning image left.
@@ -822,7 +825,7 @@ def faces_report(
     input_path: str | os.PathLike,
     json_path: str | os.PathLike | None = None,
     preview_path: str | os.PathLike | None = None,
-    segmenter=None,
+    segmenter: OccluderSegmenter | None = None,
 ) -> FaceTracks:
     """The whole ``ipfacediff faces`` command: detect, write the track file and the preview (its
     occlusion masks with ``segmenter``'s regions where one is given)."""
@@ -1065,7 +1068,7 @@ def write_preview(
     fps: float,
     *,
     occlusion: bool = True,
-    segmenter=None,
+    segmenter: OccluderSegmenter | None = None,
 ) -> Path:
     """Debug video: each face's box and id, alignment points, outline and mask tinted green, and
     with ``occlusion`` its occlusion mask as an edit uses it (hands and what differs from the
@@ -1088,7 +1091,7 @@ def _preview_occlusion(
     tracks: FaceTracks,
     transforms: dict[int, dict[int, np.ndarray]],
     size: int,
-    segmenter=None,
+    segmenter: OccluderSegmenter | None = None,
 ) -> dict[int, dict[int, np.ndarray]]:
     """Each face's occlusion masks (uint8, ``size``) by frame, found as an edit finds them."""
     from ipfacediff.crops import segmented_regions
