@@ -221,7 +221,7 @@ def occlusion_of_track(
     """A track's occlusion masks (:func:`~ipfacediff.occlusion.track_occlusion`) of the frames
     whose crops are in, as uint8 at OCCLUSION_SIDE at most; with ``segmenter``, its regions too."""
     from ipfacediff.face import face_mask
-    from ipfacediff.occlusion import LOOK_SIDE, track_occlusion
+    from ipfacediff.occlusion import LOOK_SIDE, segmented_regions, track_occlusion
 
     side = min(size, OCCLUSION_SIDE)
     scaled = {f: transforms[f] * (side / size) for f in crops}
@@ -232,32 +232,6 @@ def occlusion_of_track(
     held = segmented_regions(segmenter, list(crops), crops.__getitem__, face_of) if segmenter is not None else None
     masks = track_occlusion(hands, scaled, crops.__getitem__, side, face_of, held)
     return {f: np.round(mask * 255).astype(np.uint8) for f, mask in masks.items()}
-
-
-def segmented_regions(
-    segmenter: OccluderSegmenter,
-    frames: Sequence[int],
-    crop_of: Callable[[int], np.ndarray],
-    face_of: Callable[[int], np.ndarray],
-    batch: int = 64,
-) -> dict[int, np.ndarray]:
-    """``segmenter``'s regions (uint8 at LOOK_SIDE) of the frames' crops (``crop_of(frame)``),
-    bounded by their face masks (``face_of(frame)`` at LOOK_SIDE), a batch of frames at a time."""
-    from ipfacediff.occlusion import LOOK_SIDE
-
-    side = segmenter.config.side
-    out = {}
-    for start in range(0, len(frames), batch):
-        chunk = frames[start : start + batch]
-        faces = [face_of(f) for f in chunk]
-        if side != LOOK_SIDE:
-            faces = [cv2.resize(face, (side, side), interpolation=cv2.INTER_LINEAR) for face in faces]
-        regions = segmenter.regions(np.stack([np.asarray(crop_of(f)) for f in chunk]), np.stack(faces))
-        for f, region in zip(chunk, regions):
-            if side != LOOK_SIDE:
-                region = cv2.resize(region, (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_NEAREST)
-            out[f] = region
-    return out
 
 
 def occlusion_masks(
@@ -275,7 +249,7 @@ def occlusion_masks(
     (:class:`~ipfacediff.models.segmenter.OccluderSegmenter`) are added where given. (Here, not in
     :mod:`ipfacediff.occlusion`, which :mod:`ipfacediff.face` imports.)"""
     from ipfacediff.face import CANONICAL_FACE_ELLIPSE, crop_face, face_mask
-    from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, track_occlusion
+    from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, segmented_regions, track_occlusion
 
     hands, crops, by_frame = {}, {}, {}
     with OcclusionFinder() as finder:

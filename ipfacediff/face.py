@@ -1094,8 +1094,7 @@ def _preview_occlusion(
     segmenter: OccluderSegmenter | None = None,
 ) -> dict[int, dict[int, np.ndarray]]:
     """Each face's occlusion masks (uint8, ``size``) by frame, found as an edit finds them."""
-    from ipfacediff.crops import segmented_regions
-    from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, track_occlusion
+    from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, segmented_regions, track_occlusion
 
     hands: dict[int, dict[int, list[np.ndarray]]] = {t.id: {} for t in tracks.tracks}
     looks: dict[int, dict[int, np.ndarray]] = {t.id: {} for t in tracks.tracks}

@@ -25,9 +25,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
+
+if TYPE_CHECKING:
+    from ipfacediff.models.segmenter import OccluderSegmenter
 
 # What the masks are made from, as .run.json records it.
 OCCLUSION_METHOD = "hands+look"
@@ -298,6 +302,30 @@ def track_occlusion(
         if all(masks[f] is covered[f] for f in frames):  # nothing new: a pass more finds the same
             break
     return masks
+
+
+def segmented_regions(
+    segmenter: OccluderSegmenter,
+    frames: Sequence[int],
+    crop_of: Callable[[int], np.ndarray],
+    face_of: Callable[[int], np.ndarray],
+    batch: int = 64,
+) -> dict[int, np.ndarray]:
+    """``segmenter``'s regions (uint8 at LOOK_SIDE) of the frames' crops (``crop_of(frame)``),
+    bounded by their face masks (``face_of(frame)`` at LOOK_SIDE), a batch of frames at a time."""
+    side = segmenter.config.side
+    out = {}
+    for start in range(0, len(frames), batch):
+        chunk = frames[start : start + batch]
+        faces = [face_of(f) for f in chunk]
+        if side != LOOK_SIDE:
+            faces = [cv2.resize(face, (side, side), interpolation=cv2.INTER_LINEAR) for face in faces]
+        regions = segmenter.regions(np.stack([np.asarray(crop_of(f)) for f in chunk]), np.stack(faces))
+        for f, region in zip(chunk, regions):
+            if side != LOOK_SIDE:
+                region = cv2.resize(region, (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_NEAREST)
+            out[f] = region
+    return out
 
 
 def held_over_time(held: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
