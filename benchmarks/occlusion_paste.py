@@ -35,6 +35,13 @@ from ipfacediff.face import CANONICAL_FACE_ELLIPSE, alignment_transforms, crop_f
 from ipfacediff.occlusion import LOOK_SIDE, OcclusionFinder, grown_region  # noqa: E402
 
 SEGMENTER = None  # an OccluderSegmenter folder's model, with --segmenter
+_cx, _cy, _rx, _ry = CANONICAL_FACE_ELLIPSE
+CANONICAL_FACE = cv2.ellipse(
+    np.zeros((LOOK_SIDE, LOOK_SIDE), np.uint8),
+    (round(_cx * LOOK_SIDE), round(_cy * LOOK_SIDE)),
+    (round(_rx * LOOK_SIDE), round(_ry * LOOK_SIDE)),
+    0, 0, 360, 1, -1,
+)  # fmt: skip
 
 
 class Finder(OcclusionFinder):
@@ -45,11 +52,7 @@ class Finder(OcclusionFinder):
         if SEGMENTER is None:
             return hands
         crop = crop_face(frame, M * (LOOK_SIDE / size), LOOK_SIDE)
-        cx, cy, rx, ry = CANONICAL_FACE_ELLIPSE
-        face = np.zeros((LOOK_SIDE, LOOK_SIDE), np.uint8)
-        centre, axes = (round(cx * LOOK_SIDE), round(cy * LOOK_SIDE)), (round(rx * LOOK_SIDE), round(ry * LOOK_SIDE))
-        cv2.ellipse(face, centre, axes, 0, 0, 360, 1, -1)
-        region = SEGMENTER.regions(crop[None], face[None])[0]
+        region = SEGMENTER.regions(crop[None], CANONICAL_FACE[None])[0]
         return np.maximum(hands, grown_region(region, size)) if region.any() else hands
 
 

@@ -4,7 +4,6 @@ other frame (nearest neighbours in ε1's source features, then smoothing over ti
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from functools import lru_cache
 
 import torch

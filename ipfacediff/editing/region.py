@@ -163,11 +163,8 @@ def seen_share(blend: torch.Tensor | None, occlusion: np.ndarray | None) -> np.n
         return None
     if blend is None:
         return 1.0 - np.asarray(occlusion, np.float32).reshape(len(occlusion), -1).mean(1)
-    h, w = blend.shape[-2:]
-    covered = np.stack([cv2.resize(np.asarray(m, np.float32), (w, h), interpolation=cv2.INTER_AREA) for m in occlusion])
-    region = blend[:, 0].float().cpu().numpy()
-    total = region.reshape(len(region), -1).sum(1)
-    seen = (region * (1.0 - covered)).reshape(len(region), -1).sum(1)
+    total = blend.float().flatten(1).sum(1).cpu().numpy()
+    seen = without_occluded(blend, occlusion).float().flatten(1).sum(1).cpu().numpy()
     return np.where(total > 0, seen / np.maximum(total, 1e-8), 1.0)
 
 
