@@ -112,6 +112,10 @@ class Oracles:
     def calls(self, crops: np.ndarray) -> dict:
         return {k: v.mean() > 0.5 for k, v in self.attributes.predict_proba(crops).items()}
 
+    def probability(self, crops: np.ndarray, target: str) -> float:
+        """The oracle's mean probability of ``target`` over ``crops``: how near a call is to flipping."""
+        return round(float(self.attributes.predict_proba(crops)[target].mean()), 3)
+
     def success(self, crops: np.ndarray, target: str, source_calls: dict) -> float:
         """1.0 where the oracle calls the target attribute over ``crops`` and every other one as
         over the source's same frames (``source_calls``)."""
@@ -148,6 +152,7 @@ def faceworld_rows(args, pipe, oracles: Oracles, settings_on: list[bool], work: 
     # Success on the frames where the attribute can be seen: by occluder and setting, then the same
     # frames of the unoccluded clip's edit and of the truth; and how many frames were judged.
     judged: dict = {kind: {s: [] for s in ("off", "on", "unoccluded", "truth", "frames")} for kind in args.occluders}
+    per_edit: list[dict] = []  # each occluded edit's judged success, to find the ones that fail
     seconds: dict = {"off": [], "on": []}
     for person in list(HELD_OUT_IDS)[: args.identities]:
         plain = render_clip(person, seed=person, frames=args.frames, size=128, fps=12.0)
@@ -197,6 +202,15 @@ def faceworld_rows(args, pipe, oracles: Oracles, settings_on: list[bool], work: 
                         seconds[setting].append(took)
                         if seen:
                             judged[kind][setting].append(oracles.success(crops[seen], edit.name, seen_calls))
+                            per_edit.append({
+                                "person": person, "edit": edit.name, "occluder": kind, "setting": setting,
+                                "success": judged[kind][setting][-1], "unoccluded": judged[kind]["unoccluded"][-1],
+                                "target_probability": oracles.probability(crops[seen], edit.name),
+                                "unoccluded_probability": oracles.probability(plain_crops[seen], edit.name),
+                                "also_changed": [a for a, c in oracles.calls(crops[seen]).items()
+                                                 if a != edit.name and c != seen_calls[a]],
+                                "seen_frames": seen,
+                            })  # fmt: skip
         print(f"identity {person}: done", flush=True)
     summary = {key: {"attribute_success": round(float(np.mean(v["success"])), 4),
                      "id_sim_to_truth": round(float(np.mean(v["id"])), 4), "edits": len(v["id"])}
@@ -210,7 +224,7 @@ def faceworld_rows(args, pipe, oracles: Oracles, settings_on: list[bool], work: 
             row = pooled(r) | summary[f"{kind}/{s}"]
             row["attribute_success_all_frames"] = row.pop("attribute_success")
             table[kind][s] = row | judged_success(judged[kind], s)
-    return {"occluders": table, "unoccluded": summary["unoccluded"], "seconds": seconds}
+    return {"occluders": table, "unoccluded": summary["unoccluded"], "per_edit": per_edit, "seconds": seconds}
 
 
 def judged_success(judged: dict, setting: str) -> dict:

@@ -286,7 +286,8 @@ def track_occlusion(
     OBJECT_AREA of the face: an expression, a blink, a mouth opening or a head turn in the aligned
     crop changes less, or in small pieces. An occluder held still in front of the face for the
     whole window (a microphone at the mouth) is part of the look and is not found by it: the
-    segmenter's regions are, and like the hands they are left out of the look."""
+    segmenter's regions are, and like the hands they are left out of the look (all it marks, also
+    what :func:`held_over_time` does not keep as occlusion)."""
     hands = fill_hand_gaps(hands)
     frames = sorted(transforms)
     found = {f: hand_region([to_crop(transforms[f], p) for p in hands.get(f, [])], size) for f in frames}
@@ -296,9 +297,12 @@ def track_occlusion(
     if not frames:
         return found
     gates = {f: _hand_gate(hands, transforms[f] * (LOOK_SIDE / size), f) for f in frames}
+    # Everything the segmenter marks stays out of the look, its slips included: a board it marks in
+    # part of its frames would otherwise pull the median of a clean frame's pixels halfway to it.
+    suspected = {f: region for f, region in (held or {}).items() if f in found and region.any()}
     masks = found
     for _ in range(LOOK_PASSES):  # each pass leaves what the last one covered out of the look
-        covered, masks = masks, _look_pass(frames, masks, crop_of, face_of, gates, size)
+        covered, masks = masks, _look_pass(frames, masks, crop_of, face_of, gates, size, suspected)
         if all(masks[f] is covered[f] for f in frames):  # nothing new: a pass more finds the same
             break
     return masks
@@ -366,10 +370,11 @@ def _look_pass(
     face_of: Callable[[int], np.ndarray],
     gates: dict[int, np.ndarray],
     size: int,
+    suspected: dict[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
     """``covered`` (the hands' masks, then the last pass's) with what differs from the face's look
-    added, the look being each pixel's median over the window with ``covered`` left out (see
-    :func:`track_occlusion`)."""
+    added, the look being each pixel's median over the window with ``covered`` and ``suspected``
+    (uint8 at LOOK_SIDE by frame) left out (see :func:`track_occlusion`)."""
     looks: dict[int, np.ndarray] = {}
     opening = np.ones((2, 2), np.uint8)
     out = dict(covered)
@@ -379,6 +384,8 @@ def _look_pass(
             crop = cv2.resize(np.asarray(crop_of(frame)), (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA)
             crop = crop.astype(np.float32)
             crop[cv2.resize(covered[frame], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0] = np.nan
+            if suspected and frame in suspected:
+                crop[suspected[frame] > 0] = np.nan
             looks[frame] = crop
         return looks[frame]
 

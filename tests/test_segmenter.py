@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import cv2
 import numpy as np
 import pytest
 
@@ -91,6 +92,29 @@ def test_the_shipped_segmenter_marks_no_clean_face(shipped, tmp_path):
         with_segmenter = occlusion_masks(frames, transforms, 64, track, shipped)
         added = np.count_nonzero((with_segmenter > without).any(axis=(1, 2)))
         assert added == 0, f"person {person}: the segmenter adds to {added} frames"
+
+
+def test_a_board_the_segmenter_marks_in_part_leaves_the_clean_frames_unmarked(shipped, tmp_path):
+    """A board passes across the whole face in half the clip's frames and the segmenter marks only
+    part of it there: what it marks stays out of the face's look, so the median of a clean frame's
+    pixels is the face's and not halfway to the board (which marked the eyes and mouth of the
+    frames before and after it, where the edit was then left out)."""
+    from ipfacediff.face import face_mask
+    from ipfacediff.occlusion import occluded_share
+
+    clip, frames, _ = faceworld_clip(tmp_path, 1000, ["object"])
+    track, transforms = clip.tracks.tracks[0], crop_transforms(clip.tracks, 64)
+    masks = occlusion_masks(frames, transforms, 64, track, shipped)
+    faces = [face_mask(track, i, M, 64) for i, M in enumerate(transforms)]
+    true = [
+        occluded_share(cv2.warpAffine(c.astype(np.float32) / 255.0, M, (64, 64)), face)
+        for c, M, face in zip(clip.occluder_masks(), transforms, faces)
+    ]
+    found = [occluded_share(mask, face) for mask, face in zip(masks, faces)]
+    clean, covered = [i for i, t in enumerate(true) if t < 0.01], [i for i, t in enumerate(true) if t > 0.9]
+    assert len(clean) >= 4 and len(covered) >= 4, true
+    assert max(found[i] for i in clean) <= 0.01, found
+    assert min(found[i] for i in covered) > 0.9, found
 
 
 def test_an_edit_uses_the_segmenter_on_faces_of_its_world(tmp_path, capsys):
