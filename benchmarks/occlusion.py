@@ -3,6 +3,7 @@
     python benchmarks/occlusion.py --json OUT.json [--identities 2] [--frames 12] [--steps 8]
         [--occluders hand,microphone,cup,object] [--edits eyeglasses,smile] [--occlusion off|on|both]
         [--real-clips closeup] [--real-frames 12] [--real-occluders hand,object] [--model DIR] [--oracles DIR]
+        [--set NAME=VALUE ...]
 
 FaceWorld: each held-out person's clip is rendered with one occluder in front of the face
 (``faceworld render clip --occluder``: a hand passing across the eyes, a microphone at the mouth, a
@@ -166,7 +167,7 @@ def faceworld_rows(args, pipe, oracles: Oracles, settings_on: list[bool], work: 
                 "steps": args.steps,
                 "hair": edit.name in HAIR_EDITS,
                 "adapters": edit.name if has_library else "none",
-            }
+            } | args.settings
             plain_crops = plain_source = None  # the unoccluded clip's edit and source, aligned
             for kind in [None, *args.occluders]:
                 clip = plain.with_occluders([kind] if kind else [])
@@ -312,7 +313,17 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the shipped FaceWorld models")
     parser.add_argument("--oracles", type=Path, default=SHIPPED_MODELS / "oracles")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="NAME=VALUE",
+        help="an EditSettings field for every FaceWorld edit, occluded and not (an ablation), e.g. keyframes=4",
+    )  # fmt: skip
     args = parser.parse_args()
+    args.settings, names = {}, {f.name for f in fields(EditSettings)}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in names:
+            parser.error(f"--set {item}: EditSettings has no field {name!r}")
+        args.settings[name] = json.loads(value) if value not in ("", "None") else None
     known = has_occlusion_setting()
     choice = args.occlusion or ("both" if known else "off")
     if choice != "off" and not known:
@@ -340,6 +351,7 @@ def main() -> None:
         "edits": [e.name for e in args.edits],
         "occlusion_setting_known": known,
         "model": args.model or "embedded FaceWorld default",
+        "settings": args.settings,
         "real_model_note": "embedded FaceWorld model forced onto real faces (allow_out_of_domain): the edit is "
         "nonsense there; only the occluder-pixel figures are meant",
         "success_judged_on": f"frames where the occluder's true mask covers at most {VISIBLE:.3f} of the edit's "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import sys
 from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -157,9 +158,10 @@ def _cache_bytes(cache_max_gb: Optional[float]) -> Optional[int]:
 
 
 def _cache(cache_dir: Optional[Path], cache_max_gb: Optional[float] = None):
+    max_bytes = _cache_bytes(cache_max_gb)  # checked before the import, which brings torch
     from ipfacediff.diffusion import InversionCache
 
-    return InversionCache(cache_dir / "inversion" if cache_dir else None, max_bytes=_cache_bytes(cache_max_gb))
+    return InversionCache(cache_dir / "inversion" if cache_dir else None, max_bytes=max_bytes)
 
 
 def _cache_line(cache) -> str:
@@ -196,11 +198,12 @@ def edit(
 ) -> None:
     """Edit the faces of INPUT so they show PROMPT; writes OUTPUT and OUTPUT's .run.json."""
     from ipfacediff.runs import check_paths, run_metadata_path
-    from ipfacediff.service import EditService
 
-    info = check_paths(input, output)  # before the slow model load
+    info = check_paths(input, output)  # before the slow imports and the model load
     settings.frame_range(info.fps, info.frame_count, times=info.times.seconds())  # so is a range outside the clip
     cache = _cache(cache_dir, cache_max_gb)
+    from ipfacediff.service import EditService
+
     metrics_path, html_path = (
         output.with_name(output.stem + ".metrics.json"),
         output.with_name(output.stem + ".report.html"),
@@ -266,9 +269,9 @@ def evaluate_command(
     html_path: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report here."),
 ) -> None:
     """Score an edit: identity kept (id_sim, id_drift, tl_id, tg_id), edit made (CLIP), flicker (warp error)."""
+    _check_outputs(json_path, html_path)
     from ipfacediff.service import EditService
 
-    _check_outputs(json_path, html_path)
     with progress_bars() as progress:
         evaluation = EditService().evaluate(
             original,
@@ -471,12 +474,12 @@ def train_library_command(
     allow_pickle: bool = AllowPickleOption,
 ) -> None:
     """Train ε1 and one ε2 per edit for MODEL into the adapter library OUTPUT (edit with --adapters-dir OUTPUT)."""
+    if tune_grid is not None and not tune:
+        raise UserError("--tune-grid is the grid of --tune: pass --tune too")
     from ipfacediff.adapters import parse_edits
     from ipfacediff.adapters.tune import TuneGrid
     from ipfacediff.service import EditService
 
-    if tune_grid is not None and not tune:
-        raise UserError("--tune-grid is the grid of --tune: pass --tune too")
     grid = TuneGrid.parse(tune_grid) if tune else None
 
     steps = {} if max_steps is None else {"max_steps": max_steps}
@@ -521,14 +524,22 @@ def train_library_command(
 
 def add_plugin_groups(parent: typer.Typer) -> None:
     """Attach the command groups other packages register as ``ipfacediff.commands`` entry points
-    (FaceWorld's ``ipfacediff faceworld``): the CLI names no plug-in."""
+    (FaceWorld's ``ipfacediff faceworld``): the CLI names no plug-in. Once per ``parent``."""
     from importlib.metadata import entry_points
 
+    attached = {group.name for group in parent.registered_groups}
     for entry in sorted(entry_points(group=COMMAND_GROUPS), key=lambda e: e.name):
-        parent.add_typer(entry.load(), name=entry.name)
+        if entry.name not in attached:
+            parent.add_typer(entry.load(), name=entry.name)
 
 
-add_plugin_groups(app)
+def names_a_command_of_its_own(parent: typer.Typer, argv: list[str]) -> bool:
+    """Whether ``argv``'s first word names one of ``parent``'s own commands or groups. A plug-in
+    group imports its package (FaceWorld's brings diffusers and torch: seconds), which a mistake
+    typed into ``ipfacediff edit`` should not wait for; help and anything else attach them."""
+    first = next((word for word in argv if not word.startswith("-")), None)
+    own = {command.name or command.callback.__name__.replace("_", "-") for command in parent.registered_commands}
+    return first in own | {group.name for group in parent.registered_groups}
 
 
 @app.command()
@@ -719,6 +730,8 @@ def demo(
 def main(argv: list[str] | None = None, *, command: typer.Typer = app, prog_name: str | None = None) -> None:
     """Entry point: run the app (or one of its groups, ``command``, under ``prog_name``), turning
     user mistakes into one line and exit code 2."""
+    if command is app and not names_a_command_of_its_own(app, sys.argv[1:] if argv is None else argv):
+        add_plugin_groups(app)
     run_command(command, argv, prog_name=prog_name)
 
 

@@ -7,8 +7,13 @@ the CLI to get its errors worded the same way.
 
 from __future__ import annotations
 
+import importlib
+import importlib.abc
+import importlib.util
 import os
 import sys
+from importlib.machinery import ModuleSpec
+from types import ModuleType
 
 import click
 import typer
@@ -24,20 +29,56 @@ HELP_ERRORS = (click.exceptions.NoArgsIsHelpError, typer_click_exceptions.NoArgs
 
 
 def quiet_libraries() -> None:
-    """Library chatter (weight-loading bars, torchvision notices) would bury our progress bars."""
+    """Library chatter (weight-loading bars, torchvision notices) would bury our progress bars.
+
+    diffusers and transformers are quietened as soon as something imports them, not imported here:
+    importing them takes seconds, which a mistyped option or ``--help`` would wait for."""
     import warnings
 
     # mediapipe 0.10.14 calls a protobuf API that protobuf 4 deprecates, once per graph.
     warnings.filterwarnings("ignore", message="SymbolDatabase.GetPrototype")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
+    for name in ("diffusers", "transformers"):
+        if name in sys.modules:
+            _quieten(name)
+        elif not any(isinstance(f, _QuietOnImport) and f.name == name for f in sys.meta_path):
+            sys.meta_path.insert(0, _QuietOnImport(name))
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
+
+def _quieten(name: str) -> None:
+    logging = importlib.import_module(f"{name}.utils.logging")
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+
+
+class _QuietOnImport(importlib.abc.MetaPathFinder):
+    """Finds package ``name`` as the other finders do, and quietens it once it has run its __init__
+    (asked for its spec only, as an availability check does, it stays for the real import)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.finding = name, False
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
+        if fullname != self.name or self.finding:
+            return None
+        self.finding = True
+        try:
+            spec = importlib.util.find_spec(fullname)
+        finally:
+            self.finding = False
+        if spec is None or spec.loader is None:
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            run(module)
+            _quieten(fullname)
+
+        spec.loader.exec_module = exec_module
+        return spec
 
 
 def silence_native_logging() -> None:

@@ -189,6 +189,45 @@ def test_a_mistake_from_the_installed_command_has_no_traceback(tmp_path):
     assert done.stderr.strip().count("\n") == 0 and done.stderr.startswith("error: ")
 
 
+ANSWERED = """
+import sys
+from ipfacediff.cli import main
+sys.argv = ["ipfacediff", *sys.argv[1:]]
+code = 0
+try:
+    main()
+except SystemExit as done:
+    code = done.code
+print(code, sorted(name for name in ("torch", "diffusers", "transformers") if name in sys.modules))
+"""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["edit", "in.mp4", "-o", "out.mp4", "-p", "x", "--resolution", "0"],
+        ["edit", "--no-such-option"],
+        ["faces", "--help"],
+    ],
+)
+def test_a_mistake_or_help_is_answered_before_the_model_libraries_load(argv):
+    """Importing torch and diffusers takes seconds: the plug-in groups (FaceWorld's) that import
+    them are attached only for a command line that may name one, and the libraries are quietened
+    when something imports them, not by importing them."""
+    done = subprocess.run([sys.executable, "-c", ANSWERED, *argv], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split("\n")[-2] == ("0 []" if "--help" in argv else "2 []"), done.stdout + done.stderr
+
+
+def test_the_model_libraries_are_quiet_once_something_imports_them():
+    code = (
+        "from ipfacediff.runner import quiet_libraries; quiet_libraries(); import diffusers, transformers; "
+        "from diffusers.utils import logging as d; from transformers.utils import logging as t; "
+        "print(d.get_verbosity(), d.is_progress_bar_enabled(), t.get_verbosity(), t.is_progress_bar_enabled())"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.stdout.split() == ["40", "False", "40", "False"], done.stdout + done.stderr
+
+
 @pytest.mark.parametrize(
     "command",
     ["edit", "invert", "build-tiny-models", "faces", "demo", "evaluate", "train identity", "train edit", "batch", "ui"],
