@@ -117,6 +117,9 @@ class Oracles:
         """The oracle's mean probability of ``target`` over ``crops``: how near a call is to flipping."""
         return round(float(self.attributes.predict_proba(crops)[target].mean()), 3)
 
+    def by_frame(self, crops: np.ndarray, target: str) -> list[float]:
+        return [round(float(p), 2) for p in self.attributes.predict_proba(crops)[target]]
+
     def success(self, crops: np.ndarray, target: str, source_calls: dict) -> float:
         """1.0 where the oracle calls the target attribute over ``crops`` and every other one as
         over the source's same frames (``source_calls``)."""
@@ -208,6 +211,9 @@ def faceworld_rows(args, pipe, oracles: Oracles, settings_on: list[bool], work: 
                                 "success": judged[kind][setting][-1], "unoccluded": judged[kind]["unoccluded"][-1],
                                 "target_probability": oracles.probability(crops[seen], edit.name),
                                 "unoccluded_probability": oracles.probability(plain_crops[seen], edit.name),
+                                "truth_probability": oracles.probability(truth_crops[seen], edit.name),
+                                "by_frame": {name: oracles.by_frame(c[seen], edit.name) for name, c in
+                                             (("output", crops), ("unoccluded", plain_crops), ("truth", truth_crops))},
                                 "also_changed": [a for a, c in oracles.calls(crops[seen]).items()
                                                  if a != edit.name and c != seen_calls[a]],
                                 "seen_frames": seen,

@@ -86,12 +86,15 @@ HAND_FINGERS = ((1, 2, 3, 4), (5, 6, 7, 8), (9, 10, 11, 12), (13, 14, 15, 16), (
 HAND_FINGER_WIDTH = 0.42
 HAND_MARGIN = 0.12
 HAND_FEATHER = 0.10
-# The heel of the palm bulges past the wrist-to-little-finger line, and a hand in front of the face
-# has its wrist and forearm there too: the region takes in a point this far (palms) outside that
-# line and a forearm this long and wide beyond the wrist.
+# The heel of the palm bulges past the wrist-to-little-finger line: the region takes in a point this
+# far (palms) outside that line. A hand in front of the face may have its forearm there too, or may
+# not (a hand that reaches in from the side, a drawn one): the look is asked (_hand_gate) over a
+# forearm this long and wide beyond the wrist, and covers it where it differs from the face; the
+# first HAND_WRIST_LENGTH of it is the wrist and the palm's base below the wrist point, covered.
 HAND_HEEL = 0.25
 HAND_FOREARM_LENGTH = 1.0
 HAND_FOREARM_WIDTH = 0.9
+HAND_WRIST_LENGTH = 0.35
 HAND_MIN_MARGIN_PX = 2.0
 HAND_MIN_FEATHER_PX = 2.0
 
@@ -117,10 +120,14 @@ def hand_region(hands: Sequence[np.ndarray], size: int) -> np.ndarray:
         hull = cv2.convexHull(np.round(np.vstack([palm_points, heel]) * 16).astype(np.int32))
         cv2.fillPoly(shape, [hull], 1, lineType=cv2.LINE_8, shift=4)
         cv2.polylines(shape, [hull], True, 1, thickness=max(1, round(2 * margin)), lineType=cv2.LINE_8, shift=4)
-        elbow = points[0] + HAND_FOREARM_LENGTH * (points[0] - points[9]) / palm * palm
-        forearm = np.round(np.array([points[0], elbow]) * 16).astype(np.int32)
+        wrist = points[0] + HAND_WRIST_LENGTH * (points[0] - points[9])
         cv2.polylines(
-            shape, [forearm], False, 1, thickness=max(1, round(HAND_FOREARM_WIDTH * palm + 2 * margin)), shift=4
+            shape,
+            [np.round(np.array([points[0], wrist]) * 16).astype(np.int32)],
+            False,
+            1,
+            thickness=max(1, round(HAND_FOREARM_WIDTH * palm + 2 * margin)),
+            shift=4,
         )
         for finger in HAND_FINGERS:
             line = np.round(points[list(finger)] * 16).astype(np.int32)
@@ -302,8 +309,8 @@ def track_occlusion(
     suspected = {f: region for f, region in (held or {}).items() if f in found and region.any()}
     masks = found
     for _ in range(LOOK_PASSES):  # each pass leaves what the last one covered out of the look
-        covered, masks = masks, _look_pass(frames, masks, crop_of, face_of, gates, size, suspected)
-        if all(masks[f] is covered[f] for f in frames):  # nothing new: a pass more finds the same
+        covered, masks = masks, _look_pass(frames, masks, found, crop_of, face_of, gates, size, suspected)
+        if all(np.array_equal(masks[f], covered[f]) for f in frames):  # a pass more finds the same
             break
     return masks
 
@@ -351,7 +358,8 @@ def held_over_time(held: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
 
 def _hand_gate(hands: dict[int, list[np.ndarray]], M: np.ndarray, frame: int) -> np.ndarray:
     """uint8 (LOOK_SIDE, LOOK_SIDE): where the hands of the frames within HAND_REACH of
-    ``frame`` (crop transform ``M`` at LOOK_SIDE) are, hulls grown by HAND_GATE palms."""
+    ``frame`` (crop transform ``M`` at LOOK_SIDE) are, hulls grown by HAND_GATE palms, and where
+    their forearms may be."""
     gate = np.zeros((LOOK_SIDE, LOOK_SIDE), np.uint8)
     for g in range(frame - HAND_REACH, frame + HAND_REACH + 1):
         for points in hands.get(g, []):
@@ -360,24 +368,32 @@ def _hand_gate(hands: dict[int, list[np.ndarray]], M: np.ndarray, frame: int) ->
             hull = cv2.convexHull(np.round(inside * 16).astype(np.int32))
             cv2.fillPoly(gate, [hull], 1, shift=4)
             cv2.polylines(gate, [hull], True, 1, thickness=max(1, round(2 * HAND_GATE * palm)), shift=4)
+            elbow = inside[0] + HAND_FOREARM_LENGTH * (inside[0] - inside[9])
+            forearm = np.round(np.array([inside[0], elbow]) * 16).astype(np.int32)
+            thickness = max(1, round((HAND_FOREARM_WIDTH + 2 * HAND_GATE) * palm))
+            cv2.polylines(gate, [forearm], False, 1, thickness=thickness, shift=4)
     return gate
 
 
 def _look_pass(
     frames: list[int],
     covered: dict[int, np.ndarray],
+    found: dict[int, np.ndarray],
     crop_of: Callable[[int], np.ndarray],
     face_of: Callable[[int], np.ndarray],
     gates: dict[int, np.ndarray],
     size: int,
     suspected: dict[int, np.ndarray] | None = None,
 ) -> dict[int, np.ndarray]:
-    """``covered`` (the hands' masks, then the last pass's) with what differs from the face's look
-    added, the look being each pixel's median over the window with ``covered`` and ``suspected``
-    (uint8 at LOOK_SIDE by frame) left out (see :func:`track_occlusion`)."""
+    """``found`` (the hands' and the segmenter's masks) with what differs from the face's look
+    added, the look being each pixel's median over the window with ``covered`` (the last pass's
+    masks, ``found`` in the first) and ``suspected`` (uint8 at LOOK_SIDE by frame) left out (see
+    :func:`track_occlusion`). A pass decides afresh wherever its look is known: a clean frame that
+    differed from a first look with a hand the landmarker missed in it is not marked again; where
+    no frame of the window shows a pixel, the last pass's mark stands."""
     looks: dict[int, np.ndarray] = {}
     opening = np.ones((2, 2), np.uint8)
-    out = dict(covered)
+    out = {}
 
     def look(frame: int) -> np.ndarray:
         if frame not in looks:
@@ -402,10 +418,13 @@ def _look_pass(
         )
         if gates[f].any():
             near = cv2.morphologyEx((differs > LOOK_THRESHOLD).astype(np.uint8), cv2.MORPH_OPEN, opening)
-            held = cv2.resize(covered[f], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0
+            held = cv2.resize(found[f], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0
             picked |= _attached_regions(near & gates[f], held, face)
-        if picked.any():
-            out[f] = np.maximum(covered[f], grown_region(picked, size))
+        out[f] = np.maximum(found[f], grown_region(picked, size)) if picked.any() else found[f]
+        unknown = np.isnan(reference).any(axis=-1)
+        if covered[f] is not found[f] and unknown.any():
+            stands = cv2.resize(unknown.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+            out[f] = np.maximum(out[f], covered[f] * stands)
     return out
 
 
