@@ -113,12 +113,12 @@ class Oracles:
     def calls(self, crops: np.ndarray) -> dict:
         return {k: v.mean() > 0.5 for k, v in self.attributes.predict_proba(crops).items()}
 
-    def probability(self, crops: np.ndarray, target: str) -> float:
-        """The oracle's mean probability of ``target`` over ``crops``: how near a call is to flipping."""
-        return round(float(self.attributes.predict_proba(crops)[target].mean()), 3)
-
-    def by_frame(self, crops: np.ndarray, target: str) -> list[float]:
-        return [round(float(p), 2) for p in self.attributes.predict_proba(crops)[target]]
+    def probabilities(self, crops: np.ndarray, target: str) -> tuple[float, list[float], dict]:
+        """From one pass of the oracle over ``crops``: its mean probability of ``target`` (how near
+        the call is to flipping), that probability by frame, and every attribute's call."""
+        proba = self.attributes.predict_proba(crops)
+        by_frame = [round(float(p), 2) for p in proba[target]]
+        return round(float(proba[target].mean()), 3), by_frame, {k: v.mean() > 0.5 for k, v in proba.items()}
 
     def success(self, crops: np.ndarray, target: str, source_calls: dict) -> float:
         """1.0 where the oracle calls the target attribute over ``crops`` and every other one as
@@ -206,15 +206,18 @@ def faceworld_rows(args, pipe, oracles: Oracles, settings_on: list[bool], work: 
                         seconds[setting].append(took)
                         if seen:
                             judged[kind][setting].append(oracles.success(crops[seen], edit.name, seen_calls))
+                            found = {
+                                name: oracles.probabilities(c[seen], edit.name)
+                                for name, c in (("output", crops), ("unoccluded", plain_crops), ("truth", truth_crops))
+                            }
                             per_edit.append({
                                 "person": person, "edit": edit.name, "occluder": kind, "setting": setting,
                                 "success": judged[kind][setting][-1], "unoccluded": judged[kind]["unoccluded"][-1],
-                                "target_probability": oracles.probability(crops[seen], edit.name),
-                                "unoccluded_probability": oracles.probability(plain_crops[seen], edit.name),
-                                "truth_probability": oracles.probability(truth_crops[seen], edit.name),
-                                "by_frame": {name: oracles.by_frame(c[seen], edit.name) for name, c in
-                                             (("output", crops), ("unoccluded", plain_crops), ("truth", truth_crops))},
-                                "also_changed": [a for a, c in oracles.calls(crops[seen]).items()
+                                "target_probability": found["output"][0],
+                                "unoccluded_probability": found["unoccluded"][0],
+                                "truth_probability": found["truth"][0],
+                                "by_frame": {name: by_frame for name, (_, by_frame, _) in found.items()},
+                                "also_changed": [a for a, c in found["output"][2].items()
                                                  if a != edit.name and c != seen_calls[a]],
                                 "seen_frames": seen,
                             })  # fmt: skip
@@ -329,7 +332,10 @@ def main() -> None:
         name, _, value = item.partition("=")
         if name not in names:
             parser.error(f"--set {item}: EditSettings has no field {name!r}")
-        args.settings[name] = json.loads(value) if value not in ("", "None") else None
+        try:  # numbers, true/false, null; anything else is a string (a prompt)
+            args.settings[name] = json.loads(value)
+        except json.JSONDecodeError:
+            args.settings[name] = value
     known = has_occlusion_setting()
     choice = args.occlusion or ("both" if known else "off")
     if choice != "off" and not known:

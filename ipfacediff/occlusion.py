@@ -421,10 +421,11 @@ def _look_pass(
             held = cv2.resize(found[f], (LOOK_SIDE, LOOK_SIDE), interpolation=cv2.INTER_AREA) > 0
             picked |= _attached_regions(near & gates[f], held, face)
         out[f] = np.maximum(found[f], grown_region(picked, size)) if picked.any() else found[f]
-        unknown = np.isnan(reference).any(axis=-1)
-        if covered[f] is not found[f] and unknown.any():
-            stands = cv2.resize(unknown.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
-            out[f] = np.maximum(out[f], covered[f] * stands)
+        if covered[f] is not found[f]:  # a later pass: where its look is unknown, the last mark stands
+            unknown = np.isnan(reference).any(axis=-1)
+            if unknown.any():
+                stands = cv2.resize(unknown.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST)
+                out[f] = np.maximum(out[f], covered[f] * stands)
     return out
 
 
