@@ -186,8 +186,11 @@ def test_trainers_train_what_they_trained_before_sharing_one_trainer(trainer, id
     result, _ = identity_run if trainer == "identity" else edit_run
     b_sum, b_magnitude, (first_loss, last_loss) = BEFORE_THE_SHARED_TRAINER[trainer]
     b = [v.double() for k, v in load_file(str(result.adapter)).items() if "lora_B" in k]
-    assert float(sum(v.sum() for v in b)) == pytest.approx(b_sum, rel=1e-4)
-    assert float(sum(v.abs().sum() for v in b)) == pytest.approx(b_magnitude, rel=1e-4)
+    # Recorded on one CPU; another's BLAS kernels move the weights by about 1e-4 of their magnitude
+    # while the losses agree to 1e-5. The signed sum cancels (0.87 of 230): its tolerance is the
+    # magnitude's.
+    assert float(sum(v.sum() for v in b)) == pytest.approx(b_sum, abs=1e-4 * b_magnitude)
+    assert float(sum(v.abs().sum() for v in b)) == pytest.approx(b_magnitude, rel=1e-3)
     assert [result.losses[0], result.losses[-1]] == pytest.approx([first_loss, last_loss], rel=1e-5)
 
 
