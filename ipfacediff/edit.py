@@ -17,6 +17,7 @@ from ipfacediff.diffusion import InversionCache, Progress, StageTimer
 from ipfacediff.domain import ModelCard, check_faces
 from ipfacediff.editing import IPFaceDiffPipeline
 from ipfacediff.models import library_versions, model_resolution
+from ipfacediff.occlusion import face_behind_occluders, without_face_behind
 from ipfacediff.runs import RunReport, check_paths, run_metadata_path
 from ipfacediff.settings import DEFAULT_STEPS, EditSettings, setting_error
 from ipfacediff.video import VideoInfo, probe_video, write_video
@@ -239,8 +240,12 @@ def edit_faces(
         face_settings = replace(settings, prompt=prompt)
         face_plan = pipeline.plan_edit(face_settings)
         occlusion = occlusion_of(found, track.id, order, crops.array.shape[1])
+        rows, filled = crops.rows(order), None
+        if occlusion is not None and occlusion.any():  # the edit is given the face behind what covers it
+            with timer("occlusion"):
+                filled = face_behind_occluders(rows, occlusion, crops.empty_like(order).array)
         result = pipeline(
-            crops.rows(order),
+            rows if filled is None else filled,
             face_settings,
             plan=face_plan,
             cache=cache,
@@ -250,6 +255,9 @@ def edit_faces(
             occlusion=occlusion,
             latents=False,
         )
+        if filled is not None:
+            with timer("occlusion"):
+                without_face_behind(result.frames, rows, filled)
         faces.crops[track.id] = {
             f: faded(crops[f], crop, settings.fade_weight(f, frames_to_edit)) for f, crop in zip(order, result.frames)
         }

@@ -18,6 +18,9 @@ is found by the model set's occluder segmenter (:mod:`ipfacediff.models.segmente
 model ships one, for the faces of its world (the embedded FaceWorld model does; benchmarks/README.md
 has the figures, and why a segmenter for real faces could not be trained here).
 
+The edit itself is given the face behind what covers it (:func:`face_behind_occluders`: the
+face's other frames there), and the paste-back adds only the edit's change to the frame's own crop.
+
 mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 """
 
@@ -75,6 +78,10 @@ HELD_REACH = 2
 # already reaches past the object's edge, and a microphone at the mouth leaves little of it.
 HELD_MARGIN = 0.0
 HELD_FEATHER = 1.0
+
+# The face behind an occluder, for the edit: a frame's pixel shows the face there where its mask
+# is below this.
+FACE_SEEN = 0.05
 
 # mediapipe's 21 hand points: 0 the wrist, then four per finger from its root to its tip.
 HAND_PALM = (0, 1, 2, 5, 9, 13, 17)
@@ -481,6 +488,60 @@ def _large_regions(differs: np.ndarray, face: np.ndarray) -> np.ndarray:
     )
     keep[0] = False
     return keep[labels].astype(np.uint8)
+
+
+def face_behind_occluders(crops: np.ndarray, occlusion: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """A face's crops (N, s, s, 3) uint8 with what ``occlusion`` (N, m, m) float, 1 where covered,
+    covers replaced by the face itself: each covered pixel's median over the frames within
+    LOOK_WINDOW (every LOOK_STRIDE-th, as the look) that show the face there, blended in by the
+    mask's weight. A pixel no such frame shows (a microphone held still) stays as it is. Written
+    into ``out`` (an array shaped as ``crops``, e.g. a memory map) where given.
+
+    ε2 edits what it is given: beside a hand it drew the eyeglasses faintly or not at all, and a
+    frame the hand half covers took its edit from frames far off; given the face behind the hand it
+    draws the whole edit, of which the paste-back then shows what the hand leaves seen
+    (:func:`without_face_behind` takes the fill back out of the edited crops).
+    """
+    count, side = len(crops), crops.shape[1]
+    out = np.empty_like(crops) if out is None else out
+    out[:] = crops
+    covered = [f for f in range(count) if np.asarray(occlusion[f]).max() > 0]
+    masks: dict[int, np.ndarray] = {}
+
+    def mask(frame: int) -> np.ndarray:
+        if frame not in masks:
+            masks[frame] = cv2.resize(np.asarray(occlusion[frame], np.float32), (side, side))
+        return masks[frame]
+
+    for f in covered:
+        for old in [g for g in masks if g < f - LOOK_WINDOW]:
+            del masks[old]
+        weight = np.clip(mask(f), 0.0, 1.0)
+        ys, xs = np.nonzero(weight > 0)
+        others = [g for g in range(max(0, f - LOOK_WINDOW), min(count, f + LOOK_WINDOW + 1)) if g != f]
+        others = [g for g in others if (g - f) % LOOK_STRIDE == 0]
+        if not others:
+            continue
+        seen = np.stack([np.asarray(crops[g])[ys, xs].astype(np.float32) for g in others])
+        hidden = np.stack([mask(g)[ys, xs] >= FACE_SEEN for g in others])
+        seen[hidden] = np.nan
+        face = _median_of_seen(seen)
+        known = ~np.isnan(face).any(axis=-1)
+        crop = crops[f][ys, xs].astype(np.float32)
+        w = (weight[ys, xs] * known)[:, None]
+        out[f][ys, xs] = np.clip(crop + w * (np.nan_to_num(face) - crop), 0, 255).round().astype(np.uint8)
+    return out
+
+
+def without_face_behind(edited: np.ndarray, crops: np.ndarray, filled: np.ndarray) -> None:
+    """Take :func:`face_behind_occluders`' fill back out of ``edited`` (N, s, s, 3) uint8 crops, in
+    place: each becomes its frame's own crop plus the edit's change to the filled one, so the
+    paste-back, which adds the change to the frame's own crop, pastes the edit's change and not the
+    fill's (the face behind a hand drawn over the hand wherever the mask fades)."""
+    for f in range(len(edited)):
+        if not np.array_equal(filled[f], crops[f]):
+            change = edited[f].astype(np.int16) - filled[f].astype(np.int16)
+            edited[f] = np.clip(crops[f].astype(np.int16) + change, 0, 255).astype(np.uint8)
 
 
 def occluded_share(occlusion: np.ndarray, face: np.ndarray) -> float:

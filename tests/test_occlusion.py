@@ -15,7 +15,12 @@ import torch
 from ipfacediff.editing.region import without_occluded
 from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, face_mask, paste_face, track_faces
 from ipfacediff.crops import occlusion_masks
-from ipfacediff.occlusion import OCCLUSION_METHOD, occluded_share
+from ipfacediff.occlusion import (
+    OCCLUSION_METHOD,
+    face_behind_occluders,
+    occluded_share,
+    without_face_behind,
+)
 from ipfacediff.settings import EditSettings
 from ipfacediff.video import iter_frames, write_video
 
@@ -159,6 +164,31 @@ def torch_ones(count: int, side: int):
     import torch
 
     return torch.ones(count, 1, side, side)
+
+
+def test_the_edit_is_given_the_face_behind_a_hand_and_pastes_only_its_own_change():
+    """A hand covers a square of frames 2-3 of a face seen whole in the others, a microphone a
+    corner of every frame: the edit is given the face itself under the hand (its other frames'),
+    the microphone as it is; the fill is taken back out of the edited crops, so what the paste-back
+    adds under the hand is the edit's change alone, not the face drawn over the hand."""
+    rng = np.random.default_rng(0)
+    face = rng.integers(40, 200, (32, 32, 3), dtype=np.uint8)
+    crops = np.repeat(face[None], 6, axis=0)
+    crops[2:4, 8:20, 8:20] = (230, 190, 160)  # the hand
+    crops[:, 26:, 26:] = (90, 90, 90)  # the microphone, in front all the time
+    occlusion = np.zeros((6, 16, 16), np.float32)  # masks at half the crop's side, as stored
+    occlusion[2:4, 3:11, 3:11] = 1.0
+    occlusion[:, 13:, 13:] = 1.0
+    before = crops.copy()
+    filled = face_behind_occluders(crops, occlusion)
+    assert np.array_equal(crops, before)  # the crops themselves are left alone
+    assert np.array_equal(filled[2:4, 9:19, 9:19], np.repeat(face[None, 9:19, 9:19], 2, axis=0))
+    assert np.array_equal(filled[:, 27:, 27:], crops[:, 27:, 27:])  # no frame shows the face there
+    assert np.array_equal(filled[[0, 1, 4, 5], :24, :24], crops[[0, 1, 4, 5], :24, :24])
+    edited = np.clip(filled.astype(np.int16) + 10, 0, 255).astype(np.uint8)  # the edit brightens all
+    without_face_behind(edited, crops, filled)
+    assert np.array_equal(edited[2, 9:19, 9:19], np.full((10, 10, 3), (240, 200, 170), np.uint8))
+    assert np.array_equal(edited[[0, 5]], np.clip(crops[[0, 5]].astype(np.int16) + 10, 0, 255))
 
 
 def test_the_pipeline_leaves_a_fully_covered_face_as_it_was(tiny_pipe, one_thread):
