@@ -257,7 +257,7 @@ def edit_faces(
         )
         if filled is not None:
             with timer("occlusion"):
-                without_face_behind(result.frames, rows, filled)
+                without_face_behind(result.frames, rows, filled, occlusion)
         faces.crops[track.id] = {
             f: faded(crops[f], crop, settings.fade_weight(f, frames_to_edit)) for f, crop in zip(order, result.frames)
         }

@@ -505,7 +505,7 @@ def face_behind_occluders(crops: np.ndarray, occlusion: np.ndarray, out: np.ndar
     count, side = len(crops), crops.shape[1]
     out = np.empty_like(crops) if out is None else out
     out[:] = crops
-    covered = [f for f in range(count) if np.asarray(occlusion[f]).max() > 0]
+    covered = covered_frames(occlusion)
     masks: dict[int, np.ndarray] = {}
 
     def mask(frame: int) -> np.ndarray:
@@ -533,12 +533,18 @@ def face_behind_occluders(crops: np.ndarray, occlusion: np.ndarray, out: np.ndar
     return out
 
 
-def without_face_behind(edited: np.ndarray, crops: np.ndarray, filled: np.ndarray) -> None:
-    """Take :func:`face_behind_occluders`' fill back out of ``edited`` (N, s, s, 3) uint8 crops, in
-    place: each becomes its frame's own crop plus the edit's change to the filled one, so the
-    paste-back, which adds the change to the frame's own crop, pastes the edit's change and not the
-    fill's (the face behind a hand drawn over the hand wherever the mask fades)."""
-    for f in range(len(edited)):
+def covered_frames(occlusion: np.ndarray) -> list[int]:
+    """The frames whose occlusion mask (N, m, m) covers anything."""
+    return [f for f in range(len(occlusion)) if np.asarray(occlusion[f]).max() > 0]
+
+
+def without_face_behind(edited: np.ndarray, crops: np.ndarray, filled: np.ndarray, occlusion: np.ndarray) -> None:
+    """Take :func:`face_behind_occluders`' fill of the frames ``occlusion`` covers back out of
+    ``edited`` (N, s, s, 3) uint8 crops, in place: each becomes its frame's own crop plus the edit's
+    change to the filled one, so the paste-back, which adds the change to the frame's own crop,
+    pastes the edit's change and not the fill's (the face behind a hand drawn over the hand
+    wherever the mask fades)."""
+    for f in covered_frames(occlusion):
         if not np.array_equal(filled[f], crops[f]):
             change = edited[f].astype(np.int16) - filled[f].astype(np.int16)
             edited[f] = np.clip(crops[f].astype(np.int16) + change, 0, 255).astype(np.uint8)

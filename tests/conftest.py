@@ -1,8 +1,17 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# The suite runs in pytest-xdist workers (the Makefile's -n): each gets its share of the cores for
+# its OpenMP/BLAS threads, and so do the commands it starts. Threads beyond the share fight the
+# other worker's for the same cores, which made the UNet tests several times slower.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -24,8 +33,6 @@ def shared_clip():
 @pytest.fixture(scope="session", autouse=True)
 def isolated_cache(tmp_path_factory):
     """Keep the inversion cache and the default model set of the tests out of the user's home."""
-    import os
-
     folder = tmp_path_factory.mktemp("ipfacediff-cache")
     old = os.environ.get("IPFACEDIFF_CACHE")
     os.environ["IPFACEDIFF_CACHE"] = str(folder)

@@ -186,7 +186,7 @@ def test_the_edit_is_given_the_face_behind_a_hand_and_pastes_only_its_own_change
     assert np.array_equal(filled[:, 27:, 27:], crops[:, 27:, 27:])  # no frame shows the face there
     assert np.array_equal(filled[[0, 1, 4, 5], :24, :24], crops[[0, 1, 4, 5], :24, :24])
     edited = np.clip(filled.astype(np.int16) + 10, 0, 255).astype(np.uint8)  # the edit brightens all
-    without_face_behind(edited, crops, filled)
+    without_face_behind(edited, crops, filled, occlusion)
     assert np.array_equal(edited[2, 9:19, 9:19], np.full((10, 10, 3), (240, 200, 170), np.uint8))
     assert np.array_equal(edited[[0, 5]], np.clip(crops[[0, 5]].astype(np.int16) + 10, 0, 255))
 

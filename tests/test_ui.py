@@ -304,6 +304,17 @@ def fill_number(page, selector: str, value: str) -> None:
     page.keyboard.press("Tab")
 
 
+def fill_text(page, selector: str, value: str) -> None:
+    """Types into a text field and waits until the field still shows it a moment later, so that a
+    busy browser has committed it (on blur) before the next click reads the page's values."""
+    field = f"{selector} :is(input, textarea)"
+    page.fill(field, value)
+    page.keyboard.press("Tab")  # the field commits its value when it loses focus
+    page.wait_for_function("([s, v]) => document.querySelector(s)?.value === v", arg=[field, value], timeout=10_000)
+    time.sleep(0.5)
+    assert page.input_value(field) == value, f"{selector} lost the value typed into it"
+
+
 def test_edit_sample_end_to_end(server, browser, tmp_path):
     import json
 
@@ -619,6 +630,8 @@ def test_the_embedded_model_refuses_a_real_face_on_the_page_until_overridden(bro
         assert not override.is_visible()  # nothing to override yet
         fill_number(page, "#steps", "2")
         fill_number(page, "#range-end", "0.2")
+        page.click("text=Identity")
+        fill_text(page, "#identity-gradient", "0.5")  # set before the refusal, which must keep it
         page.click("#run-button")
         text = status_shows(page, "error:")
         assert "the embedded model edits FaceWorld's drawn faces only, and face 0 of closeup.mp4 is not one" in text
@@ -631,10 +644,7 @@ def test_the_embedded_model_refuses_a_real_face_on_the_page_until_overridden(bro
         override.wait_for(state="visible", timeout=10_000)  # it comes with the status, or a moment after
         assert OVERRIDE_LABEL in override.inner_text()
         page.check("#allow-out-of-domain input[type=checkbox]")
-        page.click("text=Identity")
-        page.fill("#identity-gradient :is(input, textarea)", "0.5")
-        page.keyboard.press("Tab")  # the field commits its value when it loses focus, before the click reads it
-        time.sleep(0.5)
+        assert page.input_value("#identity-gradient :is(input, textarea)") == "0.5"
         page.click("#run-button")
         text = status_shows(page, "done", timeout=240_000)
         assert "out of the model's domain" in text and "Expect nonsense" in text, text
