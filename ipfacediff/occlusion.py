@@ -49,6 +49,12 @@ HAND_MIN_CONFIDENCE = 0.5
 HAND_SECOND_SIDE = 128
 # The two looks: (image mode, the square's largest side); the first in video mode, tracking.
 HAND_LOOKS = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
+# While no hand is near, a look is not run again on a frame whose square (at HAND_STILL_SIDE) is
+# still the one it last found no hand in: changed by more than HAND_STILL_LEVELS in some channel over
+# less than HAND_STILL_SHARE of it. A hand over an eighth of the face's crop is a 32nd of the square.
+HAND_STILL_SIDE = 32
+HAND_STILL_LEVELS = 24
+HAND_STILL_SHARE = 0.03
 # A face's frames between two with hands, at most this many, get hands carried over from both.
 HAND_GAP = 2
 # Within this many frames of a hand, and inside its hull grown by HAND_GATE palms, the region takes
@@ -160,8 +166,10 @@ class OcclusionFinder:
     detector knows. Each run of the palm detector costs the same whatever the square's side, and
     most frames have no hand: so while no hand was found in a face's last HAND_REACH frames, one
     of the two looks runs in a frame, in turn, and when one finds a hand the frame before is
-    looked at again the other way (:meth:`look` keeps a face's hands by frame). A face's frames go
-    in in order."""
+    looked at again the other way (:meth:`look` keeps a face's hands by frame). Nor is a look run
+    again, while no hand is near, on a square that has not changed since it found no hand there
+    (HAND_STILL_SHARE), or the other look on a square small enough that both see it alike: a
+    detector finds what it found in the same pixels. A face's frames go in in order."""
 
     def __init__(self) -> None:
         self._hands: dict[tuple[int, bool], object] = {}
@@ -170,6 +178,8 @@ class OcclusionFinder:
         # By face: the frame before, where it was looked at one way only: its number and the square
         # of the look it missed (:func:`_context_square`).
         self._last: dict[int, tuple[int, tuple]] = {}
+        # By face and look: the square (at HAND_STILL_SIDE) where that look last found no hand.
+        self._still: dict[tuple[int, int], np.ndarray] = {}
 
     def __enter__(self) -> OcclusionFinder:
         return self
@@ -216,12 +226,25 @@ class OcclusionFinder:
             turn = self._turn.get(key, 0)
             self._turn[key] = turn + 1
             looks, missed_side = looks[turn % 2 : turn % 2 + 1], looks[1 - turn % 2][1]
+            still = _still_square(frame, M, size)
+            last = self._still.get((key, turn % 2))
+            if still is not None and last is not None and _changed_share(still, last) < HAND_STILL_SHARE:
+                found[index] = []
+                self._last.pop(key, None)
+                self._since_hand[key] = self._since_hand.get(key, HAND_REACH + 1) + 1
+                return
         hands, region = self._first_found(key, frame, M, size, looks)
+        if not idle or hands:
+            for which in range(len(HAND_LOOKS)):
+                self._still.pop((key, which), None)
+        elif still is not None:
+            for which in range(len(HAND_LOOKS)) if region is not None and _seen_alike(region) else [turn % 2]:
+                self._still[key, which] = still
         found[index] = hands
         before = self._last.pop(key, None)
         if hands and before is not None and not found.get(before[0], True):
             found[before[0]] = self._run(key, True, before[1])  # image mode: the tracker goes on undisturbed
-        if idle and not hands and region is not None:
+        if idle and not hands and region is not None and not _seen_alike(region):
             missed = _context_square(frame, M, size, missed_side)
             if missed is not None:
                 self._last[key] = (index, missed)
@@ -561,6 +584,26 @@ def occluded_share(occlusion: np.ndarray, face: np.ndarray) -> float:
 def to_crop(M: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Frame points (n, 2) in the crop of transform ``M``."""
     return np.asarray(points, np.float64) @ M[:, :2].T + M[:, 2]
+
+
+def _seen_alike(region: tuple) -> bool:
+    """Whether every look sees this context square (:func:`_context_square`) as it is, unshrunk."""
+    square, _, _, shrink = region
+    return shrink == 1.0 and max(square.shape[:2]) <= min(side for _, side in HAND_LOOKS)
+
+
+def _still_square(frame: np.ndarray, M: np.ndarray, size: int) -> np.ndarray | None:
+    """The face's context square (:func:`_context_square`) at HAND_STILL_SIDE, int16."""
+    region = _context_square(frame, M, size, 4 * HAND_STILL_SIDE)
+    if region is None:
+        return None
+    square = cv2.resize(region[0], (HAND_STILL_SIDE, HAND_STILL_SIDE), interpolation=cv2.INTER_AREA)
+    return square.astype(np.int16)
+
+
+def _changed_share(square: np.ndarray, before: np.ndarray) -> float:
+    """The share of ``square``'s pixels changed from ``before`` by more than HAND_STILL_LEVELS in some channel."""
+    return float((np.abs(square - before).max(axis=-1) > HAND_STILL_LEVELS).mean())
 
 
 def _context_square(

@@ -17,6 +17,7 @@ from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, face_ma
 from ipfacediff.crops import occlusion_masks
 from ipfacediff.occlusion import (
     OCCLUSION_METHOD,
+    OcclusionFinder,
     face_behind_occluders,
     occluded_share,
     without_face_behind,
@@ -118,6 +119,50 @@ def test_a_hand_that_comes_in_later_is_covered_from_its_first_frame(occluded):
     for mask, hand, M in list(zip(masks, hands, transforms))[3:]:
         hand_in_crop = cv2.warpAffine(hand.astype(np.uint8), M, (256, 256), flags=cv2.INTER_NEAREST) > 0
         assert (mask[hand_in_crop] == 1.0).mean() > 0.99
+
+
+class CountingFinder(OcclusionFinder):
+    """An OcclusionFinder that keeps the frame (``frame``, set by the test) of each run of the hand landmarker."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[int] = []
+        self.frame = -1
+
+    def _run(self, key, static, region):
+        self.runs.append(self.frame)
+        return super()._run(key, static, region)
+
+
+def test_a_still_face_is_not_looked_at_again_until_a_hand_comes_in(occluded):
+    """While nothing moves in front of a face the palm detector is not run on it frame after frame
+    (it would find what it found in the same pixels); a hand that comes in is looked for at once."""
+    _, tracks, clean, frames, hands = occluded
+    transforms = crop_transforms(tracks, 256)
+    still = [clean[0]] * 5 + list(frames[5:])
+    found: dict = {}
+    with CountingFinder() as finder:
+        for i, (frame, M) in enumerate(zip(still, [transforms[0]] * 5 + transforms[5:])):
+            finder.frame = i
+            finder.look(found, i, np.ascontiguousarray(frame), M, 256)
+    assert len([f for f in finder.runs if f < 5]) == 2, finder.runs  # one run of each look
+    assert 5 in finder.runs and all(found[f] for f in range(5, FRAMES)), {f: len(h) for f, h in found.items()}
+    assert not any(found[f] for f in range(5))
+
+
+def test_a_small_still_face_is_looked_at_once():
+    """A face so small that both hand looks see its square unshrunk: one look that finds no hand
+    stands for both while the square stays as it was."""
+    from faceworld import render_clip
+
+    clip = render_clip(1000, seed=1000, frames=2, size=128, fps=12.0)
+    frame, M = clip.array()[0], crop_transforms(clip.tracks, 64)[0]
+    found: dict = {}
+    with CountingFinder() as finder:
+        for i in range(6):
+            finder.frame = i
+            finder.look(found, i, frame, M, 64)
+    assert finder.runs == [0] and not any(found.values())
 
 
 def synthetic_edit(crop: np.ndarray) -> np.ndarray:
