@@ -49,9 +49,9 @@ HAND_MIN_CONFIDENCE = 0.5
 HAND_SECOND_SIDE = 128
 # The two looks: (image mode, the square's largest side); the first in video mode, tracking.
 HAND_LOOKS = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
-# While no hand is near, a look is not run again on a frame whose square (at HAND_STILL_SIDE) is
-# still the one it last found no hand in: changed by more than HAND_STILL_LEVELS in some channel over
-# less than HAND_STILL_SHARE of it. A hand over an eighth of the face's crop is a 32nd of the square.
+# While no hand is near, a look is not run again on a frame whose square (at HAND_STILL_SIDE) has
+# fewer than HAND_STILL_SHARE of its pixels changed by more than HAND_STILL_LEVELS (in some channel)
+# from the square that look last found no hand in. A hand over an eighth of the crop is a 32nd of it.
 HAND_STILL_SIDE = 32
 HAND_STILL_LEVELS = 24
 HAND_STILL_SHARE = 0.03
