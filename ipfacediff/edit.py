@@ -243,7 +243,8 @@ def edit_faces(
         rows, filled = crops.rows(order), None
         if occlusion is not None and occlusion.any():  # the edit is given the face behind what covers it
             with timer("occlusion"):
-                filled = face_behind_occluders(rows, occlusion, crops.empty_like(order).array)
+                paint = functools.partial(pipeline.paint_hidden, steps=face_settings.steps, seed=face_settings.seed)
+                filled = face_behind_occluders(rows, occlusion, crops.empty_like(order).array, paint)
         result = pipeline(
             rows if filled is None else filled,
             face_settings,

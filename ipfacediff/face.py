@@ -929,10 +929,12 @@ def crop_face(frame: np.ndarray, M: np.ndarray, size: int) -> np.ndarray:
 # Feather width of the mask edge and blur radius of the seam colour correction, in crop sides.
 MASK_FEATHER = 0.05
 SEAM_SIGMA = 0.06
-# The paste-back keeps this many frame pixels more around what is in front of a face: a written
-# frame shares its colour between 2x2 pixels and codes 4x4-8x8 blocks, so an edited pixel right
-# next to a kept one would move it.
-OCCLUSION_GROW_PX = 2
+# The paste-back keeps this many frame pixels more around what is in front of a face: the masks
+# fall short of an occluder's edge by up to a pixel in places (benchmarks/README.md, session 23).
+OCCLUSION_GROW_PX = 1
+# The share of the grown mask above which the paste-back keeps a pixel whole, and with it the rest
+# of the pixel's 2x2 block of the frame: a written frame shares its colour between the four.
+OCCLUSION_SOLID = 0.99
 
 
 def face_mask(track: FaceTrack, frame_index: int, M: np.ndarray, size: int, *, hair: bool = False) -> np.ndarray:
@@ -1005,8 +1007,10 @@ def paste_face(
 
     ``occlusion`` (float, in the crop, any side: :mod:`ipfacediff.occlusion`) is what is in front
     of the face: the mask is scaled by one minus it, grown by OCCLUSION_GROW_PX in the frame, so
-    where it is 1 the frame is kept exactly (a hand passing the eyes is not drawn over). The seam
-    correction still measures at the face's own edge.
+    where it is 1 the frame is kept exactly (a hand passing the eyes is not drawn over), and so is
+    the rest of each 2x2 block of the frame such a pixel is in: the written video stores one
+    colour for the four, and an edited pixel beside a kept one would move the kept one's colour.
+    The seam correction still measures at the face's own edge.
     """
     size = edited_crop.shape[0]
     edited = edited_crop.astype(np.float32)
@@ -1030,7 +1034,8 @@ def paste_face(
             occlusion = cv2.resize(occlusion, mask.shape[::-1], interpolation=cv2.INTER_LINEAR)
         kept = cv2.warpAffine(occlusion.astype(np.float32), M_roi, (x1 - x0, y1 - y0), flags=flags)
         side = 2 * OCCLUSION_GROW_PX + 1
-        alpha *= 1.0 - cv2.dilate(kept, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
+        kept = cv2.dilate(kept, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (side, side)))
+        alpha *= 1.0 - np.maximum(kept, _whole_chroma_blocks(kept >= OCCLUSION_SOLID, x0 % 2, y0 % 2))
     roi = out[y0:y1, x0:x1].astype(np.float32)
     if overlay:
         face = cv2.warpAffine(edited, M_roi, (x1 - x0, y1 - y0), flags=flags, borderMode=cv2.BORDER_REPLICATE)
@@ -1042,6 +1047,16 @@ def paste_face(
         roi += alpha[..., None] * change
     out[y0:y1, x0:x1] = np.clip(np.round(roi), 0, 255).astype(np.uint8)
     return out
+
+
+def _whole_chroma_blocks(kept: np.ndarray, odd_x: int, odd_y: int) -> np.ndarray:
+    """float32 1 over every 2x2 block of the frame (blocks start at even frame coordinates; the
+    array's first pixel is at an odd one where ``odd_x``/``odd_y``) holding a pixel of ``kept`` (bool)."""
+    height, width = kept.shape
+    padded = np.pad(kept, ((odd_y, (height + odd_y) % 2), (odd_x, (width + odd_x) % 2)))
+    blocks = padded.reshape(padded.shape[0] // 2, 2, padded.shape[1] // 2, 2).any(axis=(1, 3))
+    whole = blocks.repeat(2, axis=0).repeat(2, axis=1)[odd_y : odd_y + height, odd_x : odd_x + width]
+    return whole.astype(np.float32)
 
 
 def _seam_correction(diff: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ The paste-back adds the edit's change to the frame under the face mask, and the 
 face's outline: a hand passing the eyes, a microphone before the mouth lie inside it, so without
 an occlusion mask the edit paints eyeglasses onto the hand and a beard onto the microphone. An
 occlusion mask (1 where something covers the face) takes those pixels out of the paste-back, so
-they keep the frame exactly, and out of the local blend, so the edit is not spent there.
+they keep the frame exactly; the edit is given the face behind them, so it is not spent on the
+occluder either, and its keyframes are frames whose edit can be seen.
 
 Hands come from mediapipe's hand landmarker (the palm detector and the 21-point hand model the
 wheel bundles), run on a square of the frame around the face: a hand is the filled hull of its
@@ -19,7 +20,8 @@ model ships one, for the faces of its world (the embedded FaceWorld model does; 
 has the figures, and why a segmenter for real faces could not be trained here).
 
 The edit itself is given the face behind what covers it (:func:`face_behind_occluders`: the
-face's other frames there), and the paste-back adds only the edit's change to the frame's own crop.
+face's other frames there, or the identity model's painting where none shows it), and the
+paste-back adds only the edit's change to the frame's own crop.
 
 mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 """
@@ -513,12 +515,21 @@ def _large_regions(differs: np.ndarray, face: np.ndarray) -> np.ndarray:
     return keep[labels].astype(np.uint8)
 
 
-def face_behind_occluders(crops: np.ndarray, occlusion: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def face_behind_occluders(
+    crops: np.ndarray,
+    occlusion: np.ndarray,
+    out: np.ndarray | None = None,
+    paint: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
     """A face's crops (N, s, s, 3) uint8 with what ``occlusion`` (N, m, m) float, 1 where covered,
     covers replaced by the face itself: each covered pixel's median over the frames within
     LOOK_WINDOW (every LOOK_STRIDE-th, as the look) that show the face there, blended in by the
-    mask's weight. A pixel no such frame shows (a microphone held still) stays as it is. Written
-    into ``out`` (an array shaped as ``crops``, e.g. a memory map) where given.
+    mask's weight. What no such frame shows (a microphone held still) is painted by ``paint``
+    (``(crop, region) -> crop``, e.g. the pipeline's
+    :meth:`~ipfacediff.editing.hidden.HiddenFaceMixin.paint_hidden`; without it, it stays as it
+    is): once for each run of at most 2 LOOK_WINDOW + 1 such frames, on the one with most of it, over
+    all the run's region, and copied into each frame's, so what is painted stays still while the
+    occluder does. Written into ``out`` (an array shaped as ``crops``, e.g. a memory map) where given.
 
     ε2 edits what it is given: beside a hand it drew the eyeglasses faintly or not at all, and a
     frame the hand half covers took its edit from frames far off; given the face behind the hand it
@@ -530,11 +541,25 @@ def face_behind_occluders(crops: np.ndarray, occlusion: np.ndarray, out: np.ndar
     out[:] = crops
     covered = covered_frames(occlusion)
     masks: dict[int, np.ndarray] = {}
+    unseen: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (frame, ys, xs, weight) of a run
 
     def mask(frame: int) -> np.ndarray:
         if frame not in masks:
             masks[frame] = cv2.resize(np.asarray(occlusion[frame], np.float32), (side, side))
         return masks[frame]
+
+    def paint_run() -> None:
+        reference = max(unseen, key=lambda item: len(item[1]))[0]
+        region = np.zeros((side, side), np.float32)
+        for _, ys, xs, weight in unseen:
+            region[ys, xs] = np.maximum(region[ys, xs], weight)
+        painted = paint(np.asarray(out[reference]), region).astype(np.float32)
+        for frame, ys, xs, weight in unseen:
+            crop = out[frame][ys, xs].astype(np.float32)
+            out[frame][ys, xs] = (
+                np.clip(crop + weight[:, None] * (painted[ys, xs] - crop), 0, 255).round().astype(np.uint8)
+            )
+        unseen.clear()
 
     for f in covered:
         for old in [g for g in masks if g < f - LOOK_WINDOW]:
@@ -543,16 +568,24 @@ def face_behind_occluders(crops: np.ndarray, occlusion: np.ndarray, out: np.ndar
         ys, xs = np.nonzero(weight > 0)
         others = [g for g in range(max(0, f - LOOK_WINDOW), min(count, f + LOOK_WINDOW + 1)) if g != f]
         others = [g for g in others if (g - f) % LOOK_STRIDE == 0]
-        if not others:
+        known = np.zeros(len(ys), bool)
+        if others:
+            seen = np.stack([np.asarray(crops[g])[ys, xs].astype(np.float32) for g in others])
+            hidden = np.stack([mask(g)[ys, xs] >= FACE_SEEN for g in others])
+            seen[hidden] = np.nan
+            face = _median_of_seen(seen)
+            known = ~np.isnan(face).any(axis=-1)
+            crop = crops[f][ys, xs].astype(np.float32)
+            w = (weight[ys, xs] * known)[:, None]
+            out[f][ys, xs] = np.clip(crop + w * (np.nan_to_num(face) - crop), 0, 255).round().astype(np.uint8)
+        if paint is None or known.all():
             continue
-        seen = np.stack([np.asarray(crops[g])[ys, xs].astype(np.float32) for g in others])
-        hidden = np.stack([mask(g)[ys, xs] >= FACE_SEEN for g in others])
-        seen[hidden] = np.nan
-        face = _median_of_seen(seen)
-        known = ~np.isnan(face).any(axis=-1)
-        crop = crops[f][ys, xs].astype(np.float32)
-        w = (weight[ys, xs] * known)[:, None]
-        out[f][ys, xs] = np.clip(crop + w * (np.nan_to_num(face) - crop), 0, 255).round().astype(np.uint8)
+        if unseen and (f != unseen[-1][0] + 1 or f - unseen[0][0] > 2 * LOOK_WINDOW):
+            paint_run()
+        left = ~known
+        unseen.append((f, ys[left], xs[left], weight[ys[left], xs[left]]))
+    if unseen:
+        paint_run()
     return out
 
 

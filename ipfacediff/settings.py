@@ -563,8 +563,9 @@ class EditSettings(Settings):
     occlusion: bool = setting(
         True,
         "Leave what is in front of a face (a hand, a cup, a microphone where the model ships a segmenter) as it is: "
-        "the paste-back keeps the frame there, the local blend leaves it out, no frame hiding the edit's region is a keyframe, "
-        "and the edit is given the face behind it (from the face's other frames), so it draws the whole edit around a hand.",
+        "the paste-back keeps the frame there, no frame hiding the edit's region is a keyframe, and the edit is given the "
+        "face behind it (from the face's other frames, or painted by the identity model where no frame shows it, as behind "
+        "a microphone held still), so it draws the whole edit around a hand.",
         negative="--no-occlusion",
     )
     blend_threshold: float | None = setting(

@@ -16,6 +16,7 @@ from ipfacediff.editing.region import without_occluded
 from ipfacediff.face import FaceTracks, alignment_transforms, crop_face, face_mask, paste_face, track_faces
 from ipfacediff.crops import occlusion_masks
 from ipfacediff.occlusion import (
+    LOOK_WINDOW,
     OCCLUSION_METHOD,
     OcclusionFinder,
     face_behind_occluders,
@@ -195,7 +196,7 @@ def test_the_paste_back_keeps_the_hand_exactly_and_edits_the_face_around_it(occl
         assert 0.05 < occluded_share(masks[index], mask) < 0.8
 
 
-def test_the_local_blend_leaves_out_what_is_covered():
+def test_a_token_counts_as_seen_by_the_share_of_it_left_seen():
     blend = torch_ones(2, 8)
     covered = np.zeros((2, 64, 64), np.float32)
     covered[0, :32] = 1.0  # the top half of the first frame
@@ -236,15 +237,78 @@ def test_the_edit_is_given_the_face_behind_a_hand_and_pastes_only_its_own_change
     assert np.array_equal(edited[[0, 5]], np.clip(crops[[0, 5]].astype(np.int16) + 10, 0, 255))
 
 
-def test_the_pipeline_leaves_a_fully_covered_face_as_it_was(tiny_pipe, one_thread):
+def test_what_no_frame_shows_is_painted_once_a_run_and_held_still():
+    """A microphone in front of a corner of every frame, a hand over a square of two: the hand's
+    pixels come from the face's other frames; the microphone's, which none shows, are painted
+    once for each run of at most 2 LOOK_WINDOW + 1 frames, and every frame of a run takes the
+    same painting."""
+    rng = np.random.default_rng(0)
+    face = rng.integers(40, 200, (32, 32, 3), dtype=np.uint8)
+    count = 2 * LOOK_WINDOW + 9
+    crops = np.repeat(face[None], count, axis=0)
+    crops[2:4, 8:20, 8:20] = (230, 190, 160)  # the hand
+    crops[:, 26:, 26:] = (90, 90, 90)  # the microphone
+    occlusion = np.zeros((count, 16, 16), np.float32)
+    occlusion[2:4, 3:11, 3:11] = 1.0
+    occlusion[:, 13:, 13:] = 1.0
+    calls = []
+
+    def paint(crop: np.ndarray, region: np.ndarray) -> np.ndarray:
+        calls.append(region.copy())
+        painted = crop.copy()
+        painted[region > 0] = (10 * len(calls), 0, 0)
+        return painted
+
+    filled = face_behind_occluders(crops, occlusion, paint=paint)
+    assert len(calls) == 2  # frames 0-32, then 33-40
+    assert all((region[27:, 27:] == 1).all() and not region[:24].any() for region in calls)
+    assert np.array_equal(filled[2:4, 9:19, 9:19], np.repeat(face[None, 9:19, 9:19], 2, axis=0))
+    assert (filled[: 2 * LOOK_WINDOW + 1, 27:, 27:] == (10, 0, 0)).all()
+    assert (filled[2 * LOOK_WINDOW + 1 :, 27:, 27:] == (20, 0, 0)).all()
+    assert np.array_equal(filled[:, :24, :24][[0, 1, 4, 5]], crops[[0, 1, 4, 5], :24, :24])
+    assert np.array_equal(face_behind_occluders(crops, occlusion)[:, 27:, 27:], crops[:, 27:, 27:])  # no painter
+
+
+def test_the_identity_model_paints_the_face_behind_a_held_microphone():
+    """FaceWorld's microphone held at the mouth: ε1's painting of what it covers is nearer the
+    face behind it (the clip rendered without it) than the microphone is; every pixel outside the
+    region is the crop's own, and the same seed paints the same."""
+    from faceworld import render_clip
+
+    from ipfacediff.face import crop_face
+    from ipfacediff.job import load_pipeline
+
+    plain = render_clip(1002, seed=1002, frames=1, size=128, fps=12.0)
+    clip = plain.with_occluders(["microphone"])
+    M = crop_transforms(clip.tracks, 64)[0]
+    crop, behind = crop_face(clip.array()[0], M, 64), crop_face(plain.array()[0], M, 64)
+    region = cv2.warpAffine(clip.occluder_mask(0).astype(np.float32), M, (64, 64))
+    pipe = load_pipeline(None, device="cpu")
+    with torch.inference_mode():
+        painted = pipe.paint_hidden(crop, region, steps=8, seed=3)
+        again = pipe.paint_hidden(crop, region, steps=8, seed=3)
+    assert np.array_equal(painted, again)
+    assert np.array_equal(painted[region == 0], crop[region == 0])
+    solid = region > 0.99
+    assert solid.sum() > 50
+    error = lambda x: float(np.abs(x[solid].astype(int) - behind[solid]).mean())  # noqa: E731
+    assert error(painted) < 0.5 * error(crop), (error(painted), error(crop))
+
+
+def test_a_fully_covered_face_is_pasted_back_as_it_was(tiny_pipe, one_thread):
+    """The pipeline edits the face it is given (the face behind, filled in); where the mask covers
+    all of it, the paste-back keeps every pixel of the frame."""
     from conftest import moving_texture
 
     frames = moving_texture(4)
     settings = EditSettings(prompt="a face with eyeglasses", steps=3, adapters="none", keyframes=2)
-    free = tiny_pipe(frames, settings)
-    covered = tiny_pipe(frames, settings, occlusion=np.ones((4, 64, 64), np.float32))
-    assert not np.array_equal(free.frames, frames)
-    assert np.array_equal(covered.frames, frames)
+    covered = np.ones((4, 64, 64), np.float32)
+    edited = tiny_pipe(frames, settings, occlusion=covered).frames
+    assert not np.array_equal(edited, frames)
+    M = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    for frame, crop, mask in zip(frames, edited, covered):
+        out = paste_face(frame, crop, M, np.ones((64, 64), np.float32), occlusion=mask)
+        assert np.array_equal(out, frame)
 
 
 def test_frames_whose_edit_region_is_hidden_are_never_keyframes(tiny_pipe, one_thread):
@@ -477,21 +541,28 @@ def test_the_look_median_leaves_out_what_was_covered():
     np.testing.assert_array_equal(_median_of_seen(window), expected)
 
 
-def test_the_paste_back_keeps_a_rim_around_what_is_in_front():
-    """A written frame shares colour between 2x2 pixels and codes blocks: the pixels right beside
-    an occluder keep the frame too, the face a few pixels further is edited."""
+def test_the_paste_back_keeps_a_rim_and_the_colour_blocks_of_what_is_in_front():
+    """The masks fall short of an occluder's edge by up to a pixel, and a written frame stores one
+    colour for each 2x2 block of pixels: the pixel beside the mask is kept, and so is every block
+    with a kept pixel in it; the face right beside such a block is edited."""
     from ipfacediff.face import OCCLUSION_GROW_PX
 
+    assert OCCLUSION_GROW_PX == 1  # the frame pixels below are counted for one
     frame = np.full((96, 96, 3), 120, np.uint8)
     M = np.array([[1.0, 0, 16], [0, 1.0, 16]])  # frame pixel (x, y) is crop pixel (x + 16, y + 16)
     covered = np.zeros((128, 128), np.float32)
-    covered[40:80, 40:80] = 1.0  # frame pixels 24-63
+    covered[42:78, 42:78] = 1.0  # frame pixels 26-61; with the rim 25-62; with their blocks 24-63
     out = paste_face(frame, np.full((128, 128, 3), 200, np.uint8), M, np.ones((128, 128), np.float32),
                      match_colour=False, occlusion=covered)  # fmt: skip
     changed = np.abs(out.astype(int) - frame).max(-1) > 0
-    rim, inside = slice(24 - OCCLUSION_GROW_PX, 64 + OCCLUSION_GROW_PX), slice(24, 64)
-    assert not changed[rim, inside].any() and not changed[inside, rim].any()
-    assert changed[24 - OCCLUSION_GROW_PX - 2, 40] and changed[40, 64 + OCCLUSION_GROW_PX + 2]
+    assert not changed[24:64, 26:62].any() and not changed[26:62, 24:64].any()  # the rim's corners are round
+    assert (
+        changed[23, 24:64].all() and changed[64, 24:64].all() and changed[24:64, 23].all() and changed[24:64, 64].all()
+    )
+    half = covered * 0.5  # a mask's fading edge keeps its share and its rim, and no block more
+    out = paste_face(frame, np.full((128, 128, 3), 200, np.uint8), M, np.ones((128, 128), np.float32),
+                     match_colour=False, occlusion=half)  # fmt: skip
+    assert (out[25:63, 26:62] == 160).all() and (out[24, 24:64] == 200).all() and (out[63, 24:64] == 200).all()
 
 
 def test_a_blink_after_a_hand_has_passed_stays_editable(tmp_path):

@@ -46,6 +46,7 @@ from ipfacediff.diffusion import (
 )
 from ipfacediff.editing.denoise import DEFAULT_KEYFRAME_BATCH, Denoised, KeyframeEditMixin, WindowDenoiser
 from ipfacediff.editing.guidance import IdentityGuidanceMixin
+from ipfacediff.editing.hidden import HiddenFaceMixin
 from ipfacediff.editing.plan import EditPlan, plan_edit
 from ipfacediff.editing.region import EditRegionMixin, transfer_detail
 from ipfacediff.editing.windows import ClipWindows, EditWindow, release_pages
@@ -105,7 +106,7 @@ class RunStats:
             self.calls[kind] += number
 
 
-class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMixin, KeyframeEditMixin):
+class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMixin, KeyframeEditMixin, HiddenFaceMixin):
     """Identity-preserving face video editing (IP-FaceDiff), as a diffusers pipeline.
 
     ``unet`` is ε2 (the edit model), ``identity_unet`` ε1 (the identity model); they may be the
@@ -423,7 +424,9 @@ class IPFaceDiffPipeline(DiffusionPipeline, IdentityGuidanceMixin, EditRegionMix
         (:class:`~ipfacediff.editing.windows.ClipWindows`); with ``output`` (an array shaped as
         ``frames``, e.g. a memory map) the edited frames are written into it window by window.
         ``occlusion`` (N, s, s) float, 1 where something is in front of the face
-        (:mod:`ipfacediff.occlusion`), is left out of the local blend's region. ``latents=False``
+        (:mod:`ipfacediff.occlusion`) in ``frames``, which show the face behind it
+        (:func:`~ipfacediff.occlusion.face_behind_occluders`): a frame whose edit region it mostly
+        covers is not a keyframe. ``latents=False``
         leaves :attr:`EditResult.latents` None: the frames do not need them, and kept they are
         the one thing of an edit's memory that grows with the clip.
         """

@@ -148,17 +148,15 @@ def transfer_detail(
 def without_occluded(blend: torch.Tensor, occlusion: np.ndarray) -> torch.Tensor:
     """The local blend's region (N, 1, h, w) less what is in front of the face: ``occlusion``
     (N, s, s) float in the crop, area-averaged onto the latent grid, so a token half covered by a
-    hand takes half the edit and one under it none (the edit does not spend itself on the hand,
-    which the paste-back keeps as it was)."""
+    hand counts half and one under it not at all (what of the edit can be seen, :func:`seen_share`)."""
     h, w = blend.shape[-2:]
     share = np.stack([cv2.resize(np.asarray(m, np.float32), (w, h), interpolation=cv2.INTER_AREA) for m in occlusion])
     return blend * (1.0 - torch.from_numpy(share).to(blend)[:, None])
 
 
 def seen_share(blend: torch.Tensor | None, occlusion: np.ndarray | None) -> np.ndarray | None:
-    """(N,) the share of each frame's edit region (``blend`` (N, 1, h, w) before
-    :func:`without_occluded`; None: the whole crop) that ``occlusion`` (N, s, s) leaves seen;
-    None without occlusion masks."""
+    """(N,) the share of each frame's edit region (``blend`` (N, 1, h, w); None: the whole crop)
+    that ``occlusion`` (N, s, s) leaves seen; None without occlusion masks."""
     if occlusion is None:
         return None
     if blend is None:
@@ -329,8 +327,10 @@ class EditRegionMixin:
         (:meth:`find_edit_region`, from the differences of the frames it shares with the window
         before, the reference's branch from ``cache`` when kept there), the UNet passes that
         took (None, None, 0 without the local blend), and how much of each frame's region is seen
-        (:func:`seen_share`; None without ``occlusion``). Where ``occlusion`` (the window's
-        frames' masks in the crop) covers the face, the region is scaled down (:func:`without_occluded`)."""
+        (:func:`seen_share` of ``occlusion``, the window's frames' masks in the crop; None without
+        it). The region itself is not scaled down where they cover the face: the frames show the
+        face behind (:func:`~ipfacediff.occlusion.face_behind_occluders`), and an edit region cut
+        there to the latent grid's cells cut the smile beside a microphone at the mouth with it."""
         if not settings.local_blend:
             return None, None, 0, seen_share(None, None if settings.whole_frame else occlusion)
         with timer("mask"):
@@ -343,8 +343,5 @@ class EditRegionMixin:
                 known=window.known,
                 cache=cache,
             )
-        seen = None
-        if occlusion is not None and not settings.whole_frame:
-            seen = seen_share(blend, occlusion)
-            blend = without_occluded(blend, occlusion)
+        seen = None if occlusion is None or settings.whole_frame else seen_share(blend, occlusion)
         return blend, difference, calls, seen
