@@ -59,9 +59,8 @@ class HiddenFaceMixin:
             known = alpha_t**0.5 * clean + (1 - alpha_t) ** 0.5 * noise
             x = sampled * x + (1 - sampled) * known
             output = unet(x.to(unet.dtype), timesteps[index], encoder_hidden_states=embeds).sample.float()
-            x = ddim_step(
-                x, predicted_noise(output, x, alpha_t, self.scheduler.config.prediction_type), alpha_t, alpha_prev
-            )
+            eps = predicted_noise(output, x, alpha_t, self.scheduler.config.prediction_type)
+            x = ddim_step(x, eps, alpha_t, alpha_prev)
         painted = decode_latents(self.vae, sampled * x + (1 - sampled) * clean)[0].astype(np.float32)
         weight = region[..., None]
         return np.clip(crop + weight * (painted - crop), 0, 255).round().astype(np.uint8)
