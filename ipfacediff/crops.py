@@ -204,7 +204,9 @@ def face_crops(
                     finder.look(hands[track.id], index, frame, M, size, key=track.id)
                     found.occlusion_seconds += time.perf_counter() - started
     if finder is not None:
-        finder.close()
+        started = time.perf_counter()
+        finder.close()  # it looks at the frames its last looks left behind
+        found.occlusion_seconds += time.perf_counter() - started
         found.hands = hands
         found.hand_frames = {t.id: {f for f, seen in hands[t.id].items() if seen} for t in tracks.tracks}
     return found

@@ -28,7 +28,9 @@ mediapipe is imported where it is used, as in :mod:`ipfacediff.face`.
 
 from __future__ import annotations
 
+import atexit
 import math
+import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -57,6 +59,11 @@ HAND_LOOKS = ((False, HAND_MAX_SIDE), (True, HAND_SECOND_SIDE))
 HAND_STILL_SIDE = 32
 HAND_STILL_LEVELS = 24
 HAND_STILL_SHARE = 0.03
+# While no hand is near, a look runs on every HAND_IDLE_STRIDE-th frame of a face, the two in
+# turn; a hand found after frames without is looked for back over at most HAND_LOOK_BACK frames
+# before it, in the looks they missed.
+HAND_IDLE_STRIDE = 3
+HAND_LOOK_BACK = 16
 # A face's frames between two with hands, at most this many, get hands carried over from both.
 HAND_GAP = 2
 # Within this many frames of a hand, and inside its hull grown by HAND_GATE palms, the region takes
@@ -157,29 +164,61 @@ def hand_region(hands: Sequence[np.ndarray], size: int) -> np.ndarray:
     return (ramp * ramp * (3 - 2 * ramp)).astype(np.float32)
 
 
+# Image-mode hand landmarkers that finders have closed: one keeps nothing from an image to the next,
+# so a later finder in this process takes one over instead of making its own (making one and its
+# first run cost as much as two more runs). Each is used by one finder at a time.
+_IMAGE_LANDMARKERS: list = []
+_IMAGE_LOCK = threading.Lock()
+
+
+def _hand_landmarker(static: bool):
+    from mediapipe.python.solutions import hands
+
+    return hands.Hands(
+        static_image_mode=static,
+        max_num_hands=2,
+        model_complexity=1,
+        min_detection_confidence=HAND_MIN_CONFIDENCE,
+        min_tracking_confidence=HAND_MIN_CONFIDENCE,
+    )
+
+
+@atexit.register
+def _close_image_landmarkers() -> None:
+    with _IMAGE_LOCK:
+        while _IMAGE_LANDMARKERS:
+            _IMAGE_LANDMARKERS.pop().close()
+
+
 class OcclusionFinder:
     """The hands in front of the faces of one pass over a video (``with OcclusionFinder() as finder``).
 
     Each face (``key``: its track id) has its own hand landmarker, made on first use, in
     mediapipe's video mode: a hand found once is followed from its last landmarks, which finds it
     in frames where the palm detector alone misses it (a palm turned or cut by the square's edge).
-    Where that finds nothing, a second landmarker in image mode looks at the square shrunk to
-    HAND_SECOND_SIDE: at that scale a flat, drawn or blurred hand looks like the hands the palm
-    detector knows. Each run of the palm detector costs the same whatever the square's side, and
-    most frames have no hand: so while no hand was found in a face's last HAND_REACH frames, one
-    of the two looks runs in a frame, in turn, and when one finds a hand the frame before is
-    looked at again the other way (:meth:`look` keeps a face's hands by frame). Nor is a look run
-    again, while no hand is near, on a square that has not changed since it found no hand there
-    (HAND_STILL_SHARE), or the other look on a square small enough that both see it alike: a
-    detector finds what it found in the same pixels. A face's frames go in in order."""
+    Where that finds nothing, a second landmarker in image mode (one for all faces) looks at the
+    square shrunk to HAND_SECOND_SIDE: at that scale a flat, drawn or blurred hand looks like the
+    hands the palm detector knows. Each run of the palm detector costs the same whatever the
+    square's side, and most frames have no hand: so while no hand was found in a face's last
+    HAND_REACH frames, one of the two looks runs in every HAND_IDLE_STRIDE-th frame, in turn, and
+    when one finds a hand the frames before it are looked at in image mode in the looks they
+    missed (:meth:`_look_back`; :meth:`look` keeps a face's hands by frame): a hand comes in over
+    frames, and is found from the first it is in, and one the landmarker finds in every other
+    frame only is found in each of those. A face's last frames are looked back at from its last
+    when the finder closes. Nor is a look run again, while no hand is near, on a square that has
+    not changed since it found no hand there (HAND_STILL_SHARE), or the other look on a square
+    small enough that both see it alike: a detector finds what it found in the same pixels. A
+    face's frames go in in order."""
 
     def __init__(self) -> None:
-        self._hands: dict[tuple[int, bool], object] = {}
+        self._trackers: dict[int, object] = {}  # by face: its video-mode landmarker
+        self._image = None  # the image-mode landmarker, taken from _IMAGE_LANDMARKERS on first use
         self._since_hand: dict[int, int] = {}  # by face: frames since one had a hand
-        self._turn: dict[int, int] = {}  # by face: frames looked at while none was near
-        # By face: the frame before, where it was looked at one way only: its number and the square
-        # of the look it missed (:func:`_context_square`).
-        self._last: dict[int, tuple[int, tuple]] = {}
+        self._turn: dict[int, int] = {}  # by face: its frames while no hand was near
+        # By face: its last frames while no hand was found (at most HAND_LOOK_BACK, consecutive,
+        # newest last): each one's number and the squares (:func:`_context_square`) of the looks it missed.
+        self._behind: dict[int, list[tuple[int, list[tuple]]]] = {}
+        self._found: dict[int, dict[int, list[np.ndarray]]] = {}  # by face: the hands by frame it is given
         # By face and look: the square (at HAND_STILL_SIDE) where that look last found no hand.
         self._still: dict[tuple[int, int], np.ndarray] = {}
 
@@ -190,22 +229,30 @@ class OcclusionFinder:
         self.close()
 
     def close(self) -> None:
-        for graph in self._hands.values():
+        """Look back from each face's last frame over those its last looks left behind (its track
+        ends there, or the video: no later look sends one back), then close the trackers and give
+        the image-mode landmarker back for the next finder."""
+        for key in list(self._behind):
+            self._look_back(self._found[key], key, misses_allowed=0)
+        for graph in self._trackers.values():
             graph.close()
-        self._hands.clear()
+        self._trackers.clear()
+        if self._image is not None:
+            with _IMAGE_LOCK:
+                _IMAGE_LANDMARKERS.append(self._image)
+            self._image = None
 
     def _graph(self, key: int, static: bool):
-        if (key, static) not in self._hands:
-            from mediapipe.python.solutions import hands
-
-            self._hands[key, static] = hands.Hands(
-                static_image_mode=static,
-                max_num_hands=2,
-                model_complexity=1,
-                min_detection_confidence=HAND_MIN_CONFIDENCE,
-                min_tracking_confidence=HAND_MIN_CONFIDENCE,
-            )
-        return self._hands[key, static]
+        """The face's own tracking landmarker, or (``static``) the finder's image-mode one."""
+        if static:
+            if self._image is None:
+                with _IMAGE_LOCK:
+                    self._image = _IMAGE_LANDMARKERS.pop() if _IMAGE_LANDMARKERS else None
+                self._image = self._image or _hand_landmarker(static=True)
+            return self._image
+        if key not in self._trackers:
+            self._trackers[key] = _hand_landmarker(static=False)
+        return self._trackers[key]
 
     def _run(self, key: int, static: bool, region: tuple) -> list[np.ndarray]:
         square, x0, y0, shrink = region
@@ -220,37 +267,100 @@ class OcclusionFinder:
     ) -> None:
         """Put the hands near the face of crop transform ``M`` (side ``size``) in frame ``index``
         into ``found`` (that face's hands by frame: (21, 2) points each, in frame pixels), and
-        where they are the first after frames without, the hands of the frame before that its
-        other look finds."""
-        looks = HAND_LOOKS
-        idle = self._since_hand.get(key, HAND_REACH + 1) > HAND_REACH
-        if idle:
-            turn = self._turn.get(key, 0)
-            self._turn[key] = turn + 1
-            looks, missed_side = looks[turn % 2 : turn % 2 + 1], looks[1 - turn % 2][1]
-            still = _still_square(frame, M, size)
-            last = self._still.get((key, turn % 2))
-            if still is not None and last is not None and _changed_share(still, last) < HAND_STILL_SHARE:
-                found[index] = []
-                self._last.pop(key, None)
-                self._since_hand[key] = self._since_hand.get(key, HAND_REACH + 1) + 1
-                return
-        hands, region = self._first_found(key, frame, M, size, looks)
-        if not idle or hands:
+        where they are the first after frames without, the hands of the frames before that the
+        looks they missed find (:meth:`_look_back`)."""
+        self._found[key] = found
+        since = self._since_hand.get(key, HAND_REACH + 1)
+        if since <= HAND_REACH:  # a hand is near: both looks, every frame
+            self._behind.pop(key, None)
             for which in range(len(HAND_LOOKS)):
                 self._still.pop((key, which), None)
-        elif still is not None:
-            for which in range(len(HAND_LOOKS)) if region is not None and _seen_alike(region) else [turn % 2]:
-                self._still[key, which] = still
+            found[index] = self._first_found(key, frame, M, size, HAND_LOOKS)[0]
+            self._since_hand[key] = 0 if found[index] else since + 1
+            return
+        turn = self._turn.get(key, 0)
+        self._turn[key] = turn + 1
+        still = _still_square(frame, M, size)
+        missed, hands = list(range(len(HAND_LOOKS))), []
+        if turn % HAND_IDLE_STRIDE == 0:
+            which = turn // HAND_IDLE_STRIDE % 2
+            missed.remove(which)
+            if not self._unchanged(key, which, still):
+                hands, region = self._first_found(key, frame, M, size, HAND_LOOKS[which : which + 1])
+                alike = region is not None and _seen_alike(region)
+                if hands:
+                    for seen in range(len(HAND_LOOKS)):
+                        self._still.pop((key, seen), None)
+                elif still is not None:
+                    for seen in range(len(HAND_LOOKS)) if alike else [which]:
+                        self._still[key, seen] = still
+                if alike:
+                    missed = []
         found[index] = hands
-        before = self._last.pop(key, None)
-        if hands and before is not None and not found.get(before[0], True):
-            found[before[0]] = self._run(key, True, before[1])  # image mode: the tracker goes on undisturbed
-        if idle and not hands and region is not None and not _seen_alike(region):
-            missed = _context_square(frame, M, size, missed_side)
-            if missed is not None:
-                self._last[key] = (index, missed)
-        self._since_hand[key] = 0 if hands else self._since_hand.get(key, HAND_REACH + 1) + 1
+        if hands:
+            self._look_back(found, key)
+        else:
+            self._keep_behind(key, index, frame, M, size, missed, still)
+        self._since_hand[key] = 0 if hands else since + 1
+
+    def _unchanged(self, key: int, which: int, still: np.ndarray | None) -> bool:
+        """Whether look ``which`` last found no hand in this face's square as it is now (``still``)."""
+        last = self._still.get((key, which))
+        return still is not None and last is not None and _changed_share(still, last) < HAND_STILL_SHARE
+
+    def _keep_behind(
+        self,
+        key: int,
+        index: int,
+        frame: np.ndarray,
+        M: np.ndarray,
+        size: int,
+        missed: Sequence[int],
+        still: np.ndarray | None,
+    ) -> None:
+        """Keep frame ``index`` (no hand found in it) for :meth:`_look_back`, with its squares of
+        the looks ``missed`` (their places in HAND_LOOKS) but those whose square is as that look
+        last found no hand in."""
+        squares = []
+        for which in missed:
+            if self._unchanged(key, which, still):
+                continue
+            region = _context_square(frame, M, size, HAND_LOOKS[which][1])
+            if region is None:
+                break
+            squares.append((region[0].copy(), *region[1:]))  # the caller's frame may be written over
+            if _seen_alike(region):
+                break
+        behind = self._behind.setdefault(key, [])
+        if behind and behind[-1][0] != index - 1:
+            behind.clear()
+        behind.append((index, squares))
+        del behind[:-HAND_LOOK_BACK]
+
+    def _look_back(self, found: dict[int, list[np.ndarray]], key: int, misses_allowed: int = HAND_GAP) -> None:
+        """The hands of the frames kept behind (those before the one just found with hands, or a
+        face's last ones), newest first, each in the looks it missed, in image mode (the tracker goes
+        on undisturbed), until more than ``misses_allowed`` in a row have none. From a hand found,
+        HAND_GAP: a hand before those would not be carried over to the ones after
+        (:func:`fill_hand_gaps`). From a face's last frame, none: no hand found there or just
+        before it means none came in that is still in front of the face."""
+        misses = 0
+        for index, squares in reversed(self._behind.pop(key, [])):
+            hands = self._first_in(key, squares)
+            if hands:
+                found[index], misses = hands, 0
+            else:
+                misses += 1
+                if misses > misses_allowed:
+                    return
+
+    def _first_in(self, key: int, squares: list[tuple]) -> list[np.ndarray]:
+        """The hands the image-mode landmarker finds in the first of ``squares`` that has any."""
+        for square in squares:
+            hands = self._run(key, True, square)
+            if hands:
+                return hands
+        return []
 
     def _first_found(
         self, key: int, frame: np.ndarray, M: np.ndarray, size: int, looks: Sequence[tuple[bool, int]]

@@ -43,7 +43,7 @@ class HiddenFaceMixin:
         if region.shape != crop.shape[:2]:
             region = cv2.resize(region, (side, side), interpolation=cv2.INTER_LINEAR)
         unet = self._role("identity")
-        device = unet.device
+        device, dtype = unet.device, unet.dtype  # each reading of dtype walks the model's parameters
         clean = encode_frames(self.vae, crop[None]).to(device)
         cells = cv2.resize(region, clean.shape[-1:-3:-1], interpolation=cv2.INTER_AREA) > HIDDEN_CELL_SHARE
         cells = cv2.dilate(cells.astype(np.uint8), np.ones((3, 3), np.uint8))
@@ -52,13 +52,13 @@ class HiddenFaceMixin:
         alphas = alpha_pairs(self.scheduler, timesteps)
         first = min(len(timesteps) - 1, round(len(timesteps) * (1 - HIDDEN_STRENGTH)))
         noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed)).to(device)
-        embeds = encode_prompt(self.tokenizer, self.text_encoder, [""]).to(device, unet.dtype)
+        embeds = encode_prompt(self.tokenizer, self.text_encoder, [""]).to(device, dtype)
         x = alphas[first][0] ** 0.5 * clean + (1 - alphas[first][0]) ** 0.5 * noise
         for index in range(first, len(timesteps)):
             alpha_t, alpha_prev = alphas[index]
             known = alpha_t**0.5 * clean + (1 - alpha_t) ** 0.5 * noise
             x = sampled * x + (1 - sampled) * known
-            output = unet(x.to(unet.dtype), timesteps[index], encoder_hidden_states=embeds).sample.float()
+            output = unet(x.to(dtype), timesteps[index], encoder_hidden_states=embeds).sample.float()
             eps = predicted_noise(output, x, alpha_t, self.scheduler.config.prediction_type)
             x = ddim_step(x, eps, alpha_t, alpha_prev)
         painted = decode_latents(self.vae, sampled * x + (1 - sampled) * clean)[0].astype(np.float32)
