@@ -247,8 +247,8 @@ class OcclusionFinder:
         if static:
             if self._image is None:
                 with _IMAGE_LOCK:
-                    self._image = _IMAGE_LANDMARKERS.pop() if _IMAGE_LANDMARKERS else None
-                self._image = self._image or _hand_landmarker(static=True)
+                    closed = _IMAGE_LANDMARKERS.pop() if _IMAGE_LANDMARKERS else None
+                self._image = closed if closed is not None else _hand_landmarker(static=True)
             return self._image
         if key not in self._trackers:
             self._trackers[key] = _hand_landmarker(static=False)
